@@ -1,0 +1,34 @@
+"""icd: Learning Integral Objects with Intra-Class Discriminator (Fan et al., CVPR 2020) in MXNet/Gluon."""
+from setuptools import find_packages, setup
+
+# Versions verified to install and import together on Python 3.11 from a clean venv
+# (ORIGINAL_RELEASE.md section 10). mxnet 1.9.1 needs numpy < 1.24 (np.bool).
+# MXNet itself is an extra so that a user picks exactly one build: [cpu] or [gpu] (CUDA 11.2).
+INSTALL_REQUIRES = [
+    "numpy==1.23.5",
+    "gluoncv==0.10.5.post0",
+    "opencv-python==4.11.0.86",
+    "pydensecrf2==1.1",
+    "scikit-image==0.24.0",
+    "scipy==1.15.3",
+    "pandas==2.3.3",
+    "matplotlib==3.10.9",
+    "tqdm>=4.60",
+    "PyYAML>=6.0",
+]
+
+setup(
+    name="icd",
+    version="0.1.0",
+    description="Intra-Class Discriminator for weakly-supervised semantic segmentation (MXNet/Gluon)",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    packages=find_packages(include=["icd", "icd.*", "symbols", "symbols.*"]),
+    install_requires=INSTALL_REQUIRES,
+    extras_require={
+        "cpu": ["mxnet==1.9.1"],
+        "gpu": ["mxnet-cu112==1.9.1"],
+        "test": ["pytest>=7"],
+    },
+)

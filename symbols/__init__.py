@@ -1,0 +1,1 @@
+"""The original release's graph written with mx.sym: the parity reference for icd.model."""
