@@ -1,0 +1,157 @@
+"""The release's checkpoint format <-> Gluon parameters.
+
+A checkpoint is an `mx.nd.save` dict with `arg:<name>` for trainable parameters and `aux:<name>`
+for auxiliary states (ORIGINAL_RELEASE.md section 2). Our parameter names equal the release's
+except BatchNorm's statistics, which Gluon calls running_* and the release moving_*.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Dict, Optional, Sequence
+
+import mxnet as mx
+from mxnet import init
+
+from .io import atomic_path
+from .model.backbone import VGG16DeepLab
+
+log = logging.getLogger(__name__)
+AUX_STATES = ("feat_bn_moving_mean", "feat_bn_moving_var", "icd_accum_resign_moving_mean")
+_GLUON_TO_RELEASE = {"_running_mean": "_moving_mean", "_running_var": "_moving_var"}
+# release: fc6_ft / fc7_ft start from the ImageNet fc6 / fc7 (section 2)
+PRETRAINED_COPIES = {"fc6_ft_weight": "fc6_weight", "fc6_ft_bias": "fc6_bias",
+                     "fc7_ft_weight": "fc7_weight", "fc7_ft_bias": "fc7_bias"}
+
+
+def release_key(gluon_name: str) -> str:
+    """`arg:`/`aux:` checkpoint key of a Gluon parameter name."""
+    name = gluon_name
+    for gluon_suffix, release_suffix in _GLUON_TO_RELEASE.items():
+        if name.endswith(gluon_suffix):
+            name = name[: -len(gluon_suffix)] + release_suffix
+    return ("aux:" if name in AUX_STATES else "arg:") + name
+
+
+def release_keys(net: mx.gluon.Block) -> Dict[str, tuple]:
+    """Checkpoint key -> shape for every parameter and aux state of `net`."""
+    return {release_key(name): p.shape for name, p in net.collect_params().items()}
+
+
+def gather(net: mx.gluon.Block) -> Dict[str, mx.nd.NDArray]:
+    """Checkpoint dict of `net` on the CPU.
+
+    With several devices the aux states are averaged over them (release: Module.get_params);
+    the sign-flip moving mean is read from its shared store when one is registered.
+    """
+    from .model.ops import shared_moving_mean
+
+    out = {}
+    for name, param in net.collect_params().items():
+        copies = param.list_data()
+        value = copies[0].copyto(mx.cpu())
+        if len(copies) > 1 and param.grad_req == "null":
+            value = mx.nd.add_n(*[c.copyto(mx.cpu()) for c in copies]) / len(copies)
+        out[release_key(name)] = value
+    store = shared_moving_mean(getattr(net, "share_key", ""))
+    if store is not None:
+        out["aux:icd_accum_resign_moving_mean"] = store.master.copyto(mx.cpu())
+    return out
+
+
+def save_checkpoint(net: mx.gluon.Block, path: str) -> None:
+    """Write `net`'s parameters in the release's format, atomically."""
+    with atomic_path(path) as tmp:
+        mx.nd.save(tmp, gather(net))
+
+
+def read_params(path: str) -> Dict[str, mx.nd.NDArray]:
+    """Read an `mx.nd.save` dict with `arg:`/`aux:` keys, with errors naming the file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: checkpoint not found")
+    try:
+        loaded = mx.nd.load(path)
+    except mx.base.MXNetError as e:
+        raise ValueError(f"{path}: not an MXNet parameter file ({str(e).splitlines()[0]})") from None
+    if not isinstance(loaded, dict) or not all(
+            k.startswith(("arg:", "aux:")) for k in loaded):
+        raise ValueError(f"{path}: expected a dict with 'arg:'/'aux:' keys (release format)")
+    return loaded
+
+
+def assign(net: mx.gluon.Block, values: Dict[str, mx.nd.NDArray], source: str,
+           contexts: Optional[Sequence[mx.Context]] = None, allow_missing: bool = False,
+           ignore_extra: bool = False) -> list:
+    """Set `net`'s parameters from checkpoint `values`; returns the keys that were missing.
+
+    Raises ValueError naming `source` and every missing, extra or mis-shaped key.
+    """
+    contexts = list(contexts or [mx.cpu()])
+    expected = {release_key(n): p for n, p in net.collect_params().items()}
+    missing = sorted(set(expected) - set(values))
+    extra = sorted(set(values) - set(expected))
+    wrong = sorted(f"{k} {tuple(values[k].shape)} (model {p.shape})" for k, p in expected.items()
+                   if k in values and tuple(values[k].shape) != tuple(p.shape))
+    problems = []
+    if wrong:
+        problems.append(f"mis-shaped keys: {', '.join(wrong)}")
+    if missing and not allow_missing:
+        problems.append(f"missing keys: {', '.join(missing)}")
+    if extra and not ignore_extra:
+        problems.append(f"extra keys: {', '.join(extra)}")
+    if problems:
+        raise ValueError(f"{source}: does not match the model; " + "; ".join(problems))
+    for key, param in expected.items():
+        if key in values:
+            if param._data is None:
+                param.initialize(ctx=contexts, force_reinit=True)
+            param.set_data(values[key])
+    return missing
+
+
+def load_checkpoint(net: mx.gluon.Block, path: str,
+                    contexts: Optional[Sequence[mx.Context]] = None) -> None:
+    """Load a full checkpoint (ours or the release's `vgg16_icd-0019.params`) into `net`."""
+    assign(net, read_params(path), path, contexts)
+
+
+def initialize(net: mx.gluon.Block, contexts: Sequence[mx.Context],
+               pretrained: Optional[str] = None) -> None:
+    """Initialise `net` for training.
+
+    With `pretrained` (the release's `vgg16_20M.params`): ImageNet backbone/fc6/fc7, fc6_ft/fc7_ft
+    copied from fc6/fc7, every other parameter ~ N(0, 0.01) (weights and biases alike), aux
+    states at BN defaults and a zero sign-flip mean (release section 2). Without weights (the
+    synthetic demo, tests) convolutions get He-normal weights and zero biases.
+    """
+    if pretrained is None:
+        net.initialize(init.Xavier(rnd_type="gaussian", factor_type="in", magnitude=2),
+                       ctx=list(contexts), force_reinit=True)
+        return
+    values = dict(read_params(pretrained))
+    expected = release_keys(net)
+    for dst, src in PRETRAINED_COPIES.items():
+        if f"arg:{dst}" in expected and f"arg:{src}" in values:
+            values[f"arg:{dst}"] = values[f"arg:{src}"]
+    extra = sorted(set(values) - set(expected))
+    if extra:
+        log.info("%s: not used by the model: %s", pretrained, ", ".join(extra))
+        values = {k: v for k, v in values.items() if k in expected}
+    net.initialize(ctx=list(contexts), force_reinit=True)   # aux states: BN defaults, mean 0
+    missing = assign(net, values, pretrained, contexts, allow_missing=True)
+    params = {release_key(n): p for n, p in net.collect_params().items()}
+    for key in missing:
+        if key.startswith("arg:"):
+            params[key].set_data(mx.nd.random.normal(0, 0.01, shape=params[key].shape))
+    log.info("%s: initialised from N(0, 0.01): %s", pretrained, ", ".join(missing))
+
+
+def load_backbone(path: str, ctx: mx.Context) -> VGG16DeepLab:
+    """The VGG16-DeepLab backbone of an ImageNet (or ICD) checkpoint; width read from its shapes."""
+    values = read_params(path)
+    if "arg:conv1_1_weight" not in values:
+        raise ValueError(f"{path}: no arg:conv1_1_weight, not a VGG16 checkpoint")
+    net = VGG16DeepLab(width=values["arg:conv1_1_weight"].shape[0] / 64.0, prefix="")
+    backbone = {k: v for k, v in values.items() if k.startswith("arg:conv")}
+    assign(net, backbone, path, [ctx])
+    return net

@@ -1,0 +1,88 @@
+"""VGG16-DeepLab backbone (ORIGINAL_RELEASE.md section 2) as a HybridBlock.
+
+conv1..conv4 blocks of 3x3 convolutions + ReLU with 3x3/2 max pooling (pad 1, 'valid' convention),
+pool4 with stride 1, conv5 with dilation 2, so a 321x321 input gives 41x41 feature maps (513 -> 65).
+Parameter names equal the release's checkpoint keys (`conv1_1_weight`, ...).
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import mxnet as mx
+import numpy as np
+from mxnet.gluon import HybridBlock, nn
+
+# (block, number of convs, base channels, dilation) of vgg16_deeplab
+VGG16_BLOCKS = ((1, 2, 64, 1), (2, 2, 128, 1), (3, 3, 256, 1), (4, 3, 512, 1), (5, 3, 512, 2))
+MEAN_VALUE = 127.0  # release: a single scalar subtracted from every RGB channel, no std scaling
+
+
+def scaled(channels: int, width: float) -> int:
+    """Channel count of a width-reduced network: max(1, round(channels * width)); 1.0 = the paper."""
+    return max(1, int(round(channels * width)))
+
+
+class VGG16DeepLab(HybridBlock):
+    """Input (N, 3, H, W) float32 RGB 0..255; outputs (conv4_3_relu, conv5_3_relu), each (N, C, h, w).
+
+    conv4_3 is returned for the bottom-up feature ablation (Table 5); both share the resolution h, w
+    because pool4 has stride 1.
+    """
+
+    def __init__(self, width: float = 1.0, **kwargs):
+        super().__init__(**kwargs)
+        self.width = width
+        with self.name_scope():
+            self.stages = []
+            in_channels = 3
+            for block, num_convs, channels, dilation in VGG16_BLOCKS:
+                stage = nn.HybridSequential(prefix="")
+                with stage.name_scope():
+                    for i in range(1, num_convs + 1):
+                        stage.add(nn.Conv2D(scaled(channels, width), 3, padding=dilation,
+                                            dilation=dilation, activation="relu",
+                                            in_channels=in_channels, prefix=f"conv{block}_{i}_"))
+                        in_channels = scaled(channels, width)
+                self.register_child(stage, f"conv{block}")
+                self.stages.append(stage)
+
+    def hybrid_forward(self, F, x):
+        x = x - MEAN_VALUE
+        conv4 = None
+        for block, stage in enumerate(self.stages, start=1):
+            x = stage(x)
+            if block == 4:
+                conv4 = x
+            if block < 5:
+                # pool1-3: 3x3 stride 2 pad 1; pool4: stride 1 (DeepLab), 'valid' (floor) convention
+                stride = 2 if block < 4 else 1
+                x = F.Pooling(x, kernel=(3, 3), stride=(stride, stride), pad=(1, 1),
+                              pool_type="max", pooling_convention="valid")
+        return conv4, x
+
+
+def conv5_feature_extractor(params_path: str, ctx: Optional[mx.Context] = None,
+                            input_size: int = 513) -> Callable[[np.ndarray], np.ndarray]:
+    """conv5_3_relu features of an ImageNet VGG16 checkpoint, for superpixel merging (section 8).
+
+    Returns a function mapping an (H, W, 3) uint8 RGB image to (H, W, C5) float32 features: the
+    image is padded bottom/right with 127 to `input_size` (or its own size if larger), conv5_3_relu
+    is bilinearly upsampled to the padded size and cropped to the image.
+    """
+    from ..checkpoint import load_backbone
+
+    ctx = ctx or mx.cpu()
+    net = load_backbone(params_path, ctx)
+    net.hybridize(static_alloc=True)
+
+    def extract(image: np.ndarray) -> np.ndarray:
+        h, w = image.shape[:2]
+        size_h, size_w = max(input_size, h), max(input_size, w)
+        padded = np.full((size_h, size_w, 3), MEAN_VALUE, np.float32)
+        padded[:h, :w] = image
+        data = mx.nd.array(padded.transpose(2, 0, 1)[None], ctx=ctx)
+        _, conv5 = net(data)
+        up = mx.nd.contrib.BilinearResize2D(conv5, height=size_h, width=size_w)
+        return up[0, :, :h, :w].asnumpy().transpose(1, 2, 0)
+
+    return extract

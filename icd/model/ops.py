@@ -1,0 +1,202 @@
+"""Custom operators of the ICD branch: the online sign flip and superpixel pooling.
+
+Both are `mx.operator.CustomOp`s computed with NDArray operators on the context of their inputs
+(no host round-trip, no hard-coded device), used from hybridized blocks through `F.Custom`.
+Neither passes a gradient (release: AccumResign and SPRefine have none).
+"""
+from __future__ import annotations
+
+import threading
+from typing import Dict
+
+import mxnet as mx
+
+SIGN_FLIP_MOMENTUM = 0.9  # release: AccumResign momentum
+EPS = 1e-5                # release: the max(., 1e-5) guards of AccumResign and SPRefine
+
+
+# ---------------------------------------------------------------------------------------------
+# Sign flip (Sec. 4.2, Eqs. 4-5; release section 3.2)
+# ---------------------------------------------------------------------------------------------
+
+class SharedMovingMean:
+    """One moving mean shared by all devices, like the release's key-value store.
+
+    With k devices the stored value is updated k times per batch, once per device with that
+    device's slice, in the order the devices' operators run; each device's sign is read after its
+    own update. The master copy lives on the first context; `value()` returns it.
+    """
+
+    def __init__(self, initial: mx.nd.NDArray, ctx: mx.Context):
+        self.master = initial.copyto(ctx)
+        self.lock = threading.Lock()
+
+    def update(self, current: mx.nd.NDArray, present: mx.nd.NDArray) -> mx.nd.NDArray:
+        """Apply one device's update; returns the updated value on that device's context."""
+        with self.lock:
+            ctx = self.master.context
+            self.master[:] = moving_mean_update(self.master, current.as_in_context(ctx),
+                                                present.as_in_context(ctx))
+            return self.master.as_in_context(current.context)
+
+
+_SHARED: Dict[str, SharedMovingMean] = {}
+
+
+def share_moving_mean(key: str, initial: mx.nd.NDArray, ctx: mx.Context) -> SharedMovingMean:
+    """Make every sign-flip operator with `key` use one store (multi-device training)."""
+    _SHARED[key] = SharedMovingMean(initial, ctx)
+    return _SHARED[key]
+
+
+def unshare_moving_mean(key: str) -> None:
+    _SHARED.pop(key, None)
+
+
+def shared_moving_mean(key: str):
+    """The store registered for `key`, or None when each device keeps its own value."""
+    return _SHARED.get(key)
+
+
+def moving_mean_update(stored, current, present):
+    """stored <- 0.9 stored + 0.1 current for the classes present in the batch; (C, 2) arrays."""
+    updated = SIGN_FLIP_MOMENTUM * stored + (1 - SIGN_FLIP_MOMENTUM) * current
+    return mx.nd.where(mx.nd.broadcast_like(present.reshape((-1, 1)), stored), updated, stored)
+
+
+def pole_cam_means(s_hat, cam, label):
+    """Eq. 4 with the release's guards: mean positive CAM over each pole, averaged over images.
+
+    s_hat, cam: (N, C, h, w); label: (N, C). Returns current (C, 2) = [mean over P, mean over Q]
+    and present (C,) = class occurs in the batch (multi-class images included).
+    """
+    cam_pos = mx.nd.relu(cam)
+    poles = []
+    for pole in (s_hat > 0, s_hat < 0):
+        area = mx.nd.maximum(pole.sum(axis=(2, 3)), EPS)
+        poles.append((cam_pos * pole).sum(axis=(2, 3)) / area)            # camP, camQ (N, C)
+    count = label.sum(axis=0)
+    current = mx.nd.stack(*[(p * label).sum(axis=0) / mx.nd.maximum(count, EPS) for p in poles],
+                          axis=1)
+    return current, count > 0
+
+
+class SignFlip(mx.operator.CustomOp):
+    """S = S_hat * sign_c with sign_c = +1 iff stored[c, 0] >= stored[c, 1] (Eq. 5, ties +1).
+
+    In training the moving mean is updated first with this batch (release: the sign rule is
+    evaluated after the batch's own update).
+    """
+
+    def __init__(self, share_key: str):
+        super().__init__()
+        self.share_key = share_key
+
+    def forward(self, is_train, req, in_data, out_data, aux):
+        s_hat, cam, label = in_data
+        stored = aux[0]
+        if is_train:
+            current, present = pole_cam_means(s_hat, cam, label)
+            shared = shared_moving_mean(self.share_key)
+            if shared is None:
+                stored[:] = moving_mean_update(stored, current, present)
+            else:
+                stored[:] = shared.update(current, present)
+        sign = (stored[:, 0] >= stored[:, 1]) * 2 - 1
+        self.assign(out_data[0], req[0], mx.nd.broadcast_mul(s_hat, sign.reshape((1, -1, 1, 1))))
+
+    def backward(self, req, out_grad, in_data, out_data, in_grad, aux):
+        for i, grad in enumerate(in_grad):
+            self.assign(grad, req[i], 0)
+
+
+@mx.operator.register("icd_sign_flip")
+class SignFlipProp(mx.operator.CustomOpProp):
+    def __init__(self, share_key: str = ""):
+        super().__init__(need_top_grad=False)
+        self.share_key = share_key
+
+    def list_arguments(self):
+        return ["s_hat", "cam", "label"]
+
+    def list_auxiliary_states(self):
+        return ["moving_mean"]
+
+    def infer_shape(self, in_shape):
+        s_hat, cam, label = in_shape
+        return [s_hat, cam, label], [s_hat], [(s_hat[1], 2)]
+
+    def create_operator(self, ctx, shapes, dtypes):
+        return SignFlip(self.share_key)
+
+
+# ---------------------------------------------------------------------------------------------
+# Superpixel pooling (Sec. 4.3; release section 3.3)
+# ---------------------------------------------------------------------------------------------
+
+def superpixel_memberships(superpixel, num_ids: int, like):
+    """Soft memberships A (N, K, h*w): one-hot ids resized to the score map (bilinear, corners)."""
+    one_hot = mx.nd.one_hot(superpixel, num_ids).transpose((0, 3, 1, 2))          # (N, K, H, W)
+    if one_hot.shape[2:] != like.shape[2:]:
+        one_hot = mx.nd.contrib.BilinearResize2D(one_hot, like=like, mode="like",
+                                                 align_corners=True)
+    return one_hot.reshape((0, 0, -1))
+
+
+def superpixel_pool(score, superpixel, label, num_ids: int):
+    """S' from S: foreground or background mean of each superpixel, scattered back.
+
+    score: (N, C, h, w) sign-flipped S; superpixel: (N, H, W) ids < num_ids; label: (N, C).
+    A superpixel is foreground for the one class (argmax of its mean class-normalised positive
+    score) if some class has a positive signed mass > 1e-5 in it and that class is present;
+    its value is then the mean of max(X, 0), otherwise the mean of min(X, 0).
+    Ids that do not occur have zero membership and contribute nothing, so a fixed `num_ids`
+    gives the release's result (which uses max id + 1).
+    """
+    n, c, h, w = score.shape
+    A = superpixel_memberships(superpixel, num_ids, score)                         # (N, K, hw)
+    X = mx.nd.broadcast_mul(score, label.reshape((n, c, 1, 1))).reshape((n, c, -1))
+    area = mx.nd.maximum(A.sum(axis=2), EPS).reshape((n, 1, -1))                   # (N, 1, K)
+
+    def weighted_mean(values):                                                     # (N, C, K)
+        return mx.nd.broadcast_div(mx.nd.batch_dot(values, A, transpose_b=True), area)
+
+    capable = mx.nd.batch_dot(mx.nd.sign(X), A, transpose_b=True).max(axis=1) > EPS  # (N, K)
+    X_pos = mx.nd.relu(X)
+    class_norm = mx.nd.broadcast_div(X_pos, mx.nd.maximum(X.max(axis=1, keepdims=True), EPS))
+    winner = mx.nd.argmax(weighted_mean(class_norm), axis=1)                       # (N, K)
+    is_winner = mx.nd.one_hot(winner, c).transpose((0, 2, 1))                      # (N, C, K)
+    fg = is_winner * capable.expand_dims(1) * label.expand_dims(2)
+    value = fg * weighted_mean(X_pos) + (1 - fg) * weighted_mean(mx.nd.minimum(X, 0))
+    return mx.nd.batch_dot(value, A).reshape((n, c, h, w))
+
+
+class SuperpixelPool(mx.operator.CustomOp):
+    def __init__(self, num_ids: int):
+        super().__init__()
+        self.num_ids = num_ids
+
+    def forward(self, is_train, req, in_data, out_data, aux):
+        score, superpixel, label = in_data
+        self.assign(out_data[0], req[0], superpixel_pool(score, superpixel, label, self.num_ids))
+
+    def backward(self, req, out_grad, in_data, out_data, in_grad, aux):
+        for i, grad in enumerate(in_grad):
+            self.assign(grad, req[i], 0)
+
+
+@mx.operator.register("icd_superpixel_pool")
+class SuperpixelPoolProp(mx.operator.CustomOpProp):
+    def __init__(self, num_ids: str = "65"):
+        super().__init__(need_top_grad=False)
+        self.num_ids = int(num_ids)
+
+    def list_arguments(self):
+        return ["score", "superpixel", "label"]
+
+    def infer_shape(self, in_shape):
+        return in_shape, [in_shape[0]], []
+
+    def create_operator(self, ctx, shapes, dtypes):
+        return SuperpixelPool(self.num_ids)
+

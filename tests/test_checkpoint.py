@@ -1,0 +1,72 @@
+"""Release checkpoint format: round trip, pretrained initialisation, clear errors."""
+import mxnet as mx
+import numpy as np
+import pytest
+
+from icd.checkpoint import (gather, initialize, load_backbone, load_checkpoint, read_params,
+                            save_checkpoint)
+from icd.model import ICDNet
+
+
+def make_net():
+    net = ICDNet(num_classes=3, width=0.0625)
+    initialize(net, [mx.cpu()])
+    return net
+
+
+def test_round_trip_in_release_format(tmp_path):
+    net = make_net()
+    net.icd_accum_resign_moving_mean.set_data(mx.nd.array([[1, 2], [3, 4], [5, 6]]))
+    path = str(tmp_path / "vgg16_icd-0000.params")
+    save_checkpoint(net, path)
+    saved = mx.nd.load(path)
+    assert "aux:feat_bn_moving_mean" in saved and "arg:icd_bu_weight" in saved
+    assert "aux:icd_accum_resign_moving_mean" in saved
+    other = ICDNet(num_classes=3, width=0.0625)
+    load_checkpoint(other, path)
+    for key, value in gather(other).items():
+        np.testing.assert_array_equal(value.asnumpy(), saved[key].asnumpy(), err_msg=key)
+
+
+def test_errors_name_missing_extra_and_misshaped_keys(tmp_path):
+    values = gather(make_net())
+    values.pop("arg:fc8_bias")
+    values["arg:surplus_weight"] = mx.nd.zeros((1,))
+    values["arg:conv_ft_weight"] = mx.nd.zeros((3, 7, 1, 1))
+    path = str(tmp_path / "bad.params")
+    mx.nd.save(path, values)
+    with pytest.raises(ValueError) as err:
+        load_checkpoint(ICDNet(num_classes=3, width=0.0625), path)
+    message = str(err.value)
+    assert path in message and "arg:fc8_bias" in message and "arg:surplus_weight" in message
+    assert "arg:conv_ft_weight (3, 7, 1, 1)" in message
+    with pytest.raises(FileNotFoundError, match="nowhere.params"):
+        read_params(str(tmp_path / "nowhere.params"))
+    (tmp_path / "junk.params").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="junk.params"):
+        read_params(str(tmp_path / "junk.params"))
+
+
+def test_pretrained_initialisation_copies_fc_and_draws_missing(tmp_path):
+    """vgg16_20M-style file: backbone + fc6/fc7 only, in the release's format."""
+    full = gather(make_net())
+    imagenet = {k: mx.nd.random.normal(0, 1, v.shape) for k, v in full.items()
+                if k.startswith(("arg:conv", "arg:fc6_", "arg:fc7_")) and "_ft_" not in k
+                and not k.startswith("arg:conv_ft")}
+    path = str(tmp_path / "vgg16_20M.params")
+    mx.nd.save(path, imagenet)
+    net = ICDNet(num_classes=3, width=0.0625)
+    initialize(net, [mx.cpu()], pretrained=path)
+    got = gather(net)
+    np.testing.assert_array_equal(got["arg:fc6_ft_weight"].asnumpy(),
+                                  imagenet["arg:fc6_weight"].asnumpy())
+    np.testing.assert_array_equal(got["arg:conv3_2_weight"].asnumpy(),
+                                  imagenet["arg:conv3_2_weight"].asnumpy())
+    new = np.concatenate([got[k].asnumpy().ravel() for k in
+                          ("arg:fc8_weight", "arg:fc8_bias", "arg:conv_ft_weight")])
+    assert abs(new.std() - 0.01) < 0.003 and (got["arg:fc8_bias"].asnumpy() != 0).all()
+    np.testing.assert_array_equal(got["aux:icd_accum_resign_moving_mean"].asnumpy(), 0)
+    np.testing.assert_array_equal(got["aux:feat_bn_moving_var"].asnumpy(), 1)
+    backbone = load_backbone(path, mx.cpu())
+    conv4, conv5 = backbone(mx.nd.zeros((1, 3, 40, 40)))
+    assert conv5.shape == (1, 32, 5, 5)
