@@ -29,6 +29,6 @@ setup(
     extras_require={
         "cpu": ["mxnet==1.9.1"],
         "gpu": ["mxnet-cu112==1.9.1"],
-        "test": ["pytest>=7"],
+        "test": ["pytest>=7", "scikit-learn==1.5.2"],
     },
 )

@@ -25,3 +25,12 @@ def test_atomic_path_leaves_nothing_on_failure(tmp_path):
             raise RuntimeError("writer failed")
     assert target.read_text() == "old"
     assert os.listdir(tmp_path) == ["out.txt"]
+
+
+def test_atomic_path_gives_usual_permissions(tmp_path):
+    target = tmp_path / "out.txt"
+    with atomic_path(str(target)) as tmp:
+        open(tmp, "w").close()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask

@@ -9,6 +9,7 @@ import os
 import xml.etree.ElementTree as ET
 from typing import List, Sequence
 
+import cv2
 import numpy as np
 from PIL import Image
 
@@ -53,6 +54,56 @@ def read_list(path: str) -> List[str]:
     if not names:
         raise ValueError(f"{path}: data list is empty")
     return names
+
+
+def read_image(path: str) -> np.ndarray:
+    """An image as (H, W, 3) uint8 RGB.
+
+    release: read with OpenCV (BGR), then the channel axis is reversed to RGB (section 1).
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: image not found")
+    bgr = cv2.imread(path, cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise ValueError(f"{path}: unreadable image (OpenCV could not decode it)")
+    return np.ascontiguousarray(bgr[:, :, ::-1])
+
+
+def write_image(path: str, image: np.ndarray, jpeg_quality: int = 95) -> None:
+    """Write an (H, W, 3) uint8 RGB image atomically; the format follows the extension."""
+    bgr = np.ascontiguousarray(np.asarray(image, np.uint8)[:, :, ::-1])
+    with atomic_path(path) as tmp:
+        if not cv2.imwrite(tmp, bgr, [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality]):
+            raise ValueError(f"{path}: OpenCV could not write the image")
+
+
+def write_annotation(path: str, name: str, image_shape: Sequence[int],
+                     objects: Sequence[dict]) -> None:
+    """Write a VOC XML annotation atomically.
+
+    `image_shape` is (H, W[, C]); each object is a dict with ``name`` (a VOC class name),
+    ``bndbox`` (xmin, ymin, xmax, ymax) 1-based inclusive pixel coordinates as in VOC, and an
+    optional ``difficult`` (0/1, default 0).
+    """
+    root = ET.Element("annotation")
+    ET.SubElement(root, "folder").text = "VOC2012"
+    ET.SubElement(root, "filename").text = f"{name}.jpg"
+    size = ET.SubElement(root, "size")
+    for tag, value in zip(("height", "width", "depth"), (*image_shape[:2], 3)):
+        ET.SubElement(size, tag).text = str(int(value))
+    ET.SubElement(root, "segmented").text = "1"
+    for obj in objects:
+        node = ET.SubElement(root, "object")
+        ET.SubElement(node, "name").text = obj["name"]
+        ET.SubElement(node, "pose").text = "Unspecified"
+        ET.SubElement(node, "truncated").text = "0"
+        ET.SubElement(node, "difficult").text = str(int(obj.get("difficult", 0)))
+        box = ET.SubElement(node, "bndbox")
+        for tag, value in zip(("xmin", "ymin", "xmax", "ymax"), obj["bndbox"]):
+            ET.SubElement(box, tag).text = str(int(value))
+    ET.indent(root)
+    with atomic_path(path) as tmp:
+        ET.ElementTree(root).write(tmp, encoding="utf-8", xml_declaration=False)
 
 
 def read_image_labels(xml_path: str, class_names: Sequence[str] = VOC_CLASSES) -> List[int]:

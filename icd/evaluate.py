@@ -1,0 +1,405 @@
+"""Evaluation of seeds and score maps: seed mIoU (Table 3), threshold study (Table 2),
+pixel-level AP (Table 1, Fig. 5), with JSON, markdown and figure reports.
+
+Definitions (ORIGINAL_RELEASE.md section 8 and the paper, Sec. 5.4):
+
+- Seed mIoU (release): a 21×21 confusion matrix (rows ground truth, columns seed) accumulated over
+  the pixels where both the ground truth and the seed are < 21 (255 ignored on either side);
+  IoU_k = diag_k / (row_k + col_k − diag_k + 1e-10); mIoU = mean over all 21 classes (a class
+  absent from both counts as 0). gluoncv's SegmentationMetric is not used: it takes score maps
+  (argmax), keeps pixels whose prediction alone is ignored in the union, and bins classes with
+  np.histogram(bins=nclass, range=(1, nclass)), so it cannot reproduce this rule.
+- Threshold study (Table 2): for each T, the seed rule of `icd.seeds.seed_from_scores` with
+  `threshold=T` in place of the release's 1e-5 and no CRF: fg = normalised score > T, bg = every
+  class's normalised negative score < −T. "Ours" feeds (CAM, ICD); "CAM" feeds the CAM maps as
+  both inputs, i.e. treats them exactly as the ICD maps. mIoU = the seed mIoU above, which only
+  counts defined (non-255) seed pixels; recall = defined seed pixels on valid ground truth
+  (both < 21) / valid ground-truth pixels (gt < 21).
+- Pixel-level AP (Sec. 5.4): for class c, all valid pixels (gt ≠ 255) of the images whose
+  annotation contains c are ranked by c's score (mapped onto the image with
+  `icd.seeds.resize_scores`); positives are gt == c + 1. AP = Σ_k (R_k − R_{k−1}) P_k over the
+  distinct score thresholds in decreasing order (equal scores form one threshold), which equals
+  sklearn's `average_precision_score`. mAP = mean over the classes that have positives.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from .data.voc import IGNORE_LABEL, NUM_CLASSES, VOC_CLASSES, read_image, read_image_labels, \
+    read_list, read_mask, voc_palette
+from .io import atomic_path
+from .seeds import INFER_SIZE, load_image_scores, load_scores, map_images, resize_scores, \
+    seed_from_scores
+
+SEG_CLASSES = ("background",) + VOC_CLASSES
+NUM_SEG_CLASSES = NUM_CLASSES + 1
+IOU_EPS = 1e-10                     # release: IoU = diag / (row + col - diag + 1e-10)
+THRESHOLDS = (0.0, 0.1, 0.3, 0.5)   # Table 2
+SCORE_FOLDERS = {"cam": "scores_cam", "icd": "scores_icd"}
+METHOD_NAMES = {"cam": "CAM", "icd": "Ours (ICD)"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Seed mIoU
+
+def confusion_matrix(gt: np.ndarray, seed: np.ndarray,
+                     num_classes: int = NUM_SEG_CLASSES) -> np.ndarray:
+    """(num_classes, num_classes) int64 counts, rows gt, columns seed, over the pixels where both
+    gt and seed are < num_classes (release rule). gt, seed: (H, W) integer label maps."""
+    if gt.shape != seed.shape:
+        raise ValueError(f"ground truth {gt.shape} and seed {seed.shape} differ in shape")
+    gt = gt.astype(np.int64).ravel()
+    seed = seed.astype(np.int64).ravel()
+    keep = (gt < num_classes) & (seed < num_classes)
+    return np.bincount(gt[keep] * num_classes + seed[keep],
+                       minlength=num_classes ** 2).reshape(num_classes, num_classes)
+
+
+def class_iou(confusion: np.ndarray) -> np.ndarray:
+    """(K,) IoU per class from a (K, K) confusion matrix: diag / (row + col − diag + 1e-10)."""
+    diag = np.diag(confusion).astype(np.float64)
+    return diag / (confusion.sum(axis=0) + confusion.sum(axis=1) - diag + IOU_EPS)
+
+
+def mean_iou(confusion: np.ndarray) -> float:
+    """Release mIoU: the mean of `class_iou` over all classes."""
+    return float(class_iou(confusion).mean())
+
+
+def _map_sum(func: Callable[[str], Tuple[np.ndarray, ...]], names: Sequence[str],
+             workers: int, desc: str) -> Tuple[np.ndarray, ...]:
+    """Element-wise sum of the tuples of arrays func(name) over names (see `map_images`)."""
+    total = None
+    for result in map_images(func, names, workers, desc):
+        total = result if total is None else tuple(t + r for t, r in zip(total, result))
+    return total
+
+
+def _seed_confusion(name: str, seed_dir: str, gt_root: str) -> Tuple[np.ndarray]:
+    """Worker: ((21, 21) confusion of `<seed_dir>/<name>.png` against the ground truth,)."""
+    seed_path = os.path.join(seed_dir, name + ".png")
+    gt_path = os.path.join(gt_root, name + ".png")
+    seed, gt = read_mask(seed_path), read_mask(gt_path)
+    if seed.shape != gt.shape:
+        raise ValueError(f"{seed_path}: shape {seed.shape} differs from {gt_path} {gt.shape}")
+    return (confusion_matrix(gt, seed),)
+
+
+def evaluate_seeds(seed_dir: str, gt_root: str, names: Sequence[str],
+                   workers: int = 1) -> Dict[str, object]:
+    """Seed mIoU of `<seed_dir>/<name>.png` against `<gt_root>/<name>.png` (release rule).
+
+    Returns {"miou": float, "iou": {class name: float} (21 classes), "num_images": int},
+    values as fractions.
+    """
+    (confusion,) = _map_sum(functools.partial(_seed_confusion, seed_dir=seed_dir,
+                                              gt_root=gt_root),
+                            names, workers, f"mIoU {os.path.basename(seed_dir)}")
+    iou = class_iou(confusion)
+    return {"miou": float(iou.mean()), "iou": dict(zip(SEG_CLASSES, iou.tolist())),
+            "num_images": len(names)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Threshold study (Table 2)
+
+def threshold_seeds(cam: np.ndarray, icd: np.ndarray, labels: Sequence[int],
+                    thresholds: Sequence[float] = THRESHOLDS) -> Dict[str, List[np.ndarray]]:
+    """Table 2 seeds of one image without CRF: {"cam": [seed per T], "icd": [seed per T]}.
+
+    Args: cam, icd (|L|, H, W) scores on the image; labels the present classes.
+    The ICD seed is the release rule on (cam, icd); the CAM seed the same rule on (cam, cam).
+    """
+    return {"cam": [seed_from_scores(cam, cam, labels, threshold=t) for t in thresholds],
+            "icd": [seed_from_scores(cam, icd, labels, threshold=t) for t in thresholds]}
+
+
+def _threshold_counts(name: str, results_dir: str, gt_root: str, annotation_root: str,
+                      thresholds: Sequence[float], infer_size: int,
+                      folders: Mapping[str, str]) -> Tuple[np.ndarray, np.ndarray]:
+    """Worker: ((2, nT, 21, 21) confusions for (cam, icd), (1,) valid gt pixel count)."""
+    gt = read_mask(os.path.join(gt_root, name + ".png"))
+    labels, scores = load_image_scores(results_dir, annotation_root, name,
+                                       (folders["cam"], folders["icd"]))
+    cam, icd = (resize_scores(s, gt.shape, infer_size) for s in scores)
+    seeds = threshold_seeds(cam, icd, labels, thresholds)
+    confusion = np.stack([np.stack([confusion_matrix(gt, s) for s in seeds[kind]])
+                          for kind in ("cam", "icd")])
+    return confusion, np.array([np.count_nonzero(gt < NUM_SEG_CLASSES)], np.int64)
+
+
+def threshold_study(results_dir: str, gt_root: str, annotation_root: str, names: Sequence[str],
+                    thresholds: Sequence[float] = THRESHOLDS, infer_size: int = INFER_SIZE,
+                    folders: Mapping[str, str] = SCORE_FOLDERS,
+                    workers: int = 1) -> Dict[str, Dict[str, Dict[str, float]]]:
+    """Table 2: {"cam"|"icd": {str(T): {"miou": .., "recall": ..}}}, fractions (module doc)."""
+    confusion, (valid,) = _map_sum(
+        functools.partial(_threshold_counts, results_dir=results_dir, gt_root=gt_root,
+                          annotation_root=annotation_root, thresholds=tuple(thresholds),
+                          infer_size=infer_size, folders=dict(folders)),
+        names, workers, "threshold study")
+    return {kind: {str(float(t)): {"miou": mean_iou(confusion[k, i]),
+                                   "recall": float(confusion[k, i].sum() / max(valid, 1))}
+                   for i, t in enumerate(thresholds)}
+            for k, kind in enumerate(("cam", "icd"))}
+
+
+# ---------------------------------------------------------------------------------------------
+# Pixel-level AP (Table 1, Fig. 5)
+
+def average_precision(positive_scores: np.ndarray, negative_scores: np.ndarray) -> float:
+    """Step-wise AP = Σ_k (R_k − R_{k−1}) P_k over distinct thresholds, decreasing.
+
+    Recall only moves at thresholds equal to a positive score, so the sum runs over the distinct
+    positive scores t: TP(t) = #positives ≥ t, FP(t) = #negatives ≥ t (ties form one threshold).
+    Both arrays are sorted IN PLACE (no index arrays: 4 bytes per pixel in all).
+
+    Args: positive_scores (P,), negative_scores (N,) float arrays (1-D, writable).
+    Returns: AP in [0, 1]; nan when there is no positive.
+    """
+    if positive_scores.size == 0:
+        return float("nan")
+    positive_scores.sort()
+    negative_scores.sort()
+    distinct = np.ones(positive_scores.size, bool)
+    distinct[:-1] = positive_scores[1:] != positive_scores[:-1]
+    thresholds = positive_scores[distinct][::-1]                     # decreasing
+    tp = positive_scores.size - np.searchsorted(positive_scores, thresholds, side="left")
+    fp = negative_scores.size - np.searchsorted(negative_scores, thresholds, side="left")
+    precision = tp / (tp + fp).astype(np.float64)
+    recall_step = np.diff(tp, prepend=0) / float(positive_scores.size)
+    return float(np.sum(recall_step * precision))
+
+
+def _image_size(path: str) -> Tuple[int, int]:
+    """(H, W) of a PNG from its header (no decoding)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: mask not found")
+    with Image.open(path) as im:
+        return im.size[1], im.size[0]
+
+
+def class_pixel_scores(results_dir: str, folder: str, gt_root: str, names: Sequence[str],
+                       labels: Mapping[str, Sequence[int]], cls: int,
+                       infer_size: int = INFER_SIZE) -> Tuple[np.ndarray, np.ndarray]:
+    """Scores of class `cls` on the valid pixels of the images containing it, split by gt.
+
+    One float32 buffer of Σ H·W over those images holds the positives (gt == cls + 1) from the
+    front and the negatives from the back: 4 bytes per pixel, no concatenation copy.
+    Returns (positive_scores (P,), negative_scores (N,)), views of that buffer.
+    """
+    images = [n for n in names if cls in labels[n]]
+    gt_paths = {n: os.path.join(gt_root, n + ".png") for n in images}
+    buffer = np.empty(sum(int(np.prod(_image_size(p))) for p in gt_paths.values()), np.float32)
+    head, tail = 0, buffer.size
+    for name in images:
+        gt = read_mask(gt_paths[name])
+        path = os.path.join(results_dir, folder, name + ".npy")
+        channel = list(labels[name]).index(cls)
+        scores = load_scores(path, labels[name])[channel:channel + 1]
+        score = resize_scores(scores, gt.shape, infer_size)[0]
+        valid = gt != IGNORE_LABEL
+        positive = gt == cls + 1
+        pos, neg = score[positive], score[valid & ~positive]
+        buffer[head:head + pos.size] = pos
+        buffer[tail - neg.size:tail] = neg
+        head, tail = head + pos.size, tail - neg.size
+    return buffer[:head], buffer[tail:]
+
+
+def pixel_ap(results_dir: str, gt_root: str, annotation_root: str, names: Sequence[str],
+             infer_size: int = INFER_SIZE,
+             folders: Mapping[str, str] = SCORE_FOLDERS) -> Dict[str, Dict[str, object]]:
+    """Table 1 / Fig. 5: per-class pixel-level AP and mAP of each score folder.
+
+    Exact (every pixel ranked). Cost: one pass per (class, folder) over the images containing the
+    class; peak memory 4 bytes per pixel of the largest class's images (VOC train_aug, person:
+    ~4k images × ~190k pixels ≈ 3 GB), released before the next class.
+    Returns {kind: {"map": float, "ap": {class name: float, None without positive pixels}}}.
+    """
+    labels = {n: read_image_labels(os.path.join(annotation_root, n + ".xml")) for n in names}
+    report = {}
+    for kind, folder in folders.items():
+        ap = []
+        for cls in tqdm(range(NUM_CLASSES), desc=f"pixel AP {kind}", unit="class"):
+            positive, negative = class_pixel_scores(results_dir, folder, gt_root, names, labels,
+                                                    cls, infer_size)
+            ap.append(average_precision(positive, negative))
+            del positive, negative
+        scored = [v for v in ap if not np.isnan(v)]
+        # classes without positive pixels have no AP: null in the report, left out of the mAP
+        report[kind] = {"map": float(np.mean(scored)) if scored else None,
+                        "ap": {c: None if np.isnan(v) else v for c, v in zip(VOC_CLASSES, ap)}}
+    return report
+
+
+# ---------------------------------------------------------------------------------------------
+# Reports
+
+def _pct(value: Optional[float]) -> str:
+    """A fraction as a percentage with one decimal; "–" for a missing value."""
+    return "–" if value is None else f"{100 * value:.1f}"
+
+
+def markdown_report(report: Mapping[str, object]) -> str:
+    """The evaluation as markdown tables laid out like the paper's (values in %)."""
+    lines: List[str] = ["# ICD evaluation", ""]
+    seeds = report.get("seeds") or {}
+    if seeds:
+        lines += ["## Seeds (Table 3 layout)", "", "| Seeds | mIoU (%) |", "|---|---|"]
+        lines += [f"| {name} | {_pct(r['miou'])} |" for name, r in seeds.items()]
+        lines += ["", "### Per-class IoU (%)", "",
+                  "| Seeds | " + " | ".join(SEG_CLASSES) + " |",
+                  "|---|" + "---|" * len(SEG_CLASSES)]
+        lines += [f"| {name} | " + " | ".join(_pct(r["iou"][c]) for c in SEG_CLASSES) + " |"
+                  for name, r in seeds.items()]
+        lines.append("")
+    ap = report.get("pixel_ap")
+    if ap:
+        lines += ["## Table 1. Pixel-level mAP", "", "| Method | mAP (%) |", "|---|---|"]
+        lines += [f"| {METHOD_NAMES.get(k, k)} | {_pct(r['map'])} |" for k, r in ap.items()]
+        lines += ["", "## Fig. 5. Per-class pixel-level AP (%)", "",
+                  "| Class | " + " | ".join(METHOD_NAMES.get(k, k) for k in ap) + " |",
+                  "|---|" + "---|" * len(ap)]
+        lines += [f"| {c} | " + " | ".join(_pct(ap[k]["ap"][c]) for k in ap) + " |"
+                  for c in VOC_CLASSES]
+        lines.append("")
+    study = report.get("threshold_study")
+    if study:
+        lines += ["## Table 2. Seeds by threshold", "",
+                  "| Threshold | mIoU CAM (%) | mIoU Ours (%) | recall CAM (%) | recall Ours (%) |",
+                  "|---|---|---|---|---|"]
+        for t in study["icd"]:
+            cam, icd = study["cam"][t], study["icd"][t]
+            lines.append(f"| {float(t):.1f} | {_pct(cam['miou'])} | {_pct(icd['miou'])} | "
+                         f"{_pct(cam['recall'])} | {_pct(icd['recall'])} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _pyplot():
+    """matplotlib.pyplot on the Agg backend (imported on first use: no side effect on import)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save_figure(fig, path: str) -> None:
+    """Write a figure as PNG atomically and release it."""
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+    _pyplot().close(fig)
+
+
+def plot_threshold_study(study: Mapping[str, Mapping[str, Mapping[str, float]]],
+                         path: str) -> None:
+    """Table 2 as curves: mIoU and recall (%) against T, CAM vs ICD."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    for ax, metric in zip(axes, ("miou", "recall")):
+        for kind, curve in study.items():
+            ax.plot([float(t) for t in curve], [100 * v[metric] for v in curve.values()],
+                    marker="o", label=METHOD_NAMES.get(kind, kind))
+        ax.set_xlabel("threshold T")
+        ax.set_ylabel(("mIoU" if metric == "miou" else "recall") + " (%)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    _save_figure(fig, path)
+
+
+def plot_class_ap(ap: Mapping[str, Mapping[str, object]], path: str) -> None:
+    """Fig. 5: per-class AP bars (%), one bar group per class, CAM vs ICD."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(12, 3.5))
+    width = 0.8 / max(len(ap), 1)
+    x = np.arange(NUM_CLASSES)
+    for i, (kind, r) in enumerate(ap.items()):
+        ax.bar(x + (i - (len(ap) - 1) / 2) * width, [np.nan if r["ap"][c] is None else 100 * r["ap"][c] for c in VOC_CLASSES],
+               width, label=f"{METHOD_NAMES.get(kind, kind)} (mAP {_pct(r['map'])})")
+    ax.set_xticks(x)
+    ax.set_xticklabels(VOC_CLASSES, rotation=45, ha="right")
+    ax.set_ylabel("AP (%)")
+    ax.legend()
+    _save_figure(fig, path)
+
+
+def overlay(image_rgb: np.ndarray, mask: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """(H, W, 3) uint8 blend of an RGB image with the VOC palette colours of a (H, W) mask."""
+    colours = voc_palette()[mask].astype(np.float32)
+    return (alpha * colours + (1 - alpha) * image_rgb).astype(np.uint8)
+
+
+def plot_seed_overlays(image_root: str, gt_root: str, seed_dirs: Mapping[str, str],
+                       names: Sequence[str], path: str) -> None:
+    """One row per image: the image, each seed folder's overlay, the ground truth overlay."""
+    plt = _pyplot()
+    columns = ["image", *seed_dirs, "ground truth"]
+    fig, axes = plt.subplots(len(names), len(columns), squeeze=False,
+                             figsize=(2.6 * len(columns), 2.2 * len(names)))
+    for row, name in zip(axes, names):
+        image = read_image(os.path.join(image_root, name + ".jpg"))
+        panels = [image] + [overlay(image, read_mask(os.path.join(d, name + ".png")))
+                            for d in seed_dirs.values()]
+        panels.append(overlay(image, read_mask(os.path.join(gt_root, name + ".png"))))
+        for ax, panel, title in zip(row, panels, columns):
+            ax.imshow(panel)
+            ax.set_title(f"{name}: {title}" if title == "image" else title, fontsize=8)
+            ax.axis("off")
+    _save_figure(fig, path)
+
+
+def evaluate(results_dir: str, gt_root: str, data_list: str,
+             seed_dirs: Optional[Sequence[str]] = None, annotation_root: Optional[str] = None,
+             image_root: Optional[str] = None, out_dir: Optional[str] = None,
+             infer_size: int = INFER_SIZE, thresholds: Sequence[float] = THRESHOLDS,
+             folders: Mapping[str, str] = SCORE_FOLDERS, workers: int = 1,
+             num_overlays: int = 4) -> Dict[str, object]:
+    """Run every evaluation whose inputs are given and write the reports.
+
+    - seed mIoU of each folder of `seed_dirs` (relative to results_dir unless absolute; default:
+      every existing folder under `<results_dir>/seeds`);
+    - with `annotation_root`: the threshold study and pixel-level AP of `folders`;
+    - with `image_root`: seed overlays of the first `num_overlays` images.
+    Writes `<out_dir>/eval.json` (fractions), `eval.md` (%), `threshold_study.png`,
+    `class_ap.png`, `seed_overlays.png`; out_dir defaults to `<results_dir>/eval`.
+    Returns the report written to eval.json.
+    """
+    names = read_list(data_list)
+    out_dir = out_dir or os.path.join(results_dir, "eval")
+    if seed_dirs is None:
+        root = os.path.join(results_dir, "seeds")
+        seed_dirs = sorted(os.path.join("seeds", d) for d in os.listdir(root)
+                           if os.path.isdir(os.path.join(root, d))) if os.path.isdir(root) else []
+    seed_paths = {d: d if os.path.isabs(d) else os.path.join(results_dir, d) for d in seed_dirs}
+    report: Dict[str, object] = {"data_list": os.path.abspath(data_list),
+                                 "num_images": len(names)}
+    report["seeds"] = {d: evaluate_seeds(p, gt_root, names, workers)
+                       for d, p in seed_paths.items()}
+    os.makedirs(out_dir, exist_ok=True)
+    if annotation_root is not None:
+        report["threshold_study"] = threshold_study(results_dir, gt_root, annotation_root, names,
+                                                    thresholds, infer_size, folders, workers)
+        report["pixel_ap"] = pixel_ap(results_dir, gt_root, annotation_root, names, infer_size,
+                                      folders)
+        plot_threshold_study(report["threshold_study"], os.path.join(out_dir,
+                                                                     "threshold_study.png"))
+        plot_class_ap(report["pixel_ap"], os.path.join(out_dir, "class_ap.png"))
+    if image_root is not None and seed_paths and num_overlays > 0:
+        plot_seed_overlays(image_root, gt_root, seed_paths, names[:num_overlays],
+                           os.path.join(out_dir, "seed_overlays.png"))
+    with atomic_path(os.path.join(out_dir, "eval.json")) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2, allow_nan=False)
+    with atomic_path(os.path.join(out_dir, "eval.md")) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(markdown_report(report))
+    return report

@@ -1,0 +1,327 @@
+"""Seeds (pseudo-masks) from CAM and ICD score maps: ORIGINAL_RELEASE.md section 7.
+
+The release's `_generate_seed` is split into pieces that the evaluation reuses:
+
+- `resize_scores`: (|L|, h, w) feature-resolution scores -> (|L|, H, W) on the image;
+- `foreground_score`, `background_score`: the per-class normalisations;
+- `seed_from_scores`: THE seed rule (written once; `threshold` is 1e-5 in the release and T in the
+  threshold study of Table 2);
+- `crf_refine`: the dense CRF post-processing;
+- `generate_seed`: the release's per-image function (resize, rule, CRF);
+- `make_seeds`: all images of a list, multi-process, resumable, atomic.
+
+Seed values: VOC class index + 1 on the foreground, 0 on the background, 255 undefined.
+"""
+from __future__ import annotations
+
+import functools
+import multiprocessing
+import os
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, TypeVar
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from .data.voc import IGNORE_LABEL, NUM_CLASSES, read_image, read_image_labels, read_list, \
+    write_mask
+
+INFER_SIZE = 513          # release: inference size S (section 5)
+EPS = 1e-5                # release: every normaliser floor, proposal and tie tolerance
+SALIENCY_BG = 0.01        # release: saliency < 0.01 is background
+SALIENCY_MIN_FG = 0.01    # release: < 1% non-background pixels -> fall back to the ICD background
+# Dense CRF (release, section 7)
+CRF_LABELS = NUM_CLASSES + 1
+CRF_SEED_PROB = 0.5
+CRF_ITERATIONS = 10
+CRF_GAUSSIAN = dict(sxy=3, compat=3)
+CRF_BILATERAL = dict(sxy=80, srgb=13, compat=10)
+CRF_MIN_PROB = 0.1
+
+# Seed folders under <results>/seeds (release layout for crf and sal; nocrf is ours, Table 3).
+SEED_VARIANTS = ("crf", "sal", "nocrf")
+
+T = TypeVar("T")
+
+
+def resize_scores(scores: np.ndarray, image_size: Tuple[int, int],
+                  infer_size: int = INFER_SIZE) -> np.ndarray:
+    """Map feature-resolution scores onto the image (release: cv2 bilinear to (S, S), crop).
+
+    Args:
+        scores: (K, h, w) scores of the image padded bottom/right to (S, S).
+        image_size: (H, W) of the image, H, W <= S.
+    Returns:
+        (K, H, W) float32.
+    """
+    height, width = image_size
+    if height > infer_size or width > infer_size:
+        raise ValueError(f"image size {image_size} exceeds the inference size {infer_size}")
+    k = scores.shape[0]
+    hwk = np.ascontiguousarray(np.asarray(scores, np.float32).transpose(1, 2, 0))
+    # cv2 handles up to 512 channels at once and drops the channel axis when K = 1.
+    resized = cv2.resize(hwk, (infer_size, infer_size), interpolation=cv2.INTER_LINEAR)
+    resized = resized.reshape(infer_size, infer_size, k)[:height, :width]
+    return np.ascontiguousarray(resized.transpose(2, 0, 1))
+
+
+def foreground_score(icd: np.ndarray) -> np.ndarray:
+    """Release: fg_score = max(icd, 0) / max(max_hw icd, 1e-5), per class.
+
+    Args: icd (K, H, W). Returns (K, H, W) in [0, 1].
+    """
+    peak = icd.reshape(icd.shape[0], -1).max(axis=1)[:, None, None]
+    return np.maximum(icd, 0) / np.maximum(peak, EPS)
+
+
+def background_score(icd: np.ndarray) -> np.ndarray:
+    """Release: min(icd, 0) / min(min_hw icd, -1e-5), per class: in [0, 1], 1 = most background.
+
+    This is minus the "normalised negative score" of the paper (Sec. 5.4): bg_score > T is the
+    paper's normalised negative score < -T. Args: icd (K, H, W). Returns (K, H, W).
+    """
+    trough = icd.reshape(icd.shape[0], -1).min(axis=1)[:, None, None]
+    return np.minimum(icd, 0) / np.minimum(trough, -EPS)
+
+
+def _stack_norm(x: np.ndarray) -> np.ndarray:
+    """Release: norm(x) = (x - min) / max(max(x - min), 1e-5), min and max over the whole stack."""
+    shifted = x - x.min()
+    return shifted / max(float(shifted.max()), EPS)
+
+
+def seed_from_scores(cam: np.ndarray, icd: np.ndarray, labels: Sequence[int],
+                     saliency: Optional[np.ndarray] = None,
+                     threshold: float = EPS) -> np.ndarray:
+    """The seed rule of the release (section 7), before any CRF.
+
+    Args:
+        cam: (|L|, H, W) CAM scores on the image (after `resize_scores`).
+        icd: (|L|, H, W) ICD scores on the image.
+        labels: the image's sorted present classes L (VOC indices 0..19).
+        saliency: optional (H, W) saliency in [0, 1]; replaces the ICD background (release `sal`).
+        threshold: fg where fg_score > threshold, ICD bg where every class has bg_score >
+            threshold. The release uses 1e-5; Table 2 uses T in (0, 0.1, 0.3, 0.5).
+    Returns:
+        (H, W) uint8: labels[class] + 1 on fg, 0 on bg, 255 undefined.
+    """
+    num = len(labels)
+    if cam.shape != icd.shape or icd.ndim != 3 or icd.shape[0] != num or num == 0:
+        raise ValueError(f"cam {cam.shape} and icd {icd.shape} must both be (|L|={num}, H, W)")
+    fg_score = foreground_score(icd)
+    proposal = fg_score > threshold
+    # release: candidate = argmax over L of proposal, the first proposing class wins
+    cls = np.argmax(proposal, axis=0)
+    fg = proposal.any(axis=0)
+    if num > 1:
+        # release: comp = norm(max(cam, 0)) * fg_score, norm over the whole (|L|, H, W) stack
+        comp = _stack_norm(np.maximum(cam, 0)) * fg_score
+        conflict = proposal.sum(axis=0) > 1
+        cls = np.where(conflict, np.argmax(comp, axis=0), cls)
+    # release: bg = all classes have min(icd,0)/min(min_hw icd,-1e-5) > 1e-5
+    bg = (background_score(icd) > threshold).all(axis=0)
+    if saliency is not None:
+        if saliency.shape != fg.shape:
+            raise ValueError(f"saliency {saliency.shape} does not match the image {fg.shape}")
+        icd_bg = bg
+        bg = saliency < SALIENCY_BG
+        # release: if less than 1% of pixels are not bg, bg &= the ICD background rule
+        if (~bg).mean() < SALIENCY_MIN_FG:
+            bg &= icd_bg
+    undefined = ~(bg ^ fg)
+    if num > 1:
+        # release: multi-class tie rule, fg pixels whose comp does not separate the classes
+        undefined |= fg & (comp.max(axis=0) - comp.min(axis=0) <= EPS)
+    seed = np.zeros(fg.shape, np.uint8)
+    seed[fg] = (np.asarray(labels, np.int64)[cls] + 1)[fg]
+    seed[undefined] = IGNORE_LABEL
+    return seed
+
+
+def crf_refine(image_rgb: np.ndarray, seed: np.ndarray) -> np.ndarray:
+    """Dense CRF on a seed (release, section 7).
+
+    Unary: -log(max(p, 1e-5)) with p = 0.5 on the seed's label and 0.5/21 on the other labels;
+    undefined (255) pixels get 0.5/21 on every label; every pixel's p is then divided by its sum
+    over the 21 labels (our reading of "renormalised"). A per-pixel constant in the unary cancels
+    in the mean-field normalisation, so any per-pixel renormalisation gives the same output.
+    Pairwise: Gaussian sxy 3 compat 3; bilateral sxy 80 srgb 13 compat 10 on the RGB image.
+    10 iterations; argmax; 255 where the largest marginal is below 0.1.
+
+    Args:
+        image_rgb: (H, W, 3) uint8 RGB.
+        seed: (H, W) uint8 with values in 0..20 or 255.
+    Returns:
+        (H, W) uint8 refined seed.
+    """
+    import pydensecrf.densecrf as dcrf  # compiled extension: imported where used
+
+    height, width = seed.shape
+    if image_rgb.shape != (height, width, 3):
+        raise ValueError(f"image {image_rgb.shape} does not match the seed {seed.shape}")
+    prob = np.full((CRF_LABELS, height, width), CRF_SEED_PROB / CRF_LABELS, np.float32)
+    labelled = seed < CRF_LABELS
+    rows, cols = np.nonzero(labelled)
+    prob[seed[labelled].astype(np.int64), rows, cols] = CRF_SEED_PROB
+    prob /= prob.sum(axis=0, keepdims=True)
+    unary = -np.log(np.maximum(prob, EPS)).reshape(CRF_LABELS, -1)
+
+    crf = dcrf.DenseCRF2D(width, height, CRF_LABELS)
+    crf.setUnaryEnergy(np.ascontiguousarray(unary, np.float32))
+    crf.addPairwiseGaussian(**CRF_GAUSSIAN)
+    crf.addPairwiseBilateral(rgbim=np.ascontiguousarray(image_rgb, np.uint8), **CRF_BILATERAL)
+    marginals = np.asarray(crf.inference(CRF_ITERATIONS), np.float32).reshape(
+        CRF_LABELS, height, width)
+    refined = marginals.argmax(axis=0).astype(np.uint8)
+    refined[marginals.max(axis=0) < CRF_MIN_PROB] = IGNORE_LABEL
+    return refined
+
+
+def generate_seed(image_rgb: np.ndarray, cam: np.ndarray, icd: np.ndarray,
+                  labels: Sequence[int], infer_size: int = INFER_SIZE,
+                  saliency: Optional[np.ndarray] = None, use_crf: bool = True,
+                  threshold: float = EPS) -> np.ndarray:
+    """The release's `_generate_seed` for one image.
+
+    Args:
+        image_rgb: (H, W, 3) uint8 RGB image.
+        cam, icd: (|L|, h, w) feature-resolution scores of the image padded to (S, S).
+        labels: sorted present classes L.
+        infer_size: S.
+        saliency: optional (H, W) float in [0, 1]; when given, no CRF (release `seeds/sal`).
+        use_crf: dense CRF after the rule (ignored with saliency, as in the release).
+        threshold: see `seed_from_scores`.
+    Returns:
+        (H, W) uint8 seed.
+    """
+    size = image_rgb.shape[:2]
+    seed = seed_from_scores(resize_scores(cam, size, infer_size),
+                            resize_scores(icd, size, infer_size), labels, saliency, threshold)
+    if use_crf and saliency is None:
+        seed = crf_refine(image_rgb, seed)
+    return seed
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+
+def read_saliency(path: str) -> np.ndarray:
+    """(H, W) float32 saliency in [0, 1] from a grey PNG (release: PNG / 255)."""
+    grey = cv2.imread(path, cv2.IMREAD_GRAYSCALE)
+    if grey is None:
+        raise FileNotFoundError(f"{path}: saliency map missing or unreadable")
+    return grey.astype(np.float32) / 255.0
+
+
+def load_scores(path: str, labels: Sequence[int]) -> np.ndarray:
+    """A score file `<name>.npy`, checked to be (|L|, h, w) for the image's present classes L."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: score file not found")
+    try:
+        scores = np.load(path)
+    except (ValueError, OSError) as e:
+        raise ValueError(f"{path}: unreadable score file ({e})") from None
+    if scores.ndim != 3:
+        raise ValueError(f"{path}: scores must be 3-D (|L|, h, w), got shape {scores.shape}")
+    if scores.shape[0] != len(labels):
+        raise ValueError(f"{path}: first dimension {scores.shape[0]} differs from the "
+                         f"{len(labels)} present classes {list(labels)}")
+    return scores.astype(np.float32, copy=False)
+
+
+def load_image_scores(results_dir: str, annotation_root: str, name: str,
+                      folders: Sequence[str]) -> Tuple[List[int], List[np.ndarray]]:
+    """The image's present classes and its (|L|, h, w) score maps from each results folder."""
+    labels = read_image_labels(os.path.join(annotation_root, name + ".xml"))
+    paths = [os.path.join(results_dir, folder, name + ".npy") for folder in folders]
+    scores = [load_scores(path, labels) for path in paths]
+    for path, score in zip(paths[1:], scores[1:]):
+        if score.shape != scores[0].shape:
+            raise ValueError(f"{path}: shape {score.shape} differs from {paths[0]} "
+                             f"{scores[0].shape}")
+    return labels, scores
+
+
+def default_seed_dir(results_dir: str, variant: str, icd_folder: str = "scores_icd") -> str:
+    """`<results>/seeds/<variant>` for the final ICD scores; `<variant>_<suffix>` otherwise.
+
+    E.g. icd_folder `scores_icd_bu` with no CRF -> `<results>/seeds/nocrf_icd_bu` (Table 3).
+    """
+    if variant not in SEED_VARIANTS:
+        raise ValueError(f"unknown seed variant {variant!r}; expected one of {SEED_VARIANTS}")
+    folder = variant
+    if icd_folder != "scores_icd":
+        suffix = icd_folder[len("scores_"):] if icd_folder.startswith("scores_") else icd_folder
+        folder = f"{variant}_{suffix}"
+    return os.path.join(results_dir, "seeds", folder)
+
+
+def _seed_one(name: str, results_dir: str, image_root: str, annotation_root: str,
+              saliency_root: Optional[str], infer_size: int, crf: bool, icd_folder: str,
+              cam_folder: str, out_dir: str) -> str:
+    """Worker: write `<out_dir>/<name>.png`. Returns the name."""
+    labels, (cam, icd) = load_image_scores(results_dir, annotation_root, name,
+                                           (cam_folder, icd_folder))
+    image_path = os.path.join(image_root, name + ".jpg")
+    image = read_image(image_path)
+    saliency = None
+    if saliency_root is not None:
+        saliency = read_saliency(os.path.join(saliency_root, name + ".png"))
+        if saliency.shape != image.shape[:2]:
+            raise ValueError(f"{os.path.join(saliency_root, name + '.png')}: saliency "
+                             f"{saliency.shape} does not match the image {image.shape[:2]}")
+    try:
+        seed = generate_seed(image, cam, icd, labels, infer_size, saliency, use_crf=crf)
+    except ValueError as e:
+        raise ValueError(f"{image_path}: {e}") from None
+    write_mask(os.path.join(out_dir, name + ".png"), seed)
+    return name
+
+
+def map_images(func: Callable[[str], T], names: Sequence[str], workers: int,
+               desc: str) -> Iterator[T]:
+    """Yield func(name) for every name with a progress bar; in a `workers`-process pool
+    (results unordered) when workers > 1. An error in func propagates and stops the pool."""
+    with tqdm(total=len(names), desc=desc, unit="img") as progress:
+        if workers <= 1 or len(names) <= 1:
+            for name in names:
+                yield func(name)
+                progress.update()
+        else:
+            with multiprocessing.Pool(min(workers, len(names))) as pool:
+                for result in pool.imap_unordered(func, names, chunksize=4):
+                    yield result
+                    progress.update()
+
+
+def make_seeds(results_dir: str, image_root: str, annotation_root: str, data_list: str,
+               saliency_root: Optional[str] = None, infer_size: int = INFER_SIZE,
+               workers: int = 1, crf: bool = True, overwrite: bool = False,
+               icd_folder: str = "scores_icd", cam_folder: str = "scores_cam",
+               out_dir: Optional[str] = None) -> Dict[str, object]:
+    """Seeds for every image of `data_list` as VOC palette PNGs.
+
+    Reads `<results_dir>/<cam_folder>/<name>.npy`, `<results_dir>/<icd_folder>/<name>.npy`,
+    `<image_root>/<name>.jpg`, `<annotation_root>/<name>.xml` (and `<saliency_root>/<name>.png`).
+    Writes `<out_dir>/<name>.png`; out_dir defaults to `default_seed_dir`: `seeds/sal` with
+    saliency, else `seeds/crf`, or `seeds/nocrf` with crf=False. Existing outputs are kept unless
+    `overwrite` (resumable); each PNG is written atomically.
+
+    Args:
+        workers: processes; <= 1 runs in this process.
+    Returns:
+        {"written": n, "skipped": m, "out_dir": out_dir}.
+    """
+    variant = "sal" if saliency_root is not None else ("crf" if crf else "nocrf")
+    out_dir = out_dir or default_seed_dir(results_dir, variant, icd_folder)
+    names = read_list(data_list)
+    todo = [n for n in names
+            if overwrite or not os.path.isfile(os.path.join(out_dir, n + ".png"))]
+    os.makedirs(out_dir, exist_ok=True)
+    job = functools.partial(_seed_one, results_dir=results_dir, image_root=image_root,
+                            annotation_root=annotation_root, saliency_root=saliency_root,
+                            infer_size=infer_size, crf=crf, icd_folder=icd_folder,
+                            cam_folder=cam_folder, out_dir=out_dir)
+    for _ in map_images(job, todo, workers, f"seeds -> {out_dir}"):
+        pass
+    return {"written": len(todo), "skipped": len(names) - len(todo), "out_dir": out_dir}

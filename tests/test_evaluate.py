@@ -1,0 +1,180 @@
+"""Evaluation: seed mIoU, threshold study, pixel AP against hand-computed values; reports, tool."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from icd.data.voc import VOC_CLASSES, write_mask
+from icd.evaluate import average_precision, class_iou, confusion_matrix, evaluate, \
+    evaluate_seeds, mean_iou, pixel_ap, threshold_study
+from icd.seeds import make_seeds
+from test_seeds import S, build_results
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Seed mIoU
+
+def test_confusion_and_iou_by_hand():
+    gt = np.array([[0, 1, 1], [255, 2, 0]], np.uint8)
+    seed = np.array([[0, 1, 2], [1, 255, 0]], np.uint8)
+    # kept pixels (both < 3): (0,0) 0/0, (0,1) 1/1, (0,2) 1/2, (1,2) 0/0
+    conf = confusion_matrix(gt, seed, num_classes=3)
+    np.testing.assert_array_equal(conf, [[2, 0, 0], [0, 1, 1], [0, 0, 0]])
+    # IoU: 2/(2+2-2), 1/(2+1-1), 0/(0+1-0)
+    np.testing.assert_allclose(class_iou(conf), [1.0, 0.5, 0.0])
+    assert mean_iou(conf) == pytest.approx(0.5)
+    # the release's 21 classes: the 18 absent classes count as 0 in the mean
+    assert mean_iou(confusion_matrix(gt, seed)) == pytest.approx(1.5 / 21)
+
+
+def test_iou_epsilon_is_the_release_one():
+    conf = np.zeros((2, 2), np.int64)
+    conf[0, 0] = 1
+    assert class_iou(conf)[0] == 1 / (1 + 1e-10) and class_iou(conf)[1] == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# AP
+
+def naive_ap(pos, neg):
+    """Σ (R_k − R_{k−1}) P_k over every distinct score, straight from the definition."""
+    pos, neg = np.asarray(pos, np.float64), np.asarray(neg, np.float64)
+    ap, last_recall = 0.0, 0.0
+    for t in np.unique(np.concatenate([pos, neg]))[::-1]:
+        tp, fp = (pos >= t).sum(), (neg >= t).sum()
+        recall = tp / pos.size
+        ap += (recall - last_recall) * tp / (tp + fp)
+        last_recall = recall
+    return ap
+
+
+def test_ap_by_hand_with_a_tie():
+    # ranking: 0.9 P | 0.7 N | {0.5 P, 0.5 N} one threshold | 0.1 N
+    # (R, P): (1/2, 1) then (1, 2/4): AP = 0.5 * 1 + 0.5 * 0.5
+    pos = np.array([0.5, 0.9], np.float32)
+    neg = np.array([0.1, 0.5, 0.7], np.float32)
+    assert average_precision(pos, neg) == pytest.approx(0.75)
+    assert np.isnan(average_precision(np.zeros(0, np.float32), neg))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_ap_matches_sklearn_and_the_definition_with_ties(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(5, 400))
+    scores = rng.integers(0, 12, n).astype(np.float32) / 4     # many ties
+    truth = rng.random(n) < 0.3
+    truth[0] = True
+    ap = average_precision(scores[truth].copy(), scores[~truth].copy())
+    assert ap == pytest.approx(naive_ap(scores[truth], scores[~truth]), abs=1e-12)
+    metrics = pytest.importorskip("sklearn.metrics")          # test reference only
+    assert ap == pytest.approx(metrics.average_precision_score(truth, scores), abs=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# Studies on a hand-made 8×8 image (infer size 8: the resize is the identity)
+
+def _one_image(root, cam_row, icd_row, gt_row, cls=2):
+    for folder in ("results/scores_cam", "results/scores_icd", "ann", "gt"):
+        os.makedirs(os.path.join(root, folder), exist_ok=True)
+    for folder, values in (("scores_cam", cam_row), ("scores_icd", icd_row)):
+        scores = np.tile(np.asarray(values, np.float32), (8, 1))[None]
+        np.save(os.path.join(root, "results", folder, "x.npy"), scores)
+    write_mask(os.path.join(root, "gt", "x.png"), np.tile(np.asarray(gt_row, np.uint8), (8, 1)))
+    with open(os.path.join(root, "ann", "x.xml"), "w") as f:
+        f.write(f"<annotation><object><name>{VOC_CLASSES[cls]}</name>"
+                "<difficult>0</difficult></object></annotation>")
+    return {k: os.path.join(root, k) for k in ("results", "ann", "gt")}
+
+
+def test_threshold_study_by_hand(tmp_path):
+    icd = [-1, -0.7, -0.4, -0.1, 0.1, 0.4, 0.7, 1.0]
+    cam = [v - 0.5 for v in icd]            # fg only on the last two columns
+    gt = [0, 0, 0, 0, 3, 3, 3, 3]
+    p = _one_image(str(tmp_path), cam, icd, gt)
+    study = threshold_study(p["results"], p["gt"], p["ann"], ["x"], thresholds=(0, 0.3, 0.5),
+                            infer_size=8)
+    # ICD: T=0 perfect; T=0.3 keeps |icd| > 0.3 (6 of 8 columns), T=0.5 keeps 4 columns,
+    # and every kept pixel is right: IoU 1 for background and class 3, 0 for the other 19.
+    assert [study["icd"][t]["recall"] for t in ("0.0", "0.3", "0.5")] == [1.0, 0.75, 0.5]
+    for t in ("0.0", "0.3", "0.5"):
+        assert study["icd"][t]["miou"] == pytest.approx(2 / 21)
+    # CAM at T=0: bg on columns 0..5, fg on 6, 7: IoU bg 4/6, class 2/4
+    assert study["cam"]["0.0"]["recall"] == 1.0
+    assert study["cam"]["0.0"]["miou"] == pytest.approx((4 / 6 + 2 / 4) / 21)
+
+
+def test_pixel_ap_by_hand(tmp_path):
+    # scores by column; gt 255 on column 0 is not ranked
+    icd = [5, 0.9, 0.2, 0.5, 0.5, 0.7, 0.1, 0.6]
+    gt = [255, 3, 3, 0, 3, 0, 0, 3]
+    p = _one_image(str(tmp_path), icd, icd, gt)
+    ap = pixel_ap(p["results"], p["gt"], p["ann"], ["x"], infer_size=8)
+    # ranking: 0.9 P | 0.7 N | 0.6 P | {0.5 P, 0.5 N} | 0.2 P | 0.1 N (each ×8 rows: same AP)
+    expected = naive_ap([0.9, 0.2, 0.5, 0.6], [0.5, 0.7, 0.1])
+    assert expected == pytest.approx(0.25 * 1 + 0.25 * 2 / 3 + 0.25 * 3 / 5 + 0.25 * 4 / 6)
+    assert ap["icd"]["ap"]["bird"] == pytest.approx(expected)
+    assert ap["icd"]["map"] == pytest.approx(expected)      # the only class with images
+    assert ap["cam"]["ap"]["aeroplane"] is None
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole evaluation on the tiny results folder of test_seeds
+
+@pytest.fixture
+def tiny(tmp_path):
+    paths = build_results(str(tmp_path))
+    for crf in (False, True):
+        make_seeds(paths["results"], paths["images"], paths["annotations"], paths["list"],
+                   infer_size=S, crf=crf)
+    return paths
+
+
+def test_evaluate_seeds_perfect_and_mismatched(tiny, tmp_path):
+    names = ["img_a", "img_b", "img_c"]
+    result = evaluate_seeds(tiny["gt"], tiny["gt"], names)
+    # gt is its own seed: IoU 1 for background, aeroplane, dog, person
+    assert result["miou"] == pytest.approx(4 / 21)
+    assert result["iou"]["person"] == pytest.approx(1.0) and result["iou"]["cat"] == 0
+    os.makedirs(tmp_path / "bad")
+    write_mask(str(tmp_path / "bad" / "img_a.png"), np.zeros((3, 3), np.uint8))
+    with pytest.raises(ValueError, match="img_a.png: shape"):
+        evaluate_seeds(str(tmp_path / "bad"), tiny["gt"], names)
+    with pytest.raises(FileNotFoundError, match="img_b.png"):
+        evaluate_seeds(str(tmp_path / "bad"), tiny["gt"], names[1:])
+
+
+def test_evaluate_writes_reports(tiny):
+    out = os.path.join(tiny["results"], "eval")
+    report = evaluate(tiny["results"], tiny["gt"], tiny["list"],
+                      annotation_root=tiny["annotations"], image_root=tiny["images"],
+                      infer_size=S, workers=2, num_overlays=2)
+    assert set(report["seeds"]) == {os.path.join("seeds", "crf"), os.path.join("seeds", "nocrf")}
+    assert 0 < report["seeds"][os.path.join("seeds", "nocrf")]["miou"] <= 1
+    with open(os.path.join(out, "eval.json")) as f:
+        assert json.load(f) == report
+    for name in ("eval.md", "threshold_study.png", "class_ap.png", "seed_overlays.png"):
+        assert os.path.getsize(os.path.join(out, name)) > 0
+    assert not [f for f in os.listdir(out) if f.startswith(".")]      # no temporary files
+    text = open(os.path.join(out, "eval.md")).read()
+    for title in ("Table 1", "Table 2", "Table 3", "Fig. 5", "| 0.5 |", "Ours (ICD)"):
+        assert title in text
+
+
+def test_eval_seeds_tool(tiny, tmp_path):
+    out = str(tmp_path / "report")
+    cmd = [sys.executable, os.path.join(REPO, "tools", "eval_seeds.py"),
+           "--results", tiny["results"], "--gt-root", tiny["gt"], "--data-list", tiny["list"],
+           "--seeds", "seeds/nocrf", "--annotation-root", tiny["annotations"],
+           "--infer-size", str(S), "--workers", "1", "--out", out]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    assert "seeds/nocrf" in done.stdout and "Table 2" in done.stdout
+    with open(os.path.join(out, "eval.json")) as f:
+        report = json.load(f)
+    assert list(report["seeds"]) == ["seeds/nocrf"]
+    assert set(report["threshold_study"]["icd"]) == {"0.0", "0.1", "0.3", "0.5"}
+    assert report["pixel_ap"]["icd"]["map"] > 0.5
