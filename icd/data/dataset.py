@@ -1,0 +1,161 @@
+"""Gluon datasets and loaders of the release's pipeline (section 5).
+
+Determinism: a training item is keyed by (epoch, index) and draws its augmentation from
+``np.random.default_rng([seed, epoch, index])``; the per-epoch shuffle comes from
+``default_rng([seed, epoch])``. The epoch travels with the sampled key (Gluon copies the dataset
+into its worker processes once, when the loader is built), so a given seed yields the same
+batches whatever the number of worker processes.
+"""
+from __future__ import annotations
+
+import os
+from typing import Iterator, List, Tuple, Union
+
+import numpy as np
+from mxnet import gluon
+
+from .superpixels import MAX_REGIONS, read_superpixels
+from .transforms import INFER_SIZE, TRAIN_SIZE, infer_transform, train_transform
+from .voc import multi_hot, read_image, read_image_labels, read_list
+
+
+class _SuperpixelImages(gluon.data.Dataset):
+    """Names, multi-hot labels and loading of (image, superpixels) pairs of a list."""
+
+    def __init__(self, image_root: str, superpixel_root: str, annotation_root: str,
+                 data_list: str):
+        self.image_root = image_root
+        self.superpixel_root = superpixel_root
+        self.names: List[str] = read_list(data_list)
+        # labels are parsed up front so that a bad annotation fails before training starts
+        self.labels = np.stack([
+            multi_hot(read_image_labels(os.path.join(annotation_root, f"{name}.xml")))
+            for name in self.names])
+
+    def load(self, index: int) -> Tuple[np.ndarray, np.ndarray]:
+        """(H, W, 3) uint8 RGB image and its (H, W) int32 superpixels."""
+        name = self.names[index]
+        image = read_image(os.path.join(self.image_root, f"{name}.jpg"))
+        path = os.path.join(self.superpixel_root, f"{name}.png")
+        superpixels = read_superpixels(path, expected_shape=image.shape)
+        if superpixels.max() >= MAX_REGIONS:
+            raise ValueError(f"{path}: superpixel id {superpixels.max()} >= {MAX_REGIONS}; "
+                             f"ids must be 0..{MAX_REGIONS - 1}")
+        return image, superpixels
+
+
+class TrainDataset(_SuperpixelImages):
+    """Augmented training items (release, section 5).
+
+    ``dataset[(epoch, index)]`` (or ``dataset[index]`` for epoch 0) is
+    (data (3, S, S) float32 RGB 0..255, superpixels (S, S) float32 ids < NUM_SUPERPIXEL_IDS,
+    label (20,) float32 multi-hot).
+    """
+
+    def __init__(self, image_root: str, superpixel_root: str, annotation_root: str,
+                 data_list: str, image_size: int = TRAIN_SIZE, seed: int = 0):
+        super().__init__(image_root, superpixel_root, annotation_root, data_list)
+        self.image_size = image_size
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, key: Union[int, Tuple[int, int]]):
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        image, superpixels = self.load(index)
+        rng = np.random.default_rng([self.seed, epoch, index])
+        image, superpixels = train_transform(image, superpixels, self.image_size, rng)
+        return (image.transpose(2, 0, 1).astype(np.float32), superpixels.astype(np.float32),
+                self.labels[index])
+
+
+class EpochShuffleSampler(gluon.data.Sampler):
+    """Shuffled (epoch, index) keys; the order of epoch e comes from default_rng([seed, e]).
+
+    Each pass over the sampler is one epoch and advances the epoch counter; set_epoch(e)
+    chooses the epoch of the next pass (e.g. when resuming).
+    """
+
+    def __init__(self, length: int, seed: int = 0):
+        self.length = length
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[Tuple[int, int]]:
+        epoch = self.epoch
+        self.epoch += 1
+        order = np.random.default_rng([self.seed, epoch]).permutation(self.length)
+        return iter([(epoch, int(index)) for index in order])
+
+    def __len__(self) -> int:
+        return self.length
+
+
+class TrainLoader(gluon.data.DataLoader):
+    """DataLoader over a TrainDataset: reshuffled every epoch, last partial batch dropped."""
+
+    def __init__(self, dataset: TrainDataset, batch_size: int, num_workers: int = 0):
+        self.epoch_sampler = EpochShuffleSampler(len(dataset), dataset.seed)
+        super().__init__(dataset, num_workers=num_workers, batch_sampler=gluon.data.BatchSampler(
+            self.epoch_sampler, batch_size, last_batch="discard"))  # release: drop last batch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Make the next pass over the loader produce the batches of `epoch` (0-based)."""
+        self.epoch_sampler.set_epoch(epoch)
+
+
+def train_loader(image_root: str, superpixel_root: str, annotation_root: str, data_list: str,
+                 image_size: int = TRAIN_SIZE, batch_size: int = 32,
+                 num_workers: int = min(4, os.cpu_count() or 1), seed: int = 0) -> TrainLoader:
+    """Training batches (data (B,3,S,S), superpixels (B,S,S), labels (B,20)), all float32.
+
+    Images are `<image_root>/<name>.jpg`, superpixels `<superpixel_root>/<name>.png`, labels
+    from `<annotation_root>/<name>.xml`, names from the `data_list` file.
+    """
+    dataset = TrainDataset(image_root, superpixel_root, annotation_root, data_list,
+                           image_size=image_size, seed=seed)
+    if len(dataset) < batch_size:
+        raise ValueError(f"{data_list}: {len(dataset)} images cannot fill one batch of "
+                         f"{batch_size} (the last partial batch is dropped)")
+    return TrainLoader(dataset, batch_size, num_workers)
+
+
+class InferDataset(_SuperpixelImages):
+    """Inference items over the list padded by repeating its head to a multiple of the batch.
+
+    ``dataset[i]`` is (data (3, S, S) float32 RGB, superpixels (S, S) float32, label (20,)
+    float32, name index (int32, into ``names``), original (h, w) int32).
+    """
+
+    def __init__(self, image_root: str, superpixel_root: str, annotation_root: str,
+                 data_list: str, image_size: int = INFER_SIZE, batch_size: int = 4):
+        super().__init__(image_root, superpixel_root, annotation_root, data_list)
+        self.image_size = image_size
+        # release: the list is padded by repeating its head to a multiple of the batch size
+        padded = -(-len(self.names) // batch_size) * batch_size
+        self.order = [i % len(self.names) for i in range(padded)]
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, position: int):
+        index = self.order[position]
+        image, superpixels = self.load(index)
+        hw = np.array(image.shape[:2], np.int32)
+        image, superpixels = infer_transform(image, superpixels, self.image_size)
+        return (image.transpose(2, 0, 1).astype(np.float32), superpixels.astype(np.float32),
+                self.labels[index], np.int32(index), hw)
+
+
+def infer_loader(image_root: str, superpixel_root: str, annotation_root: str, data_list: str,
+                 image_size: int = INFER_SIZE, batch_size: int = 4,
+                 num_workers: int = 0) -> gluon.data.DataLoader:
+    """Inference batches in list order (data, superpixels, labels, name indices, (h, w))."""
+    dataset = InferDataset(image_root, superpixel_root, annotation_root, data_list,
+                           image_size=image_size, batch_size=batch_size)
+    return gluon.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
+                                 last_batch="keep", num_workers=num_workers)

@@ -1,0 +1,279 @@
+"""Superpixels: Felzenszwalb regions greedily merged to at most 64, stored as id-encoded PNGs.
+
+File format (release, section 1): one 3-channel PNG per image, read by OpenCV as BGR; the region
+id of a pixel is ``B + 256*G + 65536*R``. Ids are 0..n-1 with n <= MAX_REGIONS (section 8).
+
+Fixed id bound: the training crop pads with ``max id + 1`` and then relabels the ids present by a
+random permutation of 0..k-1 (section 5); with at most MAX_REGIONS regions plus the pad id, every
+id that reaches the model is < NUM_SUPERPIXEL_IDS = MAX_REGIONS + 1. The model's superpixel
+operator one-hot encodes ids with this fixed bound.
+
+Merge (release, section 8), defined precisely so that it is reproducible:
+  - initial regions are Felzenszwalb labels renumbered 0..n-1 in np.unique order;
+  - region feature f_i = mean feature over its pixels, size s_i = pixel count, hw = image area;
+  - sim(i, j) = cos(f_i, f_j) + 1 - (s_i + s_j) / hw for ANY pair i < j (no adjacency), with
+    cos(a, b) = a.b / max(|a| |b|, 1e-12) (a zero feature has cosine 0 with everything);
+  - while more than MAX_REGIONS regions remain, merge the most similar pair; ties go to the first
+    maximum of the upper triangle in row-major order (smallest i, then smallest j);
+  - the merged region keeps the smaller id i: f_i = (s_i f_i + s_j f_j) / (s_i + s_j),
+    s_i = s_i + s_j, and j disappears;
+  - final ids are the surviving ids renumbered 0..m-1 in increasing order (np.unique order).
+"""
+from __future__ import annotations
+
+import functools
+import multiprocessing
+import os
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import cv2
+import numpy as np
+import scipy.sparse
+from skimage.color import rgb2lab
+from skimage.segmentation import felzenszwalb
+from tqdm import tqdm
+
+from ..io import atomic_path
+from .voc import read_image, read_list
+
+MAX_REGIONS = 64
+NUM_SUPERPIXEL_IDS = MAX_REGIONS + 1  # ids 0..63 plus the pad id of the training crop
+
+# release: Felzenszwalb with k 75, sigma 0.8, min size 75 (section 8)
+FELZENSZWALB_SCALE = 75
+FELZENSZWALB_SIGMA = 0.8
+FELZENSZWALB_MIN_SIZE = 75
+
+_COSINE_EPS = 1e-12
+
+FeatureFn = Callable[[np.ndarray], np.ndarray]
+"""(H, W, 3) uint8 RGB image -> (H, W, D) float32 per-pixel features."""
+
+
+# ----------------------------------------------------------------------------------------------
+# PNG id encoding
+# ----------------------------------------------------------------------------------------------
+def encode_ids(ids: np.ndarray) -> np.ndarray:
+    """(H, W) non-negative int ids < 2**24 -> (H, W, 3) uint8 BGR with id = B + 256 G + 65536 R."""
+    ids = np.asarray(ids)
+    if ids.ndim != 2:
+        raise ValueError(f"superpixel ids must be (H, W), got shape {ids.shape}")
+    if ids.size and (ids.min() < 0 or ids.max() >= 1 << 24):
+        raise ValueError(f"superpixel ids must lie in [0, 2**24), got {ids.min()}..{ids.max()}")
+    ids = ids.astype(np.int64)
+    # release: B is the low byte, R the high byte (section 1)
+    return np.stack([ids & 255, (ids >> 8) & 255, (ids >> 16) & 255], axis=-1).astype(np.uint8)
+
+
+def decode_ids(bgr: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 BGR -> (H, W) int32 ids = B + 256 G + 65536 R (release, section 1)."""
+    bgr = np.asarray(bgr)
+    if bgr.ndim != 3 or bgr.shape[2] != 3:
+        raise ValueError(f"encoded superpixels must be (H, W, 3), got shape {bgr.shape}")
+    bgr = bgr.astype(np.int32)
+    return bgr[:, :, 0] + (bgr[:, :, 1] << 8) + (bgr[:, :, 2] << 16)
+
+
+def write_superpixels(path: str, ids: np.ndarray) -> None:
+    """Write (H, W) ids as an id-encoded PNG, atomically."""
+    encoded = encode_ids(ids)
+    with atomic_path(path) as tmp:
+        if not cv2.imwrite(tmp, encoded):
+            raise ValueError(f"{path}: OpenCV could not write the superpixel PNG")
+
+
+def read_superpixels(path: str, expected_shape: Optional[Sequence[int]] = None) -> np.ndarray:
+    """Read an id-encoded PNG as (H, W) int32 ids.
+
+    `expected_shape` is the (H, W[, C]) shape of the image the map belongs to; a map of another
+    size is an error (it would silently misalign the refinement).
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: superpixel map not found")
+    bgr = cv2.imread(path, cv2.IMREAD_UNCHANGED)
+    if bgr is None:
+        raise ValueError(f"{path}: unreadable superpixel map (OpenCV could not decode it)")
+    if bgr.ndim != 3 or bgr.shape[2] != 3 or bgr.dtype != np.uint8:
+        raise ValueError(f"{path}: superpixel map must be a 3-channel 8-bit PNG, "
+                         f"got shape {bgr.shape} dtype {bgr.dtype}")
+    ids = decode_ids(bgr)
+    if expected_shape is not None and ids.shape != tuple(expected_shape[:2]):
+        raise ValueError(f"{path}: superpixel map is {ids.shape[0]}x{ids.shape[1]} but its image "
+                         f"is {expected_shape[0]}x{expected_shape[1]} (H x W)")
+    return ids
+
+
+# ----------------------------------------------------------------------------------------------
+# Greedy merge (release, section 8)
+# ----------------------------------------------------------------------------------------------
+def region_means(labels: np.ndarray, features: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Mean feature and size of each region.
+
+    labels: (H, W) int ids 0..n-1; features: (H, W, D).
+    Returns (n, D) float64 mean features and (n,) int64 sizes.
+    """
+    n = int(labels.max()) + 1
+    flat = labels.reshape(-1)
+    sizes = np.bincount(flat, minlength=n).astype(np.int64)
+    membership = scipy.sparse.csr_matrix(
+        (np.ones(flat.size, np.float32), (flat, np.arange(flat.size))), shape=(n, flat.size))
+    sums = membership @ np.asarray(features, np.float32).reshape(flat.size, -1)
+    return sums.astype(np.float64) / np.maximum(sizes, 1)[:, None], sizes
+
+
+def _similarity(features: np.ndarray, norms: np.ndarray, sizes: np.ndarray, total: float,
+                i: int) -> np.ndarray:
+    """sim(i, k) for every region k: cos(f_i, f_k) + 1 - (s_i + s_k) / hw. Shape (n,)."""
+    cosine = (features @ features[i]) / np.maximum(norms * norms[i], _COSINE_EPS)
+    return cosine + 1 - (sizes + sizes[i]) / total
+
+
+def _similarity_matrix(features: np.ndarray, norms: np.ndarray, sizes: np.ndarray,
+                       total: float, alive: np.ndarray) -> np.ndarray:
+    """(n, n) similarities on the strict upper triangle of alive pairs, -inf elsewhere."""
+    cosine = (features @ features.T) / np.maximum(np.outer(norms, norms), _COSINE_EPS)
+    sim = cosine + 1 - (sizes[:, None] + sizes[None, :]) / total
+    valid = np.triu(np.outer(alive, alive), k=1)
+    return np.where(valid, sim, -np.inf)
+
+
+def greedy_merge(features: np.ndarray, sizes: np.ndarray, max_regions: int = MAX_REGIONS,
+                 incremental: bool = True) -> np.ndarray:
+    """Merge regions greedily until at most `max_regions` remain (module docstring's rule).
+
+    features: (n, D) mean features; sizes: (n,) pixel counts (their sum is the image area).
+    Returns (n,) int32: the final id 0..m-1 of every initial region.
+
+    incremental=True keeps the similarity matrix and recomputes only the merged region's row
+    and column per merge; incremental=False recomputes the whole matrix per merge (the
+    straightforward algorithm, kept as the baseline of tools/bench_superpixels.py).
+    """
+    features = np.array(features, np.float64)
+    sizes = np.array(sizes, np.float64)
+    n = len(sizes)
+    total = float(sizes.sum())
+    norms = np.sqrt(np.einsum("nd,nd->n", features, features))
+    alive = np.ones(n, bool)
+    parent = np.arange(n)  # initial region -> surviving id it was merged into
+    sim = _similarity_matrix(features, norms, sizes, total, alive)
+    for _ in range(n - max_regions):
+        i, j = divmod(int(np.argmax(sim)), n)  # first maximum in row-major order, i < j
+        merged = sizes[i] + sizes[j]
+        features[i] = (sizes[i] * features[i] + sizes[j] * features[j]) / merged
+        sizes[i] = merged
+        norms[i] = np.sqrt(features[i] @ features[i])
+        alive[j] = False
+        parent[parent == j] = i  # the merged region keeps the smaller id
+        if incremental:
+            sim[j, :] = -np.inf
+            sim[:, j] = -np.inf
+            row = np.where(alive, _similarity(features, norms, sizes, total, i), -np.inf)
+            sim[:i, i] = row[:i]
+            sim[i, i + 1:] = row[i + 1:]
+        else:
+            sim = _similarity_matrix(features, norms, sizes, total, alive)
+    return np.unique(parent, return_inverse=True)[1].astype(np.int32)
+
+
+def initial_regions(image: np.ndarray) -> np.ndarray:
+    """Felzenszwalb regions of an (H, W, 3) uint8 RGB image as (H, W) int32 ids 0..n-1."""
+    labels = felzenszwalb(image, scale=FELZENSZWALB_SCALE, sigma=FELZENSZWALB_SIGMA,
+                          min_size=FELZENSZWALB_MIN_SIZE)
+    return np.unique(labels, return_inverse=True)[1].reshape(labels.shape).astype(np.int32)
+
+
+def compute_superpixels(image: np.ndarray, features: np.ndarray,
+                        max_regions: int = MAX_REGIONS) -> np.ndarray:
+    """Superpixels of one image: Felzenszwalb then the greedy merge.
+
+    image: (H, W, 3) uint8 RGB; features: (H, W, D) per-pixel features of that image.
+    Returns (H, W) int32 ids 0..m-1, m <= max_regions.
+    """
+    if features.shape[:2] != image.shape[:2]:
+        raise ValueError(f"features are {features.shape[:2]} but the image is {image.shape[:2]}")
+    labels = initial_regions(image)
+    mean_features, sizes = region_means(labels, features)
+    return greedy_merge(mean_features, sizes, max_regions)[labels]
+
+
+# ----------------------------------------------------------------------------------------------
+# Feature sources
+# ----------------------------------------------------------------------------------------------
+def colour_position_features(image: np.ndarray) -> np.ndarray:
+    """Network-free per-pixel features: centred Lab colour and centred position.
+
+    image: (H, W, 3) uint8 RGB -> (H, W, 5) float32: L/100, a/128, b/128 minus their image
+    means, then x/W - 0.5 and y/H - 0.5. Centring makes the cosine of the merge compare
+    directions around the image's average instead of all features pointing the same way.
+    """
+    h, w = image.shape[:2]
+    lab = rgb2lab(image).astype(np.float32) / np.array([100, 128, 128], np.float32)
+    lab -= lab.reshape(-1, 3).mean(axis=0)
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    return np.concatenate([lab, (x / w - 0.5)[..., None], (y / h - 0.5)[..., None]], axis=-1)
+
+
+def build_feature_fn(pretrained: Optional[str] = None, ctx=None) -> FeatureFn:
+    """The feature function: conv5_3 features of a checkpoint if `pretrained`, else colour.
+
+    release: region features are the ImageNet VGG16's conv5_3_relu at 513 input (section 8).
+    The network is imported only here, so the colour path never needs the model code.
+    """
+    if pretrained is None:
+        return colour_position_features
+    from ..model.backbone import conv5_feature_extractor
+    return conv5_feature_extractor(pretrained, ctx=ctx)
+
+
+def make_feature_factory(pretrained: Optional[str] = None) -> Callable[[], FeatureFn]:
+    """A picklable zero-argument factory of build_feature_fn(pretrained), one call per worker."""
+    return functools.partial(build_feature_fn, pretrained)
+
+
+# ----------------------------------------------------------------------------------------------
+# Folder driver
+# ----------------------------------------------------------------------------------------------
+_worker_feature_fn: Optional[FeatureFn] = None
+
+
+def _init_worker(factory: Callable[[], FeatureFn]) -> None:
+    global _worker_feature_fn
+    _worker_feature_fn = factory()
+
+
+def _process(job: Tuple[str, str]) -> str:
+    image_path, out_path = job
+    image = read_image(image_path)
+    features = _worker_feature_fn(image)
+    write_superpixels(out_path, compute_superpixels(image, features))
+    return out_path
+
+
+def make_superpixels(image_root: str, data_list: str, out: str,
+                     feature_factory: Optional[Callable[[], FeatureFn]] = None,
+                     workers: int = 0, overwrite: bool = False) -> List[str]:
+    """Write `<out>/<name>.png` for every `<image_root>/<name>.jpg` of the list.
+
+    feature_factory: zero-argument picklable callable building the FeatureFn (default: colour
+    features; see make_feature_factory). It is called once in each worker process (or once in
+    this process when workers=0), so a network extractor is built per worker and never shared
+    across a fork; each worker then holds its own copy of the network, so with a GPU extractor
+    use workers=0 (or few).
+    Images whose PNG already exists are skipped unless `overwrite`; writes are atomic, so an
+    interrupted run resumes cleanly. Returns the paths written.
+    """
+    feature_factory = feature_factory or make_feature_factory(None)
+    names = read_list(data_list)
+    jobs = []
+    for name in names:
+        out_path = os.path.join(out, f"{name}.png")
+        if overwrite or not os.path.isfile(out_path):
+            jobs.append((os.path.join(image_root, f"{name}.jpg"), out_path))
+    os.makedirs(out, exist_ok=True)
+    progress = dict(total=len(jobs), desc="superpixels", unit="img")
+    if workers <= 0:
+        _init_worker(feature_factory)
+        return [_process(job) for job in tqdm(jobs, **progress)]
+    with multiprocessing.Pool(workers, initializer=_init_worker,
+                              initargs=(feature_factory,)) as pool:
+        return list(tqdm(pool.imap(_process, jobs), **progress))

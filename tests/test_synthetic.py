@@ -1,0 +1,105 @@
+"""The synthetic VOC-layout dataset: determinism, layout, labels, and the tools end to end."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from icd.data.dataset import train_loader
+from icd.data.superpixels import NUM_SUPERPIXEL_IDS
+from icd.data.synthetic import _place_objects, make_synthetic_voc, synthesize
+from icd.data.voc import VOC_CLASSES, read_image, read_image_labels, read_list, voc_palette
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def all_files(root):
+    return {os.path.relpath(os.path.join(d, f), root): open(os.path.join(d, f), "rb").read()
+            for d, _, files in os.walk(root) for f in files}
+
+
+def test_same_seed_same_bytes(tmp_path):
+    make_synthetic_voc(str(tmp_path / "a"), num_train=6, num_val=2, size=64, seed=7)
+    make_synthetic_voc(str(tmp_path / "b"), num_train=6, num_val=2, size=64, seed=7)
+    make_synthetic_voc(str(tmp_path / "c"), num_train=6, num_val=2, size=64, seed=8)
+    a, b, c = (all_files(tmp_path / x) for x in "abc")
+    assert len(a) == 3 * 8 + 2 and a == b
+    assert a.keys() == c.keys() and a != c
+
+
+def test_voc_layout_and_labels(tmp_path):
+    classes = ["bird", "bus", "sheep"]
+    names = make_synthetic_voc(str(tmp_path), num_train=30, num_val=4, size=80, seed=0,
+                               classes=classes)
+    allowed = {VOC_CLASSES.index(c) for c in classes}
+    single = 0
+    for split, count in (("train", 30), ("val", 4)):
+        listed = read_list(str(tmp_path / "ImageSets" / "Segmentation" / f"{split}.txt"))
+        assert listed == names[split] and len(listed) == count
+        for name in listed:
+            image = read_image(str(tmp_path / "JPEGImages" / f"{name}.jpg"))
+            assert 0.85 * 80 - 1 <= image.shape[0] <= 1.15 * 80 + 1
+            with Image.open(tmp_path / "SegmentationClass" / f"{name}.png") as mask_image:
+                assert mask_image.mode == "P"
+                palette = np.array(mask_image.getpalette()[:768], np.uint8).reshape(-1, 3)
+                np.testing.assert_array_equal(palette, voc_palette())
+                mask = np.array(mask_image)
+            assert mask.shape == image.shape[:2]
+            labels = read_image_labels(str(tmp_path / "Annotations" / f"{name}.xml"))
+            assert set(labels) <= allowed
+            present = {int(v) - 1 for v in np.unique(mask)} - {-1, 254}
+            assert present == set(labels), name
+            assert (mask == 255).any() and (mask == 0).mean() > 0.3  # border band, background
+            single += len(labels) == 1
+    assert 0.5 <= single / 34 <= 0.9  # about 70% single-class images
+
+
+@pytest.mark.parametrize("classes", [[2], [0, 4, 5]])
+def test_objects_have_a_small_visible_discriminative_part(classes):
+    for seed in range(5):
+        placed = _place_objects(np.random.default_rng(seed), 112, 112, classes)
+        assert [k for k, _, _ in placed] == classes  # 112 px leave room for every object
+        for n, (k, body, marker) in enumerate(placed):
+            assert not (marker & ~body).any()
+            assert 0.07 <= marker.sum() / body.sum() <= 0.17
+            for _, later_body, _ in placed[n + 1:]:
+                assert not (later_body & marker).any()  # never hidden by a later object
+
+
+def test_synthesize_boxes_and_mask():
+    image, mask, objects = synthesize(np.random.default_rng(0), 112, 6)
+    assert image.dtype == np.uint8 and mask.shape == image.shape[:2]
+    for k, (xmin, ymin, xmax, ymax) in objects:
+        assert 0 <= k < 6 and 1 <= xmin < xmax <= image.shape[1] and ymin < ymax
+        assert (mask[ymin - 1:ymax, xmin - 1:xmax] == k + 1).any()
+
+
+def test_unknown_class_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="unicorn"):
+        make_synthetic_voc(str(tmp_path), num_train=1, num_val=1, classes=["cat", "unicorn"])
+    assert not os.path.exists(tmp_path / "ImageSets")
+
+
+def test_tools_end_to_end(tmp_path):
+    root = tmp_path / "voc"
+    run = dict(check=True, cwd=REPO, capture_output=True, text=True)
+    subprocess.run([sys.executable, "tools/make_synthetic_voc.py", "--out", str(root),
+                    "--num-train", "8", "--num-val", "2", "--size", "64", "--seed", "3"], **run)
+    data_list = str(root / "ImageSets" / "Segmentation" / "train.txt")
+    subprocess.run([sys.executable, "tools/make_superpixels.py", "--image-root",
+                    str(root / "JPEGImages"), "--data-list", data_list, "--out",
+                    str(root / "Superpixels"), "--features", "colour", "--workers", "2"], **run)
+    assert len(os.listdir(root / "Superpixels")) == 8
+    loader = train_loader(str(root / "JPEGImages"), str(root / "Superpixels"),
+                          str(root / "Annotations"), data_list, image_size=72, batch_size=4,
+                          num_workers=0)
+    data, superpixels, labels = (x.asnumpy() for x in next(iter(loader)))
+    assert data.shape == (4, 3, 72, 72) and superpixels.shape == (4, 72, 72)
+    assert labels.shape == (4, 20)
+    assert all(x.dtype == np.float32 for x in (data, superpixels, labels))
+    assert 0 <= data.min() and data.max() <= 255
+    assert (data == 127).any()  # 64 px images are padded to the 72 crop
+    assert 0 <= superpixels.min() and superpixels.max() < NUM_SUPERPIXEL_IDS
+    assert ((labels == 0) | (labels == 1)).all() and (labels.sum(1) >= 1).all()
