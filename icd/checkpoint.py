@@ -11,12 +11,13 @@ import os
 from typing import Dict, Optional, Sequence
 
 import mxnet as mx
-from mxnet import init
+import numpy as np
 
 from .io import atomic_path
 from .model.backbone import VGG16DeepLab
 
 log = logging.getLogger(__name__)
+INPUT_SCALE = 64.0  # rough std of RGB - 127 inputs; see random_imagenet_params
 AUX_STATES = ("feat_bn_moving_mean", "feat_bn_moving_var", "icd_accum_resign_moving_mean")
 _GLUON_TO_RELEASE = {"_running_mean": "_moving_mean", "_running_var": "_moving_var"}
 # release: fc6_ft / fc7_ft start from the ImageNet fc6 / fc7 (section 2)
@@ -115,35 +116,53 @@ def load_checkpoint(net: mx.gluon.Block, path: str,
     assign(net, read_params(path), path, contexts)
 
 
+def random_imagenet_params(net: mx.gluon.Block) -> Dict[str, mx.nd.NDArray]:
+    """Stand-in for `vgg16_20M.params` when no weights are available (synthetic demo, tests).
+
+    He-normal weights and zero biases for the layers the ImageNet file would provide (conv*,
+    fc6, fc7). conv1_1 is divided by INPUT_SCALE because the input is RGB - 127 with no std
+    scaling (release), so the first activations keep unit scale as after ImageNet training.
+    """
+    values = {}
+    for key, shape in release_keys(net).items():
+        name = key[4:]
+        if not name.startswith(("conv", "fc6_", "fc7_")) or name.startswith("conv_ft"):
+            continue
+        if name.endswith("_bias"):
+            values[key] = mx.nd.zeros(shape)
+        else:
+            fan_in = int(np.prod(shape[1:]))
+            scale = INPUT_SCALE if name == "conv1_1_weight" else 1.0
+            values[key] = mx.nd.random.normal(0, np.sqrt(2.0 / fan_in) / scale, shape=shape)
+    return values
+
+
 def initialize(net: mx.gluon.Block, contexts: Sequence[mx.Context],
                pretrained: Optional[str] = None) -> None:
-    """Initialise `net` for training.
+    """Initialise `net` for training (release section 2).
 
-    With `pretrained` (the release's `vgg16_20M.params`): ImageNet backbone/fc6/fc7, fc6_ft/fc7_ft
-    copied from fc6/fc7, every other parameter ~ N(0, 0.01) (weights and biases alike), aux
-    states at BN defaults and a zero sign-flip mean (release section 2). Without weights (the
-    synthetic demo, tests) convolutions get He-normal weights and zero biases.
+    The ImageNet part comes from `pretrained` (the release's `vgg16_20M.params`: backbone, fc6,
+    fc7) or, without a file, from `random_imagenet_params`. fc6_ft/fc7_ft are copied from
+    fc6/fc7; every other parameter ~ N(0, 0.01) (weights and biases alike); aux states start at
+    BN defaults and a zero sign-flip mean.
     """
-    if pretrained is None:
-        net.initialize(init.Xavier(rnd_type="gaussian", factor_type="in", magnitude=2),
-                       ctx=list(contexts), force_reinit=True)
-        return
-    values = dict(read_params(pretrained))
+    source = pretrained or "random initialisation"
+    values = dict(read_params(pretrained)) if pretrained else random_imagenet_params(net)
     expected = release_keys(net)
     for dst, src in PRETRAINED_COPIES.items():
         if f"arg:{dst}" in expected and f"arg:{src}" in values:
-            values[f"arg:{dst}"] = values[f"arg:{src}"]
+            values[f"arg:{dst}"] = values[f"arg:{src}"].copy()
     extra = sorted(set(values) - set(expected))
     if extra:
-        log.info("%s: not used by the model: %s", pretrained, ", ".join(extra))
+        log.info("%s: not used by the model: %s", source, ", ".join(extra))
         values = {k: v for k, v in values.items() if k in expected}
     net.initialize(ctx=list(contexts), force_reinit=True)   # aux states: BN defaults, mean 0
-    missing = assign(net, values, pretrained, contexts, allow_missing=True)
+    missing = assign(net, values, source, contexts, allow_missing=True)
     params = {release_key(n): p for n, p in net.collect_params().items()}
     for key in missing:
         if key.startswith("arg:"):
             params[key].set_data(mx.nd.random.normal(0, 0.01, shape=params[key].shape))
-    log.info("%s: initialised from N(0, 0.01): %s", pretrained, ", ".join(missing))
+    log.info("%s: initialised from N(0, 0.01): %s", source, ", ".join(missing))
 
 
 def load_backbone(path: str, ctx: mx.Context) -> VGG16DeepLab:
