@@ -150,8 +150,10 @@ def initialize(net: mx.gluon.Block, contexts: Sequence[mx.Context],
     values = dict(read_params(pretrained)) if pretrained else random_imagenet_params(net)
     expected = release_keys(net)
     for dst, src in PRETRAINED_COPIES.items():
-        if f"arg:{dst}" in expected and f"arg:{src}" in values:
-            values[f"arg:{dst}"] = values[f"arg:{src}"].copy()
+        # (only where shapes agree: fc6_ft on fc6 or concat features is a new layer)
+        source_value = values.get(f"arg:{src}")
+        if source_value is not None and expected.get(f"arg:{dst}") == source_value.shape:
+            values[f"arg:{dst}"] = source_value.copy()
     extra = sorted(set(values) - set(expected))
     if extra:
         log.info("%s: not used by the model: %s", source, ", ".join(extra))
@@ -162,7 +164,8 @@ def initialize(net: mx.gluon.Block, contexts: Sequence[mx.Context],
     for key in missing:
         if key.startswith("arg:"):
             params[key].set_data(mx.nd.random.normal(0, 0.01, shape=params[key].shape))
-    log.info("%s: initialised from N(0, 0.01): %s", source, ", ".join(missing))
+    log.info("%s: initialised from N(0, 0.01): %s", source,
+             ", ".join(k for k in missing if k.startswith("arg:")))
 
 
 def load_backbone(path: str, ctx: mx.Context) -> VGG16DeepLab:

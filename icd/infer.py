@@ -1,0 +1,85 @@
+"""Score maps of a trained model, in the release's result layout (ORIGINAL_RELEASE.md section 6).
+
+For each image with sorted present classes L, at feature resolution of the image padded to
+`infer_size`:
+  scores_cam/<name>.npy        x_cam[L]   CAM logits
+  scores_icd/<name>.npy        S''[L]     adapted ICD scores (top-down), used for seeds
+  scores_icd_bu/<name>.npy     S[L]       bottom-up scores after the sign flip (Table 3)
+  scores_icd_bu_sp/<name>.npy  S'[L]      superpixel-refined bottom-up scores (Table 3)
+  scores_demo/class_<c>.jpg    demo sheets: image, CAM, ICD per row, a few images per class
+A CAM-only model writes scores_cam only.
+"""
+from __future__ import annotations
+
+import os
+from typing import Dict, List, Sequence
+
+import mxnet as mx
+import numpy as np
+from mxnet import gluon
+from tqdm import tqdm
+
+from .checkpoint import load_checkpoint
+from .config import Config
+from .data.dataset import infer_loader
+from .io import atomic_path
+from .model import build_model
+from .data.voc import write_image
+from .visualize import score_panel
+
+SCORE_FOLDERS = {"cam": "scores_cam", "icd_td": "scores_icd", "icd_bu": "scores_icd_bu",
+                 "icd_bu_sp": "scores_icd_bu_sp"}
+DEMO_ROWS = 4
+
+
+def infer(cfg: Config, params: str, out_dir: str, contexts: Sequence[mx.Context]) -> List[str]:
+    """Write the score maps of every image of `cfg.data_list`; returns the image names."""
+    net = build_model(cfg.model, **cfg.model_options)
+    load_checkpoint(net, params, contexts)
+    net.hybridize(static_alloc=True)
+    loader = infer_loader(cfg.image_root, cfg.superpixel_root, cfg.annotation_root,
+                          cfg.data_list, image_size=cfg.infer_size,
+                          batch_size=cfg.infer_batch_size, num_workers=cfg.num_workers)
+    names = loader._dataset.names
+    written = set()
+    demo: Dict[int, list] = {}
+    for data, superpixel, label, index, hw in tqdm(loader, desc="infer", disable=None):
+        parts = {k: gluon.utils.split_and_load(v, contexts, even_split=False)
+                 for k, v in (("data", data), ("superpixel", superpixel), ("label", label))}
+        parts["warm"] = [mx.nd.ones((1,), ctx=x.context) for x in parts["data"]]
+        outputs = [dict(zip(net.output_names, net(*[parts[n][d] for n in net.input_names])))
+                   for d in range(len(parts["data"]))]
+        merged = {k: np.concatenate([o[k].asnumpy() for o in outputs]) for k in outputs[0]
+                  if k in SCORE_FOLDERS}
+        labels, index, hw = label.asnumpy(), index.asnumpy(), hw.asnumpy()
+        for j in range(data.shape[0]):
+            name = names[int(index[j])]
+            if name in written:       # release: the list is padded by repeating its head
+                continue
+            written.add(name)
+            present = np.flatnonzero(labels[j])
+            for key, array in merged.items():
+                path = os.path.join(out_dir, SCORE_FOLDERS[key], name + ".npy")
+                with atomic_path(path) as tmp:
+                    np.save(tmp, array[j, present].astype(np.float32))
+            h, w = (int(v) for v in hw[j])
+            image = data[j].asnumpy().transpose(1, 2, 0)[:h, :w]
+            shown = [k for k in ("cam", "icd_td") if k in merged]
+            for c in present:
+                rows = demo.setdefault(int(c), [])
+                if len(rows) < DEMO_ROWS:
+                    rows.append(_crop_panel(image, [merged[k][j, c] for k in shown], data.shape[2]))
+    for c, rows in demo.items():
+        width = max(r.shape[1] for r in rows)
+        sheet = np.concatenate([np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0))) for r in rows])
+        write_image(os.path.join(out_dir, "scores_demo", f"class_{c}.jpg"), sheet)
+    return [n for n in names if n in written]
+
+
+def _crop_panel(image: np.ndarray, scores: List[np.ndarray], size: int) -> np.ndarray:
+    """Demo row of an image: score maps resized to the padded input, then cropped to the image."""
+    import cv2
+
+    h, w = image.shape[:2]
+    resized = [cv2.resize(s, (size, size), interpolation=cv2.INTER_LINEAR)[:h, :w] for s in scores]
+    return score_panel(image, resized)

@@ -1,0 +1,28 @@
+"""Pictures of score maps: the training demo image and the inference demo sheets."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import cv2
+import numpy as np
+
+
+def signed_heatmap(score: np.ndarray, size: Sequence[int]) -> np.ndarray:
+    """(h, w) signed score -> (H, W, 3) uint8 RGB: red where positive (foreground), blue where
+    negative (background), each side normalised by its own extreme."""
+    score = cv2.resize(score.astype(np.float32), (size[1], size[0]),
+                       interpolation=cv2.INTER_LINEAR)
+    pos = np.maximum(score, 0) / max(score.max(), 1e-5)
+    neg = np.minimum(score, 0) / min(score.min(), -1e-5)
+    out = np.zeros(score.shape + (3,), np.float32)
+    out[..., 0], out[..., 2] = pos, neg
+    return (out * 255).astype(np.uint8)
+
+
+def score_panel(image: np.ndarray, scores: Sequence[np.ndarray]) -> np.ndarray:
+    """Image beside one signed heat map per score, overlaid at 50%: (H, W * (1 + n), 3) RGB."""
+    image = np.clip(image, 0, 255).astype(np.uint8)
+    tiles = [image] + [(0.5 * image + 0.5 * signed_heatmap(s, image.shape[:2])).astype(np.uint8)
+                       for s in scores]
+    return np.concatenate(tiles, axis=1)
+

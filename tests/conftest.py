@@ -1,0 +1,45 @@
+"""Shared fixtures: a tiny synthetic VOC-format dataset with superpixels, made once per session."""
+import os
+
+import pytest
+
+from icd.config import load_config
+from icd.data.superpixels import make_superpixels
+from icd.data.synthetic import make_synthetic_voc
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session")
+def tiny_voc(tmp_path_factory):
+    """8 train / 4 val images of ~48 px in VOC layout, with colour-feature superpixels."""
+    root = str(tmp_path_factory.mktemp("tiny_voc"))
+    voc = os.path.join(root, "VOC")
+    make_synthetic_voc(voc, num_train=8, num_val=4, size=48, seed=3)
+    for split in ("train", "val"):
+        make_superpixels(os.path.join(voc, "JPEGImages"),
+                         os.path.join(voc, "ImageSets", "Segmentation", f"{split}.txt"),
+                         os.path.join(root, "superpixels"))
+    return {"root": root, "image_root": os.path.join(voc, "JPEGImages"),
+            "annotation_root": os.path.join(voc, "Annotations"),
+            "superpixel_root": os.path.join(root, "superpixels"),
+            "gt_root": os.path.join(voc, "SegmentationClass"),
+            "data_list": os.path.join(voc, "ImageSets", "Segmentation", "train.txt"),
+            "val_list": os.path.join(voc, "ImageSets", "Segmentation", "val.txt")}
+
+
+@pytest.fixture
+def tiny_config(tiny_voc, tmp_path):
+    """A training config on `tiny_voc`: width 1/16, 32 px crops, batch 4, 2 epochs, no workers."""
+    def make(config_file=None, **overrides):
+        options = dict(image_root=tiny_voc["image_root"],
+                       annotation_root=tiny_voc["annotation_root"],
+                       superpixel_root=tiny_voc["superpixel_root"],
+                       data_list=tiny_voc["data_list"], pretrained="", width=0.0625,
+                       image_size=32, batch_size=4, num_epoch=2, num_workers=0,
+                       snapshot=str(tmp_path / "snapshot"), infer_size=64, infer_batch_size=2,
+                       dropout=0.0, log_frequency=1)
+        options.update(overrides)
+        path = os.path.join(REPO, "experiments", config_file) if config_file else None
+        return load_config(path, **options)
+    return make

@@ -1,0 +1,125 @@
+"""The training loop: LR and warm-up schedules, resume, checkpoint rotation, NaN stop, devices."""
+import glob
+import json
+import os
+import subprocess
+import sys
+import time
+
+import mxnet as mx
+import numpy as np
+import pytest
+
+from icd.checkpoint import read_params
+from icd.cli import parse_devices
+from icd.infer import SCORE_FOLDERS, infer
+from icd.train import TrainingDiverged, checkpoint_path, poly_lr, train
+
+from conftest import REPO
+
+ABLATIONS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(REPO, "experiments",
+                                                                        "*.yaml"))
+                   if "synthetic" not in p)
+
+
+def test_poly_lr_per_epoch():
+    assert poly_lr(1e-3, 0, 20) == 1e-3
+    assert poly_lr(1e-3, 10, 20) == pytest.approx(1e-3 * 0.5 ** 0.9)
+    assert poly_lr(1e-3, 19, 20) == pytest.approx(1e-3 * 0.05 ** 0.9)
+
+
+def params_of(path):
+    return {k: v.asnumpy() for k, v in read_params(path).items()}
+
+
+def test_resume_continues_schedules_and_state(tiny_config):
+    """Epochs 0-2 in one run equal epoch 0, then a resumed run from checkpoint 0 (--begin-epoch 1):
+    same LR schedule, warm-up position (W spans 2 epochs), optimizer momentum, BN and sign means."""
+    straight = tiny_config(num_epoch=3, snapshot=None)
+    straight.snapshot += "_straight"
+    records = train(straight)["records"]
+    first = tiny_config(num_epoch=1)
+    train(first)
+    resumed = train(tiny_config(num_epoch=3, begin_epoch=1))["records"]
+    assert [r["epoch"] for r in resumed] == [0, 1, 2]
+    assert [r["lr"] for r in resumed] == [r["lr"] for r in records]
+    # W = 2 * 8 // 4 = 4 iterations, 2 per epoch: epoch 1 ends at iteration 3 -> e^(-10/4)
+    assert resumed[1]["warm"] == pytest.approx(np.exp(-10 / 4)) and resumed[2]["warm"] == 1.0
+    a = params_of(checkpoint_path(straight, 2))
+    b = params_of(checkpoint_path(first, 2))
+    for key in a:
+        np.testing.assert_allclose(b[key], a[key], rtol=1e-4, atol=1e-6, err_msg=key)
+
+
+def test_checkpoints_rotate_and_are_written_atomically(tiny_config):
+    cfg = tiny_config(num_epoch=3, num_save=2, model="vgg16_cam")
+    train(cfg)
+    files = sorted(os.listdir(cfg.snapshot))
+    assert files == ["demo", "vgg16_cam-0001.params", "vgg16_cam-0001.states",
+                     "vgg16_cam-0002.params", "vgg16_cam-0002.states", "vgg16_cam-log.json"]
+    with open(os.path.join(cfg.snapshot, "vgg16_cam-log.json")) as f:
+        log = json.load(f)
+    assert [r["epoch"] for r in log] == [0, 1, 2] and all(np.isfinite(r["cam_loss"]) for r in log)
+    assert sorted(os.listdir(os.path.join(cfg.snapshot, "demo"))) == [
+        f"vgg16_cam-{e:04d}.jpg" for e in range(3)]
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_config):
+    cfg = tiny_config(num_epoch=1)
+    train(cfg)
+    good = checkpoint_path(cfg, 0)
+    before = open(good, "rb").read()
+    with pytest.raises(TrainingDiverged, match="last good checkpoint: .*vgg16_icd-0000.params"):
+        train(tiny_config(num_epoch=3, begin_epoch=1, learning_rate=1e12))
+    assert open(good, "rb").read() == before
+    assert not os.path.exists(checkpoint_path(cfg, 1))
+    assert not [f for f in os.listdir(cfg.snapshot) if ".tmp" in f]
+
+
+def test_two_devices_train_and_infer(tiny_config, tiny_voc, tmp_path):
+    cfg = tiny_config(num_epoch=1, cpus=2)
+    net = train(cfg)["net"]
+    weights = net.collect_params()["conv1_1_weight"].list_data()
+    assert len(weights) == 2 and (weights[0] - weights[1]).abs().max().asscalar() == 0
+    out = str(tmp_path / "results")
+    names = infer(cfg, checkpoint_path(cfg, 0), out, parse_devices(cpus=2))
+    assert len(names) == 8
+    for folder in SCORE_FOLDERS.values():
+        for name in names:
+            scores = np.load(os.path.join(out, folder, name + ".npy"))
+            assert scores.ndim == 3 and scores.shape[1:] == (8, 8) and np.isfinite(scores).all()
+    assert glob.glob(os.path.join(out, "scores_demo", "class_*.jpg"))
+
+
+@pytest.mark.parametrize("config_file", ABLATIONS)
+def test_every_experiment_config_builds_and_trains_a_step(tiny_config, config_file):
+    cfg = tiny_config(config_file, num_epoch=1)
+    records = train(cfg)["records"]
+    assert len(records) == 1 and np.isfinite(records[0]["cam_loss"])
+
+
+def test_cli_resumes_after_being_killed_mid_epoch(tiny_voc, tmp_path):
+    snapshot = str(tmp_path / "cli")
+    args = [sys.executable, os.path.join(REPO, "tools", "train_icd.py"),
+            "--image-root", tiny_voc["image_root"], "--annotation-root",
+            tiny_voc["annotation_root"], "--superpixel-root", tiny_voc["superpixel_root"],
+            "--data-list", tiny_voc["data_list"], "--width", "0.0625", "--image-size", "32",
+            "--batch-size", "2", "--num-epoch", "30", "--num-workers", "0",
+            "--snapshot", snapshot, "--cpus", "2"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while not os.path.exists(os.path.join(snapshot, "vgg16_icd-0001.params")):
+            assert proc.poll() is None and time.time() < deadline, "training did not progress"
+            time.sleep(0.2)
+    finally:
+        proc.kill()
+        proc.wait()
+    done = sorted(int(p[-11:-7]) for p in glob.glob(os.path.join(snapshot, "*.params")))
+    resume = str(done[-1] + 1)
+    result = subprocess.run(args[:-6] + ["--num-epoch", str(done[-1] + 2), "--snapshot", snapshot,
+                                         "--cpus", "2", "--begin-epoch", resume],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert os.path.exists(os.path.join(snapshot, f"vgg16_icd-{done[-1] + 1:04d}.params"))
+    assert not [f for f in os.listdir(snapshot) if ".tmp" in f]
