@@ -1,0 +1,293 @@
+"""Parity bundles: the release's graph (symbols.icd_symbol) trained a few steps with mx.mod.Module.
+
+A bundle folder holds
+
+- ``meta.json``: num_cls, lr, momentum, wd, batch_size, steps, warmup_iters, dropout (0), width,
+  size, infer_size, seed.
+- ``params.params``: ``mx.nd.save`` dict ``arg:NAME`` / ``aux:NAME``, the training graph's
+  parameters and aux states at the start.
+- ``batch.npz`` / ``infer.npz``: ``data`` (N,3,H,W) float32 RGB 0..255, ``superpixel`` (N,H,W)
+  float32 ids, ``label`` (N,C) float32 multi-hot (infer: H = W = infer_size).
+- ``expected.npz``: for k in 0..steps-1, ``train/step{k}/cam_prob`` (N,C), ``train/step{k}/icd_bu``
+  (N,C,h,w), ``train/step{k}/icd_td_prob`` (N,C,h,w) (training outputs of step k, before its
+  update) and ``train/step{k}/arg:NAME`` / ``train/step{k}/aux:NAME`` (after step k's update);
+  then ``infer/cam``, ``infer/icd_bu``, ``infer/icd_bu_sp``, ``infer/icd_td`` (inference outputs
+  on infer.npz with the parameters after the last step).
+
+Usage: ``python -m symbols.bundle OUT_DIR [--num-cls 5 --width 0.125 --size 64 ...]``.
+"""
+import argparse
+import json
+import os
+
+import mxnet as mx
+import numpy as np
+
+from .icd_symbol import DATA_NAMES, VGG_CONVS, channels, get_symbol
+from .ops import reset_shared_store, shared_moving_mean
+
+__all__ = ["make_bundle", "make_params", "make_batch", "run_reference_steps", "run_reference_infer",
+           "RESIGN_KEY", "TRAIN_OUTPUTS", "INFER_OUTPUTS"]
+
+RESIGN_KEY = "icd_accum_resign"  # AccumResign's shared-store key (symbols.ops)
+TRAIN_OUTPUTS = ("cam_prob", "icd_bu", "icd_td_prob")  # get_symbol(mode='train') order
+INFER_OUTPUTS = ("cam", "icd_bu", "icd_bu_sp", "icd_td")  # get_symbol(mode='infer') order
+MAX_SUPERPIXELS = 64
+
+
+# ----------------------------------------------------------------------------------------------
+# random bundle inputs
+# ----------------------------------------------------------------------------------------------
+
+def make_batch(rng, batch_size, num_cls, size):
+    """A synthetic batch: blocky superpixels (a grid of random rectangles, <= 64 ids drawn without
+    replacement from 0..63 so some ids are absent), a low-contrast image (127 +- 4 per superpixel
+    plus noise of std 1, so that the graph's input 'data - 127' is O(1) and conv1_1's gradient stays
+    commensurate with its weights over a few SGD steps), and labels alternating single-class /
+    multi-class rows.
+
+    Returns dict data (N,3,size,size), superpixel (N,size,size), label (N,C), all float32.
+    """
+    data = np.zeros((batch_size, 3, size, size), np.float32)
+    superpixel = np.zeros((batch_size, size, size), np.float32)
+    label = np.zeros((batch_size, num_cls), np.float32)
+    for n in range(batch_size):
+        rows = np.sort(rng.choice(np.arange(1, size), rng.randint(2, 6), replace=False))
+        cols = np.sort(rng.choice(np.arange(1, size), rng.randint(2, 6), replace=False))
+        cell = np.searchsorted(rows, np.arange(size), side="right")[:, None] * (len(cols) + 1) \
+            + np.searchsorted(cols, np.arange(size), side="right")[None, :]
+        ids = rng.choice(MAX_SUPERPIXELS, (len(rows) + 1) * (len(cols) + 1), replace=False)
+        superpixel[n] = ids[cell]
+        colour = rng.uniform(127 - 4, 127 + 4, (3, MAX_SUPERPIXELS))
+        data[n] = np.clip(colour[:, ids[cell]] + rng.normal(0, 1, (3, size, size)), 0, 255)
+        # even rows single-class, odd rows 2..3 classes (section 3.1 skips the latter)
+        count = 1 if n % 2 == 0 else min(num_cls, rng.randint(2, 4))
+        label[n, rng.choice(num_cls, count, replace=False)] = 1
+    return {"data": data, "superpixel": superpixel, "label": label}
+
+
+def make_params(rng, num_cls, width, batch):
+    """Random start parameters of the training graph as {'arg:NAME'|'aux:NAME': float32 array}.
+
+    Convs are He-normal (std sqrt(2/fan_in)) with biases N(0, 0.01), then rescaled in graph order
+    (weight and bias together, LSUV-style) so that every convolution's output has std 1 on
+    ``batch`` in a training forward: activations neither vanish nor explode through the
+    width-reduced VGG and the logits x_cam, S'' are O(1) for any seed. feat_bn gamma 1 / beta
+    N(0, 0.1) / moving stats random, icd_bu_weight N(0, 1). icd_accum_resign_moving_mean is random
+    with alternating order of its two columns over the classes, so both signs are exercised;
+    classes absent from batch['label'] keep their start value: the first absent class is +1, the
+    second -1, the third a tie [0, 0] (sign +1).
+    """
+    sym = get_symbol(num_cls, width, "train", dropout=0.0)
+    shapes = {name: batch[name].shape for name in DATA_NAMES}
+    arg_shapes, _, _ = sym.infer_shape(**shapes)
+    params = {}
+    for name, shape in zip(sym.list_arguments(), arg_shapes):
+        if name in DATA_NAMES:
+            continue
+        if name == "icd_bu_weight":
+            value = rng.normal(0, 1, shape)
+        elif name == "feat_bn_gamma":
+            value = np.ones(shape)
+        elif name == "feat_bn_beta":
+            value = rng.normal(0, 0.1, shape)
+        elif name.endswith("_bias"):
+            value = rng.normal(0, 0.01, shape)
+        else:
+            value = rng.normal(0, np.sqrt(2.0 / np.prod(shape[1:])), shape)
+        params["arg:" + name] = value.astype(np.float32)
+    c5 = channels(512, width)
+    params["aux:feat_bn_moving_mean"] = rng.normal(0, 0.5, c5).astype(np.float32)
+    params["aux:feat_bn_moving_var"] = rng.uniform(0.5, 2.0, c5).astype(np.float32)
+    # sign +1 (column 0 >= column 1) for even classes, -1 for odd ones; of the classes absent from
+    # the batch (which keep their value) the first is +1, the second -1, the third a tie
+    plus = np.arange(num_cls) % 2 == 0
+    absent = np.flatnonzero(batch["label"].sum(axis=0) == 0)
+    plus[absent[:2]] = [True, False][:len(absent[:2])]
+    pair = np.sort(rng.uniform(0.05, 1.0, (num_cls, 2)), axis=1)
+    resign = np.where(plus[:, None], pair[:, ::-1], pair)
+    resign[absent[2:3]] = 0.0
+    params["aux:icd_accum_resign_moving_mean"] = resign.astype(np.float32)
+    _unit_output_std(params, sym, batch)
+    return params
+
+
+def _unit_output_std(params, sym, batch):
+    """Rescale every convolution's weight and bias in place, in graph order, so that its output
+    has std 1 on ``batch`` (training-mode forward of that convolution's ancestors only: neither
+    AccumResign nor any shared store is touched). Each layer gets a fresh executor: an executor
+    bound for inference (MKLDNN subgraph) keeps the weights it saw at its first forward."""
+    internals = sym.get_internals()
+    convs = [name for stage in VGG_CONVS for name, _, _ in stage] + ["fc6", "fc7", "fc8", "fc6_ft",
+                                                                      "fc7_ft", "conv_ft"]
+    for name in convs:
+        probe = internals[name + "_output"]
+        exe = probe.simple_bind(mx.cpu(), grad_req="null", data=batch["data"].shape)
+        for key, value in list(params.items()) + [("arg:data", batch["data"])]:
+            target = exe.arg_dict.get(key[4:], exe.aux_dict.get(key[4:]))
+            if target is not None:
+                target[:] = value
+        std = float(exe.forward(is_train=True)[0].asnumpy().std())
+        for key in ("arg:%s_weight" % name, "arg:%s_bias" % name):
+            if key in params:
+                params[key] = (params[key] / std).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# running the reference
+# ----------------------------------------------------------------------------------------------
+
+def _split_params(params):
+    """{'arg:X'|'aux:X': array or NDArray} -> (arg_params, aux_params) NDArray dicts."""
+    arg, aux = {}, {}
+    for key, value in params.items():
+        kind, name = key.split(":", 1)
+        (arg if kind == "arg" else aux)[name] = mx.nd.array(value, dtype=np.float32)
+    return arg, aux
+
+
+def _data_batch(batch):
+    return mx.io.DataBatch(data=[mx.nd.array(batch[name], dtype=np.float32) for name in DATA_NAMES])
+
+
+def _forward_in_device_order(mod, data_batch):
+    """Training forward that runs the devices one after another, in context-list order.
+
+    Module.forward launches every device's executor asynchronously, so the order in which the
+    devices reach AccumResign (and hence update the shared moving mean, section 3.2) would depend on
+    scheduling. This does what DataParallelExecutorGroup.forward does, but waits for each device
+    before starting the next: device 0 updates the store first, then device 1, ...
+    """
+    group = mod._exec_group
+    mx.module.executor_group._load_data(data_batch, group.data_arrays, group.data_layouts)
+    for exe in group.execs:
+        exe.forward(is_train=True)
+        mx.nd.waitall()
+
+
+def run_reference_steps(params, batch, meta, contexts=None):
+    """Train the release's graph ``meta['steps']`` steps on ``batch`` (the same batch every step).
+
+    params: {'arg:NAME'|'aux:NAME': array} start values; batch: dict data/superpixel/label;
+    meta: dict with num_cls, width, lr, momentum, wd, steps, warmup_iters, dropout;
+    contexts: list of mx.Context (default [mx.cpu()]), the batch is split evenly across them.
+
+    Section 4: mx.mod.Module, SGD with momentum, wd, rescale_grad = 1/batch_size (whole batch),
+    constant lr, lr_mult 10 for fc8_weight, fc8_bias and conv_ft_weight (symbol attrs), MXNet's
+    default wd_mult. The AccumResign store is reset and starts from params' aux value; the top-down
+    warm-up counter starts at meta['warmup_iters'] on every device.
+
+    Returns {'train/step{k}/cam_prob'|'icd_bu'|'icd_td_prob': outputs of step k before its update,
+    'train/step{k}/arg:NAME'|'aux:NAME': values after step k's update} as float32 numpy arrays.
+    aux:icd_accum_resign_moving_mean is the shared store (symbols.ops), the other aux states are
+    Module.get_params()'s average over the devices.
+    """
+    contexts = contexts or [mx.cpu()]
+    sym = get_symbol(meta["num_cls"], meta["width"], "train", dropout=meta.get("dropout", 0.0),
+                     warmup_iters=meta["warmup_iters"])
+    batch_size = batch["data"].shape[0]
+    mod = mx.mod.Module(sym, data_names=DATA_NAMES, label_names=None, context=contexts)
+    mod.bind(data_shapes=[(name, batch[name].shape) for name in DATA_NAMES], for_training=True)
+    arg_params, aux_params = _split_params(params)
+    mod.init_params(arg_params=arg_params, aux_params=aux_params)
+    # Section 4: MXNet's Optimizer (1.9.1, verified by tests/test_symbols.py) gives wd_mult 0 to every
+    # parameter whose name does not end in _weight or _gamma: biases and feat_bn_beta get no decay,
+    # feat_bn_gamma is decayed. Module passes the parameter names (param_idx2name), so the default
+    # applies unchanged; lr_mult 10 comes from the __lr_mult__ attrs of get_symbol.
+    mod.init_optimizer(kvstore="device", optimizer="sgd", optimizer_params={
+        "learning_rate": meta["lr"], "momentum": meta["momentum"], "wd": meta["wd"],
+        "rescale_grad": 1.0 / batch_size})
+    reset_shared_store(RESIGN_KEY)
+    data_batch = _data_batch(batch)
+    result = {}
+    for step in range(meta["steps"]):
+        prefix = "train/step%d/" % step
+        if len(contexts) > 1:
+            _forward_in_device_order(mod, data_batch)
+        else:
+            mod.forward(data_batch, is_train=True)
+        for name, out in zip(TRAIN_OUTPUTS, mod.get_outputs()):
+            result[prefix + name] = out.asnumpy()
+        mod.backward()
+        mod.update()
+        # MXNet 1.9.1's BatchNorm (CPU) updates its moving statistics in the backward pass; without
+        # this wait get_params was observed to copy them stale, non-deterministically
+        mx.nd.waitall()
+        args, auxs = mod.get_params()
+        for name, value in args.items():
+            result[prefix + "arg:" + name] = value.asnumpy()
+        for name, value in auxs.items():
+            result[prefix + "aux:" + name] = value.asnumpy()
+        result[prefix + "aux:icd_accum_resign_moving_mean"] = shared_moving_mean(RESIGN_KEY)
+    return result
+
+
+def run_reference_infer(params, batch, meta, context=None):
+    """Inference outputs of the release's graph: is_train=False, so feat_bn uses its moving
+    statistics and the sign comes from the stored moving mean without update.
+
+    params: {'arg:NAME'|'aux:NAME': array}; batch: dict data/superpixel/label.
+    Returns {'infer/cam'|'infer/icd_bu'|'infer/icd_bu_sp'|'infer/icd_td': (N,C,h,w) float32}.
+    """
+    sym = get_symbol(meta["num_cls"], meta["width"], "infer", dropout=meta.get("dropout", 0.0))
+    mod = mx.mod.Module(sym, data_names=DATA_NAMES, label_names=None, context=context or mx.cpu())
+    mod.bind(data_shapes=[(name, batch[name].shape) for name in DATA_NAMES], for_training=False)
+    arg_params, aux_params = _split_params(params)
+    mod.init_params(arg_params=arg_params, aux_params=aux_params, allow_extra=True)
+    mod.forward(_data_batch(batch), is_train=False)
+    return {"infer/" + name: out.asnumpy() for name, out in zip(INFER_OUTPUTS, mod.get_outputs())}
+
+
+def make_bundle(out_dir, num_cls=5, width=0.125, size=64, infer_size=None, batch_size=2, steps=3,
+                warmup_iters=2, lr=1e-3, momentum=0.9, wd=5e-4, seed=0, contexts=None):
+    """Write a parity bundle (format in the module docstring) to ``out_dir``; returns its meta dict.
+
+    Everything random comes from numpy RandomState(seed), so a bundle is a function of its
+    arguments. ``contexts`` (default [mx.cpu()]) are the training devices.
+    """
+    infer_size = infer_size or size
+    rng = np.random.RandomState(seed)
+    batch = make_batch(rng, batch_size, num_cls, size)
+    infer = make_batch(rng, batch_size, num_cls, infer_size)
+    params = make_params(rng, num_cls, width, batch)
+    meta = {"num_cls": num_cls, "lr": lr, "momentum": momentum, "wd": wd, "batch_size": batch_size,
+            "steps": steps, "warmup_iters": warmup_iters, "dropout": 0.0, "width": width, "size": size,
+            "infer_size": infer_size, "seed": seed, "num_devices": len(contexts or [mx.cpu()])}
+
+    expected = run_reference_steps(params, batch, meta, contexts)
+    last = "train/step%d/" % (steps - 1)
+    final = {key[len(last):]: value for key, value in expected.items()
+             if key.startswith(last) and ":" in key}
+    expected.update(run_reference_infer(final, infer, meta))
+
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=2, sort_keys=True)
+    mx.nd.save(os.path.join(out_dir, "params.params"), {k: mx.nd.array(v) for k, v in params.items()})
+    np.savez(os.path.join(out_dir, "batch.npz"), **batch)
+    np.savez(os.path.join(out_dir, "infer.npz"), **infer)
+    np.savez(os.path.join(out_dir, "expected.npz"), **expected)
+    return meta
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Write a parity bundle of the release's graph.")
+    parser.add_argument("out_dir")
+    parser.add_argument("--num-cls", type=int, default=5)
+    parser.add_argument("--width", type=float, default=0.125)
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--infer-size", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--warmup-iters", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    args = parser.parse_args(argv)
+    meta = make_bundle(args.out_dir, num_cls=args.num_cls, width=args.width, size=args.size,
+                       infer_size=args.infer_size, batch_size=args.batch_size, steps=args.steps,
+                       warmup_iters=args.warmup_iters, seed=args.seed, lr=args.lr)
+    print("bundle written to %s: %s" % (args.out_dir, json.dumps(meta, sort_keys=True)))
+
+
+if __name__ == "__main__":
+    main()
