@@ -61,6 +61,20 @@ def rotate_checkpoints(cfg: Config) -> None:
                 os.remove(path)
 
 
+def make_trainer(net: gluon.Block, learning_rate: float, momentum: float,
+                 wd: float) -> gluon.Trainer:
+    """SGD with the release's semantics (lr_mult / wd_mult are set by the model).
+
+    Only parameters with gradients are handed to the Trainer: Gluon initialises its key-value
+    store lazily at the first step by copying device 0's value of every parameter it holds to all
+    devices, which would overwrite the other devices' BatchNorm statistics of that step (the
+    release's Module keeps one set per device and averages them when saving).
+    """
+    params = {name: p for name, p in net.collect_params().items() if p.grad_req != "null"}
+    return gluon.Trainer(params, "sgd", {"learning_rate": learning_rate, "momentum": momentum,
+                                         "wd": wd}, kvstore="device")
+
+
 def label_recall(prob, label):
     """Sum over images of the top-k recall of the labels (k = number of labels); device-side."""
     k = label.sum(axis=1)
@@ -150,9 +164,7 @@ def train(cfg: Config) -> Dict[str, object]:
     else:
         initialize(net, contexts, cfg.pretrained)
     net.hybridize(static_alloc=True, static_shape=True)
-    trainer = gluon.Trainer(net.collect_params(), "sgd", {
-        "learning_rate": cfg.learning_rate, "momentum": cfg.momentum, "wd": cfg.wd},
-        kvstore="device")
+    trainer = make_trainer(net, cfg.learning_rate, cfg.momentum, cfg.wd)
     if cfg.begin_epoch > 0:
         states = checkpoint_path(cfg, cfg.begin_epoch - 1, "states")
         if not os.path.isfile(states):
@@ -161,7 +173,7 @@ def train(cfg: Config) -> Dict[str, object]:
     icd = hasattr(net, "share_key")
     if icd and len(contexts) > 1:   # release: one moving mean in a store shared by the devices
         ops.share_moving_mean(net.share_key, net.icd_accum_resign_moving_mean.data(contexts[0]),
-                              contexts[0])
+                              contexts)
     figures = RunningFigures(contexts[0])
     try:
         for epoch in range(cfg.begin_epoch, cfg.num_epoch):

@@ -6,8 +6,9 @@ Neither passes a gradient (release: AccumResign and SPRefine have none).
 """
 from __future__ import annotations
 
+import collections
 import threading
-from typing import Dict
+from typing import Dict, Sequence
 
 import mxnet as mx
 
@@ -23,29 +24,36 @@ class SharedMovingMean:
     """One moving mean shared by all devices, like the release's key-value store.
 
     With k devices the stored value is updated k times per batch, once per device with that
-    device's slice, in the order the devices' operators run; each device's sign is read after its
-    own update. The master copy lives on the first context; `value()` returns it.
+    device's slice, in the order the devices' operators run (as with the release's store, the
+    order is whichever device gets there first); each device's sign is read right after its own
+    update. The master copy lives on the first context; `order` keeps the devices of the last
+    k updates.
     """
 
-    def __init__(self, initial: mx.nd.NDArray, ctx: mx.Context):
-        self.master = initial.copyto(ctx)
+    def __init__(self, initial: mx.nd.NDArray, contexts: Sequence[mx.Context]):
+        self.contexts = list(contexts)
+        self.master = initial.copyto(self.contexts[0])
+        self.order = collections.deque(maxlen=len(self.contexts))
         self.lock = threading.Lock()
 
-    def update(self, current: mx.nd.NDArray, present: mx.nd.NDArray) -> mx.nd.NDArray:
-        """Apply one device's update; returns the updated value on that device's context."""
+    def update(self, current: mx.nd.NDArray, present: mx.nd.NDArray,
+               ctx: mx.Context) -> mx.nd.NDArray:
+        """Apply the update of the device `ctx`; returns the new value on `ctx`."""
         with self.lock:
-            ctx = self.master.context
-            self.master[:] = moving_mean_update(self.master, current.as_in_context(ctx),
-                                                present.as_in_context(ctx))
-            return self.master.as_in_context(current.context)
+            home = self.master.context
+            self.master[:] = moving_mean_update(self.master, current.as_in_context(home),
+                                                present.as_in_context(home))
+            self.order.append(self.contexts.index(ctx))
+            return self.master.as_in_context(ctx)
 
 
 _SHARED: Dict[str, SharedMovingMean] = {}
 
 
-def share_moving_mean(key: str, initial: mx.nd.NDArray, ctx: mx.Context) -> SharedMovingMean:
-    """Make every sign-flip operator with `key` use one store (multi-device training)."""
-    _SHARED[key] = SharedMovingMean(initial, ctx)
+def share_moving_mean(key: str, initial: mx.nd.NDArray,
+                      contexts: Sequence[mx.Context]) -> SharedMovingMean:
+    """Make every sign-flip operator with `key` use one store over `contexts` (multi-device)."""
+    _SHARED[key] = SharedMovingMean(initial, contexts)
     return _SHARED[key]
 
 
@@ -88,9 +96,10 @@ class SignFlip(mx.operator.CustomOp):
     evaluated after the batch's own update).
     """
 
-    def __init__(self, share_key: str):
+    def __init__(self, share_key: str, ctx: mx.Context):
         super().__init__()
         self.share_key = share_key
+        self.ctx = ctx   # the operator's device (CPU in_data report cpu(0) whatever the device)
 
     def forward(self, is_train, req, in_data, out_data, aux):
         s_hat, cam, label = in_data
@@ -101,7 +110,7 @@ class SignFlip(mx.operator.CustomOp):
             if shared is None:
                 stored[:] = moving_mean_update(stored, current, present)
             else:
-                stored[:] = shared.update(current, present)
+                stored[:] = shared.update(current, present, self.ctx)
         sign = (stored[:, 0] >= stored[:, 1]) * 2 - 1
         self.assign(out_data[0], req[0], mx.nd.broadcast_mul(s_hat, sign.reshape((1, -1, 1, 1))))
 
@@ -127,7 +136,7 @@ class SignFlipProp(mx.operator.CustomOpProp):
         return [s_hat, cam, label], [s_hat], [(s_hat[1], 2)]
 
     def create_operator(self, ctx, shapes, dtypes):
-        return SignFlip(self.share_key)
+        return SignFlip(self.share_key, ctx)
 
 
 # ---------------------------------------------------------------------------------------------
