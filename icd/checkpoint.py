@@ -174,6 +174,7 @@ def load_backbone(path: str, ctx: mx.Context) -> VGG16DeepLab:
     if "arg:conv1_1_weight" not in values:
         raise ValueError(f"{path}: no arg:conv1_1_weight, not a VGG16 checkpoint")
     net = VGG16DeepLab(width=values["arg:conv1_1_weight"].shape[0] / 64.0, prefix="")
-    backbone = {k: v for k, v in values.items() if k.startswith("arg:conv")}
+    backbone = {k: v for k, v in values.items()
+                if k.startswith("arg:conv") and not k.startswith("arg:conv_ft")}
     assign(net, backbone, path, [ctx])
     return net

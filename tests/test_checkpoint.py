@@ -70,3 +70,29 @@ def test_pretrained_initialisation_copies_fc_and_draws_missing(tmp_path):
     backbone = load_backbone(path, mx.cpu())
     conv4, conv5 = backbone(mx.nd.zeros((1, 3, 40, 40)))
     assert conv5.shape == (1, 32, 5, 5)
+
+
+def test_superpixels_from_a_backbone_checkpoint(tmp_path, tiny_voc):
+    """tools/make_superpixels.py --pretrained: conv5_3 features of a release-format file."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    from icd.data.superpixels import read_superpixels
+    from icd.data.voc import read_image, read_list
+    from icd.model.backbone import conv5_feature_extractor
+
+    net = ICDNet(num_classes=3, width=0.0625)
+    initialize(net, [mx.cpu()])
+    path = str(tmp_path / "vgg16_20M.params")
+    mx.nd.save(path, gather(net))   # a full ICD checkpoint also serves: its backbone is used
+    name = read_list(tiny_voc["data_list"])[0]
+    image = read_image(f"{tiny_voc['image_root']}/{name}.jpg")
+    features = conv5_feature_extractor(path, mx.cpu())(image)
+    assert features.shape == image.shape[:2] + (32,) and features.std() > 0
+    out = tmp_path / "sp"
+    subprocess.run([sys.executable, f"{REPO}/tools/make_superpixels.py", "--image-root",
+                    tiny_voc["image_root"], "--data-list", tiny_voc["data_list"], "--out",
+                    str(out), "--pretrained", path], check=True, capture_output=True)
+    ids = read_superpixels(str(out / f"{name}.png"), image.shape[:2])
+    assert 1 < len(set(ids.ravel())) <= 64

@@ -1,0 +1,226 @@
+"""Speed and memory of a training step and of inference (benchmark, not a test).
+
+Times, in one process and interleaved repetition by repetition, the training step of ICDNet, of
+the CAM-only network and of the release's graph from symbols/ on the same batch; reports the
+median seconds, images/s, the multiply-accumulate count of each graph, the share of the ICD step
+spent outside convolutions (custom operators and losses, from MXNet's profiler) and, from one
+child process per network, the peak resident memory of the step.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable, Dict, List
+
+import mxnet as mx
+import numpy as np
+from mxnet import autograd
+
+from .checkpoint import gather, initialize
+from .model import build_model
+from .train import make_trainer
+
+NETWORKS = ("icd", "cam", "reference", "infer")
+_HEAVY = ("Convolution", "Activation", "Pooling", "BatchNorm", "Dropout", "Concat", "concat",
+          "sgd_mom_update", "multi_sgd_mom_update", "_backward_Convolution",
+          "_backward_Activation", "_backward_Pooling", "_backward_BatchNorm",
+          "_backward_Dropout", "_backward_Concat", "_backward_concat", "CopyCPU2CPU",
+          "_copyto", "WaitForVar", "_zeros", "ResourceParallelRandomSetSeed")
+
+
+def make_batch(batch: int, size: int, num_classes: int, ctx: mx.Context):
+    """Random RGB 0..255 images, blocky superpixels (<= 64 ids) and one or two labels each."""
+    rng = np.random.RandomState(0)
+    data = rng.uniform(0, 255, (batch, 3, size, size)).astype(np.float32)
+    grid = rng.randint(0, 64, (batch, 8, 8))
+    superpixel = np.kron(grid, np.ones((size // 8 + 1, size // 8 + 1)))[:, :size, :size]
+    label = np.zeros((batch, num_classes), np.float32)
+    for n in range(batch):
+        label[n, rng.choice(num_classes, 1 + n % 2, replace=False)] = 1
+    return {k: mx.nd.array(v, ctx=ctx) for k, v in
+            (("data", data), ("superpixel", superpixel.astype(np.float32)), ("label", label))}
+
+
+def gluon_step(model: str, batch: Dict[str, mx.nd.NDArray], ctx: mx.Context,
+               width: float = 1.0) -> Callable[[], None]:
+    """One synchronous training step of our network (hybridized, static allocation)."""
+    net = build_model(model, num_classes=batch["label"].shape[1], width=width)
+    initialize(net, [ctx])
+    net.hybridize(static_alloc=True, static_shape=True)
+    trainer = make_trainer(net, 1e-3, 0.9, 5e-4)
+    inputs = dict(batch, warm=mx.nd.ones((1,), ctx=ctx))
+    args = [inputs[name] for name in net.input_names]
+
+    def step():
+        with autograd.record():
+            loss = net(*args)[-1]
+        loss.backward()
+        trainer.step(batch["data"].shape[0])
+        mx.nd.waitall()
+    return step
+
+
+def reference_step(batch: Dict[str, mx.nd.NDArray], ctx: mx.Context,
+                   width: float = 1.0) -> Callable[[], None]:
+    """One synchronous training step of the release's graph through Module."""
+    from symbols.icd_symbol import DATA_NAMES, get_symbol
+
+    sym = get_symbol(batch["label"].shape[1], width, "train", warmup_iters=0)
+    mod = mx.mod.Module(sym, data_names=DATA_NAMES, label_names=None, context=ctx)
+    mod.bind(data_shapes=[(n, batch[n].shape) for n in DATA_NAMES], for_training=True)
+    net = build_model("vgg16_icd", num_classes=batch["label"].shape[1], width=width)
+    initialize(net, [ctx])
+    values = gather(net)
+    mod.init_params(arg_params={k[4:]: v for k, v in values.items() if k.startswith("arg:")},
+                    aux_params={k[4:]: v for k, v in values.items() if k.startswith("aux:")})
+    mod.init_optimizer(kvstore="device", optimizer="sgd", optimizer_params={
+        "learning_rate": 1e-3, "momentum": 0.9, "wd": 5e-4,
+        "rescale_grad": 1.0 / batch["data"].shape[0]})
+    data_batch = mx.io.DataBatch([batch[n] for n in DATA_NAMES])
+
+    def step():
+        mod.forward(data_batch, is_train=True)
+        mod.backward()
+        mod.update()
+        mx.nd.waitall()
+    return step
+
+
+def infer_step(batch: Dict[str, mx.nd.NDArray], ctx: mx.Context,
+               width: float = 1.0) -> Callable[[], None]:
+    """One inference pass of ICDNet (the release's inference: 513 input)."""
+    net = build_model("vgg16_icd", num_classes=batch["label"].shape[1], width=width)
+    initialize(net, [ctx])
+    net.hybridize(static_alloc=True, static_shape=True)
+    args = [batch["data"], batch["superpixel"], batch["label"], mx.nd.ones((1,), ctx=ctx)]
+
+    def step():
+        net(*args)
+        mx.nd.waitall()
+    return step
+
+
+def build_step(name: str, ctx: mx.Context, size: int, infer_size: int, batch: int,
+               width: float, num_classes: int) -> Callable[[], None]:
+    if name == "infer":
+        return infer_step(make_batch(1, infer_size, num_classes, ctx), ctx, width)
+    data = make_batch(batch, size, num_classes, ctx)
+    if name == "reference":
+        return reference_step(data, ctx, width)
+    return gluon_step({"icd": "vgg16_icd", "cam": "vgg16_cam"}[name], data, ctx, width)
+
+
+def count_macs(sym: mx.sym.Symbol, input_shapes: Dict[str, tuple]) -> int:
+    """Multiply-accumulates of every convolution of `sym` (batch as in `input_shapes`)."""
+    internals = sym.get_internals()
+    arg_shapes, out_shapes, _ = internals.infer_shape_partial(**input_shapes)
+    shape_of = dict(zip(internals.list_outputs(), out_shapes))
+    shape_of.update(zip(internals.list_arguments(), arg_shapes))
+    nodes = json.loads(sym.tojson())["nodes"]
+    macs = 0
+    for node in nodes:
+        if node["op"] == "Convolution":
+            weight = nodes[node["inputs"][1][0]]
+            weight_name = weight["name"] if weight["op"] == "null" else weight["name"] + "_output"
+            macs += int(np.prod(shape_of[node["name"] + "_output"][1:])) * \
+                int(np.prod(shape_of[weight_name][1:]))
+    return macs
+
+
+def graph_macs(name: str, size: int, num_classes: int, width: float = 1.0) -> int:
+    """MACs per image of a training step's forward graph (our networks or the reference)."""
+    shapes = {"data": (1, 3, size, size), "superpixel": (1, size, size),
+              "label": (1, num_classes), "warm": (1,)}
+    if name == "reference":
+        from symbols.icd_symbol import DATA_NAMES, get_symbol
+        sym = get_symbol(num_classes, width, "train")
+        return count_macs(sym, {n: shapes[n] for n in DATA_NAMES})
+    net = build_model({"icd": "vgg16_icd", "cam": "vgg16_cam", "infer": "vgg16_icd"}[name],
+                      num_classes=num_classes, width=width)
+    sym = mx.sym.Group(list(net(*[mx.sym.var(n) for n in net.input_names])))
+    return count_macs(sym, {n: shapes[n] for n in net.input_names})
+
+
+def outside_convolution_share(step: Callable[[], None], repeats: int = 2) -> float:
+    """Share of a step's operator time not spent in convolutions, pooling, BN, activations,
+    concatenation, copies or the optimizer: the custom operators and the losses (MXNet profiler)."""
+    mx.profiler.set_config(profile_all=True, aggregate_stats=True, continuous_dump=False,
+                           filename=os.devnull)
+    mx.profiler.set_state("run")
+    for _ in range(repeats):
+        step()
+    mx.profiler.set_state("stop")
+    table = json.loads(mx.profiler.dumps(reset=True, format="json"))
+    mx.profiler.set_state("stop")
+    total = other = 0.0
+    for domain in table.get("Time", {}).values():
+        for op, stats in domain.items():
+            total += stats["Total"]
+            if not op.startswith(_HEAVY):
+                other += stats["Total"]
+    return other / total if total else float("nan")
+
+
+def time_steps(steps: Dict[str, Callable[[], None]], repeats: int, warmup: int = 1
+               ) -> Dict[str, List[float]]:
+    """Seconds of each step, interleaved repetition by repetition after `warmup` runs."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times: Dict[str, List[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            started = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - started)
+    return times
+
+
+def peak_memory_mb(name: str, ctx: str, size: int, infer_size: int, batch: int, width: float,
+                   num_classes: int) -> Dict[str, float]:
+    """Peak resident memory of a child process that builds one network and runs two steps, and
+    its growth over the same process before the first step (MiB)."""
+    code = ("import json, resource, sys; from icd import bench; from icd.cli import parse_context;"
+            f"step = bench.build_step({name!r}, parse_context({ctx!r}), {size}, {infer_size}, "
+            f"{batch}, {width}, {num_classes});"
+            "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; step(); step();"
+            "after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss;"
+            "print(json.dumps([before, after]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    before, after = json.loads(out.stdout.strip().splitlines()[-1])
+    return {"peak_rss_mb": after / 1024, "step_growth_mb": (after - before) / 1024}
+
+
+def run(ctx: mx.Context, ctx_text: str, size: int = 321, infer_size: int = 513, batch: int = 2,
+        width: float = 1.0, num_classes: int = 20, repeats: int = 5,
+        memory: bool = True) -> Dict[str, object]:
+    """The whole benchmark; returns the JSON-ready report."""
+    steps = {name: build_step(name, ctx, size, infer_size, batch, width, num_classes)
+             for name in NETWORKS}
+    times = time_steps(steps, repeats)
+    report = {"context": ctx_text, "size": size, "infer_size": infer_size, "batch": batch,
+              "width": width, "num_classes": num_classes, "repeats": repeats, "networks": {}}
+    for name, samples in times.items():
+        images = 1 if name == "infer" else batch
+        report["networks"][name] = {
+            "step_seconds_median": statistics.median(samples), "step_seconds": samples,
+            "images_per_s": images / statistics.median(samples),
+            "macs_per_image": graph_macs(name, infer_size if name == "infer" else size,
+                                         num_classes, width)}
+    net = report["networks"]
+    report["icd_over_cam_time"] = net["icd"]["step_seconds_median"] / \
+        net["cam"]["step_seconds_median"]
+    report["icd_over_cam_macs"] = net["icd"]["macs_per_image"] / net["cam"]["macs_per_image"]
+    report["ours_over_reference_time"] = net["icd"]["step_seconds_median"] / \
+        net["reference"]["step_seconds_median"]
+    report["icd_outside_convolution_share"] = outside_convolution_share(steps["icd"])
+    report["reference_outside_convolution_share"] = outside_convolution_share(steps["reference"])
+    if memory:
+        for name in NETWORKS:
+            net[name].update(peak_memory_mb(name, ctx_text, size, infer_size, batch, width,
+                                            num_classes))
+    return report
