@@ -25,11 +25,9 @@ from .model import build_model
 from .train import make_trainer
 
 NETWORKS = ("icd", "cam", "reference", "infer")
-_HEAVY = ("Convolution", "Activation", "Pooling", "BatchNorm", "Dropout", "Concat", "concat",
-          "sgd_mom_update", "multi_sgd_mom_update", "_backward_Convolution",
-          "_backward_Activation", "_backward_Pooling", "_backward_BatchNorm",
-          "_backward_Dropout", "_backward_Concat", "_backward_concat", "CopyCPU2CPU",
-          "_copyto", "WaitForVar", "_zeros", "ResourceParallelRandomSetSeed")
+_LAYERS = ("Convolution", "Pooling", "Activation", "Dropout", "Concat", "BatchNorm",
+           "sgd_mom_update", "_copyto", "CopyCPU2CPU", "CopyGPU2GPU", "CopyCPU2GPU",
+           "CopyGPU2CPU")
 
 
 def make_batch(batch: int, size: int, num_classes: int, ctx: mx.Context):
@@ -145,24 +143,26 @@ def graph_macs(name: str, size: int, num_classes: int, width: float = 1.0) -> in
     return count_macs(sym, {n: shapes[n] for n in net.input_names})
 
 
-def outside_convolution_share(step: Callable[[], None], repeats: int = 2) -> float:
-    """Share of a step's operator time not spent in convolutions, pooling, BN, activations,
-    concatenation, copies or the optimizer: the custom operators and the losses (MXNet profiler)."""
+def custom_and_loss_share(step: Callable[[], None], repeats: int = 2) -> float:
+    """Share of a step's operator time spent in the custom operators and the losses.
+
+    From MXNet's profiler: the "Custom Operator" domain plus every executed operator segment
+    holding none of the network's layers (convolution, pooling, activation, dropout, concat,
+    BatchNorm) nor the optimizer update, over all operator time.
+    """
     mx.profiler.set_config(profile_all=True, aggregate_stats=True, continuous_dump=False,
                            filename=os.devnull)
     mx.profiler.set_state("run")
     for _ in range(repeats):
         step()
     mx.profiler.set_state("stop")
-    table = json.loads(mx.profiler.dumps(reset=True, format="json"))
-    mx.profiler.set_state("stop")
-    total = other = 0.0
-    for domain in table.get("Time", {}).values():
-        for op, stats in domain.items():
-            total += stats["Total"]
-            if not op.startswith(_HEAVY):
-                other += stats["Total"]
-    return other / total if total else float("nan")
+    table = json.loads(mx.profiler.dumps(reset=True, format="json")).get("Time", {})
+    custom = sum(s["Total"] for s in table.get("Custom Operator", {}).values())
+    operators = table.get("operator", {})
+    losses = sum(s["Total"] for name, s in operators.items()
+                 if not any(layer in name for layer in _LAYERS))
+    total = custom + sum(s["Total"] for s in operators.values())
+    return (custom + losses) / total if total else float("nan")
 
 
 def time_steps(steps: Dict[str, Callable[[], None]], repeats: int, warmup: int = 1
@@ -182,17 +182,25 @@ def time_steps(steps: Dict[str, Callable[[], None]], repeats: int, warmup: int =
 
 def peak_memory_mb(name: str, ctx: str, size: int, infer_size: int, batch: int, width: float,
                    num_classes: int) -> Dict[str, float]:
-    """Peak resident memory of a child process that builds one network and runs two steps, and
-    its growth over the same process before the first step (MiB)."""
-    code = ("import json, resource, sys; from icd import bench; from icd.cli import parse_context;"
+    """Peak resident memory (VmHWM) of a child process that builds one network and runs two
+    steps, and its growth over the same process just before the first step (MiB; Linux)."""
+    code = ("import json; from icd import bench; from icd.cli import parse_context;"
             f"step = bench.build_step({name!r}, parse_context({ctx!r}), {size}, {infer_size}, "
             f"{batch}, {width}, {num_classes});"
-            "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; step(); step();"
-            "after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss;"
-            "print(json.dumps([before, after]))")
+            "before = bench.high_water_mb(); step(); step();"
+            "print(json.dumps([before, bench.high_water_mb()]))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     before, after = json.loads(out.stdout.strip().splitlines()[-1])
-    return {"peak_rss_mb": after / 1024, "step_growth_mb": (after - before) / 1024}
+    return {"peak_rss_mb": after, "step_growth_mb": after - before}
+
+
+def high_water_mb() -> float:
+    """This process's peak resident memory so far (VmHWM of /proc/self/status), MiB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise OSError("VmHWM not in /proc/self/status (the memory figures need Linux)")
 
 
 def run(ctx: mx.Context, ctx_text: str, size: int = 321, infer_size: int = 513, batch: int = 2,
@@ -217,8 +225,8 @@ def run(ctx: mx.Context, ctx_text: str, size: int = 321, infer_size: int = 513, 
     report["icd_over_cam_macs"] = net["icd"]["macs_per_image"] / net["cam"]["macs_per_image"]
     report["ours_over_reference_time"] = net["icd"]["step_seconds_median"] / \
         net["reference"]["step_seconds_median"]
-    report["icd_outside_convolution_share"] = outside_convolution_share(steps["icd"])
-    report["reference_outside_convolution_share"] = outside_convolution_share(steps["reference"])
+    report["icd_custom_and_loss_share"] = custom_and_loss_share(steps["icd"])
+    report["reference_custom_and_loss_share"] = custom_and_loss_share(steps["reference"])
     if memory:
         for name in NETWORKS:
             net[name].update(peak_memory_mb(name, ctx_text, size, infer_size, batch, width,

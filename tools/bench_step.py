@@ -34,9 +34,9 @@ def main(argv=None) -> int:
               + (f" peak {figures['peak_rss_mb']:.0f} MiB" if "peak_rss_mb" in figures else ""))
     print(f"ICD/CAM time {report['icd_over_cam_time']:.3f} vs MACs "
           f"{report['icd_over_cam_macs']:.3f}; ours/reference time "
-          f"{report['ours_over_reference_time']:.3f}; outside-convolution share of the ICD step "
-          f"{report['icd_outside_convolution_share']:.3f} (reference "
-          f"{report['reference_outside_convolution_share']:.3f})")
+          f"{report['ours_over_reference_time']:.3f}; custom operators and losses: "
+          f"{report['icd_custom_and_loss_share']:.3f} of the ICD step (reference "
+          f"{report['reference_custom_and_loss_share']:.3f})")
     with atomic_path(args.out) as tmp, open(tmp, "w") as f:
         json.dump(report, f, indent=1)
     return 0
