@@ -31,6 +31,7 @@ class Config:
     bottom_up_loss: str = "bu"            # Table 4: bu (L_bu) | abs (L_abs) | sig (L_sig)
     top_down: str = "c"                   # Table 6: a | b | c | d
     # optimisation (release section 4)
+    optimizer: str = "sgd"                # the release's; "adam" only for stand-in pre-training
     image_size: int = 321
     batch_size: int = 32
     learning_rate: float = 1e-3

@@ -61,18 +61,30 @@ def rotate_checkpoints(cfg: Config) -> None:
                 os.remove(path)
 
 
-def make_trainer(net: gluon.Block, learning_rate: float, momentum: float,
-                 wd: float) -> gluon.Trainer:
+OPTIMIZERS = ("sgd", "adam")
+
+
+def make_trainer(net: gluon.Block, learning_rate: float, momentum: float, wd: float,
+                 optimizer: str = "sgd") -> gluon.Trainer:
     """SGD with the release's semantics (lr_mult / wd_mult are set by the model).
+
+    `optimizer="adam"` (no momentum argument) exists only to produce a stand-in for the ImageNet
+    initialisation where none can be had (the synthetic demo's pre-training): a VGG16 without
+    BatchNorm trained from a random init by plain SGD sits on the label-prior plateau for tens of
+    epochs. Every ICD and CAM training of the paper uses SGD.
 
     Only parameters with gradients are handed to the Trainer: Gluon initialises its key-value
     store lazily at the first step by copying device 0's value of every parameter it holds to all
     devices, which would overwrite the other devices' BatchNorm statistics of that step (the
     release's Module keeps one set per device and averages them when saving).
     """
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {optimizer!r}; one of {OPTIMIZERS}")
     params = {name: p for name, p in net.collect_params().items() if p.grad_req != "null"}
-    return gluon.Trainer(params, "sgd", {"learning_rate": learning_rate, "momentum": momentum,
-                                         "wd": wd}, kvstore="device")
+    settings = {"learning_rate": learning_rate, "wd": wd}
+    if optimizer == "sgd":
+        settings["momentum"] = momentum
+    return gluon.Trainer(params, optimizer, settings, kvstore="device")
 
 
 def label_recall(prob, label):
@@ -164,7 +176,7 @@ def train(cfg: Config) -> Dict[str, object]:
     else:
         initialize(net, contexts, cfg.pretrained)
     net.hybridize(static_alloc=True, static_shape=True)
-    trainer = make_trainer(net, cfg.learning_rate, cfg.momentum, cfg.wd)
+    trainer = make_trainer(net, cfg.learning_rate, cfg.momentum, cfg.wd, cfg.optimizer)
     if cfg.begin_epoch > 0:
         states = checkpoint_path(cfg, cfg.begin_epoch - 1, "states")
         if not os.path.isfile(states):

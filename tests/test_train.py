@@ -28,6 +28,13 @@ def test_poly_lr_per_epoch():
     assert poly_lr(1e-3, 19, 20) == pytest.approx(1e-3 * 0.05 ** 0.9)
 
 
+def test_optimizer_choice(tiny_config):
+    cfg = tiny_config(num_epoch=1, optimizer="adam", model="vgg16_cam")
+    assert np.isfinite(train(cfg)["records"][0]["cam_loss"])
+    with pytest.raises(ValueError, match="unknown optimizer 'rmsprop'"):
+        train(tiny_config(optimizer="rmsprop"))
+
+
 def params_of(path):
     return {k: v.asnumpy() for k, v in read_params(path).items()}
 
