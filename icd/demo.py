@@ -616,8 +616,8 @@ def _split_markdown(tables: Mapping, split: str, claims_split: bool) -> List[str
 
 
 def _plot_thresholds(tables: Mapping, path: str, title: str) -> None:
-    from .evaluate import _pyplot, _save_figure
-    plt = _pyplot()
+    from .evaluate import pyplot, save_figure
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
     ts = [float(t) for t in tables["thresholds"]]
     for ax, metric, label in zip(axes, ("miou", "recall"), ("mIoU, present classes (%)",
@@ -630,12 +630,12 @@ def _plot_thresholds(tables: Mapping, path: str, title: str) -> None:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle(title)
-    _save_figure(fig, path)
+    save_figure(fig, path)
 
 
 def _plot_class_ap(tables: Mapping, path: str, title: str) -> None:
-    from .evaluate import _pyplot, _save_figure
-    plt = _pyplot()
+    from .evaluate import pyplot, save_figure
+    plt = pyplot()
     classes = list(tables["present"][1:])
     fig, ax = plt.subplots(figsize=(7, 3.2))
     x = np.arange(len(classes))
@@ -650,13 +650,13 @@ def _plot_class_ap(tables: Mapping, path: str, title: str) -> None:
     ax.set_ylabel("pixel AP (%)")
     ax.set_title(title)
     ax.legend(fontsize=8)
-    _save_figure(fig, path)
+    save_figure(fig, path)
 
 
 def _plot_training(settings: DemoSettings, path: str) -> List[str]:
     """Per-epoch curves of every trained model (from <snapshot>/<model>-log.json)."""
-    from .evaluate import _pyplot, _save_figure
-    plt = _pyplot()
+    from .evaluate import pyplot, save_figure
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
     shown = []
     for which in ("pretrain", "cam", "icd"):
@@ -679,7 +679,7 @@ def _plot_training(settings: DemoSettings, path: str) -> List[str]:
         ax.set_title(key)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    _save_figure(fig, path)
+    save_figure(fig, path)
     return shown
 
 

@@ -284,7 +284,7 @@ def markdown_report(report: Mapping[str, object]) -> str:
     return "\n".join(lines)
 
 
-def _pyplot():
+def pyplot():
     """matplotlib.pyplot on the Agg backend (imported on first use: no side effect on import)."""
     import matplotlib
     matplotlib.use("Agg")
@@ -292,18 +292,18 @@ def _pyplot():
     return plt
 
 
-def _save_figure(fig, path: str) -> None:
+def save_figure(fig, path: str) -> None:
     """Write a figure as PNG atomically and release it."""
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
-    _pyplot().close(fig)
+    pyplot().close(fig)
 
 
 def plot_threshold_study(study: Mapping[str, Mapping[str, Mapping[str, float]]],
                          path: str) -> None:
     """Table 2 as curves: mIoU and recall (%) against T, CAM vs ICD."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
     for ax, metric in zip(axes, ("miou", "recall")):
         for kind, curve in study.items():
@@ -313,12 +313,12 @@ def plot_threshold_study(study: Mapping[str, Mapping[str, Mapping[str, float]]],
         ax.set_ylabel(("mIoU" if metric == "miou" else "recall") + " (%)")
         ax.grid(alpha=0.3)
         ax.legend()
-    _save_figure(fig, path)
+    save_figure(fig, path)
 
 
 def plot_class_ap(ap: Mapping[str, Mapping[str, object]], path: str) -> None:
     """Fig. 5: per-class AP bars (%), one bar group per class, CAM vs ICD."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(12, 3.5))
     width = 0.8 / max(len(ap), 1)
     x = np.arange(NUM_CLASSES)
@@ -329,7 +329,7 @@ def plot_class_ap(ap: Mapping[str, Mapping[str, object]], path: str) -> None:
     ax.set_xticklabels(VOC_CLASSES, rotation=45, ha="right")
     ax.set_ylabel("AP (%)")
     ax.legend()
-    _save_figure(fig, path)
+    save_figure(fig, path)
 
 
 def overlay(image_rgb: np.ndarray, mask: np.ndarray, alpha: float = 0.5) -> np.ndarray:
@@ -341,7 +341,7 @@ def overlay(image_rgb: np.ndarray, mask: np.ndarray, alpha: float = 0.5) -> np.n
 def plot_seed_overlays(image_root: str, gt_root: str, seed_dirs: Mapping[str, str],
                        names: Sequence[str], path: str) -> None:
     """One row per image: the image, each seed folder's overlay, the ground truth overlay."""
-    plt = _pyplot()
+    plt = pyplot()
     columns = ["image", *seed_dirs, "ground truth"]
     fig, axes = plt.subplots(len(names), len(columns), squeeze=False,
                              figsize=(2.6 * len(columns), 2.2 * len(names)))
@@ -354,7 +354,7 @@ def plot_seed_overlays(image_root: str, gt_root: str, seed_dirs: Mapping[str, st
             ax.imshow(panel)
             ax.set_title(f"{name}: {title}" if title == "image" else title, fontsize=8)
             ax.axis("off")
-    _save_figure(fig, path)
+    save_figure(fig, path)
 
 
 def evaluate(results_dir: str, gt_root: str, data_list: str,
