@@ -150,7 +150,8 @@ def fingerprint(settings: DemoSettings, step: str) -> Dict:
 # ---------------------------------------------------------------------------------------------
 # Training configurations
 
-TRAINING_FIELDS = ("model", "pretrained", "num_cls", "width", "dropout", "bottom_up_features",
+TRAINING_FIELDS = ("model", "pretrained", "num_cls", "width", "dropout", "optimizer",
+                   "bottom_up_features",
                    "bottom_up_loss", "top_down", "image_size", "batch_size", "learning_rate",
                    "momentum", "wd", "num_epoch", "warmup_epochs", "seed")
 
