@@ -116,6 +116,21 @@ def load_checkpoint(net: mx.gluon.Block, path: str,
     assign(net, read_params(path), path, contexts)
 
 
+def is_imagenet_key(key: str) -> bool:
+    """Whether a checkpoint key belongs to what `vgg16_20M.params` provides: the backbone convs,
+    fc6 and fc7 (not the classifier fc8, nor the ICD layers)."""
+    name = key[4:]
+    return key.startswith("arg:") and name.startswith(("conv", "fc6_", "fc7_")) and \
+        not name.startswith(("conv_ft", "fc6_ft", "fc7_ft"))
+
+
+def write_imagenet_part(source: str, path: str) -> None:
+    """Keep only the `vgg16_20M.params` part of checkpoint `source` and write it to `path`."""
+    values = {k: v for k, v in read_params(source).items() if is_imagenet_key(k)}
+    with atomic_path(path) as tmp:
+        mx.nd.save(tmp, values)
+
+
 def random_imagenet_params(net: mx.gluon.Block) -> Dict[str, mx.nd.NDArray]:
     """Stand-in for `vgg16_20M.params` when no weights are available (synthetic demo, tests).
 
@@ -126,7 +141,7 @@ def random_imagenet_params(net: mx.gluon.Block) -> Dict[str, mx.nd.NDArray]:
     values = {}
     for key, shape in release_keys(net).items():
         name = key[4:]
-        if not name.startswith(("conv", "fc6_", "fc7_")) or name.startswith("conv_ft"):
+        if not is_imagenet_key(key):
             continue
         if name.endswith("_bias"):
             values[key] = mx.nd.zeros(shape)

@@ -164,7 +164,7 @@ def training_config(settings: DemoSettings, which: str) -> Config:
     epochs = settings.pretrain_epochs if which == "pretrain" else settings.epochs
     pretrained = None
     if which != "pretrain" and settings.pretrain_config is not None:
-        pretrained = final_checkpoint(training_config(settings, "pretrain"))
+        pretrained = stand_in_weights(settings)
     overrides = dict(
         image_root=os.path.join(data, "JPEGImages"),
         annotation_root=os.path.join(data, "Annotations"),
@@ -186,6 +186,11 @@ def final_checkpoint(cfg: Config) -> str:
     return checkpoint_path(cfg, cfg.num_epoch - 1)
 
 
+def stand_in_weights(settings: DemoSettings) -> str:
+    """The pre-trained stand-in in the shape of `vgg16_20M.params` (backbone, fc6, fc7 only)."""
+    return settings.folder("snapshot_pretrain", "vgg16_stand_in.params")
+
+
 def step_settings(settings: DemoSettings, step: str) -> Dict:
     """The settings a step's outputs depend on (devices and process counts excluded)."""
     if step == "data":
@@ -199,6 +204,8 @@ def step_settings(settings: DemoSettings, step: str) -> Dict:
             return dict(skipped=True)
         cfg = training_config(settings, which)
         values = {k: getattr(cfg, k) for k in TRAINING_FIELDS}
+        if which == "pretrain":
+            values["export"] = "backbone, fc6, fc7"   # stand_in_weights
         if values["pretrained"]:
             values["pretrained"] = os.path.relpath(values["pretrained"], settings.out)
         return values
@@ -264,7 +271,11 @@ def _train(settings: DemoSettings, which: str) -> Dict:
 def step_pretrain(settings: DemoSettings) -> Dict:
     if settings.pretrain_config is None:
         return {"skipped": "no pretrain config: CAM and ICD start from a random He init"}
-    return _train(settings, "pretrain")
+    from .checkpoint import write_imagenet_part
+    result = _train(settings, "pretrain")
+    # like the release's ImageNet file: no classifier, so fc8 starts from N(0, 0.01) as in the paper
+    write_imagenet_part(result["checkpoint"], stand_in_weights(settings))
+    return dict(result, stand_in=stand_in_weights(settings))
 
 
 def step_train_cam(settings: DemoSettings) -> Dict:
@@ -796,14 +807,15 @@ def write_report(settings: DemoSettings) -> str:
               "from the same ImageNet VGG16. No ImageNet weights exist here, so the `pretrain` "
               "step trains the CAM-only classifier on the synthetic train split (image labels "
               "only, as everything else) and its checkpoint is the `pretrained:` file of both "
-              "models (backbone + fc6/fc7 loaded, fc6_ft/fc7_ft copied, new layers N(0, 0.01)), "
-              "as the release loads `vgg16_20M.params`. Why: from a random init this VGG16 "
-              "without BN sits on the \"predict the label prior\" plateau (L_cam ≈ 3.3, top-k "
-              "label recall ≈ 0.24, chance) for many epochs at lr 1e-3 and batch 8 (still there "
-              "after 30 epochs in a development run; lr 3e-3 diverges), and ICD trained from that "
-              "init stayed near chance too, so its bottom-up estimate would work on features "
-              "that separate nothing. The pre-training uses batch 4, which left the plateau "
-              "within a few epochs in development runs. Decided on training-split behaviour and "
+              "models, cut like the release's `vgg16_20M.params` to the backbone, fc6 and fc7 "
+              "(fc6_ft/fc7_ft copied from them, fc8 and the other new layers N(0, 0.01)). Why: "
+              "from a random init this VGG16 without BN sits on the \"predict the label prior\" "
+              "plateau (L_cam ≈ 3.3, top-k label recall ≈ 0.24, chance) for tens of epochs under "
+              "SGD (lr 3e-3 diverges), and ICD trained from that init stayed near chance too, so "
+              "its bottom-up estimate would work on features that separate nothing. The "
+              "pre-training therefore uses Adam (lr 3e-4, no dropout, 30 epochs), and CAM and ICD "
+              "then train with the release's SGD at lr 1e-4 (1e-3 threw the pre-trained "
+              "classifier back to the prior). Decided on training-split behaviour and "
               "training losses only (details in `experiments/synthetic_pretrain.yaml`); "
               "`--pretrain-config none` runs without it. Training figures of this run:", ""]
     for which in trained:
