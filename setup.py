@@ -23,7 +23,7 @@ setup(
     description="Intra-Class Discriminator for weakly-supervised semantic segmentation (MXNet/Gluon)",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    python_requires=">=3.9",
+    python_requires=">=3.10,<3.12",  # the pinned numpy 1.23 / matplotlib 3.10 bound it
     packages=find_packages(include=["icd", "icd.*", "symbols", "symbols.*"]),
     install_requires=INSTALL_REQUIRES,
     extras_require={
