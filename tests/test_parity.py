@@ -33,13 +33,22 @@ def bundle_meta(folder):
         return json.load(f)
 
 
-@pytest.fixture(scope="module", params=sorted(BUNDLES))
-def bundle(request, tmp_path_factory):
-    width, size, infer_size, num_cls, steps, warmup, seed, lr = BUNDLES[request.param]
-    folder = str(tmp_path_factory.mktemp(f"bundle_{request.param}"))
+def write_bundle(tmp_path_factory, name):
+    width, size, infer_size, num_cls, steps, warmup, seed, lr = BUNDLES[name]
+    folder = str(tmp_path_factory.mktemp(f"bundle_{name}"))
     make_bundle(folder, num_cls=num_cls, width=width, size=size, infer_size=infer_size,
                 steps=steps, warmup_iters=warmup, lr=lr, seed=seed)
     return folder
+
+
+@pytest.fixture(scope="module", params=sorted(BUNDLES))
+def bundle(request, tmp_path_factory):
+    return write_bundle(tmp_path_factory, request.param)
+
+
+@pytest.fixture(scope="module")
+def small_bundle(tmp_path_factory):
+    return write_bundle(tmp_path_factory, "small")
 
 
 def test_bundle_is_well_conditioned(bundle):
@@ -73,9 +82,8 @@ def test_gluon_model_matches_release_graph(bundle):
         f"{e.name} {e.error:.3g}" for e in sorted(errors, key=lambda e: -e.error)[:10])
 
 
-def test_checker_cli_passes_and_fails(bundle, tmp_path):
-    if bundle_meta(bundle)["width"] != 0.125:
-        pytest.skip("the CLI is exercised on the small bundle")
+def test_checker_cli_passes_and_fails(small_bundle, tmp_path):
+    bundle = small_bundle
     tool = os.path.join(REPO, "tools", "check_parity.py")
     ok = subprocess.run([sys.executable, tool, bundle], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stdout[-2000:] + ok.stderr[-2000:]
