@@ -89,7 +89,15 @@ def pole_cam_means(s_hat, cam, label):
     return current, count > 0
 
 
-class SignFlip(mx.operator.CustomOp):
+class NoGradientOp(mx.operator.CustomOp):
+    """A custom operator that passes no gradient to its inputs (release: none of ours does)."""
+
+    def backward(self, req, out_grad, in_data, out_data, in_grad, aux):
+        for i, grad in enumerate(in_grad):
+            self.assign(grad, req[i], 0)
+
+
+class SignFlip(NoGradientOp):
     """S = S_hat * sign_c with sign_c = +1 iff stored[c, 0] >= stored[c, 1] (Eq. 5, ties +1).
 
     In training the moving mean is updated first with this batch (release: the sign rule is
@@ -113,10 +121,6 @@ class SignFlip(mx.operator.CustomOp):
                 stored[:] = shared.update(current, present, self.ctx)
         sign = (stored[:, 0] >= stored[:, 1]) * 2 - 1
         self.assign(out_data[0], req[0], mx.nd.broadcast_mul(s_hat, sign.reshape((1, -1, 1, 1))))
-
-    def backward(self, req, out_grad, in_data, out_data, in_grad, aux):
-        for i, grad in enumerate(in_grad):
-            self.assign(grad, req[i], 0)
 
 
 @mx.operator.register("icd_sign_flip")
@@ -180,7 +184,7 @@ def superpixel_pool(score, superpixel, label, num_ids: int):
     return mx.nd.batch_dot(value, A).reshape((n, c, h, w))
 
 
-class SuperpixelPool(mx.operator.CustomOp):
+class SuperpixelPool(NoGradientOp):
     def __init__(self, num_ids: int):
         super().__init__()
         self.num_ids = num_ids
@@ -188,10 +192,6 @@ class SuperpixelPool(mx.operator.CustomOp):
     def forward(self, is_train, req, in_data, out_data, aux):
         score, superpixel, label = in_data
         self.assign(out_data[0], req[0], superpixel_pool(score, superpixel, label, self.num_ids))
-
-    def backward(self, req, out_grad, in_data, out_data, in_grad, aux):
-        for i, grad in enumerate(in_grad):
-            self.assign(grad, req[i], 0)
 
 
 @mx.operator.register("icd_superpixel_pool")
