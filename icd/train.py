@@ -96,6 +96,28 @@ def label_recall(prob, label):
         mx.nd.maximum(k, 1)
 
 
+class BatchFigures:
+    """One batch's figures on `ctx`: sums of L_cam, L_td and label recall over its images, and
+    the range of the bottom-up scores S (computed once, added to every running window)."""
+
+    def __init__(self, outputs: List[Dict[str, mx.nd.NDArray]], labels: List[mx.nd.NDArray],
+                 ctx: mx.Context):
+        self.sums = mx.nd.zeros((len(RunningFigures.NAMES),), ctx=ctx)
+        self.icd_range = mx.nd.array([np.inf, -np.inf], ctx=ctx)
+        self.images = 0
+        for out, label in zip(outputs, labels):
+            loss = out["loss"].as_in_context(ctx)
+            prob = mx.nd.sigmoid(out["cam"].mean(axis=(2, 3))).as_in_context(ctx)
+            td = loss[2:3] if loss.shape[0] == 3 else mx.nd.zeros((1,), ctx=ctx)
+            recall = label_recall(prob, label.as_in_context(ctx)).sum()
+            self.sums += mx.nd.concat(loss[0:1], td, recall, dim=0)
+            if "icd_bu" in out:
+                s = out["icd_bu"].as_in_context(ctx)
+                self.icd_range = mx.nd.concat(mx.nd.minimum(self.icd_range[:1], s.min()),
+                                              mx.nd.maximum(self.icd_range[1:], s.max()), dim=0)
+            self.images += label.shape[0]
+
+
 class RunningFigures:
     """The release's running log figures, accumulated on the device and read only when logged."""
     NAMES = ("cam_loss", "td_loss", "recall")
@@ -110,18 +132,12 @@ class RunningFigures:
         self.images = 0
         self.started = time.time()
 
-    def add(self, outputs: List[Dict[str, mx.nd.NDArray]], labels: List[mx.nd.NDArray]):
-        for out, label in zip(outputs, labels):
-            loss = out["loss"].as_in_context(self.ctx)
-            prob = mx.nd.sigmoid(out["cam"].mean(axis=(2, 3))).as_in_context(self.ctx)
-            td = loss[2] if loss.shape[0] == 3 else mx.nd.zeros((1,), ctx=self.ctx)
-            recall = label_recall(prob, label.as_in_context(self.ctx)).sum()
-            self.sums += mx.nd.concat(loss[0], td, recall, dim=0)
-            if "icd_bu" in out:
-                s = out["icd_bu"].as_in_context(self.ctx)
-                self.icd_range = mx.nd.concat(mx.nd.minimum(self.icd_range[0], s.min()),
-                                              mx.nd.maximum(self.icd_range[1], s.max()), dim=0)
-            self.images += label.shape[0]
+    def add(self, figures: "BatchFigures"):
+        self.sums += figures.sums
+        self.icd_range = mx.nd.concat(mx.nd.minimum(self.icd_range[:1], figures.icd_range[:1]),
+                                      mx.nd.maximum(self.icd_range[1:], figures.icd_range[1:]),
+                                      dim=0)
+        self.images += figures.images
 
     def read(self) -> Dict[str, float]:
         """Host copy of the figures (one sync); per-image means and images/s."""
@@ -208,8 +224,9 @@ def train(cfg: Config) -> Dict[str, object]:
                                for d in range(len(contexts))]
                 autograd.backward([out["loss"] for out in outputs])
                 trainer.step(cfg.batch_size)
-                for running in (figures, epoch_figures):
-                    running.add(outputs, inputs["label"])
+                batch_figures = BatchFigures(outputs, inputs["label"], contexts[0])
+                figures.add(batch_figures)
+                epoch_figures.add(batch_figures)
                 if (i + 1) % log_every == 0:
                     now = _checked(figures.read(), epoch, iteration, cfg)
                     log.info("epoch %d batch %d lr %.3g warm %.3g cam_loss %.4f td_loss %.4f "
