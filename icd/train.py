@@ -107,14 +107,15 @@ class BatchFigures:
         self.images = 0
         for out, label in zip(outputs, labels):
             loss = out["loss"].as_in_context(ctx)
-            prob = mx.nd.sigmoid(out["cam"].mean(axis=(2, 3))).as_in_context(ctx)
+            prob = mx.nd.sigmoid(out["cam"].mean(axis=(2, 3))).as_in_context(ctx)  # (n, C)
             td = loss[2:3] if loss.shape[0] == 3 else mx.nd.zeros((1,), ctx=ctx)
             recall = label_recall(prob, label.as_in_context(ctx)).sum()
             self.sums += mx.nd.concat(loss[0:1], td, recall, dim=0)
-            if "icd_bu" in out:
-                s = out["icd_bu"].as_in_context(ctx)
-                self.icd_range = mx.nd.concat(mx.nd.minimum(self.icd_range[:1], s.min()),
-                                              mx.nd.maximum(self.icd_range[1:], s.max()), dim=0)
+            if "icd_bu" in out:   # reduced on its own device, only two numbers move
+                s = out["icd_bu"]
+                low, high = s.min().as_in_context(ctx), s.max().as_in_context(ctx)
+                self.icd_range = mx.nd.concat(mx.nd.minimum(self.icd_range[:1], low),
+                                              mx.nd.maximum(self.icd_range[1:], high), dim=0)
             self.images += label.shape[0]
 
 
