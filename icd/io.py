@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from typing import Iterator
@@ -29,3 +30,21 @@ def atomic_path(path: str) -> Iterator[str]:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
+
+
+def write_json(path: str, value, indent: int = 1) -> None:
+    """Write `value` as JSON to `path` atomically (strict JSON: NaN and infinity are errors)."""
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        json.dump(value, f, indent=indent, allow_nan=False)
+        f.write("\n")
+
+
+def read_json(path: str):
+    """The JSON value in `path`, with errors naming the file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: file not found")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
