@@ -4,8 +4,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
+import signal
 import tempfile
-from typing import Iterator
+import threading
+from typing import Iterator, List
+
+# the names atomic_path gives its temporaries: .<base>.<8 random characters>.tmp<ext>
+_TEMPORARY = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp(\.[^.]*)?$")
 
 
 @contextlib.contextmanager
@@ -30,6 +36,37 @@ def atomic_path(path: str) -> Iterator[str]:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
+
+
+def remove_stale_temporaries(folder: str) -> List[str]:
+    """Delete the temporaries that interrupted `atomic_path` writes (SIGKILL, power loss) left in
+    `folder`; returns their paths. Call it when a stage starts writing there, before any writer."""
+    if not os.path.isdir(folder):
+        return []
+    stale = [os.path.join(folder, name) for name in sorted(os.listdir(folder))
+             if _TEMPORARY.match(name)]
+    for path in stale:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+    return stale
+
+
+@contextlib.contextmanager
+def deferred_interrupt() -> Iterator[None]:
+    """Hold back Ctrl-C (SIGINT) until the block ends, so that a group of files written together
+    (a checkpoint, its optimizer states and its run record) is complete or absent. Outside the main
+    thread, where no signal handler can be set, the block runs unprotected."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received and callable(previous):
+        previous(signal.SIGINT, None)   # Python's default handler raises KeyboardInterrupt here
 
 
 def write_json(path: str, value, indent: int = 1) -> None:

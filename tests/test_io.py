@@ -1,8 +1,9 @@
 import os
+import signal
 
 import pytest
 
-from icd.io import atomic_path
+from icd.io import atomic_path, deferred_interrupt, remove_stale_temporaries
 
 
 def test_atomic_path_renames_on_success(tmp_path):
@@ -34,3 +35,28 @@ def test_atomic_path_gives_usual_permissions(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert target.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_stale_temporaries_of_interrupted_writes_are_removed(tmp_path):
+    folder = str(tmp_path)
+    with atomic_path(os.path.join(folder, "kept.params")) as tmp:
+        open(tmp, "w").close()
+        stale = os.path.basename(tmp)                 # what a SIGKILL at this point leaves
+    for name in (stale, ".a.b.abcd_123.tmp.png", ".log.x1y2z3w4.tmp"):
+        open(os.path.join(folder, name), "w").close()
+    open(os.path.join(folder, ".hidden.tmp.txt"), "w").close()   # not an atomic_path name
+    removed = remove_stale_temporaries(folder)
+    assert sorted(os.path.basename(p) for p in removed) == sorted(
+        [stale, ".a.b.abcd_123.tmp.png", ".log.x1y2z3w4.tmp"])
+    assert sorted(os.listdir(folder)) == [".hidden.tmp.txt", "kept.params"]
+    assert remove_stale_temporaries(os.path.join(folder, "absent")) == []
+
+
+def test_deferred_interrupt_finishes_the_block_then_raises(tmp_path):
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with deferred_interrupt():
+            os.kill(os.getpid(), signal.SIGINT)
+            done.append("rest of the block")
+    assert done == ["rest of the block"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -60,13 +60,38 @@ def read_image(path: str) -> np.ndarray:
     """An image as (H, W, 3) uint8 RGB.
 
     release: read with OpenCV (BGR), then the channel axis is reversed to RGB (section 1).
+    Not the release: a truncated JPEG (no end-of-image marker after its last scan) or PNG (no
+    IEND chunk) is an error naming the file. OpenCV accepts such files with a warning that does
+    not name them and decodes the missing part as flat grey, which would train, infer and seed on
+    grey patches without anyone noticing; a warning would scroll by in a 10,582-image run, so
+    the file has to be repaired or left out of the list.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: image not found")
+    with open(path, "rb") as f:
+        encoded = f.read()
+    problem = _truncation(encoded)
+    if problem:
+        raise ValueError(f"{path}: {problem}; re-download or re-encode it, or remove it from "
+                         f"the list")
     bgr = cv2.imread(path, cv2.IMREAD_COLOR)
     if bgr is None:
         raise ValueError(f"{path}: unreadable image (OpenCV could not decode it)")
     return np.ascontiguousarray(bgr[:, :, ::-1])
+
+
+def _truncation(encoded: bytes) -> str:
+    """Why an encoded JPEG or PNG is incomplete, or "" (other formats are not checked)."""
+    if encoded.startswith(b"\xff\xd8"):
+        # entropy-coded data stuffs every 0xFF, so the last FFDA is the last scan's start and an
+        # FFD9 after it is the image's end (an EXIF thumbnail's FFD9 comes before it)
+        last_scan = encoded.rfind(b"\xff\xda")
+        if last_scan < 0 or encoded.find(b"\xff\xd9", last_scan) < 0:
+            return "unreadable image, truncated JPEG (no end-of-image marker after its last scan)"
+    elif encoded.startswith(b"\x89PNG"):
+        if encoded.rfind(b"IEND", -64) < 0:
+            return "unreadable image, truncated PNG (no IEND chunk at its end)"
+    return ""
 
 
 def write_image(path: str, image: np.ndarray, jpeg_quality: int = 95) -> None:
