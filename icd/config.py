@@ -47,6 +47,8 @@ class Config:
     seed: int = 0
     snapshot: str = "./snapshot/icd"
     num_save: int = 5
+    overwrite: bool = False               # a fresh run replaces the model's checkpoints and log;
+                                          # inference replaces score folders of other settings
     log_frequency: Optional[int] = None   # None: release's max(num_images // (B * 20), 5)
     # inference (release section 5)
     infer_size: int = 513

@@ -6,9 +6,19 @@ over devices and rescaled by 1/batch_size, lr_mult/wd_mult set by the model, pol
 `<model>-<epoch:04d>.params/.states` after every epoch with the newest `num_save` kept.
 Better than the release: the warm-up counter is derived from the global iteration, so a resumed
 run (`begin_epoch`) continues the warm-up where it stopped instead of restarting it.
+
+Runs (ours): every checkpoint pair gets a run record `<model>-<epoch:04d>.json` naming the run
+that wrote it, its seed and, with several devices, the shared sign-flip store. Every generator
+(MXNet's, numpy's; the loader's augmentation is keyed by (seed, epoch, index)) is reseeded at the
+start of each epoch from (seed, epoch), so the random state at an epoch boundary is a function of
+what the record names and a resumed run is bit-identical to an uninterrupted one. A fresh run
+refuses a folder holding the model's checkpoints unless `overwrite`; rotation removes only the
+current run's checkpoints; the log `<model>-log.json` lists only that run's epochs.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import glob
 import json
 import logging
@@ -16,6 +26,7 @@ import math
 import os
 import re
 import time
+import uuid
 from typing import Dict, List, Optional
 
 import mxnet as mx
@@ -27,7 +38,7 @@ from .checkpoint import initialize, load_checkpoint, save_checkpoint
 from .cli import parse_devices
 from .config import Config
 from .data.dataset import train_loader
-from .io import atomic_path
+from .io import atomic_path, deferred_interrupt, read_json, remove_stale_temporaries, write_json
 from .model import build_model, ops
 from .model.losses import top_down_warmup
 from .data.voc import write_image
@@ -40,25 +51,149 @@ class TrainingDiverged(RuntimeError):
     """A loss became NaN or infinite; nothing after the last good checkpoint was saved."""
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped training; the message names the last checkpoint and how to resume it."""
+
+
 def poly_lr(base_lr: float, epoch: int, num_epoch: int, power: float = 0.9) -> float:
     """Learning rate of 0-based `epoch`: base (1 - epoch / num_epoch)^power (set per epoch)."""
     return base_lr * (1.0 - epoch / num_epoch) ** power
+
+
+CHECKPOINT_SUFFIXES = ("params", "states", "json")   # weights, optimizer, run record
 
 
 def checkpoint_path(cfg: Config, epoch: int, suffix: str = "params") -> str:
     return os.path.join(cfg.snapshot, f"{cfg.model}-{epoch:04d}.{suffix}")
 
 
-def rotate_checkpoints(cfg: Config) -> None:
-    """Keep the newest `num_save` checkpoint pairs (release: 5)."""
-    pattern = re.compile(re.escape(cfg.model) + r"-(\d{4})\.params$")
-    found = glob.glob(os.path.join(cfg.snapshot, f"{cfg.model}-*.params"))
-    epochs = sorted(int(m.group(1)) for m in map(pattern.search, found) if m)
-    for epoch in epochs[:-cfg.num_save] if cfg.num_save > 0 else []:
-        for suffix in ("params", "states"):
-            path = checkpoint_path(cfg, epoch, suffix)
-            if os.path.exists(path):
+def checkpoint_files(cfg: Config) -> Dict[int, List[str]]:
+    """Epoch -> the model's checkpoint files (.params, .states, run record) in cfg.snapshot."""
+    pattern = re.compile(re.escape(cfg.model) + r"-(\d{4})\.(" + "|".join(CHECKPOINT_SUFFIXES)
+                         + r")$")
+    found: Dict[int, List[str]] = {}
+    for path in sorted(glob.glob(os.path.join(glob.escape(cfg.snapshot), f"{cfg.model}-*"))):
+        match = pattern.search(os.path.basename(path))
+        if match:
+            found.setdefault(int(match.group(1)), []).append(path)
+    return found
+
+
+def read_run_record(cfg: Config, epoch: int) -> Optional[dict]:
+    """The run record of checkpoint `epoch`, or None for a checkpoint without one (the release's)."""
+    path = checkpoint_path(cfg, epoch, "json")
+    return read_json(path) if os.path.isfile(path) else None
+
+
+def rotate_checkpoints(cfg: Config, run: str) -> None:
+    """Keep the newest `num_save` checkpoints of run `run` (release: 5); other runs' checkpoints
+    and checkpoints without a run record are never removed."""
+    ours = sorted(epoch for epoch in checkpoint_files(cfg)
+                  if (read_run_record(cfg, epoch) or {}).get("run") == run)
+    for epoch in ours[:-cfg.num_save] if cfg.num_save > 0 else []:
+        for suffix in CHECKPOINT_SUFFIXES[::-1]:   # the run record last: it names the owner
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(checkpoint_path(cfg, epoch, suffix))
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed every generator starts `epoch` from: a function of (seed, epoch) only."""
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+
+
+def reseed(seed: int, epoch: int) -> None:
+    """Reseed MXNet's generators on every device and numpy's global one for `epoch`.
+
+    MXNet's generator state cannot be read back, so it cannot be saved with a checkpoint; a state
+    derived from (seed, epoch) at each epoch start makes a resumed run draw what an uninterrupted
+    one draws (dropout above all). The loader's augmentation is keyed by (seed, epoch, index).
+    """
+    value = epoch_seed(seed, epoch)
+    mx.random.seed(value, ctx="all")
+    np.random.seed(value)
+
+
+def device_states(net: gluon.Block) -> Dict[str, list]:
+    """Each device's copy of every non-trained state (BatchNorm statistics, sign-flip means):
+    the checkpoint holds their average (release), a resumed run needs each copy back."""
+    return {name: [copy.asnumpy().tolist() for copy in p.list_data()]
+            for name, p in net.collect_params().items() if p.grad_req == "null"}
+
+
+def restore_device_states(net: gluon.Block, saved: Optional[Dict[str, list]],
+                          contexts: List[mx.Context], source: str) -> None:
+    """Put back the per-device states of `device_states` (the checkpoint gave every device the
+    average); without them, or for another number of devices, the average stays (a warning)."""
+    if not saved or any(len(copies) != len(contexts) for copies in saved.values()):
+        log.warning("%s: no per-device states for %d devices; every device resumes from their "
+                    "average, so the run is not bit-identical to an uninterrupted one", source,
+                    len(contexts))
+        return
+    params = net.collect_params()
+    for name, copies in saved.items():
+        for target, value in zip(params[name].list_data(), copies):
+            target[:] = mx.nd.array(value, dtype=target.dtype)
+
+
+def _log_path(cfg: Config) -> str:
+    return os.path.join(cfg.snapshot, f"{cfg.model}-log.json")
+
+
+def _remove_run_files(cfg: Config, epochs) -> None:
+    """Remove the model's checkpoints of `epochs` and their demo pictures."""
+    files = checkpoint_files(cfg)
+    for epoch in epochs:
+        for path in files.get(epoch, []) + [_demo_path(cfg, epoch)]:
+            with contextlib.suppress(FileNotFoundError):
                 os.remove(path)
+
+
+def _new_run_id() -> str:
+    return time.strftime("%Y%m%dT%H%M%S-") + uuid.uuid4().hex[:6]
+
+
+def start_run(cfg: Config) -> Dict[str, object]:
+    """Check the snapshot folder for `cfg` and decide the run: {"run": id, "records": log so far,
+    "record": run record of the resumed checkpoint or None}.
+
+    A fresh run (begin_epoch 0) into a folder holding checkpoints of the same model raises
+    FileExistsError naming them, unless cfg.overwrite, which removes them and the log first.
+    A resumed run continues the run of checkpoint begin_epoch - 1; checkpoints of later epochs
+    (another continuation) are an error unless cfg.overwrite removes them.
+    """
+    os.makedirs(cfg.snapshot, exist_ok=True)
+    for folder in (cfg.snapshot, os.path.join(cfg.snapshot, "demo")):
+        for path in remove_stale_temporaries(folder):
+            log.info("%s: removed the temporary file of an interrupted write", path)
+    files = checkpoint_files(cfg)
+    later = sorted(e for e in files if e >= cfg.begin_epoch)
+    if later and not cfg.overwrite:
+        names = ", ".join(os.path.basename(p) for e in later for p in files[e])
+        if cfg.begin_epoch == 0:
+            raise FileExistsError(
+                f"{cfg.snapshot}: holds checkpoints of {cfg.model} ({names}); a new run would "
+                f"mix with them. Resume with --begin-epoch {later[-1] + 1}, choose another "
+                f"--snapshot, or pass --overwrite to delete them")
+        raise FileExistsError(
+            f"{cfg.snapshot}: holds checkpoints of {cfg.model} after epoch {cfg.begin_epoch - 1} "
+            f"({names}); resuming at epoch {cfg.begin_epoch} would overwrite them. Resume with "
+            f"--begin-epoch {later[-1] + 1}, or pass --overwrite to delete them")
+    _remove_run_files(cfg, later)
+    if cfg.begin_epoch == 0:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(_log_path(cfg))
+        return {"run": _new_run_id(), "records": [], "record": None}
+    record = read_run_record(cfg, cfg.begin_epoch - 1)
+    if record is None:
+        log.warning("%s: no run record; the shared sign-flip store is taken from the checkpoint "
+                    "and the run's earlier log is not kept", checkpoint_path(cfg, cfg.begin_epoch - 1))
+        return {"run": _new_run_id(), "records": [], "record": None}
+    if record.get("seed") != cfg.seed:
+        log.warning("%s: written with seed %s, resumed with seed %s",
+                    checkpoint_path(cfg, cfg.begin_epoch - 1, "json"), record.get("seed"), cfg.seed)
+    logged = read_json(_log_path(cfg)) if os.path.isfile(_log_path(cfg)) else []
+    records = [r for r in logged if r.get("run") == record["run"] and r["epoch"] < cfg.begin_epoch]
+    return {"run": record["run"], "records": records, "record": record}
 
 
 OPTIMIZERS = ("sgd", "adam")
@@ -145,14 +280,15 @@ class RunningFigures:
         sums, icd = self.sums.asnumpy(), self.icd_range.asnumpy()
         n = max(self.images, 1)
         figures = {name: float(v) / n for name, v in zip(self.NAMES, sums)}
-        figures.update(icd_min=float(icd[0]), icd_max=float(icd[1]),
+        has_icd = bool(icd[0] <= icd[1])   # a CAM-only model leaves the range empty: null
+        figures.update(icd_min=float(icd[0]) if has_icd else None,
+                       icd_max=float(icd[1]) if has_icd else None,
                        images_per_s=self.images / max(time.time() - self.started, 1e-9))
         return figures
 
 
-def _write_json(path: str, value) -> None:
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        json.dump(value, f, indent=1)
+def _demo_path(cfg: Config, epoch: int) -> str:
+    return os.path.join(cfg.snapshot, "demo", f"{cfg.model}-{epoch:04d}.jpg")
 
 
 def _demo_image(cfg: Config, epoch: int, data, label, outputs: Dict[str, mx.nd.NDArray]) -> None:
@@ -161,13 +297,15 @@ def _demo_image(cfg: Config, epoch: int, data, label, outputs: Dict[str, mx.nd.N
     c = int(np.argmax(label[0].asnumpy()))
     keys = ("icd_bu", "icd_td") if "icd_bu" in outputs else ("cam",)
     panel = score_panel(image, [outputs[k][0, c].asnumpy() for k in keys])
-    write_image(os.path.join(cfg.snapshot, "demo", f"{cfg.model}-{epoch:04d}.jpg"), panel)
+    write_image(_demo_path(cfg, epoch), panel)
 
 
 def train(cfg: Config) -> Dict[str, object]:
     """Train `cfg.model` from `cfg.begin_epoch` to `cfg.num_epoch`; returns the epoch records.
 
-    Raises TrainingDiverged on a NaN/infinite loss (the last checkpoint stays as it was).
+    Raises TrainingDiverged on a NaN/infinite loss (the last checkpoint stays as it was),
+    TrainingInterrupted on Ctrl-C (never between the files of one checkpoint), FileExistsError
+    when the snapshot folder holds checkpoints this run would mix with (see `start_run`).
     """
     contexts = parse_devices(cfg.gpus, cfg.cpus)
     mx.random.seed(cfg.seed)
@@ -181,15 +319,10 @@ def train(cfg: Config) -> Dict[str, object]:
     log_every = cfg.log_frequency or max(num_images // (cfg.batch_size * 20), 5)
 
     net = build_model(cfg.model, **cfg.model_options)
-    os.makedirs(cfg.snapshot, exist_ok=True)
-    log_path = os.path.join(cfg.snapshot, f"{cfg.model}-log.json")
-    records = []
+    run = start_run(cfg)
+    records = run["records"]
     if cfg.begin_epoch > 0:
-        resume = checkpoint_path(cfg, cfg.begin_epoch - 1)
-        load_checkpoint(net, resume, contexts)
-        if os.path.isfile(log_path):
-            with open(log_path, encoding="utf-8") as f:
-                records = [r for r in json.load(f) if r["epoch"] < cfg.begin_epoch]
+        load_checkpoint(net, checkpoint_path(cfg, cfg.begin_epoch - 1), contexts)
     else:
         initialize(net, contexts, cfg.pretrained)
     net.hybridize(static_alloc=True, static_shape=True)
@@ -200,12 +333,22 @@ def train(cfg: Config) -> Dict[str, object]:
             raise FileNotFoundError(f"{states}: optimizer states of the resumed epoch not found")
         trainer.load_states(states)
     icd = hasattr(net, "share_key")
+    store = None
     if icd and len(contexts) > 1:   # release: one moving mean in a store shared by the devices
-        ops.share_moving_mean(net.share_key, net.icd_accum_resign_moving_mean.data(contexts[0]),
-                              contexts)
+        store = ops.share_moving_mean(net.share_key,
+                                      net.icd_accum_resign_moving_mean.data(contexts[0]), contexts)
+        saved = (run["record"] or {}).get("sign_flip_store")
+        if saved is not None:   # the checkpoint holds the devices' average, not the store
+            store.master[:] = mx.nd.array(saved, dtype=np.float32)
+    if len(contexts) > 1 and run["record"]:
+        restore_device_states(net, run["record"].get("device_states"), contexts,
+                              checkpoint_path(cfg, cfg.begin_epoch - 1, "json"))
     figures = RunningFigures(contexts[0])
+    saved_epoch = cfg.begin_epoch - 1
+    epoch = cfg.begin_epoch
     try:
         for epoch in range(cfg.begin_epoch, cfg.num_epoch):
+            reseed(cfg.seed, epoch)
             lr = poly_lr(cfg.learning_rate, epoch, cfg.num_epoch)
             trainer.set_learning_rate(lr)
             loader.set_epoch(epoch)
@@ -231,7 +374,7 @@ def train(cfg: Config) -> Dict[str, object]:
                 if (i + 1) % log_every == 0:
                     now = _checked(figures.read(), epoch, iteration, cfg)
                     log.info("epoch %d batch %d lr %.3g warm %.3g cam_loss %.4f td_loss %.4f "
-                             "recall %.3f icd [%.3f, %.3f] %.2f img/s", epoch, i + 1, lr, warm,
+                             "recall %.3f icd [%s, %s] %.2f img/s", epoch, i + 1, lr, warm,
                              now["cam_loss"], now["td_loss"], now["recall"], now["icd_min"],
                              now["icd_max"], now["images_per_s"])
                     bar.set_postfix(loss=f"{now['cam_loss']:.3f}", recall=f"{now['recall']:.2f}",
@@ -239,19 +382,39 @@ def train(cfg: Config) -> Dict[str, object]:
                     figures.reset()
             bar.close()
             done = _checked(epoch_figures.read(), epoch, iteration, cfg)
-            _demo_image(cfg, epoch, batch[0], batch[2], {k: v for k, v in outputs[0].items()})
-            save_checkpoint(net, checkpoint_path(cfg, epoch))
-            with atomic_path(checkpoint_path(cfg, epoch, "states")) as tmp:
-                trainer.save_states(tmp)
-            rotate_checkpoints(cfg)
-            records.append(dict(epoch=epoch, lr=lr, warm=warm, seconds=time.time() - started,
-                                **done))
-            _write_json(log_path, records)
+            records.append(dict(epoch=epoch, run=run["run"], lr=lr, warm=warm,
+                                seconds=time.time() - started, **done))
+            with deferred_interrupt():   # the checkpoint's files, rotation and log go together
+                _demo_image(cfg, epoch, batch[0], batch[2],
+                            {k: v for k, v in outputs[0].items()})
+                save_checkpoint(net, checkpoint_path(cfg, epoch))
+                with atomic_path(checkpoint_path(cfg, epoch, "states")) as tmp:
+                    trainer.save_states(tmp)
+                write_json(checkpoint_path(cfg, epoch, "json"), dict(
+                    run=run["run"], epoch=epoch, seed=cfg.seed,
+                    generators="reseeded at each epoch start from (seed, epoch)",
+                    sign_flip_store=None if store is None else store.master.asnumpy().tolist(),
+                    device_states=device_states(net) if len(contexts) > 1 else None,
+                    config=dataclasses.asdict(cfg)))
+                rotate_checkpoints(cfg, run["run"])
+                write_json(_log_path(cfg), records)
+                saved_epoch = epoch
             log.info("epoch %d done: %s", epoch, json.dumps(records[-1]))
+    except KeyboardInterrupt:
+        raise TrainingInterrupted(_interrupted_message(cfg, epoch, saved_epoch)) from None
     finally:
         if icd:
             ops.unshare_moving_mean(net.share_key)
     return {"records": records, "net": net}
+
+
+def _interrupted_message(cfg: Config, epoch: int, saved_epoch: int) -> str:
+    """One line: where training stopped, the last checkpoint and the flag that resumes it."""
+    if saved_epoch < 0:
+        return (f"interrupted in epoch {epoch} before the first checkpoint; nothing was saved in "
+                f"{cfg.snapshot}")
+    return (f"interrupted in epoch {epoch}; last checkpoint {checkpoint_path(cfg, saved_epoch)}; "
+            f"resume with --begin-epoch {saved_epoch + 1} and otherwise the same flags")
 
 
 def _checked(figures: Dict[str, float], epoch: int, iteration: int, cfg: Config):

@@ -2,6 +2,8 @@
 import glob
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -13,7 +15,7 @@ import pytest
 from icd.checkpoint import read_params
 from icd.cli import parse_devices
 from icd.infer import SCORE_FOLDERS, infer
-from icd.train import TrainingDiverged, checkpoint_path, poly_lr, train
+from icd.train import TrainingDiverged, TrainingInterrupted, checkpoint_path, poly_lr, train
 
 from conftest import REPO
 
@@ -42,7 +44,7 @@ def params_of(path):
 def test_resume_continues_schedules_and_state(tiny_config):
     """Epochs 0-2 in one run equal epoch 0, then a resumed run from checkpoint 0 (--begin-epoch 1):
     same LR schedule, warm-up position (W spans 2 epochs), optimizer momentum, BN and sign means."""
-    straight = tiny_config(num_epoch=3, snapshot=None)
+    straight = tiny_config(num_epoch=3)
     straight.snapshot += "_straight"
     records = train(straight)["records"]
     first = tiny_config(num_epoch=1)
@@ -62,11 +64,13 @@ def test_checkpoints_rotate_and_are_written_atomically(tiny_config):
     cfg = tiny_config(num_epoch=3, num_save=2, model="vgg16_cam")
     train(cfg)
     files = sorted(os.listdir(cfg.snapshot))
-    assert files == ["demo", "vgg16_cam-0001.params", "vgg16_cam-0001.states",
-                     "vgg16_cam-0002.params", "vgg16_cam-0002.states", "vgg16_cam-log.json"]
+    assert files == ["demo", "vgg16_cam-0001.json", "vgg16_cam-0001.params",
+                     "vgg16_cam-0001.states", "vgg16_cam-0002.json", "vgg16_cam-0002.params",
+                     "vgg16_cam-0002.states", "vgg16_cam-log.json"]
     with open(os.path.join(cfg.snapshot, "vgg16_cam-log.json")) as f:
         log = json.load(f)
     assert [r["epoch"] for r in log] == [0, 1, 2] and all(np.isfinite(r["cam_loss"]) for r in log)
+    assert log[0]["icd_min"] is None                  # a CAM-only model has no ICD range
     assert sorted(os.listdir(os.path.join(cfg.snapshot, "demo"))) == [
         f"vgg16_cam-{e:04d}.jpg" for e in range(3)]
 
@@ -130,3 +134,106 @@ def test_cli_resumes_after_being_killed_mid_epoch(tiny_voc, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert os.path.exists(os.path.join(snapshot, f"vgg16_icd-{done[-1] + 1:04d}.params"))
     assert not [f for f in os.listdir(snapshot) if ".tmp" in f]
+
+
+def log_of(cfg):
+    with open(os.path.join(cfg.snapshot, f"{cfg.model}-log.json")) as f:
+        return json.load(f)
+
+
+def test_new_run_refuses_a_folder_with_checkpoints_unless_overwrite(tiny_config):
+    """Issue #11.1: a second fresh run with fewer epochs used to exit 0 after rotation deleted
+    its own checkpoints (it kept the first run's higher epoch numbers)."""
+    first = tiny_config(num_epoch=4, num_save=5, model="vgg16_cam")
+    train(first)
+    second = tiny_config(num_epoch=2, learning_rate=1e-4, model="vgg16_cam")
+    with pytest.raises(FileExistsError, match=r"holds checkpoints of vgg16_cam \(vgg16_cam-0000"
+                                              r".json.*vgg16_cam-0003.states\).*--overwrite"):
+        train(second)
+    assert len(glob.glob(os.path.join(first.snapshot, "*.params"))) == 4   # nothing touched
+    second.overwrite = True
+    train(second)
+    assert sorted(os.path.basename(p) for p in glob.glob(os.path.join(second.snapshot, "*.params"))
+                  ) == ["vgg16_cam-0000.params", "vgg16_cam-0001.params"]
+    log = log_of(second)
+    assert [r["epoch"] for r in log] == [0, 1] and log[0]["lr"] == 1e-4
+    run = json.load(open(checkpoint_path(second, 1, "json")))
+    assert run["run"] == log[0]["run"] == log[1]["run"] and run["config"]["learning_rate"] == 1e-4
+    names = infer(second, checkpoint_path(second, 1), second.snapshot + "/results", [mx.cpu()])
+    assert len(names) == 8
+
+
+def test_rotation_removes_only_the_runs_own_checkpoints(tiny_config):
+    cfg = tiny_config(num_epoch=3, num_save=1, model="vgg16_cam")
+    train(tiny_config(num_epoch=1, model="vgg16_cam"))
+    os.remove(checkpoint_path(cfg, 0, "json"))           # like the release's checkpoint: no record
+    train(tiny_config(num_epoch=3, num_save=1, model="vgg16_cam", begin_epoch=1))
+    assert sorted(os.path.basename(p) for p in glob.glob(os.path.join(cfg.snapshot, "*.params"))
+                  ) == ["vgg16_cam-0000.params", "vgg16_cam-0002.params"]
+    assert [r["epoch"] for r in log_of(cfg)] == [1, 2]   # the log describes this run's files
+
+
+def test_resume_refuses_to_overwrite_later_checkpoints(tiny_config):
+    train(tiny_config(num_epoch=3, model="vgg16_cam"))
+    with pytest.raises(FileExistsError, match="after epoch 0 .*vgg16_cam-0001.params.*resuming "
+                                              "at epoch 1 would overwrite them"):
+        train(tiny_config(num_epoch=3, model="vgg16_cam", begin_epoch=1))
+    cfg = tiny_config(num_epoch=2, model="vgg16_cam", begin_epoch=1, overwrite=True)
+    train(cfg)
+    assert not os.path.exists(checkpoint_path(cfg, 2))
+    assert [r["epoch"] for r in log_of(cfg)] == [0, 1]
+
+
+@pytest.mark.parametrize("cpus", [1, 2])
+def test_resume_with_dropout_is_bit_identical(tiny_config, cpus):
+    """Issue #11.5: a 4-epoch run with dropout 0.5 equals its checkpoint of epoch 1 resumed to
+    epoch 4, bit for bit: every generator restarts each epoch from (seed, epoch), and with two
+    devices the run record holds the shared sign-flip store."""
+    straight = tiny_config(num_epoch=4, dropout=0.5, cpus=cpus)
+    straight.snapshot += "_straight"
+    train(straight)
+    resumed = tiny_config(num_epoch=4, dropout=0.5, cpus=cpus, begin_epoch=2)
+    os.makedirs(resumed.snapshot)
+    for suffix in ("params", "states", "json"):   # a run stopped after epoch 1
+        shutil.copy(checkpoint_path(straight, 1, suffix), resumed.snapshot)
+    train(resumed)
+    a, b = params_of(checkpoint_path(straight, 3)), params_of(checkpoint_path(resumed, 3))
+    assert sorted(a) == sorted(b)
+    for key in a:
+        np.testing.assert_array_equal(b[key], a[key], err_msg=key)
+    records = [json.load(open(checkpoint_path(c, 3, "json"))) for c in (straight, resumed)]
+    assert records[0]["sign_flip_store"] == records[1]["sign_flip_store"]
+    assert (records[0]["sign_flip_store"] is None) == (cpus == 1)
+
+
+def test_ctrl_c_stops_after_the_checkpoint_being_written(tiny_config, monkeypatch):
+    """SIGINT while a checkpoint is written: its files are all completed, then training stops
+    with one message naming it and the --begin-epoch that resumes it."""
+    import icd.train
+
+    cfg = tiny_config(num_epoch=4, model="vgg16_cam")
+    save = icd.train.save_checkpoint
+
+    def save_then_ctrl_c(net, path):
+        if path.endswith("0001.params"):
+            os.kill(os.getpid(), signal.SIGINT)
+        save(net, path)
+    monkeypatch.setattr(icd.train, "save_checkpoint", save_then_ctrl_c)
+    with pytest.raises(TrainingInterrupted) as stopped:
+        train(cfg)
+    assert str(stopped.value) == (f"interrupted in epoch 1; last checkpoint "
+                                  f"{checkpoint_path(cfg, 1)}; resume with --begin-epoch 2 and "
+                                  f"otherwise the same flags")
+    for suffix in ("params", "states", "json"):
+        assert os.path.isfile(checkpoint_path(cfg, 1, suffix))
+    assert [r["epoch"] for r in log_of(cfg)] == [0, 1]
+    assert not os.path.exists(checkpoint_path(cfg, 2))
+
+
+def test_stale_temporaries_are_removed_when_training_starts(tiny_config):
+    cfg = tiny_config(num_epoch=1, model="vgg16_cam")
+    os.makedirs(cfg.snapshot)
+    stale = os.path.join(cfg.snapshot, ".vgg16_cam-0003.k2j4h5g6.tmp.params")  # SIGKILL left it
+    open(stale, "w").close()
+    train(cfg)
+    assert not os.path.exists(stale)
