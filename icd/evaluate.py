@@ -24,7 +24,6 @@ Definitions (ORIGINAL_RELEASE.md section 8 and the paper, Sec. 5.4):
 from __future__ import annotations
 
 import functools
-import json
 import os
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -34,7 +33,8 @@ from tqdm import tqdm
 
 from .data.voc import IGNORE_LABEL, NUM_CLASSES, VOC_CLASSES, read_image, read_image_labels, \
     read_list, read_mask, voc_palette
-from .io import atomic_path
+from .io import atomic_path, write_json
+from .provenance import require_complete, score_infer_size
 from .seeds import INFER_SIZE, load_image_scores, load_scores, map_images, resize_scores, \
     seed_from_scores
 
@@ -360,7 +360,7 @@ def plot_seed_overlays(image_root: str, gt_root: str, seed_dirs: Mapping[str, st
 def evaluate(results_dir: str, gt_root: str, data_list: str,
              seed_dirs: Optional[Sequence[str]] = None, annotation_root: Optional[str] = None,
              image_root: Optional[str] = None, out_dir: Optional[str] = None,
-             infer_size: int = INFER_SIZE, thresholds: Sequence[float] = THRESHOLDS,
+             infer_size: Optional[int] = None, thresholds: Sequence[float] = THRESHOLDS,
              folders: Mapping[str, str] = SCORE_FOLDERS, workers: int = 1,
              num_overlays: int = 4) -> Dict[str, object]:
     """Run every evaluation whose inputs are given and write the reports.
@@ -372,6 +372,9 @@ def evaluate(results_dir: str, gt_root: str, data_list: str,
     Writes `<out_dir>/eval.json` (fractions), `eval.md` (%), `threshold_study.png`,
     `class_ap.png`, `seed_overlays.png`; out_dir defaults to `<results_dir>/eval`.
     Returns the report written to eval.json.
+
+    Inputs are checked first (icd.provenance): seed and score folders must be complete, the score
+    folders from one inference run; `infer_size` None takes the size the scores were made at.
     """
     names = read_list(data_list)
     out_dir = out_dir or os.path.join(results_dir, "eval")
@@ -380,6 +383,11 @@ def evaluate(results_dir: str, gt_root: str, data_list: str,
         seed_dirs = sorted(os.path.join("seeds", d) for d in os.listdir(root)
                            if os.path.isdir(os.path.join(root, d))) if os.path.isdir(root) else []
     seed_paths = {d: d if os.path.isabs(d) else os.path.join(results_dir, d) for d in seed_dirs}
+    for path in seed_paths.values():
+        require_complete(path, "make_seeds.py")
+    if annotation_root is not None:
+        infer_size = score_infer_size(results_dir, list(folders.values()), names, infer_size,
+                                      INFER_SIZE)
     report: Dict[str, object] = {"data_list": os.path.abspath(data_list),
                                  "num_images": len(names)}
     report["seeds"] = {d: evaluate_seeds(p, gt_root, names, workers)
@@ -396,9 +404,7 @@ def evaluate(results_dir: str, gt_root: str, data_list: str,
     if image_root is not None and seed_paths and num_overlays > 0:
         plot_seed_overlays(image_root, gt_root, seed_paths, names[:num_overlays],
                            os.path.join(out_dir, "seed_overlays.png"))
-    with atomic_path(os.path.join(out_dir, "eval.json")) as tmp:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=2, allow_nan=False)
+    write_json(os.path.join(out_dir, "eval.json"), report, indent=2)
     with atomic_path(os.path.join(out_dir, "eval.md")) as tmp:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(markdown_report(report))

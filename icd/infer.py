@@ -8,10 +8,16 @@ For each image with sorted present classes L, at feature resolution of the image
   scores_icd_bu_sp/<name>.npy  S'[L]      superpixel-refined bottom-up scores (Table 3)
   scores_demo/class_<c>.jpg    demo sheets: image, CAM, ICD per row, a few images per class
 A CAM-only model writes scores_cam only.
+
+Each score folder gets a `provenance.json` (see icd.provenance): the model, checkpoint file (size,
+mtime), inference size and roots; images larger than the inference size, of which only the centre
+crop is scored (release), are logged and listed in it, so that the seed step can name them.
 """
 from __future__ import annotations
 
+import logging
 import os
+import re
 from typing import Dict, List, Sequence
 
 import mxnet as mx
@@ -22,18 +28,35 @@ from tqdm import tqdm
 from .checkpoint import load_checkpoint
 from .config import Config
 from .data.dataset import infer_loader
+from .data.transforms import infer_window
 from .io import atomic_path
 from .model import build_model
 from .data.voc import write_image
+from .provenance import file_identity, producing
 from .visualize import score_panel
+
+log = logging.getLogger(__name__)
 
 SCORE_FOLDERS = {"cam": "scores_cam", "icd_td": "scores_icd", "icd_bu": "scores_icd_bu",
                  "icd_bu_sp": "scores_icd_bu_sp"}
 DEMO_ROWS = 4
 
 
+def infer_settings(cfg: Config, params: str) -> Dict[str, object]:
+    """What the score folders' provenance records (and compares): model, checkpoint, size, roots."""
+    epoch = re.search(r"-(\d{4})\.params$", params)
+    return {"model": cfg.model, "model_options": cfg.model_options,
+            "checkpoint": file_identity(params), "epoch": int(epoch.group(1)) if epoch else None,
+            "infer_size": cfg.infer_size, "image_root": os.path.abspath(cfg.image_root),
+            "superpixel_root": os.path.abspath(cfg.superpixel_root)}
+
+
 def infer(cfg: Config, params: str, out_dir: str, contexts: Sequence[mx.Context]) -> List[str]:
-    """Write the score maps of every image of `cfg.data_list`; returns the image names."""
+    """Write the score maps of every image of `cfg.data_list`; returns the image names.
+
+    Raises ProvenanceError before writing if a score folder holds results of other settings
+    (unless cfg.overwrite, which clears them); a failure leaves the folders marked failed.
+    """
     net = build_model(cfg.model, **cfg.model_options)
     load_checkpoint(net, params, contexts)
     net.hybridize(static_alloc=True)
@@ -41,6 +64,17 @@ def infer(cfg: Config, params: str, out_dir: str, contexts: Sequence[mx.Context]
                           cfg.data_list, image_size=cfg.infer_size,
                           batch_size=cfg.infer_batch_size, num_workers=cfg.num_workers)
     names = loader._dataset.names
+    folders = [os.path.join(out_dir, SCORE_FOLDERS[k]) for k in net.output_names
+               if k in SCORE_FOLDERS]
+    with producing(folders, "infer", infer_settings(cfg, params), cfg.overwrite) as notes:
+        written = _write_scores(net, loader, names, out_dir, contexts, cfg.infer_size,
+                                notes.setdefault("cropped", {}))
+    return [n for n in names if n in written]
+
+
+def _write_scores(net, loader, names: List[str], out_dir: str, contexts: Sequence[mx.Context],
+                  size: int, cropped: Dict[str, dict]) -> set:
+    """The inference loop; fills `cropped` with the images larger than `size`."""
     written = set()
     demo: Dict[int, list] = {}
     for data, superpixel, label, index, hw in tqdm(loader, desc="infer", disable=None):
@@ -57,12 +91,18 @@ def infer(cfg: Config, params: str, out_dir: str, contexts: Sequence[mx.Context]
             if name in written:       # release: the list is padded by repeating its head
                 continue
             written.add(name)
+            h, w = (int(v) for v in hw[j])
+            if h > size or w > size:
+                top, left = infer_window(h, w, size)
+                log.warning("%s: %dx%d image is larger than the inference size %d; as in the "
+                            "release only rows %d:%d, columns %d:%d are scored", name, h, w,
+                            size, top, top + size, left, left + size)
+                cropped[name] = {"size": [h, w], "window": [top, left, size]}
             present = np.flatnonzero(labels[j])
             for key, array in merged.items():
                 path = os.path.join(out_dir, SCORE_FOLDERS[key], name + ".npy")
                 with atomic_path(path) as tmp:
                     np.save(tmp, array[j, present].astype(np.float32))
-            h, w = (int(v) for v in hw[j])
             image = data[j].asnumpy().transpose(1, 2, 0)[:h, :w]
             shown = [k for k in ("cam", "icd_td") if k in merged]
             for c in present:
@@ -73,7 +113,7 @@ def infer(cfg: Config, params: str, out_dir: str, contexts: Sequence[mx.Context]
         width = max(r.shape[1] for r in rows)
         sheet = np.concatenate([np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0))) for r in rows])
         write_image(os.path.join(out_dir, "scores_demo", f"class_{c}.jpg"), sheet)
-    return [n for n in names if n in written]
+    return written
 
 
 def _crop_panel(image: np.ndarray, scores: List[np.ndarray], size: int) -> np.ndarray:

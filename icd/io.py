@@ -11,7 +11,7 @@ import threading
 from typing import Iterator, List
 
 # the names atomic_path gives its temporaries: .<base>.<8 random characters>.tmp<ext>
-_TEMPORARY = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp(\.[^.]*)?$")
+_TEMPORARY = re.compile(r"^\.(?P<base>.+)\.[a-z0-9_]{8}\.tmp(?P<ext>\.[^.]*)?$")
 
 
 @contextlib.contextmanager
@@ -38,13 +38,17 @@ def atomic_path(path: str) -> Iterator[str]:
         raise
 
 
-def remove_stale_temporaries(folder: str) -> List[str]:
+def remove_stale_temporaries(folder: str, prefix: str = "") -> List[str]:
     """Delete the temporaries that interrupted `atomic_path` writes (SIGKILL, power loss) left in
-    `folder`; returns their paths. Call it when a stage starts writing there, before any writer."""
+    `folder` for final names starting with `prefix`; returns their paths. Call it when a stage
+    starts writing there, before any writer; `prefix` spares other stages writing beside it."""
     if not os.path.isdir(folder):
         return []
-    stale = [os.path.join(folder, name) for name in sorted(os.listdir(folder))
-             if _TEMPORARY.match(name)]
+    stale = []
+    for name in sorted(os.listdir(folder)):
+        match = _TEMPORARY.match(name)
+        if match and (match.group("base") + (match.group("ext") or "")).startswith(prefix):
+            stale.append(os.path.join(folder, name))
     for path in stale:
         with contextlib.suppress(FileNotFoundError):
             os.remove(path)

@@ -8,7 +8,9 @@ The release's `_generate_seed` is split into pieces that the evaluation reuses:
   threshold study of Table 2);
 - `crf_refine`: the dense CRF post-processing;
 - `generate_seed`: the release's per-image function (resize, rule, CRF);
-- `make_seeds`: all images of a list, multi-process, resumable, atomic.
+- `make_seeds`: all images of a list, multi-process, resumable, atomic; it reads the score
+  folders' provenance (icd.provenance: complete, one inference run, the size they were made at)
+  and records its own in the seed folder.
 
 Seed values: VOC class index + 1 on the foreground, 0 on the background, 255 undefined.
 """
@@ -25,6 +27,7 @@ from tqdm import tqdm
 
 from .data.voc import IGNORE_LABEL, NUM_CLASSES, read_image, read_image_labels, read_list, \
     write_mask
+from .provenance import producing, read_record, score_infer_size
 
 INFER_SIZE = 513          # release: inference size S (section 5)
 EPS = 1e-5                # release: every normaliser floor, proposal and tie tolerance
@@ -295,7 +298,7 @@ def map_images(func: Callable[[str], T], names: Sequence[str], workers: int,
 
 
 def make_seeds(results_dir: str, image_root: str, annotation_root: str, data_list: str,
-               saliency_root: Optional[str] = None, infer_size: int = INFER_SIZE,
+               saliency_root: Optional[str] = None, infer_size: Optional[int] = None,
                workers: int = 1, crf: bool = True, overwrite: bool = False,
                icd_folder: str = "scores_icd", cam_folder: str = "scores_cam",
                out_dir: Optional[str] = None) -> Dict[str, object]:
@@ -304,8 +307,12 @@ def make_seeds(results_dir: str, image_root: str, annotation_root: str, data_lis
     Reads `<results_dir>/<cam_folder>/<name>.npy`, `<results_dir>/<icd_folder>/<name>.npy`,
     `<image_root>/<name>.jpg`, `<annotation_root>/<name>.xml` (and `<saliency_root>/<name>.png`).
     Writes `<out_dir>/<name>.png`; out_dir defaults to `default_seed_dir`: `seeds/sal` with
-    saliency, else `seeds/crf`, or `seeds/nocrf` with crf=False. Existing outputs are kept unless
-    `overwrite` (resumable); each PNG is written atomically.
+    saliency, else `seeds/crf`, or `seeds/nocrf` with crf=False. Existing seeds of the same
+    settings are kept unless `overwrite` (resumable); each PNG is written atomically.
+
+    The score folders must be complete and from one inference run (icd.provenance);
+    `infer_size` None takes the size they were made at (INFER_SIZE without a record), an explicit
+    other value is an error. A seed folder of other settings is refused unless `overwrite`.
 
     Args:
         workers: processes; <= 1 runs in this process.
@@ -315,13 +322,20 @@ def make_seeds(results_dir: str, image_root: str, annotation_root: str, data_lis
     variant = "sal" if saliency_root is not None else ("crf" if crf else "nocrf")
     out_dir = out_dir or default_seed_dir(results_dir, variant, icd_folder)
     names = read_list(data_list)
-    todo = [n for n in names
-            if overwrite or not os.path.isfile(os.path.join(out_dir, n + ".png"))]
-    os.makedirs(out_dir, exist_ok=True)
-    job = functools.partial(_seed_one, results_dir=results_dir, image_root=image_root,
-                            annotation_root=annotation_root, saliency_root=saliency_root,
-                            infer_size=infer_size, crf=crf, icd_folder=icd_folder,
-                            cam_folder=cam_folder, out_dir=out_dir)
-    for _ in map_images(job, todo, workers, f"seeds -> {out_dir}"):
-        pass
+    infer_size = score_infer_size(results_dir, (cam_folder, icd_folder), names, infer_size,
+                                  INFER_SIZE)
+    scores = {folder: (read_record(os.path.join(results_dir, folder)) or {}).get("fingerprint")
+              for folder in (cam_folder, icd_folder)}
+    settings = dict(scores=scores, infer_size=infer_size, crf=crf,
+                    saliency_root=saliency_root and os.path.abspath(saliency_root),
+                    image_root=os.path.abspath(image_root),
+                    annotation_root=os.path.abspath(annotation_root))
+    with producing([out_dir], "seeds", settings, overwrite):
+        todo = [n for n in names if not os.path.isfile(os.path.join(out_dir, n + ".png"))]
+        job = functools.partial(_seed_one, results_dir=results_dir, image_root=image_root,
+                                annotation_root=annotation_root, saliency_root=saliency_root,
+                                infer_size=infer_size, crf=crf, icd_folder=icd_folder,
+                                cam_folder=cam_folder, out_dir=out_dir)
+        for _ in map_images(job, todo, workers, f"seeds -> {out_dir}"):
+            pass
     return {"written": len(todo), "skipped": len(names) - len(todo), "out_dir": out_dir}

@@ -163,7 +163,7 @@ def start_run(cfg: Config) -> Dict[str, object]:
     """
     os.makedirs(cfg.snapshot, exist_ok=True)
     for folder in (cfg.snapshot, os.path.join(cfg.snapshot, "demo")):
-        for path in remove_stale_temporaries(folder):
+        for path in remove_stale_temporaries(folder, prefix=f"{cfg.model}-"):
             log.info("%s: removed the temporary file of an interrupted write", path)
     files = checkpoint_files(cfg)
     later = sorted(e for e in files if e >= cfg.begin_epoch)

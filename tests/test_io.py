@@ -50,6 +50,10 @@ def test_stale_temporaries_of_interrupted_writes_are_removed(tmp_path):
         [stale, ".a.b.abcd_123.tmp.png", ".log.x1y2z3w4.tmp"])
     assert sorted(os.listdir(folder)) == [".hidden.tmp.txt", "kept.params"]
     assert remove_stale_temporaries(os.path.join(folder, "absent")) == []
+    for name in (".vgg16_icd-0001.abcdefgh.tmp.params", ".vgg16_cam-0001.abcdefgh.tmp.params"):
+        open(os.path.join(folder, name), "w").close()
+    assert [os.path.basename(p) for p in remove_stale_temporaries(folder, "vgg16_cam-")] == [
+        ".vgg16_cam-0001.abcdefgh.tmp.params"]     # another model's write may be in progress
 
 
 def test_deferred_interrupt_finishes_the_block_then_raises(tmp_path):

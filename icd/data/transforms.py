@@ -89,12 +89,21 @@ def train_transform(image: np.ndarray, superpixels: np.ndarray, size: int,
     return np.ascontiguousarray(image), relabel(superpixels, rng)
 
 
+def infer_window(height: int, width: int, size: int) -> Tuple[int, int]:
+    """(top, left) of the S x S window inference scores in an (height, width) image: the centre
+    crop of the image padded bottom/right to >= S (release, section 5); (0, 0) unless a side
+    exceeds S, in which case only the window is scored."""
+    return max(height - size, 0) // 2, max(width - size, 0) // 2
+
+
 def infer_transform(image: np.ndarray, superpixels: np.ndarray, size: int) -> Pair:
     """Inference: pad bottom/right to >= S, then the centre S x S crop (release, section 5).
 
-    An image no larger than S stays at the top-left; ids are kept as they are.
+    An image no larger than S stays at the top-left; a larger one loses what lies outside
+    `infer_window` (the release does so silently; `icd.infer.infer` warns and records it).
+    Ids are kept as they are.
     """
     image, superpixels = pad_to(image, superpixels, size)
-    h, w = image.shape[:2]
-    image, superpixels = crop(image, superpixels, (h - size) // 2, (w - size) // 2, size)
+    top, left = infer_window(*image.shape[:2], size)
+    image, superpixels = crop(image, superpixels, top, left, size)
     return np.ascontiguousarray(image), np.ascontiguousarray(superpixels, np.int32)

@@ -1,0 +1,196 @@
+"""What produced a folder of results, so that a later stage never reads a mix or a wrong size.
+
+A stage that writes a folder of per-image results (inference -> `results/scores_*`, seeds ->
+`results/seeds/<variant>`) keeps a record beside it, `<folder>.provenance.json` (beside, so that
+the folder holds only what a segmentation trainer or the release's tools expect):
+
+  {"stage": "infer", "state": "running" | "failed" | "complete", "settings": {...},
+   "fingerprint": <hash of the settings>, "notes": {...}, "error": <why it failed>}
+
+`producing` writes it: "running" before the first file, "complete" or "failed" at the end (a
+killed run stays "running"). A run with the settings of the record continues in the folder
+(resumable stages keep their files); a run with other settings, or into a folder of files without
+a record, refuses unless `overwrite`, which clears the folder's files first. `require_complete`
+is what a reading stage calls: a running or failed record is an error naming the folder; a folder
+without a record (e.g. the release's files) is accepted with a warning, as nothing can be checked.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import socket
+import time
+from typing import Dict, Iterator, List, Mapping, Optional, Sequence
+
+from .io import read_json, remove_stale_temporaries, write_json
+
+log = logging.getLogger(__name__)
+RECORD_SUFFIX = ".provenance.json"
+
+
+class ProvenanceError(ValueError):
+    """A folder holds results of other settings, or of a run that did not finish."""
+
+
+def file_identity(path: str) -> Dict[str, object]:
+    """What identifies an input file cheaply: absolute path, size and modification time."""
+    stat = os.stat(path)
+    return {"path": os.path.abspath(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def fingerprint(settings: Mapping[str, object]) -> str:
+    """A short hash of `settings` (JSON with sorted keys)."""
+    text = json.dumps(settings, sort_keys=True, allow_nan=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def record_path(folder: str) -> str:
+    """`<folder>.provenance.json`, the record of `folder`."""
+    return os.path.normpath(folder) + RECORD_SUFFIX
+
+
+def read_record(folder: str) -> Optional[dict]:
+    """The record of `folder`, or None when it has none."""
+    path = record_path(folder)
+    return read_json(path) if os.path.isfile(path) else None
+
+
+def _result_files(folder: str) -> List[str]:
+    if not os.path.isdir(folder):
+        return []
+    return sorted(os.path.join(folder, name) for name in os.listdir(folder)
+                  if os.path.isfile(os.path.join(folder, name)))
+
+
+def _differences(old: Mapping[str, object], new: Mapping[str, object]) -> str:
+    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    return ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in keys)
+
+
+def _claim(folder: str, stage: str, settings: Mapping[str, object], overwrite: bool) -> dict:
+    """Check that `stage` with `settings` may write `folder`; clear it if `overwrite` must."""
+    record = read_record(folder)
+    files = _result_files(folder)
+    same = record is not None and record.get("fingerprint") == fingerprint(settings)
+    if same and not overwrite:
+        return record
+    if files and not overwrite:
+        if record is None:
+            raise ProvenanceError(
+                f"{folder}: holds {len(files)} files of unknown origin (no {record_path(folder)}); "
+                f"pass "
+                f"--overwrite to clear it, or choose another output folder")
+        raise ProvenanceError(
+            f"{folder}: holds results of another {record.get('stage')} run (changed: "
+            f"{_differences(record.get('settings', {}), settings)}); pass --overwrite to clear "
+            f"it, or choose another output folder")
+    for path in files:
+        os.remove(path)
+    if files:
+        log.info("%s: removed %d files of an earlier run", folder, len(files))
+    return {}
+
+
+@contextlib.contextmanager
+def producing(folders: Sequence[str], stage: str, settings: Mapping[str, object],
+              overwrite: bool = False) -> Iterator[dict]:
+    """Write `folders` as one run of `stage` with `settings`; yields the record's `notes` dict,
+    which the stage may fill (e.g. images it had to crop) and which is saved with the record.
+
+    Raises ProvenanceError (before anything is written) when a folder holds other results.
+    """
+    settings = json.loads(json.dumps(dict(settings)))   # what the record will read back
+    earlier = [_claim(folder, stage, settings, overwrite) for folder in folders]
+    notes: dict = {}
+    for record in earlier:       # a continued run keeps what the earlier one noted
+        for key, value in record.get("notes", {}).items():
+            notes.setdefault(key, {}).update(value)
+    record = {"stage": stage, "state": "running", "settings": settings,
+              "fingerprint": fingerprint(settings), "notes": notes,
+              "host": socket.gethostname(), "pid": os.getpid(),
+              "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+    def save():
+        for folder in folders:
+            write_json(record_path(folder), record)
+
+    for folder in folders:
+        os.makedirs(folder, exist_ok=True)
+        record_file = record_path(folder)
+        for path in remove_stale_temporaries(folder) + remove_stale_temporaries(
+                os.path.dirname(record_file), prefix=os.path.basename(record_file)):
+            log.info("%s: removed the temporary file of an interrupted write", path)
+    save()
+    try:
+        yield notes
+    except BaseException as e:
+        record.update(state="failed", error=f"{type(e).__name__}: {e}".splitlines()[0],
+                      finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        save()
+        raise
+    record.update(state="complete", finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    save()
+
+
+def require_complete(folder: str, rerun: str) -> Optional[dict]:
+    """The record of an input folder, checked to be complete; None (and a warning) without one.
+
+    `rerun` says what writes the folder (e.g. "infer_scores.py"), for the message.
+    """
+    record = read_record(folder)
+    if record is None:
+        if os.path.isdir(folder):
+            log.warning("%s: no %s; its files cannot be checked against the settings that made "
+                        "them", folder, record_path(folder))
+        return None
+    if record.get("state") != "complete":
+        why = f" ({record['error']})" if record.get("error") else \
+            f" (started {record.get('started')} by pid {record.get('pid')} on {record.get('host')})"
+        raise ProvenanceError(
+            f"{folder}: the {record.get('stage')} run that writes it is {record.get('state')}"
+            f"{why}, so its files may be a mix of runs or incomplete; run {rerun} into it again "
+            f"(the same settings continue; other settings need --overwrite)")
+    return record
+
+
+def score_infer_size(results_dir: str, folders: Sequence[str], names: Sequence[str],
+                     infer_size: Optional[int], default: int) -> int:
+    """The inference size to read score folders `folders` of `results_dir` with, after checking
+    that they are complete, come from one inference run, and scored every image of `names` whole.
+
+    `infer_size` None takes the size the scores were made at (`default` for folders without a
+    record); an explicit value that contradicts it is an error, as are images the inference had
+    to crop (larger than its size; release: only their centre crop is scored).
+    """
+    paths = [os.path.join(results_dir, folder) for folder in dict.fromkeys(folders)]
+    records = {path: require_complete(path, "infer_scores.py") for path in paths}
+    known = {path: record for path, record in records.items() if record is not None}
+    if len({record["fingerprint"] for record in known.values()}) > 1:
+        first, *others = known
+        raise ProvenanceError(
+            f"{', '.join(known)}: made by different inference runs (changed: "
+            f"{_differences(known[first]['settings'], known[others[0]]['settings'])}); infer "
+            f"them again together into one results folder")
+    if not known:
+        return default if infer_size is None else infer_size
+    folder, record = next(iter(known.items()))
+    made = record["settings"]["infer_size"]
+    if infer_size is not None and infer_size != made:
+        raise ProvenanceError(
+            f"{folder}: scores were made at inference size {made}, not {infer_size}; leave "
+            f"--infer-size out (it defaults to the scores' size) or pass --infer-size {made}")
+    cropped = record.get("notes", {}).get("cropped", {})
+    larger = [name for name in names if name in cropped]
+    if larger:
+        shown = ", ".join(f"{n} {cropped[n]['size'][0]}x{cropped[n]['size'][1]}"
+                          for n in larger[:5])
+        side = max(max(cropped[n]["size"]) for n in larger)
+        raise ProvenanceError(
+            f"{folder}: {len(larger)} images are larger than the inference size {made}, so only "
+            f"their centre {made}x{made} crop was scored (as in the release) and their seeds "
+            f"cannot cover them: {shown}{', ...' if len(larger) > 5 else ''}; infer again with "
+            f"--infer-size {side} or more, or leave them out of the list")
+    return made
