@@ -95,7 +95,8 @@ def segmentation_loader(image_root: str, label_root: str, data_list: str,
                         num_workers: int = min(4, os.cpu_count() or 1),
                         seed: int = 0) -> TrainLoader:
     """Training batches (data (B, 3, S, S), label (B, S, S)), float32, reshuffled every epoch
-    (`set_epoch` chooses the epoch), last partial batch dropped. DeepLab-LargeFOV: batch 10."""
+    (`set_epoch` chooses the epoch), last partial batch dropped. Default batch 10: DeepLab's
+    (TPAMI 2018) LargeFOV schedule; the ICLR 2015 paper used 20."""
     dataset = SegmentationDataset(image_root, label_root, data_list, crop_size, num_classes,
                                   seed)
     if len(dataset) < batch_size:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 
+from ..data.voc import IGNORE_LABEL  # 255: object borders, undefined seeds, crop padding
+
 BOTTOM_UP_SCALE = 10.0    # release: ICD_BottomUp grad_scale
 SINGLE_CLASS_MAX = 1.001  # release: rows whose label sum >= 1.001 are multi-class
 NORM_EPS = 1e-5           # release: epsilons of the L2-normalisation backward
@@ -91,11 +93,8 @@ def top_down_warmup(iteration: int, warmup_iters: int) -> float:
     return math.exp(-10.0 * remaining / warmup_iters) if remaining > 0 else 1.0
 
 
-IGNORE_LABEL = 255  # VOC: 'ignore' pixels (object borders, undefined seeds, crop padding)
-
-
 def nearest_label(F, label, logits):
-    """Labels shrunk to the score map by nearest neighbour, as DeepLab-LargeFOV's label_shrink.
+    """Labels shrunk to the score map (DeepLab-LargeFOV's label_shrink) by nearest neighbour.
 
     label: (N, H, W) class ids at the input resolution; logits: (N, K, h, w). Output row i
     samples input row round(i (H - 1) / (h - 1)) (columns alike): for the stride-8 maps of
