@@ -1,5 +1,11 @@
-"""The ICD network: VGG16-DeepLab backbone, CAM head and the intra-class discriminator branch."""
+"""The models: the ICD network (icd_net) and the DeepLab segmentation networks (deeplab), all
+built by name through one registry (`build_model("vgg16_icd")`, `build_model("vgg16_largefov")`)."""
 from .backbone import VGG16DeepLab, scaled
-from .icd_net import MODELS, CAMNet, ICDNet, build_model
+from .icd_net import CAMNet, ICDNet
+from .deeplab import DeepLabVGG16, ResNet101LargeFOV, resnet101_largefov, vgg16_aspp, \
+    vgg16_largefov
+from .registry import MODELS, build_model, register
 
-__all__ = ["VGG16DeepLab", "CAMNet", "ICDNet", "MODELS", "build_model", "scaled"]
+__all__ = ["VGG16DeepLab", "CAMNet", "ICDNet", "DeepLabVGG16", "ResNet101LargeFOV",
+           "vgg16_largefov", "vgg16_aspp", "resnet101_largefov", "MODELS", "build_model",
+           "register", "scaled"]

@@ -13,6 +13,7 @@ from mxnet.gluon import HybridBlock, nn
 from . import ops  # noqa: F401  (registers the custom operators)
 from .backbone import VGG16DeepLab, scaled
 from .losses import BOTTOM_UP_VARIANTS, bottom_up_loss, multi_sigmoid_loss, top_down_loss
+from .registry import register
 
 FEATURES = ("conv4", "conv5", "fc6", "concat")   # Table 5: features for the bottom-up estimation
 TOP_DOWN = ("a", "b", "c", "d")                   # Table 6: structures of the top-down branch
@@ -161,11 +162,5 @@ class ICDNet(CAMNet):
         return x_cam, S, S_refined, S_adapted, losses
 
 
-MODELS = {"vgg16_icd": ICDNet, "vgg16_cam": CAMNet}
-
-
-def build_model(name: str = "vgg16_icd", **kwargs) -> CAMNet:
-    """Construct a registered model by the release's name (`--model`)."""
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; available: {sorted(MODELS)}")
-    return MODELS[name](**kwargs)
+register("vgg16_icd", ICDNet)
+register("vgg16_cam", CAMNet)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 
+from ..data.voc import IGNORE_LABEL  # 255: object borders, undefined seeds, crop padding
+
 BOTTOM_UP_SCALE = 10.0    # release: ICD_BottomUp grad_scale
 SINGLE_CLASS_MAX = 1.001  # release: rows whose label sum >= 1.001 are multi-class
 NORM_EPS = 1e-5           # release: epsilons of the L2-normalisation backward
@@ -89,3 +91,38 @@ def top_down_warmup(iteration: int, warmup_iters: int) -> float:
     """
     remaining = warmup_iters - iteration
     return math.exp(-10.0 * remaining / warmup_iters) if remaining > 0 else 1.0
+
+
+def nearest_label(F, label, logits):
+    """Labels shrunk to the score map (DeepLab-LargeFOV's label_shrink) by nearest neighbour.
+
+    label: (N, H, W) class ids at the input resolution; logits: (N, K, h, w). Output row i
+    samples input row round(i (H - 1) / (h - 1)) (columns alike): for the stride-8 maps of
+    321 -> 41 and 513 -> 65 inputs that is row 8i, the input pixel at the feature's centre.
+    Returns (N, h, w) float32 ids.
+    """
+    picked = label
+    for label_axis, score_axis in ((1, 2), (2, 3)):
+        big = F.max(F.contrib.arange_like(label, axis=label_axis))        # H - 1
+        small = F.max(F.contrib.arange_like(logits, axis=score_axis))     # h - 1
+        index = F.round(F.broadcast_mul(F.contrib.arange_like(logits, axis=score_axis),
+                                        big / F.maximum(small, 1)))
+        picked = F.take(picked, index, axis=label_axis)
+    return picked
+
+
+def segmentation_loss(F, logits, label):
+    """Softmax cross-entropy of DeepLab with 255 ignored, summed over the batch.
+
+    logits: (N, K, h, w) with K = C + 1 classes; label: (N, H, W) ids 0..C or 255 at the input
+    resolution, shrunk to (h, w) by `nearest_label` (DeepLab-LargeFOV's choice: labels shrunk to
+    the score map, not logits upsampled). Per image the loss is the mean over its non-ignored
+    pixels (an image without any contributes 0); the images' losses are summed, so the trainer's
+    rescale 1/batch_size gives the batch mean whatever the split over devices. Ignored pixels
+    contribute no loss and no gradient. Returns a (1,) array.
+    """
+    target = F.BlockGrad(nearest_label(F, label, logits))
+    valid = target != IGNORE_LABEL
+    nll = -F.pick(F.log_softmax(logits, axis=1), target * valid, axis=1)       # (N, h, w)
+    per_image = F.sum(nll * valid, axis=(1, 2)) / F.maximum(F.sum(valid, axis=(1, 2)), 1)
+    return F.sum(per_image).reshape((1,))

@@ -1,0 +1,214 @@
+"""DeepLab segmentation networks trained on the seeds (paper Tables 7-8).
+
+- `vgg16_largefov`, `vgg16_aspp`: the release's graphs (ORIGINAL_RELEASE.md section 12; the release
+  never shipped their training code) on the VGG16-DeepLab backbone of section 2, parameter names
+  equal to the release's symbol names, so `icd.checkpoint` moves them by name.
+- `resnet101_largefov`: DeepLab-LargeFOV on gluoncv's dilated ResNetV1b-101 (output stride 8), so
+  that gluoncv's ImageNet weights load.
+
+All share the contract forward(data (N, 3, H, W) float32 RGB 0..255) -> logits (N, C + 1, h, w)
+at the feature resolution (h = floor((H - 1) / 8) + 1: 321 -> 41, 513 -> 65), channel 0 the
+background and `num_classes` = C foreground classes (VOC: 20, so 21 channels). The softmax loss
+is `icd.model.losses.segmentation_loss`; inference is `icd.segment`.
+"""
+from __future__ import annotations
+
+from typing import List, Sequence, Union
+
+import mxnet as mx
+from gluoncv.model_zoo import resnetv1b
+from gluoncv.model_zoo.model_store import get_model_file
+from mxnet import init
+from mxnet.gluon import HybridBlock, nn
+
+from .backbone import VGG16DeepLab, scaled
+from .registry import register
+
+LARGEFOV_DILATION = 12                 # release: fc6 3x3 dilation 12, pad 12
+ASPP_DILATIONS = (6, 12, 18, 24)       # release: vgg16_aspp branches fc6_aspp{d}
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # gluoncv's ImageNet weights: RGB / 255, then
+IMAGENET_STD = (0.229, 0.224, 0.225)   # (x - mean) / std per channel
+NEW_LAYER_STD = 0.01                   # release: layers missing from the ImageNet file ~ N(0, 0.01)
+
+
+def set_release_multipliers(net: HybridBlock) -> None:
+    """Release optimiser semantics (section 4) for the DeepLab graphs: lr_mult 10 on the
+    classifiers fc8* (section 12); weight decay only on names ending in _weight or _gamma."""
+    for name, param in net.collect_params().items():
+        param.lr_mult = 10.0 if name.startswith("fc8") else 1.0
+        param.wd_mult = 1.0 if name.endswith(("_weight", "_gamma")) else 0.0
+
+
+class LargeFOVBranch(HybridBlock):
+    """fc6 (3x3, dilation d) + ReLU -> drop6 -> fc7 (1x1) + ReLU -> drop7 -> fc8 (1x1) logits.
+
+    Parameters are named `fc6{suffix}_weight`, ... : suffix "" for LargeFOV (release names
+    fc6/fc7/fc8), "_aspp{d}" for an ASPP branch. (N, in_channels, h, w) -> (N, outputs, h, w).
+    """
+
+    def __init__(self, outputs: int, in_channels: int, dilation: int, width: float = 1.0,
+                 dropout: float = 0.5, suffix: str = "", **kwargs):
+        super().__init__(**kwargs)
+        fc = scaled(1024, width)
+        with self.name_scope():
+            self.fc6 = nn.Conv2D(fc, 3, padding=dilation, dilation=dilation, activation="relu",
+                                 in_channels=in_channels, prefix=f"fc6{suffix}_")
+            self.drop6 = nn.Dropout(dropout)
+            self.fc7 = nn.Conv2D(fc, 1, activation="relu", in_channels=fc, prefix=f"fc7{suffix}_")
+            self.drop7 = nn.Dropout(dropout)
+            self.fc8 = nn.Conv2D(outputs, 1, in_channels=fc, prefix=f"fc8{suffix}_")
+
+    def hybrid_forward(self, F, x):
+        return self.fc8(self.drop7(self.fc7(self.drop6(self.fc6(x)))))
+
+
+class DeepLabVGG16(HybridBlock):
+    """VGG16-DeepLab backbone -> pool5 -> pool5a -> LargeFOV branch (fc6 dilation 12) or the sum
+    of the four ASPP branches (dilations 6, 12, 18, 24). Use `vgg16_largefov` / `vgg16_aspp`.
+
+    forward(data (N, 3, H, W) RGB 0..255) -> logits (N, num_classes + 1, h, w); the backbone
+    subtracts the release's mean 127.
+    """
+    input_names = ("data",)
+    output_names = ("score",)
+
+    def __init__(self, num_classes: int = 20, width: float = 1.0, dropout: float = 0.5,
+                 dilations: Sequence[int] = (LARGEFOV_DILATION,), prefix: str = "", **kwargs):
+        super().__init__(prefix=prefix, **kwargs)
+        self.num_classes, self.width = num_classes, width
+        self.aspp = len(dilations) > 1
+        with self.name_scope():
+            self.backbone = VGG16DeepLab(width, prefix="")
+            self.branches: List[LargeFOVBranch] = []
+            for d in dilations:
+                branch = LargeFOVBranch(num_classes + 1, scaled(512, width), d, width, dropout,
+                                        suffix=f"_aspp{d}" if self.aspp else "", prefix="")
+                self.register_child(branch, f"aspp{d}" if self.aspp else "largefov")
+                self.branches.append(branch)
+        set_release_multipliers(self)
+
+    def hybrid_forward(self, F, data):
+        _, conv5 = self.backbone(data)
+        # release: the backbone ends with pool5 (max) and pool5a (avg), 3x3 s1 p1 (section 2)
+        x = F.Pooling(conv5, kernel=(3, 3), stride=(1, 1), pad=(1, 1), pool_type="max")
+        x = F.Pooling(x, kernel=(3, 3), stride=(1, 1), pad=(1, 1), pool_type="avg")
+        if not self.aspp:
+            return self.branches[0](x)
+        return F.add_n(*[branch(x) for branch in self.branches])   # release: fc8 outputs summed
+
+
+def vgg16_largefov(num_classes: int = 20, width: float = 1.0,
+                   dropout: float = 0.5) -> DeepLabVGG16:
+    """DeepLab-LargeFOV on VGG16 (release `vgg16_largefov`): fc6 3x3 dilation 12 (1024),
+    fc7 1x1 (1024), fc8 1x1 (num_classes + 1, lr_mult 10), Dropout 0.5 after fc6 and fc7.
+
+    `vgg16_20M.params` provides every key but fc8 (`icd.checkpoint.initialize` draws fc8 from
+    N(0, 0.01)). `width` scales every channel count (1.0 = the paper; tests use 1/8-1/16).
+    """
+    return DeepLabVGG16(num_classes, width, dropout, dilations=(LARGEFOV_DILATION,))
+
+
+def vgg16_aspp(num_classes: int = 20, width: float = 1.0, dropout: float = 0.5) -> DeepLabVGG16:
+    """DeepLab-ASPP on VGG16 (release `vgg16_aspp`): for d in (6, 12, 18, 24) a branch
+    fc6_aspp{d} (3x3, dilation d, 1024) -> fc7_aspp{d} (1x1, 1024) -> fc8_aspp{d} (1x1,
+    num_classes + 1, lr_mult 10), Dropout 0.5 after fc6/fc7; the four fc8 outputs summed.
+
+    `vgg16_20M.params` provides only the backbone conv1_1..conv5_3: none of the branch layers
+    carries its names, so `icd.checkpoint.initialize` draws all twelve branch layers from
+    N(0, 0.01) and leaves the file's fc6/fc7 unused.
+    """
+    return DeepLabVGG16(num_classes, width, dropout, dilations=ASPP_DILATIONS)
+
+
+class DilatedResNet101(HybridBlock):
+    """gluoncv's ResNetV1b-101 without its classifier, `dilated=True`: res4 (`layer3`) dilation 2
+    and res5 (`layer4`) dilation 4 with stride 1, so the output stride is 8.
+
+    forward(x (N, 3, H, W) ImageNet-normalised RGB) -> (N, 2048, h, w). The children keep
+    ResNetV1b's names (conv1, bn1, layer1..layer4), so a gluoncv `resnet101_v1b` `.params` file
+    loads with `load_parameters(path, ignore_extra=True)` (only its classifier `fc` is extra).
+    `frozen_bn`: BatchNorm uses the stored statistics in training too (gluoncv's
+    `use_global_stats`), as DeepLab's ResNet-101 fine-tunes with frozen BN statistics.
+    """
+
+    def __init__(self, frozen_bn: bool = True, **kwargs):
+        super().__init__(**kwargs)
+        resnet = resnetv1b.resnet101_v1b(pretrained=False, dilated=True,
+                                         use_global_stats=frozen_bn)
+        with self.name_scope():
+            self.conv1, self.bn1, self.relu = resnet.conv1, resnet.bn1, resnet.relu
+            self.maxpool = resnet.maxpool
+            self.layer1, self.layer2 = resnet.layer1, resnet.layer2
+            self.layer3, self.layer4 = resnet.layer3, resnet.layer4
+
+    def hybrid_forward(self, F, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+
+class ResNet101LargeFOV(HybridBlock):
+    """DeepLab-LargeFOV on ResNet-101 (paper Table 8): the dilated trunk (output stride 8) and
+    the LargeFOV head fc6 3x3 dilation 12 (1024) -> fc7 (1024) -> fc8 (num_classes + 1,
+    lr_mult 10), Dropout 0.5 after fc6 and fc7. No pool5/pool5a: those belong to VGG16.
+
+    forward(data (N, 3, H, W) RGB 0..255) -> logits (N, num_classes + 1, h, w). The input is
+    normalised as gluoncv's ImageNet weights expect: (data / 255 - mean) / std per RGB channel,
+    mean (0.485, 0.456, 0.406), std (0.229, 0.224, 0.225). Initialise with `initialize_imagenet`.
+    """
+    input_names = ("data",)
+    output_names = ("score",)
+
+    def __init__(self, num_classes: int = 20, dropout: float = 0.5, frozen_bn: bool = True,
+                 prefix: str = "", **kwargs):
+        super().__init__(prefix=prefix, **kwargs)
+        self.num_classes = num_classes
+        with self.name_scope():
+            self.trunk = DilatedResNet101(frozen_bn, prefix="")
+            self.largefov = LargeFOVBranch(num_classes + 1, 2048, LARGEFOV_DILATION,
+                                           dropout=dropout, prefix="")
+        set_release_multipliers(self)
+
+    def hybrid_forward(self, F, data):
+        channels = F.split(data / 255.0, num_outputs=3, axis=1)
+        x = F.concat(*[(c - m) / s for c, m, s in zip(channels, IMAGENET_MEAN, IMAGENET_STD)],
+                     dim=1)
+        return self.largefov(self.trunk(x))
+
+    def initialize_imagenet(self, contexts: Sequence[mx.Context],
+                            pretrained: Union[bool, str] = False,
+                            root: str = "~/.mxnet/models") -> None:
+        """Initialise for training: the head ~ N(0, 0.01) (weights and biases, as the release's
+        new layers); the trunk from gluoncv's ImageNet `resnet101_v1b` weights.
+
+        pretrained: True fetches them from gluoncv's model store (internet, or a `root` that
+        already holds `resnet101_v1b-*.params`); a path loads a local gluoncv `.params` file
+        (e.g. saved with `resnet101_v1b(pretrained=True).save_parameters(path)`); False leaves
+        the trunk He-initialised (tests, no weights).
+        """
+        contexts = list(contexts)
+        self.trunk.initialize(init.Xavier(rnd_type="gaussian", factor_type="in", magnitude=2),
+                              ctx=contexts, force_reinit=True)
+        for param in self.largefov.collect_params().values():
+            param.initialize(ctx=contexts, force_reinit=True)
+            param.set_data(mx.nd.random.normal(0, NEW_LAYER_STD, shape=param.shape))
+        if pretrained:
+            path = pretrained if isinstance(pretrained, str) else \
+                get_model_file("resnet101_v1b", root=root)
+            self.trunk.load_parameters(path, ctx=contexts, ignore_extra=True)
+
+
+def resnet101_largefov(num_classes: int = 20, width: float = 1.0, dropout: float = 0.5,
+                       frozen_bn: bool = True) -> ResNet101LargeFOV:
+    """DeepLab-LargeFOV on gluoncv's dilated ResNetV1b-101 (see `ResNet101LargeFOV`).
+
+    `width` exists for the common model options and must be 1.0 (ResNet-101 has no width
+    multiplier; small tests use a small input instead).
+    """
+    if width != 1.0:
+        raise ValueError(f"resnet101_largefov has no width multiplier (width {width}); use 1.0")
+    return ResNet101LargeFOV(num_classes, dropout, frozen_bn)
+
+
+register("vgg16_largefov", vgg16_largefov)
+register("vgg16_aspp", vgg16_aspp)
+register("resnet101_largefov", resnet101_largefov)

@@ -1,0 +1,200 @@
+"""DeepLab inference on whole images -> index-PNG predictions, and their evaluation (Tables 7-8).
+
+Per image: for every scale s (default 1 only) and, with `flip`, the mirrored image too, the image
+is resized by s (bilinear, size int(h s + 0.5)), padded bottom/right with the mean 127 to a square
+of side P = max(513, its sides), and the network's softmax probabilities are upsampled
+(bilinear, half-pixel centres as cv2) to P x P, cropped to the scaled image, resized to the image
+and mirrored back; the probabilities are averaged over scales and flips. The prediction is their
+argmax, or, with `crf`, the argmax of a dense CRF with DeepLab-LargeFOV's parameters.
+
+Outputs under `out_dir`: `pred/<name>.png`, single-channel 8-bit PNGs of class ids 0..C that
+`cv2.imread(p, 0)` reads, and `overlay/<name>.jpg`, the VOC colours over the image for people.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+import cv2
+import mxnet as mx
+import numpy as np
+from tqdm import tqdm
+
+from .crf import dense_crf
+from .data.transforms import INFER_SIZE, PAD_VALUE
+from .data.voc import read_image, read_list, write_image
+from .evaluate import SEG_CLASSES, evaluate_seeds, overlay
+from .io import atomic_path, write_json
+
+MULTI_SCALES = (0.75, 1.0, 1.25)   # the usual multi-scale test set (option `scales`)
+# Dense CRF of DeepLab-LargeFOV (Chen et al., "Semantic Image Segmentation with Deep
+# Convolutional Nets and Fully Connected CRFs", ICLR 2015, Sec. 4 and the authors' released
+# DeepLab-LargeFOV setting): Gaussian kernel w2 = 3, theta_gamma = 3; bilateral kernel w1 = 4,
+# theta_alpha (xy) = 121, theta_beta (rgb) = 5; 10 mean-field iterations.
+CRF_GAUSSIAN = dict(sxy=3, compat=3)
+CRF_BILATERAL = dict(sxy=121, srgb=5, compat=4)
+CRF_ITERATIONS = 10
+# Paper Tables 7 (VGG16) and 8 (ResNet-101): DeepLab-LargeFOV trained on ICD seeds, VOC 2012
+# mIoU (%) (val, test); I. = image-level labels, I.+S. = with saliency seeds.
+PAPER_RESULTS = {"VGG16": {"I.": (61.2, 60.9), "I.+S.": (64.0, 63.9)},
+                 "ResNet-101": {"I.": (64.1, 64.3), "I.+S.": (67.8, 68.0)}}
+PAPER_TABLES = {"VGG16": "Table 7", "ResNet-101": "Table 8"}
+
+
+@dataclass
+class SegmentOptions:
+    """DeepLab settings that the training/inference Config does not hold (yet).
+
+    label_root: training label maps (seeds `<results>/seeds/crf`, `seeds/sal`, or ground truth);
+    scales: inference scales (MULTI_SCALES for multi-scale); flip: average with the mirrored
+    image; crf: dense CRF on the averaged probabilities.
+    """
+    label_root: str = "./snapshot/icd/results/seeds/crf"
+    scales: Tuple[float, ...] = (1.0,)
+    flip: bool = False
+    crf: bool = False
+
+    def __post_init__(self):
+        self.scales = tuple(float(s) for s in self.scales)
+        if not self.scales or min(self.scales) <= 0:
+            raise ValueError(f"scales must be positive numbers, got {self.scales}")
+
+
+def scaled_image(image: np.ndarray, scale: float, flip: bool) -> np.ndarray:
+    """(H, W, 3) -> (int(H s + 0.5), int(W s + 0.5), 3), bilinear, mirrored with `flip`."""
+    height, width = image.shape[:2]
+    size = (int(width * scale + 0.5), int(height * scale + 0.5))  # cv2 takes (width, height)
+    if size != (width, height):
+        image = cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
+    return image[:, ::-1] if flip else image
+
+
+def padded_batch(images: Sequence[np.ndarray], infer_size: int = INFER_SIZE) -> np.ndarray:
+    """(B, 3, P, P) float32 RGB: each image at the top-left, the rest the mean 127 (release
+    padding), P = max(infer_size, every side)."""
+    side = max([infer_size] + [max(im.shape[:2]) for im in images])
+    batch = np.full((len(images), 3, side, side), PAD_VALUE, np.float32)
+    for j, image in enumerate(images):
+        batch[j, :, :image.shape[0], :image.shape[1]] = image.transpose(2, 0, 1)
+    return batch
+
+
+def _resize(prob: mx.nd.NDArray, height: int, width: int) -> mx.nd.NDArray:
+    """(1, K, h, w) -> (1, K, height, width), bilinear with half-pixel centres (as cv2)."""
+    if prob.shape[2:] == (height, width):
+        return prob
+    return mx.nd.contrib.BilinearResize2D(prob, height=height, width=width, align_corners=False)
+
+
+def predict_probabilities(net: mx.gluon.Block, images: Sequence[np.ndarray],
+                          contexts: Sequence[mx.Context], infer_size: int = INFER_SIZE,
+                          scales: Sequence[float] = (1.0,),
+                          flip: bool = False) -> List[np.ndarray]:
+    """Softmax probabilities averaged over scales and flips (module doc), one per image.
+
+    Args:
+        net: forward(data (N, 3, P, P) RGB 0..255) -> logits (N, K, h, w).
+        images: (H, W, 3) uint8 RGB images of any sizes.
+        contexts: devices; the batch is split over them.
+    Returns:
+        [(K, H, W) float32] in the order of `images`.
+    """
+    contexts = list(contexts)
+    shards = [s for s in np.array_split(np.arange(len(images)), len(contexts)) if s.size]
+    total: List[Optional[mx.nd.NDArray]] = [None] * len(images)
+    views = [(s, f) for s in scales for f in ((False, True) if flip else (False,))]
+    for scale, flipped in views:
+        inputs = [scaled_image(im, scale, flipped) for im in images]
+        batch = padded_batch(inputs, infer_size)
+        side = batch.shape[2]
+        for ctx, shard in zip(contexts, shards):
+            prob = mx.nd.softmax(net(mx.nd.array(batch[shard], ctx=ctx)), axis=1)
+            prob = _resize(prob, side, side)
+            for k, j in enumerate(shard):
+                (h, w), (height, width) = inputs[j].shape[:2], images[j].shape[:2]
+                view = _resize(prob[k:k + 1, :, :h, :w], height, width)
+                view = view.flip(axis=3) if flipped else view
+                total[j] = view if total[j] is None else total[j] + view
+    return [(t[0] / len(views)).asnumpy() for t in total]
+
+
+def predict_labels(image_rgb: np.ndarray, prob: np.ndarray, crf: bool = False) -> np.ndarray:
+    """(H, W) uint8 class ids: argmax of (K, H, W) `prob`, after a dense CRF with `crf`."""
+    if crf:
+        prob = dense_crf(image_rgb, prob, CRF_GAUSSIAN, CRF_BILATERAL, CRF_ITERATIONS)
+    return prob.argmax(axis=0).astype(np.uint8)
+
+
+def write_label_map(path: str, labels: np.ndarray) -> None:
+    """Write (H, W) uint8 ids as a single-channel 8-bit PNG (what `cv2.imread(p, 0)` reads)."""
+    with atomic_path(path) as tmp:
+        if not cv2.imwrite(tmp, np.ascontiguousarray(labels, np.uint8)):
+            raise ValueError(f"{path}: OpenCV could not write the label map")
+
+
+def segment(net: mx.gluon.Block, image_root: str, data_list: str, out_dir: str,
+            contexts: Sequence[mx.Context], options: Optional[SegmentOptions] = None,
+            infer_size: int = INFER_SIZE, batch_size: int = 4,
+            overwrite: bool = False) -> List[str]:
+    """Predict every image `<image_root>/<name>.jpg` of `data_list`.
+
+    Writes `<out_dir>/pred/<name>.png` (ids) and `<out_dir>/overlay/<name>.jpg` (colours),
+    each atomically. Images whose prediction exists are skipped unless `overwrite` (resumable).
+    Returns the names of the list.
+    """
+    options = options or SegmentOptions()
+    names = read_list(data_list)
+    todo = [n for n in names
+            if overwrite or not os.path.isfile(os.path.join(out_dir, "pred", n + ".png"))]
+    for start in tqdm(range(0, len(todo), batch_size), desc=f"segment -> {out_dir}",
+                      unit="batch", disable=None):
+        batch = todo[start:start + batch_size]
+        images = [read_image(os.path.join(image_root, n + ".jpg")) for n in batch]
+        probs = predict_probabilities(net, images, contexts, infer_size, options.scales,
+                                      options.flip)
+        for name, image, prob in zip(batch, images, probs):
+            labels = predict_labels(image, prob, options.crf)
+            write_label_map(os.path.join(out_dir, "pred", name + ".png"), labels)
+            write_image(os.path.join(out_dir, "overlay", name + ".jpg"), overlay(image, labels))
+    return names
+
+
+def backbone_of(model: str) -> str:
+    """The paper's table a model belongs to: "VGG16" (Table 7) or "ResNet-101" (Table 8)."""
+    return "ResNet-101" if model.startswith("resnet101") else "VGG16"
+
+
+def markdown_table(result: Mapping[str, object], model: str, supervision: str = "I.",
+                   label: str = "this run") -> str:
+    """Markdown laid out like the paper's Tables 7-8 (mIoU %, VOC 2012 val/test), the paper's
+    rows of the model's backbone first, then this run's val mIoU and its per-class IoU.
+
+    result: `evaluate_seeds`'s {"miou", "iou": {class: IoU}, "num_images"} (fractions).
+    """
+    backbone = backbone_of(model)
+    lines = [f"# DeepLab on the seeds ({PAPER_TABLES[backbone]} layout, {backbone})", "",
+             "| Method | Supervision | val | test |", "|---|---|---|---|"]
+    lines += [f"| Ours (paper) | {sup} | {val:.1f} | {test:.1f} |"
+              for sup, (val, test) in PAPER_RESULTS[backbone].items()]
+    lines += [f"| {label}: {model}, {result['num_images']} images | {supervision} | "
+              f"{100 * result['miou']:.1f} | – |", "", "## Per-class IoU (%)", "",
+              "| " + " | ".join(SEG_CLASSES) + " |", "|---" * len(SEG_CLASSES) + "|",
+              "| " + " | ".join(f"{100 * result['iou'][c]:.1f}" for c in SEG_CLASSES) + " |", ""]
+    return "\n".join(lines)
+
+
+def evaluate_predictions(out_dir: str, gt_root: str, data_list: str, model: str,
+                         supervision: str = "I.", workers: int = 1) -> Dict[str, object]:
+    """mIoU of `<out_dir>/pred` against `<gt_root>` with the release's confusion-matrix rule
+    (`icd.evaluate.evaluate_seeds`); writes `<out_dir>/eval.json` (fractions) and `eval.md`."""
+    result = evaluate_seeds(os.path.join(out_dir, "pred"), gt_root, read_list(data_list),
+                            workers)
+    report = {"model": model, "supervision": supervision,
+              "data_list": os.path.abspath(data_list), **result}
+    write_json(os.path.join(out_dir, "eval.json"), report)
+    with atomic_path(os.path.join(out_dir, "eval.md")) as tmp, \
+            open(tmp, "w", encoding="utf-8") as f:
+        f.write(markdown_table(result, model, supervision))
+    return report
+

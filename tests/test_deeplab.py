@@ -1,0 +1,504 @@
+"""DeepLab models, segmentation data and loss, inference (multi-scale, flip, CRF) and evaluation."""
+import importlib.util
+import json
+import os
+import tempfile
+
+import cv2
+import mxnet as mx
+import numpy as np
+import pytest
+from mxnet import autograd
+
+from icd.checkpoint import initialize, load_checkpoint, read_params, release_keys, \
+    save_checkpoint
+from icd.crf import dense_crf
+from icd.data.segmentation import SegmentationDataset, segmentation_loader, \
+    segmentation_transform
+from icd.data.voc import read_list, write_mask
+from icd.evaluate import SEG_CLASSES, evaluate_seeds
+from icd.model import MODELS, build_model
+from icd.model.deeplab import DilatedResNet101
+from icd.model.losses import nearest_label, segmentation_loss
+from icd.segment import CRF_BILATERAL, CRF_GAUSSIAN, CRF_ITERATIONS, markdown_table, \
+    predict_labels, predict_probabilities
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ---------------------------------------------------------------------------------------------
+# The release's graphs (ORIGINAL_RELEASE.md sections 2 and 12), written with mx.sym
+
+def release_backbone(x, width=1.0):
+    """vgg16_deeplab: x - 127, conv1_1 .. conv5_3 (+ ReLU), pool1-4, pool5 max, pool5a avg
+    (channel counts times `width`, to run the graph with narrow weights)."""
+    x = x - 127
+    for block, convs, channels, dilation in ((1, 2, 64, 1), (2, 2, 128, 1), (3, 3, 256, 1),
+                                             (4, 3, 512, 1), (5, 3, 512, 2)):
+        for i in range(1, convs + 1):
+            x = mx.sym.Convolution(x, kernel=(3, 3), pad=(dilation, dilation),
+                                   dilate=(dilation, dilation),
+                                   num_filter=max(1, round(channels * width)),
+                                   name=f"conv{block}_{i}")
+            x = mx.sym.Activation(x, act_type="relu", name=f"conv{block}_{i}_relu")
+        if block < 5:
+            stride = 2 if block < 4 else 1
+            x = mx.sym.Pooling(x, kernel=(3, 3), stride=(stride, stride), pad=(1, 1),
+                               pool_type="max", name=f"pool{block}")
+    x = mx.sym.Pooling(x, kernel=(3, 3), stride=(1, 1), pad=(1, 1), pool_type="max",
+                       name="pool5")
+    return mx.sym.Pooling(x, kernel=(3, 3), stride=(1, 1), pad=(1, 1), pool_type="avg",
+                          name="pool5a")
+
+
+def release_branch(x, num_cls, dilation, suffix="", width=1.0):
+    fc = max(1, round(1024 * width))
+    x = mx.sym.Convolution(x, kernel=(3, 3), pad=(dilation, dilation),
+                           dilate=(dilation, dilation), num_filter=fc, name=f"fc6{suffix}")
+    x = mx.sym.Dropout(mx.sym.Activation(x, act_type="relu"), p=0.5, name=f"drop6{suffix}")
+    x = mx.sym.Convolution(x, kernel=(1, 1), num_filter=fc, name=f"fc7{suffix}")
+    x = mx.sym.Dropout(mx.sym.Activation(x, act_type="relu"), p=0.5, name=f"drop7{suffix}")
+    return mx.sym.Convolution(x, kernel=(1, 1), num_filter=num_cls, name=f"fc8{suffix}")
+
+
+def release_vgg16_largefov(num_cls, width=1.0):
+    return release_branch(release_backbone(mx.sym.var("data"), width), num_cls, 12, "", width)
+
+
+def release_vgg16_aspp(num_cls, width=1.0):
+    x = release_backbone(mx.sym.var("data"), width)
+    return mx.sym.add_n(*[release_branch(x, num_cls, d, f"_aspp{d}", width)
+                          for d in (6, 12, 18, 24)])
+
+
+def release_arguments(symbol, size=321):
+    shapes, _, _ = symbol.infer_shape(data=(1, 3, size, size))
+    return {f"arg:{n}": tuple(s) for n, s in zip(symbol.list_arguments(), shapes) if n != "data"}
+
+
+# Section 12 spelled out: the keys every VGG16 DeepLab graph shares and the head's.
+BACKBONE_KEYS = {
+    f"arg:conv{b}_{i}_{t}": s for b, n, c_in, c in
+    ((1, 2, 3, 64), (2, 2, 64, 128), (3, 3, 128, 256), (4, 3, 256, 512), (5, 3, 512, 512))
+    for i in range(1, n + 1)
+    for t, s in (("weight", (c, c_in if i == 1 else c, 3, 3)), ("bias", (c,)))}
+
+
+def head_keys(suffix=""):
+    return {f"arg:fc6{suffix}_weight": (1024, 512, 3, 3), f"arg:fc6{suffix}_bias": (1024,),
+            f"arg:fc7{suffix}_weight": (1024, 1024, 1, 1), f"arg:fc7{suffix}_bias": (1024,),
+            f"arg:fc8{suffix}_weight": (21, 1024, 1, 1), f"arg:fc8{suffix}_bias": (21,)}
+
+
+def test_vgg16_largefov_names_and_shapes_equal_the_release_symbol():
+    expected = {**BACKBONE_KEYS, **head_keys()}
+    assert release_arguments(release_vgg16_largefov(21)) == expected
+    assert release_keys(build_model("vgg16_largefov", num_classes=20)) == expected
+
+
+def test_vgg16_aspp_names_and_shapes_equal_the_release_symbol():
+    expected = dict(BACKBONE_KEYS)
+    for d in (6, 12, 18, 24):
+        expected.update(head_keys(f"_aspp{d}"))
+    assert release_arguments(release_vgg16_aspp(21)) == expected
+    assert release_keys(build_model("vgg16_aspp", num_classes=20)) == expected
+
+
+@pytest.mark.parametrize("name", ["vgg16_largefov", "vgg16_aspp"])
+def test_vgg_forward_equals_the_release_symbol(name):
+    """Same weights (width 1/16), same input: our Gluon graph and the release's symbol (inference
+    mode) give the same logits."""
+    net = build_model(name, num_classes=3, width=1 / 16)
+    net.initialize(mx.init.Xavier(magnitude=2))
+    release = {"vgg16_largefov": release_vgg16_largefov, "vgg16_aspp": release_vgg16_aspp}
+    symbol = release[name](4, width=1 / 16)
+    params = {k[4:]: v for k, v in save_and_read(net).items()}
+    data = mx.nd.random.uniform(0, 255, shape=(2, 3, 48, 40))
+    expected = symbol.eval(ctx=mx.cpu(), data=data, **params)[0]
+    got = net(data)
+    assert got.shape == expected.shape == (2, 4, 6, 5)
+    np.testing.assert_allclose(got.asnumpy(), expected.asnumpy(), rtol=1e-4, atol=1e-5)
+
+
+def save_and_read(net):
+    """The release-format dict of `net` (through save_checkpoint/read_params)."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "net.params")
+        save_checkpoint(net, path)
+        return read_params(path)
+
+
+def test_registry_serves_every_family():
+    assert {"vgg16_icd", "vgg16_cam", "vgg16_largefov", "vgg16_aspp",
+            "resnet101_largefov"} <= set(MODELS)
+    with pytest.raises(ValueError, match="unknown model 'nope'"):
+        build_model("nope")
+    with pytest.raises(ValueError, match="no width multiplier"):
+        build_model("resnet101_largefov", width=0.5)
+
+
+@pytest.mark.parametrize("name", ["vgg16_largefov", "vgg16_aspp"])
+def test_release_optimiser_multipliers(name):
+    params = build_model(name, width=1 / 16).collect_params()
+    lr10 = {n for n, p in params.items() if p.lr_mult == 10}
+    assert lr10 == {n for n in params if n.startswith("fc8")} and len(lr10) >= 2
+    decayed = {n for n, p in params.items() if p.wd_mult == 1}
+    assert decayed == {n for n in params if n.endswith("_weight")}
+
+
+@pytest.mark.parametrize("name", ["vgg16_largefov", "vgg16_aspp"])
+@pytest.mark.parametrize("size, feature", [(321, 41), (64, 8)])
+def test_vgg_output_resolution(name, size, feature):
+    net = build_model(name, num_classes=4, width=1 / 16)
+    net.initialize()
+    net.hybridize()
+    assert net(mx.nd.zeros((2, 3, size, size))).shape == (2, 5, feature, feature)
+
+
+def test_resnet101_largefov_has_output_stride_8():
+    net = build_model("resnet101_largefov", num_classes=4)
+    net.initialize_imagenet([mx.cpu()])
+    for size, feature in ((64, 8), (72, 9)):
+        assert net(mx.nd.zeros((1, 3, size, size))).shape == (1, 5, feature, feature)
+    head = {n for n, p in net.collect_params().items() if p.lr_mult == 10}
+    assert head == {"fc8_weight", "fc8_bias"}
+    for name in ("fc6_bias", "fc8_weight"):
+        value = net.collect_params()[name].data().asnumpy()
+        assert 0.005 < value.std() < 0.02, name   # release: new layers ~ N(0, 0.01), biases too
+
+
+def test_resnet101_trunk_loads_gluoncv_imagenet_parameter_names():
+    """The trunk's structural names are gluoncv resnet101_v1b's minus its classifier, so
+    `load_parameters(gluoncv_file, ignore_extra=True)` fills every trunk parameter."""
+    from gluoncv.model_zoo import resnetv1b
+    ours = set(DilatedResNet101()._collect_params_with_prefix())
+    theirs = set(resnetv1b.resnet101_v1b(dilated=True)._collect_params_with_prefix())
+    assert ours == {n for n in theirs if not n.startswith("fc.")}
+    assert theirs - ours == {"fc.weight", "fc.bias"}
+
+
+@pytest.mark.slow
+def test_resnet101_trunk_loads_a_gluoncv_file(tmp_path):
+    """A gluoncv resnet101_v1b parameter file (classifier included) loads into the trunk."""
+    from gluoncv.model_zoo import resnetv1b
+    source = resnetv1b.resnet101_v1b(dilated=True)
+    source.initialize(mx.init.Normal(0.02))
+    source(mx.nd.zeros((1, 3, 32, 32)))
+    path = str(tmp_path / "resnet101_v1b.params")
+    source.save_parameters(path)
+    net = build_model("resnet101_largefov", num_classes=2)
+    net.initialize_imagenet([mx.cpu()], pretrained=path)
+    np.testing.assert_array_equal(net.trunk.layer4[2].conv3.weight.data().asnumpy(),
+                                  source.layer4[2].conv3.weight.data().asnumpy())
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+
+def test_checkpoint_round_trip_by_release_keys(tmp_path):
+    net = build_model("vgg16_largefov", num_classes=3, width=1 / 16)
+    net.initialize(mx.init.Normal(0.05))
+    path = str(tmp_path / "vgg16_largefov-0000.params")
+    save_checkpoint(net, path)
+    assert set(read_params(path)) == set(release_keys(net))
+    assert "arg:fc6_weight" in read_params(path)
+    other = build_model("vgg16_largefov", num_classes=3, width=1 / 16)
+    load_checkpoint(other, path)
+    data = mx.nd.random.uniform(0, 255, shape=(1, 3, 40, 40))
+    np.testing.assert_array_equal(net(data).asnumpy(), other(data).asnumpy())
+
+
+def test_imagenet_file_initialises_largefov_by_name_and_not_the_aspp_branches(tmp_path):
+    """A vgg16_20M-like file (backbone + fc6 + fc7) fills vgg16_largefov except fc8, and only
+    the backbone of vgg16_aspp."""
+    largefov = build_model("vgg16_largefov", num_classes=3, width=1 / 16)
+    largefov.initialize(mx.init.Normal(0.05))
+    imagenet = {k: v for k, v in save_and_read(largefov).items() if not k.startswith("arg:fc8")}
+    path = str(tmp_path / "vgg16_20M.params")
+    mx.nd.save(path, imagenet)
+
+    fresh = build_model("vgg16_largefov", num_classes=3, width=1 / 16)
+    initialize(fresh, [mx.cpu()], pretrained=path)
+    loaded = save_and_read(fresh)
+    for key, value in imagenet.items():
+        np.testing.assert_array_equal(loaded[key].asnumpy(), value.asnumpy())
+    assert 0.005 < loaded["arg:fc8_weight"].asnumpy().std() < 0.02   # N(0, 0.01)
+
+    aspp = build_model("vgg16_aspp", num_classes=3, width=1 / 16)
+    initialize(aspp, [mx.cpu()], pretrained=path)
+    loaded = save_and_read(aspp)
+    np.testing.assert_array_equal(loaded["arg:conv5_3_weight"].asnumpy(),
+                                  imagenet["arg:conv5_3_weight"].asnumpy())
+    branch = loaded["arg:fc6_aspp12_weight"].asnumpy()
+    assert branch.shape == imagenet["arg:fc6_weight"].shape
+    assert not np.array_equal(branch, imagenet["arg:fc6_weight"].asnumpy())
+    assert 0.005 < branch.std() < 0.02
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss
+
+def test_labels_shrink_by_nearest_to_the_feature_centres():
+    label = mx.nd.array(np.tile(np.arange(321), (1, 321, 1)))
+    shrunk = nearest_label(mx.nd, label, mx.nd.zeros((1, 2, 41, 41)))
+    np.testing.assert_array_equal(shrunk[0, 0].asnumpy(), np.arange(0, 321, 8))
+    shrunk = nearest_label(mx.nd, label.transpose((0, 2, 1)), mx.nd.zeros((1, 2, 41, 41)))
+    np.testing.assert_array_equal(shrunk[0, :, 0].asnumpy(), np.arange(0, 321, 8))
+
+
+def reference_loss(logits, label):
+    """NumPy: per image, mean softmax cross-entropy over the non-255 pixels; summed."""
+    total = 0.0
+    for z, y in zip(logits, label):
+        z = z - z.max(axis=0)
+        logp = z - np.log(np.exp(z).sum(axis=0))
+        valid = y != 255
+        if valid.any():
+            total += -np.mean(np.take_along_axis(logp, np.where(valid, y, 0)[None].astype(int),
+                                                 0)[0][valid])
+    return total
+
+
+def test_segmentation_loss_ignores_255_in_value_and_gradient():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(2, 4, 5, 5)).astype(np.float32)
+    label = rng.integers(0, 4, size=(2, 5, 5)).astype(np.float32)
+    label[0, :2] = 255
+    label[1, :, 3] = 255
+    label[1, 4, 4] = 255
+
+    def run(z):
+        z = mx.nd.array(z)
+        z.attach_grad()
+        with autograd.record():
+            loss = segmentation_loss(mx.nd, z, mx.nd.array(label))
+        loss.backward()
+        return loss.asnumpy()[0], z.grad.asnumpy()
+
+    loss, grad = run(logits)
+    assert loss == pytest.approx(reference_loss(logits, label.astype(int)), rel=1e-5)
+    ignored = np.broadcast_to((label == 255)[:, None], grad.shape)
+    assert np.all(grad[ignored] == 0)
+    assert np.all(np.abs(grad[~ignored]).sum() > 0)
+    changed = logits.copy()
+    changed[ignored] = rng.normal(scale=10, size=ignored.sum())
+    loss2, grad2 = run(changed)
+    assert loss2 == pytest.approx(loss, rel=1e-6)
+    np.testing.assert_allclose(grad2[~ignored], grad[~ignored], rtol=1e-5, atol=1e-7)
+    all_ignored = np.full_like(label, 255)
+    z = mx.nd.array(logits)
+    assert segmentation_loss(mx.nd, z, mx.nd.array(all_ignored)).asnumpy()[0] == 0
+
+
+def test_segmentation_loss_hybridizes_and_matches_on_a_shrunk_label():
+    """Symbolic graph; 16x16 labels on 3x3 logits pick rows/columns 0, 8, 15 (round(7.5 i))."""
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(1, 3, 3, 3)).astype(np.float32)
+    label = rng.integers(0, 3, size=(1, 16, 16)).astype(np.float32)
+    label[0, 8] = 255
+    z, y = mx.sym.var("z"), mx.sym.var("y")
+    out = segmentation_loss(mx.sym, z, y).eval(z=mx.nd.array(logits), y=mx.nd.array(label))
+    picked = label[:, [0, 8, 15]][:, :, [0, 8, 15]]
+    assert out[0].asnumpy()[0] == pytest.approx(reference_loss(logits, picked.astype(int)),
+                                                rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+def test_transform_pads_image_with_mean_and_labels_with_255():
+    image = np.full((20, 30, 3), 200, np.uint8)
+    label = np.ones((20, 30), np.uint8)
+    out_image, out_label = segmentation_transform(image, label, 48, np.random.default_rng(0),
+                                                  scale_range=(1.0, 1.0))
+    assert out_image.shape == (48, 48, 3) and out_label.shape == (48, 48)
+    assert set(np.unique(out_label)) == {1, 255}
+    assert np.all(out_image[out_label == 255] == 127)
+    assert np.all(out_image[out_label == 1] == 200)
+    assert (out_label == 1).sum() == 20 * 30
+
+
+def test_transform_keeps_image_and_labels_aligned():
+    """A label = (image brightness > 128) survives scale, flip and crop up to the resampling."""
+    rng = np.random.default_rng(3)
+    image = np.zeros((60, 80, 3), np.uint8)
+    image[10:40, 20:70] = 255
+    label = (image[..., 0] > 128).astype(np.uint8)
+    for _ in range(10):
+        out_image, out_label = segmentation_transform(image, label, 32, rng)
+        inside = out_label != 255
+        agree = (out_image[..., 0] > 128) == (out_label == 1)
+        assert agree[inside].mean() > 0.95
+
+
+def test_loader_same_batches_for_0_and_2_workers_and_epochs_differ(tiny_voc):
+    kwargs = dict(crop_size=32, batch_size=4, seed=5)
+    args = (tiny_voc["image_root"], tiny_voc["gt_root"], tiny_voc["data_list"])
+    serial = [[b.asnumpy() for b in batch] for batch in segmentation_loader(
+        *args, num_workers=0, **kwargs)]
+    parallel = [[b.asnumpy() for b in batch] for batch in segmentation_loader(
+        *args, num_workers=2, **kwargs)]
+    assert len(serial) == 2 and serial[0][0].shape == (4, 3, 32, 32)
+    assert serial[0][1].shape == (4, 32, 32)
+    for a, b in zip(serial, parallel):
+        for x, y in zip(a, b):
+            np.testing.assert_array_equal(x, y)
+    loader = segmentation_loader(*args, num_workers=0, **kwargs)
+    loader.set_epoch(1)
+    assert not np.array_equal(next(iter(loader))[0].asnumpy(), serial[0][0])
+
+
+def test_dataset_errors_name_the_label_file(tiny_voc, tmp_path):
+    names = read_list(tiny_voc["data_list"])
+    labels = tmp_path / "labels"
+    dataset = SegmentationDataset(tiny_voc["image_root"], str(labels), tiny_voc["data_list"],
+                                  crop_size=32)
+    missing = str(labels / f"{names[0]}.png")
+    with pytest.raises(FileNotFoundError, match=missing):
+        dataset[0]
+    write_mask(missing, np.zeros((10, 10), np.uint8))
+    with pytest.raises(ValueError, match=rf"{missing}: label map \(10, 10\) does not match"):
+        dataset[0]
+    image = cv2.imread(os.path.join(tiny_voc["image_root"], f"{names[0]}.jpg"))
+    bad = np.zeros(image.shape[:2], np.uint8)
+    bad[0, 0] = 21
+    write_mask(missing, bad)
+    with pytest.raises(ValueError, match=rf"{missing}: label 21 outside 0..20"):
+        dataset[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Inference
+
+class ColourNet(mx.gluon.HybridBlock):
+    """A deterministic stand-in for a DeepLab model (forward(data RGB 0..255) -> logits at
+    stride 8): the colour means of 8x8 cells as 3 class logits, so the probabilities vary
+    with the image and the tests of the averaging do not hang on a random initialisation."""
+
+    def hybrid_forward(self, F, x):
+        return F.Pooling(x - 127, kernel=(8, 8), stride=(8, 8), pool_type="avg") / 16
+
+
+@pytest.fixture(scope="module")
+def small_net():
+    net = ColourNet()
+    net.hybridize()
+    return net
+
+
+def images(seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, size=shape, dtype=np.uint8)
+            for shape in ((40, 56, 3), (64, 30, 3), (23, 23, 3))]
+
+
+def test_single_scale_equals_the_padded_forward_upsampled(small_net):
+    """One scale, no flip: pad to 64 with 127, softmax, cv2 bilinear to 64x64, crop (as the
+    release maps score maps onto images)."""
+    probs = predict_probabilities(small_net, images(), [mx.cpu()], infer_size=64)
+    for image, prob in zip(images(), probs):
+        h, w = image.shape[:2]
+        padded = np.full((64, 64, 3), 127, np.float32)
+        padded[:h, :w] = image
+        logits = small_net(mx.nd.array(padded.transpose(2, 0, 1)[None]))
+        soft = mx.nd.softmax(logits, axis=1)[0].asnumpy()
+        up = np.stack([cv2.resize(c, (64, 64), interpolation=cv2.INTER_LINEAR) for c in soft])
+        np.testing.assert_allclose(prob, up[:, :h, :w], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(prob.sum(axis=0), 1, atol=1e-5)
+
+
+def test_multi_scale_is_the_mean_of_single_scales(small_net):
+    run = lambda scales: predict_probabilities(small_net, images(), [mx.cpu()], 64, scales)
+    half, one, both = run((0.5,)), run((1.0,)), run((0.5, 1.0))
+    for h, o, b in zip(half, one, both):
+        assert h.shape == o.shape
+        np.testing.assert_allclose(b, (h + o) / 2, rtol=1e-5, atol=1e-6)
+    assert np.abs(half[0] - one[0]).max() > 0.05
+
+
+def test_flip_averaging_is_mirror_symmetric(small_net):
+    originals = images()
+    mirrored = [np.ascontiguousarray(im[:, ::-1]) for im in originals]
+    a = predict_probabilities(small_net, originals, [mx.cpu()], 64, (1.0, 1.25), flip=True)
+    b = predict_probabilities(small_net, mirrored, [mx.cpu()], 64, (1.0, 1.25), flip=True)
+    for x, y in zip(a, b):
+        np.testing.assert_allclose(x, y[:, :, ::-1], rtol=1e-5, atol=1e-6)
+
+
+def test_devices_split_the_batch(small_net):
+    one = predict_probabilities(small_net, images(), [mx.cpu(0)], 64, (0.75, 1.0), True)
+    two = predict_probabilities(small_net, images(), [mx.cpu(0), mx.cpu(1)], 64, (0.75, 1.0),
+                                True)
+    for x, y in zip(one, two):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+
+
+def test_crf_cleans_a_noisy_square():
+    """A white square on black; the network's guess marks it with 0.6 confidence but 20% of
+    the pixels flipped. DeepLab-LargeFOV's CRF restores the square exactly."""
+    size, rng = 64, np.random.default_rng(0)
+    truth = np.zeros((size, size), np.uint8)
+    truth[16:48, 20:52] = 1
+    image = np.repeat((truth * 255)[..., None], 3, axis=2).astype(np.uint8)
+    noisy = np.where(rng.random(truth.shape) < 0.2, 1 - truth, truth)
+    prob = np.stack([np.where(noisy == 0, 0.6, 0.4), np.where(noisy == 1, 0.6, 0.4)])
+    prob = prob.astype(np.float32)
+    assert (predict_labels(image, prob) != truth).mean() > 0.15
+    np.testing.assert_array_equal(predict_labels(image, prob, crf=True), truth)
+    marginals = dense_crf(image, prob, CRF_GAUSSIAN, CRF_BILATERAL, CRF_ITERATIONS)
+    np.testing.assert_allclose(marginals.sum(axis=0), 1, atol=1e-4)
+
+
+def test_crf_parameters_are_deeplab_largefovs():
+    assert CRF_BILATERAL == dict(sxy=121, srgb=5, compat=4)
+    assert CRF_GAUSSIAN == dict(sxy=3, compat=3) and CRF_ITERATIONS == 10
+
+
+def test_markdown_table_layout():
+    iou = {c: 0.5 for c in SEG_CLASSES}
+    text = markdown_table({"miou": 0.5, "iou": iou, "num_images": 3}, "resnet101_largefov")
+    assert "Table 8" in text and "| Ours (paper) | I.+S. | 67.8 | 68.0 |" in text
+    assert "| this run: resnet101_largefov, 3 images | I. | 50.0 | – |" in text
+    assert "Table 7" in markdown_table({"miou": 0.5, "iou": iou, "num_images": 3},
+                                       "vgg16_largefov")
+
+
+# ---------------------------------------------------------------------------------------------
+# The command-line tool
+
+def load_tool():
+    spec = importlib.util.spec_from_file_location("infer_seg",
+                                                  os.path.join(REPO, "tools", "infer_seg.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_infer_seg_writes_index_pngs_overlays_and_evaluation(tiny_voc, tmp_path, capsys):
+    net = build_model("vgg16_largefov", num_classes=20, width=1 / 16)
+    net.initialize(mx.init.Xavier(magnitude=2))
+    params = str(tmp_path / "deeplab.params")
+    save_checkpoint(net, params)
+    out = tmp_path / "seg"
+    argv = ["--config", os.path.join(REPO, "experiments", "synthetic_deeplab.yaml"),
+            "--width", "0.0625", "--image-root", tiny_voc["image_root"],
+            "--data-list", tiny_voc["val_list"], "--infer-size", "64", "--cpus", "2",
+            "--params", params, "--out", str(out), "--scales", "0.75", "1",
+            "--flip", "--crf", "--gt-root", tiny_voc["gt_root"]]
+    tool = load_tool()
+    assert tool.main(argv) == 0
+    names = read_list(tiny_voc["val_list"])
+    for name in names:
+        pred = cv2.imread(str(out / "pred" / f"{name}.png"), cv2.IMREAD_UNCHANGED)
+        image = cv2.imread(os.path.join(tiny_voc["image_root"], f"{name}.jpg"))
+        assert pred.dtype == np.uint8 and pred.shape == image.shape[:2]   # single channel
+        assert pred.max() <= 20
+        assert (out / "overlay" / f"{name}.jpg").is_file()
+    report = evaluate_seeds(str(out / "pred"), tiny_voc["gt_root"], names)
+    written = json.loads((out / "eval.json").read_text())
+    assert written["miou"] == pytest.approx(report["miou"])
+    assert written["model"] == "vgg16_largefov" and written["num_images"] == len(names)
+    assert "| Ours (paper) | I. | 61.2 | 60.9 |" in (out / "eval.md").read_text()
+
+    assert tool.main(argv[:-2] + ["--params", str(tmp_path / "missing.params")]) == 1
+    assert f"error: {tmp_path / 'missing.params'}: checkpoint not found" in capsys.readouterr().err
