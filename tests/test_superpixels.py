@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from icd.data import superpixels as sp
+from icd.data.features import colour_position_features
 from icd.data.voc import write_image
 
 
@@ -120,7 +121,7 @@ def test_read_superpixels_bad_input(tmp_path):
 def test_compute_superpixels_bounds():
     rng = np.random.default_rng(1)
     image = (rng.random((60, 80, 3)) * 255).astype(np.uint8)  # noise: many initial regions
-    features = sp.colour_position_features(image)
+    features = colour_position_features(image)
     assert features.shape == (60, 80, 5) and features.dtype == np.float32
     ids = sp.compute_superpixels(image, features, max_regions=8)
     assert ids.shape == (60, 80) and ids.dtype == np.int32

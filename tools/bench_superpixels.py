@@ -12,8 +12,8 @@ import cv2
 import numpy as np
 import skimage.data
 
-from icd.data.superpixels import (colour_position_features, greedy_merge, initial_regions,
-                                  region_means)
+from icd.data.features import colour_position_features
+from icd.data.superpixels import greedy_merge, initial_regions, region_means
 from icd.data.voc import read_image
 from icd.io import atomic_path
 

@@ -21,7 +21,6 @@ Merge (release, section 8), defined precisely so that it is reproducible:
 """
 from __future__ import annotations
 
-import functools
 import multiprocessing
 import os
 from typing import Callable, List, Optional, Sequence, Tuple
@@ -29,11 +28,11 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import cv2
 import numpy as np
 import scipy.sparse
-from skimage.color import rgb2lab
 from skimage.segmentation import felzenszwalb
 from tqdm import tqdm
 
 from ..io import atomic_path
+from .features import FeatureFn, make_feature_factory
 from .voc import read_image, read_list
 
 MAX_REGIONS = 64
@@ -45,9 +44,6 @@ FELZENSZWALB_SIGMA = 0.8
 FELZENSZWALB_MIN_SIZE = 75
 
 _COSINE_EPS = 1e-12
-
-FeatureFn = Callable[[np.ndarray], np.ndarray]
-"""(H, W, 3) uint8 RGB image -> (H, W, D) float32 per-pixel features."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -194,40 +190,6 @@ def compute_superpixels(image: np.ndarray, features: np.ndarray,
     labels = initial_regions(image)
     mean_features, sizes = region_means(labels, features)
     return greedy_merge(mean_features, sizes, max_regions)[labels]
-
-
-# ----------------------------------------------------------------------------------------------
-# Feature sources
-# ----------------------------------------------------------------------------------------------
-def colour_position_features(image: np.ndarray) -> np.ndarray:
-    """Network-free per-pixel features: centred Lab colour and centred position.
-
-    image: (H, W, 3) uint8 RGB -> (H, W, 5) float32: L/100, a/128, b/128 minus their image
-    means, then x/W - 0.5 and y/H - 0.5. Centring makes the cosine of the merge compare
-    directions around the image's average instead of all features pointing the same way.
-    """
-    h, w = image.shape[:2]
-    lab = rgb2lab(image).astype(np.float32) / np.array([100, 128, 128], np.float32)
-    lab -= lab.reshape(-1, 3).mean(axis=0)
-    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
-    return np.concatenate([lab, (x / w - 0.5)[..., None], (y / h - 0.5)[..., None]], axis=-1)
-
-
-def build_feature_fn(pretrained: Optional[str] = None, ctx=None) -> FeatureFn:
-    """The feature function: conv5_3 features of a checkpoint if `pretrained`, else colour.
-
-    release: region features are the ImageNet VGG16's conv5_3_relu at 513 input (section 8).
-    The network is imported only here, so the colour path never needs the model code.
-    """
-    if pretrained is None:
-        return colour_position_features
-    from ..model.backbone import conv5_feature_extractor
-    return conv5_feature_extractor(pretrained, ctx=ctx)
-
-
-def make_feature_factory(pretrained: Optional[str] = None) -> Callable[[], FeatureFn]:
-    """A picklable zero-argument factory of build_feature_fn(pretrained), one call per worker."""
-    return functools.partial(build_feature_fn, pretrained)
 
 
 # ----------------------------------------------------------------------------------------------
