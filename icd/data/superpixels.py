@@ -8,8 +8,23 @@ random permutation of 0..k-1 (section 5); with at most MAX_REGIONS regions plus 
 id that reaches the model is < NUM_SUPERPIXEL_IDS = MAX_REGIONS + 1. The model's superpixel
 operator one-hot encodes ids with this fixed bound.
 
+Initial regions (release, section 11): Felzenszwalb's graph segmentation with sigma 0.8, c 75,
+min size 75, computed as the original C++ code does (our C++ extension `_felzenszwalb`):
+  1. each channel of the uint8 image as OpenCV decodes it (BGR), as float32, is smoothed along x
+     then y by the taps m[i] = exp(-0.5 (i / sigma)^2), i = 0..ceil(4 sigma), divided by
+     2 sum_{i>=1} m[i] + m[0]; the border pixel is repeated; all in float32;
+  2. edges from each pixel in raster order to its right, down, down-right and up-right
+     neighbours, weight = float32 Euclidean distance of the smoothed (B, G, R);
+  3. edges sorted by weight with std::sort; an edge joins components a != b when its weight is
+     <= the threshold of both, threshold(C) = c / |C| at first and w + c / |C| after a join;
+  4. a second pass over the sorted edges joins a != b when either has fewer than min_size pixels;
+  5. ids in raster order of first occurrence (the release's ids 1..n, ours 0..n-1).
+Tie rule: equal-weight edges are visited in the order libstdc++'s std::sort (unstable) leaves
+them, starting from raster order, as in the release. The order of ties cannot change the first
+pass's partition (a component joined at weight w has threshold >= w); it can change the second's.
+
 Merge (release, section 8), defined precisely so that it is reproducible:
-  - initial regions are Felzenszwalb labels renumbered 0..n-1 in np.unique order;
+  - initial regions are the Felzenszwalb ids 0..n-1 above (raster order of first occurrence);
   - region feature f_i = mean feature over its pixels, size s_i = pixel count, hw = image area;
   - sim(i, j) = cos(f_i, f_j) + 1 - (s_i + s_j) / hw for ANY pair i < j (no adjacency), with
     cos(a, b) = a.b / max(|a| |b|, 1e-12) (a zero feature has cosine 0 with everything);
@@ -28,12 +43,18 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import cv2
 import numpy as np
 import scipy.sparse
-from skimage.segmentation import felzenszwalb
 from tqdm import tqdm
 
 from ..io import atomic_path
 from .features import FeatureFn, make_feature_factory
 from .voc import read_image, read_list
+
+try:
+    from . import _felzenszwalb
+except ImportError as e:
+    raise ImportError("icd.data._felzenszwalb, the compiled Felzenszwalb, is not built: run "
+                      "`pip install -e .` (or `python setup.py build_ext --inplace`) in the "
+                      "repository") from e
 
 MAX_REGIONS = 64
 NUM_SUPERPIXEL_IDS = MAX_REGIONS + 1  # ids 0..63 plus the pad id of the training crop
@@ -171,11 +192,30 @@ def greedy_merge(features: np.ndarray, sizes: np.ndarray, max_regions: int = MAX
     return np.unique(parent, return_inverse=True)[1].astype(np.int32)
 
 
+def felzenszwalb(image_bgr: np.ndarray, sigma: float = FELZENSZWALB_SIGMA,
+                 c: float = FELZENSZWALB_SCALE, min_size: int = FELZENSZWALB_MIN_SIZE
+                 ) -> np.ndarray:
+    """The release's Felzenszwalb segmentation (module docstring, steps 1-5).
+
+    image_bgr: (H, W, 3) uint8 in OpenCV's channel order. Returns (H, W) int32 ids 1..n in
+    raster order of first occurrence, exactly as the release's `segment(image, out, sigma, c,
+    min_size)`.
+    """
+    image_bgr = np.asarray(image_bgr)
+    if image_bgr.ndim != 3 or image_bgr.shape[2] != 3 or image_bgr.dtype != np.uint8:
+        raise ValueError(f"Felzenszwalb needs an (H, W, 3) uint8 image, got shape "
+                         f"{image_bgr.shape} dtype {image_bgr.dtype}")
+    ids = np.empty(image_bgr.shape[:2], np.int32)
+    _felzenszwalb.segment(np.ascontiguousarray(image_bgr), ids, sigma, c, min_size)
+    return ids
+
+
 def initial_regions(image: np.ndarray) -> np.ndarray:
-    """Felzenszwalb regions of an (H, W, 3) uint8 RGB image as (H, W) int32 ids 0..n-1."""
-    labels = felzenszwalb(image, scale=FELZENSZWALB_SCALE, sigma=FELZENSZWALB_SIGMA,
-                          min_size=FELZENSZWALB_MIN_SIZE)
-    return np.unique(labels, return_inverse=True)[1].reshape(labels.shape).astype(np.int32)
+    """Felzenszwalb regions of an (H, W, 3) uint8 RGB image as (H, W) int32 ids 0..n-1.
+
+    release: segmented as OpenCV decodes the image (BGR); ids in raster order of first occurrence.
+    """
+    return felzenszwalb(np.asarray(image)[:, :, ::-1]) - 1
 
 
 def compute_superpixels(image: np.ndarray, features: np.ndarray,
