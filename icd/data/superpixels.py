@@ -258,9 +258,9 @@ def make_superpixels(image_root: str, data_list: str, out: str,
 
     feature_factory: zero-argument picklable callable building the FeatureFn (default: colour
     features; see make_feature_factory). It is called once in each worker process (or once in
-    this process when workers=0), so a network extractor is built per worker and never shared
-    across a fork; each worker then holds its own copy of the network, so with a GPU extractor
-    use workers=0 (or few).
+    this process when workers=0) and must be picklable: workers are spawned, not forked. A
+    network extractor is thus built per worker and each worker holds its own copy of the
+    network, so with a GPU extractor use workers=0 (or few).
     Images whose PNG already exists are skipped unless `overwrite`; writes are atomic, so an
     interrupted run resumes cleanly. Returns the paths written.
     """
@@ -276,6 +276,7 @@ def make_superpixels(image_root: str, data_list: str, out: str,
     if workers <= 0:
         _init_worker(feature_factory)
         return [_process(job) for job in tqdm(jobs, **progress)]
-    with multiprocessing.Pool(workers, initializer=_init_worker,
-                              initargs=(feature_factory,)) as pool:
+    # spawn: a fork after MXNet's engine threads have started can leave the workers deadlocked
+    with multiprocessing.get_context("spawn").Pool(workers, initializer=_init_worker,
+                                                   initargs=(feature_factory,)) as pool:
         return list(tqdm(pool.imap(_process, jobs), **progress))
