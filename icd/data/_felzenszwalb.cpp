@@ -210,7 +210,8 @@ PyMethodDef methods[] = {
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module = {PyModuleDef_HEAD_INIT, "_felzenszwalb",
-                      "Felzenszwalb segmentation as the ICD release computes it.", -1, methods};
+                      "Felzenszwalb segmentation as the ICD release computes it.", -1, methods,
+                      nullptr, nullptr, nullptr, nullptr};
 
 }  // namespace
 
