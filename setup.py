@@ -1,5 +1,5 @@
 """icd: Learning Integral Objects with Intra-Class Discriminator (Fan et al., CVPR 2020) in MXNet/Gluon."""
-from setuptools import find_packages, setup
+from setuptools import Extension, find_packages, setup
 
 # Versions verified to install and import together on Python 3.11 from a clean venv
 # (ORIGINAL_RELEASE.md section 10). mxnet 1.9.1 needs numpy < 1.24 (np.bool).
@@ -17,6 +17,15 @@ INSTALL_REQUIRES = [
     "PyYAML>=6.0",
 ]
 
+# The release's Felzenszwalb (ORIGINAL_RELEASE.md section 11) is float32 throughout: no fused
+# multiply-add may change a rounding, so the arithmetic matches the original code's.
+FELZENSZWALB = Extension(
+    "icd.data._felzenszwalb",
+    sources=["icd/data/_felzenszwalb.cpp"],
+    language="c++",
+    extra_compile_args=["-O2", "-ffp-contract=off"],
+)
+
 setup(
     name="icd",
     version="0.1.0",
@@ -25,6 +34,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10,<3.12",  # the pinned numpy 1.23 / matplotlib 3.10 bound it
     packages=find_packages(include=["icd", "icd.*", "symbols", "symbols.*"]),
+    ext_modules=[FELZENSZWALB],
     install_requires=INSTALL_REQUIRES,
     extras_require={
         "cpu": ["mxnet==1.9.1"],

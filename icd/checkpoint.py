@@ -14,7 +14,6 @@ import mxnet as mx
 import numpy as np
 
 from .io import atomic_path
-from .model.backbone import VGG16DeepLab
 
 log = logging.getLogger(__name__)
 INPUT_SCALE = 64.0  # rough std of RGB - 127 inputs; see random_imagenet_params
@@ -181,15 +180,3 @@ def initialize(net: mx.gluon.Block, contexts: Sequence[mx.Context],
             params[key].set_data(mx.nd.random.normal(0, 0.01, shape=params[key].shape))
     log.info("%s: initialised from N(0, 0.01): %s", source,
              ", ".join(k for k in missing if k.startswith("arg:")))
-
-
-def load_backbone(path: str, ctx: mx.Context) -> VGG16DeepLab:
-    """The VGG16-DeepLab backbone of an ImageNet (or ICD) checkpoint; width read from its shapes."""
-    values = read_params(path)
-    if "arg:conv1_1_weight" not in values:
-        raise ValueError(f"{path}: no arg:conv1_1_weight, not a VGG16 checkpoint")
-    net = VGG16DeepLab(width=values["arg:conv1_1_weight"].shape[0] / 64.0, prefix="")
-    backbone = {k: v for k, v in values.items()
-                if k.startswith("arg:conv") and not k.startswith("arg:conv_ft")}
-    assign(net, backbone, path, [ctx])
-    return net

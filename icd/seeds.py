@@ -284,14 +284,20 @@ def _seed_one(name: str, results_dir: str, image_root: str, annotation_root: str
 def map_images(func: Callable[[str], T], names: Sequence[str], workers: int,
                desc: str) -> Iterator[T]:
     """Yield func(name) for every name with a progress bar; in a `workers`-process pool
-    (results unordered) when workers > 1. An error in func propagates and stops the pool."""
+    (results unordered) when workers > 1. An error in func propagates and stops the pool.
+
+    The pool's processes are spawned, not forked (a fork after MXNet's engine threads have
+    started can deadlock), so `func` must be picklable: a module-level function or a
+    functools.partial of one.
+    """
     with tqdm(total=len(names), desc=desc, unit="img") as progress:
         if workers <= 1 or len(names) <= 1:
             for name in names:
                 yield func(name)
                 progress.update()
         else:
-            with multiprocessing.Pool(min(workers, len(names))) as pool:
+            context = multiprocessing.get_context("spawn")
+            with context.Pool(min(workers, len(names))) as pool:
                 for result in pool.imap_unordered(func, names, chunksize=4):
                     yield result
                     progress.update()

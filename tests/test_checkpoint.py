@@ -3,8 +3,8 @@ import mxnet as mx
 import numpy as np
 import pytest
 
-from icd.checkpoint import (gather, initialize, load_backbone, load_checkpoint, read_params,
-                            save_checkpoint)
+from icd.checkpoint import gather, initialize, load_checkpoint, read_params, save_checkpoint
+from icd.data.features import conv5_feature_extractor, load_backbone
 from icd.model import ICDNet
 
 
@@ -80,7 +80,6 @@ def test_superpixels_from_a_backbone_checkpoint(tmp_path, tiny_voc):
     from conftest import REPO
     from icd.data.superpixels import read_superpixels
     from icd.data.voc import read_image, read_list
-    from icd.model.backbone import conv5_feature_extractor
 
     net = ICDNet(num_classes=3, width=0.0625)
     initialize(net, [mx.cpu()])

@@ -1,6 +1,10 @@
-"""VOC list files, XML image labels (release difficult rule), images, annotations."""
+"""VOC list files, XML image labels (release difficult rule), images, annotations, label PNGs."""
+import os
+
+import cv2
 import numpy as np
 import pytest
+from PIL import Image
 
 from icd.data import voc
 
@@ -68,7 +72,52 @@ def test_annotation_and_mask_round_trip(tmp_path):
                                                  dict(name="bus", bndbox=(3, 3, 9, 9),
                                                       difficult=1)])
     assert voc.read_image_labels(path) == [voc.VOC_CLASSES.index("sheep")]
-    mask = np.array([[0, 1, 255], [20, 3, 0]], np.uint8)
-    voc.write_mask(str(tmp_path / "m.png"), mask)
-    np.testing.assert_array_equal(voc.read_mask(str(tmp_path / "m.png")), mask)
     assert voc.voc_palette()[1].tolist() == [128, 0, 0]
+
+
+def test_masks_are_single_channel_index_pngs(tmp_path):
+    """release: cv2.imwrite of an (h, w) uint8 array; cv2.imread(p, 0) and PIL read the labels."""
+    mask = np.array([[0, 1, 255], [20, 13, 0]], np.uint8)
+    path = str(tmp_path / "m.png")
+    voc.write_mask(path, mask)
+    raw = cv2.imread(path, cv2.IMREAD_UNCHANGED)
+    assert raw.dtype == np.uint8 and raw.shape == (2, 3)   # one channel, 8 bits
+    np.testing.assert_array_equal(cv2.imread(path, 0), mask)   # class 13, not a grey level
+    with Image.open(path) as im:
+        assert im.mode == "L"
+        np.testing.assert_array_equal(np.array(im), mask)
+    np.testing.assert_array_equal(voc.read_mask(path), mask)
+    voc.write_mask(path, mask.astype(np.int64))              # any integer ids 0..255
+    np.testing.assert_array_equal(cv2.imread(path, 0), mask)
+    assert os.listdir(tmp_path) == ["m.png"]                 # no temporary left behind
+
+
+def test_write_mask_rejects_what_is_not_a_label_map(tmp_path):
+    path = str(tmp_path / "m.png")
+    for bad, message in ((np.zeros((2, 3, 3), np.uint8), r"\(H, W\)"),
+                         (np.array([[0, 256]]), "0..255"), (np.array([[-1, 0]]), "0..255"),
+                         (np.array([[0.5, 1.0]]), "integers")):
+        with pytest.raises(ValueError, match=message):
+            voc.write_mask(path, bad)
+    assert not os.listdir(tmp_path)
+
+
+def test_read_mask_takes_palette_and_grey_pngs_and_rejects_colour(tmp_path):
+    mask = np.array([[0, 1, 255], [20, 13, 0]], np.uint8)
+    palette = Image.fromarray(mask, mode="P")
+    palette.putpalette(voc.voc_palette().reshape(-1).tolist())
+    palette.save(tmp_path / "palette.png")                   # VOC SegmentationClass
+    Image.fromarray(mask, mode="L").save(tmp_path / "grey.png")   # SegmentationClassAug
+    for name in ("palette.png", "grey.png"):
+        np.testing.assert_array_equal(voc.read_mask(str(tmp_path / name)), mask)
+    # a palette PNG read as grey gives grey levels of its colours: why we never write them
+    assert cv2.imread(str(tmp_path / "palette.png"), 0)[1, 1] != 13
+    colour = str(tmp_path / "colour.png")
+    cv2.imwrite(colour, voc.voc_palette()[mask][:, :, ::-1])
+    with pytest.raises(ValueError, match="colour.png.*palette or single-channel.*RGB"):
+        voc.read_mask(colour)
+    with pytest.raises(FileNotFoundError, match="nope.png"):
+        voc.read_mask(str(tmp_path / "nope.png"))
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="broken.png.*unreadable"):
+        voc.read_mask(str(tmp_path / "broken.png"))

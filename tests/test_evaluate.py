@@ -4,10 +4,12 @@ import os
 import subprocess
 import sys
 
+import cv2
 import numpy as np
 import pytest
+from PIL import Image
 
-from icd.data.voc import VOC_CLASSES, write_mask
+from icd.data.voc import VOC_CLASSES, read_mask, voc_palette, write_mask
 from icd.evaluate import average_precision, class_iou, confusion_matrix, evaluate, \
     evaluate_seeds, mean_iou, pixel_ap, threshold_study
 from icd.seeds import make_seeds
@@ -146,6 +148,29 @@ def test_evaluate_seeds_perfect_and_mismatched(tiny, tmp_path):
         evaluate_seeds(str(tmp_path / "bad"), tiny["gt"], names)
     with pytest.raises(FileNotFoundError, match="img_b.png"):
         evaluate_seeds(str(tmp_path / "bad"), tiny["gt"], names[1:])
+
+
+def test_palette_and_grey_ground_truth_give_the_same_miou(tiny, tmp_path):
+    """VOC's SegmentationClass is palette PNGs, SegmentationClassAug grey ones: same labels, same
+    mIoU; a colour (RGB) ground truth is an error naming the file."""
+    names = ["img_a", "img_b", "img_c"]
+    seeds = os.path.join(tiny["results"], "seeds", "nocrf")
+    palette_root, colour_root = tmp_path / "palette", tmp_path / "colour"
+    os.makedirs(palette_root)
+    os.makedirs(colour_root)
+    for name in names:
+        gt = read_mask(os.path.join(tiny["gt"], name + ".png"))
+        im = Image.fromarray(gt, mode="P")
+        im.putpalette(voc_palette().reshape(-1).tolist())
+        im.save(palette_root / f"{name}.png")
+        cv2.imwrite(str(colour_root / f"{name}.png"), voc_palette()[gt][:, :, ::-1])
+        with Image.open(os.path.join(tiny["gt"], name + ".png")) as grey:
+            assert grey.mode == "L"
+    grey_result = evaluate_seeds(seeds, tiny["gt"], names)
+    assert 0 < grey_result["miou"] < 1
+    assert evaluate_seeds(seeds, str(palette_root), names) == grey_result
+    with pytest.raises(ValueError, match="img_a.png.*palette or single-channel"):
+        evaluate_seeds(seeds, str(colour_root), names)
 
 
 def test_evaluate_writes_reports(tiny):

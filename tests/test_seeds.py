@@ -6,7 +6,6 @@ import sys
 import cv2
 import numpy as np
 import pytest
-from PIL import Image
 
 from icd.data.voc import VOC_CLASSES, read_mask, write_mask
 from icd.seeds import crf_refine, default_seed_dir, generate_seed, make_seeds, resize_scores, \
@@ -228,14 +227,33 @@ def test_make_seeds_variants_and_folders(tiny):
     gt = read_mask(os.path.join(tiny["gt"], "img_b.png"))
     assert seed.shape == (H, W) and set(np.unique(seed)) <= {0, 1, 15, U}
     assert (seed == gt)[seed != U].mean() > 0.9
-    with Image.open(os.path.join(out["out_dir"], "img_b.png")) as im:
-        assert im.mode == "P"
     crf = _make(tiny, workers=2)                        # multi-process
     assert crf["out_dir"].endswith(os.path.join("seeds", "crf")) and crf["written"] == 3
     sal = _make(tiny, saliency_root=tiny["saliency"])
     assert sal["out_dir"].endswith(os.path.join("seeds", "sal")) and sal["written"] == 3
+    for variant in (out, crf, sal):   # release: single-channel 8-bit PNGs of the labels
+        path = os.path.join(variant["out_dir"], "img_b.png")
+        assert cv2.imread(path, cv2.IMREAD_UNCHANGED).shape == (H, W)
+        np.testing.assert_array_equal(cv2.imread(path, 0), read_mask(path))
     assert default_seed_dir("R", "nocrf", "scores_icd_bu_sp") == os.path.join(
         "R", "seeds", "nocrf_icd_bu_sp")
+
+
+def test_seed_files_hold_the_labels_the_release_writes(tiny):
+    """Hand-made score files of img_b (classes 0 and 14) at the inference size S, so the resize
+    is the identity: the columns repeat the 9 pixels of test_multi_class_conflicts_ties_and_
+    undefined. `cv2.imread(seed, 0)`, as the release's compute_iou.py reads seeds, returns the
+    seed the release writes with cv2.imwrite: 15, 1, 0, 15, U, U, U, U, 1 repeated."""
+    icd = np.array([[2, 2, -1, -1, 2, -1, 0, 2, 2], [2, -1, -1, 2, -1, 0, -1, 2, 1]], np.float32)
+    cam = np.array([[1, 3, 0, 0, 0, 0, 0, 2, 3], [3, 0, 0, 3, 0, 0, 0, 2, 3]], np.float32)
+    columns = np.arange(S) % 9
+    for folder, scores in (("scores_icd", icd), ("scores_cam", cam)):
+        np.save(os.path.join(tiny["results"], folder, "img_b.npy"),
+                np.repeat(scores[:, None, columns], S, axis=1))
+    out = _make(tiny, crf=False)["out_dir"]
+    expected = np.array([15, 1, 0, 15, U, U, U, U, 1], np.uint8)[columns[:W]]
+    np.testing.assert_array_equal(cv2.imread(os.path.join(out, "img_b.png"), 0),
+                                  np.tile(expected, (H, 1)))
 
 
 def test_make_seeds_workers_agree(tiny, tmp_path):
@@ -260,14 +278,15 @@ def test_make_seeds_is_resumable(tiny):
 
 
 def test_make_seeds_failure_leaves_no_partial_png(tiny, monkeypatch):
-    real_save = Image.Image.save
+    real_imwrite = cv2.imwrite
 
-    def failing_save(self, fp, *args, **kwargs):
-        real_save(self, fp, *args, **kwargs)   # the bytes reach the disk, then the writer fails
-        if "img_b" in os.path.basename(str(fp)):
+    def failing_imwrite(path, *args, **kwargs):
+        written = real_imwrite(path, *args, **kwargs)   # the bytes reach the disk, then the
+        if "img_b" in os.path.basename(path):            # writer fails
             raise OSError("disk full")
+        return written
 
-    monkeypatch.setattr(Image.Image, "save", failing_save)
+    monkeypatch.setattr(cv2, "imwrite", failing_imwrite)
     with pytest.raises(OSError, match="disk full"):
         _make(tiny, crf=False)
     out = default_seed_dir(tiny["results"], "nocrf")

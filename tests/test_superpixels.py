@@ -1,12 +1,221 @@
-"""Superpixel PNG encoding, the greedy merge against a straightforward reference, the driver."""
+"""Superpixel PNG encoding, Felzenszwalb and the greedy merge against straightforward
+references, the driver."""
 import math
 import os
 
+import cv2
 import numpy as np
 import pytest
+import skimage.data
+from skimage.segmentation import felzenszwalb
 
 from icd.data import superpixels as sp
+from icd.data.features import colour_position_features
 from icd.data.voc import write_image
+
+F32 = np.float32
+
+
+def reference_smooth(image, sigma):
+    """Step 1 of ORIGINAL_RELEASE.md section 11 in explicit float32 loops.
+
+    Taps exp(-0.5 (i / sigma)^2), i = 0..ceil(4 sigma) (i / sigma and its square in float32, the
+    exponential in double), normalised by 2 sum_{i>=1} m[i] + m[0]; along x then y, the border
+    pixel repeated. Returns the three smoothed channels as (H, W) float32 arrays.
+    """
+    h, w, _ = image.shape
+    sigma = F32(max(sigma, 0.01))
+    length = int(math.ceil(float(sigma) * 4.0)) + 1
+    taps = []
+    for i in range(length):
+        t = F32(i) / sigma
+        taps.append(F32(math.exp(-0.5 * float(t * t))))
+    total = F32(0)
+    for i in range(1, length):
+        total = total + taps[i]
+    total = F32(2) * total + taps[0]
+    taps = [tap / total for tap in taps]
+
+    def smooth(line):
+        n = len(line)
+        out = []
+        for x in range(n):
+            acc = taps[0] * line[x]
+            for i in range(1, length):
+                acc = acc + taps[i] * (line[max(x - i, 0)] + line[min(x + i, n - 1)])
+            out.append(acc)
+        return out
+
+    channels = []
+    for k in range(3):
+        rows = [smooth([F32(image[y, x, k]) for x in range(w)]) for y in range(h)]   # along x
+        cols = [smooth([rows[y][x] for y in range(h)]) for x in range(w)]           # along y
+        channels.append(np.array(cols, np.float32).T)
+    return channels
+
+
+def reference_edges(image, sigma):
+    """Steps 1-2: (weight, a, b) to the right, down, down-right and up-right neighbour of every
+    pixel in raster order, weight = float32 Euclidean distance of the smoothed channels."""
+    h, w, _ = image.shape
+    smoothed = reference_smooth(image, sigma)
+
+    def weight(y0, x0, y1, x1):
+        d = [smoothed[k][y0, x0] - smoothed[k][y1, x1] for k in range(3)]
+        return np.sqrt(d[0] * d[0] + d[1] * d[1] + d[2] * d[2])
+
+    edges = []
+    for y in range(h):
+        for x in range(w):
+            for dy, dx in ((0, 1), (1, 0), (1, 1), (-1, 1)):
+                if 0 <= y + dy < h and x + dx < w:
+                    edges.append((weight(y, x, y + dy, x + dx), y * w + x, (y + dy) * w + x + dx))
+    return edges
+
+
+def reference_felzenszwalb(image, sigma, c, min_size, reverse_ties=False):
+    """Felzenszwalb as ORIGINAL_RELEASE.md section 11 states it, in explicit float32 loops.
+
+    image: (H, W, 3) uint8 (channels in the order given). Equal-weight edges keep raster order
+    (a stable sort), or reversed raster order with reverse_ties. Returns ids 1..n numbered in
+    raster order of first occurrence.
+    """
+    h, w, _ = image.shape
+    edges = reference_edges(image, sigma)
+    # 3. a stable sort by weight, then union-find with threshold c / |C|
+    edges = sorted(edges[::-1] if reverse_ties else edges, key=lambda e: e[0])
+    parent = list(range(h * w))
+    size = [1] * (h * w)
+    threshold = [F32(c)] * (h * w)
+
+    def find(p):
+        while parent[p] != p:
+            p = parent[p]
+        return p
+
+    def join(a, b):
+        parent[b] = a
+        size[a] += size[b]
+
+    for weight_ab, p, q in edges:
+        a, b = find(p), find(q)
+        if a != b and weight_ab <= threshold[a] and weight_ab <= threshold[b]:
+            join(a, b)
+            threshold[a] = weight_ab + F32(c) / F32(size[a])
+    # 4. small components
+    for _, p, q in edges:
+        a, b = find(p), find(q)
+        if a != b and (size[a] < min_size or size[b] < min_size):
+            join(a, b)
+    # 5. ids from 1 in raster order of first occurrence
+    ids, out = {}, np.zeros((h, w), np.int32)
+    for p in range(h * w):
+        out[p // w, p % w] = ids.setdefault(find(p), len(ids) + 1)
+    return out
+
+
+def blocks_image(rng, h, w, block):
+    """Flat blocks of a few colours: many exactly equal edge weights (ties)."""
+    colours = rng.choice([0, 60, 200], size=(-(-h // block), -(-w // block), 3)).astype(np.uint8)
+    return np.repeat(np.repeat(colours, block, 0), block, 1)[:h, :w]
+
+
+def photo_crop(h, w):
+    return cv2.resize(skimage.data.astronaut()[40:240, 140:340], (w, h),
+                      interpolation=cv2.INTER_AREA)[:, :, ::-1].copy()
+
+
+FELZENSZWALB_CASES = {  # name: (image, sigma, c, min_size)
+    "noise": (lambda rng: rng.integers(0, 256, (9, 13, 3), dtype=np.uint8), 0.8, 75, 4),
+    "noise_release_settings": (lambda rng: rng.integers(0, 256, (24, 30, 3), dtype=np.uint8),
+                               0.8, 75, 75),
+    "blocks": (lambda rng: blocks_image(rng, 30, 40, 10), 0.8, 75, 75),
+    "blocks_small_c": (lambda rng: blocks_image(rng, 15, 17, 5), 0.5, 10, 1),
+    "flat": (lambda rng: np.full((8, 10, 3), 77, np.uint8), 0.8, 75, 75),
+    "photo": (lambda rng: photo_crop(24, 32), 0.8, 75, 20),
+    "photo_large_sigma": (lambda rng: photo_crop(20, 18), 2.0, 50, 10),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FELZENSZWALB_CASES))
+def test_felzenszwalb_matches_reference(case):
+    make, sigma, c, min_size = FELZENSZWALB_CASES[case]
+    image = make(np.random.default_rng(7))
+    expected = reference_felzenszwalb(image, sigma, c, min_size)
+    # the case is valid only if the order of equal-weight edges does not matter here (first-pass
+    # ties never do; the second pass has none that compete), so any tie order must agree
+    np.testing.assert_array_equal(
+        reference_felzenszwalb(image, sigma, c, min_size, reverse_ties=True), expected)
+    np.testing.assert_array_equal(sp.felzenszwalb(image, sigma, c, min_size), expected)
+
+
+def test_second_pass_ties_can_change_the_partition():
+    """Why the cases above avoid competing ties in the second pass: stripes A | B | A' of 50, 50
+    and 100 pixels, unsmoothed (sigma 0.01: taps 1, 0), with equal-weight A-B and B-A' edges.
+    In raster order B (50 < min_size) joins A and the 100-pixel parts stay apart; in reverse
+    order B joins A' and then A joins them. Ours follows std::sort's order: one of the two."""
+    image = np.zeros((5, 40, 3), np.uint8)
+    image[:, 10:20] = 200
+    stable = reference_felzenszwalb(image, 0.01, 1, 75)
+    reverse = reference_felzenszwalb(image, 0.01, 1, 75, reverse_ties=True)
+    assert stable.max() == 2 and reverse.max() == 1
+    ours = sp.felzenszwalb(image, 0.01, 1, 75)
+    assert np.array_equal(ours, stable) or np.array_equal(ours, reverse)
+
+
+def first_occurrence_ids(labels):
+    """Labels renumbered 1..n in raster order of first occurrence: equal iff same partition."""
+    _, first, inverse = np.unique(labels.ravel(), return_index=True, return_inverse=True)
+    rank = np.empty(len(first), np.int64)
+    rank[np.argsort(first)] = np.arange(1, len(first) + 1)
+    return rank[inverse].reshape(labels.shape)
+
+
+def test_felzenszwalb_graph_agrees_with_scikit_image_on_the_same_smoothing():
+    """Independent check of steps 2-4: scikit-image's graph algorithm, given our smoothed image
+    (its own smoothing off), makes the same partition; on the raw image it does not."""
+    image = photo_crop(60, 80)
+    smoothed = np.stack(reference_smooth(image, sp.FELZENSZWALB_SIGMA), axis=-1)
+    ours = sp.felzenszwalb(image)
+    theirs = felzenszwalb(smoothed.astype(np.float64) / 255, scale=sp.FELZENSZWALB_SCALE,
+                          sigma=0, min_size=sp.FELZENSZWALB_MIN_SIZE)
+    np.testing.assert_array_equal(first_occurrence_ids(theirs), ours)
+    plain = felzenszwalb(image, scale=sp.FELZENSZWALB_SCALE, sigma=sp.FELZENSZWALB_SIGMA,
+                         min_size=sp.FELZENSZWALB_MIN_SIZE)
+    assert not np.array_equal(first_occurrence_ids(plain), ours)
+
+
+def test_felzenszwalb_cases_have_ties_and_regions():
+    """The fixtures exercise what they claim: equal weights, several regions of min_size."""
+    rng = np.random.default_rng(7)
+    for case in ("blocks", "blocks_small_c", "flat"):
+        weights = [e[0] for e in reference_edges(FELZENSZWALB_CASES[case][0](rng),
+                                                 FELZENSZWALB_CASES[case][1])]
+        assert len(set(weights)) < 0.75 * len(weights), case
+    for case in ("noise", "noise_release_settings", "blocks", "blocks_small_c", "photo",
+                 "photo_large_sigma"):
+        make, sigma, c, min_size = FELZENSZWALB_CASES[case]
+        ids = sp.felzenszwalb(make(np.random.default_rng(7)), sigma, c, min_size)
+        assert ids.min() == 1 and ids.max() > 2, case
+        assert np.bincount(ids.ravel())[1:].min() >= min_size, case
+
+
+def test_initial_regions_segment_the_opencv_channel_order():
+    rgb = photo_crop(30, 40)[:, :, ::-1]
+    ids = sp.initial_regions(rgb)
+    assert ids.dtype == np.int32 and ids.min() == 0
+    np.testing.assert_array_equal(ids + 1, reference_felzenszwalb(
+        np.ascontiguousarray(rgb[:, :, ::-1]), sp.FELZENSZWALB_SIGMA, sp.FELZENSZWALB_SCALE,
+        sp.FELZENSZWALB_MIN_SIZE))
+
+
+def test_felzenszwalb_bad_input():
+    with pytest.raises(ValueError, match="uint8"):
+        sp.felzenszwalb(np.zeros((4, 4, 3), np.float32))
+    with pytest.raises(ValueError, match=r"\(H, W, 3\)"):
+        sp.felzenszwalb(np.zeros((4, 4), np.uint8))
+    with pytest.raises(ValueError, match="1 and"):
+        sp.felzenszwalb(np.zeros((0, 4, 3), np.uint8))
 
 
 def reference_merge(features, sizes, max_regions):
@@ -120,7 +329,7 @@ def test_read_superpixels_bad_input(tmp_path):
 def test_compute_superpixels_bounds():
     rng = np.random.default_rng(1)
     image = (rng.random((60, 80, 3)) * 255).astype(np.uint8)  # noise: many initial regions
-    features = sp.colour_position_features(image)
+    features = colour_position_features(image)
     assert features.shape == (60, 80, 5) and features.dtype == np.float32
     ids = sp.compute_superpixels(image, features, max_regions=8)
     assert ids.shape == (60, 80) and ids.dtype == np.int32

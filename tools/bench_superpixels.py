@@ -1,55 +1,108 @@
 #!/usr/bin/env python
-"""Time the greedy merge: incremental similarity updates vs recomputing every similarity.
+"""Time the superpixel steps on 500x375 images and write the medians as JSON.
 
-Felzenszwalb regions of a 500x375 image (~300 regions) are merged to 64 with both variants of
-icd.data.superpixels.greedy_merge; prints the medians and their ratio and writes them as JSON.
+1. Felzenszwalb: ours (icd.data.superpixels.initial_regions, the release's computation in C++)
+   vs scikit-image's `felzenszwalb` with the same parameters, per image, and their ratio.
+2. The greedy merge of the first image's regions to 64: incremental similarity updates vs
+   recomputing every similarity (icd.data.superpixels.greedy_merge).
 """
 import argparse
-import json
 import time
+from typing import Callable, List
 
 import cv2
 import numpy as np
 import skimage.data
+from skimage.segmentation import felzenszwalb
 
-from icd.data.superpixels import (colour_position_features, greedy_merge, initial_regions,
-                                  region_means)
+from icd.data.features import colour_position_features
+from icd.data.superpixels import (FELZENSZWALB_MIN_SIZE, FELZENSZWALB_SCALE, FELZENSZWALB_SIGMA,
+                                  greedy_merge, initial_regions, region_means)
 from icd.data.voc import read_image
-from icd.io import atomic_path
+from icd.io import write_json
+
+SIZE = (500, 375)  # (W, H), a typical VOC image
+DEFAULT_IMAGES = ("astronaut", "coffee", "chelsea", "rocket")  # scikit-image's colour photos
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--image", help="RGB image (default: scikit-image's astronaut)")
-    parser.add_argument("--features", choices=["colour", "random512"], default="random512",
-                        help="colour: 5-D colour+position; random512: 512-D like conv5_3")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--out", default="bench_superpixels.json")
-    args = parser.parse_args()
-    image = read_image(args.image) if args.image else skimage.data.astronaut()
-    image = cv2.resize(image, (500, 375), interpolation=cv2.INTER_AREA)
+def median_seconds(func: Callable[[], object], repeats: int) -> float:
+    """Median wall time of func() over `repeats` calls, after one warm-up call."""
+    func()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        func()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def load_images(paths: List[str]) -> List[tuple]:
+    """(name, (375, 500, 3) uint8 RGB) pairs: the given files, else scikit-image's photos."""
+    images = [(p, read_image(p)) for p in paths] or \
+        [(n, getattr(skimage.data, n)()) for n in DEFAULT_IMAGES]
+    return [(name, cv2.resize(image, SIZE, interpolation=cv2.INTER_AREA))
+            for name, image in images]
+
+
+def bench_felzenszwalb(images: List[tuple], repeats: int) -> List[dict]:
+    rows = []
+    for name, image in images:
+        ours = median_seconds(lambda: initial_regions(image), repeats)
+        theirs = median_seconds(lambda: felzenszwalb(
+            image, scale=FELZENSZWALB_SCALE, sigma=FELZENSZWALB_SIGMA,
+            min_size=FELZENSZWALB_MIN_SIZE), repeats)
+        rows.append(dict(image=name, regions=int(initial_regions(image).max()) + 1,
+                         ours_seconds=ours, skimage_seconds=theirs, skimage_over_ours=theirs / ours))
+    return rows
+
+
+def bench_merge(image: np.ndarray, features: str, repeats: int) -> dict:
     labels = initial_regions(image)
-    features = (colour_position_features(image) if args.features == "colour" else
-                np.random.default_rng(0).random(image.shape[:2] + (512,), np.float32))
-    means, sizes = region_means(labels, features)
+    values = (colour_position_features(image) if features == "colour" else
+              np.random.default_rng(0).random(image.shape[:2] + (512,), np.float32))
+    means, sizes = region_means(labels, values)
     seconds, results = {}, {}
     for name, incremental in (("incremental", True), ("recompute_all", False)):
-        greedy_merge(means, sizes, incremental=incremental)  # warm-up (BLAS threads, caches)
-        times = []
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            results[name] = greedy_merge(means, sizes, incremental=incremental)
-            times.append(time.perf_counter() - start)
-        seconds[name] = float(np.median(times))
-    report = dict(image_shape=list(image.shape[:2]), initial_regions=int(labels.max()) + 1,
-                  features=args.features, feature_dim=int(means.shape[1]),
-                  repeats=args.repeats, median_seconds=seconds,
-                  speedup=seconds["recompute_all"] / seconds["incremental"],
-                  identical_labels=bool(np.array_equal(results["incremental"],
-                                                       results["recompute_all"])))
-    print(json.dumps(report, indent=2))
-    with atomic_path(args.out) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=2)
+        def merge(incremental=incremental):
+            return greedy_merge(means, sizes, incremental=incremental)
+        seconds[name] = median_seconds(merge, repeats)
+        results[name] = merge()
+    return dict(initial_regions=int(labels.max()) + 1, features=features,
+                feature_dim=int(means.shape[1]), median_seconds=seconds,
+                speedup=seconds["recompute_all"] / seconds["incremental"],
+                identical_labels=bool(np.array_equal(results["incremental"],
+                                                     results["recompute_all"])))
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", nargs="*", default=[],
+                        help="image files (default: scikit-image's " + ", ".join(DEFAULT_IMAGES)
+                        + ")")
+    parser.add_argument("--features", choices=["colour", "random512"], default="random512",
+                        help="merge features; colour: 5-D colour+position; random512: 512-D "
+                        "like conv5_3")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", default="bench_superpixels.json")
+    args = parser.parse_args(argv)
+    images = load_images(args.images)
+    rows = bench_felzenszwalb(images, args.repeats)
+    ratios = [row["skimage_over_ours"] for row in rows]
+    report = dict(image_shape=[SIZE[1], SIZE[0]], repeats=args.repeats,
+                  felzenszwalb=dict(per_image=rows, median_skimage_over_ours=float(
+                      np.median(ratios))),
+                  merge=bench_merge(images[0][1], args.features, args.repeats))
+    for row in rows:
+        print(f"felzenszwalb {row['image']}: {row['regions']} regions, ours "
+              f"{row['ours_seconds'] * 1e3:.1f} ms, scikit-image {row['skimage_seconds'] * 1e3:.1f}"
+              f" ms ({row['skimage_over_ours']:.2f}x)")
+    merge = report["merge"]
+    print(f"merge {merge['initial_regions']} -> 64 regions: incremental "
+          f"{merge['median_seconds']['incremental'] * 1e3:.1f} ms, recompute all "
+          f"{merge['median_seconds']['recompute_all'] * 1e3:.1f} ms ({merge['speedup']:.1f}x)")
+    write_json(args.out, report)
+    return report
 
 
 if __name__ == "__main__":

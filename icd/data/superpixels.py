@@ -8,8 +8,23 @@ random permutation of 0..k-1 (section 5); with at most MAX_REGIONS regions plus 
 id that reaches the model is < NUM_SUPERPIXEL_IDS = MAX_REGIONS + 1. The model's superpixel
 operator one-hot encodes ids with this fixed bound.
 
+Initial regions (release, section 11): Felzenszwalb's graph segmentation with sigma 0.8, c 75,
+min size 75, computed as the original C++ code does (our C++ extension `_felzenszwalb`):
+  1. each channel of the uint8 image as OpenCV decodes it (BGR), as float32, is smoothed along x
+     then y by the taps m[i] = exp(-0.5 (i / sigma)^2), i = 0..ceil(4 sigma), divided by
+     2 sum_{i>=1} m[i] + m[0]; the border pixel is repeated; all in float32;
+  2. edges from each pixel in raster order to its right, down, down-right and up-right
+     neighbours, weight = float32 Euclidean distance of the smoothed (B, G, R);
+  3. edges sorted by weight with std::sort; an edge joins components a != b when its weight is
+     <= the threshold of both, threshold(C) = c / |C| at first and w + c / |C| after a join;
+  4. a second pass over the sorted edges joins a != b when either has fewer than min_size pixels;
+  5. ids in raster order of first occurrence (the release's ids 1..n, ours 0..n-1).
+Tie rule: equal-weight edges are visited in the order libstdc++'s std::sort (unstable) leaves
+them, starting from raster order, as in the release. The order of ties cannot change the first
+pass's partition (a component joined at weight w has threshold >= w); it can change the second's.
+
 Merge (release, section 8), defined precisely so that it is reproducible:
-  - initial regions are Felzenszwalb labels renumbered 0..n-1 in np.unique order;
+  - initial regions are the Felzenszwalb ids 0..n-1 above (raster order of first occurrence);
   - region feature f_i = mean feature over its pixels, size s_i = pixel count, hw = image area;
   - sim(i, j) = cos(f_i, f_j) + 1 - (s_i + s_j) / hw for ANY pair i < j (no adjacency), with
     cos(a, b) = a.b / max(|a| |b|, 1e-12) (a zero feature has cosine 0 with everything);
@@ -21,7 +36,6 @@ Merge (release, section 8), defined precisely so that it is reproducible:
 """
 from __future__ import annotations
 
-import functools
 import multiprocessing
 import os
 from typing import Callable, List, Optional, Sequence, Tuple
@@ -29,12 +43,18 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import cv2
 import numpy as np
 import scipy.sparse
-from skimage.color import rgb2lab
-from skimage.segmentation import felzenszwalb
 from tqdm import tqdm
 
 from ..io import atomic_path
+from .features import FeatureFn, make_feature_factory
 from .voc import read_image, read_list
+
+try:
+    from . import _felzenszwalb
+except ImportError as e:
+    raise ImportError("icd.data._felzenszwalb, the compiled Felzenszwalb, is not built: run "
+                      "`pip install -e .` (or `python setup.py build_ext --inplace`) in the "
+                      "repository") from e
 
 MAX_REGIONS = 64
 NUM_SUPERPIXEL_IDS = MAX_REGIONS + 1  # ids 0..63 plus the pad id of the training crop
@@ -45,9 +65,6 @@ FELZENSZWALB_SIGMA = 0.8
 FELZENSZWALB_MIN_SIZE = 75
 
 _COSINE_EPS = 1e-12
-
-FeatureFn = Callable[[np.ndarray], np.ndarray]
-"""(H, W, 3) uint8 RGB image -> (H, W, D) float32 per-pixel features."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -175,11 +192,30 @@ def greedy_merge(features: np.ndarray, sizes: np.ndarray, max_regions: int = MAX
     return np.unique(parent, return_inverse=True)[1].astype(np.int32)
 
 
+def felzenszwalb(image_bgr: np.ndarray, sigma: float = FELZENSZWALB_SIGMA,
+                 c: float = FELZENSZWALB_SCALE, min_size: int = FELZENSZWALB_MIN_SIZE
+                 ) -> np.ndarray:
+    """The release's Felzenszwalb segmentation (module docstring, steps 1-5).
+
+    image_bgr: (H, W, 3) uint8 in OpenCV's channel order. Returns (H, W) int32 ids 1..n in
+    raster order of first occurrence, exactly as the release's `segment(image, out, sigma, c,
+    min_size)`.
+    """
+    image_bgr = np.asarray(image_bgr)
+    if image_bgr.ndim != 3 or image_bgr.shape[2] != 3 or image_bgr.dtype != np.uint8:
+        raise ValueError(f"Felzenszwalb needs an (H, W, 3) uint8 image, got shape "
+                         f"{image_bgr.shape} dtype {image_bgr.dtype}")
+    ids = np.empty(image_bgr.shape[:2], np.int32)
+    _felzenszwalb.segment(np.ascontiguousarray(image_bgr), ids, sigma, c, min_size)
+    return ids
+
+
 def initial_regions(image: np.ndarray) -> np.ndarray:
-    """Felzenszwalb regions of an (H, W, 3) uint8 RGB image as (H, W) int32 ids 0..n-1."""
-    labels = felzenszwalb(image, scale=FELZENSZWALB_SCALE, sigma=FELZENSZWALB_SIGMA,
-                          min_size=FELZENSZWALB_MIN_SIZE)
-    return np.unique(labels, return_inverse=True)[1].reshape(labels.shape).astype(np.int32)
+    """Felzenszwalb regions of an (H, W, 3) uint8 RGB image as (H, W) int32 ids 0..n-1.
+
+    release: segmented as OpenCV decodes the image (BGR); ids in raster order of first occurrence.
+    """
+    return felzenszwalb(np.asarray(image)[:, :, ::-1]) - 1
 
 
 def compute_superpixels(image: np.ndarray, features: np.ndarray,
@@ -194,40 +230,6 @@ def compute_superpixels(image: np.ndarray, features: np.ndarray,
     labels = initial_regions(image)
     mean_features, sizes = region_means(labels, features)
     return greedy_merge(mean_features, sizes, max_regions)[labels]
-
-
-# ----------------------------------------------------------------------------------------------
-# Feature sources
-# ----------------------------------------------------------------------------------------------
-def colour_position_features(image: np.ndarray) -> np.ndarray:
-    """Network-free per-pixel features: centred Lab colour and centred position.
-
-    image: (H, W, 3) uint8 RGB -> (H, W, 5) float32: L/100, a/128, b/128 minus their image
-    means, then x/W - 0.5 and y/H - 0.5. Centring makes the cosine of the merge compare
-    directions around the image's average instead of all features pointing the same way.
-    """
-    h, w = image.shape[:2]
-    lab = rgb2lab(image).astype(np.float32) / np.array([100, 128, 128], np.float32)
-    lab -= lab.reshape(-1, 3).mean(axis=0)
-    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
-    return np.concatenate([lab, (x / w - 0.5)[..., None], (y / h - 0.5)[..., None]], axis=-1)
-
-
-def build_feature_fn(pretrained: Optional[str] = None, ctx=None) -> FeatureFn:
-    """The feature function: conv5_3 features of a checkpoint if `pretrained`, else colour.
-
-    release: region features are the ImageNet VGG16's conv5_3_relu at 513 input (section 8).
-    The network is imported only here, so the colour path never needs the model code.
-    """
-    if pretrained is None:
-        return colour_position_features
-    from ..model.backbone import conv5_feature_extractor
-    return conv5_feature_extractor(pretrained, ctx=ctx)
-
-
-def make_feature_factory(pretrained: Optional[str] = None) -> Callable[[], FeatureFn]:
-    """A picklable zero-argument factory of build_feature_fn(pretrained), one call per worker."""
-    return functools.partial(build_feature_fn, pretrained)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -256,9 +258,9 @@ def make_superpixels(image_root: str, data_list: str, out: str,
 
     feature_factory: zero-argument picklable callable building the FeatureFn (default: colour
     features; see make_feature_factory). It is called once in each worker process (or once in
-    this process when workers=0), so a network extractor is built per worker and never shared
-    across a fork; each worker then holds its own copy of the network, so with a GPU extractor
-    use workers=0 (or few).
+    this process when workers=0) and must be picklable: workers are spawned, not forked. A
+    network extractor is thus built per worker and each worker holds its own copy of the
+    network, so with a GPU extractor use workers=0 (or few).
     Images whose PNG already exists are skipped unless `overwrite`; writes are atomic, so an
     interrupted run resumes cleanly. Returns the paths written.
     """
@@ -274,6 +276,7 @@ def make_superpixels(image_root: str, data_list: str, out: str,
     if workers <= 0:
         _init_worker(feature_factory)
         return [_process(job) for job in tqdm(jobs, **progress)]
-    with multiprocessing.Pool(workers, initializer=_init_worker,
-                              initargs=(feature_factory,)) as pool:
+    # spawn: a fork after MXNet's engine threads have started can leave the workers deadlocked
+    with multiprocessing.get_context("spawn").Pool(workers, initializer=_init_worker,
+                                                   initargs=(feature_factory,)) as pool:
         return list(tqdm(pool.imap(_process, jobs), **progress))

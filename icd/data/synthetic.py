@@ -204,8 +204,9 @@ def make_synthetic_voc(out: str, num_train: int = 200, num_val: int = 50, size: 
                        ) -> Dict[str, List[str]]:
     """Write the dataset under `out` in VOC layout; returns the image names per split.
 
-    JPEGImages/<name>.jpg, Annotations/<name>.xml, SegmentationClass/<name>.png (palette) and,
-    last, ImageSets/Segmentation/{train,val}.txt. Every file is written atomically.
+    JPEGImages/<name>.jpg, Annotations/<name>.xml, SegmentationClass/<name>.png (single-channel
+    8-bit label PNGs, see `write_mask`) and, last, ImageSets/Segmentation/{train,val}.txt. Every
+    file is written atomically.
     """
     unknown = [c for c in classes if c not in VOC_CLASSES]
     if unknown or not classes:

@@ -1,7 +1,12 @@
-"""PASCAL VOC helpers: list files, image-level labels from XML, palette masks.
+"""PASCAL VOC helpers: list files, image-level labels from XML, label PNGs.
 
-Formats follow ORIGINAL_RELEASE.md section 1: 20 classes in VOC order, multi-hot float32 labels,
-ground-truth masks as palette PNGs where 255 means "ignore".
+Formats follow ORIGINAL_RELEASE.md section 1: 20 classes in VOC order, multi-hot float32 labels.
+Label maps (ground truth, seeds) hold class ids, 255 meaning "ignore". We write them as the
+release writes seeds (section 11: `cv2.imwrite` of an (h, w) uint8 array): single-channel 8-bit
+PNGs whose pixel values are the labels, like SBD's SegmentationClassAug, so that
+`cv2.imread(path, 0)` (the release's `compute_iou.py`, DeepLab loaders) and PIL both read the
+labels. We read palette PNGs (VOC's SegmentationClass) and grey ones alike. The VOC palette is
+for coloured pictures made for people (overlays, figures), never for label files.
 """
 from __future__ import annotations
 
@@ -167,21 +172,38 @@ def multi_hot(labels: Sequence[int], num_classes: int = NUM_CLASSES) -> np.ndarr
 
 
 def read_mask(path: str) -> np.ndarray:
-    """A palette (or grey) PNG mask as (H, W) uint8 class ids, 255 = ignore."""
+    """A label PNG as (H, W) uint8 class ids, 255 = ignore.
+
+    Palette PNGs (VOC's SegmentationClass) give their palette indices, single-channel 8-bit
+    PNGs (SegmentationClassAug, our seeds) their values; colour (RGB) PNGs are an error: their
+    colours are not labels.
+    """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: mask not found")
     try:
         with Image.open(path) as im:
             if im.mode not in ("P", "L"):
-                raise ValueError(f"{path}: mask must be a palette or grey PNG, got mode {im.mode}")
+                raise ValueError(f"{path}: a label map must be a palette or single-channel 8-bit "
+                                 f"PNG, got PIL mode {im.mode}")
             return np.array(im, dtype=np.uint8)
     except OSError as e:
         raise ValueError(f"{path}: unreadable mask ({e})") from None
 
 
 def write_mask(path: str, mask: np.ndarray) -> None:
-    """Write (H, W) uint8 class ids as a VOC palette PNG, atomically."""
-    im = Image.fromarray(np.asarray(mask, np.uint8), mode="P")
-    im.putpalette(voc_palette().reshape(-1).tolist())
+    """Write (H, W) class ids 0..255 as a single-channel 8-bit PNG, atomically.
+
+    release: seeds are `cv2.imwrite` of an (h, w) uint8 array, so `cv2.imread(path, 0)` returns
+    the ids.
+    """
+    mask = np.asarray(mask)
+    if mask.ndim != 2 or mask.size == 0:
+        raise ValueError(f"{path}: a label map must be a non-empty (H, W) array, got shape "
+                         f"{mask.shape}")
+    if mask.dtype != np.uint8 and (
+            not np.issubdtype(mask.dtype, np.integer) or mask.min() < 0 or mask.max() > 255):
+        raise ValueError(f"{path}: label ids must be integers in 0..255, got {mask.dtype} "
+                         f"values {mask.min()}..{mask.max()}")
     with atomic_path(path) as tmp:
-        im.save(tmp, format="PNG")
+        if not cv2.imwrite(tmp, np.ascontiguousarray(mask, np.uint8)):
+            raise ValueError(f"{path}: OpenCV could not write the label PNG")

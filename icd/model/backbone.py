@@ -6,10 +6,6 @@ Parameter names equal the release's checkpoint keys (`conv1_1_weight`, ...).
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
-
-import mxnet as mx
-import numpy as np
 from mxnet.gluon import HybridBlock, nn
 
 # (block, number of convs, base channels, dilation) of vgg16_deeplab
@@ -59,30 +55,3 @@ class VGG16DeepLab(HybridBlock):
                 x = F.Pooling(x, kernel=(3, 3), stride=(stride, stride), pad=(1, 1),
                               pool_type="max", pooling_convention="valid")
         return conv4, x
-
-
-def conv5_feature_extractor(params_path: str, ctx: Optional[mx.Context] = None,
-                            input_size: int = 513) -> Callable[[np.ndarray], np.ndarray]:
-    """conv5_3_relu features of an ImageNet VGG16 checkpoint, for superpixel merging (section 8).
-
-    Returns a function mapping an (H, W, 3) uint8 RGB image to (H, W, C5) float32 features: the
-    image is padded bottom/right with 127 to `input_size` (or its own size if larger), conv5_3_relu
-    is bilinearly upsampled to the padded size and cropped to the image.
-    """
-    from ..checkpoint import load_backbone
-
-    ctx = ctx or mx.cpu()
-    net = load_backbone(params_path, ctx)
-    net.hybridize(static_alloc=True)
-
-    def extract(image: np.ndarray) -> np.ndarray:
-        h, w = image.shape[:2]
-        size_h, size_w = max(input_size, h), max(input_size, w)
-        padded = np.full((size_h, size_w, 3), MEAN_VALUE, np.float32)
-        padded[:h, :w] = image
-        data = mx.nd.array(padded.transpose(2, 0, 1)[None], ctx=ctx)
-        _, conv5 = net(data)
-        up = mx.nd.contrib.BilinearResize2D(conv5, height=size_h, width=size_w)
-        return up[0, :, :h, :w].asnumpy().transpose(1, 2, 0)
-
-    return extract
