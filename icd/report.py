@@ -352,7 +352,8 @@ def _split_markdown(tables: Mapping, split: str, claims_split: bool) -> List[str
     n = len(tables["present"])
     k = NUM_SEG_CLASSES
     lines = [f"## {split.capitalize()} split ({tables['num_images']} images"
-             + (", used for the claims)" if claims_split else ", held out: not used for the claims)"),
+             + (", used for the claims)" if claims_split
+                else ", held out: not used for the claims)"),
              "",
              f"mIoU (present) averages over the {n} classes present in the ground truth "
              f"({', '.join(tables['present'])}); mIoU ({k}) is the release's rule over all {k} "
@@ -614,8 +615,8 @@ def write_report(inputs: ReportInputs, run: Run) -> str:
     lines = ["# ICD on the synthetic dataset: CAM vs ICD, measured", "",
              f"Written {datetime.datetime.now().isoformat(timespec='seconds')} by the demo "
              "(`python tools/demo.py`). Data flows one way through the folders of "
-             f"`{inputs.out}`: data → superpixels → pretrain → snapshot_cam / snapshot_icd → "
-             "results_{cam,icd}/{train,val} (scores, seeds, eval) → report.", "",
+             f"`{inputs.out}`: data → superpixels → pretrain → snapshot_cam / snapshot_icd "
+             "→ results_{cam,icd}/{train,val} (scores, seeds, eval) → report.", "",
              "## What was run", "",
              f"- Dataset: the built-in synthetic VOC set (`icd.data.synthetic`, "
              f"{len(classes)} classes in the train split: {', '.join(classes)}), "

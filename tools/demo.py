@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The end-to-end demo on the built-in synthetic dataset: `python tools/demo.py --help` (icd.demo)."""
+"""The end-to-end demo on the built-in synthetic dataset (icd.demo): see --help."""
 import sys
 
 from icd.demo import main
