@@ -34,7 +34,7 @@ from .evaluate import IOU_EPS, NUM_SEG_CLASSES, SEG_CLASSES, image_statistics, p
     plot_seed_overlays, pyplot, save_figure
 from .io import atomic_path, read_json, write_json
 from .pipeline import Run
-from .seeds import EPS
+from .seeds import EPS, INFER_SIZE
 
 SPLITS = ("train", "val")
 # Table 3 rows: (name, seed folder under results_icd/<split>/seeds, icd score folder, CRF)
@@ -628,7 +628,7 @@ def write_report(inputs: ReportInputs, run: Run) -> str:
              f"- Superpixels: Felzenszwalb + greedy merge to ≤ {MAX_REGIONS} regions on colour + "
              "position features (no pretrained network exists here).",
              f"- Inference size {inputs.infer_size} (the smallest 8k+1 ≥ every image side; the "
-             "release uses 513).",
+             f"release uses {INFER_SIZE}).",
              f"- Seeds and evaluation follow the release (seed rule threshold {EPS:g}, dense "
              f"CRF, {NUM_SEG_CLASSES}-class mIoU); mIoU over the present classes is added (see "
              "below).", "",
