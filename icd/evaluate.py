@@ -243,7 +243,7 @@ def pixel_ap(results_dir: str, gt_root: str, annotation_root: str, names: Sequen
 # ---------------------------------------------------------------------------------------------
 # Reports
 
-def _pct(value: Optional[float]) -> str:
+def percent(value: Optional[float]) -> str:
     """A fraction as a percentage with one decimal; "–" for a missing value."""
     return "–" if value is None else f"{100 * value:.1f}"
 
@@ -254,21 +254,21 @@ def markdown_report(report: Mapping[str, object]) -> str:
     seeds = report.get("seeds") or {}
     if seeds:
         lines += ["## Seeds (Table 3 layout)", "", "| Seeds | mIoU (%) |", "|---|---|"]
-        lines += [f"| {name} | {_pct(r['miou'])} |" for name, r in seeds.items()]
+        lines += [f"| {name} | {percent(r['miou'])} |" for name, r in seeds.items()]
         lines += ["", "### Per-class IoU (%)", "",
                   "| Seeds | " + " | ".join(SEG_CLASSES) + " |",
                   "|---|" + "---|" * len(SEG_CLASSES)]
-        lines += [f"| {name} | " + " | ".join(_pct(r["iou"][c]) for c in SEG_CLASSES) + " |"
+        lines += [f"| {name} | " + " | ".join(percent(r["iou"][c]) for c in SEG_CLASSES) + " |"
                   for name, r in seeds.items()]
         lines.append("")
     ap = report.get("pixel_ap")
     if ap:
         lines += ["## Table 1. Pixel-level mAP", "", "| Method | mAP (%) |", "|---|---|"]
-        lines += [f"| {METHOD_NAMES.get(k, k)} | {_pct(r['map'])} |" for k, r in ap.items()]
+        lines += [f"| {METHOD_NAMES.get(k, k)} | {percent(r['map'])} |" for k, r in ap.items()]
         lines += ["", "## Fig. 5. Per-class pixel-level AP (%)", "",
                   "| Class | " + " | ".join(METHOD_NAMES.get(k, k) for k in ap) + " |",
                   "|---|" + "---|" * len(ap)]
-        lines += [f"| {c} | " + " | ".join(_pct(ap[k]["ap"][c]) for k in ap) + " |"
+        lines += [f"| {c} | " + " | ".join(percent(ap[k]["ap"][c]) for k in ap) + " |"
                   for c in VOC_CLASSES]
         lines.append("")
     study = report.get("threshold_study")
@@ -278,8 +278,8 @@ def markdown_report(report: Mapping[str, object]) -> str:
                   "|---|---|---|---|---|"]
         for t in study["icd"]:
             cam, icd = study["cam"][t], study["icd"][t]
-            lines.append(f"| {float(t):.1f} | {_pct(cam['miou'])} | {_pct(icd['miou'])} | "
-                         f"{_pct(cam['recall'])} | {_pct(icd['recall'])} |")
+            lines.append(f"| {float(t):.1f} | {percent(cam['miou'])} | {percent(icd['miou'])} | "
+                         f"{percent(cam['recall'])} | {percent(icd['recall'])} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -324,7 +324,7 @@ def plot_class_ap(ap: Mapping[str, Mapping[str, object]], path: str) -> None:
     x = np.arange(NUM_CLASSES)
     for i, (kind, r) in enumerate(ap.items()):
         ax.bar(x + (i - (len(ap) - 1) / 2) * width, [np.nan if r["ap"][c] is None else 100 * r["ap"][c] for c in VOC_CLASSES],
-               width, label=f"{METHOD_NAMES.get(kind, kind)} (mAP {_pct(r['map'])})")
+               width, label=f"{METHOD_NAMES.get(kind, kind)} (mAP {percent(r['map'])})")
     ax.set_xticks(x)
     ax.set_xticklabels(VOC_CLASSES, rotation=45, ha="right")
     ax.set_ylabel("AP (%)")
@@ -409,3 +409,60 @@ def evaluate(results_dir: str, gt_root: str, data_list: str,
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(markdown_report(report))
     return report
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-image statistics (for resampling the image set, e.g. a bootstrap)
+
+def _image_statistics(name: str, results_dir: str, gt_root: str, annotation_root: str,
+                      seed_dirs: Sequence[str], thresholds: Sequence[float], infer_size: int,
+                      folders: Mapping[str, str]) -> Tuple[str, Dict[str, object]]:
+    """Worker: (name, this image's statistics as `image_statistics` lists them)."""
+    gt = read_mask(os.path.join(gt_root, name + ".png"))
+    study, _ = _threshold_counts(name, results_dir, gt_root, annotation_root, thresholds,
+                                 infer_size, folders)
+    score_folders = sorted(set(folders.values()))
+    labels, scores = load_image_scores(results_dir, annotation_root, name, score_folders)
+    valid = gt != IGNORE_LABEL
+    pixels = {}
+    for folder, score in zip(score_folders, scores):
+        pixels[folder] = {}
+        for i, cls in enumerate(labels):   # one channel at a time, as `class_pixel_scores`
+            channel = resize_scores(score[i:i + 1], gt.shape, infer_size)[0]
+            pixels[folder][cls] = (channel[gt == cls + 1], channel[valid & (gt != cls + 1)])
+    return name, {"seeds": [_seed_confusion(name, d, gt_root)[0] for d in seed_dirs],
+                  "threshold_study": study, "pixel_scores": pixels}
+
+
+def image_statistics(results_dir: str, gt_root: str, annotation_root: str, names: Sequence[str],
+                     seed_dirs: Sequence[str] = (), thresholds: Sequence[float] = THRESHOLDS,
+                     infer_size: int = INFER_SIZE, folders: Mapping[str, str] = SCORE_FOLDERS,
+                     workers: int = 1) -> Dict[str, object]:
+    """The evaluation's statistics per image, in the order of `names` (N images).
+
+    Returns {"seeds": {seed_dir: (N, 21, 21) int64 confusions},
+             "threshold_study": {"cam"|"icd": (N, nT, 21, 21) int64 confusions},
+             "pixel_scores": {score folder: {class index: [(image index, positive scores (P,),
+                              negative scores (Q,)) for the images whose labels hold the class]}}}.
+    Summed over the images the confusions are `evaluate_seeds`' and `threshold_study`'s; pooled,
+    the scores are the pixels `pixel_ap` ranks (same selection: valid gt, positives gt == c + 1).
+    """
+    order = {name: i for i, name in enumerate(names)}
+    per_image: List[Optional[Dict[str, object]]] = [None] * len(names)
+    job = functools.partial(_image_statistics, results_dir=results_dir, gt_root=gt_root,
+                            annotation_root=annotation_root, seed_dirs=tuple(seed_dirs),
+                            thresholds=tuple(thresholds), infer_size=infer_size,
+                            folders=dict(folders))
+    for name, stats in map_images(job, names, workers, "per-image statistics"):
+        per_image[order[name]] = stats
+    study = np.stack([s["threshold_study"] for s in per_image])            # (N, 2, nT, 21, 21)
+    pixel_scores: Dict[str, Dict[int, List]] = {}
+    for i, stats in enumerate(per_image):
+        for folder, classes in stats["pixel_scores"].items():
+            for cls, (positive, negative) in classes.items():
+                pixel_scores.setdefault(folder, {}).setdefault(cls, []).append(
+                    (i, positive, negative))
+    return {"seeds": {d: np.stack([s["seeds"][k] for s in per_image])
+                      for k, d in enumerate(seed_dirs)},
+            "threshold_study": {kind: study[:, k] for k, kind in enumerate(("cam", "icd"))},
+            "pixel_scores": pixel_scores}

@@ -1,78 +1,186 @@
-"""The demo runner (icd.demo): claim checking, mIoU over present classes, step skipping, and one
-reduced end-to-end run (slow)."""
+"""The demo (icd.demo), its step runner (icd.pipeline) and its report (icd.report): step
+skipping / rerunning / resuming and the ETA, the claims' bootstrap rule, mIoU over present
+classes, and one reduced end-to-end run (slow)."""
+import dataclasses
 import glob
-import json
+import logging
 import os
+import threading
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from icd import demo
-from icd.evaluate import class_iou, confusion_matrix, mean_iou
+from icd import demo, pipeline, report
+from icd.evaluate import NUM_SEG_CLASSES, average_precision, class_iou, confusion_matrix, \
+    image_statistics, mean_iou
+from icd.io import read_json
 
 
 # ---------------------------------------------------------------------------------------------
-# Pure logic
+# The step runner
 
-def test_present_miou_equals_the_mean_over_classes_with_ground_truth():
-    rng = np.random.default_rng(0)
-    gt = rng.choice([0, 3, 8, 255], size=(40, 50))           # background, 2 classes, ignore
-    seed = rng.choice([0, 3, 8, 12, 255], size=(40, 50))     # 12: a class absent from the gt
-    confusion = confusion_matrix(gt, seed)
-    iou = class_iou(confusion)
-    assert demo.present_miou(mean_iou(confusion), 3) == pytest.approx(iou[[0, 3, 8]].mean())
-    with pytest.raises(ValueError):
-        demo.present_miou(0.5, 0)
+class FakeClock:
+    """A timer the steps move forward: durations without waiting."""
 
+    def __init__(self):
+        self.now = 100.0
 
-def test_present_classes_reads_the_ground_truth(tmp_path):
-    for name, values in (("a", [0, 3, 255]), ("b", [0, 8])):
-        Image.fromarray(np.array([values], np.uint8)).save(tmp_path / f"{name}.png")
-    assert demo.present_classes(str(tmp_path), ["a", "b"]) == [0, 3, 8]
+    def __call__(self):
+        return self.now
 
 
-def good_tables():
-    return {"map": {"cam_baseline": 0.40, "cam_head": 0.45, "icd": 0.60},
-            "thresholds": {"0.0": {"cam_baseline": 0.3, "cam_head": 0.35, "icd": 0.5},
-                           "0.5": {"cam_baseline": 0.6, "cam_head": 0.62, "icd": 0.7}},
-            "table3": [("bottom-up (S)", 0.40), ("+ superpixel refinement (S')", 0.45),
-                       ("+ top-down (S'')", 0.50), ("+ CRF", 0.55)]}
+def make_steps(root, calls, clock, settings=None, fail=(), seconds=None):
+    """a -> b -> c; each writes <root>/<step>/out.txt, takes `seconds[step]` on the clock."""
+    settings = settings or {}
+    seconds = seconds or {"a": 1.0, "b": 2.0, "c": 3.0}
 
+    def func(name):
+        def run(the_run):
+            assert the_run.current == name
+            calls.append(name)
+            os.makedirs(os.path.join(root, name), exist_ok=True)
+            open(os.path.join(root, name, "out.txt"), "w").close()
+            clock.now += seconds[name]
+            if name in fail:
+                raise RuntimeError(f"{name} broke")
+            return {"wrote": name}
+        return run
 
-def test_claims_pass_on_numbers_that_show_them():
-    claims = demo.check_claims(good_tables())
-    assert len(claims) == 7 and all(c["passed"] for c in claims)
-    assert "mAP ICD 60.0 vs CAM 40.0" in claims[0]["numbers"]
-    assert "T=0.5: ICD 70.0 vs CAM 60.0" in claims[2]["numbers"]
-    assert claims[-1]["numbers"] == "mIoU 50.0 -> 55.0"
-
-
-def test_a_claim_fails_at_one_threshold_or_one_component():
-    tables = good_tables()
-    tables["thresholds"]["0.5"]["icd"] = 0.6          # tie with the CAM baseline: not higher
-    tables["table3"][2] = ("+ top-down (S'')", 0.44)  # top-down hurts
-    passed = [c["passed"] for c in demo.check_claims(tables)]
-    assert passed == [True, True, False, False, True, False, True]
-
-
-def test_missing_numbers_fail_instead_of_passing():
-    claims = demo.check_claims({"map": {"icd": 0.5, "cam_baseline": None}})
-    assert not claims[0]["passed"] and "n/a" in claims[0]["numbers"]
-    assert not any(c["passed"] for c in claims)
+    return [pipeline.Step(name, func(name), inputs=inputs,
+                          folders=(os.path.join(root, name),),
+                          settings=settings.get(name, {"n": 1}), estimate=est)
+            for name, inputs, est in (("a", (), 10.0), ("b", ("a",), 20.0), ("c", ("b",), 30.0))]
 
 
 def test_step_action():
     fp = {"settings": {"a": 1}, "inputs": {"data": "t0"}}
-    assert demo.step_action(None, fp, False) == "run"
-    assert demo.step_action({"status": "done", "fingerprint": fp}, fp, False) == "skip"
-    assert demo.step_action({"status": "running", "fingerprint": fp}, fp, False) == "resume"
-    assert demo.step_action({"status": "done", "fingerprint": fp}, fp, True) == "rerun"
+    assert pipeline.step_action(None, fp, False) == "run"
+    assert pipeline.step_action({"status": "done", "fingerprint": fp}, fp, False) == "skip"
+    assert pipeline.step_action({"status": "running", "fingerprint": fp}, fp, False) == "resume"
+    assert pipeline.step_action({"status": "failed", "fingerprint": fp}, fp, False) == "resume"
+    assert pipeline.step_action({"status": "done", "fingerprint": fp}, fp, True) == "rerun"
     changed = {"settings": {"a": 2}, "inputs": {"data": "t0"}}
-    assert demo.step_action({"status": "done", "fingerprint": fp}, changed, False) == "rerun"
-    upstream_rerun = {"settings": {"a": 1}, "inputs": {"data": "t1"}}
-    assert demo.step_action({"status": "done", "fingerprint": fp}, upstream_rerun, False) == "rerun"
+    assert pipeline.step_action({"status": "done", "fingerprint": fp}, changed, False) == "rerun"
+    upstream = {"settings": {"a": 1}, "inputs": {"data": "t1"}}
+    assert pipeline.step_action({"status": "done", "fingerprint": fp}, upstream, False) == "rerun"
 
+
+def test_runner_skips_reruns_and_runs_subsets(tmp_path):
+    calls, clock, root = [], FakeClock(), str(tmp_path)
+    markers = os.path.join(root, "steps")
+
+    def execute(**kwargs):
+        steps = make_steps(root, calls, clock, settings=kwargs.pop("settings", None))
+        return pipeline.Run(steps, markers, timer=clock, progress_every=0, **kwargs).execute()
+
+    summary = execute()
+    assert calls == ["a", "b", "c"]
+    assert [summary[s]["action"] for s in "abc"] == ["run"] * 3
+    assert [summary[s]["seconds"] for s in "abc"] == [1.0, 2.0, 3.0]
+    assert read_json(os.path.join(markers, "b.json"))["result"] == {"wrote": "b"}
+    summary = execute()                                            # all done: skipped
+    assert calls == ["a", "b", "c"] and {s["action"] for s in summary.values()} == {"skip"}
+    summary = execute(selected=["b"], overwrite=True)              # a subset, afresh
+    assert calls[3:] == ["b"] and list(summary) == ["b"] and summary["b"]["action"] == "rerun"
+    summary = execute()                                            # c reads b, which reran
+    assert calls[4:] == ["c"] and summary["c"]["action"] == "rerun"
+    # a changed setting reruns the step (its folder cleared) and what reads it
+    stale = os.path.join(root, "a", "stale.txt")
+    open(stale, "w").close()
+    summary = execute(settings={"a": {"n": 2}})
+    assert calls[5:] == ["a", "b", "c"] and not os.path.exists(stale)
+    assert [summary[s]["action"] for s in "abc"] == ["rerun"] * 3
+    # a step whose inputs are neither selected nor finished is an error naming them
+    os.remove(os.path.join(markers, "b.json"))
+    with pytest.raises(RuntimeError, match="'b'"):
+        execute(selected=["c"])
+    with pytest.raises(ValueError, match="unknown steps"):
+        execute(selected=["a", "d"])
+
+
+def test_a_failed_step_leaves_no_done_marker_and_resumes(tmp_path):
+    calls, clock, root = [], FakeClock(), str(tmp_path)
+    markers = os.path.join(root, "steps")
+    with pytest.raises(RuntimeError, match="b broke"):
+        pipeline.Run(make_steps(root, calls, clock, fail=("b",)), markers, timer=clock,
+                     progress_every=0).execute()
+    assert calls == ["a", "b"]
+    marker = read_json(os.path.join(markers, "b.json"))
+    assert marker["status"] == "failed" and "b broke" in marker["error"]
+    assert marker["seconds"] == 2.0 and "finished" not in marker
+    assert not os.path.exists(os.path.join(markers, "c.json"))
+    # the next run resumes b with its partial outputs and counts the failed attempt's time
+    partial = os.path.join(root, "b", "partial.txt")
+    open(partial, "w").close()
+    run = pipeline.Run(make_steps(root, calls, clock), markers, timer=clock, progress_every=0)
+    assert run.plan() == {"a": "skip", "b": "resume", "c": "run"}
+    summary = run.execute()
+    assert summary["b"]["action"] == "resume" and os.path.exists(partial)
+    assert summary["b"]["seconds"] == 4.0 and calls[2:] == ["b", "c"]
+
+
+def test_eta_uses_the_previous_times_of_unchanged_steps(tmp_path):
+    calls, clock, root = [], FakeClock(), str(tmp_path)
+    markers = os.path.join(root, "steps")
+    first = pipeline.Run(make_steps(root, calls, clock), markers, timer=clock, progress_every=0)
+    assert first.left() == 60.0                                    # the steps' estimates
+    first.execute()
+    assert first.left() == 0.0 and first.elapsed() == 6.0
+    # rerun everything: a and c take their previous times; b's settings changed: its estimate
+    again = pipeline.Run(make_steps(root, calls, clock, settings={"b": {"n": 5}}), markers,
+                         overwrite=True, timer=clock, progress_every=0)
+    assert again.expected == {"a": 1.0, "b": 20.0, "c": 3.0}
+    assert again.left() == 24.0
+    # nothing to do: skipped steps are expected to take no time
+    idle = pipeline.Run(make_steps(root, calls, clock), markers, timer=clock, progress_every=0)
+    assert idle.plan() == {"a": "skip", "b": "skip", "c": "skip"} and idle.left() == 0.0
+    # while a step runs, its expected rest shrinks with the time spent in it
+    seen = {}
+
+    def slow(run):
+        clock.now += 4.0
+        seen["left"], seen["line"] = run.left(), run.progress()
+        return {}
+
+    steps = [pipeline.Step("a", slow, settings={"n": 9}, estimate=10.0)]
+    pipeline.Run(steps, os.path.join(root, "other"), timer=clock, progress_every=0).execute()
+    assert seen["left"] == 6.0
+    assert seen["line"] == "[1/1 a] 00:04.0 of ~00:10.0; run 00:04.0, about 00:06.0 left"
+
+
+def test_progress_lines_appear_while_a_step_runs(tmp_path):
+    heard = threading.Event()
+
+    class Listener(logging.Handler):
+        def emit(self, record):
+            if "of ~" in record.getMessage():
+                heard.set()
+
+    def wait(run):
+        assert heard.wait(60), "no progress line while the step ran"
+        return {}
+
+    listener = Listener()
+    logger = logging.getLogger("icd.pipeline")
+    logger.addHandler(listener)
+    old_level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        pipeline.Run([pipeline.Step("wait", wait)], str(tmp_path), progress_every=0.01).execute()
+    finally:
+        logger.removeHandler(listener)
+        logger.setLevel(old_level)
+    assert heard.is_set()
+
+
+def test_clock():
+    assert pipeline.clock(75.04) == "01:15.0"
+    assert pipeline.clock(3725) == "1:02:05"
+
+
+# ---------------------------------------------------------------------------------------------
+# The demo's steps
 
 def test_infer_size_is_the_smallest_8k_plus_1_covering_every_image(tmp_path):
     Image.new("RGB", (120, 97)).save(tmp_path / "a.jpg")
@@ -86,41 +194,173 @@ def test_unknown_steps_are_rejected():
         demo.DemoSettings(steps=["data", "trian"])
 
 
-def test_steps_are_skipped_resumed_and_rerun(tmp_path, monkeypatch):
+def test_demo_steps_read_what_they_need_and_rerun_on_changed_data(tmp_path):
+    settings = demo.quick_settings(out=str(tmp_path / "out"), steps=["data", "superpixels"])
+    steps = {s.name: s for s in demo.demo_steps(settings)}
+    assert list(steps) == list(demo.STEPS) and [s.always for s in steps.values()].count(True) == 1
+    assert steps["train_cam"].inputs == ("pretrain",) and steps["report"].always
+    assert steps["data"].estimate == demo.ESTIMATES["quick"]["data"]
+    assert steps["train_icd"].settings["num_epoch"] == demo.QUICK["epochs"]
+    unpretrained = {s.name: s for s in demo.demo_steps(
+        demo.quick_settings(out=settings.out, pretrain_config="none"))}
+    assert unpretrained["train_icd"].inputs == ("superpixels",)
+    assert unpretrained["train_icd"].settings["pretrained"] is None
+
     calls = []
 
-    def fake(step):
-        def run(settings):
-            calls.append(step)
-            os.makedirs(demo.step_folders(settings, step)[0], exist_ok=True)
+    def fake(name):
+        def run(the_run):
+            calls.append(name)
             return {}
         return run
 
-    monkeypatch.setattr(demo, "STEP_FUNCTIONS", {s: fake(s) for s in demo.STEPS})
-    settings = demo.quick_settings(out=str(tmp_path / "out"), steps=["data", "superpixels"])
-    demo.run(settings)
+    def execute(values):
+        fakes = [dataclasses.replace(s, func=fake(s.name)) for s in demo.demo_steps(values)]
+        return pipeline.Run(fakes, values.folder("steps"), selected=values.steps,
+                            progress_every=0).execute()
+
+    execute(settings)
     assert calls == ["data", "superpixels"]
-    summary = demo.run(settings)                                   # done: skipped
-    assert calls == ["data", "superpixels"]
-    assert {s["action"] for s in summary.values()} == {"skip"}
-    demo.run(demo.quick_settings(out=settings.out, steps=["superpixels"], overwrite=True))
-    assert calls[-1] == "superpixels"
+    assert {s["action"] for s in execute(settings).values()} == {"skip"}
     # other data settings: data reruns, and superpixels (which reads data) reruns after it
-    summary = demo.run(demo.quick_settings(out=settings.out, steps=["data", "superpixels"],
-                                           num_train=30))
-    assert calls[-2:] == ["data", "superpixels"]
+    summary = execute(demo.quick_settings(out=settings.out, steps=["data", "superpixels"],
+                                          num_train=30))
+    assert calls[2:] == ["data", "superpixels"]
     assert [s["action"] for s in summary.values()] == ["rerun", "rerun"]
-    # a step whose inputs were never made is an error naming them
     with pytest.raises(RuntimeError, match="'train_cam'"):
-        demo.run(demo.quick_settings(out=settings.out, steps=["infer"]))
-    # an interrupted step resumes with its partial outputs kept
-    marker = demo.read_marker(settings, "superpixels")
-    demo.write_marker(settings, "superpixels", dict(marker, status="running"))
-    keep = os.path.join(settings.out, "superpixels", "partial.png")
-    open(keep, "w").close()
-    summary = demo.run(demo.quick_settings(out=settings.out, steps=["superpixels"],
-                                           num_train=30))
-    assert summary["superpixels"]["action"] == "resume" and os.path.exists(keep)
+        execute(demo.quick_settings(out=settings.out, steps=["infer"]))
+
+
+# ---------------------------------------------------------------------------------------------
+# The report: present-class mIoU, the claims' bootstrap rule
+
+def test_present_miou_equals_the_mean_over_classes_with_ground_truth():
+    rng = np.random.default_rng(0)
+    gt = rng.choice([0, 3, 8, 255], size=(40, 50))           # background, 2 classes, ignore
+    seed = rng.choice([0, 3, 8, 12, 255], size=(40, 50))     # 12: a class absent from the gt
+    confusion = confusion_matrix(gt, seed)
+    iou = class_iou(confusion)
+    assert report.present_miou(mean_iou(confusion), 3) == pytest.approx(iou[[0, 3, 8]].mean())
+    with pytest.raises(ValueError):
+        report.present_miou(0.5, 0)
+    # the bootstrap's statistic with all weights 1 is the same number
+    statistic = report.miou_statistic(confusion[None], [0, 3, 8])
+    assert statistic(np.ones((1, 1)))[0] == pytest.approx(iou[[0, 3, 8]].mean(), abs=1e-15)
+
+
+def test_present_classes_reads_the_ground_truth(tmp_path):
+    for name, values in (("a", [0, 3, 255]), ("b", [0, 8])):
+        Image.fromarray(np.array([values], np.uint8)).save(tmp_path / f"{name}.png")
+    assert report.present_classes(str(tmp_path), ["a", "b"]) == [0, 3, 8]
+
+
+def test_resampling_is_seeded_and_draws_every_image_count_once_per_resample():
+    weights = report.resample_weights(7, resamples=50, seed=3)
+    assert weights.shape == (50, 7) and (weights.sum(axis=1) == 7).all()
+    assert (weights == report.resample_weights(7, resamples=50, seed=3)).all()
+    assert not (weights == report.resample_weights(7, resamples=50, seed=4)).all()
+
+
+def image_confusions(rng, num_images, error_rate):
+    """(N, 21, 21) confusions of images with background and class 3, `error_rate` of the
+    pixels given the other label."""
+    out = np.zeros((num_images, NUM_SEG_CLASSES, NUM_SEG_CLASSES), np.int64)
+    for i in range(num_images):
+        gt = rng.choice([0, 3], size=(20, 20))
+        flip = rng.random(gt.shape) < error_rate
+        out[i] = confusion_matrix(gt, np.where(flip, 3 - gt, gt))
+    return out
+
+
+def hand_made_samples(icd_error, cam_error, num_images=30):
+    rng = np.random.default_rng(1)
+    icd = image_confusions(rng, num_images, icd_error)
+    cam = icd if cam_error is None else image_confusions(rng, num_images, cam_error)
+    return {"num_images": num_images, "classes": [0, 3],
+            "thresholds": {"0.0": {"icd": icd, "cam_baseline": cam, "cam_head": cam}},
+            "table3": [("bottom-up (S)", cam), ("+ top-down (S'')", icd)]}
+
+
+def verdicts(claims):
+    return {c["claim"].split(":")[0] + (" head" if "head" in c["claim"] else ""): c["verdict"]
+            for c in claims}
+
+
+def test_a_clear_difference_passes_a_tie_does_not_and_a_reversal_fails():
+    clear = report.check_claims(hand_made_samples(0.05, 0.3), resamples=200)
+    assert verdicts(clear) == {"Table 1": "FAIL", "Table 1 head": "FAIL",   # no AP numbers
+                               "Table 2": "PASS", "Table 2 head": "PASS", "Table 3": "PASS"}
+    test = clear[2]["tests"][0]
+    assert test["low"] > 0 and test["low"] <= test["difference"] <= test["high"]
+    assert "[+" in clear[2]["numbers"] and clear[2]["passed"]
+    tie = report.check_claims(hand_made_samples(0.2, None), resamples=200)
+    assert [c["verdict"] for c in tie[2:]] == ["UNCLEAR"] * 3
+    assert tie[2]["tests"][0]["low"] == tie[2]["tests"][0]["high"] == 0.0
+    assert not any(c["passed"] for c in tie)
+    reversed_ = report.check_claims(hand_made_samples(0.3, 0.05), resamples=200)
+    assert [c["verdict"] for c in reversed_[2:]] == ["FAIL"] * 3
+    # the same seed gives the same intervals (a deterministic report)
+    assert report.check_claims(hand_made_samples(0.05, 0.3), resamples=200) == clear
+
+
+def test_one_unclear_threshold_keeps_an_every_threshold_claim_from_passing():
+    samples = hand_made_samples(0.05, 0.3)
+    tie = hand_made_samples(0.2, None)["thresholds"]["0.0"]
+    samples["thresholds"]["0.5"] = tie
+    claims = report.check_claims(samples, resamples=200)
+    assert [t["verdict"] for t in claims[2]["tests"]] == ["PASS", "UNCLEAR"]
+    assert claims[2]["verdict"] == "UNCLEAR"
+
+
+def test_binned_ap_is_exact_up_to_the_bin_count_and_resamples_images():
+    rng = np.random.default_rng(2)
+    pixels = [(i, rng.normal(1.0, 1.0, 30).astype(np.float32),
+               rng.normal(0.0, 1.0, 50).astype(np.float32)) for i in range(4)]
+    pos, neg = report.class_histograms(pixels, 5, bins=1000)           # image 4 lacks it
+    assert pos[4].sum() == neg[4].sum() == 0
+    exact = average_precision(np.concatenate([p for _, p, _ in pixels]),
+                              np.concatenate([n for _, _, n in pixels]))
+    assert report.binned_ap(np.ones((1, 5)) @ pos, np.ones((1, 5)) @ neg)[0] == \
+        pytest.approx(exact, abs=1e-12)
+    # image 0 twice, image 1 left out: AP of exactly those pixels
+    weights = np.array([[2.0, 0.0, 1.0, 1.0, 0.0]])
+    chosen = [pixels[0], pixels[0], pixels[2], pixels[3]]
+    resampled = average_precision(np.concatenate([p for _, p, _ in chosen]),
+                                  np.concatenate([n for _, _, n in chosen]))
+    assert report.binned_ap(weights @ pos, weights @ neg)[0] == pytest.approx(resampled,
+                                                                             abs=1e-12)
+    # few bins: close, not exact
+    pos, neg = report.class_histograms(pixels, 5, bins=16)
+    assert report.binned_ap(np.ones((1, 5)) @ pos, np.ones((1, 5)) @ neg)[0] == \
+        pytest.approx(exact, abs=0.05)
+    assert report.class_histograms([(0, np.empty(0), np.ones(3))], 1) is None
+
+
+def test_pixel_map_claims_follow_the_same_rule():
+    rng = np.random.default_rng(4)
+
+    def histograms(separation):
+        pixels = [(i, rng.normal(separation, 1.0, 40), rng.normal(0.0, 1.0, 60))
+                  for i in range(25)]
+        return [report.class_histograms(pixels, 25)]
+
+    good, poor = histograms(3.0), histograms(0.2)
+    samples = {"num_images": 25, "ap": {"icd": good, "cam_baseline": poor, "cam_head": good}}
+    claims = report.check_claims(samples, resamples=200)
+    assert [c["verdict"] for c in claims[:2]] == ["PASS", "UNCLEAR"]
+    assert claims[0]["numbers"].startswith("mAP ICD ")
+
+
+def test_missing_numbers_fail_instead_of_passing():
+    claims = report.check_claims({"num_images": 3, "ap": {"icd": [None], "cam_baseline": [None],
+                                                          "cam_head": [None]}})
+    assert claims[0]["verdict"] == "FAIL" and "n/a" in claims[0]["numbers"]
+    assert not any(c["passed"] for c in claims)
+
+
+def test_prior_recall_ranks_classes_by_frequency():
+    # class 2 most frequent, then 0: one-label images of class 2 are found, of class 5 not
+    assert report.prior_recall([[2], [2], [0, 2], [5]]) == pytest.approx((1 + 1 + 1 + 0) / 4)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,15 +368,23 @@ def test_steps_are_skipped_resumed_and_rerun(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_quick_demo_end_to_end(tmp_path):
-    settings = demo.quick_settings(out=str(tmp_path / "demo"), cpus=2)
+    settings = demo.quick_settings(out=str(tmp_path / "demo"), cpus=2, epochs=3,
+                                   learning_rate=2e-4)
     summary = demo.run(settings)
     assert list(summary) == list(demo.STEPS)
-    report = open(summary["report"]["report"], encoding="utf-8").read()
+    text = open(summary["report"]["report"], encoding="utf-8").read()
     for heading in ("## What was run", "## Claims (train split", "Table 1. Pixel-level mAP",
                     "Table 2. Seeds by threshold", "Table 3. Components of ICD",
-                    "mIoU (present)", "## Train split", "## Val split", "## Training"):
-        assert heading in report, heading
-    assert report.count("**PASS**") + report.count("**FAIL**") == 7
+                    "mIoU (present)", "## Train split", "## Val split", "## Training",
+                    "**How a claim is judged.**"):
+        assert heading in text, heading
+    # the prose states the settings used (the overrides), not the full demo's
+    assert "24 train + 8 val images of about 56 px" in text
+    assert "with adam (lr 0.0002, dropout 0, 2 epochs)" in text
+    assert "CAM sgd at lr 0.0002 for 3 epochs, ICD sgd at lr 0.0002 for 3 epochs" in text
+    assert "| cam | vgg16_cam | 0.125 | 48 | 8 | sgd | 0.0002 | 0.9 | 0.0005 | 0.5 | 3 |" in text
+    assert "30 epochs" not in text and "1e-4" not in text and "3e-4" not in text
+    assert "1000 resamples" in text and "→ epoch 3 L_cam" in text
     figures = os.path.join(settings.out, "report", "figures")
     for name in ("threshold_study_train.png", "threshold_study_val.png", "class_ap_train.png",
                  "class_ap_val.png", "seed_overlays_train.png", "seed_overlays_val.png",
@@ -151,13 +399,37 @@ def test_quick_demo_end_to_end(tmp_path):
         for folder in ("scores_cam", "scores_icd", "scores_icd_bu", "scores_icd_bu_sp"):
             assert len(glob.glob(os.path.join(icd, folder, "*.npy"))) == count, folder
         assert len(glob.glob(os.path.join(cam, "scores_cam", "*.npy"))) == count
-        for _, folder, _, _ in demo.TABLE3:
+        for _, folder, _, _ in report.TABLE3:
             assert len(glob.glob(os.path.join(icd, "seeds", folder, "*.png"))) == count, folder
-        for _, folder, _ in demo.CAM_SEEDS:
+        for _, folder, _ in report.CAM_SEEDS:
             assert len(glob.glob(os.path.join(cam, "seeds", folder, "*.png"))) == count, folder
-    with open(os.path.join(settings.out, "report", "report.json"), encoding="utf-8") as f:
-        numbers = json.load(f)
-    assert len(numbers["claims"]["train"]) == 7
+    numbers = read_json(os.path.join(settings.out, "report", "report.json"))
+    claims = numbers["claims"]["train"]
+    assert len(claims) == 7 and all(c["verdict"] in report.VERDICTS for c in claims)
+    assert sum(text.count(f"**{v}**") for v in report.VERDICTS) == 7 + 3   # + the rule's words
+    # the per-image statistics add up to the evaluation's numbers
+    icd_dir = demo.results_dir(settings, "icd", "train")
+    evaluation = read_json(os.path.join(icd_dir, "eval", "eval.json"))
+    data = settings.folder("data")
+    names = open(demo._list(settings, "train")).read().split()
+    seed_dir = os.path.join(icd_dir, "seeds", "nocrf")
+    stats = image_statistics(icd_dir, os.path.join(data, "SegmentationClass"),
+                             os.path.join(data, "Annotations"), names, seed_dirs=[seed_dir],
+                             infer_size=demo.demo_infer_size(settings), workers=1)
+    assert mean_iou(stats["seeds"][seed_dir].sum(axis=0)) == \
+        evaluation["seeds"][os.path.join("seeds", "nocrf")]["miou"]
+    assert mean_iou(stats["threshold_study"]["icd"][:, 1].sum(axis=0)) == \
+        evaluation["threshold_study"]["icd"]["0.1"]["miou"]
+    aps = [average_precision(np.concatenate([p for _, p, _ in v]),
+                             np.concatenate([n for _, _, n in v]))
+           for v in stats["pixel_scores"]["scores_icd"].values()]
+    assert np.nanmean(aps) == pytest.approx(evaluation["pixel_ap"]["icd"]["map"], abs=1e-12)
+    assert numbers["bootstrap"]["ap_binning_error"] < 0.005
     # a second run skips every finished step and only rewrites the report
     again = demo.run(settings)
     assert [again[s]["action"] for s in demo.STEPS[:-1]] == ["skip"] * (len(demo.STEPS) - 1)
+    assert again["report"]["action"] == "rerun"
+    rewritten = read_json(os.path.join(settings.out, "report", "report.json"))
+    assert rewritten["claims"] == numbers["claims"]                  # seeded: deterministic
+    assert open(again["report"]["report"], encoding="utf-8").read().split("## What was run")[1] \
+        .split("Time per step")[0] == text.split("## What was run")[1].split("Time per step")[0]

@@ -1,0 +1,711 @@
+"""The demo's report: tables, figures and the paper's claims judged with their uncertainty.
+
+    report/report.md, report/report.json (every number, fractions), report/figures/
+
+The prose is generated from the settings actually used (the training configs, the dataset's
+sizes) and the measured results; nothing in it is a number typed in here.
+
+Claims are judged by a bootstrap over images (issue #13): the split's images are resampled with
+replacement RESAMPLES times (seeded: the report is deterministic, and every claim sees the same
+resamples), each resample recomputes the metric the way the evaluation does (mIoU from the summed
+per-image confusion matrices, pixel mAP from the pooled pixels) for both sides, and the LEVEL
+percentile interval of the differences decides: PASS if it lies above 0, FAIL if below 0 (the
+opposite holds), UNCLEAR if it contains 0. Pixel AP is resampled from per-image histograms over
+AP_BINS score bins per class (quantiles of the positives' scores; exact up to AP_BINS positives),
+so each resample costs a matrix product instead of a sort.
+"""
+from __future__ import annotations
+
+import datetime
+import glob
+import os
+import shutil
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .config import Config
+from .data.superpixels import MAX_REGIONS
+from .data.synthetic import MARKER_AREA
+from .data.transforms import SCALES
+from .data.voc import VOC_CLASSES, read_image_labels, read_list, read_mask
+from .evaluate import IOU_EPS, NUM_SEG_CLASSES, SEG_CLASSES, image_statistics, percent, \
+    plot_seed_overlays, pyplot, save_figure
+from .io import atomic_path, read_json, write_json
+from .pipeline import Run
+from .seeds import EPS, INFER_SIZE
+
+SPLITS = ("train", "val")
+# Table 3 rows: (name, seed folder under results_icd/<split>/seeds, icd score folder, CRF)
+TABLE3 = (("bottom-up (S)", "nocrf_icd_bu", "scores_icd_bu", False),
+          ("+ superpixel refinement (S')", "nocrf_icd_bu_sp", "scores_icd_bu_sp", False),
+          ("+ top-down (S'')", "nocrf", "scores_icd", False),
+          ("+ CRF", "crf", "scores_icd", True))
+# CAM-baseline seeds: the CAM-only model's scores_cam as both the cam and the icd input
+CAM_SEEDS = (("CAM baseline", "nocrf_cam", False), ("CAM baseline + CRF", "crf_cam", True))
+METHODS = (("cam_baseline", "CAM (CAM-only baseline)"),
+           ("cam_head", "CAM (head of the ICD model)"),
+           ("icd", "Ours (ICD)"))
+WEAK_RECALL = 0.8        # below this final training recall the report flags weak classifiers
+RESAMPLES = 1000         # bootstrap resamples of the image set
+LEVEL = 0.95             # two-sided percentile interval of the bootstrap differences
+BOOTSTRAP_SEED = 0
+AP_BINS = 1000           # score bins per class for the resampled pixel AP
+VERDICTS = ("PASS", "UNCLEAR", "FAIL")
+
+
+@dataclass
+class ReportInputs:
+    """What the report reads: the run's folders and the settings actually used.
+
+    out: the run's folder (paths in the text are relative to it); data: the VOC-layout dataset
+    (JPEGImages, Annotations, SegmentationClass); lists: split -> image list; results:
+    "cam"|"icd" -> split -> results folder (scores_*, seeds/, eval/); trainings: "pretrain"
+    (absent without pre-training), "cam", "icd" -> the Config trained; config_files: the same
+    keys -> the YAML file; dataset: num_train, num_val, size, seed of the synthetic set.
+    """
+    out: str
+    data: str
+    lists: Mapping[str, str]
+    results: Mapping[str, Mapping[str, str]]
+    trainings: Mapping[str, Config]
+    config_files: Mapping[str, str]
+    dataset: Mapping[str, int]
+    infer_size: int
+    workers: int = 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Tables
+
+def present_miou(miou_21: float, num_present: int) -> float:
+    """mIoU over the classes present in the ground truth from the release's 21-class mIoU.
+
+    A class without ground-truth pixels has IoU 0/(0 + col + 1e-10) = 0 whatever the seeds say,
+    so the 21-class mean is Σ_present IoU / 21 and the present-class mean is that times
+    21 / num_present (exact).
+    """
+    if num_present <= 0:
+        raise ValueError("no class is present in the ground truth")
+    return miou_21 * NUM_SEG_CLASSES / num_present
+
+
+def present_classes(gt_root: str, names: Sequence[str]) -> List[int]:
+    """Sorted label values 0..20 (0 = background) with at least one ground-truth pixel."""
+    found = np.zeros(NUM_SEG_CLASSES, bool)
+    for name in names:
+        values = np.unique(read_mask(os.path.join(gt_root, name + ".png")))
+        found[values[values < NUM_SEG_CLASSES]] = True
+    return [int(c) for c in np.flatnonzero(found)]
+
+
+def split_tables(inputs: ReportInputs, split: str) -> Dict:
+    """The numbers of one split: mAP, per-class AP, threshold study, Table 3, CAM seeds."""
+    icd = read_json(os.path.join(inputs.results["icd"][split], "eval", "eval.json"))
+    cam = read_json(os.path.join(inputs.results["cam"][split], "eval", "eval.json"))
+    names = read_list(inputs.lists[split])
+    present = present_classes(os.path.join(inputs.data, "SegmentationClass"), names)
+    n = len(present)
+    sources = {"cam_baseline": cam["pixel_ap"]["cam"], "cam_head": icd["pixel_ap"]["cam"],
+               "icd": icd["pixel_ap"]["icd"]}
+    fg_classes = [VOC_CLASSES[c - 1] for c in present if c > 0]
+    thresholds = {}
+    for t in icd["threshold_study"]["icd"]:
+        rows = {"cam_baseline": cam["threshold_study"]["cam"][t],
+                "cam_head": icd["threshold_study"]["cam"][t],
+                "icd": icd["threshold_study"]["icd"][t]}
+        thresholds[t] = {k: dict(miou=present_miou(v["miou"], n), miou21=v["miou"],
+                                 recall=v["recall"]) for k, v in rows.items()}
+    seeds = {}
+    for rows, report in ((TABLE3, icd), (CAM_SEEDS, cam)):
+        for row in rows:
+            name, folder = row[0], row[1]
+            r = report["seeds"][os.path.join("seeds", folder)]
+            seeds[name] = dict(miou=present_miou(r["miou"], n), miou21=r["miou"],
+                               iou={c: r["iou"][c] for c in ["background"] + fg_classes})
+    return dict(num_images=len(names), present=["background"] + fg_classes,
+                map={k: v["map"] for k, v in sources.items()},
+                ap={k: {c: v["ap"][c] for c in fg_classes} for k, v in sources.items()},
+                thresholds=thresholds, seeds=seeds)
+
+
+def prior_recall(label_sets: Sequence[Sequence[int]]) -> float:
+    """Top-k label recall of the label-prior predictor (classes ranked by their frequency in
+    `label_sets`, k = the image's number of labels): the plateau of an untrained classifier."""
+    counts = np.bincount(np.array([c for labels in label_sets for c in labels], int),
+                         minlength=1)
+    ranked = list(np.argsort(-counts, kind="stable"))
+    recalls = [len(set(ranked[:len(labels)]) & set(labels)) / len(labels)
+               for labels in label_sets if labels]
+    return float(np.mean(recalls)) if recalls else float("nan")
+
+
+# ---------------------------------------------------------------------------------------------
+# Claims: bootstrap over images
+
+def resample_weights(num_images: int, resamples: int = RESAMPLES,
+                     seed: int = BOOTSTRAP_SEED) -> np.ndarray:
+    """(resamples, num_images) float64: how often each image is drawn in each resample."""
+    if num_images <= 0:
+        raise ValueError("no images to resample")
+    picks = np.random.default_rng(seed).integers(0, num_images, size=(resamples, num_images))
+    weights = np.zeros((resamples, num_images))
+    np.add.at(weights, (np.arange(resamples)[:, None], picks), 1.0)
+    return weights
+
+
+Statistic = Callable[[np.ndarray], np.ndarray]   # (R, N) image weights -> (R,) values
+
+
+def miou_statistic(confusions: np.ndarray, classes: Sequence[int]) -> Statistic:
+    """mIoU over `classes` of the weighted sum of (N, K, K) per-image confusion matrices
+    (the release's IoU = diag / (row + col - diag + 1e-10))."""
+    def statistic(weights: np.ndarray) -> np.ndarray:
+        total = np.tensordot(weights, confusions, axes=1)                     # (R, K, K)
+        diag = np.diagonal(total, axis1=1, axis2=2)
+        iou = diag / (total.sum(axis=1) + total.sum(axis=2) - diag + IOU_EPS)
+        return iou[:, list(classes)].mean(axis=1)
+    return statistic
+
+
+def class_histograms(pixels: Sequence[Tuple[int, np.ndarray, np.ndarray]], num_images: int,
+                     bins: int = AP_BINS) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+    """Per-image counts (N, B) of positive and negative pixels of one class in B score bins.
+
+    pixels: [(image index, positive scores, negative scores)] (`image_statistics`). The bins'
+    lower edges are quantiles of the pooled positive scores (every distinct positive score
+    when there are at most `bins`); negatives below the lowest edge never count. None when the
+    class has no positive pixel (no AP, as in `pixel_ap`).
+    """
+    positives = np.concatenate([p for _, p, _ in pixels]) if pixels else np.empty(0)
+    if positives.size == 0:
+        return None
+    edges = np.unique(np.quantile(positives, np.linspace(0, 1, bins), method="lower"))
+    counts = np.zeros((2, num_images, edges.size))
+    for i, positive, negative in pixels:
+        for k, values in enumerate((positive, negative)):
+            index = np.searchsorted(edges, values, side="right") - 1
+            counts[k, i] += np.bincount(index[index >= 0], minlength=edges.size)
+    return counts[0], counts[1]
+
+
+def binned_ap(positive: np.ndarray, negative: np.ndarray) -> np.ndarray:
+    """(R,) AP = Σ_k (R_k − R_{k−1}) P_k from (R, B) pixel counts per score bin, bins in
+    increasing score order, thresholds at the bins' lower edges; nan without positives."""
+    tp = np.cumsum(positive[:, ::-1], axis=1)
+    fp = np.cumsum(negative[:, ::-1], axis=1)
+    precision = np.divide(tp, tp + fp, out=np.zeros_like(tp), where=tp + fp > 0)
+    gained = np.diff(tp, axis=1, prepend=0.0)
+    total = tp[:, -1]
+    return np.divide((gained * precision).sum(axis=1), total, out=np.full(total.shape, np.nan),
+                     where=total > 0)
+
+
+def map_statistic(histograms: Sequence[Optional[Tuple[np.ndarray, np.ndarray]]]) -> Statistic:
+    """Mean AP over the classes with positives in the resample (`class_histograms` per class)."""
+    used = [h for h in histograms if h is not None]
+
+    def statistic(weights: np.ndarray) -> np.ndarray:
+        if not used:
+            return np.full(len(weights), np.nan)
+        ap = np.stack([binned_ap(weights @ pos, weights @ neg) for pos, neg in used])   # (C, R)
+        counted = ~np.isnan(ap)
+        return np.divide(np.where(counted, ap, 0.0).sum(axis=0), counted.sum(axis=0),
+                         out=np.full(len(weights), np.nan), where=counted.any(axis=0))
+    return statistic
+
+
+def judge(low: float, high: float) -> str:
+    """PASS if the interval of the difference lies above 0, FAIL if below, else UNCLEAR."""
+    return "PASS" if low > 0 else "FAIL" if high < 0 else "UNCLEAR"
+
+
+def _number(value) -> Optional[float]:
+    return None if value is None or np.isnan(value) else float(value)
+
+
+def compare(better: Statistic, worse: Statistic, weights: np.ndarray,
+            level: float = LEVEL) -> Dict[str, object]:
+    """The claim `better > worse` on the image set: both values, their difference and its
+    bootstrap interval over the resamples `weights` (R, N), and the verdict (`judge`).
+    A missing value (nan) gives None numbers and FAIL."""
+    ones = np.ones((1, weights.shape[1]))
+    a, b = float(better(ones)[0]), float(worse(ones)[0])
+    differences = better(weights) - worse(weights)
+    differences = differences[~np.isnan(differences)]
+    if np.isnan(a) or np.isnan(b) or differences.size == 0:
+        return dict(value=_number(a), reference=_number(b), difference=None, low=None,
+                    high=None, verdict="FAIL")
+    low, high = np.percentile(differences, [50 * (1 - level), 50 * (1 + level)])
+    return dict(value=a, reference=b, difference=a - b, low=float(low), high=float(high),
+                verdict=judge(low, high))
+
+
+def _signed(value: Optional[float]) -> str:
+    return percent(value) if value is None or value < 0 else "+" + percent(value)
+
+
+def _difference(test: Mapping) -> str:
+    """"+8.0 [+6.1, +9.8]": the difference and its interval in %."""
+    if test["difference"] is None:
+        return "n/a"
+    return f"{_signed(test['difference'])} [{_signed(test['low'])}, {_signed(test['high'])}]"
+
+
+def _claim(text: str, tests: Sequence[Mapping], numbers: str) -> Dict[str, object]:
+    """A claim holding if every test passes; FAIL if one fails or there is none."""
+    verdicts = [t["verdict"] for t in tests]
+    verdict = ("FAIL" if not tests or "FAIL" in verdicts
+               else "PASS" if set(verdicts) == {"PASS"} else "UNCLEAR")
+    return dict(claim=text, verdict=verdict, passed=verdict == "PASS",
+                numbers=numbers or "n/a", tests=list(tests))
+
+
+def check_claims(samples: Mapping, resamples: int = RESAMPLES, seed: int = BOOTSTRAP_SEED,
+                 level: float = LEVEL) -> List[Dict[str, object]]:
+    """The paper's claims on one split's per-image statistics, each with its bootstrap interval.
+
+    samples: {"num_images": N, "classes": [label values the mIoU averages over],
+              "ap": {"cam_baseline"|"cam_head"|"icd": [class_histograms(...) per class]},
+              "thresholds": {T: {"cam_baseline"|"cam_head"|"icd": (N, 21, 21) confusions}},
+              "table3": [(row name, (N, 21, 21)) in the order bottom-up, +refine, +top-down,
+                         +CRF]}; a missing part makes its claims FAIL.
+    Returns [{"claim", "verdict", "passed", "numbers" (text, %), "tests": [compare(...)]}].
+    """
+    weights = resample_weights(samples["num_images"], resamples, seed)
+    classes = samples.get("classes", [])
+    claims = []
+    ap = samples.get("ap", {})
+    for cam, label in (("cam_baseline", "the CAM-only baseline"),
+                       ("cam_head", "the CAM head of the ICD model")):
+        tests = ([compare(map_statistic(ap["icd"]), map_statistic(ap[cam]), weights, level)]
+                 if "icd" in ap and cam in ap else [])
+        claims.append(_claim(
+            f"Table 1: ICD scores rank foreground pixels better than {label} "
+            f"(higher pixel-level mAP)", tests,
+            "; ".join(f"mAP ICD {percent(t['value'])} vs CAM {percent(t['reference'])}: "
+                      f"{_difference(t)}" for t in tests)))
+    study = samples.get("thresholds", {})
+    for cam, label in (("cam_baseline", "CAM-baseline seeds"),
+                       ("cam_head", "seeds of the ICD model's CAM head")):
+        rows = [(t, compare(miou_statistic(v["icd"], classes), miou_statistic(v[cam], classes),
+                            weights, level)) for t, v in study.items()]
+        claims.append(_claim(
+            f"Table 2: ICD seeds have a higher mIoU than {label} at every threshold",
+            [test for _, test in rows],
+            "; ".join(f"T={float(t):.1f}: ICD {percent(test['value'])} vs CAM "
+                      f"{percent(test['reference'])}: {_difference(test)}" for t, test in rows)))
+    table3 = list(samples.get("table3", []))
+    for (before, low), (after, high) in zip(table3, table3[1:]):
+        test = compare(miou_statistic(high, classes), miou_statistic(low, classes), weights,
+                       level)
+        claims.append(_claim(f"Table 3: {after.lstrip('+ ')} adds to {before}", [test],
+                             f"mIoU {percent(test['reference'])} -> {percent(test['value'])}: "
+                             f"{_difference(test)}"))
+    return claims
+
+
+def split_samples(inputs: ReportInputs, split: str, tables: Mapping) -> Dict[str, object]:
+    """`check_claims`' per-image statistics of a split (read from the score and seed files)."""
+    names = read_list(inputs.lists[split])
+    common = dict(gt_root=os.path.join(inputs.data, "SegmentationClass"),
+                  annotation_root=os.path.join(inputs.data, "Annotations"), names=names,
+                  thresholds=[float(t) for t in tables["thresholds"]],
+                  infer_size=inputs.infer_size, workers=inputs.workers)
+    icd_dir, cam_dir = inputs.results["icd"][split], inputs.results["cam"][split]
+    seed_dirs = {name: os.path.join(icd_dir, "seeds", folder) for name, folder, _, _ in TABLE3}
+    icd = image_statistics(icd_dir, seed_dirs=list(seed_dirs.values()),
+                           folders={"cam": "scores_cam", "icd": "scores_icd"}, **common)
+    cam = image_statistics(cam_dir, folders={"cam": "scores_cam", "icd": "scores_cam"},
+                           **common)
+    studies = {"cam_baseline": cam["threshold_study"]["cam"],
+               "cam_head": icd["threshold_study"]["cam"], "icd": icd["threshold_study"]["icd"]}
+    scores = {"cam_baseline": cam["pixel_scores"]["scores_cam"],
+              "cam_head": icd["pixel_scores"]["scores_cam"],
+              "icd": icd["pixel_scores"]["scores_icd"]}
+    return {"num_images": len(names),
+            "classes": [SEG_CLASSES.index(c) for c in tables["present"]],
+            "ap": {k: [class_histograms(v[c], len(names)) for c in sorted(v)]
+                   for k, v in scores.items()},
+            "thresholds": {t: {k: s[:, i] for k, s in studies.items()}
+                           for i, t in enumerate(tables["thresholds"])},
+            "table3": [(name, icd["seeds"][d]) for name, d in seed_dirs.items()]}
+
+
+def binning_error(tables: Mapping, samples: Mapping) -> float:
+    """Largest |binned − exact| mAP over the methods (fraction): what binning costs."""
+    gaps = [abs(map_statistic(samples["ap"][k])(np.ones((1, samples["num_images"])))[0]
+                - tables["map"][k]) for k, _ in METHODS if tables["map"][k] is not None]
+    return float(max(gaps, default=0.0))
+
+
+# ---------------------------------------------------------------------------------------------
+# Markdown
+
+def _md_table(header: Sequence[str], rows: Sequence[Sequence]) -> List[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + \
+        ["| " + " | ".join(str(c) for c in row) + " |" for row in rows] + [""]
+
+
+def _split_markdown(tables: Mapping, split: str, claims_split: bool) -> List[str]:
+    n = len(tables["present"])
+    k = NUM_SEG_CLASSES
+    lines = [f"## {split.capitalize()} split ({tables['num_images']} images"
+             + (", used for the claims)" if claims_split
+                else ", held out: not used for the claims)"),
+             "",
+             f"mIoU (present) averages over the {n} classes present in the ground truth "
+             f"({', '.join(tables['present'])}); mIoU ({k}) is the release's rule over all {k} "
+             f"VOC classes, where each absent class counts 0 (so it is mIoU (present) × {n}/{k}). "
+             "All values in %.", "",
+             "### Table 1. Pixel-level mAP of the score maps", ""]
+    lines += _md_table(["Method", "mAP (%)"] + list(tables["present"][1:]),
+                       [[label, percent(tables["map"][key])] +
+                        [percent(tables["ap"][key][c]) for c in tables["present"][1:]]
+                        for key, label in METHODS])
+    lines += ["### Table 2. Seeds by threshold (no CRF)", ""]
+    shorts = ("CAM base", "CAM head", "ICD")
+    header = ["Threshold"] + [f"mIoU {short} (present)" for short in shorts] \
+        + [f"mIoU {short} ({k})" for short in shorts] + [f"recall {short}" for short in shorts]
+    rows = []
+    for t, row in tables["thresholds"].items():
+        rows.append([f"{float(t):.1f}"] + [percent(row[key]["miou"]) for key, _ in METHODS]
+                    + [percent(row[key]["miou21"]) for key, _ in METHODS]
+                    + [percent(row[key]["recall"]) for key, _ in METHODS])
+    lines += _md_table(header, rows)
+    lines += ["CAM base: the CAM-only baseline model's CAM, fed to the seed rule as both inputs "
+              "(the evaluation's \"CAM\" column); CAM head: the same for the CAM branch trained "
+              "inside the ICD model; ICD: the release's rule on (CAM head, S'').", "",
+              f"### Table 3. Components of ICD (seed mIoU, threshold {EPS:g} as in the release)",
+              ""]
+    marks = ["✓ | | | ", "✓ | ✓ | | ", "✓ | ✓ | ✓ | ", "✓ | ✓ | ✓ | ✓"]
+    lines += [f"| Bottom-up | Refine | Top-down | CRF | seeds from | mIoU (present) | mIoU ({k}) |",
+              "|---|---|---|---|---|---|---|"]
+    for mark, (name, folder, scores, crf) in zip(marks, TABLE3):
+        r = tables["seeds"][name]
+        lines.append(f"| {mark} | {scores}{' + CRF' if crf else ''} | {percent(r['miou'])} | "
+                     f"{percent(r['miou21'])} |")
+    lines += ["", "CAM-baseline seeds for comparison (the CAM-only model's scores_cam as both the "
+              "cam and the icd input of the same rule):", ""]
+    lines += _md_table(["Seeds", "mIoU (present)", f"mIoU ({k})"],
+                       [[name, percent(tables["seeds"][name]["miou"]),
+                         percent(tables["seeds"][name]["miou21"])] for name, *_ in CAM_SEEDS])
+    lines += ["Per-class seed IoU (%):", ""]
+    names = [r[0] for r in TABLE3] + [r[0] for r in CAM_SEEDS]
+    lines += _md_table(["Seeds"] + list(tables["present"]),
+                       [[name] + [percent(tables["seeds"][name]["iou"][c])
+                                  for c in tables["present"]] for name in names])
+    return lines
+
+
+def _claims_table(claims: Sequence[Mapping], bold: bool) -> List[str]:
+    mark = "**{}**" if bold else "{}"
+    return _md_table(["Claim", "Result", "Numbers (%): value vs reference: difference "
+                      f"[{LEVEL:.0%} interval]"],
+                     [[c["claim"], mark.format(c["verdict"]), c["numbers"]] for c in claims])
+
+
+def _settings_lines(inputs: ReportInputs) -> List[str]:
+    rows = []
+    for which, cfg in inputs.trainings.items():
+        init = ("random He init" if not cfg.pretrained
+                else f"`{os.path.relpath(cfg.pretrained, inputs.out)}` (backbone + fc6/fc7)")
+        devices = f"gpus {cfg.gpus}" if cfg.gpus else f"{cfg.cpus} CPU context(s)"
+        rows.append([which, cfg.model, cfg.width, cfg.image_size, cfg.batch_size, cfg.optimizer,
+                     f"{cfg.learning_rate:g}",
+                     f"{cfg.momentum:g}" if cfg.optimizer == "sgd" else "–", f"{cfg.wd:g}",
+                     f"{cfg.dropout:g}", cfg.num_epoch, init, devices])
+    return _md_table(["Stage", "model", "width", "crop", "batch", "optimizer", "lr (poly)",
+                      "momentum", "wd", "dropout", "epochs", "initialisation", "devices"], rows)
+
+
+def _shown_path(path: str) -> str:
+    """`path` relative to the working directory when inside it, else absolute."""
+    relative = os.path.relpath(path)
+    return path if relative.startswith("..") else relative
+
+
+def _initialisation_lines(inputs: ReportInputs) -> List[str]:
+    """Where CAM and ICD start from, in the words of the settings used."""
+    cam, icd = inputs.trainings["cam"], inputs.trainings["icd"]
+    schedule = ", ".join(f"{which} {cfg.optimizer} at lr {cfg.learning_rate:g} for "
+                         f"{cfg.num_epoch} epochs" for which, cfg in (("CAM", cam), ("ICD", icd)))
+    files = ", ".join(f"`{_shown_path(p)}`" for p in inputs.config_files.values())
+    pre = inputs.trainings.get("pretrain")
+    if pre is None:
+        return [f"**No pre-training** (`--pretrain-config none`): CAM and ICD start from a "
+                f"random He init ({schedule}). Configs: {files}.", ""]
+    return [
+        "**The pre-training stand-in.** The paper starts both the CAM baseline and ICD from the "
+        "same ImageNet VGG16. No ImageNet weights exist here, so the `pretrain` step trains the "
+        "CAM-only classifier on the synthetic train split (image labels only, as everything "
+        f"else) with {pre.optimizer} (lr {pre.learning_rate:g}, dropout {pre.dropout:g}, "
+        f"{pre.num_epoch} epochs) and its checkpoint is the `pretrained:` file of both models, "
+        "cut like the release's `vgg16_20M.params` to the backbone, fc6 and fc7 (fc6_ft/fc7_ft "
+        "copied from them, fc8 and the other new layers from the release's random init). CAM "
+        f"and ICD then train from it ({schedule}). Why: a BN-free VGG16 trained from a random "
+        "init by plain SGD stays on the \"predict the label prior\" plateau for many epochs, "
+        "and a larger SGD learning rate threw the pre-trained classifier back to the prior; "
+        "these choices were made on training-split behaviour and training losses only (the "
+        f"measurements are in the comments of {files}). `--pretrain-config none` runs without "
+        "it.", ""]
+
+
+def _epoch_records(cfg: Config) -> List[Dict]:
+    path = os.path.join(cfg.snapshot, f"{cfg.model}-log.json")
+    return read_json(path) if os.path.isfile(path) else []
+
+
+def _training_lines(inputs: ReportInputs, trained: Sequence[str]) -> List[str]:
+    lines = []
+    for which in trained:
+        records = _epoch_records(inputs.trainings[which])
+        if records:
+            first, last = records[0], records[-1]
+            lines.append(f"- {which}: epoch 1 L_cam {first['cam_loss']:.3f}, recall "
+                         f"{first['recall']:.2f} → epoch {last['epoch'] + 1} L_cam "
+                         f"{last['cam_loss']:.3f}, recall {last['recall']:.2f}"
+                         + (f", L_td {last['td_loss']:.3f}" if which == "icd" else "")
+                         + f"; {np.mean([r['images_per_s'] for r in records]):.0f} images/s")
+    final = {w: _epoch_records(inputs.trainings[w]) for w in ("cam", "icd")}
+    final = {w: r[-1]["recall"] for w, r in final.items() if r}
+    if final and min(final.values()) < WEAK_RECALL:
+        names = read_list(inputs.lists["train"])
+        prior = prior_recall([read_image_labels(os.path.join(inputs.data, "Annotations",
+                                                             n + ".xml")) for n in names])
+        lines += ["", "**Caveat:** the classifiers end at a top-k label recall of "
+                  + ", ".join(f"{v:.2f} ({w})" for w, v in final.items())
+                  + f" on the training crops (below {WEAK_RECALL}; predicting the label prior "
+                  f"gives {prior:.2f} on the train split): without ImageNet features and "
+                  "within these epochs they are far from converged, so the tables compare weak "
+                  "models and the seeds are coarse."]
+    return lines
+
+
+def _timing_lines(run: Run, report_step: str) -> Tuple[List[str], float]:
+    rows, total = [], 0.0
+    for step, seconds in run.seconds().items():
+        if step == report_step:
+            continue
+        if seconds is None:
+            rows.append([step, "not run"])
+            continue
+        total += seconds
+        rows.append([step, f"{seconds:.1f}"])
+    rows.append(["**sum of the steps**", f"**{total:.1f}**"])
+    return _md_table(["Step", "seconds"], rows), total
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures
+
+def _plot_thresholds(tables: Mapping, path: str, title: str) -> None:
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    ts = [float(t) for t in tables["thresholds"]]
+    for ax, metric, label in zip(axes, ("miou", "recall"), ("mIoU, present classes (%)",
+                                                             "recall (%)")):
+        for key, name in METHODS:
+            ax.plot(ts, [100 * row[key][metric] for row in tables["thresholds"].values()],
+                    marker="o", label=name)
+        ax.set_xlabel("threshold T")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title)
+    save_figure(fig, path)
+
+
+def _plot_class_ap(tables: Mapping, path: str, title: str) -> None:
+    plt = pyplot()
+    classes = list(tables["present"][1:])
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    x = np.arange(len(classes))
+    width = 0.8 / len(METHODS)
+    for i, (key, name) in enumerate(METHODS):
+        values = [np.nan if tables["ap"][key][c] is None else 100 * tables["ap"][key][c]
+                  for c in classes]
+        ax.bar(x + (i - (len(METHODS) - 1) / 2) * width, values, width,
+               label=f"{name} (mAP {percent(tables['map'][key])})")
+    ax.set_xticks(x)
+    ax.set_xticklabels(classes)
+    ax.set_ylabel("pixel AP (%)")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    save_figure(fig, path)
+
+
+def _plot_training(trainings: Mapping[str, Config], path: str) -> List[str]:
+    """Per-epoch curves of every trained model (from <snapshot>/<model>-log.json)."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
+    shown = []
+    for which, cfg in trainings.items():
+        records = _epoch_records(cfg)
+        if not records:
+            continue
+        epochs = [r["epoch"] + 1 for r in records]
+        for ax, key in zip(axes, ("cam_loss", "td_loss", "recall")):
+            if key == "td_loss" and cfg.model != "vgg16_icd":
+                continue
+            ax.plot(epochs, [r[key] for r in records], marker=".", label=which)
+        shown.append(which)
+    for ax, key in zip(axes, ("L_cam (per image)", "L_td (per image)",
+                              "top-k label recall (training crops)")):
+        ax.set_xlabel("epoch")
+        ax.set_title(key)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    save_figure(fig, path)
+    return shown
+
+
+def _copy(src: str, dst: str) -> str:
+    with atomic_path(dst) as tmp:
+        shutil.copyfile(src, tmp)
+    return dst
+
+
+# ---------------------------------------------------------------------------------------------
+# The report
+
+def write_report(inputs: ReportInputs, run: Run) -> str:
+    """Write report/report.md, report/report.json and report/figures/ under inputs.out;
+    returns the path of report.md. `run` gives the step times and this invocation's clock."""
+    started = run.elapsed()
+    report_dir = os.path.join(inputs.out, "report")
+    figures = os.path.join(report_dir, "figures")
+    tables = {split: split_tables(inputs, split) for split in SPLITS}
+    samples = {split: split_samples(inputs, split, tables[split]) for split in SPLITS}
+    claims = {split: check_claims(samples[split]) for split in SPLITS}
+    binning = max(binning_error(tables[s], samples[s]) for s in SPLITS)
+    for split in SPLITS:
+        _plot_thresholds(tables[split], os.path.join(figures, f"threshold_study_{split}.png"),
+                         f"Table 2 as curves, {split} split")
+        _plot_class_ap(tables[split], os.path.join(figures, f"class_ap_{split}.png"),
+                       f"Per-class pixel AP, {split} split")
+        dirs = {name: os.path.join(inputs.results["cam"][split], "seeds", folder)
+                for name, folder, _ in CAM_SEEDS}
+        dirs.update({name.split(" (")[0]: os.path.join(inputs.results["icd"][split], "seeds",
+                                                       folder)
+                     for name, folder, _, _ in TABLE3})
+        plot_seed_overlays(os.path.join(inputs.data, "JPEGImages"),
+                           os.path.join(inputs.data, "SegmentationClass"), dirs,
+                           read_list(inputs.lists[split])[:4],
+                           os.path.join(figures, f"seed_overlays_{split}.png"))
+    trained = _plot_training(inputs.trainings, os.path.join(figures, "training_curves.png"))
+    demo_images = {}
+    for which in trained:
+        for src in sorted(glob.glob(os.path.join(inputs.trainings[which].snapshot, "demo",
+                                                 "*.jpg"))):
+            dst = os.path.join(figures, "train_demo", which, os.path.basename(src))
+            demo_images.setdefault(which, []).append(_copy(src, dst))
+    sheets = {}
+    for model, results in inputs.results.items():
+        for src in sorted(glob.glob(os.path.join(results["train"], "scores_demo", "*.jpg"))):
+            dst = os.path.join(figures, "infer_demo", model, os.path.basename(src))
+            sheets.setdefault(model, []).append(_copy(src, dst))
+
+    rel = lambda p: os.path.relpath(p, report_dir)  # noqa: E731
+    report_step = run.current or "report"
+    timing, total = _timing_lines(run, report_step)
+    data = inputs.dataset
+    classes = tables["train"]["present"][1:]
+    lines = ["# ICD on the synthetic dataset: CAM vs ICD, measured", "",
+             f"Written {datetime.datetime.now().isoformat(timespec='seconds')} by the demo "
+             "(`python tools/demo.py`). Data flows one way through the folders of "
+             f"`{inputs.out}`: data → superpixels → pretrain → snapshot_cam / snapshot_icd "
+             "→ results_{cam,icd}/{train,val} (scores, seeds, eval) → report.", "",
+             "## What was run", "",
+             f"- Dataset: the built-in synthetic VOC set (`icd.data.synthetic`, "
+             f"{len(classes)} classes in the train split: {', '.join(classes)}), "
+             f"{data['num_train']} train + {data['num_val']} val images of about {data['size']} "
+             f"px, seed {data['seed']}. Each object is a class-agnostic body with a small "
+             f"class-specific marker ({100 * MARKER_AREA[0]:.0f}-{100 * MARKER_AREA[1]:.0f}% of "
+             "the object): a classifier needs only the marker, the integral object must come "
+             "from separating body from background.",
+             f"- Superpixels: Felzenszwalb + greedy merge to ≤ {MAX_REGIONS} regions on colour + "
+             "position features (no pretrained network exists here).",
+             f"- Inference size {inputs.infer_size} (the smallest 8k+1 ≥ every image side; the "
+             f"release uses {INFER_SIZE}).",
+             f"- Seeds and evaluation follow the release (seed rule threshold {EPS:g}, dense "
+             f"CRF, {NUM_SEG_CLASSES}-class mIoU); mIoU over the present classes is added (see "
+             "below).", "",
+             "Training (the release's schedule otherwise: poly LR per epoch, a larger lr on the "
+             f"new classifiers, the top-down warm-up over "
+             f"{inputs.trainings['icd'].warmup_epochs} epochs, scale "
+             f"{min(SCALES):g}-{max(SCALES):g} + mirror + crop):", ""]
+    lines += _settings_lines(inputs)
+    lines += _initialisation_lines(inputs)
+    lines += ["Training figures of this run:", ""]
+    lines += _training_lines(inputs, trained)
+    lines += ["", "Time per step (seconds; a resumed step counts all its parts):", ""]
+    lines += timing
+    lines += [f"Steps total: {total:.0f} s ({total / 60:.1f} min)"
+              + (f"; the invocation that wrote this report ran {len(run.executed)} steps "
+                 f"and had taken {started:.0f} s when it started the report"
+                 if len(run.executed) > 1 else "")
+              + ". The wall time of `time python tools/demo.py` adds the interpreter start-up "
+              "and this report.", "",
+              "## Claims (train split, as in the paper)", "",
+              "Checked on the train split because the paper evaluates seeds on the VOC12 "
+              "training set (seeds are made for training images); mIoU over the classes "
+              "present in the ground truth. The held-out val split is checked the same way "
+              "below for information only. Nothing was tuned on these numbers.", "",
+              f"**How a claim is judged.** Each claim compares two sets of scores or seeds on "
+              f"the same images. Its uncertainty comes from a bootstrap over images: "
+              f"{RESAMPLES} resamples of the split's images with replacement (seed "
+              f"{BOOTSTRAP_SEED}, the same resamples for every claim of a split), each "
+              "recomputing both values as the evaluation does (mIoU from the summed per-image "
+              "confusion matrices; pixel mAP from the pooled pixels of the resampled images); "
+              f"the {LEVEL:.0%} interval runs from the {50 * (1 - LEVEL):g}th to the "
+              f"{50 * (1 + LEVEL):g}th percentile of the differences. **PASS**: the whole "
+              "interval lies above 0; **FAIL**: it lies below 0 (the opposite holds); "
+              "**UNCLEAR**: it contains 0, so no difference cannot be ruled out. A claim over "
+              "every threshold passes only if every threshold passes, and fails if one fails. "
+              f"The resampled AP ranks pixels in {AP_BINS} score bins per class, which moves "
+              f"the mAP by at most {100 * binning:.2f} points from Table 1's exact values.", ""]
+    lines += _claims_table(claims["train"], bold=True)
+    counts = {v: sum(c["verdict"] == v for c in claims["train"]) for v in VERDICTS}
+    lines += [f"Train split: {counts['PASS']} of {len(claims['train'])} claims hold, "
+              f"{counts['UNCLEAR']} unclear, {counts['FAIL']} fail.", "",
+              "Val split (held out, information only):", ""]
+    lines += _claims_table(claims["val"], bold=False)
+    for split in SPLITS:
+        lines += _split_markdown(tables[split], split, split == "train")
+        lines += [f"![threshold study {split}](figures/threshold_study_{split}.png)", "",
+                  f"![per-class AP {split}](figures/class_ap_{split}.png)", "",
+                  f"Seeds of the first images of the {split} list (CAM baseline, CAM baseline + "
+                  "CRF, then the Table 3 rows, then the ground truth; black = background, "
+                  "cream = undefined):", "",
+                  f"![seed overlays {split}](figures/seed_overlays_{split}.png)", ""]
+    lines += ["## Training", "", "![training curves](figures/training_curves.png)", "",
+              "Per-epoch training pictures (image, then red = positive / blue = negative "
+              "score of the first label: CAM for CAM-only models; bottom-up S and top-down S'' "
+              "for ICD), the last epoch of each model shown; every epoch under "
+              "`figures/train_demo/`:", ""]
+    for which, paths in demo_images.items():
+        lines += [f"- {which}: ![{which} last epoch]({rel(paths[-1])})"]
+    lines += ["", "## Inference demo sheets (train split)", "",
+              "Rows: images of the class; columns: image, CAM, ICD S'' (ICD model) or image, "
+              "CAM (CAM baseline). All under `figures/infer_demo/`.", ""]
+    for model, paths in sheets.items():
+        lines.append(f"**{'ICD model' if model == 'icd' else 'CAM baseline'}:** "
+                     + " ".join(f"![{model} {os.path.basename(p)}]({rel(p)})" for p in paths))
+        lines.append("")
+    lines += ["## Files", "",
+              "- `report.json`: every number of this report (fractions), the claims with their "
+              "intervals.",
+              "- `results_*/<split>/eval/eval.{json,md}`: the evaluation's own reports "
+              f"({NUM_SEG_CLASSES}-class rule).",
+              "- `results_*/<split>/seeds/*`: seed PNGs; `scores_*`: score maps (release layout).",
+              ""]
+    path = os.path.join(report_dir, "report.md")
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines))
+    write_json(os.path.join(report_dir, "report.json"),
+               {"tables": tables, "claims": claims, "steps_seconds": total,
+                "bootstrap": {"resamples": RESAMPLES, "level": LEVEL, "seed": BOOTSTRAP_SEED,
+                              "ap_bins": AP_BINS, "ap_binning_error": binning}})
+    return path
