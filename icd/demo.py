@@ -37,7 +37,8 @@ from PIL import Image
 from .checkpoint import write_imagenet_part
 from .cli import parse_devices
 from .config import Config, load_config
-from .data.superpixels import make_feature_factory, make_superpixels
+from .data.features import make_feature_factory
+from .data.superpixels import make_superpixels
 from .data.synthetic import make_synthetic_voc
 from .data.voc import read_list
 from .evaluate import THRESHOLDS, evaluate

@@ -308,7 +308,7 @@ def make_seeds(results_dir: str, image_root: str, annotation_root: str, data_lis
                workers: int = 1, crf: bool = True, overwrite: bool = False,
                icd_folder: str = "scores_icd", cam_folder: str = "scores_cam",
                out_dir: Optional[str] = None) -> Dict[str, object]:
-    """Seeds for every image of `data_list` as VOC palette PNGs.
+    """Seeds for every image of `data_list` as single-channel 8-bit label PNGs (`write_mask`).
 
     Reads `<results_dir>/<cam_folder>/<name>.npy`, `<results_dir>/<icd_folder>/<name>.npy`,
     `<image_root>/<name>.jpg`, `<annotation_root>/<name>.xml` (and `<saliency_root>/<name>.png`).

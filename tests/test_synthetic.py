@@ -3,6 +3,7 @@ import os
 import subprocess
 import sys
 
+import cv2
 import numpy as np
 import pytest
 from PIL import Image
@@ -10,7 +11,7 @@ from PIL import Image
 from icd.data.dataset import train_loader
 from icd.data.superpixels import NUM_SUPERPIXEL_IDS
 from icd.data.synthetic import _place_objects, make_synthetic_voc, synthesize
-from icd.data.voc import VOC_CLASSES, read_image, read_image_labels, read_list, voc_palette
+from icd.data.voc import VOC_CLASSES, read_image, read_image_labels, read_list
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -41,11 +42,11 @@ def test_voc_layout_and_labels(tmp_path):
         for name in listed:
             image = read_image(str(tmp_path / "JPEGImages" / f"{name}.jpg"))
             assert 0.85 * 80 - 1 <= image.shape[0] <= 1.15 * 80 + 1
-            with Image.open(tmp_path / "SegmentationClass" / f"{name}.png") as mask_image:
-                assert mask_image.mode == "P"
-                palette = np.array(mask_image.getpalette()[:768], np.uint8).reshape(-1, 3)
-                np.testing.assert_array_equal(palette, voc_palette())
+            mask_path = str(tmp_path / "SegmentationClass" / f"{name}.png")
+            with Image.open(mask_path) as mask_image:   # single-channel index PNG, as the release
+                assert mask_image.mode == "L"
                 mask = np.array(mask_image)
+            np.testing.assert_array_equal(cv2.imread(mask_path, 0), mask)
             assert mask.shape == image.shape[:2]
             labels = read_image_labels(str(tmp_path / "Annotations" / f"{name}.xml"))
             assert set(labels) <= allowed
