@@ -243,7 +243,7 @@ def fixed_gamma_keys(net: gluon.Block) -> List[str]:
 def perturbed(state: Dict[str, np.ndarray], scale: float, rng: np.random.RandomState,
               fixed_gammas: Sequence[str]) -> Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]:
     """`state` with every parameter but the fixed gammas multiplied by 1 + scale * N(0, 1);
-    returns (perturbed state, its float32 difference from `state` per parameter)."""
+    returns (perturbed state, its difference from `state` per parameter, float64)."""
     if scale == 0:
         return state, {}
     out, delta = dict(state), {}
@@ -251,7 +251,7 @@ def perturbed(state: Dict[str, np.ndarray], scale: float, rng: np.random.RandomS
         if key.startswith("arg:") and key not in fixed_gammas:
             noise = value.astype(np.float64) * scale * rng.standard_normal(value.shape)
             out[key] = (value + noise).astype(np.float32)
-            delta[key] = out[key] - value
+            delta[key] = out[key].astype(np.float64) - value   # exact: both float32
     return out, delta
 
 
@@ -337,6 +337,7 @@ def replay(bundle: Bundle, contexts: Sequence[mx.Context], free_running: bool = 
                                       contexts)
             warm = top_down_warmup(step, int(meta["warmup_iters"]))
             for key, value in train_step(net, trainer, parts, warm, contexts).items():
+                # float64: a change stays exactly our own, from the perturbed start
                 ours[f"train/step{step}/{key}"] = value - delta[key] if key in delta else value
     finally:
         unshare_moving_mean(net.share_key)

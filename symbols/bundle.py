@@ -31,7 +31,7 @@ from icd.io import atomic_path, write_json
 from .icd_symbol import DATA_NAMES, VGG_CONVS, channels, get_symbol
 from .ops import reset_shared_store, shared_moving_mean
 
-__all__ = ["make_bundle", "make_params", "make_batch", "run_reference_steps", "run_reference_infer",
+__all__ = ["make_bundle", "write_bundle", "make_params", "make_batch", "run_reference_steps", "run_reference_infer",
            "read_state", "read_momentum", "RESIGN_KEY", "STORE_KEY", "TRAIN_OUTPUTS",
            "INFER_OUTPUTS"]
 
@@ -295,10 +295,19 @@ def make_bundle(out_dir, num_cls=5, width=0.125, size=64, infer_size=None, batch
     params = make_params(rng, num_cls, width, batch)
     meta = {"num_cls": num_cls, "lr": lr, "momentum": momentum, "wd": wd, "batch_size": batch_size,
             "steps": steps, "warmup_iters": warmup_iters, "dropout": 0.0, "width": width, "size": size,
-            "infer_size": infer_size, "seed": seed, "num_devices": len(contexts or [mx.cpu()])}
+            "infer_size": infer_size, "seed": seed}
+    return write_bundle(out_dir, meta, params, batch, infer, contexts)
 
+
+def write_bundle(out_dir, meta, params, batch, infer, contexts=None):
+    """Run the reference on ``batch`` from ``params`` (run_reference_steps on ``contexts``, then
+    run_reference_infer on ``infer`` with the final parameters) and write the bundle to
+    ``out_dir``, each file atomically. ``meta`` needs num_cls, lr, momentum, wd, steps,
+    warmup_iters, dropout, width; batch_size and num_devices are set here. Returns the meta."""
+    contexts = contexts or [mx.cpu()]
+    meta = dict(meta, batch_size=int(batch["data"].shape[0]), num_devices=len(contexts))
     expected = run_reference_steps(params, batch, meta, contexts)
-    last = "train/step%d/" % (steps - 1)
+    last = "train/step%d/" % (meta["steps"] - 1)
     final = {key[len(last):]: value for key, value in expected.items()
              if key.startswith((last + "arg:", last + "aux:"))}
     expected.update(run_reference_infer(final, infer, meta))
