@@ -39,23 +39,20 @@ def release_keys(net: mx.gluon.Block) -> Dict[str, tuple]:
 
 
 def gather(net: mx.gluon.Block) -> Dict[str, mx.nd.NDArray]:
-    """Checkpoint dict of `net` on the CPU.
+    """Checkpoint dict of `net` on the CPU: `arg:`/`aux:` key -> NDArray.
 
-    With several devices the aux states are averaged over them (release: Module.get_params);
-    the sign-flip moving mean is read from its shared store when one is registered.
+    With several devices every state the optimiser does not update (the aux states: BatchNorm
+    statistics, the sign-flip moving mean) is the average of the devices' own copies (release:
+    Module.save_params -> get_params); trained parameters are equal on all devices.
     """
-    from .model.ops import shared_moving_mean
-
     out = {}
     for name, param in net.collect_params().items():
         copies = param.list_data()
-        value = copies[0].copyto(mx.cpu())
-        if len(copies) > 1 and param.grad_req == "null":
+        if param.grad_req == "null" and len(copies) > 1:
             value = mx.nd.add_n(*[c.copyto(mx.cpu()) for c in copies]) / len(copies)
+        else:
+            value = copies[0].copyto(mx.cpu())
         out[release_key(name)] = value
-    store = shared_moving_mean(getattr(net, "share_key", ""))
-    if store is not None:
-        out["aux:icd_accum_resign_moving_mean"] = store.master.copyto(mx.cpu())
     return out
 
 

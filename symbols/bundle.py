@@ -3,15 +3,18 @@
 A bundle folder holds
 
 - ``meta.json``: num_cls, lr, momentum, wd, batch_size, steps, warmup_iters, dropout (0), width,
-  size, infer_size, seed.
+  size, infer_size, seed, num_devices (the batch is split evenly over that many devices).
 - ``params.params``: ``mx.nd.save`` dict ``arg:NAME`` / ``aux:NAME``, the training graph's
   parameters and aux states at the start.
 - ``batch.npz`` / ``infer.npz``: ``data`` (N,3,H,W) float32 RGB 0..255, ``superpixel`` (N,H,W)
   float32 ids, ``label`` (N,C) float32 multi-hot (infer: H = W = infer_size).
 - ``expected.npz``: for k in 0..steps-1, ``train/step{k}/cam_prob`` (N,C), ``train/step{k}/icd_bu``
   (N,C,h,w), ``train/step{k}/icd_td_prob`` (N,C,h,w) (training outputs of step k, before its
-  update) and ``train/step{k}/arg:NAME`` / ``train/step{k}/aux:NAME`` (after step k's update);
-  then ``infer/cam``, ``infer/icd_bu``, ``infer/icd_bu_sp``, ``infer/icd_td`` (inference outputs
+  update) and ``train/step{k}/arg:NAME`` / ``train/step{k}/aux:NAME`` (the checkpoint after step
+  k's update: every aux state averaged over the devices' own copies, as Module.save_params writes
+  it). Optional state for teacher forcing: ``train/step{k}/mom:NAME`` (the SGD momentum after
+  step k) and, with several devices, ``train/step{k}/store:icd_accum_resign_moving_mean`` (the
+  sign flip's shared store after step k, which no checkpoint holds). Then ``infer/cam``, ``infer/icd_bu``, ``infer/icd_bu_sp``, ``infer/icd_td`` (inference outputs
   on infer.npz with the parameters after the last step).
 
 Usage: ``python -m symbols.bundle OUT_DIR [--num-cls 5 --width 0.125 --size 64 ...]``.
@@ -23,13 +26,17 @@ import os
 import mxnet as mx
 import numpy as np
 
+from icd.io import atomic_path, write_json
+
 from .icd_symbol import DATA_NAMES, VGG_CONVS, channels, get_symbol
 from .ops import reset_shared_store, shared_moving_mean
 
-__all__ = ["make_bundle", "make_params", "make_batch", "run_reference_steps", "run_reference_infer",
-           "RESIGN_KEY", "TRAIN_OUTPUTS", "INFER_OUTPUTS"]
+__all__ = ["make_bundle", "write_bundle", "make_params", "make_batch", "run_reference_steps", "run_reference_infer",
+           "read_state", "read_momentum", "RESIGN_KEY", "STORE_KEY", "TRAIN_OUTPUTS",
+           "INFER_OUTPUTS"]
 
 RESIGN_KEY = "icd_accum_resign"  # AccumResign's shared-store key (symbols.ops)
+STORE_KEY = "store:icd_accum_resign_moving_mean"  # its value in a bundle (several devices)
 TRAIN_OUTPUTS = ("cam_prob", "icd_bu", "icd_td_prob")  # get_symbol(mode='train') order
 INFER_OUTPUTS = ("cam", "icd_bu", "icd_bu_sp", "icd_td")  # get_symbol(mode='infer') order
 MAX_SUPERPIXELS = 64
@@ -165,6 +172,44 @@ def _forward_in_device_order(mod, data_batch):
         mx.nd.waitall()
 
 
+def _device_average(arrays):
+    """Module.get_params' value of one parameter: the average of its per-device copies."""
+    return (mx.nd.add_n(*[a.copyto(mx.cpu()) for a in arrays]) / len(arrays)).asnumpy()
+
+
+def read_state(mod):
+    """{'arg:NAME'|'aux:NAME': float32 array} of a bound Module, read from its executors.
+
+    What Module.get_params / save_params returns (each parameter and aux state averaged over the
+    devices' copies), but read after ``mx.nd.waitall()`` from the executors themselves: MXNet
+    1.9.1's BatchNorm updates its moving statistics in its backward, and get_params right after
+    update() was observed to return them from before that backward (ORIGINAL_RELEASE.md 11).
+    """
+    mx.nd.waitall()
+    execs = mod._exec_group.execs
+    state = {"arg:" + name: _device_average([e.arg_dict[name] for e in execs])
+             for name in mod._exec_group.param_names}
+    state.update({"aux:" + name: _device_average([e.aux_dict[name] for e in execs])
+                  for name in mod._exec_group.aux_names})
+    return state
+
+
+def read_momentum(mod):
+    """{'mom:NAME': float32 array}: the SGD momentum of every parameter after the last update.
+
+    Module keeps it in its kvstore's updater (keyed by name) when it updates on the kvstore
+    (several devices), else in its own updater keyed by index * num_device + device.
+    """
+    updater = mod._kvstore._updater if mod._update_on_kvstore else mod._updater
+    names = mod._exec_group.param_names
+    num_device = len(mod._context)
+    momentum = {}
+    for key, value in updater.states.items():
+        name = key if isinstance(key, str) else names[key // num_device]
+        momentum.setdefault("mom:" + name, value.asnumpy())
+    return momentum
+
+
 def run_reference_steps(params, batch, meta, contexts=None):
     """Train the release's graph ``meta['steps']`` steps on ``batch`` (the same batch every step).
 
@@ -177,10 +222,13 @@ def run_reference_steps(params, batch, meta, contexts=None):
     default wd_mult. The AccumResign store is reset and starts from params' aux value; the top-down
     warm-up counter starts at meta['warmup_iters'] on every device.
 
-    Returns {'train/step{k}/cam_prob'|'icd_bu'|'icd_td_prob': outputs of step k before its update,
-    'train/step{k}/arg:NAME'|'aux:NAME': values after step k's update} as float32 numpy arrays.
-    aux:icd_accum_resign_moving_mean is the shared store (symbols.ops), the other aux states are
-    Module.get_params()'s average over the devices.
+    Returns, as float32 numpy arrays, for every step k:
+    'train/step{k}/cam_prob'|'icd_bu'|'icd_td_prob': outputs of step k before its update;
+    'train/step{k}/arg:NAME'|'aux:NAME': the checkpoint after step k's update (read_state: every
+    aux state, icd_accum_resign_moving_mean included, averaged over the devices' own copies);
+    'train/step{k}/mom:NAME': the SGD momentum after step k (read_momentum);
+    with several devices also 'train/step{k}/store:icd_accum_resign_moving_mean', the shared
+    store after step k (not in a checkpoint; teacher forcing starts the next step from it).
     """
     contexts = contexts or [mx.cpu()]
     sym = get_symbol(meta["num_cls"], meta["width"], "train", dropout=meta.get("dropout", 0.0),
@@ -210,15 +258,10 @@ def run_reference_steps(params, batch, meta, contexts=None):
             result[prefix + name] = out.asnumpy()
         mod.backward()
         mod.update()
-        # MXNet 1.9.1's BatchNorm (CPU) updates its moving statistics in the backward pass; without
-        # this wait get_params was observed to copy them stale, non-deterministically
-        mx.nd.waitall()
-        args, auxs = mod.get_params()
-        for name, value in args.items():
-            result[prefix + "arg:" + name] = value.asnumpy()
-        for name, value in auxs.items():
-            result[prefix + "aux:" + name] = value.asnumpy()
-        result[prefix + "aux:icd_accum_resign_moving_mean"] = shared_moving_mean(RESIGN_KEY)
+        for key, value in list(read_state(mod).items()) + list(read_momentum(mod).items()):
+            result[prefix + key] = value
+        if len(contexts) > 1:
+            result[prefix + STORE_KEY] = shared_moving_mean(RESIGN_KEY)
     return result
 
 
@@ -252,21 +295,29 @@ def make_bundle(out_dir, num_cls=5, width=0.125, size=64, infer_size=None, batch
     params = make_params(rng, num_cls, width, batch)
     meta = {"num_cls": num_cls, "lr": lr, "momentum": momentum, "wd": wd, "batch_size": batch_size,
             "steps": steps, "warmup_iters": warmup_iters, "dropout": 0.0, "width": width, "size": size,
-            "infer_size": infer_size, "seed": seed, "num_devices": len(contexts or [mx.cpu()])}
+            "infer_size": infer_size, "seed": seed}
+    return write_bundle(out_dir, meta, params, batch, infer, contexts)
 
+
+def write_bundle(out_dir, meta, params, batch, infer, contexts=None):
+    """Run the reference on ``batch`` from ``params`` (run_reference_steps on ``contexts``, then
+    run_reference_infer on ``infer`` with the final parameters) and write the bundle to
+    ``out_dir``, each file atomically. ``meta`` needs num_cls, lr, momentum, wd, steps,
+    warmup_iters, dropout, width; batch_size and num_devices are set here. Returns the meta."""
+    contexts = contexts or [mx.cpu()]
+    meta = dict(meta, batch_size=int(batch["data"].shape[0]), num_devices=len(contexts))
     expected = run_reference_steps(params, batch, meta, contexts)
-    last = "train/step%d/" % (steps - 1)
+    last = "train/step%d/" % (meta["steps"] - 1)
     final = {key[len(last):]: value for key, value in expected.items()
-             if key.startswith(last) and ":" in key}
+             if key.startswith((last + "arg:", last + "aux:"))}
     expected.update(run_reference_infer(final, infer, meta))
 
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "meta.json"), "w") as f:
-        json.dump(meta, f, indent=2, sort_keys=True)
-    mx.nd.save(os.path.join(out_dir, "params.params"), {k: mx.nd.array(v) for k, v in params.items()})
-    np.savez(os.path.join(out_dir, "batch.npz"), **batch)
-    np.savez(os.path.join(out_dir, "infer.npz"), **infer)
-    np.savez(os.path.join(out_dir, "expected.npz"), **expected)
+    write_json(os.path.join(out_dir, "meta.json"), meta)
+    with atomic_path(os.path.join(out_dir, "params.params")) as tmp:
+        mx.nd.save(tmp, {k: mx.nd.array(v) for k, v in params.items()})
+    for name, arrays in (("batch.npz", batch), ("infer.npz", infer), ("expected.npz", expected)):
+        with atomic_path(os.path.join(out_dir, name)) as tmp:
+            np.savez(tmp, **arrays)
     return meta
 
 
@@ -282,10 +333,13 @@ def main(argv=None):
     parser.add_argument("--warmup-iters", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--cpus", type=int, default=1,
+                        help="train on cpu(0) .. cpu(N-1), the batch split evenly over them")
     args = parser.parse_args(argv)
     meta = make_bundle(args.out_dir, num_cls=args.num_cls, width=args.width, size=args.size,
                        infer_size=args.infer_size, batch_size=args.batch_size, steps=args.steps,
-                       warmup_iters=args.warmup_iters, seed=args.seed, lr=args.lr)
+                       warmup_iters=args.warmup_iters, seed=args.seed, lr=args.lr,
+                       contexts=[mx.cpu(i) for i in range(args.cpus)])
     print("bundle written to %s: %s" % (args.out_dir, json.dumps(meta, sort_keys=True)))
 
 

@@ -145,12 +145,15 @@ def top_down_grad(logits, refined, label, warm):
 
 # In the release the moving mean lives in one key-value store shared by every device: with k
 # devices it is updated k times per batch, once per device with that device's slice, in the order
-# in which the devices' forward calls reach the operator. Here the store is this module-level dict,
-# keyed by the operator's ``store_key`` (the symbol name by default). Its entry is created from the
-# aux state of the first device that runs a training forward after ``reset_shared_store``; from
-# then on the store, not the per-device aux arrays, is the authoritative value during training
-# (each device's aux array receives the store's value after that device's update, so earlier
-# devices of the same batch hold an older value). Read the final value with shared_moving_mean().
+# in which the devices' forward calls reach the operator. Each device pushes its update, pulls the
+# store into its own aux array and takes the sign from it, so after a batch device d's aux holds
+# the value it pulled right after its own push (earlier devices of the batch an older value), and
+# a checkpoint (Module.save_params) holds the average of the devices' aux arrays, not the store
+# (ORIGINAL_RELEASE.md section 11). Here the store is this module-level dict, keyed by the
+# operator's ``store_key``. The release creates it with zeros; here its entry is created from the
+# aux state of the first device that runs a training forward after ``reset_shared_store``, so that
+# a parity bundle can start the store from its params.params (on one device store and aux agree).
+# Read the store with shared_moving_mean().
 _SHARED_STORE = {}
 _SHARED_LOCK = threading.Lock()
 
@@ -244,7 +247,7 @@ class AccumResign(mx.operator.CustomOp):
                 # the store holds float32 like the aux state / checkpoint it stands for
                 stored = accum_resign_update(stored, s_hat, x_cam, label, self.momentum).astype(np.float32)
                 _SHARED_STORE[self.store_key] = stored
-            aux[0][:] = stored
+            aux[0][:] = stored  # release: each device's aux is overwritten by its pull
         else:
             stored = aux[0].asnumpy()
         sign = resign_sign(stored)  # 3.2: evaluated after the batch's own update

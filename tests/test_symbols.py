@@ -396,7 +396,9 @@ def test_bundle_format_determinism_and_signs(tmp_path):
     for k in range(3):
         keys |= {"train/step%d/%s" % (k, o) for o in ("cam_prob", "icd_bu", "icd_td_prob")}
         keys |= {"train/step%d/%s" % (k, p) for p in params}
-    assert set(expected) == keys
+        keys |= {"train/step%d/mom:%s" % (k, p[4:]) for p in params if p.startswith("arg:")}
+    assert set(expected) == keys   # one device: no store: key (the store is the aux state)
+    assert meta["num_devices"] == 1
     assert expected["train/step0/cam_prob"].shape == (n, c)
     assert expected["train/step0/icd_bu"].shape == expected["train/step0/icd_td_prob"].shape == (n, c, h, h)
     assert all(expected["infer/" + o].shape == (n, c, h_infer, h_infer)
@@ -422,6 +424,69 @@ def test_bundle_format_determinism_and_signs(tmp_path):
     for name in npz:
         assert set(npz[name]) == set(npz_b[name])
         assert all(np.array_equal(npz[name][k], npz_b[name][k]) for k in npz[name])
+
+
+def _conv5_mean(params, batch, num_cls, width):
+    """Per-channel batch mean of conv5_3_relu (feat_bn's input) with ``params``."""
+    probe = get_symbol(num_cls, width, "train", dropout=0.0).get_internals()["conv5_3_relu_output"]
+    exe = probe.simple_bind(mx.cpu(), grad_req="null", data=batch["data"].shape)
+    for name, array in exe.arg_dict.items():
+        array[:] = batch["data"] if name == "data" else params["arg:" + name]
+    return exe.forward(is_train=True)[0].asnumpy().mean(axis=(0, 2, 3))
+
+
+def test_bundle_state_momentum_and_batchnorm_quirks():
+    """Section 11. The state after step k is read after BatchNorm's backward (which updates the
+    moving statistics): moving_mean_k = 0.9 moving_mean_{k-1} + 0.1 mean(conv5_3_relu). The
+    momentum is each step's change, except feat_bn_gamma's: fix_gamma writes 1 into gamma at
+    every forward, so gamma_k = 1 + mom_k and consecutive gammas do not give the momentum."""
+    rng = np.random.RandomState(2)
+    num_cls, width = 4, 0.0625
+    batch = make_batch(rng, 2, num_cls, 32)
+    params = make_params(rng, num_cls, width, batch)
+    meta = dict(num_cls=num_cls, width=width, lr=0.01, momentum=0.9, wd=5e-4, steps=3,
+                warmup_iters=1, dropout=0.0)
+    result = run_reference_steps(params, batch, meta)
+    before = params
+    for k in range(3):
+        after = {key: result["train/step%d/%s" % (k, key)] for key in params}
+        mean = 0.9 * before["aux:feat_bn_moving_mean"] + 0.1 * _conv5_mean(before, batch, num_cls, width)
+        np.testing.assert_allclose(after["aux:feat_bn_moving_mean"], mean, rtol=1e-4, atol=1e-6)
+        assert not np.allclose(after["aux:feat_bn_moving_mean"], before["aux:feat_bn_moving_mean"])
+        for key in ("arg:icd_bu_weight", "arg:conv1_1_weight", "arg:fc8_bias", "arg:feat_bn_beta"):
+            mom = result["train/step%d/mom:%s" % (k, key[4:])]
+            np.testing.assert_allclose(after[key] - before[key], mom, rtol=1e-3, atol=1e-7, err_msg=key)
+        gamma_mom = result["train/step%d/mom:feat_bn_gamma" % k]
+        np.testing.assert_allclose(after["arg:feat_bn_gamma"] - 1, gamma_mom, rtol=1e-2)
+        np.testing.assert_allclose(gamma_mom, -0.01 * 5e-4 * sum(0.9 ** i for i in range(k + 1)),
+                                   rtol=1e-5)
+        if k > 0:   # consecutive gammas differ by mom_k - mom_{k-1}, not by mom_k
+            assert not np.allclose(after["arg:feat_bn_gamma"] - before["arg:feat_bn_gamma"], gamma_mom,
+                                   rtol=0.1)
+        before = after
+
+
+def test_two_device_checkpoint_averages_each_devices_pull():
+    """Section 11: with two devices the checkpoint's icd_accum_resign_moving_mean is the average
+    of what each device pulled right after its own push (device 0 first), while the store: key
+    holds the store. A class only on device 1 is unchanged in device 0's pull, so its checkpoint
+    value is the mean of the store before and after the step; an absent class never changes."""
+    rng = np.random.RandomState(6)
+    batch = make_batch(rng, 4, 4, 32)
+    batch["label"][:] = [[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 0, 0], [1, 0, 1, 0]]
+    params = make_params(rng, 4, 0.0625, batch)
+    meta = dict(num_cls=4, width=0.0625, lr=1e-3, momentum=0.9, wd=5e-4, steps=2, warmup_iters=1,
+                dropout=0.0)
+    result = run_reference_steps(params, batch, meta, [mx.cpu(0), mx.cpu(1)])
+    key = "icd_accum_resign_moving_mean"
+    store_before = params["aux:" + key]
+    for k in range(2):
+        saved, store = result["train/step%d/aux:%s" % (k, key)], result["train/step%d/store:%s" % (k, key)]
+        np.testing.assert_allclose(saved[2], (store_before[2] + store[2]) / 2, rtol=1e-6)
+        np.testing.assert_array_equal(saved[3], store_before[3])
+        np.testing.assert_array_equal(store[3], store_before[3])
+        assert not np.allclose(saved[:3], store[:3])
+        store_before = store
 
 
 def test_two_device_module_run_is_deterministic():
