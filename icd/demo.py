@@ -303,7 +303,7 @@ def demo_infer_size(settings: DemoSettings) -> int:
 
 
 def step_infer(settings: DemoSettings) -> Dict:
-    from .cli import parse_devices
+    from .devices import parse_devices
     from .infer import infer
     size = demo_infer_size(settings)
     counts = {}

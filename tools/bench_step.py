@@ -10,7 +10,7 @@ import json
 import logging
 
 from icd.bench import run
-from icd.cli import parse_context
+from icd.devices import parse_context
 from icd.io import atomic_path
 
 

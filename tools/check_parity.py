@@ -8,7 +8,7 @@ exits 1 on FAIL.
 import argparse
 import sys
 
-from icd.cli import parse_context
+from icd.devices import parse_context
 from icd.parity import check_bundle, summary
 
 

@@ -10,7 +10,7 @@ import logging
 import os
 import sys
 
-from icd.cli import parse_devices
+from icd.devices import parse_devices
 from icd.config import add_arguments, load_config
 from icd.infer import infer
 from icd.train import checkpoint_path
