@@ -253,7 +253,7 @@ def add_arguments(parser: argparse.ArgumentParser,
     """
     parser.add_argument("--config", default=None, metavar="YAML",
                         help="experiments/<name>.yaml (a bare name finds the shipped config); "
-                             "flags override it")
+                             "flags override it (default: none, the defaults below)")
     group = parser.add_argument_group(
         "configuration (a flag overrides the --config file, which overrides the defaults shown)")
     for name, spec in FIELDS.items():
@@ -267,5 +267,4 @@ def add_arguments(parser: argparse.ArgumentParser,
                                default=argparse.SUPPRESS, help=text)
         else:
             group.add_argument(flag, dest=name, default=argparse.SUPPRESS,
-                               type=None if kind is str else _flag_type(name),
-                               choices=choices.get(name), help=text)
+                               type=_flag_type(name), choices=choices.get(name), help=text)

@@ -29,7 +29,8 @@ def build_parser() -> Parser:
                           help="backbone checkpoint: merge on its conv5_3 features (the "
                                "release's way); one of --pretrained, --features is required")
     features.add_argument("--features", choices=["colour"],
-                          help="network-free features: centred Lab colour + position")
+                          help="network-free features: centred Lab colour + position (one of "
+                               "--pretrained, --features is required)")
     parser.add_argument("--overwrite", action="store_true", help="recompute existing PNGs")
     return parser
 
