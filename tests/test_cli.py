@@ -3,7 +3,6 @@ and a prompt exit after an error (icd.commands, icd.config, icd.devices)."""
 import argparse
 import glob
 import os
-import pickle
 import re
 import shutil
 import subprocess
