@@ -11,8 +11,8 @@ INSTALL_REQUIRES = [
     "pydensecrf2==1.1",
     "scikit-image==0.24.0",
     "scipy==1.15.3",
-    "pandas==2.3.3",
     "matplotlib==3.10.9",
+    "Pillow==13.0.0",
     "tqdm>=4.60",
     "PyYAML>=6.0",
 ]
@@ -33,12 +33,27 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10,<3.12",  # the pinned numpy 1.23 / matplotlib 3.10 bound it
-    packages=find_packages(include=["icd", "icd.*", "symbols", "symbols.*"]),
+    packages=find_packages(include=["icd", "icd.*", "symbols", "symbols.*"]) + ["icd.experiments"],
     ext_modules=[FELZENSZWALB],
+    # experiments/*.yaml ship as icd/experiments/ so that `--config NAME` works after a plain
+    # `pip install .` (icd.config.find_config looks there)
+    package_dir={"icd.experiments": "experiments"},
+    package_data={"icd.experiments": ["*.yaml"]},
     install_requires=INSTALL_REQUIRES,
     extras_require={
         "cpu": ["mxnet==1.9.1"],
         "gpu": ["mxnet-cu112==1.9.1"],
         "test": ["pytest>=7", "scikit-learn==1.5.2"],
     },
+    entry_points={"console_scripts": [
+        "icd-train = icd.commands.train:main",
+        "icd-infer = icd.commands.infer:main",
+        "icd-seeds = icd.commands.seeds:main",
+        "icd-eval = icd.commands.evaluate:main",
+        "icd-superpixels = icd.commands.superpixels:main",
+        "icd-synthetic = icd.commands.synthetic:main",
+        "icd-parity = icd.commands.parity:main",
+        "icd-bench = icd.commands.bench:main",
+        "icd-demo = icd.demo:main",
+    ]},
 )

@@ -184,7 +184,7 @@ def peak_memory_mb(name: str, ctx: str, size: int, infer_size: int, batch: int, 
                    num_classes: int) -> Dict[str, float]:
     """Peak resident memory (VmHWM) of a child process that builds one network and runs two
     steps, and its growth over the same process just before the first step (MiB; Linux)."""
-    code = ("import json; from icd import bench; from icd.cli import parse_context;"
+    code = ("import json; from icd import bench; from icd.devices import parse_context;"
             f"step = bench.build_step({name!r}, parse_context({ctx!r}), {size}, {infer_size}, "
             f"{batch}, {width}, {num_classes});"
             "before = bench.high_water_mb(); step(); step();"

@@ -69,7 +69,9 @@ def read_params(path: str) -> Dict[str, mx.nd.NDArray]:
     try:
         loaded = mx.nd.load(path)
     except mx.base.MXNetError as e:
-        raise ValueError(f"{path}: not an MXNet parameter file ({str(e).splitlines()[0]})") from None
+        # MXNet's message is a C++ traceback; its last line says what is wrong
+        reason = str(e).strip().splitlines()[-1].replace("MXNetError: ", "")
+        raise ValueError(f"{path}: not an MXNet parameter file ({reason})") from None
     if not isinstance(loaded, dict) or not all(
             k.startswith(("arg:", "aux:")) for k in loaded):
         raise ValueError(f"{path}: expected a dict with 'arg:'/'aux:' keys (release format)")

@@ -2,14 +2,18 @@
 
 Field names are the release's command-line flags with dashes as underscores (`--image-root` ->
 `image_root`), so a YAML file, the command line and the release's scripts speak the same words.
-Command-line flags override the file.
+Command-line flags override the file. Values are checked for their type and range whichever of
+the two they come from, and errors name the file or the flag.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import math
 import os
+import typing
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import yaml
 
@@ -65,50 +69,206 @@ class Config:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
-_TYPES = {"int": int, "Optional[int]": int, "float": float}
+
+
+def _field_type(hint) -> Tuple[type, bool]:
+    """(int | float | str | bool, whether None is allowed) of a resolved annotation."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) is typing.Union and len(args) == 1:
+        return args[0], True
+    return hint, False
+
+
+_TYPES = {name: _field_type(hint) for name, hint in typing.get_type_hints(Config).items()}
+
+# What each flag means, shown by --help with the field's default unless the text states it.
+HELP = {
+    "image_root": "folder of <name>.jpg",
+    "annotation_root": "folder of <name>.xml (image-level labels)",
+    "superpixel_root": "folder of <name>.png superpixels",
+    "data_list": "list file, one image name per line",
+    "model": "vgg16_icd, or vgg16_cam (the CAM-only baseline)",
+    "pretrained": "ImageNet initialisation file (the release's VGG16 weights, not shipped); "
+                  "'' = random init (default: random init)",
+    "num_cls": "number of classes",
+    "width": "channel multiplier of VGG16; 1.0 = the paper's network",
+    "dropout": "dropout of fc6/fc7, in [0, 1)",
+    "bottom_up_features": "features of the bottom-up estimation (Table 5)",
+    "bottom_up_loss": "bottom-up loss: bu = L_bu, abs = L_abs, sig = L_sig (Table 4)",
+    "top_down": "structure of the top-down branch (Table 6)",
+    "optimizer": "sgd (the release's); adam only to pre-train a stand-in for ImageNet weights",
+    "image_size": "training crop side in pixels",
+    "batch_size": "images per step, split over the devices",
+    "learning_rate": "base learning rate (poly decay per epoch)",
+    "momentum": "SGD momentum, in [0, 1)",
+    "wd": "weight decay",
+    "num_epoch": "epochs to train to",
+    "begin_epoch": "resume: start at this epoch from checkpoint begin_epoch-1 and its .states",
+    "warmup_epochs": "top-down warm-up in epochs",
+    "gpus": "GPU ids, e.g. 0,1",
+    "cpus": "CPU contexts when --gpus is not given, at least 1 (default: one)",
+    "num_workers": "data-loader processes (0 = load in the main process)",
+    "seed": "random seed of initialisation, shuffling and augmentation",
+    "snapshot": "checkpoint folder",
+    "num_save": "checkpoints kept (0 = all)",
+    "log_frequency": "log every N batches (default: the release's max(images // (20 batch), "
+                     "5); '' restores it)",
+    "infer_size": "inference input side (images are padded to it)",
+    "infer_batch_size": "inference images per step",
+    "overwrite": "training: replace the model's checkpoints and log in --snapshot (a fresh run "
+                 "refuses them otherwise); inference: clear result folders of other settings",
+}
+
+# Ranges, checked for the YAML file and the flags alike; a field not listed takes any value of
+# its type (floats must always be finite).
+POSITIVE = ("num_cls", "width", "image_size", "batch_size", "learning_rate", "num_epoch",
+            "log_frequency", "infer_size", "infer_batch_size")
+NON_NEGATIVE = ("wd", "begin_epoch", "warmup_epochs", "cpus", "num_workers", "seed", "num_save")
+FRACTIONS = ("dropout", "momentum")   # [0, 1)
+# As flags these must be >= 1: 0 is the field's "not set" (cpus 0 = one CPU), not a choice.
+POSITIVE_FLAGS = ("cpus",)
+
+
+def find_config(path: str) -> str:
+    """`path` if it exists, else the shipped config of that name (`voc_vgg16`,
+    `voc_vgg16.yaml` or `experiments/voc_vgg16.yaml`): in the checkout's experiments/ or, after
+    `pip install`, the package's icd/experiments/."""
+    if os.path.exists(path):
+        return path
+    name = os.path.basename(path)
+    name = name if name.endswith((".yaml", ".yml")) else name + ".yaml"
+    package = os.path.dirname(os.path.abspath(__file__))
+    for folder in (os.path.join(package, "experiments"),
+                   os.path.join(os.path.dirname(package), "experiments")):
+        if os.path.isfile(os.path.join(folder, name)):
+            return os.path.join(folder, name)
+    raise FileNotFoundError(f"{path}: config file not found (nor a shipped config {name})")
 
 
 def read_config_file(path: str) -> Dict[str, Any]:
     """Options of a YAML file; a `base: other.yaml` key (relative to the file) is read first."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: config file not found")
-    with open(path, encoding="utf-8") as f:
-        loaded = yaml.safe_load(f) or {}
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            loaded = yaml.safe_load(f) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not a readable YAML file ({' '.join(str(e).split())})") from None
     if not isinstance(loaded, dict):
         raise ValueError(f"{path}: expected a mapping of option: value")
     base = loaded.pop("base", None)
     values = read_config_file(os.path.join(os.path.dirname(path), base)) if base else {}
     for key, value in loaded.items():
-        name = key.replace("-", "_")
+        name = str(key).replace("-", "_")
         if name not in FIELDS:
             raise ValueError(f"{path}: unknown option {key!r}")
         values[name] = value
     return values
 
 
-def load_config(path: Optional[str] = None, **overrides: Any) -> Config:
-    """Config from a YAML file (optional) with `overrides` (None values ignored) on top.
+def _checked(name: str, value: Any) -> Any:
+    """`value` converted to the field's type; ValueError("<problem>") if it cannot be."""
+    kind, optional = _TYPES[name]
+    if value is None:
+        if optional:
+            return None
+        raise ValueError("cannot be empty")
+    if kind in (bool, str):
+        if not isinstance(value, kind):
+            raise ValueError(f"must be {'true or false' if kind is bool else 'a string'}, "
+                             f"got {value!r}")
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        hint = " (YAML reads 1e-3 as text: write 1.0e-3)" if isinstance(value, str) else ""
+        raise ValueError(f"must be a number, got {value!r}{hint}")
+    if not math.isfinite(value):
+        raise ValueError(f"must be finite, got {value!r}")
+    if kind is int:
+        if value != int(value):
+            raise ValueError(f"must be an integer, got {value!r}")
+        value = int(value)
+    else:
+        value = float(value)
+    if name in POSITIVE and not value > 0:
+        raise ValueError(f"must be positive, got {value!r}")
+    if name in NON_NEGATIVE and value < 0:
+        raise ValueError(f"must be >= 0, got {value!r}")
+    if name in FRACTIONS and not 0 <= value < 1:
+        raise ValueError(f"must be in [0, 1), got {value!r}")
+    return value
 
-    Unknown keys and non-numbers where numbers belong are errors naming the file and the key.
+
+def load_config(path: Optional[str] = None, **overrides: Any) -> Config:
+    """Config from a YAML file (optional; see `find_config`) with `overrides` on top.
+
+    An override given is applied, None included where the field allows None (e.g.
+    `pretrained=None` clears the file's ImageNet file); None for a field that cannot be None
+    means "not given" (callers may pass every keyword). Types and ranges are checked; errors
+    name the file (for its values) or the flag `--name` (for overrides).
     """
+    path = find_config(path) if path else None
     values = read_config_file(path) if path else {}
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    unknown = set(values) - set(FIELDS)
+    sources = dict.fromkeys(values, path)
+    unknown = set(overrides) - set(FIELDS)
     if unknown:
         raise ValueError(f"unknown options: {', '.join(sorted(unknown))}")
+    for name, value in overrides.items():
+        if value is not None or _TYPES[name][1]:
+            values[name], sources[name] = value, None
     for name, value in values.items():
-        kind = _TYPES.get(FIELDS[name].type)
-        if kind is not None and value is not None:
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"{path or 'config'}: {name} must be a number, got {value!r}")
-            values[name] = kind(value)
+        try:
+            values[name] = _checked(name, value)
+        except ValueError as e:
+            where = f"{sources[name]}: {name}" if sources[name] else "--" + name.replace("_", "-")
+            raise ValueError(f"{where}: {e}") from None
     return Config(**values)
 
 
-def add_arguments(parser) -> None:
-    """Add every Config field as `--flag-name` (default None, so the file's value stays)."""
-    parser.add_argument("--config", help="experiments/<name>.yaml; flags override it")
+def _flag_type(name: str):
+    """argparse type of a field's flag: its type and range (`_checked`); '' gives None where
+    None is allowed."""
+    kind, optional = _TYPES[name]
+
+    def parse(text: str):
+        if optional and text == "":
+            return None
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+        try:
+            value = _checked(name, value)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        if name in POSITIVE_FLAGS and value < 1:
+            raise argparse.ArgumentTypeError(f"must be at least 1, got {text!r}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def add_arguments(parser: argparse.ArgumentParser,
+                  choices: Mapping[str, Sequence[str]] = {}) -> None:
+    """Add `--config` and every Config field as `--flag-name`.
+
+    A flag not given is absent from the parsed namespace (argparse.SUPPRESS), so the file's value
+    stays; `choices` restricts fields to named values (shown by --help).
+    """
+    parser.add_argument("--config", default=None, metavar="YAML",
+                        help="experiments/<name>.yaml (a bare name finds the shipped config); "
+                             "flags override it (default: none, the defaults below)")
+    group = parser.add_argument_group(
+        "configuration (a flag overrides the --config file, which overrides the defaults shown)")
     for name, spec in FIELDS.items():
-        kind = _TYPES.get(spec.type, str)
-        parser.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=None,
-                            help=f"default {spec.default!r}")
+        kind = _TYPES[name][0]
+        flag = "--" + name.replace("_", "-")
+        text = HELP.get(name, name)
+        if "default" not in text:
+            text += f" (default: {'none' if spec.default in (None, '') else spec.default})"
+        if kind is bool:
+            group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
+                               default=argparse.SUPPRESS, help=text)
+        else:
+            group.add_argument(flag, dest=name, default=argparse.SUPPRESS,
+                               type=_flag_type(name), choices=choices.get(name), help=text)

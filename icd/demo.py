@@ -35,7 +35,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from PIL import Image
 
 from .checkpoint import write_imagenet_part
-from .cli import parse_devices
+from .devices import parse_devices
 from .config import Config, load_config
 from .data.features import make_feature_factory
 from .data.superpixels import make_superpixels

@@ -35,7 +35,7 @@ from mxnet import autograd, gluon
 from tqdm import tqdm
 
 from .checkpoint import initialize, load_checkpoint, save_checkpoint
-from .cli import parse_devices
+from .devices import parse_devices
 from .config import Config
 from .data.dataset import train_loader
 from .io import atomic_path, deferred_interrupt, read_json, remove_stale_temporaries, write_json

@@ -73,11 +73,8 @@ def test_pretrained_initialisation_copies_fc_and_draws_missing(tmp_path):
 
 
 def test_superpixels_from_a_backbone_checkpoint(tmp_path, tiny_voc):
-    """tools/make_superpixels.py --pretrained: conv5_3 features of a release-format file."""
-    import subprocess
-    import sys
-
-    from conftest import REPO
+    """icd-superpixels --pretrained: conv5_3 features of a release-format file."""
+    from icd.commands import superpixels
     from icd.data.superpixels import read_superpixels
     from icd.data.voc import read_image, read_list
 
@@ -90,8 +87,7 @@ def test_superpixels_from_a_backbone_checkpoint(tmp_path, tiny_voc):
     features = conv5_feature_extractor(path, mx.cpu())(image)
     assert features.shape == image.shape[:2] + (32,) and features.std() > 0
     out = tmp_path / "sp"
-    subprocess.run([sys.executable, f"{REPO}/tools/make_superpixels.py", "--image-root",
-                    tiny_voc["image_root"], "--data-list", tiny_voc["data_list"], "--out",
-                    str(out), "--pretrained", path], check=True, capture_output=True)
+    assert superpixels.main(["--image-root", tiny_voc["image_root"], "--data-list",
+                             tiny_voc["data_list"], "--out", str(out), "--pretrained", path]) == 0
     ids = read_superpixels(str(out / f"{name}.png"), image.shape[:2])
     assert 1 < len(set(ids.ravel())) <= 64

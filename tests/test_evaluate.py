@@ -1,21 +1,18 @@
 """Evaluation: seed mIoU, threshold study, pixel AP against hand-computed values; reports, tool."""
 import json
 import os
-import subprocess
-import sys
 
 import cv2
 import numpy as np
 import pytest
 from PIL import Image
 
+from icd.commands import evaluate as evaluate_command
 from icd.data.voc import VOC_CLASSES, read_mask, voc_palette, write_mask
 from icd.evaluate import average_precision, class_iou, confusion_matrix, evaluate, \
     evaluate_seeds, mean_iou, pixel_ap, threshold_study
 from icd.seeds import make_seeds
 from test_seeds import S, build_results
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,14 +187,14 @@ def test_evaluate_writes_reports(tiny):
         assert title in text
 
 
-def test_eval_seeds_tool(tiny, tmp_path):
+def test_eval_seeds_tool(tiny, tmp_path, capsys):
     out = str(tmp_path / "report")
-    cmd = [sys.executable, os.path.join(REPO, "tools", "eval_seeds.py"),
-           "--results", tiny["results"], "--gt-root", tiny["gt"], "--data-list", tiny["list"],
-           "--seeds", "seeds/nocrf", "--annotation-root", tiny["annotations"],
-           "--infer-size", str(S), "--workers", "1", "--out", out]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    assert "seeds/nocrf" in done.stdout and "Table 2" in done.stdout
+    assert evaluate_command.main([
+        "--results", tiny["results"], "--gt-root", tiny["gt"], "--data-list", tiny["list"],
+        "--seeds", "seeds/nocrf", "--annotation-root", tiny["annotations"],
+        "--infer-size", str(S), "--workers", "1", "--out", out]) == 0
+    stdout = capsys.readouterr().out
+    assert "seeds/nocrf" in stdout and "Table 2" in stdout
     with open(os.path.join(out, "eval.json")) as f:
         report = json.load(f)
     assert list(report["seeds"]) == ["seeds/nocrf"]

@@ -146,7 +146,8 @@ def test_a_broken_bundle_is_named(small_bundle, tmp_path, broken):
     with pytest.raises(ValueError, match=re.escape(str(named))):
         check_bundle(str(bad))
     run = run_tool(bad)
-    assert run.returncode == 2 and str(named) in run.stderr and not run.stdout
+    assert run.returncode == 1 and not run.stdout
+    assert run.stderr.strip().startswith("error: ") and str(named) in run.stderr
 
 
 def two_device_batch(rng, num_cls=4, size=64):

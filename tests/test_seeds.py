@@ -1,17 +1,15 @@
 """Seeds (ORIGINAL_RELEASE.md section 7): the rule on hand-made maps, CRF, files, tools."""
 import os
-import subprocess
-import sys
 
 import cv2
 import numpy as np
 import pytest
 
+from icd.commands import seeds as seeds_command
 from icd.data.voc import VOC_CLASSES, read_mask, write_mask
 from icd.seeds import crf_refine, default_seed_dir, generate_seed, make_seeds, resize_scores, \
     seed_from_scores
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 U = 255  # undefined
 
 
@@ -316,16 +314,14 @@ def test_make_seeds_names_a_missing_image(tiny):
         _make(tiny, crf=False)
 
 
-def test_make_seeds_tool(tiny):
-    cmd = [sys.executable, os.path.join(REPO, "tools", "make_seeds.py"),
-           "--results", tiny["results"], "--image-root", tiny["images"],
-           "--annotation-root", tiny["annotations"], "--data-list", tiny["list"],
-           "--infer-size", str(S), "--workers", "1", "--no-crf"]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    assert "3 written" in done.stdout
+def test_make_seeds_tool(tiny, capsys):
+    flags = ["--results", tiny["results"], "--image-root", tiny["images"],
+             "--annotation-root", tiny["annotations"], "--data-list", tiny["list"],
+             "--infer-size", str(S), "--workers", "1", "--no-crf"]
+    assert seeds_command.main(flags) == 0
+    assert "3 written" in capsys.readouterr().out
     assert len(os.listdir(os.path.join(tiny["results"], "seeds", "nocrf"))) == 3
-    done = subprocess.run(cmd + ["--icd-scores", "scores_cam"], capture_output=True, text=True,
-                          check=True)
+    assert seeds_command.main(flags + ["--icd-scores", "scores_cam"]) == 0
     assert len(os.listdir(os.path.join(tiny["results"], "seeds", "nocrf_cam"))) == 3
 
 

@@ -1,19 +1,17 @@
 """The synthetic VOC-layout dataset: determinism, layout, labels, and the tools end to end."""
 import os
-import subprocess
-import sys
 
 import cv2
 import numpy as np
 import pytest
 from PIL import Image
 
+from icd.commands import superpixels as superpixels_command
+from icd.commands import synthetic as synthetic_command
 from icd.data.dataset import train_loader
 from icd.data.superpixels import NUM_SUPERPIXEL_IDS
 from icd.data.synthetic import _place_objects, make_synthetic_voc, synthesize
 from icd.data.voc import VOC_CLASSES, read_image, read_image_labels, read_list
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def all_files(root):
@@ -85,13 +83,12 @@ def test_unknown_class_is_refused(tmp_path):
 
 def test_tools_end_to_end(tmp_path):
     root = tmp_path / "voc"
-    run = dict(check=True, cwd=REPO, capture_output=True, text=True)
-    subprocess.run([sys.executable, "tools/make_synthetic_voc.py", "--out", str(root),
-                    "--num-train", "8", "--num-val", "2", "--size", "64", "--seed", "3"], **run)
+    assert synthetic_command.main(["--out", str(root), "--num-train", "8", "--num-val", "2",
+                                   "--size", "64", "--seed", "3"]) == 0
     data_list = str(root / "ImageSets" / "Segmentation" / "train.txt")
-    subprocess.run([sys.executable, "tools/make_superpixels.py", "--image-root",
-                    str(root / "JPEGImages"), "--data-list", data_list, "--out",
-                    str(root / "Superpixels"), "--features", "colour", "--workers", "2"], **run)
+    assert superpixels_command.main(["--image-root", str(root / "JPEGImages"), "--data-list",
+                                     data_list, "--out", str(root / "Superpixels"),
+                                     "--features", "colour", "--workers", "2"]) == 0
     assert len(os.listdir(root / "Superpixels")) == 8
     loader = train_loader(str(root / "JPEGImages"), str(root / "Superpixels"),
                           str(root / "Annotations"), data_list, image_size=72, batch_size=4,

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from icd.checkpoint import read_params
-from icd.cli import parse_devices
+from icd.devices import parse_devices
 from icd.infer import SCORE_FOLDERS, infer
 from icd.train import TrainingDiverged, TrainingInterrupted, checkpoint_path, poly_lr, train
 

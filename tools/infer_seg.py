@@ -17,7 +17,7 @@ import sys
 from mxnet.base import MXNetError
 
 from icd.checkpoint import load_checkpoint
-from icd.cli import parse_devices
+from icd.devices import parse_devices
 from icd.config import add_arguments, load_config
 from icd.model import build_model
 from icd.segment import MULTI_SCALES, SegmentOptions, evaluate_predictions, segment

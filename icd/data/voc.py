@@ -46,12 +46,13 @@ def voc_palette() -> np.ndarray:
 def read_list(path: str) -> List[str]:
     """Image names of a list file (`train_aug.txt` style): the first token of each non-empty line.
 
-    Lines like ``/JPEGImages/x.jpg /SegmentationClassAug/x.png`` give ``x``.
+    Lines like ``/JPEGImages/x.jpg /SegmentationClassAug/x.png`` give ``x``. A UTF-8 byte-order
+    mark (written by some Windows editors) is not part of the first name.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: data list not found")
     names = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         for line in f:
             token = line.split()
             if token:

@@ -1,0 +1,52 @@
+r"""Benchmark a training step (ICD, CAM-only, the release's graph) and inference; JSON output.
+
+Examples:
+  icd-bench --out bench_step.json            (full width, 321 crops, batch 2)
+  icd-bench --ctx gpu(0)
+A benchmark, not a test: quote the ratios, which hold across machines better than the seconds.
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Optional, Sequence
+
+from ..bench import run as bench_run
+from ..devices import parse_context
+from ..io import write_json
+from .runner import Parser, positive_float, positive_int, run
+
+
+def build_parser() -> Parser:
+    parser = Parser(__doc__, prog="icd-bench")
+    parser.add_argument("--ctx", default="cpu(0)", help="device, e.g. cpu(0) or gpu(1)")
+    parser.add_argument("--size", type=positive_int, default=321, help="training crop side")
+    parser.add_argument("--infer-size", type=positive_int, default=513,
+                        help="inference input side")
+    parser.add_argument("--batch", type=positive_int, default=2, help="images per step")
+    parser.add_argument("--width", type=positive_float, default=1.0,
+                        help="channel multiplier of VGG16")
+    parser.add_argument("--repeats", type=positive_int, default=5, help="timed steps")
+    parser.add_argument("--no-memory", action="store_true",
+                        help="skip the per-network child processes that measure peak memory")
+    parser.add_argument("--out", default="bench_step.json", help="JSON report")
+    return parser
+
+
+def _bench(args: argparse.Namespace) -> int:
+    report = bench_run(parse_context(args.ctx), args.ctx, args.size, args.infer_size, args.batch,
+                       args.width, repeats=args.repeats, memory=not args.no_memory)
+    for name, figures in report["networks"].items():
+        print(f"{name:>10s}: {figures['step_seconds_median']:.3f} s/step "
+              f"{figures['images_per_s']:.2f} img/s {figures['macs_per_image'] / 1e9:.1f} GMAC/img"
+              + (f" peak {figures['peak_rss_mb']:.0f} MiB" if "peak_rss_mb" in figures else ""))
+    print(f"ICD/CAM time {report['icd_over_cam_time']:.3f} vs MACs "
+          f"{report['icd_over_cam_macs']:.3f}; ours/reference time "
+          f"{report['ours_over_reference_time']:.3f}; custom operators and losses: "
+          f"{report['icd_custom_and_loss_share']:.3f} of the ICD step (reference "
+          f"{report['reference_custom_and_loss_share']:.3f})")
+    write_json(args.out, report)
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return run(build_parser(), _bench, argv)

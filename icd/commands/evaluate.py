@@ -1,0 +1,64 @@
+r"""Evaluate seeds (mIoU, Table 3) and score maps (threshold study, Table 2; pixel AP, Table 1).
+
+Example:
+  icd-eval --results snapshot/icd/results --gt-root data/VOC2012/SegmentationClassAug \
+      --data-list data/VOC2012/ImageSets/Segmentation/train_aug.txt \
+      --annotation-root data/VOC2012/Annotations --image-root data/VOC2012/JPEGImages
+Writes <out>/eval.json, eval.md and figures, and prints eval.md.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Optional, Sequence
+
+from ..evaluate import THRESHOLDS, evaluate
+from .runner import Parser, fraction, non_negative_int, positive_int, run
+
+
+def build_parser() -> Parser:
+    parser = Parser(__doc__, prog="icd-eval")
+    parser.add_argument("--results", required=True, help="results folder (required)")
+    parser.add_argument("--gt-root", required=True,
+                        help="SegmentationClass(Aug) folder of <name>.png (required)")
+    parser.add_argument("--data-list", required=True,
+                        help="list file, one image name per line (required)")
+    parser.add_argument("--seeds", nargs="*", default=None, metavar="FOLDER",
+                        help="seed folders, relative to --results unless absolute "
+                             "(default: every folder under <results>/seeds)")
+    parser.add_argument("--annotation-root", default=None,
+                        help="folder of <name>.xml: enables the threshold study and pixel AP "
+                             "(default: none, both skipped)")
+    parser.add_argument("--image-root", default=None,
+                        help="folder of <name>.jpg: seed overlays (default: none, skipped)")
+    parser.add_argument("--cam-scores", default="scores_cam", help="CAM score folder")
+    parser.add_argument("--icd-scores", default="scores_icd", help="ICD score folder")
+    parser.add_argument("--thresholds", type=fraction, nargs="+", default=list(THRESHOLDS),
+                        metavar="T", help="thresholds of the study, each in [0, 1)")
+    parser.add_argument("--infer-size", type=positive_int, default=None,
+                        help="input side the score maps were computed at (default: the size "
+                             "their provenance record names; the release's 513 without one)")
+    parser.add_argument("--overlays", type=non_negative_int, default=4,
+                        help="images in seed_overlays.png")
+    parser.add_argument("--workers", type=positive_int, default=min(32, os.cpu_count() or 1),
+                        help="processes (default: the number of CPUs, at most 32)")
+    parser.add_argument("--out", default=None, help="report folder (default: <results>/eval)")
+    return parser
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    if len(set(args.thresholds)) != len(args.thresholds):
+        raise ValueError(f"--thresholds: repeated values in {args.thresholds}")
+    out = args.out or os.path.join(args.results, "eval")
+    evaluate(args.results, args.gt_root, args.data_list, seed_dirs=args.seeds,
+             annotation_root=args.annotation_root, image_root=args.image_root, out_dir=out,
+             infer_size=args.infer_size, thresholds=args.thresholds,
+             folders={"cam": args.cam_scores, "icd": args.icd_scores}, workers=args.workers,
+             num_overlays=args.overlays)
+    with open(os.path.join(out, "eval.md"), encoding="utf-8") as f:
+        print(f.read())
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return run(build_parser(), _evaluate, argv)

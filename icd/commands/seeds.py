@@ -1,0 +1,58 @@
+r"""Seeds from score maps: <results>/seeds/{crf,sal,nocrf}/<name>.png (index PNGs, 255 undefined).
+
+Example:
+  icd-seeds --results snapshot/icd/results --image-root data/VOC2012/JPEGImages \
+      --annotation-root data/VOC2012/Annotations \
+      --data-list data/VOC2012/ImageSets/Segmentation/train_aug.txt --workers 32
+Resumable: existing seeds are kept unless --overwrite.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Optional, Sequence
+
+from ..seeds import make_seeds
+from .runner import Parser, positive_int, run
+
+
+def build_parser() -> Parser:
+    parser = Parser(__doc__, prog="icd-seeds")
+    parser.add_argument("--results", required=True,
+                        help="results folder holding scores_cam/ etc. (required)")
+    parser.add_argument("--image-root", required=True, help="folder of <name>.jpg (required)")
+    parser.add_argument("--annotation-root", required=True,
+                        help="folder of <name>.xml (required)")
+    parser.add_argument("--data-list", required=True,
+                        help="list file, one image name per line (required)")
+    parser.add_argument("--saliency-root", default=None,
+                        help="folder of <name>.png saliency maps: writes seeds/sal, no CRF "
+                             "(default: none)")
+    parser.add_argument("--infer-size", type=positive_int, default=None,
+                        help="input side the score maps were computed at (default: the size "
+                             "their provenance record names; the release's 513 without one)")
+    parser.add_argument("--workers", type=positive_int, default=min(32, os.cpu_count() or 1),
+                        help="processes (default: the number of CPUs, at most 32)")
+    parser.add_argument("--no-crf", action="store_true", help="pre-CRF seeds (seeds/nocrf)")
+    parser.add_argument("--overwrite", action="store_true", help="rewrite existing seeds")
+    parser.add_argument("--icd-scores", default="scores_icd",
+                        help="ICD score folder under --results (scores_icd_bu, scores_icd_bu_sp "
+                             "for Table 3; their seeds go to seeds/<variant>_icd_bu...)")
+    parser.add_argument("--cam-scores", default="scores_cam", help="CAM score folder")
+    parser.add_argument("--out", default=None,
+                        help="output folder (default: seeds/<variant>, see --icd-scores)")
+    return parser
+
+
+def _seeds(args: argparse.Namespace) -> int:
+    summary = make_seeds(args.results, args.image_root, args.annotation_root, args.data_list,
+                         saliency_root=args.saliency_root, infer_size=args.infer_size,
+                         workers=args.workers, crf=not args.no_crf, overwrite=args.overwrite,
+                         icd_folder=args.icd_scores, cam_folder=args.cam_scores,
+                         out_dir=args.out)
+    print(f"{summary['written']} written, {summary['skipped']} kept -> {summary['out_dir']}")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return run(build_parser(), _seeds, argv)

@@ -1,0 +1,61 @@
+r"""Train ICD (or the CAM-only baseline / an ablation) with the release's flags.
+
+Examples:
+  icd-train --config experiments/voc_vgg16.yaml --gpus 0,1      the paper's setting
+  icd-train --config synthetic_demo --cpus 2                    a shipped config by name
+  icd-train --config experiments/voc_vgg16.yaml --gpus 0,1 --begin-epoch 5    resume
+Flags override the config file; `--begin-epoch K` resumes from checkpoint K-1 and its .states.
+Exit status: 0 trained, 1 error, 2 bad arguments, 3 the loss became NaN or infinite.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+from typing import Optional, Sequence
+
+from ..config import Config
+from ..train import TrainingDiverged, checkpoint_path, train
+from .options import add_config_arguments, config_from, devices_for
+from .runner import Parser, run
+
+EXIT_DIVERGED = 3
+
+
+def build_parser() -> Parser:
+    parser = Parser(__doc__, prog="icd-train")
+    add_config_arguments(parser)
+    return parser
+
+
+def check_resume(cfg: Config) -> None:
+    """The checkpoint pair a resumed run starts from exists and its .states unpickles, so a bad
+    file is named before anything is built."""
+    epoch = cfg.begin_epoch - 1
+    params, states = checkpoint_path(cfg, epoch), checkpoint_path(cfg, epoch, "states")
+    for path in (params, states):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: checkpoint of epoch {epoch} to resume from "
+                                    f"(--begin-epoch {cfg.begin_epoch}) not found")
+    try:
+        with open(states, "rb") as f:
+            pickle.load(f)
+    except Exception as e:
+        raise ValueError(f"{states}: not a readable optimizer-state file "
+                         f"({type(e).__name__}: {e})") from None
+
+
+def _train(args: argparse.Namespace) -> int:
+    cfg = config_from(args)
+    if cfg.begin_epoch >= cfg.num_epoch:
+        raise ValueError(f"--begin-epoch: {cfg.begin_epoch} is not below --num-epoch "
+                         f"{cfg.num_epoch}: nothing to train")
+    devices_for(cfg, cfg.batch_size, "--batch-size")
+    if cfg.begin_epoch > 0:
+        check_resume(cfg)
+    train(cfg)
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return run(build_parser(), _train, argv, statuses={TrainingDiverged: EXIT_DIVERGED})

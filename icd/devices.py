@@ -1,0 +1,63 @@
+"""Devices of a run: `--gpus 0,1` / `--cpus N` -> MXNet contexts (later kvstore, rank, shard).
+
+Every device named is checked to exist, so a wrong flag fails before anything is built.
+"""
+from __future__ import annotations
+
+import re
+from typing import List
+
+import mxnet as mx
+
+
+def available_gpus() -> int:
+    """Number of GPUs MXNet can use (0 with a CPU build of MXNet or without a CUDA driver)."""
+    try:
+        return mx.context.num_gpus()
+    except mx.base.MXNetError:
+        return 0
+
+
+def _check_gpu(index: int, flag: str) -> None:
+    count = available_gpus()
+    if index >= count:
+        seen = f"MXNet sees {count} GPU(s) (ids 0..{count - 1})" if count else \
+            "MXNet sees no GPU (a CPU build of MXNet, or no CUDA driver); use --cpus N"
+        raise ValueError(f"{flag}: no GPU {index}: {seen}")
+
+
+def parse_context(text: str, flag: str = "--ctx") -> mx.Context:
+    """'cpu(0)', 'gpu(1)', 'cpu' or 'gpu1' -> mx.Context; a GPU must exist."""
+    match = re.fullmatch(r"\s*(cpu|gpu)\s*\(?\s*(\d*)\s*\)?\s*", text)
+    if not match:
+        raise ValueError(f"{flag}: not a device: {text!r} (expected e.g. cpu(0) or gpu(1))")
+    kind, index = match.group(1), int(match.group(2) or 0)
+    if kind == "gpu":
+        _check_gpu(index, flag)
+    return mx.Context(kind, index)
+
+
+def parse_gpus(gpus: str) -> List[int]:
+    """The release's `--gpus 0,1` -> [0, 1]: distinct non-negative ids of existing GPUs."""
+    ids = []
+    for item in gpus.split(","):
+        if not item.strip().isdigit():
+            raise ValueError(f"--gpus: not a GPU id: {item.strip()!r} in {gpus!r} "
+                             "(expected ids like 0 or 0,1)")
+        ids.append(int(item))
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"--gpus: GPU ids repeat in {gpus!r}")
+    for index in ids:
+        _check_gpu(index, "--gpus")
+    return ids
+
+
+def parse_devices(gpus: str = "", cpus: int = 0) -> List[mx.Context]:
+    """Devices from the release's `--gpus 0,1` or our `--cpus N`; neither means one CPU."""
+    if gpus and cpus:
+        raise ValueError("--gpus, --cpus: give either GPUs or CPU contexts, not both")
+    if cpus < 0:
+        raise ValueError(f"--cpus: must be a positive number of CPU contexts, got {cpus}")
+    if gpus:
+        return [mx.gpu(i) for i in parse_gpus(gpus)]
+    return [mx.cpu(i) for i in range(max(cpus, 1))]
