@@ -64,7 +64,8 @@ class Config:
         options = dict(num_classes=self.num_cls, width=self.width, dropout=self.dropout)
         if self.model == "vgg16_icd":
             options.update(bottom_up_features=self.bottom_up_features,
-                           bottom_up_loss=self.bottom_up_loss, top_down=self.top_down)
+                           bottom_up_variant=self.bottom_up_loss,
+                           top_down_structure=self.top_down)
         return options
 
 

@@ -42,7 +42,8 @@ SEG_CLASSES = ("background",) + VOC_CLASSES
 NUM_SEG_CLASSES = NUM_CLASSES + 1
 IOU_EPS = 1e-10                     # release: IoU = diag / (row + col - diag + 1e-10)
 THRESHOLDS = (0.0, 0.1, 0.3, 0.5)   # Table 2
-SCORE_FOLDERS = {"cam": "scores_cam", "icd": "scores_icd"}
+# method of Tables 1-2 -> the score folder its seeds and AP come from
+METHOD_SCORE_FOLDERS = {"cam": "scores_cam", "icd": "scores_icd"}
 METHOD_NAMES = {"cam": "CAM", "icd": "Ours (ICD)"}
 
 
@@ -137,7 +138,7 @@ def _threshold_counts(name: str, results_dir: str, gt_root: str, annotation_root
 
 def threshold_study(results_dir: str, gt_root: str, annotation_root: str, names: Sequence[str],
                     thresholds: Sequence[float] = THRESHOLDS, infer_size: int = INFER_SIZE,
-                    folders: Mapping[str, str] = SCORE_FOLDERS,
+                    folders: Mapping[str, str] = METHOD_SCORE_FOLDERS,
                     workers: int = 1) -> Dict[str, Dict[str, Dict[str, float]]]:
     """Table 2: {"cam"|"icd": {str(T): {"miou": .., "recall": ..}}}, fractions (module doc)."""
     confusion, (valid,) = _map_sum(
@@ -216,7 +217,7 @@ def class_pixel_scores(results_dir: str, folder: str, gt_root: str, names: Seque
 
 def pixel_ap(results_dir: str, gt_root: str, annotation_root: str, names: Sequence[str],
              infer_size: int = INFER_SIZE,
-             folders: Mapping[str, str] = SCORE_FOLDERS) -> Dict[str, Dict[str, object]]:
+             folders: Mapping[str, str] = METHOD_SCORE_FOLDERS) -> Dict[str, Dict[str, object]]:
     """Table 1 / Fig. 5: per-class pixel-level AP and mAP of each score folder.
 
     Exact (every pixel ranked). Cost: one pass per (class, folder) over the images containing the
@@ -361,7 +362,7 @@ def evaluate(results_dir: str, gt_root: str, data_list: str,
              seed_dirs: Optional[Sequence[str]] = None, annotation_root: Optional[str] = None,
              image_root: Optional[str] = None, out_dir: Optional[str] = None,
              infer_size: Optional[int] = None, thresholds: Sequence[float] = THRESHOLDS,
-             folders: Mapping[str, str] = SCORE_FOLDERS, workers: int = 1,
+             folders: Mapping[str, str] = METHOD_SCORE_FOLDERS, workers: int = 1,
              num_overlays: int = 4) -> Dict[str, object]:
     """Run every evaluation whose inputs are given and write the reports.
 
@@ -436,7 +437,7 @@ def _image_statistics(name: str, results_dir: str, gt_root: str, annotation_root
 
 def image_statistics(results_dir: str, gt_root: str, annotation_root: str, names: Sequence[str],
                      seed_dirs: Sequence[str] = (), thresholds: Sequence[float] = THRESHOLDS,
-                     infer_size: int = INFER_SIZE, folders: Mapping[str, str] = SCORE_FOLDERS,
+                     infer_size: int = INFER_SIZE, folders: Mapping[str, str] = METHOD_SCORE_FOLDERS,
                      workers: int = 1) -> Dict[str, object]:
     """The evaluation's statistics per image, in the order of `names` (N images).
 

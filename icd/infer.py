@@ -20,6 +20,7 @@ import os
 import re
 from typing import Dict, List, Sequence
 
+import cv2
 import mxnet as mx
 import numpy as np
 from mxnet import gluon
@@ -37,7 +38,8 @@ from .visualize import score_panel
 
 log = logging.getLogger(__name__)
 
-SCORE_FOLDERS = {"cam": "scores_cam", "icd_td": "scores_icd", "icd_bu": "scores_icd_bu",
+# network output -> results folder (the release's names for cam and icd_td)
+OUTPUT_FOLDERS = {"cam": "scores_cam", "icd_td": "scores_icd", "icd_bu": "scores_icd_bu",
                  "icd_bu_sp": "scores_icd_bu_sp"}
 DEMO_ROWS = 4
 
@@ -64,8 +66,8 @@ def infer(cfg: Config, params: str, out_dir: str, contexts: Sequence[mx.Context]
                           cfg.data_list, image_size=cfg.infer_size,
                           batch_size=cfg.infer_batch_size, num_workers=cfg.num_workers)
     names = loader._dataset.names
-    folders = [os.path.join(out_dir, SCORE_FOLDERS[k]) for k in net.output_names
-               if k in SCORE_FOLDERS]
+    folders = [os.path.join(out_dir, OUTPUT_FOLDERS[k]) for k in net.output_names
+               if k in OUTPUT_FOLDERS]
     with producing(folders, "infer", infer_settings(cfg, params), cfg.overwrite) as notes:
         written = _write_scores(net, loader, names, out_dir, contexts, cfg.infer_size,
                                 notes.setdefault("cropped", {}))
@@ -84,7 +86,7 @@ def _write_scores(net, loader, names: List[str], out_dir: str, contexts: Sequenc
         outputs = [dict(zip(net.output_names, net(*[parts[n][d] for n in net.input_names])))
                    for d in range(len(parts["data"]))]
         merged = {k: np.concatenate([o[k].asnumpy() for o in outputs]) for k in outputs[0]
-                  if k in SCORE_FOLDERS}
+                  if k in OUTPUT_FOLDERS}
         labels, index, hw = label.asnumpy(), index.asnumpy(), hw.asnumpy()
         for j in range(data.shape[0]):
             name = names[int(index[j])]
@@ -100,7 +102,7 @@ def _write_scores(net, loader, names: List[str], out_dir: str, contexts: Sequenc
                 cropped[name] = {"size": [h, w], "window": [top, left, size]}
             present = np.flatnonzero(labels[j])
             for key, array in merged.items():
-                path = os.path.join(out_dir, SCORE_FOLDERS[key], name + ".npy")
+                path = os.path.join(out_dir, OUTPUT_FOLDERS[key], name + ".npy")
                 with atomic_path(path) as tmp:
                     np.save(tmp, array[j, present].astype(np.float32))
             image = data[j].asnumpy().transpose(1, 2, 0)[:h, :w]
@@ -118,8 +120,6 @@ def _write_scores(net, loader, names: List[str], out_dir: str, contexts: Sequenc
 
 def _crop_panel(image: np.ndarray, scores: List[np.ndarray], size: int) -> np.ndarray:
     """Demo row of an image: score maps resized to the padded input, then cropped to the image."""
-    import cv2
-
     h, w = image.shape[:2]
     resized = [cv2.resize(s, (size, size), interpolation=cv2.INTER_LINEAR)[:h, :w] for s in scores]
     return score_panel(image, resized)

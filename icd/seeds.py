@@ -27,9 +27,9 @@ from tqdm import tqdm
 
 from .data.voc import IGNORE_LABEL, NUM_CLASSES, read_image, read_image_labels, read_list, \
     write_mask
+from .data.transforms import INFER_SIZE
 from .provenance import producing, read_record, score_infer_size
 
-INFER_SIZE = 513          # release: inference size S (section 5)
 EPS = 1e-5                # release: every normaliser floor, proposal and tie tolerance
 SALIENCY_BG = 0.01        # release: saliency < 0.01 is background
 SALIENCY_MIN_FG = 0.01    # release: < 1% non-background pixels -> fall back to the ICD background

@@ -6,16 +6,17 @@ from typing import Sequence
 import cv2
 import numpy as np
 
+from .seeds import background_score, foreground_score
+
 
 def signed_heatmap(score: np.ndarray, size: Sequence[int]) -> np.ndarray:
     """(h, w) signed score -> (H, W, 3) uint8 RGB: red where positive (foreground), blue where
     negative (background), each side normalised by its own extreme."""
     score = cv2.resize(score.astype(np.float32), (size[1], size[0]),
                        interpolation=cv2.INTER_LINEAR)
-    pos = np.maximum(score, 0) / max(score.max(), 1e-5)
-    neg = np.minimum(score, 0) / min(score.min(), -1e-5)
     out = np.zeros(score.shape + (3,), np.float32)
-    out[..., 0], out[..., 2] = pos, neg
+    out[..., 0] = foreground_score(score[None])[0]
+    out[..., 2] = background_score(score[None])[0]
     return (out * 255).astype(np.uint8)
 
 

@@ -142,8 +142,8 @@ def test_losses_route_gradients_like_the_release():
 
 @pytest.mark.parametrize("option", [dict(bottom_up_features=f) for f in
                                     ("conv4", "fc6", "concat")]
-                         + [dict(top_down=t) for t in "abd"]
-                         + [dict(bottom_up_loss=v) for v in ("abs", "sig")])
+                         + [dict(top_down_structure=t) for t in "abd"]
+                         + [dict(bottom_up_variant=v) for v in ("abs", "sig")])
 def test_ablation_variants_build_and_step(option):
     net = small_net(**option)
     net.hybridize()
@@ -158,6 +158,6 @@ def test_ablation_variants_build_and_step(option):
 
 def test_bad_model_options_are_named():
     with pytest.raises(ValueError, match="top-down structure 'e'"):
-        ICDNet(top_down="e")
+        ICDNet(top_down_structure="e")
     with pytest.raises(ValueError, match="bottom-up loss 'l2'"):
-        ICDNet(bottom_up_loss="l2")
+        ICDNet(bottom_up_variant="l2")

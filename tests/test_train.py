@@ -14,7 +14,7 @@ import pytest
 
 from icd.checkpoint import read_params
 from icd.devices import parse_devices
-from icd.infer import SCORE_FOLDERS, infer
+from icd.infer import OUTPUT_FOLDERS, infer
 from icd.train import TrainingDiverged, TrainingInterrupted, checkpoint_path, poly_lr, train
 
 from conftest import REPO
@@ -95,7 +95,7 @@ def test_two_devices_train_and_infer(tiny_config, tiny_voc, tmp_path):
     out = str(tmp_path / "results")
     names = infer(cfg, checkpoint_path(cfg, 0), out, parse_devices(cpus=2))
     assert len(names) == 8
-    for folder in SCORE_FOLDERS.values():
+    for folder in OUTPUT_FOLDERS.values():
         for name in names:
             scores = np.load(os.path.join(out, folder, name + ".npy"))
             assert scores.ndim == 3 and scores.shape[1:] == (8, 8) and np.isfinite(scores).all()

@@ -80,26 +80,27 @@ class ICDNet(CAMNet):
     output_names = ("cam", "icd_bu", "icd_bu_sp", "icd_td", "loss")
 
     def __init__(self, num_classes: int = 20, width: float = 1.0, dropout: float = 0.5,
-                 bottom_up_features: str = "conv5", bottom_up_loss: str = "bu",
-                 top_down: str = "c", num_superpixel_ids: int = NUM_SUPERPIXEL_IDS,
+                 bottom_up_features: str = "conv5", bottom_up_variant: str = "bu",
+                 top_down_structure: str = "c", num_superpixel_ids: int = NUM_SUPERPIXEL_IDS,
                  prefix: str = "", **kwargs):
         if bottom_up_features not in FEATURES:
             raise ValueError(f"unknown bottom-up features {bottom_up_features!r}; one of {FEATURES}")
-        if bottom_up_loss not in BOTTOM_UP_VARIANTS:
-            raise ValueError(f"unknown bottom-up loss {bottom_up_loss!r}; one of "
+        if bottom_up_variant not in BOTTOM_UP_VARIANTS:
+            raise ValueError(f"unknown bottom-up loss {bottom_up_variant!r}; one of "
                              f"{BOTTOM_UP_VARIANTS}")
-        if top_down not in TOP_DOWN:
-            raise ValueError(f"unknown top-down structure {top_down!r}; one of {TOP_DOWN}")
-        if top_down == "d" and bottom_up_features != "conv5":
+        if top_down_structure not in TOP_DOWN:
+            raise ValueError(f"unknown top-down structure {top_down_structure!r}; "
+                             f"one of {TOP_DOWN}")
+        if top_down_structure == "d" and bottom_up_features != "conv5":
             raise ValueError("top-down structure 'd' shares fc6/fc7 with the CAM branch, which "
                              "take conv5 features; use bottom_up_features='conv5'")
-        self.bottom_up_features, self.bottom_up_variant = bottom_up_features, bottom_up_loss
-        self.top_down_structure, self.num_superpixel_ids = top_down, num_superpixel_ids
+        self.bottom_up_features, self.bottom_up_variant = bottom_up_features, bottom_up_variant
+        self.top_down_structure, self.num_superpixel_ids = top_down_structure, num_superpixel_ids
         super().__init__(num_classes, width, dropout, prefix=prefix, **kwargs)
         c5, fc = scaled(512, width), scaled(1024, width)
         feature_channels = {"conv4": c5, "conv5": c5, "fc6": fc, "concat": 2 * c5 + fc}
         d = feature_channels[bottom_up_features]
-        top_down_channels = {"a": d, "b": fc, "c": d + 2 * fc, "d": d + 2 * fc}[top_down]
+        top_down_channels = {"a": d, "b": fc, "c": d + 2 * fc, "d": d + 2 * fc}[top_down_structure]
         self.share_key = f"icd_sign_flip_{next(_share_keys)}"
         with self.name_scope():
             # feat_bn: fix_gamma (gamma read as 1) but gamma still gets weight decay (release)
@@ -109,7 +110,7 @@ class ICDNet(CAMNet):
             self.icd_accum_resign_moving_mean = self.params.get(
                 "icd_accum_resign_moving_mean", shape=(num_classes, 2), init=init.Zero(),
                 grad_req="null", differentiable=False)
-            if top_down in ("b", "c"):
+            if top_down_structure in ("b", "c"):
                 self.fc6_ft = nn.Conv2D(fc, 3, padding=1, activation="relu", in_channels=d,
                                         prefix="fc6_ft_")
                 self.fc7_ft = nn.Conv2D(fc, 1, activation="relu", in_channels=fc,
