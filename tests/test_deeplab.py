@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from mxnet import autograd
 
-from icd.checkpoint import initialize, load_checkpoint, read_params, release_keys, \
-    save_checkpoint
+from icd.checkpoint import initialize, is_imagenet_key, load_checkpoint, \
+    random_imagenet_params, read_params, release_key, release_keys, save_checkpoint
 from icd.crf import dense_crf
 from icd.data.segmentation import SegmentationDataset, segmentation_loader, \
     segmentation_transform
@@ -233,6 +233,28 @@ def test_imagenet_file_initialises_largefov_by_name_and_not_the_aspp_branches(tm
     assert branch.shape == imagenet["arg:fc6_weight"].shape
     assert not np.array_equal(branch, imagenet["arg:fc6_weight"].asnumpy())
     assert 0.005 < branch.std() < 0.02
+
+
+def test_every_batchnorm_statistic_is_an_aux_state():
+    """MXNet's convention: any *_moving_mean / *_moving_var is aux, whatever the network (the
+    ResNet-101's 104 BatchNorms included), and a checkpoint round trip keeps them as aux."""
+    keys = release_keys(build_model("resnet101_largefov", num_classes=2))
+    aux = {k for k in keys if k.startswith("aux:")}
+    assert len(aux) == 2 * 104
+    assert aux == {k for k in keys if k.endswith(("_moving_mean", "_moving_var"))}
+    assert not any("running" in k for k in keys)
+    assert release_key("feat_bn_running_var") == "aux:feat_bn_moving_var"
+    assert release_key("icd_accum_resign_moving_mean") == "aux:icd_accum_resign_moving_mean"
+    assert release_key("fc8_weight") == "arg:fc8_weight"
+
+
+def test_random_imagenet_stand_in_covers_what_the_file_would_name():
+    """The ASPP branches are not in vgg16_20M.params: the stand-in leaves them to N(0, 0.01)."""
+    aspp = set(random_imagenet_params(build_model("vgg16_aspp", width=1 / 16)))
+    assert aspp == {k for k in BACKBONE_KEYS}
+    largefov = set(random_imagenet_params(build_model("vgg16_largefov", width=1 / 16)))
+    assert largefov == set(BACKBONE_KEYS) | {k for k in head_keys() if "fc8" not in k}
+    assert not is_imagenet_key("arg:fc7_aspp24_bias") and is_imagenet_key("arg:fc7_bias")
 
 
 # ---------------------------------------------------------------------------------------------
