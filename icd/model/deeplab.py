@@ -21,7 +21,7 @@ from gluoncv.model_zoo.model_store import get_model_file
 from mxnet import init
 from mxnet.gluon import HybridBlock, nn
 
-from .backbone import VGG16DeepLab, scaled
+from .backbone import VGG16DeepLab, pool5, scaled
 from .registry import register
 
 LARGEFOV_DILATION = 12                 # release: fc6 3x3 dilation 12, pad 12
@@ -89,9 +89,7 @@ class DeepLabVGG16(HybridBlock):
 
     def hybrid_forward(self, F, data):
         _, conv5 = self.backbone(data)
-        # release: the backbone ends with pool5 (max) and pool5a (avg), 3x3 s1 p1 (section 2)
-        x = F.Pooling(conv5, kernel=(3, 3), stride=(1, 1), pad=(1, 1), pool_type="max")
-        x = F.Pooling(x, kernel=(3, 3), stride=(1, 1), pad=(1, 1), pool_type="avg")
+        x = pool5(F, conv5)
         if not self.aspp:
             return self.branches[0](x)
         return F.add_n(*[branch(x) for branch in self.branches])   # release: fc8 outputs summed
