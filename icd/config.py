@@ -53,6 +53,11 @@ class Config:
     # inference (release section 5)
     infer_size: int = 513
     infer_batch_size: int = 4
+    # DeepLab on the seeds (icd.train.SegmentationTask, icd.segment)
+    label_root: str = "./snapshot/icd/results/seeds/crf"  # training label maps: seeds or GT
+    scales: tuple[float, ...] = (1.0,)    # inference scales; (0.75, 1.0, 1.25) multi-scale
+    flip: bool = False                    # inference: also average the mirrored image
+    crf: bool = False                     # inference: DeepLab-LargeFOV's dense CRF
 
     @property
     def model_options(self) -> Dict[str, Any]:

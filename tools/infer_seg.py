@@ -20,23 +20,25 @@ from icd.checkpoint import load_checkpoint
 from icd.cli import parse_devices
 from icd.config import add_arguments, load_config
 from icd.model import build_model
-from icd.segment import MULTI_SCALES, SegmentOptions, evaluate_predictions, segment
+from icd.segment import MULTI_SCALES, evaluate_predictions, segment
 from icd.train import checkpoint_path
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     conflict_handler="resolve")
     add_arguments(parser)
     parser.add_argument("--epoch", type=int,
                         help="epoch of <snapshot>/<model>-<epoch>.params (default: num_epoch-1)")
     parser.add_argument("--params", help="checkpoint file (overrides --epoch)")
     parser.add_argument("--out", help="output folder (default <snapshot>/results/segmentation)")
-    parser.add_argument("--scales", type=float, nargs="+", default=[1.0],
+    # Config fields `scales`, `flip`, `crf` (the file's value unless given)
+    parser.add_argument("--scales", type=float, nargs="+",
                         help=f"inference scales (default 1; multi-scale e.g. "
                              f"{' '.join(map(str, MULTI_SCALES))})")
-    parser.add_argument("--flip", action="store_true",
+    parser.add_argument("--flip", action=argparse.BooleanOptionalAction,
                         help="also average the mirrored image (default off)")
-    parser.add_argument("--crf", action="store_true",
+    parser.add_argument("--crf", action=argparse.BooleanOptionalAction,
                         help="dense CRF with DeepLab-LargeFOV's parameters (default off)")
     parser.add_argument("--skip-existing", action="store_true",
                         help="keep predictions already in <out>/pred (default: redo them)")
@@ -50,8 +52,6 @@ def main(argv=None) -> int:
     args = vars(parser.parse_args(argv))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     epoch, params, out = args.pop("epoch"), args.pop("params"), args.pop("out")
-    options = SegmentOptions(scales=args.pop("scales"), flip=args.pop("flip"),
-                             crf=args.pop("crf"))
     skip, gt_root = args.pop("skip_existing"), args.pop("gt_root")
     supervision, workers = args.pop("supervision"), args.pop("workers")
     try:
@@ -62,8 +62,9 @@ def main(argv=None) -> int:
         net = build_model(cfg.model, **cfg.model_options)
         load_checkpoint(net, params, contexts)
         net.hybridize(static_alloc=True)
-        names = segment(net, cfg.image_root, cfg.data_list, out, contexts, options,
-                        cfg.infer_size, cfg.infer_batch_size, overwrite=not skip)
+        names = segment(net, cfg.image_root, cfg.data_list, out, contexts, cfg.scales,
+                        cfg.flip, cfg.crf, cfg.infer_size, cfg.infer_batch_size,
+                        overwrite=not skip)
         logging.info("wrote predictions of %d images to %s", len(names), out)
         if gt_root:
             report = evaluate_predictions(out, gt_root, cfg.data_list, cfg.model, supervision,
