@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Benchmark a training step (ICD, CAM-only, the release's graph) and inference; JSON output.
+"""Benchmark training steps (ICD, CAM-only, release graph, DeepLab) and inference; JSON output.
 
 Example: python tools/bench_step.py --out bench_step.json            (full width, 321, batch 2)
          python tools/bench_step.py --ctx gpu(0)
@@ -37,6 +37,8 @@ def main(argv=None) -> int:
           f"{report['ours_over_reference_time']:.3f}; custom operators and losses: "
           f"{report['icd_custom_and_loss_share']:.3f} of the ICD step (reference "
           f"{report['reference_custom_and_loss_share']:.3f})")
+    print(f"DeepLab-LargeFOV/CAM time {report['deeplab_over_cam_time']:.3f} vs MACs "
+          f"{report['deeplab_over_cam_macs']:.3f}")
     with atomic_path(args.out) as tmp, open(tmp, "w") as f:
         json.dump(report, f, indent=1)
     return 0
