@@ -27,6 +27,7 @@ lists only that run's epochs.
 """
 from __future__ import annotations
 
+import abc
 import contextlib
 import dataclasses
 import glob
@@ -280,7 +281,7 @@ class Figures:
 Outputs = Dict[str, mx.nd.NDArray]
 
 
-class Task:
+class Task(abc.ABC):
     """What the loop trains: a family of models with its loader, initialisation, one batch's
     forward and loss, its log figures and its per-epoch picture. The loop (`train`) owns the
     devices, the Trainer, the LR schedule, checkpoints, run records, resume, the NaN stop,
@@ -299,9 +300,9 @@ class Task:
     def __init__(self, cfg: Config):
         self.cfg = cfg
 
+    @abc.abstractmethod
     def loader(self) -> TrainLoader:
         """The training batches, in `input_names` order."""
-        raise NotImplementedError
 
     def initialize(self, net: gluon.HybridBlock, contexts: List[mx.Context]) -> None:
         """Initialise a fresh run's parameters on `contexts`."""
@@ -329,18 +330,18 @@ class Task:
         """Per-iteration values of the task recorded with each epoch (the last iteration's)."""
         return {}
 
+    @abc.abstractmethod
     def forward(self, net: gluon.HybridBlock, inputs: Dict[str, mx.nd.NDArray]) -> Outputs:
         """One device's outputs, "loss" among them (recorded by autograd; summed over images)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def measure(self, figures: Figures, outputs: List[Outputs],
                 inputs: List[Dict[str, mx.nd.NDArray]]) -> None:
         """Add one batch's figures (all devices) to `figures`, on the device."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def picture(self, inputs: Dict[str, mx.nd.NDArray], outputs: Outputs) -> np.ndarray:
         """The per-epoch picture (H, W', 3) uint8 RGB of the first image of device 0."""
-        raise NotImplementedError
 
 
 def label_recall(prob, label):
@@ -438,7 +439,8 @@ class SegmentationTask(Task):
     accuracy on the non-ignored pixels of the labels shrunk to the score map.
 
     LR: poly (power 0.9) per iteration, base (1 - i / (E * iterations per epoch))^0.9: DeepLab's
-    Caffe solvers (lr_policy "poly") update it every iteration. lr_mult 10 on fc8 is the model's.
+    Caffe solvers (lr_policy "poly") update it every iteration; an epoch's record holds the lr of
+    its first iteration. lr_mult 10 on fc8 is the model's.
     """
     input_names = ("data", "label")
     sums = ("seg_loss", "pixel_accuracy")

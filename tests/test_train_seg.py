@@ -10,7 +10,9 @@ import mxnet as mx
 import numpy as np
 import pytest
 
+import icd.train
 from icd.checkpoint import read_params
+from icd.config import load_config
 from icd.data.synthetic import make_synthetic_voc
 from icd.data.voc import read_list, read_mask
 from icd.evaluate import confusion_matrix, evaluate_seeds
@@ -90,8 +92,6 @@ def test_two_devices_step_equals_one_device_step(tiny_config, tiny_voc):
 
 
 def test_nan_loss_stops_naming_the_last_good_checkpoint(tiny_config, tiny_voc, monkeypatch):
-    import icd.train
-
     cfg = seg_config(tiny_config, tiny_voc, num_epoch=1)
     train(cfg)
     before = open(checkpoint_path(cfg, 0), "rb").read()
@@ -122,7 +122,6 @@ def test_short_training_on_masks_beats_chance_on_val(one_class_voc, tmp_path):
     random init a VGG16 without BatchNorm sits on the all-background plateau for tens of epochs
     (measured: SGD lr 3e-3, 60 epochs, aeroplane IoU 0.17-0.51 over seeds 0-3; Adam lr 1e-3,
     30 epochs, 0.41-0.58)."""
-    from icd.config import load_config
     voc = one_class_voc
     cfg = load_config(os.path.join(REPO, "experiments", "synthetic_deeplab.yaml"),
                       image_root=os.path.join(voc, "JPEGImages"),
