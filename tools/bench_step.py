@@ -6,12 +6,11 @@ Example: python tools/bench_step.py --out bench_step.json            (full width
 A benchmark, not a test: quote the ratios, which hold across machines better than the seconds.
 """
 import argparse
-import json
 import logging
 
 from icd.bench import run
 from icd.cli import parse_context
-from icd.io import atomic_path
+from icd.io import write_json
 
 
 def main(argv=None) -> int:
@@ -39,8 +38,7 @@ def main(argv=None) -> int:
           f"{report['reference_custom_and_loss_share']:.3f})")
     print(f"DeepLab-LargeFOV/CAM time {report['deeplab_over_cam_time']:.3f} vs MACs "
           f"{report['deeplab_over_cam_macs']:.3f}")
-    with atomic_path(args.out) as tmp, open(tmp, "w") as f:
-        json.dump(report, f, indent=1)
+    write_json(args.out, report)
     return 0
 
 
