@@ -48,6 +48,8 @@ setup(
     entry_points={"console_scripts": [
         "icd-train = icd.commands.train:main",
         "icd-infer = icd.commands.infer:main",
+        "icd-train-seg = icd.commands.train_seg:main",
+        "icd-infer-seg = icd.commands.infer_seg:main",
         "icd-seeds = icd.commands.seeds:main",
         "icd-eval = icd.commands.evaluate:main",
         "icd-superpixels = icd.commands.superpixels:main",

@@ -1,7 +1,8 @@
 """Speed and memory of a training step and of inference (benchmark, not a test).
 
 Times, in one process and interleaved repetition by repetition, the training step of ICDNet, of
-the CAM-only network and of the release's graph from symbols/ on the same batch; reports the
+the CAM-only network, of the release's graph from symbols/ and of DeepLab-LargeFOV (the
+segmentation task of the training loop) on the same images; reports the
 median seconds, images/s, the multiply-accumulate count of each graph, the share of the ICD step
 spent outside convolutions (custom operators and losses, from MXNet's profiler) and, from one
 child process per network, the peak resident memory of the step.
@@ -21,17 +22,22 @@ import numpy as np
 from mxnet import autograd
 
 from .checkpoint import gather, initialize
+from .config import Config
+from .data.voc import IGNORE_LABEL
 from .model import build_model
-from .train import make_trainer
+from .train import SegmentationTask, make_trainer
 
-NETWORKS = ("icd", "cam", "reference", "infer")
+NETWORKS = ("icd", "cam", "reference", "infer", "deeplab")
+MODELS = {"icd": "vgg16_icd", "cam": "vgg16_cam", "infer": "vgg16_icd",
+          "deeplab": "vgg16_largefov"}
 _LAYERS = ("Convolution", "Pooling", "Activation", "Dropout", "Concat", "BatchNorm",
            "sgd_mom_update", "_copyto", "CopyCPU2CPU", "CopyGPU2GPU", "CopyCPU2GPU",
            "CopyGPU2CPU")
 
 
 def make_batch(batch: int, size: int, num_classes: int, ctx: mx.Context):
-    """Random RGB 0..255 images, blocky superpixels (<= 64 ids) and one or two labels each."""
+    """Random RGB 0..255 images, blocky superpixels (<= 64 ids), one or two labels each and a
+    blocky label map (ids 0..num_classes, some 255) for the segmentation step."""
     rng = np.random.RandomState(0)
     data = rng.uniform(0, 255, (batch, 3, size, size)).astype(np.float32)
     grid = rng.randint(0, 64, (batch, 8, 8))
@@ -39,8 +45,11 @@ def make_batch(batch: int, size: int, num_classes: int, ctx: mx.Context):
     label = np.zeros((batch, num_classes), np.float32)
     for n in range(batch):
         label[n, rng.choice(num_classes, 1 + n % 2, replace=False)] = 1
+    mask = superpixel % (num_classes + 2)
+    mask[mask == num_classes + 1] = IGNORE_LABEL
     return {k: mx.nd.array(v, ctx=ctx) for k, v in
-            (("data", data), ("superpixel", superpixel.astype(np.float32)), ("label", label))}
+            (("data", data), ("superpixel", superpixel.astype(np.float32)), ("label", label),
+             ("mask", mask.astype(np.float32)))}
 
 
 def gluon_step(model: str, batch: Dict[str, mx.nd.NDArray], ctx: mx.Context,
@@ -56,6 +65,26 @@ def gluon_step(model: str, batch: Dict[str, mx.nd.NDArray], ctx: mx.Context,
     def step():
         with autograd.record():
             loss = net(*args)[-1]
+        loss.backward()
+        trainer.step(batch["data"].shape[0])
+        mx.nd.waitall()
+    return step
+
+
+def segmentation_step(batch: Dict[str, mx.nd.NDArray], ctx: mx.Context,
+                      width: float = 1.0) -> Callable[[], None]:
+    """One synchronous training step of DeepLab-LargeFOV as the training loop's segmentation
+    task runs it (forward, softmax loss with 255 ignored, backward, SGD)."""
+    net = build_model(MODELS["deeplab"], num_classes=batch["label"].shape[1], width=width)
+    initialize(net, [ctx])
+    net.hybridize(static_alloc=True, static_shape=True)
+    trainer = make_trainer(net, 1e-3, 0.9, 5e-4)
+    task = SegmentationTask(Config(model=MODELS["deeplab"]))
+    inputs = {"data": batch["data"], "label": batch["mask"]}
+
+    def step():
+        with autograd.record():
+            loss = task.forward(net, inputs)["loss"]
         loss.backward()
         trainer.step(batch["data"].shape[0])
         mx.nd.waitall()
@@ -109,7 +138,9 @@ def build_step(name: str, ctx: mx.Context, size: int, infer_size: int, batch: in
     data = make_batch(batch, size, num_classes, ctx)
     if name == "reference":
         return reference_step(data, ctx, width)
-    return gluon_step({"icd": "vgg16_icd", "cam": "vgg16_cam"}[name], data, ctx, width)
+    if name == "deeplab":
+        return segmentation_step(data, ctx, width)
+    return gluon_step(MODELS[name], data, ctx, width)
 
 
 def count_macs(sym: mx.sym.Symbol, input_shapes: Dict[str, tuple]) -> int:
@@ -137,8 +168,7 @@ def graph_macs(name: str, size: int, num_classes: int, width: float = 1.0) -> in
         from symbols.icd_symbol import DATA_NAMES, get_symbol
         sym = get_symbol(num_classes, width, "train")
         return count_macs(sym, {n: shapes[n] for n in DATA_NAMES})
-    net = build_model({"icd": "vgg16_icd", "cam": "vgg16_cam", "infer": "vgg16_icd"}[name],
-                      num_classes=num_classes, width=width)
+    net = build_model(MODELS[name], num_classes=num_classes, width=width)
     sym = mx.sym.Group(list(net(*[mx.sym.var(n) for n in net.input_names])))
     return count_macs(sym, {n: shapes[n] for n in net.input_names})
 
@@ -225,6 +255,10 @@ def run(ctx: mx.Context, ctx_text: str, size: int = 321, infer_size: int = 513, 
     report["icd_over_cam_macs"] = net["icd"]["macs_per_image"] / net["cam"]["macs_per_image"]
     report["ours_over_reference_time"] = net["icd"]["step_seconds_median"] / \
         net["reference"]["step_seconds_median"]
+    report["deeplab_over_cam_time"] = net["deeplab"]["step_seconds_median"] / \
+        net["cam"]["step_seconds_median"]
+    report["deeplab_over_cam_macs"] = net["deeplab"]["macs_per_image"] / \
+        net["cam"]["macs_per_image"]
     report["icd_custom_and_loss_share"] = custom_and_loss_share(steps["icd"])
     report["reference_custom_and_loss_share"] = custom_and_loss_share(steps["reference"])
     if memory:

@@ -17,20 +17,25 @@ from .io import atomic_path
 
 log = logging.getLogger(__name__)
 INPUT_SCALE = 64.0  # rough std of RGB - 127 inputs; see random_imagenet_params
-AUX_STATES = ("feat_bn_moving_mean", "feat_bn_moving_var", "icd_accum_resign_moving_mean")
-_GLUON_TO_RELEASE = {"_running_mean": "_moving_mean", "_running_var": "_moving_var"}
+AUX_SUFFIXES = ("moving_mean", "moving_var")   # MXNet: auxiliary states, never trained
+_GLUON_TO_RELEASE = {"running_mean": "moving_mean", "running_var": "moving_var"}
 # release: fc6_ft / fc7_ft start from the ImageNet fc6 / fc7 (section 2)
 PRETRAINED_COPIES = {"fc6_ft_weight": "fc6_weight", "fc6_ft_bias": "fc6_bias",
                      "fc7_ft_weight": "fc7_weight", "fc7_ft_bias": "fc7_bias"}
 
 
 def release_key(gluon_name: str) -> str:
-    """`arg:`/`aux:` checkpoint key of a Gluon parameter name."""
+    """`arg:`/`aux:` checkpoint key of a Gluon parameter name.
+
+    MXNet's convention: every `*_moving_mean` / `*_moving_var` is an auxiliary state (BatchNorm
+    statistics of any network, the sign flip's moving mean); Gluon's `running_*` are renamed
+    `moving_*` first.
+    """
     name = gluon_name
     for gluon_suffix, release_suffix in _GLUON_TO_RELEASE.items():
         if name.endswith(gluon_suffix):
             name = name[: -len(gluon_suffix)] + release_suffix
-    return ("aux:" if name in AUX_STATES else "arg:") + name
+    return ("aux:" if name.endswith(AUX_SUFFIXES) else "arg:") + name
 
 
 def release_keys(net: mx.gluon.Block) -> Dict[str, tuple]:
@@ -116,10 +121,11 @@ def load_checkpoint(net: mx.gluon.Block, path: str,
 
 def is_imagenet_key(key: str) -> bool:
     """Whether a checkpoint key belongs to what `vgg16_20M.params` provides: the backbone convs,
-    fc6 and fc7 (not the classifier fc8, nor the ICD layers)."""
+    fc6 and fc7 (not the classifier fc8, the ICD layers, nor the ASPP branches `fc6_aspp*`,
+    `fc7_aspp*` of `vgg16_aspp`, which the file does not name)."""
     name = key[4:]
     return key.startswith("arg:") and name.startswith(("conv", "fc6_", "fc7_")) and \
-        not name.startswith(("conv_ft", "fc6_ft", "fc7_ft"))
+        not name.startswith(("conv_ft", "fc6_ft", "fc7_ft", "fc6_aspp", "fc7_aspp"))
 
 
 def write_imagenet_part(source: str, path: str) -> None:

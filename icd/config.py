@@ -57,6 +57,11 @@ class Config:
     # inference (release section 5)
     infer_size: int = 513
     infer_batch_size: int = 4
+    # DeepLab on the seeds (icd.train.SegmentationTask, icd.segment)
+    label_root: str = "./snapshot/icd/results/seeds/crf"  # training label maps: seeds or GT
+    scales: tuple[float, ...] = (1.0,)    # inference scales; (0.75, 1.0, 1.25) multi-scale
+    flip: bool = False                    # inference: also average the mirrored image
+    crf: bool = False                     # inference: DeepLab-LargeFOV's dense CRF
 
     @property
     def model_options(self) -> Dict[str, Any]:
@@ -73,7 +78,10 @@ FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 
 
 def _field_type(hint) -> Tuple[type, bool]:
-    """(int | float | str | bool, whether None is allowed) of a resolved annotation."""
+    """(int | float | str | bool | tuple, whether None is allowed) of a resolved annotation;
+    a tuple field holds positive floats (`scales`)."""
+    if typing.get_origin(hint) is tuple:
+        return tuple, False
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     if typing.get_origin(hint) is typing.Union and len(args) == 1:
         return args[0], True
@@ -116,6 +124,11 @@ HELP = {
                      "5); '' restores it)",
     "infer_size": "inference input side (images are padded to it)",
     "infer_batch_size": "inference images per step",
+    "label_root": "segmentation training: folder of label maps <name>.png (seeds or ground "
+                  "truth)",
+    "scales": "segmentation inference: scales averaged, e.g. 0.75 1 1.25",
+    "flip": "segmentation inference: also average the mirrored image",
+    "crf": "segmentation inference: dense CRF with DeepLab-LargeFOV's parameters",
     "overwrite": "training: replace the model's checkpoints and log in --snapshot (a fresh run "
                  "refuses them otherwise); inference: clear result folders of other settings",
 }
@@ -174,6 +187,16 @@ def _checked(name: str, value: Any) -> Any:
         if optional:
             return None
         raise ValueError("cannot be empty")
+    if kind is tuple:
+        if not isinstance(value, (list, tuple)) or not value:
+            raise ValueError(f"must be a list of numbers, got {value!r}")
+        items = []
+        for item in value:
+            if isinstance(item, bool) or not isinstance(item, (int, float)) \
+                    or not math.isfinite(item) or item <= 0:
+                raise ValueError(f"must be positive numbers, got {value!r}")
+            items.append(float(item))
+        return tuple(items)
     if kind in (bool, str):
         if not isinstance(value, kind):
             raise ValueError(f"must be {'true or false' if kind is bool else 'a string'}, "
@@ -249,6 +272,17 @@ def _flag_type(name: str):
     return parse
 
 
+def _positive_number(text: str) -> float:
+    """argparse type of a tuple field's items: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser,
                   choices: Mapping[str, Sequence[str]] = {}) -> None:
     """Add `--config` and every Config field as `--flag-name`.
@@ -270,6 +304,9 @@ def add_arguments(parser: argparse.ArgumentParser,
         if kind is bool:
             group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
                                default=argparse.SUPPRESS, help=text)
+        elif kind is tuple:
+            group.add_argument(flag, dest=name, default=argparse.SUPPRESS, nargs="+",
+                               type=_positive_number, metavar="X", help=text)
         else:
             group.add_argument(flag, dest=name, default=argparse.SUPPRESS,
                                type=_flag_type(name), choices=choices.get(name), help=text)

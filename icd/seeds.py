@@ -25,6 +25,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from .crf import dense_crf
 from .data.voc import IGNORE_LABEL, NUM_CLASSES, read_image, read_image_labels, read_list, \
     write_mask
 from .data.transforms import INFER_SIZE
@@ -157,8 +158,6 @@ def crf_refine(image_rgb: np.ndarray, seed: np.ndarray) -> np.ndarray:
     Returns:
         (H, W) uint8 refined seed.
     """
-    import pydensecrf.densecrf as dcrf  # compiled extension: imported where used
-
     height, width = seed.shape
     if image_rgb.shape != (height, width, 3):
         raise ValueError(f"image {image_rgb.shape} does not match the seed {seed.shape}")
@@ -167,14 +166,7 @@ def crf_refine(image_rgb: np.ndarray, seed: np.ndarray) -> np.ndarray:
     rows, cols = np.nonzero(labelled)
     prob[seed[labelled].astype(np.int64), rows, cols] = CRF_SEED_PROB
     prob /= prob.sum(axis=0, keepdims=True)
-    unary = -np.log(np.maximum(prob, EPS)).reshape(CRF_LABELS, -1)
-
-    crf = dcrf.DenseCRF2D(width, height, CRF_LABELS)
-    crf.setUnaryEnergy(np.ascontiguousarray(unary, np.float32))
-    crf.addPairwiseGaussian(**CRF_GAUSSIAN)
-    crf.addPairwiseBilateral(rgbim=np.ascontiguousarray(image_rgb, np.uint8), **CRF_BILATERAL)
-    marginals = np.asarray(crf.inference(CRF_ITERATIONS), np.float32).reshape(
-        CRF_LABELS, height, width)
+    marginals = dense_crf(image_rgb, prob, CRF_GAUSSIAN, CRF_BILATERAL, CRF_ITERATIONS)
     refined = marginals.argmax(axis=0).astype(np.uint8)
     refined[marginals.max(axis=0) < CRF_MIN_PROB] = IGNORE_LABEL
     return refined

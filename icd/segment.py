@@ -13,8 +13,7 @@ Outputs under `out_dir`: `pred/<name>.png`, single-channel 8-bit PNGs of class i
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence
 
 import cv2
 import mxnet as mx
@@ -27,7 +26,7 @@ from .data.voc import read_image, read_list, write_image
 from .evaluate import SEG_CLASSES, evaluate_seeds, overlay
 from .io import atomic_path, write_json
 
-MULTI_SCALES = (0.75, 1.0, 1.25)   # the usual multi-scale test set (option `scales`)
+MULTI_SCALES = (0.75, 1.0, 1.25)   # the usual multi-scale test set (Config `scales`)
 # Dense CRF of DeepLab-LargeFOV (Chen et al., "Semantic Image Segmentation with Deep
 # Convolutional Nets and Fully Connected CRFs", ICLR 2015, Sec. 4 and the authors' released
 # DeepLab-LargeFOV setting): Gaussian kernel w2 = 3, theta_gamma = 3; bilateral kernel w1 = 4,
@@ -40,25 +39,6 @@ CRF_ITERATIONS = 10
 PAPER_RESULTS = {"VGG16": {"I.": (61.2, 60.9), "I.+S.": (64.0, 63.9)},
                  "ResNet-101": {"I.": (64.1, 64.3), "I.+S.": (67.8, 68.0)}}
 PAPER_TABLES = {"VGG16": "Table 7", "ResNet-101": "Table 8"}
-
-
-@dataclass
-class SegmentOptions:
-    """DeepLab settings that the training/inference Config does not hold (yet).
-
-    label_root: training label maps (seeds `<results>/seeds/crf`, `seeds/sal`, or ground truth);
-    scales: inference scales (MULTI_SCALES for multi-scale); flip: average with the mirrored
-    image; crf: dense CRF on the averaged probabilities.
-    """
-    label_root: str = "./snapshot/icd/results/seeds/crf"
-    scales: Tuple[float, ...] = (1.0,)
-    flip: bool = False
-    crf: bool = False
-
-    def __post_init__(self):
-        self.scales = tuple(float(s) for s in self.scales)
-        if not self.scales or min(self.scales) <= 0:
-            raise ValueError(f"scales must be positive numbers, got {self.scales}")
 
 
 def scaled_image(image: np.ndarray, scale: float, flip: bool) -> np.ndarray:
@@ -134,16 +114,19 @@ def write_label_map(path: str, labels: np.ndarray) -> None:
 
 
 def segment(net: mx.gluon.Block, image_root: str, data_list: str, out_dir: str,
-            contexts: Sequence[mx.Context], options: Optional[SegmentOptions] = None,
-            infer_size: int = INFER_SIZE, batch_size: int = 4,
-            overwrite: bool = False) -> List[str]:
-    """Predict every image `<image_root>/<name>.jpg` of `data_list`.
+            contexts: Sequence[mx.Context], scales: Sequence[float] = (1.0,),
+            flip: bool = False, crf: bool = False, infer_size: int = INFER_SIZE,
+            batch_size: int = 4, overwrite: bool = False) -> List[str]:
+    """Predict every image `<image_root>/<name>.jpg` of `data_list` (Config fields `scales`,
+    `flip`, `crf`: see the module doc).
 
     Writes `<out_dir>/pred/<name>.png` (ids) and `<out_dir>/overlay/<name>.jpg` (colours),
     each atomically. Images whose prediction exists are skipped unless `overwrite` (resumable).
     Returns the names of the list.
     """
-    options = options or SegmentOptions()
+    scales = tuple(float(s) for s in scales)
+    if not scales or min(scales) <= 0:
+        raise ValueError(f"scales must be positive numbers, got {scales}")
     names = read_list(data_list)
     todo = [n for n in names
             if overwrite or not os.path.isfile(os.path.join(out_dir, "pred", n + ".png"))]
@@ -151,10 +134,9 @@ def segment(net: mx.gluon.Block, image_root: str, data_list: str, out_dir: str,
                       unit="batch", disable=None):
         batch = todo[start:start + batch_size]
         images = [read_image(os.path.join(image_root, n + ".jpg")) for n in batch]
-        probs = predict_probabilities(net, images, contexts, infer_size, options.scales,
-                                      options.flip)
+        probs = predict_probabilities(net, images, contexts, infer_size, scales, flip)
         for name, image, prob in zip(batch, images, probs):
-            labels = predict_labels(image, prob, options.crf)
+            labels = predict_labels(image, prob, crf)
             write_label_map(os.path.join(out_dir, "pred", name + ".png"), labels)
             write_image(os.path.join(out_dir, "overlay", name + ".jpg"), overlay(image, labels))
     return names

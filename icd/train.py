@@ -1,22 +1,33 @@
-"""The one training loop: CAM-only baseline, ICD and every ablation, on any number of devices.
+"""The one training loop and the tasks it runs: ICD, the CAM-only baseline and every ablation
+(`ICDTask`), and DeepLab on the seeds or ground-truth masks (`SegmentationTask`), on any number
+of devices.
+
+The loop (`train`) is written once: devices, the Trainer with the model's lr_mult / wd_mult, the
+poly LR, run records, checkpoints and their rotation, exact resume, the NaN stop, Ctrl-C, the
+progress bar, the JSON log and a picture per epoch. A task (`Task`) supplies what differs: its
+loader, how its model is initialised, one batch's forward and loss, its log figures and its
+picture; `TASKS` names the task of each model, and a model without one is refused.
 
 Release semantics (ORIGINAL_RELEASE.md section 4): SGD momentum 0.9, wd 5e-4, gradients summed
 over devices and rescaled by 1/batch_size, lr_mult/wd_mult set by the model, poly LR per epoch
-1e-3 (1 - e / E)^0.9, the top-down warm-up over the first two epochs, a checkpoint pair
-`<model>-<epoch:04d>.params/.states` after every epoch with the newest `num_save` kept.
-Better than the release: the warm-up counter is derived from the global iteration, so a resumed
-run (`begin_epoch`) continues the warm-up where it stopped instead of restarting it.
+1e-3 (1 - e / E)^0.9 (per iteration for DeepLab, see `SegmentationTask`), the top-down warm-up
+over the first two epochs, a checkpoint pair `<model>-<epoch:04d>.params/.states` after every
+epoch with the newest `num_save` kept. Better than the release: the warm-up counter is derived
+from the global iteration, so a resumed run (`begin_epoch`) continues the warm-up where it
+stopped instead of restarting it.
 
 Runs (ours): every checkpoint pair gets a run record `<model>-<epoch:04d>.json` naming the run
-that wrote it, its seed and, with several devices, the shared sign-flip store. Every generator
-(MXNet's, numpy's; the loader's augmentation is keyed by (seed, epoch, index)) is reseeded at the
-start of each epoch from (seed, epoch), so the random state at an epoch boundary is a function of
-what the record names and a resumed run is bit-identical to an uninterrupted one. A fresh run
-refuses a folder holding the model's checkpoints unless `overwrite`; rotation removes only the
-current run's checkpoints; the log `<model>-log.json` lists only that run's epochs.
+that wrote it, its seed and the task's shared state (ICD with several devices: the sign-flip
+store). Every generator (MXNet's, numpy's; the loaders' augmentation is keyed by (seed, epoch,
+index)) is reseeded at the start of each epoch from (seed, epoch), so the random state at an
+epoch boundary is a function of what the record names and a resumed run is bit-identical to an
+uninterrupted one. A fresh run refuses a folder holding the model's checkpoints unless
+`overwrite`; rotation removes only the current run's checkpoints; the log `<model>-log.json`
+lists only that run's epochs.
 """
 from __future__ import annotations
 
+import abc
 import contextlib
 import dataclasses
 import glob
@@ -27,8 +38,9 @@ import os
 import re
 import time
 import uuid
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence, Tuple, Type
 
+import cv2
 import mxnet as mx
 import numpy as np
 from mxnet import autograd, gluon
@@ -37,11 +49,14 @@ from tqdm import tqdm
 from .checkpoint import initialize, load_checkpoint, save_checkpoint
 from .devices import parse_devices
 from .config import Config
-from .data.dataset import train_loader
+from .data.dataset import TrainLoader, train_loader
+from .data.segmentation import segmentation_loader
+from .data.voc import IGNORE_LABEL, write_image
+from .evaluate import overlay
 from .io import atomic_path, deferred_interrupt, read_json, remove_stale_temporaries, write_json
-from .model import build_model, ops
-from .model.losses import top_down_warmup
-from .data.voc import write_image
+from .model import ResNet101LargeFOV, build_model, ops
+from .model.losses import nearest_label, segmentation_loss, top_down_warmup
+from .provenance import require_complete
 from .visualize import score_panel
 
 log = logging.getLogger(__name__)
@@ -55,9 +70,10 @@ class TrainingInterrupted(KeyboardInterrupt):
     """Ctrl-C stopped training; the message names the last checkpoint and how to resume it."""
 
 
-def poly_lr(base_lr: float, epoch: int, num_epoch: int, power: float = 0.9) -> float:
-    """Learning rate of 0-based `epoch`: base (1 - epoch / num_epoch)^power (set per epoch)."""
-    return base_lr * (1.0 - epoch / num_epoch) ** power
+def poly_lr(base_lr: float, step: int, num_steps: int, power: float = 0.9) -> float:
+    """Poly learning rate of 0-based `step` of `num_steps`: base (1 - step / num_steps)^power
+    (steps are epochs for ICD, as the release; iterations for DeepLab)."""
+    return base_lr * (1.0 - step / num_steps) ** power
 
 
 CHECKPOINT_SUFFIXES = ("params", "states", "json")   # weights, optimizer, run record
@@ -222,6 +238,112 @@ def make_trainer(net: gluon.Block, learning_rate: float, momentum: float, wd: fl
     return gluon.Trainer(params, optimizer, settings, kvstore="device")
 
 
+class Figures:
+    """A task's running log figures on `ctx`: per-image sums (`task.sums`, read as means over
+    the images) and ranges (`task.ranges`, read as <name>_min / <name>_max), accumulated on the
+    device and read only when logged (one sync). A batch's figures are computed once (the task's
+    `measure`) and added to every running window."""
+
+    def __init__(self, task: "Task", ctx: mx.Context):
+        self.task, self.ctx = task, ctx
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums = mx.nd.zeros((len(self.task.sums),), ctx=self.ctx)
+        self.low = mx.nd.full((len(self.task.ranges),), np.inf, ctx=self.ctx)
+        self.high = mx.nd.full((len(self.task.ranges),), -np.inf, ctx=self.ctx)
+        self.images = 0
+        self.started = time.time()
+
+    def add(self, other: "Figures") -> None:
+        self.sums += other.sums
+        if self.task.ranges:
+            self.low = mx.nd.minimum(self.low, other.low)
+            self.high = mx.nd.maximum(self.high, other.high)
+        self.images += other.images
+
+    def read(self) -> Dict[str, Optional[float]]:
+        """Host copy of the figures (one sync); per-image means, ranges and images/s."""
+        values = mx.nd.concat(self.sums, self.low, self.high, dim=0).asnumpy() \
+            if self.task.ranges else self.sums.asnumpy()
+        n, k, m = max(self.images, 1), len(self.task.sums), len(self.task.ranges)
+        figures: Dict[str, Optional[float]] = {name: float(v) / n
+                                               for name, v in zip(self.task.sums, values)}
+        for j, name in enumerate(self.task.ranges):
+            low, high = values[k + j], values[k + m + j]
+            known = bool(low <= high)   # a range nothing was added to (e.g. CAM-only): null
+            figures[f"{name}_min"] = float(low) if known else None
+            figures[f"{name}_max"] = float(high) if known else None
+        figures["images_per_s"] = self.images / max(time.time() - self.started, 1e-9)
+        return figures
+
+
+Outputs = Dict[str, mx.nd.NDArray]
+
+
+class Task(abc.ABC):
+    """What the loop trains: a family of models with its loader, initialisation, one batch's
+    forward and loss, its log figures and its per-epoch picture. The loop (`train`) owns the
+    devices, the Trainer, the LR schedule, checkpoints, run records, resume, the NaN stop,
+    Ctrl-C, the progress bar and the JSON log.
+
+    Class attributes: `input_names`, the loader's arrays in order; `sums` and `ranges`, the
+    figures (see `Figures`); `losses`, the sums that must stay finite; `lr_per_iteration`, poly
+    LR set per iteration instead of per epoch.
+    """
+    input_names: Tuple[str, ...] = ()
+    sums: Tuple[str, ...] = ()
+    ranges: Tuple[str, ...] = ()
+    losses: Tuple[str, ...] = ()
+    lr_per_iteration = False
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+
+    @abc.abstractmethod
+    def loader(self) -> TrainLoader:
+        """The training batches, in `input_names` order."""
+
+    def initialize(self, net: gluon.HybridBlock, contexts: List[mx.Context]) -> None:
+        """Initialise a fresh run's parameters on `contexts`."""
+        initialize(net, contexts, self.cfg.pretrained)
+
+    def start(self, net: gluon.HybridBlock, contexts: List[mx.Context],
+              record: Optional[dict]) -> None:
+        """Set up state shared by the devices (after the Trainer; `record`: the resumed run's)."""
+
+    def stop(self, net: gluon.HybridBlock) -> None:
+        """Release what `start` set up (always called)."""
+
+    def run_record(self) -> Dict[str, object]:
+        """Fields of the task's shared state for each checkpoint's run record."""
+        return {}
+
+    def inputs(self, batch: Sequence[mx.nd.NDArray], contexts: List[mx.Context],
+               iteration: int) -> List[Dict[str, mx.nd.NDArray]]:
+        """The batch split over the devices: one {input name: array} per device."""
+        shards = [gluon.utils.split_and_load(array, contexts, even_split=False)
+                  for array in batch]
+        return [dict(zip(self.input_names, arrays)) for arrays in zip(*shards)]
+
+    def schedule(self) -> Dict[str, float]:
+        """Per-iteration values of the task recorded with each epoch (the last iteration's)."""
+        return {}
+
+    @abc.abstractmethod
+    def forward(self, net: gluon.HybridBlock, inputs: Dict[str, mx.nd.NDArray]) -> Outputs:
+        """One device's outputs, "loss" among them (recorded by autograd; summed over images)."""
+
+    @abc.abstractmethod
+    def measure(self, figures: Figures, outputs: List[Outputs],
+                inputs: List[Dict[str, mx.nd.NDArray]]) -> None:
+        """Add one batch's figures (all devices) to `figures`, on the device."""
+
+    @abc.abstractmethod
+    def picture(self, inputs: Dict[str, mx.nd.NDArray], outputs: Outputs) -> np.ndarray:
+        """The per-epoch picture (H, W', 3) uint8 RGB of the first image of device 0."""
+
+
 def label_recall(prob, label):
     """Sum over images of the top-k recall of the labels (k = number of labels); device-side."""
     k = label.sum(axis=1)
@@ -231,91 +353,177 @@ def label_recall(prob, label):
         mx.nd.maximum(k, 1)
 
 
-class BatchFigures:
-    """One batch's figures on `ctx`: sums of L_cam, L_td and label recall over its images, and
-    the range of the bottom-up scores S (computed once, added to every running window)."""
+class ICDTask(Task):
+    """ICD, the CAM-only baseline and every ablation (release sections 4-5): image-level labels
+    and superpixels; the top-down warm-up over the first `warmup_epochs`; with several devices
+    one sign-flip moving mean in a store shared by them. Figures: the release's L_cam, L_td,
+    label recall and the range of the bottom-up scores S."""
+    input_names = ("data", "superpixel", "label")
+    sums = ("cam_loss", "td_loss", "recall")
+    ranges = ("icd",)
+    losses = ("cam_loss", "td_loss")
 
-    def __init__(self, outputs: List[Dict[str, mx.nd.NDArray]], labels: List[mx.nd.NDArray],
-                 ctx: mx.Context):
-        self.sums = mx.nd.zeros((len(RunningFigures.NAMES),), ctx=ctx)
-        self.icd_range = mx.nd.array([np.inf, -np.inf], ctx=ctx)
-        self.images = 0
-        for out, label in zip(outputs, labels):
+    def __init__(self, cfg: Config):
+        super().__init__(cfg)
+        self.store = None
+        self.warmup_iters = 0
+        self.warm = 0.0
+
+    def loader(self) -> TrainLoader:
+        cfg = self.cfg
+        loader = train_loader(cfg.image_root, cfg.superpixel_root, cfg.annotation_root,
+                              cfg.data_list, image_size=cfg.image_size,
+                              batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+                              seed=cfg.seed)
+        # release: W = 2 N // B
+        self.warmup_iters = cfg.warmup_epochs * len(loader._dataset) // cfg.batch_size
+        return loader
+
+    def start(self, net, contexts, record):
+        if hasattr(net, "share_key") and len(contexts) > 1:
+            # release: one moving mean in a store shared by the devices
+            self.store = ops.share_moving_mean(
+                net.share_key, net.icd_accum_resign_moving_mean.data(contexts[0]), contexts)
+            saved = (record or {}).get("sign_flip_store")
+            if saved is not None:   # the checkpoint holds the devices' average, not the store
+                self.store.master[:] = mx.nd.array(saved, dtype=np.float32)
+
+    def stop(self, net):
+        if hasattr(net, "share_key"):
+            ops.unshare_moving_mean(net.share_key)
+
+    def run_record(self):
+        return {"sign_flip_store": None if self.store is None else
+                self.store.master.asnumpy().tolist()}
+
+    def inputs(self, batch, contexts, iteration):
+        self.warm = top_down_warmup(iteration, self.warmup_iters)
+        inputs = super().inputs(batch, contexts, iteration)
+        for device, ctx in zip(inputs, contexts):
+            device["warm"] = mx.nd.full((1,), self.warm, ctx=ctx)
+        return inputs
+
+    def schedule(self):
+        return {"warm": self.warm}
+
+    def forward(self, net, inputs):
+        return dict(zip(net.output_names, net(*[inputs[n] for n in net.input_names])))
+
+    def measure(self, figures, outputs, inputs):
+        ctx = figures.ctx
+        for out, device in zip(outputs, inputs):
+            label = device["label"]
             loss = out["loss"].as_in_context(ctx)
             prob = mx.nd.sigmoid(out["cam"].mean(axis=(2, 3))).as_in_context(ctx)  # (n, C)
             td = loss[2:3] if loss.shape[0] == 3 else mx.nd.zeros((1,), ctx=ctx)
             recall = label_recall(prob, label.as_in_context(ctx)).sum()
-            self.sums += mx.nd.concat(loss[0:1], td, recall, dim=0)
+            figures.sums += mx.nd.concat(loss[0:1], td, recall, dim=0)
             if "icd_bu" in out:   # reduced on its own device, only two numbers move
                 s = out["icd_bu"]
-                low, high = s.min().as_in_context(ctx), s.max().as_in_context(ctx)
-                self.icd_range = mx.nd.concat(mx.nd.minimum(self.icd_range[:1], low),
-                                              mx.nd.maximum(self.icd_range[1:], high), dim=0)
-            self.images += label.shape[0]
+                figures.low = mx.nd.minimum(figures.low, s.min().as_in_context(ctx))
+                figures.high = mx.nd.maximum(figures.high, s.max().as_in_context(ctx))
+            figures.images += label.shape[0]
+
+    def picture(self, inputs, outputs):
+        """Image, +/- bottom-up score, +/- top-down score of its first class (release)."""
+        image = inputs["data"][0].asnumpy().transpose(1, 2, 0)
+        c = int(np.argmax(inputs["label"][0].asnumpy()))
+        keys = ("icd_bu", "icd_td") if "icd_bu" in outputs else ("cam",)
+        return score_panel(image, [outputs[k][0, c].asnumpy() for k in keys])
 
 
-class RunningFigures:
-    """The release's running log figures, accumulated on the device and read only when logged."""
-    NAMES = ("cam_loss", "td_loss", "recall")
+class SegmentationTask(Task):
+    """DeepLab trained on seeds or ground-truth masks (paper Sec. 5.6, Tables 7-8): the label
+    maps of `cfg.label_root`, DeepLab-LargeFOV's augmentation (`icd.data.segmentation`) and
+    softmax cross-entropy with 255 ignored (`segmentation_loss`). Figures: the loss and the pixel
+    accuracy on the non-ignored pixels of the labels shrunk to the score map.
 
-    def __init__(self, ctx: mx.Context):
-        self.ctx = ctx
-        self.reset()
+    LR: poly (power 0.9) per iteration, base (1 - i / (E * iterations per epoch))^0.9: DeepLab's
+    Caffe solvers (lr_policy "poly") update it every iteration; an epoch's record holds the lr of
+    its first iteration. lr_mult 10 on fc8 is the model's.
+    """
+    input_names = ("data", "label")
+    sums = ("seg_loss", "pixel_accuracy")
+    losses = ("seg_loss",)
+    lr_per_iteration = True
 
-    def reset(self):
-        self.sums = mx.nd.zeros((len(self.NAMES),), ctx=self.ctx)
-        self.icd_range = mx.nd.array([np.inf, -np.inf], ctx=self.ctx)
-        self.images = 0
-        self.started = time.time()
+    def loader(self) -> TrainLoader:
+        cfg = self.cfg
+        # a seeds folder whose make_seeds run is running or failed is refused; ground truth
+        # (no record) is read with a warning
+        require_complete(cfg.label_root, "make_seeds.py")
+        return segmentation_loader(cfg.image_root, cfg.label_root, cfg.data_list,
+                                   crop_size=cfg.image_size, batch_size=cfg.batch_size,
+                                   num_classes=cfg.num_cls, num_workers=cfg.num_workers,
+                                   seed=cfg.seed)
 
-    def add(self, figures: "BatchFigures"):
-        self.sums += figures.sums
-        self.icd_range = mx.nd.concat(mx.nd.minimum(self.icd_range[:1], figures.icd_range[:1]),
-                                      mx.nd.maximum(self.icd_range[1:], figures.icd_range[1:]),
-                                      dim=0)
-        self.images += figures.images
+    def initialize(self, net, contexts):
+        if isinstance(net, ResNet101LargeFOV):   # gluoncv's ImageNet weights, not the release's
+            net.initialize_imagenet(contexts, pretrained=self.cfg.pretrained or False)
+        else:                                      # vgg16_20M.params by name, the rest N(0, 0.01)
+            super().initialize(net, contexts)
 
-    def read(self) -> Dict[str, float]:
-        """Host copy of the figures (one sync); per-image means and images/s."""
-        sums, icd = self.sums.asnumpy(), self.icd_range.asnumpy()
-        n = max(self.images, 1)
-        figures = {name: float(v) / n for name, v in zip(self.NAMES, sums)}
-        has_icd = bool(icd[0] <= icd[1])   # a CAM-only model leaves the range empty: null
-        figures.update(icd_min=float(icd[0]) if has_icd else None,
-                       icd_max=float(icd[1]) if has_icd else None,
-                       images_per_s=self.images / max(time.time() - self.started, 1e-9))
-        return figures
+    def forward(self, net, inputs):
+        score = net(inputs["data"])
+        return {"score": score, "loss": segmentation_loss(mx.nd, score, inputs["label"])}
+
+    def measure(self, figures, outputs, inputs):
+        ctx = figures.ctx
+        for out, device in zip(outputs, inputs):
+            score = out["score"]
+            target = nearest_label(mx.nd, device["label"], score)
+            valid = target != IGNORE_LABEL
+            right = (score.argmax(axis=1) == target) * valid
+            accuracy = right.sum(axis=(1, 2)) / mx.nd.maximum(valid.sum(axis=(1, 2)), 1)
+            figures.sums += mx.nd.concat(out["loss"], accuracy.sum(), dim=0).as_in_context(ctx)
+            figures.images += score.shape[0]
+
+    def picture(self, inputs, outputs):
+        """Image, its training labels and the prediction (argmax, nearest-upsampled), in VOC
+        colours over the image."""
+        image = inputs["data"][0].asnumpy().transpose(1, 2, 0).astype(np.uint8)
+        label = inputs["label"][0].asnumpy().astype(np.uint8)
+        pred = outputs["score"][0].argmax(axis=0).asnumpy().astype(np.uint8)
+        pred = cv2.resize(pred, label.shape[::-1], interpolation=cv2.INTER_NEAREST)
+        return np.concatenate([image, overlay(image, label), overlay(image, pred)], axis=1)
+
+
+# Which task trains each registered model (a model without one is refused by `train`).
+TASKS: Dict[str, Type[Task]] = {
+    "vgg16_icd": ICDTask, "vgg16_cam": ICDTask,
+    "vgg16_largefov": SegmentationTask, "vgg16_aspp": SegmentationTask,
+    "resnet101_largefov": SegmentationTask}
+
+
+def task_for(cfg: Config) -> Task:
+    """The task that trains `cfg.model`; ValueError naming the models that can be trained."""
+    if cfg.model not in TASKS:
+        raise ValueError(f"model {cfg.model!r} cannot be trained: no training task for it "
+                         f"(trainable: {', '.join(sorted(TASKS))})")
+    return TASKS[cfg.model](cfg)
 
 
 def _demo_path(cfg: Config, epoch: int) -> str:
     return os.path.join(cfg.snapshot, "demo", f"{cfg.model}-{epoch:04d}.jpg")
 
 
-def _demo_image(cfg: Config, epoch: int, data, label, outputs: Dict[str, mx.nd.NDArray]) -> None:
-    """Per-epoch picture: image, +/- bottom-up score, +/- top-down score of its first class."""
-    image = data[0].asnumpy().transpose(1, 2, 0)
-    c = int(np.argmax(label[0].asnumpy()))
-    keys = ("icd_bu", "icd_td") if "icd_bu" in outputs else ("cam",)
-    panel = score_panel(image, [outputs[k][0, c].asnumpy() for k in keys])
-    write_image(_demo_path(cfg, epoch), panel)
-
-
 def train(cfg: Config) -> Dict[str, object]:
-    """Train `cfg.model` from `cfg.begin_epoch` to `cfg.num_epoch`; returns the epoch records.
+    """Train `cfg.model` with its task from `cfg.begin_epoch` to `cfg.num_epoch`; returns
+    {"records": the epoch records, "net": the network}.
 
-    Raises TrainingDiverged on a NaN/infinite loss (the last checkpoint stays as it was),
-    TrainingInterrupted on Ctrl-C (never between the files of one checkpoint), FileExistsError
-    when the snapshot folder holds checkpoints this run would mix with (see `start_run`).
+    Raises ValueError for a model without a training task, TrainingDiverged on a NaN/infinite
+    loss (the last checkpoint stays as it was), TrainingInterrupted on Ctrl-C (never between the
+    files of one checkpoint), FileExistsError when the snapshot folder holds checkpoints this
+    run would mix with (see `start_run`).
     """
+    task = task_for(cfg)
     contexts = parse_devices(cfg.gpus, cfg.cpus)
     mx.random.seed(cfg.seed)
     np.random.seed(cfg.seed)
-    loader = train_loader(cfg.image_root, cfg.superpixel_root, cfg.annotation_root,
-                          cfg.data_list, image_size=cfg.image_size, batch_size=cfg.batch_size,
-                          num_workers=cfg.num_workers, seed=cfg.seed)
+    loader = task.loader()
     num_images = len(loader._dataset)
     iters_per_epoch = num_images // cfg.batch_size
-    warmup_iters = cfg.warmup_epochs * num_images // cfg.batch_size   # release: 2 N // B
+    num_iters = cfg.num_epoch * iters_per_epoch
     log_every = cfg.log_frequency or max(num_images // (cfg.batch_size * 20), 5)
 
     net = build_model(cfg.model, **cfg.model_options)
@@ -324,7 +532,7 @@ def train(cfg: Config) -> Dict[str, object]:
     if cfg.begin_epoch > 0:
         load_checkpoint(net, checkpoint_path(cfg, cfg.begin_epoch - 1), contexts)
     else:
-        initialize(net, contexts, cfg.pretrained)
+        task.initialize(net, contexts)
     net.hybridize(static_alloc=True, static_shape=True)
     trainer = make_trainer(net, cfg.learning_rate, cfg.momentum, cfg.wd, cfg.optimizer)
     if cfg.begin_epoch > 0:
@@ -332,68 +540,58 @@ def train(cfg: Config) -> Dict[str, object]:
         if not os.path.isfile(states):
             raise FileNotFoundError(f"{states}: optimizer states of the resumed epoch not found")
         trainer.load_states(states)
-    icd = hasattr(net, "share_key")
-    store = None
-    if icd and len(contexts) > 1:   # release: one moving mean in a store shared by the devices
-        store = ops.share_moving_mean(net.share_key,
-                                      net.icd_accum_resign_moving_mean.data(contexts[0]), contexts)
-        saved = (run["record"] or {}).get("sign_flip_store")
-        if saved is not None:   # the checkpoint holds the devices' average, not the store
-            store.master[:] = mx.nd.array(saved, dtype=np.float32)
-    if len(contexts) > 1 and run["record"]:
-        restore_device_states(net, run["record"].get("device_states"), contexts,
-                              checkpoint_path(cfg, cfg.begin_epoch - 1, "json"))
-    figures = RunningFigures(contexts[0])
     saved_epoch = cfg.begin_epoch - 1
     epoch = cfg.begin_epoch
     try:
+        task.start(net, contexts, run["record"])
+        if len(contexts) > 1 and run["record"]:
+            restore_device_states(net, run["record"].get("device_states"), contexts,
+                                  checkpoint_path(cfg, cfg.begin_epoch - 1, "json"))
+        figures = Figures(task, contexts[0])
         for epoch in range(cfg.begin_epoch, cfg.num_epoch):
             reseed(cfg.seed, epoch)
-            lr = poly_lr(cfg.learning_rate, epoch, cfg.num_epoch)
+            epoch_lr = lr = poly_lr(cfg.learning_rate, epoch * iters_per_epoch, num_iters) \
+                if task.lr_per_iteration else poly_lr(cfg.learning_rate, epoch, cfg.num_epoch)
             trainer.set_learning_rate(lr)
             loader.set_epoch(epoch)
-            epoch_figures = RunningFigures(contexts[0])
+            epoch_figures = Figures(task, contexts[0])
             started = time.time()
             bar = tqdm(loader, total=iters_per_epoch, desc=f"epoch {epoch}", leave=False,
                        disable=None)
             for i, batch in enumerate(bar):
                 iteration = epoch * iters_per_epoch + i
-                warm = top_down_warmup(iteration, warmup_iters)
-                inputs = {name: gluon.utils.split_and_load(array, contexts, even_split=False)
-                          for name, array in zip(("data", "superpixel", "label"), batch)}
-                inputs["warm"] = [mx.nd.full((1,), warm, ctx=c) for c in contexts]
+                if task.lr_per_iteration:
+                    lr = poly_lr(cfg.learning_rate, iteration, num_iters)
+                    trainer.set_learning_rate(lr)
+                inputs = task.inputs(batch, contexts, iteration)
                 with autograd.record():
-                    outputs = [dict(zip(net.output_names,
-                                        net(*[inputs[n][d] for n in net.input_names])))
-                               for d in range(len(contexts))]
+                    outputs = [task.forward(net, device) for device in inputs]
                 autograd.backward([out["loss"] for out in outputs])
                 trainer.step(cfg.batch_size)
-                batch_figures = BatchFigures(outputs, inputs["label"], contexts[0])
+                batch_figures = Figures(task, contexts[0])
+                task.measure(batch_figures, outputs, inputs)
                 figures.add(batch_figures)
                 epoch_figures.add(batch_figures)
                 if (i + 1) % log_every == 0:
-                    now = _checked(figures.read(), epoch, iteration, cfg)
-                    log.info("epoch %d batch %d lr %.3g warm %.3g cam_loss %.4f td_loss %.4f "
-                             "recall %.3f icd [%s, %s] %.2f img/s", epoch, i + 1, lr, warm,
-                             now["cam_loss"], now["td_loss"], now["recall"], now["icd_min"],
-                             now["icd_max"], now["images_per_s"])
-                    bar.set_postfix(loss=f"{now['cam_loss']:.3f}", recall=f"{now['recall']:.2f}",
-                                    img_s=f"{now['images_per_s']:.1f}")
+                    now = _checked(task, figures.read(), epoch, iteration, cfg)
+                    log.info("epoch %d batch %d lr %.3g %s", epoch, i + 1, lr, " ".join(
+                        f"{k} {v:.4g}" for k, v in {**task.schedule(), **now}.items()
+                        if v is not None))
+                    bar.set_postfix({k: f"{now[k]:.3g}" for k in task.sums + ("images_per_s",)})
                     figures.reset()
             bar.close()
-            done = _checked(epoch_figures.read(), epoch, iteration, cfg)
-            records.append(dict(epoch=epoch, run=run["run"], lr=lr, warm=warm,
+            done = _checked(task, epoch_figures.read(), epoch, iteration, cfg)
+            records.append(dict(epoch=epoch, run=run["run"], lr=epoch_lr, **task.schedule(),
                                 seconds=time.time() - started, **done))
             with deferred_interrupt():   # the checkpoint's files, rotation and log go together
-                _demo_image(cfg, epoch, batch[0], batch[2],
-                            {k: v for k, v in outputs[0].items()})
+                write_image(_demo_path(cfg, epoch), task.picture(inputs[0], outputs[0]))
                 save_checkpoint(net, checkpoint_path(cfg, epoch))
                 with atomic_path(checkpoint_path(cfg, epoch, "states")) as tmp:
                     trainer.save_states(tmp)
                 write_json(checkpoint_path(cfg, epoch, "json"), dict(
                     run=run["run"], epoch=epoch, seed=cfg.seed,
                     generators="reseeded at each epoch start from (seed, epoch)",
-                    sign_flip_store=None if store is None else store.master.asnumpy().tolist(),
+                    **task.run_record(),
                     device_states=device_states(net) if len(contexts) > 1 else None,
                     config=dataclasses.asdict(cfg)))
                 rotate_checkpoints(cfg, run["run"])
@@ -403,8 +601,7 @@ def train(cfg: Config) -> Dict[str, object]:
     except KeyboardInterrupt:
         raise TrainingInterrupted(_interrupted_message(cfg, epoch, saved_epoch)) from None
     finally:
-        if icd:
-            ops.unshare_moving_mean(net.share_key)
+        task.stop(net)
     return {"records": records, "net": net}
 
 
@@ -417,12 +614,14 @@ def _interrupted_message(cfg: Config, epoch: int, saved_epoch: int) -> str:
             f"resume with --begin-epoch {saved_epoch + 1} and otherwise the same flags")
 
 
-def _checked(figures: Dict[str, float], epoch: int, iteration: int, cfg: Config):
+def _checked(task: Task, figures: Dict[str, Optional[float]], epoch: int, iteration: int,
+             cfg: Config) -> Dict[str, Optional[float]]:
     """Stop on a NaN/infinite loss, naming where and which checkpoint is the last good one."""
-    if not all(math.isfinite(figures[k]) for k in ("cam_loss", "td_loss")):
+    if not all(math.isfinite(figures[k]) for k in task.losses):
         last = checkpoint_path(cfg, epoch - 1) if epoch > 0 else "none (first epoch)"
+        losses = ", ".join(f"{k} {figures[k]}" for k in task.losses)
         raise TrainingDiverged(
             f"loss became NaN or infinite in epoch {epoch} by iteration {iteration} "
-            f"(cam_loss {figures['cam_loss']}, td_loss {figures['td_loss']}); training stopped, "
-            f"last good checkpoint: {last}. Lower --learning-rate or check the data.")
+            f"({losses}); training stopped, last good checkpoint: {last}. Lower "
+            f"--learning-rate or check the data.")
     return figures

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from mxnet import autograd
 
-from icd.checkpoint import initialize, load_checkpoint, read_params, release_keys, \
-    save_checkpoint
+from icd.checkpoint import initialize, is_imagenet_key, load_checkpoint, \
+    random_imagenet_params, read_params, release_key, release_keys, save_checkpoint
 from icd.crf import dense_crf
 from icd.data.segmentation import SegmentationDataset, segmentation_loader, \
     segmentation_transform
@@ -165,6 +165,11 @@ def test_resnet101_largefov_has_output_stride_8():
     for name in ("fc6_bias", "fc8_weight"):
         value = net.collect_params()[name].data().asnumpy()
         assert 0.005 < value.std() < 0.02, name   # release: new layers ~ N(0, 0.01), biases too
+    # without ImageNet weights the residual branches start at zero: finite, moderate logits
+    # (frozen BN does not normalise; a plain He-initialised trunk gives ~1e3 logits)
+    assert all(block.bn3.gamma.data().abs().max().asscalar() == 0 for block in net.trunk.layer4)
+    logits = net(mx.nd.random.uniform(0, 255, shape=(1, 3, 64, 64)))
+    assert 0 < logits.abs().max().asscalar() < 10
 
 
 def test_resnet101_trunk_loads_gluoncv_imagenet_parameter_names():
@@ -233,6 +238,41 @@ def test_imagenet_file_initialises_largefov_by_name_and_not_the_aspp_branches(tm
     assert branch.shape == imagenet["arg:fc6_weight"].shape
     assert not np.array_equal(branch, imagenet["arg:fc6_weight"].asnumpy())
     assert 0.005 < branch.std() < 0.02
+
+
+def test_every_batchnorm_statistic_is_an_aux_state():
+    """MXNet's convention: any *_moving_mean / *_moving_var is aux, whatever the network (the
+    ResNet-101's 104 BatchNorms included), and a checkpoint round trip keeps them as aux."""
+    keys = release_keys(build_model("resnet101_largefov", num_classes=2))
+    aux = {k for k in keys if k.startswith("aux:")}
+    assert len(aux) == 2 * 104
+    assert aux == {k for k in keys if k.endswith(("_moving_mean", "_moving_var"))}
+    assert not any("running" in k for k in keys)
+    assert release_key("feat_bn_running_var") == "aux:feat_bn_moving_var"
+    assert release_key("icd_accum_resign_moving_mean") == "aux:icd_accum_resign_moving_mean"
+    assert release_key("fc8_weight") == "arg:fc8_weight"
+
+
+def test_random_imagenet_stand_in_covers_what_the_file_would_name():
+    """The ASPP branches are not in vgg16_20M.params: the stand-in leaves them to N(0, 0.01)."""
+    aspp = set(random_imagenet_params(build_model("vgg16_aspp", width=1 / 16)))
+    assert aspp == {k for k in BACKBONE_KEYS}
+    largefov = set(random_imagenet_params(build_model("vgg16_largefov", width=1 / 16)))
+    assert largefov == set(BACKBONE_KEYS) | {k for k in head_keys() if "fc8" not in k}
+    assert not is_imagenet_key("arg:fc7_aspp24_bias") and is_imagenet_key("arg:fc7_bias")
+
+
+def test_resnet101_checkpoint_loads_into_a_fresh_model(tmp_path):
+    """Every shape is known at construction (gluoncv infers conv input channels at the first
+    forward), so a saved ResNet-101 loads by shape on two devices and predicts the same."""
+    net = build_model("resnet101_largefov", num_classes=2)
+    net.initialize_imagenet([mx.cpu()])
+    path = str(tmp_path / "resnet101_largefov-0000.params")
+    save_checkpoint(net, path)
+    other = build_model("resnet101_largefov", num_classes=2)
+    load_checkpoint(other, path, [mx.cpu(0), mx.cpu(1)])
+    data = mx.nd.random.uniform(0, 255, shape=(1, 3, 40, 40))
+    np.testing.assert_array_equal(net(data).asnumpy(), other(data).asnumpy())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -351,12 +391,15 @@ def test_loader_same_batches_for_0_and_2_workers_and_epochs_differ(tiny_voc):
 def test_dataset_errors_name_the_label_file(tiny_voc, tmp_path):
     names = read_list(tiny_voc["data_list"])
     labels = tmp_path / "labels"
+    for name in names[1:]:
+        write_mask(str(labels / f"{name}.png"), np.zeros((4, 4), np.uint8))
+    missing = str(labels / f"{names[0]}.png")
+    with pytest.raises(FileNotFoundError, match=rf"{labels}: no label map for 1 of the 8 images "
+                                                rf"of .*train.txt \(first: {missing}\)"):
+        SegmentationDataset(tiny_voc["image_root"], str(labels), tiny_voc["data_list"])
+    write_mask(missing, np.zeros((10, 10), np.uint8))
     dataset = SegmentationDataset(tiny_voc["image_root"], str(labels), tiny_voc["data_list"],
                                   crop_size=32)
-    missing = str(labels / f"{names[0]}.png")
-    with pytest.raises(FileNotFoundError, match=missing):
-        dataset[0]
-    write_mask(missing, np.zeros((10, 10), np.uint8))
     with pytest.raises(ValueError, match=rf"{missing}: label map \(10, 10\) does not match"):
         dataset[0]
     image = cv2.imread(os.path.join(tiny_voc["image_root"], f"{names[0]}.jpg"))

@@ -15,6 +15,7 @@ import pytest
 from icd.checkpoint import read_params
 from icd.devices import parse_devices
 from icd.infer import OUTPUT_FOLDERS, infer
+from icd.model import MODELS, register
 from icd.train import TrainingDiverged, TrainingInterrupted, checkpoint_path, poly_lr, train
 
 from conftest import REPO
@@ -103,10 +104,30 @@ def test_two_devices_train_and_infer(tiny_config, tiny_voc, tmp_path):
 
 
 @pytest.mark.parametrize("config_file", ABLATIONS)
-def test_every_experiment_config_builds_and_trains_a_step(tiny_config, config_file):
-    cfg = tiny_config(config_file, num_epoch=1)
+def test_every_experiment_config_builds_and_trains_a_step(tiny_config, tiny_voc, config_file):
+    """ICD configs through the ICD task, deeplab_* through the segmentation task (on the
+    ground-truth masks; ResNet-101 has no width multiplier, so it runs at full width)."""
+    if config_file.startswith("deeplab"):
+        cfg = tiny_config(config_file, num_epoch=1, label_root=tiny_voc["gt_root"])
+        if cfg.model == "resnet101_largefov":
+            cfg.width, cfg.batch_size = 1.0, 2
+        loss = "seg_loss"
+    else:
+        cfg = tiny_config(config_file, num_epoch=1)
+        loss = "cam_loss"
     records = train(cfg)["records"]
-    assert len(records) == 1 and np.isfinite(records[0]["cam_loss"])
+    assert len(records) == 1 and np.isfinite(records[0][loss]) and records[0][loss] > 0
+
+
+def test_a_model_without_a_training_task_is_refused(tiny_config):
+    register("untrainable_test_net", lambda **kwargs: None)
+    try:
+        with pytest.raises(ValueError, match="model 'untrainable_test_net' cannot be trained: "
+                                             "no training task for it .*vgg16_icd, "
+                                             "vgg16_largefov"):
+            train(tiny_config(model="untrainable_test_net"))
+    finally:
+        MODELS.pop("untrainable_test_net")
 
 
 def test_cli_resumes_after_being_killed_mid_epoch(tiny_voc, tmp_path):

@@ -44,6 +44,8 @@ def _bench(args: argparse.Namespace) -> int:
           f"{report['ours_over_reference_time']:.3f}; custom operators and losses: "
           f"{report['icd_custom_and_loss_share']:.3f} of the ICD step (reference "
           f"{report['reference_custom_and_loss_share']:.3f})")
+    print(f"DeepLab-LargeFOV/CAM time {report['deeplab_over_cam_time']:.3f} vs MACs "
+          f"{report['deeplab_over_cam_macs']:.3f}")
     write_json(args.out, report)
     return 0
 

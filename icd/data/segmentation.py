@@ -62,6 +62,15 @@ class SegmentationDataset(gluon.data.Dataset):
         self.names: List[str] = read_list(data_list)
         self.crop_size, self.num_classes, self.seed = crop_size, num_classes, seed
         self.scale_range = scale_range
+        # a label folder made for another list fails here, not hours into training
+        missing = [n for n in self.names if not os.path.isfile(self.label_path(n))]
+        if missing:
+            raise FileNotFoundError(
+                f"{label_root}: no label map for {len(missing)} of the {len(self.names)} images "
+                f"of {data_list} (first: {self.label_path(missing[0])})")
+
+    def label_path(self, name: str) -> str:
+        return os.path.join(self.label_root, f"{name}.png")
 
     def __len__(self) -> int:
         return len(self.names)
@@ -70,7 +79,7 @@ class SegmentationDataset(gluon.data.Dataset):
         """(H, W, 3) uint8 RGB image and its (H, W) uint8 label map, checked against each other."""
         name = self.names[index]
         image = read_image(os.path.join(self.image_root, f"{name}.jpg"))
-        path = os.path.join(self.label_root, f"{name}.png")
+        path = self.label_path(name)
         label = read_mask(path)
         if label.shape != image.shape[:2]:
             raise ValueError(f"{path}: label map {label.shape} does not match the image "
@@ -90,13 +99,13 @@ class SegmentationDataset(gluon.data.Dataset):
 
 
 def segmentation_loader(image_root: str, label_root: str, data_list: str,
-                        crop_size: int = TRAIN_SIZE, batch_size: int = 10,
+                        crop_size: int = TRAIN_SIZE, batch_size: int = 20,
                         num_classes: int = NUM_CLASSES,
                         num_workers: int = min(4, os.cpu_count() or 1),
                         seed: int = 0) -> TrainLoader:
     """Training batches (data (B, 3, S, S), label (B, S, S)), float32, reshuffled every epoch
-    (`set_epoch` chooses the epoch), last partial batch dropped. Default batch 10: DeepLab's
-    (TPAMI 2018) LargeFOV schedule; the ICLR 2015 paper used 20."""
+    (`set_epoch` chooses the epoch), last partial batch dropped. Default batch 20: DeepLab-
+    LargeFOV's (Chen et al., ICLR 2015). A missing label map is an error naming it, up front."""
     dataset = SegmentationDataset(image_root, label_root, data_list, crop_size, num_classes,
                                   seed)
     if len(dataset) < batch_size:

@@ -18,6 +18,14 @@ def scaled(channels: int, width: float) -> int:
     return max(1, int(round(channels * width)))
 
 
+def pool5(F, conv5):
+    """The release's pool5 (max) then pool5a (avg), both 3x3 stride 1 pad 1, on conv5_3_relu:
+    the end of vgg16_deeplab (section 2) that the CAM head and the DeepLab heads read.
+    (N, C, h, w) -> (N, C, h, w)."""
+    x = F.Pooling(conv5, kernel=(3, 3), stride=(1, 1), pad=(1, 1), pool_type="max")  # pool5
+    return F.Pooling(x, kernel=(3, 3), stride=(1, 1), pad=(1, 1), pool_type="avg")   # pool5a
+
+
 class VGG16DeepLab(HybridBlock):
     """Input (N, 3, H, W) float32 RGB 0..255; outputs (conv4_3_relu, conv5_3_relu), each (N, C, h, w).
 

@@ -21,7 +21,7 @@ from gluoncv.model_zoo.model_store import get_model_file
 from mxnet import init
 from mxnet.gluon import HybridBlock, nn
 
-from .backbone import VGG16DeepLab, scaled
+from .backbone import VGG16DeepLab, pool5, scaled
 from .registry import register
 
 LARGEFOV_DILATION = 12                 # release: fc6 3x3 dilation 12, pad 12
@@ -89,9 +89,7 @@ class DeepLabVGG16(HybridBlock):
 
     def hybrid_forward(self, F, data):
         _, conv5 = self.backbone(data)
-        # release: the backbone ends with pool5 (max) and pool5a (avg), 3x3 s1 p1 (section 2)
-        x = F.Pooling(conv5, kernel=(3, 3), stride=(1, 1), pad=(1, 1), pool_type="max")
-        x = F.Pooling(x, kernel=(3, 3), stride=(1, 1), pad=(1, 1), pool_type="avg")
+        x = pool5(F, conv5)
         if not self.aspp:
             return self.branches[0](x)
         return F.add_n(*[branch(x) for branch in self.branches])   # release: fc8 outputs summed
@@ -141,6 +139,14 @@ class DilatedResNet101(HybridBlock):
             self.layer1, self.layer2 = resnet.layer1, resnet.layer2
             self.layer3, self.layer4 = resnet.layer3, resnet.layer4
 
+    def zero_residual_branches(self) -> None:
+        """Set the last BatchNorm gamma of every bottleneck to 0 (gluoncv's `last_gamma`), so
+        each block starts as its shortcut: with frozen statistics BN does not normalise, and a
+        He-initialised 101-layer trunk otherwise multiplies its input by ~1e6."""
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+            for block in layer:
+                block.bn3.gamma.set_data(mx.nd.zeros(block.bn3.gamma.shape))
+
     def hybrid_forward(self, F, x):
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
@@ -167,6 +173,9 @@ class ResNet101LargeFOV(HybridBlock):
             self.largefov = LargeFOVBranch(num_classes + 1, 2048, LARGEFOV_DILATION,
                                            dropout=dropout, prefix="")
         set_release_multipliers(self)
+        # gluoncv leaves the convolutions' input channels to the first forward: infer every
+        # shape now, so that a checkpoint loads (by name and shape) into a fresh model
+        self.infer_shape(mx.nd.zeros((1, 3, 32, 32)))
 
     def hybrid_forward(self, F, data):
         channels = F.split(data / 255.0, num_outputs=3, axis=1)
@@ -183,7 +192,8 @@ class ResNet101LargeFOV(HybridBlock):
         pretrained: True fetches them from gluoncv's model store (internet, or a `root` that
         already holds `resnet101_v1b-*.params`); a path loads a local gluoncv `.params` file
         (e.g. saved with `resnet101_v1b(pretrained=True).save_parameters(path)`); False leaves
-        the trunk He-initialised (tests, no weights).
+        the trunk He-initialised with its residual branches at zero (tests, no weights; see
+        `DilatedResNet101.zero_residual_branches`).
         """
         contexts = list(contexts)
         self.trunk.initialize(init.Xavier(rnd_type="gaussian", factor_type="in", magnitude=2),
@@ -195,6 +205,8 @@ class ResNet101LargeFOV(HybridBlock):
             path = pretrained if isinstance(pretrained, str) else \
                 get_model_file("resnet101_v1b", root=root)
             self.trunk.load_parameters(path, ctx=contexts, ignore_extra=True)
+        else:
+            self.trunk.zero_residual_branches()
 
 
 def resnet101_largefov(num_classes: int = 20, width: float = 1.0, dropout: float = 0.5,

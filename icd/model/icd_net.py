@@ -11,7 +11,7 @@ from mxnet import init
 from mxnet.gluon import HybridBlock, nn
 
 from . import ops  # noqa: F401  (registers the custom operators)
-from .backbone import VGG16DeepLab, scaled
+from .backbone import VGG16DeepLab, pool5, scaled
 from .losses import BOTTOM_UP_VARIANTS, bottom_up_loss, multi_sigmoid_loss, top_down_loss
 from .registry import register
 
@@ -56,9 +56,7 @@ class CAMNet(HybridBlock):
     def cam(self, F, data):
         """(conv4_3, conv5_3, fc6, x_cam) feature maps, all at the feature resolution (h, w)."""
         conv4, conv5 = self.backbone(data)
-        x = F.Pooling(conv5, kernel=(3, 3), stride=(1, 1), pad=(1, 1), pool_type="max")  # pool5
-        x = F.Pooling(x, kernel=(3, 3), stride=(1, 1), pad=(1, 1), pool_type="avg")      # pool5a
-        fc6 = self.fc6(x)
+        fc6 = self.fc6(pool5(F, conv5))
         x_cam = self.fc8(self.drop7(self.fc7(self.drop6(fc6))))
         return conv4, conv5, fc6, x_cam
 

@@ -1,0 +1,69 @@
+r"""Predict segmentation masks with a trained DeepLab checkpoint, optionally evaluate them.
+
+Example:
+  icd-infer-seg --config deeplab_largefov_vgg16 --gpus 0 \
+      --data-list data/VOC2012/ImageSets/Segmentation/val.txt \
+      --scales 0.75 1 1.25 --flip --crf --gt-root data/VOC2012/SegmentationClassAug
+The checkpoint is --params, else <snapshot>/<model>-<epoch>.params (epoch default num_epoch-1).
+Writes <out>/pred/<name>.png (class ids, cv2.imread(p, 0) reads them), <out>/overlay/<name>.jpg
+and, with --gt-root, <out>/eval.json and eval.md (mIoU as the paper's Tables 7-8).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from typing import Optional, Sequence
+
+from ..checkpoint import load_checkpoint
+from ..model import build_model
+from ..segment import evaluate_predictions, segment
+from ..train import TASKS, SegmentationTask, checkpoint_path
+from .options import add_config_arguments, config_from, devices_for
+from .runner import Parser, non_negative_int, positive_int, run
+
+
+def build_parser() -> Parser:
+    parser = Parser(__doc__, prog="icd-infer-seg")
+    add_config_arguments(parser)
+    parser.add_argument("--epoch", type=non_negative_int, default=None,
+                        help="epoch of <snapshot>/<model>-<epoch>.params (default: num_epoch-1)")
+    parser.add_argument("--params", default=None, help="checkpoint file (overrides --epoch)")
+    parser.add_argument("--out", default=None,
+                        help="output folder (default: <snapshot>/results/segmentation)")
+    parser.add_argument("--skip-existing", action="store_true",
+                        help="keep predictions already in <out>/pred (default: redo them)")
+    parser.add_argument("--gt-root", default=None,
+                        help="ground-truth masks <name>.png: evaluate (default: no evaluation)")
+    parser.add_argument("--supervision", default="I.", choices=("I.", "I.+S."),
+                        help="label of this run in the table: I. (CRF seeds) or I.+S. "
+                             "(saliency seeds)")
+    parser.add_argument("--workers", type=positive_int, default=1, help="evaluation processes")
+    return parser
+
+
+def _infer_seg(args: argparse.Namespace) -> int:
+    cfg = config_from(args)
+    if TASKS.get(cfg.model) is not SegmentationTask:
+        raise ValueError(f"--model: {cfg.model} is not a segmentation model; icd-infer writes "
+                         f"the ICD models' score maps")
+    params = args.params or checkpoint_path(
+        cfg, cfg.num_epoch - 1 if args.epoch is None else args.epoch)
+    out = args.out or os.path.join(cfg.snapshot, "results", "segmentation")
+    contexts = devices_for(cfg, cfg.infer_batch_size, "--infer-batch-size")
+    net = build_model(cfg.model, **cfg.model_options)
+    load_checkpoint(net, params, contexts)
+    net.hybridize(static_alloc=True)
+    names = segment(net, cfg.image_root, cfg.data_list, out, contexts, cfg.scales, cfg.flip,
+                    cfg.crf, cfg.infer_size, cfg.infer_batch_size,
+                    overwrite=not args.skip_existing)
+    logging.info("wrote predictions of %d images to %s", len(names), out)
+    if args.gt_root:
+        report = evaluate_predictions(out, args.gt_root, cfg.data_list, cfg.model,
+                                      args.supervision, args.workers)
+        logging.info("mIoU %.1f%% (%s)", 100 * report["miou"], os.path.join(out, "eval.md"))
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return run(build_parser(), _infer_seg, argv)

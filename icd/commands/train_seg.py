@@ -1,0 +1,50 @@
+r"""Train DeepLab on the seeds (or on ground-truth masks: the fully-supervised upper bound).
+
+Example:
+  icd-train-seg --config deeplab_largefov_vgg16 --seeds snapshot/icd/results/seeds/crf --gpus 0,1
+--seeds is the folder of label maps <name>.png (ids 0..C, 255 ignored) for every image of
+--data-list: the seeds `results/seeds/crf` or `seeds/sal`, or `SegmentationClassAug`. A seeds
+folder whose make_seeds run is running or failed is refused. The loop is ICD's (icd/train.py):
+checkpoints <snapshot>/<model>-<epoch>.params/.states/.json, <model>-log.json, demo/ pictures
+(image | labels | prediction); --begin-epoch K resumes from checkpoint K-1 bit for bit;
+--overwrite replaces an earlier run's checkpoints.
+Exit status: 0 trained, 1 error, 2 bad arguments, 3 the loss became NaN or infinite, 130 Ctrl-C.
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Optional, Sequence
+
+from ..train import TASKS, SegmentationTask, TrainingDiverged, train
+from .options import add_config_arguments, config_from, devices_for
+from .runner import Parser, run
+from .train import EXIT_DIVERGED, check_resume
+
+
+def build_parser() -> Parser:
+    parser = Parser(__doc__, prog="icd-train-seg", conflict_handler="resolve")
+    add_config_arguments(parser)
+    parser.add_argument("--seeds", "--label-root", dest="label_root", default=argparse.SUPPRESS,
+                        help="folder of training label maps <name>.png (default: the config's "
+                             "label_root)")
+    return parser
+
+
+def _train_seg(args: argparse.Namespace) -> int:
+    cfg = config_from(args)
+    if TASKS.get(cfg.model) is not SegmentationTask:
+        raise ValueError(f"--model: {cfg.model} is not a segmentation model (one of "
+                         f"{', '.join(m for m, t in TASKS.items() if t is SegmentationTask)}); "
+                         f"icd-train trains the ICD models")
+    if cfg.begin_epoch >= cfg.num_epoch:
+        raise ValueError(f"--begin-epoch: {cfg.begin_epoch} is not below --num-epoch "
+                         f"{cfg.num_epoch}: nothing to train")
+    devices_for(cfg, cfg.batch_size, "--batch-size")
+    if cfg.begin_epoch > 0:
+        check_resume(cfg)
+    train(cfg)
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return run(build_parser(), _train_seg, argv, statuses={TrainingDiverged: EXIT_DIVERGED})
