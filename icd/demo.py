@@ -1,6 +1,7 @@
 """The end-to-end demo on the built-in synthetic dataset: one small step per stage (IRN-style).
 
-    data -> superpixels -> pretrain -> train_cam, train_icd -> infer -> seeds -> evaluate -> report
+    data -> superpixels -> pretrain -> train_cam, train_icd -> infer -> seeds -> evaluate
+         -> segment -> report
 
     python tools/demo.py                        # everything, about 7 minutes on 2 CPU cores
     python tools/demo.py --quick --out /tmp/q   # the reduced run of the test (numbers meaningless)
@@ -20,6 +21,9 @@ Folders:
   snapshot_icd/             ICD, initialised from snapshot_pretrain
   results_cam/{train,val}/  scores_cam, seeds/{crf,nocrf}_cam, eval/   (release layout)
   results_icd/{train,val}/  scores_{cam,icd,icd_bu,icd_bu_sp}, seeds/..., eval/
+  snapshot_segment_{icd,cam,gt}/  DeepLab-LargeFOV trained on the ICD seeds, the CAM-baseline
+                            seeds and the ground truth of the train split (from the stand-in)
+  segmentation/{icd,cam,gt}/ its val-split predictions pred/ (index PNGs), overlay/, eval.json
   report/                   report.md, report.json, figures/   (icd.report)
 """
 from __future__ import annotations
@@ -34,7 +38,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from PIL import Image
 
-from .checkpoint import write_imagenet_part
+from .checkpoint import load_checkpoint, write_imagenet_part
 from .devices import parse_devices
 from .config import Config, load_config
 from .data.features import make_feature_factory
@@ -43,9 +47,11 @@ from .data.synthetic import make_synthetic_voc
 from .data.voc import read_list
 from .evaluate import THRESHOLDS, evaluate
 from .infer import infer
+from .model import build_model
 from .pipeline import Run, Step, select_steps
 from .report import CAM_SEEDS, SPLITS, TABLE3, ReportInputs, write_report
 from .seeds import make_seeds
+from .segment import evaluate_predictions, segment
 from .train import checkpoint_path, train
 
 log = logging.getLogger(__name__)
@@ -53,18 +59,24 @@ log = logging.getLogger(__name__)
 EXPERIMENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                            "experiments")
 STEPS = ("data", "superpixels", "pretrain", "train_cam", "train_icd", "infer", "seeds",
-         "evaluate", "report")
+         "evaluate", "segment", "report")
 MODELS = ("cam", "icd")
 # --quick: the reduced run of the test (about 20 s on 2 cores); numbers are meaningless
 QUICK = dict(num_train=24, num_val=8, size=56, width=0.125, crop=48, batch_size=8, epochs=2,
-             pretrain_epochs=2)
+             pretrain_epochs=2, segment_epochs=2)
+# The segmentation step (Tables 7-8 analogue): DeepLab-LargeFOV trained on each label source of
+# the train split, evaluated on the val split. (name, label, folder under results_<model>/train/
+# seeds, or None for the ground-truth masks: the fully-supervised upper bound)
+SEGMENTATION_SOURCES = (("icd", "ICD seeds + CRF", TABLE3[-1][1]),
+                        ("cam", "CAM-baseline seeds + CRF", CAM_SEEDS[-1][1]),
+                        ("gt", "ground-truth masks (upper bound)", None))
 # Expected seconds per step on 2 CPU cores until a finished run's markers give real times.
 # quick: measured (one --quick run). full: a rough split of the measured total (README: 7 min 09 s).
 ESTIMATES = {
     "quick": dict(data=0.5, superpixels=0.5, pretrain=2.1, train_cam=0.5, train_icd=0.7,
-                  infer=1.6, seeds=2.5, evaluate=6.8, report=6.0),
+                  infer=1.6, seeds=2.5, evaluate=6.8, segment=6.0, report=6.0),
     "full": dict(data=10, superpixels=20, pretrain=150, train_cam=75, train_icd=95, infer=15,
-                 seeds=30, evaluate=25, report=30)}
+                 seeds=30, evaluate=25, segment=150, report=30)}
 
 
 @dataclass
@@ -80,12 +92,14 @@ class DemoSettings:
     icd_config: str = os.path.join(EXPERIMENTS, "synthetic_demo.yaml")
     cam_config: str = os.path.join(EXPERIMENTS, "synthetic_demo_cam.yaml")
     pretrain_config: Optional[str] = os.path.join(EXPERIMENTS, "synthetic_pretrain.yaml")
+    segment_config: str = os.path.join(EXPERIMENTS, "synthetic_deeplab.yaml")
     width: Optional[float] = None
     crop: Optional[int] = None          # Config.image_size
     batch_size: Optional[int] = None
     learning_rate: Optional[float] = None
     epochs: Optional[int] = None        # num_epoch of the CAM baseline and ICD
     pretrain_epochs: Optional[int] = None
+    segment_epochs: Optional[int] = None  # num_epoch of the three DeepLab trainings
     # devices and processes
     cpus: int = 2
     gpus: str = ""
@@ -121,6 +135,7 @@ TRAINING_FIELDS = ("model", "pretrained", "num_cls", "width", "dropout", "optimi
                    "bottom_up_features",
                    "bottom_up_loss", "top_down", "image_size", "batch_size", "learning_rate",
                    "momentum", "wd", "num_epoch", "warmup_epochs", "seed")
+ICD_ONLY = ("bottom_up_features", "bottom_up_loss", "top_down", "warmup_epochs")
 
 
 def config_file(settings: DemoSettings, which: str) -> Optional[str]:
@@ -157,6 +172,23 @@ def training_config(settings: DemoSettings, which: str) -> Config:
     return load_config(config_file(settings, which), **overrides)
 
 
+def segmentation_config(settings: DemoSettings, source: str) -> Config:
+    """Config of the DeepLab trained on `source` ("icd", "cam" or "gt", SEGMENTATION_SOURCES):
+    the segment YAML, the demo's paths, and the ICD model's width, crop and initialisation (the
+    stand-in for vgg16_20M.params gives backbone, fc6 and fc7, as ImageNet weights would)."""
+    data = settings.folder("data")
+    icd = training_config(settings, "icd")
+    folder = dict((name, seeds) for name, _, seeds in SEGMENTATION_SOURCES)[source]
+    labels = (os.path.join(data, "SegmentationClass") if folder is None else
+              os.path.join(results_dir(settings, source, "train"), "seeds", folder))
+    return load_config(settings.segment_config, image_root=icd.image_root,
+                       annotation_root=icd.annotation_root, data_list=icd.data_list,
+                       label_root=labels, snapshot=settings.folder(f"snapshot_segment_{source}"),
+                       pretrained=icd.pretrained, width=icd.width, image_size=icd.image_size,
+                       num_epoch=settings.segment_epochs, num_workers=settings.loader_workers,
+                       gpus=icd.gpus, cpus=icd.cpus)
+
+
 def final_checkpoint(cfg: Config) -> str:
     return checkpoint_path(cfg, cfg.num_epoch - 1)
 
@@ -186,6 +218,13 @@ def step_settings(settings: DemoSettings, step: str) -> Dict:
         return values
     if step == "evaluate":
         return dict(thresholds=[float(t) for t in settings.thresholds])
+    if step == "segment":
+        configs = {s: segmentation_config(settings, s) for s, _, _ in SEGMENTATION_SOURCES}
+        return {s: dict({k: getattr(cfg, k) for k in TRAINING_FIELDS if k not in ICD_ONLY},
+                        label_root=os.path.relpath(cfg.label_root, settings.out),
+                        pretrained=cfg.pretrained and os.path.relpath(cfg.pretrained, settings.out),
+                        scales=list(cfg.scales), flip=cfg.flip, crf=cfg.crf)
+                for s, cfg in configs.items()}
     return {}
 
 
@@ -225,7 +264,11 @@ def last_checkpoint_epoch(cfg: Config) -> int:
 
 
 def _train(settings: DemoSettings, which: str) -> Dict:
-    cfg = training_config(settings, which)
+    return _train_to_the_end(training_config(settings, which), which)
+
+
+def _train_to_the_end(cfg: Config, which: str) -> Dict:
+    """Train `cfg`, resuming after its last checkpoint; nothing if the final one exists."""
     done = last_checkpoint_epoch(cfg)
     if done >= cfg.num_epoch - 1:
         log.info("%s: final checkpoint %s exists", which, final_checkpoint(cfg))
@@ -322,6 +365,31 @@ def step_evaluate(settings: DemoSettings, run: Run) -> Dict:
     return {}
 
 
+def segmentation_dir(settings: DemoSettings, source: str) -> str:
+    return settings.folder("segmentation", source)
+
+
+def step_segment(settings: DemoSettings, run: Run) -> Dict:
+    """DeepLab-LargeFOV on each label source of the train split, predicted and evaluated on the
+    val split (single scale, no flip or CRF unless the segment YAML says so)."""
+    data = settings.folder("data")
+    summary = {}
+    for source, label, _ in SEGMENTATION_SOURCES:
+        cfg = segmentation_config(settings, source)
+        _train_to_the_end(cfg, f"segmentation on {label}")
+        contexts = parse_devices(cfg.gpus, cfg.cpus)
+        net = build_model(cfg.model, **cfg.model_options)
+        load_checkpoint(net, final_checkpoint(cfg), contexts)
+        net.hybridize(static_alloc=True)
+        out = segmentation_dir(settings, source)
+        segment(net, cfg.image_root, _list(settings, "val"), out, contexts, cfg.scales, cfg.flip,
+                cfg.crf, demo_infer_size(settings), cfg.infer_batch_size, overwrite=True)
+        result = evaluate_predictions(out, os.path.join(data, "SegmentationClass"),
+                                      _list(settings, "val"), cfg.model, workers=settings.workers)
+        summary[source] = {"miou": result["miou"]}
+    return summary
+
+
 def report_inputs(settings: DemoSettings) -> ReportInputs:
     """The report's view of this demo: its folders and the settings actually used."""
     return ReportInputs(
@@ -333,7 +401,10 @@ def report_inputs(settings: DemoSettings) -> ReportInputs:
         config_files={w: config_file(settings, w) for w in trained_models(settings)},
         dataset=dict(num_train=settings.num_train, num_val=settings.num_val,
                      size=settings.size, seed=settings.data_seed),
-        infer_size=demo_infer_size(settings), workers=settings.workers)
+        infer_size=demo_infer_size(settings), workers=settings.workers,
+        segmentation={label: (segmentation_dir(settings, source),
+                              segmentation_config(settings, source))
+                      for source, label, _ in SEGMENTATION_SOURCES})
 
 
 def step_report(settings: DemoSettings, run: Run) -> Dict:
@@ -342,7 +413,8 @@ def step_report(settings: DemoSettings, run: Run) -> Dict:
 
 STEP_FUNCTIONS = {"data": step_data, "superpixels": step_superpixels, "pretrain": step_pretrain,
                   "train_cam": step_train_cam, "train_icd": step_train_icd, "infer": step_infer,
-                  "seeds": step_seeds, "evaluate": step_evaluate, "report": step_report}
+                  "seeds": step_seeds, "evaluate": step_evaluate, "segment": step_segment,
+                  "report": step_report}
 
 
 def step_inputs(settings: DemoSettings, step: str) -> Tuple[str, ...]:
@@ -351,7 +423,7 @@ def step_inputs(settings: DemoSettings, step: str) -> Tuple[str, ...]:
     return {"data": (), "superpixels": ("data",), "pretrain": ("superpixels",),
             "train_cam": trained_from, "train_icd": trained_from,
             "infer": ("train_cam", "train_icd"), "seeds": ("infer",), "evaluate": ("seeds",),
-            "report": ("evaluate",)}[step]
+            "segment": ("seeds",), "report": ("evaluate", "segment")}[step]
 
 
 def step_folders(settings: DemoSettings, step: str) -> List[str]:
@@ -366,6 +438,8 @@ def step_folders(settings: DemoSettings, step: str) -> List[str]:
                       for m in MODELS for s in SPLITS],
             "evaluate": [os.path.join(results_dir(settings, m, s), "eval")
                          for m in MODELS for s in SPLITS],
+            "segment": [settings.folder("segmentation")]
+            + [settings.folder(f"snapshot_segment_{s}") for s, _, _ in SEGMENTATION_SOURCES],
             "report": [settings.folder("report")]}[step]
 
 
@@ -417,11 +491,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sizes = parser.add_argument_group("sizes (override the defaults / --quick)")
     for flag, kind in (("num-train", int), ("num-val", int), ("size", int), ("data-seed", int),
                        ("width", float), ("crop", int), ("batch-size", int),
-                       ("learning-rate", float), ("epochs", int), ("pretrain-epochs", int)):
+                       ("learning-rate", float), ("epochs", int), ("pretrain-epochs", int),
+                       ("segment-epochs", int)):
         sizes.add_argument("--" + flag, type=kind, default=None)
     configs = parser.add_argument_group("training configs")
     configs.add_argument("--icd-config", default=None, help=f"default {defaults.icd_config}")
     configs.add_argument("--cam-config", default=None, help=f"default {defaults.cam_config}")
+    configs.add_argument("--segment-config", default=None,
+                         help=f"default {defaults.segment_config}")
     configs.add_argument("--pretrain-config", default=None,
                          help=f"default {defaults.pretrain_config}; 'none': no pre-training "
                               "(CAM and ICD from a random He init)")

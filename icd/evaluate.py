@@ -467,3 +467,20 @@ def image_statistics(results_dir: str, gt_root: str, annotation_root: str, names
                       for k, d in enumerate(seed_dirs)},
             "threshold_study": {kind: study[:, k] for k, kind in enumerate(("cam", "icd"))},
             "pixel_scores": pixel_scores}
+
+
+def image_confusions(label_dir: str, gt_root: str, names: Sequence[str],
+                     workers: int = 1) -> np.ndarray:
+    """(N, 21, 21) int64 confusion matrices of `<label_dir>/<name>.png` (seeds or predictions)
+    against the ground truth, in the order of `names`; summed they are `evaluate_seeds`'."""
+    order = {name: i for i, name in enumerate(names)}
+    confusions = np.zeros((len(names), NUM_SEG_CLASSES, NUM_SEG_CLASSES), np.int64)
+    job = functools.partial(_named_confusion, seed_dir=label_dir, gt_root=gt_root)
+    for name, (confusion,) in map_images(job, names, workers, "per-image confusions"):
+        confusions[order[name]] = confusion
+    return confusions
+
+
+def _named_confusion(name: str, seed_dir: str, gt_root: str) -> Tuple[str, Tuple[np.ndarray]]:
+    """Worker of `image_confusions`: (name, (confusion,)), since a pool's results come unordered."""
+    return name, _seed_confusion(name, seed_dir, gt_root)

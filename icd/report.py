@@ -20,7 +20,7 @@ import datetime
 import glob
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
@@ -30,8 +30,8 @@ from .data.superpixels import MAX_REGIONS
 from .data.synthetic import MARKER_AREA
 from .data.transforms import SCALES
 from .data.voc import VOC_CLASSES, read_image_labels, read_list, read_mask
-from .evaluate import IOU_EPS, NUM_SEG_CLASSES, SEG_CLASSES, image_statistics, percent, \
-    plot_seed_overlays, pyplot, save_figure
+from .evaluate import IOU_EPS, NUM_SEG_CLASSES, SEG_CLASSES, image_confusions, \
+    image_statistics, percent, plot_seed_overlays, pyplot, save_figure
 from .io import atomic_path, read_json, write_json
 from .pipeline import Run
 from .seeds import EPS, INFER_SIZE
@@ -63,7 +63,9 @@ class ReportInputs:
     (JPEGImages, Annotations, SegmentationClass); lists: split -> image list; results:
     "cam"|"icd" -> split -> results folder (scores_*, seeds/, eval/); trainings: "pretrain"
     (absent without pre-training), "cam", "icd" -> the Config trained; config_files: the same
-    keys -> the YAML file; dataset: num_train, num_val, size, seed of the synthetic set.
+    keys -> the YAML file; dataset: num_train, num_val, size, seed of the synthetic set;
+    segmentation: label source -> (folder of its DeepLab's val predictions pred/ and eval.json,
+    the Config trained), in the order ICD seeds, CAM-baseline seeds, ground truth.
     """
     out: str
     data: str
@@ -74,6 +76,7 @@ class ReportInputs:
     dataset: Mapping[str, int]
     infer_size: int
     workers: int = 1
+    segmentation: Mapping[str, Tuple[str, Config]] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,6 +334,38 @@ def split_samples(inputs: ReportInputs, split: str, tables: Mapping) -> Dict[str
             "thresholds": {t: {k: s[:, i] for k, s in studies.items()}
                            for i, t in enumerate(tables["thresholds"])},
             "table3": [(name, icd["seeds"][d]) for name, d in seed_dirs.items()]}
+
+
+def segmentation_results(inputs: ReportInputs) -> Tuple[List[List[str]], List[Dict], Dict]:
+    """The Tables 7-8 analogue: DeepLab trained on each label source, val-split mIoU (over the
+    present classes and the release's 21), and the claim that ICD seeds train a better segmenter
+    than CAM-baseline seeds (bootstrap over the val images). Empty without a segment step."""
+    done = {label: (folder, cfg) for label, (folder, cfg) in inputs.segmentation.items()
+            if os.path.isfile(os.path.join(folder, "eval.json"))}
+    if not done:
+        return [], [], {}
+    gt_root = os.path.join(inputs.data, "SegmentationClass")
+    names = read_list(inputs.lists["val"])
+    present = present_classes(gt_root, names)
+    confusions = {label: image_confusions(os.path.join(folder, "pred"), gt_root, names,
+                                          inputs.workers) for label, (folder, _) in done.items()}
+    weights = resample_weights(len(names))
+    values = {label: float(miou_statistic(c, present)(np.ones((1, len(names))))[0])
+              for label, c in confusions.items()}
+    rows = [[label, f"{cfg.model}, width {cfg.width:g}, {cfg.num_epoch} epochs",
+             percent(values[label]),
+             percent(read_json(os.path.join(folder, "eval.json"))["miou"])]
+            for label, (folder, cfg) in done.items()]
+    claims = []
+    labels = list(done)
+    if len(labels) >= 2:
+        test = compare(miou_statistic(confusions[labels[0]], present),
+                       miou_statistic(confusions[labels[1]], present), weights)
+        claims.append(_claim(f"Tables 7-8: a segmenter trained on {labels[0]} beats one "
+                             f"trained on {labels[1]} (val mIoU)", [test],
+                             f"{percent(test['value'])} vs {percent(test['reference'])}: "
+                             f"{_difference(test)}"))
+    return rows, claims, {"miou_present": values, "claims": claims}
 
 
 def binning_error(tables: Mapping, samples: Mapping) -> float:
@@ -672,6 +707,16 @@ def write_report(inputs: ReportInputs, run: Run) -> str:
               f"{counts['UNCLEAR']} unclear, {counts['FAIL']} fail.", "",
               "Val split (held out, information only):", ""]
     lines += _claims_table(claims["val"], bold=False)
+    segmentation_rows, segmentation_claims, segmentation = segmentation_results(inputs)
+    if segmentation_rows:
+        lines += ["## Segmentation on the seeds (the paper's Tables 7-8, measured here)", "",
+                  "DeepLab-LargeFOV trained on each label source of the train split (from the "
+                  "same stand-in initialisation as CAM and ICD), predicted and evaluated on the "
+                  "held-out val split: the use the seeds are made for. The ground-truth row is "
+                  "the fully-supervised upper bound.", ""]
+        lines += _md_table(["Labels (train split)", "Network", "val mIoU (present classes)",
+                            f"val mIoU ({NUM_SEG_CLASSES}-class rule)"], segmentation_rows)
+        lines += [""] + _claims_table(segmentation_claims, bold=False)
     for split in SPLITS:
         lines += _split_markdown(tables[split], split, split == "train")
         lines += [f"![threshold study {split}](figures/threshold_study_{split}.png)", "",
@@ -705,7 +750,8 @@ def write_report(inputs: ReportInputs, run: Run) -> str:
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.write("\n".join(lines))
     write_json(os.path.join(report_dir, "report.json"),
-               {"tables": tables, "claims": claims, "steps_seconds": total,
+               {"tables": tables, "claims": claims, "segmentation": segmentation,
+                "steps_seconds": total,
                 "bootstrap": {"resamples": RESAMPLES, "level": LEVEL, "seed": BOOTSTRAP_SEED,
                               "ap_bins": AP_BINS, "ap_binning_error": binning}})
     return path
