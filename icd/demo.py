@@ -72,9 +72,9 @@ class DemoSettings:
     """Everything the demo needs; None in a training field keeps the YAML file's value."""
     out: str = "./demo_output"
     # dataset (icd.data.synthetic.make_synthetic_voc); 6 classes
-    num_train: int = 400
-    num_val: int = 100
-    size: int = 112
+    num_train: int = 240
+    num_val: int = 40
+    size: int = 160
     data_seed: int = 0
     # training configs (experiments/*.yaml); the flags below override all three
     icd_config: str = os.path.join(EXPERIMENTS, "synthetic_demo.yaml")
