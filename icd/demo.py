@@ -2,7 +2,7 @@
 
     data -> superpixels -> pretrain -> train_cam, train_icd -> infer -> seeds -> evaluate -> report
 
-    python tools/demo.py                        # everything, about 7 minutes on 2 CPU cores
+    python tools/demo.py                        # everything, about 4 minutes on 2 CPU cores
     python tools/demo.py --quick --out /tmp/q   # the reduced run of the test (numbers meaningless)
     python tools/demo.py --steps seeds evaluate report   # a subset; finished steps are skipped
 
@@ -59,12 +59,13 @@ MODELS = ("cam", "icd")
 QUICK = dict(num_train=24, num_val=8, size=56, width=0.125, crop=48, batch_size=8, epochs=2,
              pretrain_epochs=2)
 # Expected seconds per step on 2 CPU cores until a finished run's markers give real times.
-# quick: measured (one --quick run). full: a rough split of the measured total (README: 7 min 09 s).
+# quick: measured (one --quick run). full: the step times of the README's run A
+# (DNNL_MAX_CPU_ISA=AVX2 on a shared 2-core machine).
 ESTIMATES = {
     "quick": dict(data=0.5, superpixels=0.5, pretrain=2.1, train_cam=0.5, train_icd=0.7,
                   infer=1.6, seeds=2.5, evaluate=6.8, report=6.0),
-    "full": dict(data=10, superpixels=20, pretrain=150, train_cam=75, train_icd=95, infer=15,
-                 seeds=30, evaluate=25, report=30)}
+    "full": dict(data=4, superpixels=21, pretrain=153, train_cam=96, train_icd=101, infer=21,
+                 seeds=70, evaluate=38, report=50)}
 
 
 @dataclass
