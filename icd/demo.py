@@ -3,7 +3,7 @@
     data -> superpixels -> pretrain -> train_cam, train_icd -> infer -> seeds -> evaluate
          -> segment -> report
 
-    python tools/demo.py                        # everything, about 7 minutes on 2 CPU cores
+    python tools/demo.py                        # everything, about 4 minutes on 2 CPU cores
     python tools/demo.py --quick --out /tmp/q   # the reduced run of the test (numbers meaningless)
     python tools/demo.py --steps seeds evaluate report   # a subset; finished steps are skipped
 
@@ -71,12 +71,13 @@ SEGMENTATION_SOURCES = (("icd", "ICD seeds + CRF", TABLE3[-1][1]),
                         ("cam", "CAM-baseline seeds + CRF", CAM_SEEDS[-1][1]),
                         ("gt", "ground-truth masks (upper bound)", None))
 # Expected seconds per step on 2 CPU cores until a finished run's markers give real times.
-# quick: measured (one --quick run). full: a rough split of the measured total (README: 7 min 09 s).
+# quick: measured (one --quick run). full: the step times of the README's run A
+# (DNNL_MAX_CPU_ISA=AVX2 on a shared 2-core machine).
 ESTIMATES = {
     "quick": dict(data=0.5, superpixels=0.5, pretrain=2.1, train_cam=0.5, train_icd=0.7,
                   infer=1.6, seeds=2.5, evaluate=6.8, segment=6.0, report=6.0),
-    "full": dict(data=10, superpixels=20, pretrain=150, train_cam=75, train_icd=95, infer=15,
-                 seeds=30, evaluate=25, segment=150, report=30)}
+    "full": dict(data=4, superpixels=21, pretrain=153, train_cam=96, train_icd=101, infer=21,
+                 seeds=70, evaluate=38, segment=150, report=50)}
 
 
 @dataclass
@@ -84,9 +85,9 @@ class DemoSettings:
     """Everything the demo needs; None in a training field keeps the YAML file's value."""
     out: str = "./demo_output"
     # dataset (icd.data.synthetic.make_synthetic_voc); 6 classes
-    num_train: int = 400
-    num_val: int = 100
-    size: int = 112
+    num_train: int = 240
+    num_val: int = 40
+    size: int = 160
     data_seed: int = 0
     # training configs (experiments/*.yaml); the flags below override all three
     icd_config: str = os.path.join(EXPERIMENTS, "synthetic_demo.yaml")

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
+from scipy.stats import rankdata
 
 from .config import Config
 from .data.superpixels import MAX_REGIONS
@@ -53,6 +54,8 @@ LEVEL = 0.95             # two-sided percentile interval of the bootstrap differ
 BOOTSTRAP_SEED = 0
 AP_BINS = 1000           # score bins per class for the resampled pixel AP
 VERDICTS = ("PASS", "UNCLEAR", "FAIL")
+# score maps whose sign the report measures against the ground truth (S, S', S'')
+SPLIT_FOLDERS = ("scores_icd_bu", "scores_icd_bu_sp", "scores_icd")
 
 
 @dataclass
@@ -319,7 +322,8 @@ def split_samples(inputs: ReportInputs, split: str, tables: Mapping) -> Dict[str
     icd_dir, cam_dir = inputs.results["icd"][split], inputs.results["cam"][split]
     seed_dirs = {name: os.path.join(icd_dir, "seeds", folder) for name, folder, _, _ in TABLE3}
     icd = image_statistics(icd_dir, seed_dirs=list(seed_dirs.values()),
-                           folders={"cam": "scores_cam", "icd": "scores_icd"}, **common)
+                           folders={"cam": "scores_cam", "icd": "scores_icd",
+                                    **{f: f for f in SPLIT_FOLDERS}}, **common)
     cam = image_statistics(cam_dir, folders={"cam": "scores_cam", "icd": "scores_cam"},
                            **common)
     studies = {"cam_baseline": cam["threshold_study"]["cam"],
@@ -333,7 +337,37 @@ def split_samples(inputs: ReportInputs, split: str, tables: Mapping) -> Dict[str
                    for k, v in scores.items()},
             "thresholds": {t: {k: s[:, i] for k, s in studies.items()}
                            for i, t in enumerate(tables["thresholds"])},
-            "table3": [(name, icd["seeds"][d]) for name, d in seed_dirs.items()]}
+            "table3": [(name, icd["seeds"][d]) for name, d in seed_dirs.items()],
+            "positive_share": {f: positive_share(icd["pixel_scores"][f]) for f in SPLIT_FOLDERS}}
+
+
+def positive_share(pixels: Mapping[int, Sequence[Tuple[int, np.ndarray, np.ndarray]]]
+                   ) -> Dict[str, float]:
+    """Where a score map is positive, which is where the release's seed rule puts foreground.
+
+    pixels: {class: [(image index, the class's object pixels' scores, the other valid pixels'
+    scores)]} over the images holding the class (`image_statistics`). Returns the mean over
+    classes of the share of object pixels with score > 0 ("object") and of the other pixels
+    with score > 0 ("rest"), and the mean per-image ranking AUC of object vs rest ("auc").
+    """
+    shares = {"object": [], "rest": [], "auc": []}
+    for images in pixels.values():
+        positive = np.concatenate([p for _, p, _ in images])
+        negative = np.concatenate([n for _, _, n in images])
+        if positive.size == 0 or negative.size == 0:
+            continue
+        shares["object"].append(float((positive > 0).mean()))
+        shares["rest"].append(float((negative > 0).mean()))
+        shares["auc"].append(float(np.mean([_auc(p, n) for _, p, n in images
+                                            if p.size and n.size])))
+    return {k: float(np.mean(v)) if v else float("nan") for k, v in shares.items()}
+
+
+def _auc(positive: np.ndarray, negative: np.ndarray) -> float:
+    """P(a positive's score > a negative's), ties counted half (Mann-Whitney U / (P Q))."""
+    ranks = rankdata(np.concatenate([positive, negative]))
+    u = ranks[:positive.size].sum() - positive.size * (positive.size + 1) / 2
+    return float(u / (positive.size * negative.size))
 
 
 def segmentation_results(inputs: ReportInputs) -> Tuple[List[List[str]], List[Dict], Dict]:
@@ -432,6 +466,23 @@ def _split_markdown(tables: Mapping, split: str, claims_split: bool) -> List[str
                        [[name] + [percent(tables["seeds"][name]["iou"][c])
                                   for c in tables["present"]] for name in names])
     return lines
+
+
+def _positive_share_lines(shares: Mapping[str, Mapping[str, float]]) -> List[str]:
+    """The sign of the score maps against the ground truth (`positive_share`), as a table."""
+    names = {"scores_icd_bu": "bottom-up S", "scores_icd_bu_sp": "refined S'",
+             "scores_icd": "top-down S''"}
+    lines = [f"The release's seed rule (threshold {EPS:g}) makes a pixel foreground where its "
+             "score is positive, so a seed can be no better than the sign of the scores. Over the "
+             "training images of each class (mean over classes):", ""]
+    lines += _md_table(["score map", "object pixels with score > 0 (%)",
+                        "other pixels of the image with score > 0 (%)",
+                        "per-image AUC object vs other (%)"],
+                       [[names[f], percent(v["object"]), percent(v["rest"]), percent(v["auc"])]
+                        for f, v in shares.items()])
+    return lines + ["An AUC near 100% with many positive other pixels means the map ranks the "
+                    "object above the rest of its image but its zero lies inside the background: "
+                    "the seeds then cover the object and much of its surroundings.", ""]
 
 
 def _claims_table(claims: Sequence[Mapping], bold: bool) -> List[str]:
@@ -702,6 +753,7 @@ def write_report(inputs: ReportInputs, run: Run) -> str:
               f"The resampled AP ranks pixels in {AP_BINS} score bins per class, which moves "
               f"the mAP by at most {100 * binning:.2f} points from Table 1's exact values.", ""]
     lines += _claims_table(claims["train"], bold=True)
+    lines += _positive_share_lines(samples["train"]["positive_share"])
     counts = {v: sum(c["verdict"] == v for c in claims["train"]) for v in VERDICTS}
     lines += [f"Train split: {counts['PASS']} of {len(claims['train'])} claims hold, "
               f"{counts['UNCLEAR']} unclear, {counts['FAIL']} fail.", "",
@@ -752,6 +804,7 @@ def write_report(inputs: ReportInputs, run: Run) -> str:
     write_json(os.path.join(report_dir, "report.json"),
                {"tables": tables, "claims": claims, "segmentation": segmentation,
                 "steps_seconds": total,
+                "positive_share": {s: samples[s]["positive_share"] for s in SPLITS},
                 "bootstrap": {"resamples": RESAMPLES, "level": LEVEL, "seed": BOOTSTRAP_SEED,
                               "ap_bins": AP_BINS, "ap_binning_error": binning}})
     return path

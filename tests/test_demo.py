@@ -358,6 +358,19 @@ def test_missing_numbers_fail_instead_of_passing():
     assert not any(c["passed"] for c in claims)
 
 
+def test_positive_share_is_the_share_of_positive_scores_per_class():
+    pixels = {3: [(0, np.array([2.0, -1.0]), np.array([-3.0, 1.0, -2.0, -4.0])),
+                  (1, np.array([0.5]), np.array([-0.5]))],
+              7: [(1, np.array([1.0, 2.0]), np.array([1.0]))]}
+    shares = report.positive_share(pixels)
+    # class 3: 2 of 3 object pixels and 1 of 5 others positive; class 7: all of both
+    assert shares["object"] == pytest.approx((2 / 3 + 1) / 2)
+    assert shares["rest"] == pytest.approx((1 / 5 + 1) / 2)
+    # AUC per image: class 3 image 0: 2 beats all 4 others, -1 beats 3 of 4; image 1: 1;
+    # class 7: 1.0 ties 1.0 (counts half), 2.0 beats it
+    assert shares["auc"] == pytest.approx(((7 / 8 + 1) / 2 + 0.75) / 2)
+
+
 def test_prior_recall_ranks_classes_by_frequency():
     # class 2 most frequent, then 0: one-label images of class 2 are found, of class 5 not
     assert report.prior_recall([[2], [2], [0, 2], [5]]) == pytest.approx((1 + 1 + 1 + 0) / 4)
@@ -383,8 +396,9 @@ def test_quick_demo_end_to_end(tmp_path):
     assert "with adam (lr 0.0002, dropout 0, 2 epochs)" in text
     assert "CAM sgd at lr 0.0002 for 3 epochs, ICD sgd at lr 0.0002 for 3 epochs" in text
     assert "| cam | vgg16_cam | 0.125 | 48 | 8 | sgd | 0.0002 | 0.9 | 0.0005 | 0.5 | 3 |" in text
-    assert "30 epochs" not in text and "1e-4" not in text and "3e-4" not in text
+    assert "20 epochs" not in text and "1e-4" not in text and "3e-4" not in text
     assert "1000 resamples" in text and "→ epoch 3 L_cam" in text
+    assert "| bottom-up S |" in text and "| top-down S'' |" in text
     figures = os.path.join(settings.out, "report", "figures")
     for name in ("threshold_study_train.png", "threshold_study_val.png", "class_ap_train.png",
                  "class_ap_val.png", "seed_overlays_train.png", "seed_overlays_val.png",
@@ -425,6 +439,9 @@ def test_quick_demo_end_to_end(tmp_path):
            for v in stats["pixel_scores"]["scores_icd"].values()]
     assert np.nanmean(aps) == pytest.approx(evaluation["pixel_ap"]["icd"]["map"], abs=1e-12)
     assert numbers["bootstrap"]["ap_binning_error"] < 0.005
+    # the sign table counts the same pixels as Table 1's AP (object = gt == class)
+    shares = report.positive_share(stats["pixel_scores"]["scores_icd"])
+    assert numbers["positive_share"]["train"]["scores_icd"] == pytest.approx(shares)
     # a second run skips every finished step and only rewrites the report
     again = demo.run(settings)
     assert [again[s]["action"] for s in demo.STEPS[:-1]] == ["skip"] * (len(demo.STEPS) - 1)

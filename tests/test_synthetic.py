@@ -10,7 +10,7 @@ from icd.commands import superpixels as superpixels_command
 from icd.commands import synthetic as synthetic_command
 from icd.data.dataset import train_loader
 from icd.data.superpixels import NUM_SUPERPIXEL_IDS
-from icd.data.synthetic import _place_objects, make_synthetic_voc, synthesize
+from icd.data.synthetic import OBJECT_AREA, _place_objects, make_synthetic_voc, synthesize
 from icd.data.voc import VOC_CLASSES, read_image, read_image_labels, read_list
 
 
@@ -65,6 +65,15 @@ def test_objects_have_a_small_visible_discriminative_part(classes):
             assert 0.07 <= marker.sum() / body.sum() <= 0.17
             for _, later_body, _ in placed[n + 1:]:
                 assert not (later_body & marker).any()  # never hidden by a later object
+
+
+def test_objects_cover_voc_like_shares_of_the_image():
+    for seed in range(8):
+        (_, alone, _), = _place_objects(np.random.default_rng(seed), 112, 112, [3])
+        assert OBJECT_AREA["single"][0] - 0.05 <= alone.mean() <= OBJECT_AREA["single"][1] + 0.05
+        for _, body, _ in _place_objects(np.random.default_rng(seed), 112, 112, [0, 4, 5]):
+            assert OBJECT_AREA["several"][0] - 0.04 <= body.mean() <= \
+                OBJECT_AREA["several"][1] + 0.04
 
 
 def test_synthesize_boxes_and_mask():

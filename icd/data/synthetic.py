@@ -36,6 +36,7 @@ MARKER_SHAPES = ("disc", "triangle", "square", "cross", "ring", "diamond")
 MARKER_COLOURS = ((225, 30, 30), (30, 70, 235), (30, 195, 45),
                   (245, 220, 20), (225, 40, 225), (20, 215, 225))
 MARKER_AREA = (0.10, 0.15)  # fraction of the object's area
+OBJECT_AREA = {"single": (0.20, 0.40), "several": (0.07, 0.14)}  # fraction of the image's area
 SINGLE_CLASS_FRACTION = 0.7
 BACKGROUND_TEXTURES = ("brick", "grass", "gravel", "moon", "coins", "page", "coffee", "rocket",
                        "immunohistochemistry", "hubble_deep_field")
@@ -154,13 +155,13 @@ def _place_objects(rng: np.random.Generator, h: int, w: int, classes: Sequence[i
     """(class position, body mask, marker mask) per placed object, bottom to top.
 
     A new object may cover at most 15% of an earlier body and none of an earlier marker;
-    an object that finds no such place in 30 tries is left out.
+    an object that finds no such place in 100 tries is left out.
     """
     single = len(classes) == 1
     placed: List[Tuple[int, np.ndarray, np.ndarray]] = []
     for k in classes:
-        for _ in range(30):
-            area = rng.uniform(0.08, 0.22) if single else rng.uniform(0.05, 0.13)
+        for _ in range(100):
+            area = rng.uniform(*OBJECT_AREA["single" if single else "several"])
             body = _body_mask(rng, h, w, area * h * w)
             covers_marker = any((body & ndimage.binary_dilation(m, iterations=2)).any()
                                 for _, _, m in placed)
