@@ -43,6 +43,7 @@ class Config:
     # devices, bookkeeping
     gpus: str = ""
     cpus: int = 0
+    kvstore: str = "device"               # dist_sync_device: several machines (tools/launch.py)
     num_workers: int = 4
     seed: int = 0
     snapshot: str = "./snapshot/icd"

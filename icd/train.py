@@ -38,6 +38,7 @@ from .checkpoint import initialize, load_checkpoint, save_checkpoint
 from .cli import parse_devices
 from .config import Config
 from .data.dataset import train_loader
+from . import distributed as dist
 from .io import atomic_path, deferred_interrupt, read_json, remove_stale_temporaries, write_json
 from .model import build_model, ops
 from .model.losses import top_down_warmup
@@ -200,7 +201,7 @@ OPTIMIZERS = ("sgd", "adam")
 
 
 def make_trainer(net: gluon.Block, learning_rate: float, momentum: float, wd: float,
-                 optimizer: str = "sgd") -> gluon.Trainer:
+                 optimizer: str = "sgd", kvstore="device") -> gluon.Trainer:
     """SGD with the release's semantics (lr_mult / wd_mult are set by the model).
 
     `optimizer="adam"` (no momentum argument) exists only to produce a stand-in for the ImageNet
@@ -212,6 +213,7 @@ def make_trainer(net: gluon.Block, learning_rate: float, momentum: float, wd: fl
     store lazily at the first step by copying device 0's value of every parameter it holds to all
     devices, which would overwrite the other devices' BatchNorm statistics of that step (the
     release's Module keeps one set per device and averages them when saving).
+    A dist `kvstore` (icd.distributed) only sums gradients: each worker updates its own weights.
     """
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {optimizer!r}; one of {OPTIMIZERS}")
@@ -219,7 +221,8 @@ def make_trainer(net: gluon.Block, learning_rate: float, momentum: float, wd: fl
     settings = {"learning_rate": learning_rate, "wd": wd}
     if optimizer == "sgd":
         settings["momentum"] = momentum
-    return gluon.Trainer(params, optimizer, settings, kvstore="device")
+    return gluon.Trainer(params, optimizer, settings, kvstore=kvstore,
+                         update_on_kvstore=False if kvstore != "device" else None)
 
 
 def label_recall(prob, label):
@@ -308,47 +311,61 @@ def train(cfg: Config) -> Dict[str, object]:
     when the snapshot folder holds checkpoints this run would mix with (see `start_run`).
     """
     contexts = parse_devices(cfg.gpus, cfg.cpus)
+    workers = dist.Workers(cfg.kvstore)
+    with dist.failures_end_the_process(workers, {TrainingDiverged: 3, KeyboardInterrupt: 130}):
+        return _train(cfg, contexts, workers)
+
+
+def _train(cfg: Config, contexts: List[mx.Context], workers: dist.Workers) -> Dict[str, object]:
     mx.random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     loader = train_loader(cfg.image_root, cfg.superpixel_root, cfg.annotation_root,
                           cfg.data_list, image_size=cfg.image_size, batch_size=cfg.batch_size,
-                          num_workers=cfg.num_workers, seed=cfg.seed)
+                          num_workers=cfg.num_workers, seed=cfg.seed, shard=workers.shard)
     num_images = len(loader._dataset)
-    iters_per_epoch = num_images // cfg.batch_size
-    warmup_iters = cfg.warmup_epochs * num_images // cfg.batch_size   # release: 2 N // B
-    log_every = cfg.log_frequency or max(num_images // (cfg.batch_size * 20), 5)
+    batch_size = cfg.batch_size * workers.num_workers   # the global batch
+    iters_per_epoch = num_images // batch_size
+    warmup_iters = cfg.warmup_epochs * num_images // batch_size   # release: 2 N // B
+    log_every = cfg.log_frequency or max(num_images // (batch_size * 20), 5)
+    num_devices = len(contexts) * workers.num_workers
 
     net = build_model(cfg.model, **cfg.model_options)
-    run = start_run(cfg)
+    run = start_run(cfg) if workers.rank == 0 else None
+    workers.barrier()   # the others read the folder once rank 0 has checked and cleaned it
+    run = run or {"run": None, "records": [], "record": read_run_record(
+        cfg, cfg.begin_epoch - 1) if cfg.begin_epoch > 0 else None}
     records = run["records"]
     if cfg.begin_epoch > 0:
         load_checkpoint(net, checkpoint_path(cfg, cfg.begin_epoch - 1), contexts)
     else:
         initialize(net, contexts, cfg.pretrained)
     net.hybridize(static_alloc=True, static_shape=True)
-    trainer = make_trainer(net, cfg.learning_rate, cfg.momentum, cfg.wd, cfg.optimizer)
+    trainer = make_trainer(net, cfg.learning_rate, cfg.momentum, cfg.wd, cfg.optimizer,
+                           workers.trainer_kvstore)
     if cfg.begin_epoch > 0:
         states = checkpoint_path(cfg, cfg.begin_epoch - 1, "states")
         if not os.path.isfile(states):
             raise FileNotFoundError(f"{states}: optimizer states of the resumed epoch not found")
         trainer.load_states(states)
     icd = hasattr(net, "share_key")
-    store = None
-    if icd and len(contexts) > 1:   # release: one moving mean in a store shared by the devices
+    store = exchange = None
+    if icd and num_devices > 1:   # release: one moving mean in a store shared by the devices
         store = ops.share_moving_mean(net.share_key,
                                       net.icd_accum_resign_moving_mean.data(contexts[0]), contexts)
         saved = (run["record"] or {}).get("sign_flip_store")
         if saved is not None:   # the checkpoint holds the devices' average, not the store
             store.master[:] = mx.nd.array(saved, dtype=np.float32)
-    if len(contexts) > 1 and run["record"]:
-        restore_device_states(net, run["record"].get("device_states"), contexts,
-                              checkpoint_path(cfg, cfg.begin_epoch - 1, "json"))
+        exchange = dist.SignFlipExchange(workers, store, net.icd_accum_resign_moving_mean)
+    if num_devices > 1 and run["record"]:
+        restore_device_states(net, dist.local_device_states(
+            workers, run["record"].get("device_states"), len(contexts)), contexts,
+            checkpoint_path(cfg, cfg.begin_epoch - 1, "json"))
     figures = RunningFigures(contexts[0])
     saved_epoch = cfg.begin_epoch - 1
     epoch = cfg.begin_epoch
     try:
         for epoch in range(cfg.begin_epoch, cfg.num_epoch):
-            reseed(cfg.seed, epoch)
+            reseed(dist.worker_seed(cfg.seed, workers.rank), epoch)
             lr = poly_lr(cfg.learning_rate, epoch, cfg.num_epoch)
             trainer.set_learning_rate(lr)
             loader.set_epoch(epoch)
@@ -367,11 +384,14 @@ def train(cfg: Config) -> Dict[str, object]:
                                         net(*[inputs[n][d] for n in net.input_names])))
                                for d in range(len(contexts))]
                 autograd.backward([out["loss"] for out in outputs])
-                trainer.step(cfg.batch_size)
+                trainer.step(batch_size)
+                if exchange is not None:
+                    exchange.after_step()
                 batch_figures = BatchFigures(outputs, inputs["label"], contexts[0])
                 figures.add(batch_figures)
                 epoch_figures.add(batch_figures)
                 if (i + 1) % log_every == 0:
+                    dist.reduce_figures(workers, figures)
                     now = _checked(figures.read(), epoch, iteration, cfg)
                     log.info("epoch %d batch %d lr %.3g warm %.3g cam_loss %.4f td_loss %.4f "
                              "recall %.3f icd [%s, %s] %.2f img/s", epoch, i + 1, lr, warm,
@@ -381,23 +401,29 @@ def train(cfg: Config) -> Dict[str, object]:
                                     img_s=f"{now['images_per_s']:.1f}")
                     figures.reset()
             bar.close()
+            dist.reduce_figures(workers, epoch_figures)
             done = _checked(epoch_figures.read(), epoch, iteration, cfg)
             records.append(dict(epoch=epoch, run=run["run"], lr=lr, warm=warm,
                                 seconds=time.time() - started, **done))
             with deferred_interrupt():   # the checkpoint's files, rotation and log go together
-                _demo_image(cfg, epoch, batch[0], batch[2],
-                            {k: v for k, v in outputs[0].items()})
-                save_checkpoint(net, checkpoint_path(cfg, epoch))
-                with atomic_path(checkpoint_path(cfg, epoch, "states")) as tmp:
-                    trainer.save_states(tmp)
-                write_json(checkpoint_path(cfg, epoch, "json"), dict(
-                    run=run["run"], epoch=epoch, seed=cfg.seed,
-                    generators="reseeded at each epoch start from (seed, epoch)",
-                    sign_flip_store=None if store is None else store.master.asnumpy().tolist(),
-                    device_states=device_states(net) if len(contexts) > 1 else None,
-                    config=dataclasses.asdict(cfg)))
-                rotate_checkpoints(cfg, run["run"])
-                write_json(_log_path(cfg), records)
+                states = dist.all_device_states(workers, device_states(net)) \
+                    if num_devices > 1 else None   # collective, like the checkpoint's average
+                if workers.num_workers == 1:
+                    save_checkpoint(net, checkpoint_path(cfg, epoch))
+                else:   # collective: BatchNorm statistics averaged over all workers' devices
+                    dist.save_checkpoint(workers, net, checkpoint_path(cfg, epoch))
+                if workers.rank == 0:
+                    _demo_image(cfg, epoch, batch[0], batch[2],
+                                {k: v for k, v in outputs[0].items()})
+                    with atomic_path(checkpoint_path(cfg, epoch, "states")) as tmp:
+                        trainer.save_states(tmp)
+                    write_json(checkpoint_path(cfg, epoch, "json"), dict(
+                        run=run["run"], epoch=epoch, seed=cfg.seed,
+                        generators="reseeded at each epoch start from (seed, epoch)",
+                        sign_flip_store=None if store is None else store.master.asnumpy().tolist(),
+                        device_states=states, config=dataclasses.asdict(cfg)))
+                    rotate_checkpoints(cfg, run["run"])
+                    write_json(_log_path(cfg), records)
                 saved_epoch = epoch
             log.info("epoch %d done: %s", epoch, json.dumps(records[-1]))
     except KeyboardInterrupt:

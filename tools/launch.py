@@ -1,0 +1,183 @@
+#!/usr/bin/env python
+"""Start a parameter-server job with MXNet's own launcher (mxnet/tools/launch.py + dmlc_tracker).
+
+  python tools/launch.py -n 2 -s 1 --launcher local -- python tools/train_icd.py \
+      --config experiments/synthetic_demo.yaml --kvstore dist_sync_device
+  python tools/launch.py -n 4 -s 2 --launcher ssh -H hosts -- python tools/train_icd.py ...
+
+Options are MXNet's (-n workers, -s servers, --launcher local|ssh|mpi|sge|yarn and slurm,
+-H hostfile, --env-worker/--env-server VAR:VALUE, --sync-dst-dir); the `--` before the command is
+optional. What this entry point adds to MXNet's launcher, and nothing else:
+  - dmlc_tracker on Python >= 3.9: `Thread.isAlive` (removed from Python) is restored;
+  - `--launcher slurm`: dmlc_tracker has it, MXNet's option list lacks it;
+  - the scheduler address: DMLC_PS_ROOT_URI and the first free port from DMLC_PS_ROOT_PORT when
+    set (the tracker otherwise takes this machine's outward address and the first free port from
+    9091); `--launcher local`
+    keeps every process on 127.0.0.1;
+  - the job's status: the tracker waits for the scheduler only and ignores the workers' status, so
+    a dead worker leaves the others blocked in the key-value store for ever. Here the first worker
+    (or server, scheduler) that exits with an error ends every process this launcher started
+    (SIGTERM, SIGKILL after GRACE_SECONDS) and the launcher exits with that status; when all
+    workers have finished, servers and scheduler still running after GRACE_SECONDS are ended.
+    Ctrl-C or SIGTERM to the launcher ends the job the same way (exit 130 / 143).
+"""
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import dmlc_tracker.sge
+import dmlc_tracker.slurm
+from dmlc_tracker import tracker
+import mxnet
+
+GRACE_SECONDS = 10.0   # from SIGTERM to SIGKILL, and for servers after the last worker
+POLL_SECONDS = 0.2
+
+threading.Thread.isAlive = threading.Thread.is_alive   # dmlc_tracker/tracker.py still calls it
+
+
+class _Job:
+    """Every process the tracker starts (through subprocess), with its DMLC_ROLE."""
+
+    def __init__(self):
+        self.children = []   # (role, Popen)
+        self.lock = threading.Lock()
+        self.status = None   # the job's exit status once decided
+
+    def popen(self):
+        job = self
+
+        class Popen(subprocess.Popen):
+            def __init__(self, args, *rest, **kwargs):
+                super().__init__(args, *rest, **kwargs)
+                env = kwargs.get("env") or os.environ
+                text = args if isinstance(args, str) else " ".join(map(str, args))
+                role = "worker" if "DMLC_ROLE=worker" in text else env.get("DMLC_ROLE", "")
+                with job.lock:
+                    job.children.append((role, self))
+        return Popen
+
+    def end(self, status: int) -> None:
+        """Decide the job's status (the first decision stands) and end every process left."""
+        with self.lock:
+            if self.status is None:
+                self.status = status
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            pids = _descendants(os.getpid())
+            if not pids:
+                return
+            for pid in pids:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            deadline = time.time() + GRACE_SECONDS
+            while time.time() < deadline and _descendants(os.getpid()):
+                time.sleep(POLL_SECONDS)
+
+    def running(self, role: str) -> bool:
+        with self.lock:
+            return any(p.returncode is None for r, p in self.children if r == role)
+
+    def failure(self) -> int:
+        """Exit status of the first process that failed (128 + signal if killed), else 0."""
+        with self.lock:
+            codes = [p.returncode for _, p in self.children if p.returncode not in (None, 0)]
+        return (codes[0] if codes[0] > 0 else 128 - codes[0]) if codes else 0
+
+    def watch(self) -> None:
+        """End the job at the first failure, or after the last worker's success."""
+        finished_at = None
+        while self.status is None:
+            with self.lock:
+                workers = [p for role, p in self.children if role == "worker"]
+            if self.failure():
+                self.end(self.failure())
+            elif workers and all(p.returncode == 0 for p in workers):
+                finished_at = finished_at or time.time()
+                if time.time() - finished_at > GRACE_SECONDS:
+                    self.end(0)
+            time.sleep(POLL_SECONDS)
+
+
+def _descendants(root: int) -> list:
+    """Pids of every living descendant of `root` (from /proc), children before grandchildren."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[0] != "Z":
+                parents.setdefault(int(fields[1]), []).append(int(entry))
+    found, frontier = [], [root]
+    while frontier:
+        frontier = [child for pid in frontier for child in parents.get(pid, [])]
+        found += frontier
+    return found
+
+
+def _mxnet_launch():
+    """MXNet's launcher module, shipped in the wheel as mxnet/tools/launch.py (not a package)."""
+    path = os.path.join(os.path.dirname(mxnet.__file__), "tools", "launch.py")
+    spec = importlib.util.spec_from_file_location("mxnet_tools_launch", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _argv(argv):
+    """MXNet's arguments: `--` dropped, `--launcher slurm` routed to dmlc_tracker's slurm."""
+    argv = list(argv)
+    if "--" in argv:
+        argv.remove("--")
+    launcher = [i for i, a in enumerate(argv[:-1]) if a == "--launcher"]
+    if launcher and argv[launcher[0] + 1] == "slurm":
+        argv[launcher[0] + 1] = "sge"                        # MXNet's list lacks slurm ...
+        dmlc_tracker.sge.submit = dmlc_tracker.slurm.submit   # ... dmlc_tracker has it
+    if launcher and argv[launcher[0] + 1] == "local" or any(a == "--launcher=local" for a in argv):
+        os.environ.setdefault("DMLC_PS_ROOT_URI", "127.0.0.1")
+        os.environ.setdefault("DMLC_NODE_HOST", "127.0.0.1")   # ps-lite's own address
+    return argv
+
+
+def _scheduler_address() -> None:
+    """Honour DMLC_PS_ROOT_URI / DMLC_PS_ROOT_PORT for the scheduler the tracker starts."""
+    uri, port = os.environ.get("DMLC_PS_ROOT_URI"), os.environ.get("DMLC_PS_ROOT_PORT")
+    if uri:
+        tracker.get_host_ip = lambda host_ip=None: uri
+    if port:
+        defaults = tracker.PSTracker.__init__.__defaults__   # (port, port_end, envs)
+        tracker.PSTracker.__init__.__defaults__ = (int(port), int(port) + 100) + defaults[2:]
+
+
+def main(argv=None) -> int:
+    argv = _argv(sys.argv[1:] if argv is None else argv)
+    _scheduler_address()
+    job = _Job()
+    subprocess.Popen = job.popen()
+    for sig, status in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
+        signal.signal(sig, lambda *_, status=status: threading.Thread(
+            target=job.end, args=(status,), daemon=True).start())
+    watcher = threading.Thread(target=job.watch, daemon=True)
+    watcher.start()
+    launch = _mxnet_launch()
+    sys.argv = [launch.__file__] + argv
+    try:
+        launch.main()   # returns when the scheduler has exited
+    finally:
+        deadline = time.time() + GRACE_SECONDS   # workers may still be leaving the store
+        while time.time() < deadline and job.running("worker") and not job.failure():
+            time.sleep(POLL_SECONDS)
+        job.end(job.failure())
+    return job.status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
