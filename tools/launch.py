@@ -29,6 +29,7 @@ import sys
 import threading
 import time
 
+import dmlc_tracker.opts
 import dmlc_tracker.sge
 import dmlc_tracker.slurm
 from dmlc_tracker import tracker
@@ -132,19 +133,50 @@ def _mxnet_launch():
     return module
 
 
+_VALUED = ("-n", "--num-workers", "-s", "--num-servers", "-H", "--hostfile", "--sync-dst-dir",
+           "--launcher", "--env-server", "--env-worker", "--env")   # MXNet's launcher options
+
+
 def _argv(argv):
-    """MXNet's arguments: `--` dropped, `--launcher slurm` routed to dmlc_tracker's slurm."""
+    """MXNet's arguments with `--` before the command (inserted before the first word that is not
+    a launcher option: MXNet's parser would otherwise also take the command's own options, such
+    as train_icd.py's --num-workers), and `--launcher slurm` routed to dmlc_tracker's slurm."""
     argv = list(argv)
-    if "--" in argv:
-        argv.remove("--")
-    launcher = [i for i, a in enumerate(argv[:-1]) if a == "--launcher"]
-    if launcher and argv[launcher[0] + 1] == "slurm":
-        argv[launcher[0] + 1] = "sge"                        # MXNet's list lacks slurm ...
+    options = {}   # name -> (value, its position)
+    i = 0
+    while i < len(argv) and argv[i] != "--":
+        name, _, value = argv[i].partition("=")
+        if name in _VALUED:
+            at = i if "=" in argv[i] else i + 1
+            options[name] = (argv[at].partition("=")[2] if at == i else
+                             argv[at] if at < len(argv) else "", at)
+            i = at + 1
+        elif name in ("--p3", "-h", "--help"):
+            i += 1
+        else:
+            argv.insert(i, "--")
+            break
+    launcher, at = options.get("--launcher", ("ssh", None))   # MXNet's default: ssh
+    if launcher == "slurm":
+        argv[at] = argv[at].replace("slurm", "sge")           # MXNet's list lacks slurm ...
         dmlc_tracker.sge.submit = dmlc_tracker.slurm.submit   # ... dmlc_tracker has it
-    if launcher and argv[launcher[0] + 1] == "local" or any(a == "--launcher=local" for a in argv):
+    if launcher == "local":
         os.environ.setdefault("DMLC_PS_ROOT_URI", "127.0.0.1")
         os.environ.setdefault("DMLC_NODE_HOST", "127.0.0.1")   # ps-lite's own address
     return argv
+
+
+def _command_after_separator(command) -> None:
+    """dmlc_tracker parses MXNet's options followed by the command again, with the command's
+    options mixed in (a training's --num-workers became the job's); put `--` before it."""
+    get_opts = dmlc_tracker.opts.get_opts
+
+    def separated(args=None):
+        n = len(command)
+        if args is not None and n and list(args[-n:]) == command:
+            args = list(args[:-n]) + ["--"] + command
+        return get_opts(args)
+    dmlc_tracker.opts.get_opts = separated
 
 
 def _scheduler_address() -> None:
@@ -159,6 +191,7 @@ def _scheduler_address() -> None:
 
 def main(argv=None) -> int:
     argv = _argv(sys.argv[1:] if argv is None else argv)
+    _command_after_separator(argv[argv.index("--") + 1:] if "--" in argv else [])
     _scheduler_address()
     job = _Job()
     subprocess.Popen = job.popen()
