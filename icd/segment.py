@@ -24,6 +24,7 @@ from tqdm import tqdm
 from .crf import dense_crf
 from .data.transforms import INFER_SIZE, PAD_VALUE
 from .data.voc import read_image, read_list, write_image
+from .distributed import shard_names
 from .evaluate import SEG_CLASSES, evaluate_seeds, overlay
 from .io import atomic_path, write_json
 
@@ -136,15 +137,15 @@ def write_label_map(path: str, labels: np.ndarray) -> None:
 def segment(net: mx.gluon.Block, image_root: str, data_list: str, out_dir: str,
             contexts: Sequence[mx.Context], options: Optional[SegmentOptions] = None,
             infer_size: int = INFER_SIZE, batch_size: int = 4,
-            overwrite: bool = False) -> List[str]:
+            overwrite: bool = False, shard: Tuple[int, int] = (0, 1)) -> List[str]:
     """Predict every image `<image_root>/<name>.jpg` of `data_list`.
 
     Writes `<out_dir>/pred/<name>.png` (ids) and `<out_dir>/overlay/<name>.jpg` (colours),
     each atomically. Images whose prediction exists are skipped unless `overwrite` (resumable).
-    Returns the names of the list.
+    Returns the names of the list (of shard (I, N) of it: icd.distributed.shard_names).
     """
     options = options or SegmentOptions()
-    names = read_list(data_list)
+    names = shard_names(read_list(data_list), shard)
     todo = [n for n in names
             if overwrite or not os.path.isfile(os.path.join(out_dir, "pred", n + ".png"))]
     for start in tqdm(range(0, len(todo), batch_size), desc=f"segment -> {out_dir}",

@@ -19,6 +19,7 @@ from mxnet.base import MXNetError
 from icd.checkpoint import load_checkpoint
 from icd.cli import parse_devices
 from icd.config import add_arguments, load_config
+from icd.distributed import parse_shard
 from icd.model import build_model
 from icd.segment import MULTI_SCALES, SegmentOptions, evaluate_predictions, segment
 from icd.train import checkpoint_path
@@ -45,6 +46,7 @@ def main(argv=None) -> int:
     parser.add_argument("--supervision", default="I.", choices=("I.", "I.+S."),
                         help="label of this run in the table: I. (CRF seeds) or I.+S. "
                              "(saliency seeds) (default I.)")
+    parser.add_argument("--shard", type=parse_shard, default=(0, 1), help="I/N: shard I of N of the list; no evaluation")
     parser.add_argument("--workers", type=int, default=1,
                         help="evaluation processes (default 1)")
     args = vars(parser.parse_args(argv))
@@ -53,7 +55,7 @@ def main(argv=None) -> int:
     options = SegmentOptions(scales=args.pop("scales"), flip=args.pop("flip"),
                              crf=args.pop("crf"))
     skip, gt_root = args.pop("skip_existing"), args.pop("gt_root")
-    supervision, workers = args.pop("supervision"), args.pop("workers")
+    supervision, workers, shard = args.pop("supervision"), args.pop("workers"), args.pop("shard")
     try:
         cfg = load_config(args.pop("config"), **args)
         params = params or checkpoint_path(cfg, cfg.num_epoch - 1 if epoch is None else epoch)
@@ -63,9 +65,9 @@ def main(argv=None) -> int:
         load_checkpoint(net, params, contexts)
         net.hybridize(static_alloc=True)
         names = segment(net, cfg.image_root, cfg.data_list, out, contexts, options,
-                        cfg.infer_size, cfg.infer_batch_size, overwrite=not skip)
+                        cfg.infer_size, cfg.infer_batch_size, overwrite=not skip, shard=shard)
         logging.info("wrote predictions of %d images to %s", len(names), out)
-        if gt_root:
+        if gt_root and shard[1] == 1:   # a shard cannot be evaluated alone
             report = evaluate_predictions(out, gt_root, cfg.data_list, cfg.model, supervision,
                                           workers)
             logging.info("mIoU %.1f%% (%s)", 100 * report["miou"], os.path.join(out, "eval.md"))

@@ -7,6 +7,7 @@
 import argparse
 import os
 
+from icd.distributed import parse_shard
 from icd.seeds import INFER_SIZE, make_seeds
 
 
@@ -27,12 +28,13 @@ def main() -> None:
                              "for Table 3; their seeds go to seeds/<variant>_icd_bu...)")
     parser.add_argument("--cam-scores", default="scores_cam")
     parser.add_argument("--out", default=None, help="output folder (default: see --icd-scores)")
+    parser.add_argument("--shard", type=parse_shard, default=(0, 1), help="I/N: shard I of N of the list")
     args = parser.parse_args()
     summary = make_seeds(args.results, args.image_root, args.annotation_root, args.data_list,
                          saliency_root=args.saliency_root, infer_size=args.infer_size,
                          workers=args.workers, crf=not args.no_crf, overwrite=args.overwrite,
                          icd_folder=args.icd_scores, cam_folder=args.cam_scores,
-                         out_dir=args.out)
+                         out_dir=args.out, shard=args.shard)
     print(f"{summary['written']} written, {summary['skipped']} kept -> {summary['out_dir']}")
 
 

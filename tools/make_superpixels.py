@@ -2,6 +2,7 @@
 """Superpixels of a list of images: Felzenszwalb + greedy merge to <= 64 (icd.data.superpixels)."""
 import argparse
 
+from icd.distributed import parse_shard
 from icd.data.superpixels import make_feature_factory, make_superpixels
 
 
@@ -17,10 +18,11 @@ def main() -> None:
     features.add_argument("--features", choices=["colour"],
                           help="network-free features: centred Lab colour + position")
     parser.add_argument("--overwrite", action="store_true", help="recompute existing PNGs")
+    parser.add_argument("--shard", type=parse_shard, default=(0, 1), help="I/N: shard I of N of the list")
     args = parser.parse_args()
     written = make_superpixels(args.image_root, args.data_list, args.out,
                                feature_factory=make_feature_factory(args.pretrained),
-                               workers=args.workers, overwrite=args.overwrite)
+                               workers=args.workers, overwrite=args.overwrite, shard=args.shard)
     print(f"wrote {len(written)} superpixel maps to {args.out}")
 
 

@@ -14,6 +14,7 @@ from typing import Iterator, List, Tuple, Union
 import numpy as np
 from mxnet import gluon
 
+from ..distributed import shard_names
 from .superpixels import MAX_REGIONS, read_superpixels
 from .transforms import INFER_SIZE, TRAIN_SIZE, infer_transform, train_transform
 from .voc import multi_hot, read_image, read_image_labels, read_list
@@ -148,12 +149,14 @@ class InferDataset(_SuperpixelImages):
     """
 
     def __init__(self, image_root: str, superpixel_root: str, annotation_root: str,
-                 data_list: str, image_size: int = INFER_SIZE, batch_size: int = 4):
+                 data_list: str, image_size: int = INFER_SIZE, batch_size: int = 4,
+                 shard: Tuple[int, int] = (0, 1)):
         super().__init__(image_root, superpixel_root, annotation_root, data_list)
         self.image_size = image_size
+        indices = shard_names(range(len(self.names)), shard)   # shard (I, N) of the list
         # release: the list is padded by repeating its head to a multiple of the batch size
-        padded = -(-len(self.names) // batch_size) * batch_size
-        self.order = [i % len(self.names) for i in range(padded)]
+        padded = -(-len(indices) // batch_size) * batch_size
+        self.order = [indices[i % len(indices)] for i in range(padded)]
 
     def __len__(self) -> int:
         return len(self.order)
@@ -169,9 +172,11 @@ class InferDataset(_SuperpixelImages):
 
 def infer_loader(image_root: str, superpixel_root: str, annotation_root: str, data_list: str,
                  image_size: int = INFER_SIZE, batch_size: int = 4,
-                 num_workers: int = 0) -> gluon.data.DataLoader:
-    """Inference batches in list order (data, superpixels, labels, name indices, (h, w))."""
+                 num_workers: int = 0,
+                 shard: Tuple[int, int] = (0, 1)) -> gluon.data.DataLoader:
+    """Inference batches in list order (data, superpixels, labels, name indices, (h, w)) of
+    shard (I, N) of the list."""
     dataset = InferDataset(image_root, superpixel_root, annotation_root, data_list,
-                           image_size=image_size, batch_size=batch_size)
+                           image_size=image_size, batch_size=batch_size, shard=shard)
     return gluon.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
                                  last_batch="keep", num_workers=num_workers)
