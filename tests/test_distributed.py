@@ -183,8 +183,14 @@ def test_two_workers_step_equals_one_worker_with_two_devices(tiny_voc, tmp_path)
     before = {k: v.asnumpy() for k, v in
               read_params(os.path.join(start, "vgg16_icd-0000.params")).items()}
     (ref, ref_record), (dist, dist_record) = result(tmp_path / "ref"), result(tmp_path / "dist")
-    errors = compare(dist, ref, before)
+    # feat_bn_gamma is ignored by the forward (fix_gamma), which writes 1 into the device's copy
+    # (ORIGINAL_RELEASE.md section 11): its stored value depends on where the update runs (the
+    # one-machine store's copy vs the workers' own), not on the training
+    ignored = "arg:feat_bn_gamma"
+    errors = compare({k: v for k, v in dist.items() if k != ignored},
+                     {k: v for k, v in ref.items() if k != ignored}, before)
     assert summary(errors).endswith("PASS"), summary(errors)
+    assert max(e.error for e in errors) < 1e-6   # in fact the same numbers
     store = np.array(dist_record["sign_flip_store"])
     np.testing.assert_allclose(store, np.array(ref_record["sign_flip_store"]), rtol=1e-6)
     assert np.abs(store - np.array(record["sign_flip_store"])).max() > 1   # it moved
