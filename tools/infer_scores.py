@@ -23,7 +23,8 @@ def main(argv=None) -> int:
     parser.add_argument("--epoch", type=int, help="epoch of the checkpoint (default: num_epoch-1)")
     parser.add_argument("--params", help="checkpoint file (overrides --epoch)")
     parser.add_argument("--out", help="results folder (default <snapshot>/results)")
-    parser.add_argument("--shard", type=parse_shard, default=(0, 1), help="I/N: shard I of N of the list")
+    parser.add_argument("--shard", type=parse_shard, default=(0, 1),
+                        help="I/N: shard I of N of the list")
     args = vars(parser.parse_args(argv))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     epoch, params, out, shard = (args.pop(k) for k in ("epoch", "params", "out", "shard"))

@@ -46,7 +46,8 @@ def main(argv=None) -> int:
     parser.add_argument("--supervision", default="I.", choices=("I.", "I.+S."),
                         help="label of this run in the table: I. (CRF seeds) or I.+S. "
                              "(saliency seeds) (default I.)")
-    parser.add_argument("--shard", type=parse_shard, default=(0, 1), help="I/N: shard I of N of the list; no evaluation")
+    parser.add_argument("--shard", type=parse_shard, default=(0, 1),
+                        help="I/N: shard I of N of the list (then no evaluation)")
     parser.add_argument("--workers", type=int, default=1,
                         help="evaluation processes (default 1)")
     args = vars(parser.parse_args(argv))

@@ -28,7 +28,8 @@ def main() -> None:
                              "for Table 3; their seeds go to seeds/<variant>_icd_bu...)")
     parser.add_argument("--cam-scores", default="scores_cam")
     parser.add_argument("--out", default=None, help="output folder (default: see --icd-scores)")
-    parser.add_argument("--shard", type=parse_shard, default=(0, 1), help="I/N: shard I of N of the list")
+    parser.add_argument("--shard", type=parse_shard, default=(0, 1),
+                        help="I/N: shard I of N of the list")
     args = parser.parse_args()
     summary = make_seeds(args.results, args.image_root, args.annotation_root, args.data_list,
                          saliency_root=args.saliency_root, infer_size=args.infer_size,

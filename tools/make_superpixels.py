@@ -18,7 +18,8 @@ def main() -> None:
     features.add_argument("--features", choices=["colour"],
                           help="network-free features: centred Lab colour + position")
     parser.add_argument("--overwrite", action="store_true", help="recompute existing PNGs")
-    parser.add_argument("--shard", type=parse_shard, default=(0, 1), help="I/N: shard I of N of the list")
+    parser.add_argument("--shard", type=parse_shard, default=(0, 1),
+                        help="I/N: shard I of N of the list")
     args = parser.parse_args()
     written = make_superpixels(args.image_root, args.data_list, args.out,
                                feature_factory=make_feature_factory(args.pretrained),
