@@ -43,7 +43,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import mxnet as mx
 import numpy as np
 
-from .checkpoint import gather, release_key, save_checkpoint as save_local_checkpoint
+from .checkpoint import gather, release_key
 from .io import atomic_path
 from .model.ops import SharedMovingMean, moving_mean_update
 
@@ -166,10 +166,7 @@ def reduce_figures(workers: Workers, figures) -> None:
 def save_checkpoint(workers: Workers, net: mx.gluon.Block, path: str) -> None:
     """`icd.checkpoint.save_checkpoint` over the job: every aux state (BatchNorm statistics, the
     sign-flip means) averaged over every device of every worker, as `gather` averages one
-    machine's devices; collective, rank 0 writes. One worker: `save_checkpoint` itself."""
-    if workers.num_workers == 1:
-        save_local_checkpoint(net, path)
-        return
+    machine's devices; collective (several workers), rank 0 writes."""
     values = gather(net)
     for name, param in net.collect_params().items():
         if param.grad_req != "null":

@@ -53,7 +53,7 @@ from mxnet import autograd, gluon
 from tqdm import tqdm
 
 from . import distributed as dist
-from .checkpoint import initialize, load_checkpoint
+from .checkpoint import initialize, load_checkpoint, save_checkpoint
 from .devices import parse_devices
 from .config import Config
 from .data.dataset import TrainLoader, train_loader
@@ -635,12 +635,16 @@ def _train(cfg: Config, task: Task, contexts: List[mx.Context],
             records.append(dict(epoch=epoch, run=run["run"], lr=epoch_lr, **task.schedule(),
                                 seconds=time.time() - started, **done))
             with deferred_interrupt():   # the checkpoint's files, rotation and log go together
+                if workers.rank == 0:
+                    write_image(_demo_path(cfg, epoch), task.picture(inputs[0], outputs[0]))
                 # collective with several workers: every device's states, their average
                 states = dist.all_device_states(workers, device_states(net)) \
                     if num_devices > 1 else None
-                dist.save_checkpoint(workers, net, checkpoint_path(cfg, epoch))
+                if workers.num_workers == 1:
+                    save_checkpoint(net, checkpoint_path(cfg, epoch))
+                else:
+                    dist.save_checkpoint(workers, net, checkpoint_path(cfg, epoch))
                 if workers.rank == 0:
-                    write_image(_demo_path(cfg, epoch), task.picture(inputs[0], outputs[0]))
                     with atomic_path(checkpoint_path(cfg, epoch, "states")) as tmp:
                         trainer.save_states(tmp)
                     write_json(checkpoint_path(cfg, epoch, "json"), dict(

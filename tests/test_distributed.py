@@ -252,7 +252,7 @@ def test_two_workers_step_equals_one_worker_with_two_devices(tiny_voc, tmp_path)
                       naive)
     assert status == 0, out
     status, out = launch(2, train_flags(tiny_voc, str(tmp_path / "dist"), data_list=data_list,
-                                        cpus=1, batch_size=2, kvstore="dist_sync_device",
+                                        cpus=1, batch_size=2, kvstore="dist_device_sync",
                                         **resume), environment())
     assert status == 0, out
 
@@ -268,7 +268,7 @@ def test_two_workers_step_equals_one_worker_with_two_devices(tiny_voc, tmp_path)
     # one-machine store's copy vs the workers' own), not on the training
     ignored = "arg:feat_bn_gamma"
     errors = compare({k: v for k, v in dist.items() if k != ignored},
-                     {k: v for k, v in ref.items() if k != ignored}, before)
+                     {k: v for k, v in ref.items() if k != ignored}, before.get)
     assert summary(errors).endswith("PASS"), summary(errors)
     assert max(e.error for e in errors) < 1e-6   # in fact the same numbers
     store = np.array(dist_record["sign_flip_store"])
