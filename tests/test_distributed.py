@@ -297,7 +297,7 @@ def test_two_worker_run_is_killed_resumes_and_finishes(tiny_voc, tmp_path):
     assert not os.path.exists(last), "the job ended before it could be killed"
     done = [e for e in range(12) if os.path.exists(os.path.join(snapshot,
                                                                 f"vgg16_icd-{e:04d}.json"))]
-    status, out = run(cmd + [f"--begin-epoch={done[-1] + 1}", "--overwrite=1"], env)
+    status, out = run(cmd + [f"--begin-epoch={done[-1] + 1}", "--overwrite"], env)
     assert status == 0, out
     log = read_json(os.path.join(snapshot, "vgg16_icd-log.json"))
     assert [r["epoch"] for r in log] == list(range(12))
