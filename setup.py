@@ -56,6 +56,7 @@ setup(
         "icd-synthetic = icd.commands.synthetic:main",
         "icd-parity = icd.commands.parity:main",
         "icd-bench = icd.commands.bench:main",
+        "icd-launch = icd.commands.launch:main",
         "icd-demo = icd.demo:main",
     ]},
 )

@@ -47,6 +47,7 @@ class Config:
     # devices, bookkeeping
     gpus: str = ""
     cpus: int = 0
+    kvstore: str = "device"               # dist_device_sync: several machines (icd-launch)
     num_workers: int = 4
     seed: int = 0
     snapshot: str = "./snapshot/icd"
@@ -116,6 +117,9 @@ HELP = {
     "warmup_epochs": "top-down warm-up in epochs",
     "gpus": "GPU ids, e.g. 0,1",
     "cpus": "CPU contexts when --gpus is not given, at least 1 (default: one)",
+    "kvstore": "gradient aggregation: device (the release's) or local on one machine; "
+               "dist_device_sync / dist_sync_device (the same) or dist_sync on several, started "
+               "by icd-launch (README: Training on several machines)",
     "num_workers": "data-loader processes (0 = load in the main process)",
     "seed": "random seed of initialisation, shuffling and augmentation",
     "snapshot": "checkpoint folder",

@@ -1,11 +1,12 @@
-"""Devices of a run: `--gpus 0,1` / `--cpus N` -> MXNet contexts (later kvstore, rank, shard).
+"""Devices of a run: `--gpus 0,1` / `--cpus N` -> MXNet contexts; `--shard I/N` -> the part of
+a list one machine processes (the workers of a training job: icd.distributed).
 
 Every device named is checked to exist, so a wrong flag fails before anything is built.
 """
 from __future__ import annotations
 
 import re
-from typing import List
+from typing import List, Sequence, Tuple
 
 import mxnet as mx
 
@@ -61,3 +62,12 @@ def parse_devices(gpus: str = "", cpus: int = 0) -> List[mx.Context]:
     if gpus:
         return [mx.gpu(i) for i in parse_gpus(gpus)]
     return [mx.cpu(i) for i in range(max(cpus, 1))]
+
+
+def shard_names(names: Sequence[str], shard: Tuple[int, int] = (0, 1)) -> List[str]:
+    """Shard (I, N) of a name list: every N-th name from the I-th; the N shards are disjoint and
+    their union is the list."""
+    index, count = shard
+    if not 0 <= index < count:
+        raise ValueError(f"--shard {index}/{count}: expected I/N with 0 <= I < N")
+    return list(names[index::count])

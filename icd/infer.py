@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from typing import Dict, List, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 import cv2
 import mxnet as mx
@@ -53,8 +53,10 @@ def infer_settings(cfg: Config, params: str) -> Dict[str, object]:
             "superpixel_root": os.path.abspath(cfg.superpixel_root)}
 
 
-def infer(cfg: Config, params: str, out_dir: str, contexts: Sequence[mx.Context]) -> List[str]:
-    """Write the score maps of every image of `cfg.data_list`; returns the image names.
+def infer(cfg: Config, params: str, out_dir: str, contexts: Sequence[mx.Context],
+          shard: Tuple[int, int] = (0, 1)) -> List[str]:
+    """Write the score maps of every image of `cfg.data_list` (of its shard (I, N):
+    icd.devices.shard_names); returns the image names.
 
     Raises ProvenanceError before writing if a score folder holds results of other settings
     (unless cfg.overwrite, which clears them); a failure leaves the folders marked failed.
@@ -64,11 +66,13 @@ def infer(cfg: Config, params: str, out_dir: str, contexts: Sequence[mx.Context]
     net.hybridize(static_alloc=True)
     loader = infer_loader(cfg.image_root, cfg.superpixel_root, cfg.annotation_root,
                           cfg.data_list, image_size=cfg.infer_size,
-                          batch_size=cfg.infer_batch_size, num_workers=cfg.num_workers)
+                          batch_size=cfg.infer_batch_size, num_workers=cfg.num_workers,
+                          shard=shard)
     names = loader._dataset.names
     folders = [os.path.join(out_dir, OUTPUT_FOLDERS[k]) for k in net.output_names
                if k in OUTPUT_FOLDERS]
-    with producing(folders, "infer", infer_settings(cfg, params), cfg.overwrite) as notes:
+    with producing(folders, "infer", infer_settings(cfg, params), cfg.overwrite,
+                   shard) as notes:
         written = _write_scores(net, loader, names, out_dir, contexts, cfg.infer_size,
                                 notes.setdefault("cropped", {}))
     return [n for n in names if n in written]

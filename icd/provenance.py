@@ -13,6 +13,14 @@ killed run stays "running"). A run with the settings of the record continues in 
 a record, refuses unless `overwrite`, which clears the folder's files first. `require_complete`
 is what a reading stage calls: a running or failed record is an error naming the folder; a folder
 without a record (e.g. the release's files) is accepted with a warning, as nothing can be checked.
+
+Shards (`--shard I/N`: N machines writing one folder, icd.devices.shard_names): each shard keeps
+its own record, `<folder>.provenance.shard-I-of-N.json`, and `read_record` merges them: complete
+only when all N shards are, failed when one failed, running otherwise (a shard not started yet
+counts as running); their notes are merged. A run's records replace those of another split (an
+unsharded run removes the shard records; a shard of N removes the unsharded record and shard
+records of another N). `overwrite` is refused for a shard (it would clear the others' files),
+and a shard leaves the folder's temporaries alone (they may be another shard's writes).
 """
 from __future__ import annotations
 
@@ -21,9 +29,10 @@ import hashlib
 import json
 import logging
 import os
+import re
 import socket
 import time
-from typing import Dict, Iterator, List, Mapping, Optional, Sequence
+from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from .io import read_json, remove_stale_temporaries, write_json
 
@@ -47,15 +56,57 @@ def fingerprint(settings: Mapping[str, object]) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
-def record_path(folder: str) -> str:
-    """`<folder>.provenance.json`, the record of `folder`."""
-    return os.path.normpath(folder) + RECORD_SUFFIX
+def record_path(folder: str, shard: Tuple[int, int] = (0, 1)) -> str:
+    """`<folder>.provenance.json`, the record of `folder`, or
+    `<folder>.provenance.shard-I-of-N.json`, that of shard (I, N) of a sharded run."""
+    if shard[1] == 1:
+        return os.path.normpath(folder) + RECORD_SUFFIX
+    return os.path.normpath(folder) + f".provenance.shard-{shard[0]}-of-{shard[1]}.json"
+
+
+def _records(folder: str) -> Dict[Tuple[int, int], dict]:
+    """Every record of `folder`: (I, N) -> record, (0, 1) for the unsharded one."""
+    parent, name = os.path.split(os.path.normpath(folder))
+    pattern = re.compile(re.escape(name) + r"\.provenance\.shard-(\d+)-of-(\d+)\.json")
+    found = {}
+    if os.path.isfile(record_path(folder)):
+        found[(0, 1)] = read_json(record_path(folder))
+    for entry in sorted(os.listdir(parent or ".")) if os.path.isdir(parent or ".") else []:
+        match = pattern.fullmatch(entry)
+        if match:
+            found[(int(match.group(1)), int(match.group(2)))] = \
+                read_json(os.path.join(parent, entry))
+    return found
 
 
 def read_record(folder: str) -> Optional[dict]:
-    """The record of `folder`, or None when it has none."""
-    path = record_path(folder)
-    return read_json(path) if os.path.isfile(path) else None
+    """The record of `folder`, or None when it has none; shard records are merged (module doc):
+    the first one's stage and settings, a merged state and notes, `shards` {"I/N": state}."""
+    records = _records(folder)
+    if set(records) in (set(), {(0, 1)}):
+        return records.get((0, 1))
+    shards = sorted(records, key=lambda s: (s[1], s[0]))
+    first = records[shards[0]]
+    merged = dict(first, notes={}, shards={f"{i}/{n}": records[(i, n)].get("state")
+                                           for i, n in shards})
+    merged.pop("error", None)
+    for shard in shards:
+        for key, value in records[shard].get("notes", {}).items():
+            merged["notes"].setdefault(key, {}).update(value)
+    failed = [f"shard {i}/{n}: {records[(i, n)].get('error')}" for i, n in shards
+              if records[(i, n)].get("state") == "failed"]
+    if len({records[s].get("fingerprint") for s in shards}) > 1:
+        failed.append("the shards' records name different settings")
+    counts = {n for _, n in shards}
+    waiting = [f"{i}/{n}" for n in sorted(counts) for i in range(n) if (i, n) not in records or
+               records[(i, n)].get("state") == "running"]
+    if failed:
+        merged.update(state="failed", error="; ".join(failed))
+    elif waiting:
+        merged.update(state="running", detail=f"shards {', '.join(waiting)} not complete")
+    else:
+        merged.update(state="complete")
+    return merged
 
 
 def _result_files(folder: str) -> List[str]:
@@ -71,7 +122,8 @@ def _differences(old: Mapping[str, object], new: Mapping[str, object]) -> str:
 
 
 def _claim(folder: str, stage: str, settings: Mapping[str, object], overwrite: bool) -> dict:
-    """Check that `stage` with `settings` may write `folder`; clear it if `overwrite` must."""
+    """Check that `stage` with `settings` may write `folder` (its merged record); clear it if
+    `overwrite` must."""
     record = read_record(folder)
     files = _result_files(folder)
     same = record is not None and record.get("fingerprint") == fingerprint(settings)
@@ -96,12 +148,19 @@ def _claim(folder: str, stage: str, settings: Mapping[str, object], overwrite: b
 
 @contextlib.contextmanager
 def producing(folders: Sequence[str], stage: str, settings: Mapping[str, object],
-              overwrite: bool = False) -> Iterator[dict]:
-    """Write `folders` as one run of `stage` with `settings`; yields the record's `notes` dict,
-    which the stage may fill (e.g. images it had to crop) and which is saved with the record.
+              overwrite: bool = False, shard: Tuple[int, int] = (0, 1)) -> Iterator[dict]:
+    """Write `folders` as one run of `stage` with `settings` (shard (I, N) of it: its own record,
+    see the module doc); yields the record's `notes` dict, which the stage may fill (e.g. images
+    it had to crop) and which is saved with the record.
 
-    Raises ProvenanceError (before anything is written) when a folder holds other results.
+    Raises ProvenanceError (before anything is written) when a folder holds other results, or
+    for `overwrite` with a shard.
     """
+    if overwrite and shard[1] > 1:
+        raise ProvenanceError(
+            f"{', '.join(folders)}: --overwrite with --shard {shard[0]}/{shard[1]} would clear "
+            f"the files the other shards write; clear the folder first (an unsharded run with "
+            f"--overwrite, or by hand), then start every shard without --overwrite")
     settings = json.loads(json.dumps(dict(settings)))   # what the record will read back
     earlier = [_claim(folder, stage, settings, overwrite) for folder in folders]
     notes: dict = {}
@@ -115,12 +174,18 @@ def producing(folders: Sequence[str], stage: str, settings: Mapping[str, object]
 
     def save():
         for folder in folders:
-            write_json(record_path(folder), record)
+            write_json(record_path(folder, shard), record)
 
     for folder in folders:
         os.makedirs(folder, exist_ok=True)
-        record_file = record_path(folder)
-        for path in remove_stale_temporaries(folder) + remove_stale_temporaries(
+        for other in _records(folder):   # this run's split replaces any other (module doc)
+            if other != shard and (shard[1] == 1 or other[1] != shard[1]):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(record_path(folder, other))
+        record_file = record_path(folder, shard)
+        # a shard cannot tell its own interrupted writes from another shard's current ones
+        stale = remove_stale_temporaries(folder) if shard[1] == 1 else []
+        for path in stale + remove_stale_temporaries(
                 os.path.dirname(record_file), prefix=os.path.basename(record_file)):
             log.info("%s: removed the temporary file of an interrupted write", path)
     save()
@@ -147,7 +212,8 @@ def require_complete(folder: str, rerun: str) -> Optional[dict]:
                         "them", folder, record_path(folder))
         return None
     if record.get("state") != "complete":
-        why = f" ({record['error']})" if record.get("error") else \
+        why = f" ({record.get('error') or record.get('detail')})" \
+            if record.get("error") or record.get("detail") else \
             f" (started {record.get('started')} by pid {record.get('pid')} on {record.get('host')})"
         raise ProvenanceError(
             f"{folder}: the {record.get('stage')} run that writes it is {record.get('state')}"

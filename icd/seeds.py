@@ -29,6 +29,7 @@ from .crf import dense_crf
 from .data.voc import IGNORE_LABEL, NUM_CLASSES, read_image, read_image_labels, read_list, \
     write_mask
 from .data.transforms import INFER_SIZE
+from .devices import shard_names
 from .provenance import producing, read_record, score_infer_size
 
 EPS = 1e-5                # release: every normaliser floor, proposal and tie tolerance
@@ -299,7 +300,8 @@ def make_seeds(results_dir: str, image_root: str, annotation_root: str, data_lis
                saliency_root: Optional[str] = None, infer_size: Optional[int] = None,
                workers: int = 1, crf: bool = True, overwrite: bool = False,
                icd_folder: str = "scores_icd", cam_folder: str = "scores_cam",
-               out_dir: Optional[str] = None) -> Dict[str, object]:
+               out_dir: Optional[str] = None,
+               shard: Tuple[int, int] = (0, 1)) -> Dict[str, object]:
     """Seeds for every image of `data_list` as single-channel 8-bit label PNGs (`write_mask`).
 
     Reads `<results_dir>/<cam_folder>/<name>.npy`, `<results_dir>/<icd_folder>/<name>.npy`,
@@ -314,12 +316,14 @@ def make_seeds(results_dir: str, image_root: str, annotation_root: str, data_lis
 
     Args:
         workers: processes; <= 1 runs in this process.
+        shard: (I, N): only shard I of N of the list (icd.devices.shard_names); N machines
+            running the N shards into one folder write what one machine writes.
     Returns:
         {"written": n, "skipped": m, "out_dir": out_dir}.
     """
     variant = "sal" if saliency_root is not None else ("crf" if crf else "nocrf")
     out_dir = out_dir or default_seed_dir(results_dir, variant, icd_folder)
-    names = read_list(data_list)
+    names = shard_names(read_list(data_list), shard)
     infer_size = score_infer_size(results_dir, (cam_folder, icd_folder), names, infer_size,
                                   INFER_SIZE)
     scores = {folder: (read_record(os.path.join(results_dir, folder)) or {}).get("fingerprint")
@@ -328,7 +332,7 @@ def make_seeds(results_dir: str, image_root: str, annotation_root: str, data_lis
                     saliency_root=saliency_root and os.path.abspath(saliency_root),
                     image_root=os.path.abspath(image_root),
                     annotation_root=os.path.abspath(annotation_root))
-    with producing([out_dir], "seeds", settings, overwrite):
+    with producing([out_dir], "seeds", settings, overwrite, shard):
         todo = [n for n in names if not os.path.isfile(os.path.join(out_dir, n + ".png"))]
         job = functools.partial(_seed_one, results_dir=results_dir, image_root=image_root,
                                 annotation_root=annotation_root, saliency_root=saliency_root,

@@ -13,7 +13,7 @@ Outputs under `out_dir`: `pred/<name>.png`, single-channel 8-bit PNGs of class i
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import cv2
 import mxnet as mx
@@ -23,6 +23,7 @@ from tqdm import tqdm
 from .crf import dense_crf
 from .data.transforms import INFER_SIZE, PAD_VALUE
 from .data.voc import read_image, read_list, write_image
+from .devices import shard_names
 from .evaluate import SEG_CLASSES, evaluate_seeds, overlay
 from .io import atomic_path, write_json
 
@@ -116,18 +117,19 @@ def write_label_map(path: str, labels: np.ndarray) -> None:
 def segment(net: mx.gluon.Block, image_root: str, data_list: str, out_dir: str,
             contexts: Sequence[mx.Context], scales: Sequence[float] = (1.0,),
             flip: bool = False, crf: bool = False, infer_size: int = INFER_SIZE,
-            batch_size: int = 4, overwrite: bool = False) -> List[str]:
+            batch_size: int = 4, overwrite: bool = False,
+            shard: Tuple[int, int] = (0, 1)) -> List[str]:
     """Predict every image `<image_root>/<name>.jpg` of `data_list` (Config fields `scales`,
     `flip`, `crf`: see the module doc).
 
     Writes `<out_dir>/pred/<name>.png` (ids) and `<out_dir>/overlay/<name>.jpg` (colours),
     each atomically. Images whose prediction exists are skipped unless `overwrite` (resumable).
-    Returns the names of the list.
+    Returns the names of the list (of shard (I, N) of it: icd.devices.shard_names).
     """
     scales = tuple(float(s) for s in scales)
     if not scales or min(scales) <= 0:
         raise ValueError(f"scales must be positive numbers, got {scales}")
-    names = read_list(data_list)
+    names = shard_names(read_list(data_list), shard)
     todo = [n for n in names
             if overwrite or not os.path.isfile(os.path.join(out_dir, "pred", n + ".png"))]
     for start in tqdm(range(0, len(todo), batch_size), desc=f"segment -> {out_dir}",

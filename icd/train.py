@@ -24,6 +24,12 @@ epoch boundary is a function of what the record names and a resumed run is bit-i
 uninterrupted one. A fresh run refuses a folder holding the model's checkpoints unless
 `overwrite`; rotation removes only the current run's checkpoints; the log `<model>-log.json`
 lists only that run's epochs.
+
+Several machines (`kvstore` dist_*, icd.distributed): the loop's hooks serve every task alike.
+The batch is per worker and the schedule follows the global batch (batch x workers); worker r
+reads block r of every global batch; the Trainer only sums gradients over the job; the figures
+are reduced over the workers before they are read; checkpoints average the aux states over every
+device of the job and the run record keeps each device's copy; rank 0 alone writes files.
 """
 from __future__ import annotations
 
@@ -46,6 +52,7 @@ import numpy as np
 from mxnet import autograd, gluon
 from tqdm import tqdm
 
+from . import distributed as dist
 from .checkpoint import initialize, load_checkpoint, save_checkpoint
 from .devices import parse_devices
 from .config import Config
@@ -68,6 +75,11 @@ class TrainingDiverged(RuntimeError):
 
 class TrainingInterrupted(KeyboardInterrupt):
     """Ctrl-C stopped training; the message names the last checkpoint and how to resume it."""
+
+
+# The exit statuses of training (icd.commands.runner's): also those of a worker of several that
+# fails (icd.distributed.failures_end_the_process), so the launcher exits with them.
+EXIT_STATUSES = {TrainingDiverged: 3, KeyboardInterrupt: 130}
 
 
 def poly_lr(base_lr: float, step: int, num_steps: int, power: float = 0.9) -> float:
@@ -216,7 +228,7 @@ OPTIMIZERS = ("sgd", "adam")
 
 
 def make_trainer(net: gluon.Block, learning_rate: float, momentum: float, wd: float,
-                 optimizer: str = "sgd") -> gluon.Trainer:
+                 optimizer: str = "sgd", kvstore="device") -> gluon.Trainer:
     """SGD with the release's semantics (lr_mult / wd_mult are set by the model).
 
     `optimizer="adam"` (no momentum argument) exists only to produce a stand-in for the ImageNet
@@ -228,6 +240,8 @@ def make_trainer(net: gluon.Block, learning_rate: float, momentum: float, wd: fl
     store lazily at the first step by copying device 0's value of every parameter it holds to all
     devices, which would overwrite the other devices' BatchNorm statistics of that step (the
     release's Module keeps one set per device and averages them when saving).
+    A dist `kvstore` (icd.distributed.Workers) only sums gradients: each worker applies the step
+    to its own weights, so its optimizer states go into its .states file as on one machine.
     """
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {optimizer!r}; one of {OPTIMIZERS}")
@@ -235,7 +249,9 @@ def make_trainer(net: gluon.Block, learning_rate: float, momentum: float, wd: fl
     settings = {"learning_rate": learning_rate, "wd": wd}
     if optimizer == "sgd":
         settings["momentum"] = momentum
-    return gluon.Trainer(params, optimizer, settings, kvstore="device")
+    distributed = not isinstance(kvstore, str)
+    return gluon.Trainer(params, optimizer, settings, kvstore=kvstore,
+                         update_on_kvstore=False if distributed else None)
 
 
 class Figures:
@@ -301,16 +317,21 @@ class Task(abc.ABC):
         self.cfg = cfg
 
     @abc.abstractmethod
-    def loader(self) -> TrainLoader:
-        """The training batches, in `input_names` order."""
+    def loader(self, shard: Tuple[int, int] = (0, 1)) -> TrainLoader:
+        """The training batches, in `input_names` order; `shard` (I, N): worker I of N reads
+        block I of every global batch of N x cfg.batch_size (EpochShuffleSampler)."""
 
     def initialize(self, net: gluon.HybridBlock, contexts: List[mx.Context]) -> None:
         """Initialise a fresh run's parameters on `contexts`."""
         initialize(net, contexts, self.cfg.pretrained)
 
     def start(self, net: gluon.HybridBlock, contexts: List[mx.Context],
-              record: Optional[dict]) -> None:
-        """Set up state shared by the devices (after the Trainer; `record`: the resumed run's)."""
+              record: Optional[dict], workers: dist.Workers) -> None:
+        """Set up state shared by the devices of the job (after the Trainer; `record`: the
+        resumed run's)."""
+
+    def after_step(self) -> None:
+        """Called after each optimizer step (collective with several workers)."""
 
     def stop(self, net: gluon.HybridBlock) -> None:
         """Release what `start` set up (always called)."""
@@ -366,27 +387,36 @@ class ICDTask(Task):
     def __init__(self, cfg: Config):
         super().__init__(cfg)
         self.store = None
+        self.exchange = None
         self.warmup_iters = 0
         self.warm = 0.0
 
-    def loader(self) -> TrainLoader:
+    def loader(self, shard=(0, 1)):
         cfg = self.cfg
         loader = train_loader(cfg.image_root, cfg.superpixel_root, cfg.annotation_root,
                               cfg.data_list, image_size=cfg.image_size,
                               batch_size=cfg.batch_size, num_workers=cfg.num_workers,
-                              seed=cfg.seed)
-        # release: W = 2 N // B
-        self.warmup_iters = cfg.warmup_epochs * len(loader._dataset) // cfg.batch_size
+                              seed=cfg.seed, shard=shard)
+        # release: W = 2 N // B, B the global batch
+        self.warmup_iters = cfg.warmup_epochs * len(loader._dataset) // (cfg.batch_size
+                                                                         * shard[1])
         return loader
 
-    def start(self, net, contexts, record):
-        if hasattr(net, "share_key") and len(contexts) > 1:
-            # release: one moving mean in a store shared by the devices
+    def start(self, net, contexts, record, workers):
+        if hasattr(net, "share_key") and len(contexts) * workers.num_workers > 1:
+            # release: one moving mean in a store shared by the devices (of every worker:
+            # icd.distributed.SignFlipExchange)
             self.store = ops.share_moving_mean(
                 net.share_key, net.icd_accum_resign_moving_mean.data(contexts[0]), contexts)
             saved = (record or {}).get("sign_flip_store")
             if saved is not None:   # the checkpoint holds the devices' average, not the store
                 self.store.master[:] = mx.nd.array(saved, dtype=np.float32)
+            self.exchange = dist.SignFlipExchange(workers, self.store,
+                                                  net.icd_accum_resign_moving_mean)
+
+    def after_step(self):
+        if self.exchange is not None:
+            self.exchange.after_step()
 
     def stop(self, net):
         if hasattr(net, "share_key"):
@@ -447,7 +477,7 @@ class SegmentationTask(Task):
     losses = ("seg_loss",)
     lr_per_iteration = True
 
-    def loader(self) -> TrainLoader:
+    def loader(self, shard=(0, 1)):
         cfg = self.cfg
         # a seeds folder whose make_seeds run is running or failed is refused; ground truth
         # (no record) is read with a warning
@@ -455,7 +485,7 @@ class SegmentationTask(Task):
         return segmentation_loader(cfg.image_root, cfg.label_root, cfg.data_list,
                                    crop_size=cfg.image_size, batch_size=cfg.batch_size,
                                    num_classes=cfg.num_cls, num_workers=cfg.num_workers,
-                                   seed=cfg.seed)
+                                   seed=cfg.seed, shard=shard)
 
     def initialize(self, net, contexts):
         if isinstance(net, ResNet101LargeFOV):   # gluoncv's ImageNet weights, not the release's
@@ -515,26 +545,43 @@ def train(cfg: Config) -> Dict[str, object]:
     loss (the last checkpoint stays as it was), TrainingInterrupted on Ctrl-C (never between the
     files of one checkpoint), FileExistsError when the snapshot folder holds checkpoints this
     run would mix with (see `start_run`).
+
+    With a dist `cfg.kvstore` this process is one worker of a job (icd.distributed): an error
+    ends the process at once with its exit status (EXIT_STATUSES), so that the launcher ends the
+    job instead of leaving the other workers waiting in the store.
     """
     task = task_for(cfg)
     contexts = parse_devices(cfg.gpus, cfg.cpus)
+    workers = dist.Workers(cfg.kvstore)
+    with dist.failures_end_the_process(workers, EXIT_STATUSES):
+        return _train(cfg, task, contexts, workers)
+
+
+def _train(cfg: Config, task: Task, contexts: List[mx.Context],
+           workers: dist.Workers) -> Dict[str, object]:
     mx.random.seed(cfg.seed)
     np.random.seed(cfg.seed)
-    loader = task.loader()
+    loader = task.loader(workers.shard)
     num_images = len(loader._dataset)
-    iters_per_epoch = num_images // cfg.batch_size
+    batch_size = cfg.batch_size * workers.num_workers   # the global batch
+    iters_per_epoch = num_images // batch_size
     num_iters = cfg.num_epoch * iters_per_epoch
-    log_every = cfg.log_frequency or max(num_images // (cfg.batch_size * 20), 5)
+    log_every = cfg.log_frequency or max(num_images // (batch_size * 20), 5)
+    num_devices = len(contexts) * workers.num_workers   # of the job
 
     net = build_model(cfg.model, **cfg.model_options)
-    run = start_run(cfg)
+    run = start_run(cfg) if workers.rank == 0 else None
+    workers.barrier()   # the others read the folder once rank 0 has checked and cleaned it
+    run = run or {"run": None, "records": [], "record": read_run_record(
+        cfg, cfg.begin_epoch - 1) if cfg.begin_epoch > 0 else None}
     records = run["records"]
     if cfg.begin_epoch > 0:
         load_checkpoint(net, checkpoint_path(cfg, cfg.begin_epoch - 1), contexts)
     else:
         task.initialize(net, contexts)
     net.hybridize(static_alloc=True, static_shape=True)
-    trainer = make_trainer(net, cfg.learning_rate, cfg.momentum, cfg.wd, cfg.optimizer)
+    trainer = make_trainer(net, cfg.learning_rate, cfg.momentum, cfg.wd, cfg.optimizer,
+                           workers.trainer_kvstore)
     if cfg.begin_epoch > 0:
         states = checkpoint_path(cfg, cfg.begin_epoch - 1, "states")
         if not os.path.isfile(states):
@@ -543,13 +590,14 @@ def train(cfg: Config) -> Dict[str, object]:
     saved_epoch = cfg.begin_epoch - 1
     epoch = cfg.begin_epoch
     try:
-        task.start(net, contexts, run["record"])
-        if len(contexts) > 1 and run["record"]:
-            restore_device_states(net, run["record"].get("device_states"), contexts,
-                                  checkpoint_path(cfg, cfg.begin_epoch - 1, "json"))
+        task.start(net, contexts, run["record"], workers)
+        if num_devices > 1 and run["record"]:
+            restore_device_states(net, dist.local_device_states(
+                workers, run["record"].get("device_states"), len(contexts)), contexts,
+                checkpoint_path(cfg, cfg.begin_epoch - 1, "json"))
         figures = Figures(task, contexts[0])
         for epoch in range(cfg.begin_epoch, cfg.num_epoch):
-            reseed(cfg.seed, epoch)
+            reseed(dist.worker_seed(cfg.seed, workers.rank), epoch)
             epoch_lr = lr = poly_lr(cfg.learning_rate, epoch * iters_per_epoch, num_iters) \
                 if task.lr_per_iteration else poly_lr(cfg.learning_rate, epoch, cfg.num_epoch)
             trainer.set_learning_rate(lr)
@@ -567,12 +615,14 @@ def train(cfg: Config) -> Dict[str, object]:
                 with autograd.record():
                     outputs = [task.forward(net, device) for device in inputs]
                 autograd.backward([out["loss"] for out in outputs])
-                trainer.step(cfg.batch_size)
+                trainer.step(batch_size)
+                task.after_step()
                 batch_figures = Figures(task, contexts[0])
                 task.measure(batch_figures, outputs, inputs)
                 figures.add(batch_figures)
                 epoch_figures.add(batch_figures)
                 if (i + 1) % log_every == 0:
+                    dist.reduce_figures(workers, figures)
                     now = _checked(task, figures.read(), epoch, iteration, cfg)
                     log.info("epoch %d batch %d lr %.3g %s", epoch, i + 1, lr, " ".join(
                         f"{k} {v:.4g}" for k, v in {**task.schedule(), **now}.items()
@@ -580,22 +630,30 @@ def train(cfg: Config) -> Dict[str, object]:
                     bar.set_postfix({k: f"{now[k]:.3g}" for k in task.sums + ("images_per_s",)})
                     figures.reset()
             bar.close()
+            dist.reduce_figures(workers, epoch_figures)
             done = _checked(task, epoch_figures.read(), epoch, iteration, cfg)
             records.append(dict(epoch=epoch, run=run["run"], lr=epoch_lr, **task.schedule(),
                                 seconds=time.time() - started, **done))
             with deferred_interrupt():   # the checkpoint's files, rotation and log go together
-                write_image(_demo_path(cfg, epoch), task.picture(inputs[0], outputs[0]))
-                save_checkpoint(net, checkpoint_path(cfg, epoch))
-                with atomic_path(checkpoint_path(cfg, epoch, "states")) as tmp:
-                    trainer.save_states(tmp)
-                write_json(checkpoint_path(cfg, epoch, "json"), dict(
-                    run=run["run"], epoch=epoch, seed=cfg.seed,
-                    generators="reseeded at each epoch start from (seed, epoch)",
-                    **task.run_record(),
-                    device_states=device_states(net) if len(contexts) > 1 else None,
-                    config=dataclasses.asdict(cfg)))
-                rotate_checkpoints(cfg, run["run"])
-                write_json(_log_path(cfg), records)
+                if workers.rank == 0:
+                    write_image(_demo_path(cfg, epoch), task.picture(inputs[0], outputs[0]))
+                # collective with several workers: every device's states, their average
+                states = dist.all_device_states(workers, device_states(net)) \
+                    if num_devices > 1 else None
+                if workers.num_workers == 1:
+                    save_checkpoint(net, checkpoint_path(cfg, epoch))
+                else:
+                    dist.save_checkpoint(workers, net, checkpoint_path(cfg, epoch))
+                if workers.rank == 0:
+                    with atomic_path(checkpoint_path(cfg, epoch, "states")) as tmp:
+                        trainer.save_states(tmp)
+                    write_json(checkpoint_path(cfg, epoch, "json"), dict(
+                        run=run["run"], epoch=epoch, seed=cfg.seed,
+                        generators="reseeded at each epoch start from (seed, epoch)",
+                        **task.run_record(), device_states=states,
+                        config=dataclasses.asdict(cfg)))
+                    rotate_checkpoints(cfg, run["run"])
+                    write_json(_log_path(cfg), records)
                 saved_epoch = epoch
             log.info("epoch %d done: %s", epoch, json.dumps(records[-1]))
     except KeyboardInterrupt:

@@ -8,6 +8,7 @@
     icd-synthetic (tools/make_synthetic_voc.py)
     icd-parity (tools/check_parity.py)      check our model against a release bundle
     icd-bench (tools/bench_step.py)         time and memory of a training step
+    icd-launch (tools/launch.py)            a training on several machines (MXNet's launcher)
 
 Argument parsing lives here, so tests call `main([...])` in-process; `icd.commands.runner`
 turns every failure into one line `error: <file or flag>: <problem>` and an exit status.

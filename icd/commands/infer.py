@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 from ..infer import infer
 from ..train import checkpoint_path
 from .options import add_config_arguments, config_from, devices_for
-from .runner import Parser, non_negative_int, run
+from .runner import Parser, non_negative_int, run, shard
 
 
 def build_parser() -> Parser:
@@ -26,6 +26,10 @@ def build_parser() -> Parser:
     parser.add_argument("--params", default=None,
                         help="checkpoint file (default: <snapshot>/<model>-<epoch>.params)")
     parser.add_argument("--out", default=None, help="results folder (default: <snapshot>/results)")
+    parser.add_argument("--shard", type=shard, default=(0, 1), metavar="I/N",
+                        help="only shard I of N of the list (every N-th name from the I-th); "
+                             "N machines running the N shards into one folder write what one "
+                             "run writes (default: the whole list)")
     return parser
 
 
@@ -35,7 +39,7 @@ def _infer(args: argparse.Namespace) -> int:
     params = args.params or checkpoint_path(
         cfg, cfg.num_epoch - 1 if args.epoch is None else args.epoch)
     out = args.out or os.path.join(cfg.snapshot, "results")
-    names = infer(cfg, params, out, contexts)
+    names = infer(cfg, params, out, contexts, args.shard)
     logging.info("wrote score maps of %d images to %s", len(names), out)
     return 0
 

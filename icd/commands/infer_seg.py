@@ -20,7 +20,7 @@ from ..model import build_model
 from ..segment import evaluate_predictions, segment
 from ..train import TASKS, SegmentationTask, checkpoint_path
 from .options import add_config_arguments, config_from, devices_for
-from .runner import Parser, non_negative_int, positive_int, run
+from .runner import Parser, non_negative_int, positive_int, run, shard
 
 
 def build_parser() -> Parser:
@@ -39,10 +39,18 @@ def build_parser() -> Parser:
                         help="label of this run in the table: I. (CRF seeds) or I.+S. "
                              "(saliency seeds)")
     parser.add_argument("--workers", type=positive_int, default=1, help="evaluation processes")
+    parser.add_argument("--shard", type=shard, default=(0, 1), metavar="I/N",
+                        help="only shard I of N of the list (every N-th name from the I-th); "
+                             "N machines running the N shards into one folder write what one "
+                             "run writes (default: the whole list)")
     return parser
 
 
 def _infer_seg(args: argparse.Namespace) -> int:
+    if args.gt_root and args.shard[1] > 1:
+        raise ValueError(f"--gt-root: shard {args.shard[0]}/{args.shard[1]} holds part of the "
+                         f"list and cannot be evaluated alone; once every shard is done, run "
+                         f"icd-infer-seg --skip-existing --gt-root ... without --shard")
     cfg = config_from(args)
     if TASKS.get(cfg.model) is not SegmentationTask:
         raise ValueError(f"--model: {cfg.model} is not a segmentation model; icd-infer writes "
@@ -56,7 +64,7 @@ def _infer_seg(args: argparse.Namespace) -> int:
     net.hybridize(static_alloc=True)
     names = segment(net, cfg.image_root, cfg.data_list, out, contexts, cfg.scales, cfg.flip,
                     cfg.crf, cfg.infer_size, cfg.infer_batch_size,
-                    overwrite=not args.skip_existing)
+                    overwrite=not args.skip_existing, shard=args.shard)
     logging.info("wrote predictions of %d images to %s", len(names), out)
     if args.gt_root:
         report = evaluate_predictions(out, args.gt_root, cfg.data_list, cfg.model,

@@ -8,13 +8,15 @@ import mxnet as mx
 
 from ..config import FIELDS, Config, add_arguments, load_config
 from ..devices import parse_devices
+from ..distributed import KVSTORES
 from ..model import MODELS
 from ..model.icd_net import FEATURES, TOP_DOWN
 from ..model.losses import BOTTOM_UP_VARIANTS
 from ..train import OPTIMIZERS
 
 CHOICES = {"model": tuple(MODELS), "bottom_up_features": FEATURES,
-           "bottom_up_loss": BOTTOM_UP_VARIANTS, "top_down": TOP_DOWN, "optimizer": OPTIMIZERS}
+           "bottom_up_loss": BOTTOM_UP_VARIANTS, "top_down": TOP_DOWN, "optimizer": OPTIMIZERS,
+           "kvstore": KVSTORES}
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:

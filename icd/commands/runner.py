@@ -18,7 +18,7 @@ import argparse
 import logging
 import sys
 import traceback
-from typing import Callable, Mapping, Optional, Sequence, Type
+from typing import Callable, Mapping, Optional, Sequence, Tuple, Type
 
 EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
@@ -73,6 +73,15 @@ def positive_float(text: str) -> float:
 def fraction(text: str) -> float:
     """argparse type: a number in [0, 1)."""
     return _number(text, float, lambda v: 0 <= v < 1, "a number in [0, 1)")
+
+
+def shard(text: str) -> Tuple[int, int]:
+    """argparse type of `--shard I/N`: (I, N) with 0 <= I < N (icd.devices.shard_names)."""
+    parts = text.split("/")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts) or \
+            not 0 <= int(parts[0]) < int(parts[1]):
+        raise argparse.ArgumentTypeError(f"expected I/N with 0 <= I < N, got {text!r}")
+    return int(parts[0]), int(parts[1])
 
 
 def _number(text: str, kind: type, valid: Callable[[float], bool], expected: str):

@@ -13,7 +13,7 @@ import os
 from typing import Optional, Sequence
 
 from ..seeds import make_seeds
-from .runner import Parser, positive_int, run
+from .runner import Parser, positive_int, run, shard
 
 
 def build_parser() -> Parser:
@@ -41,6 +41,10 @@ def build_parser() -> Parser:
     parser.add_argument("--cam-scores", default="scores_cam", help="CAM score folder")
     parser.add_argument("--out", default=None,
                         help="output folder (default: seeds/<variant>, see --icd-scores)")
+    parser.add_argument("--shard", type=shard, default=(0, 1), metavar="I/N",
+                        help="only shard I of N of the list (every N-th name from the I-th); "
+                             "N machines running the N shards into one folder write what one "
+                             "run writes (default: the whole list)")
     return parser
 
 
@@ -49,7 +53,7 @@ def _seeds(args: argparse.Namespace) -> int:
                          saliency_root=args.saliency_root, infer_size=args.infer_size,
                          workers=args.workers, crf=not args.no_crf, overwrite=args.overwrite,
                          icd_folder=args.icd_scores, cam_folder=args.cam_scores,
-                         out_dir=args.out)
+                         out_dir=args.out, shard=args.shard)
     print(f"{summary['written']} written, {summary['skipped']} kept -> {summary['out_dir']}")
     return 0
 

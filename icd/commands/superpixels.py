@@ -13,7 +13,7 @@ import argparse
 from typing import Optional, Sequence
 
 from ..data.superpixels import make_feature_factory, make_superpixels
-from .runner import Parser, non_negative_int, run
+from .runner import Parser, non_negative_int, run, shard
 
 
 def build_parser() -> Parser:
@@ -32,13 +32,17 @@ def build_parser() -> Parser:
                           help="network-free features: centred Lab colour + position (one of "
                                "--pretrained, --features is required)")
     parser.add_argument("--overwrite", action="store_true", help="recompute existing PNGs")
+    parser.add_argument("--shard", type=shard, default=(0, 1), metavar="I/N",
+                        help="only shard I of N of the list (every N-th name from the I-th); "
+                             "N machines running the N shards write what one run writes "
+                             "(default: the whole list)")
     return parser
 
 
 def _superpixels(args: argparse.Namespace) -> int:
     written = make_superpixels(args.image_root, args.data_list, args.out,
                                feature_factory=make_feature_factory(args.pretrained),
-                               workers=args.workers, overwrite=args.overwrite)
+                               workers=args.workers, overwrite=args.overwrite, shard=args.shard)
     print(f"wrote {len(written)} superpixel maps to {args.out}")
     return 0
 

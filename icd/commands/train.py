@@ -4,6 +4,8 @@ Examples:
   icd-train --config experiments/voc_vgg16.yaml --gpus 0,1      the paper's setting
   icd-train --config synthetic_demo --cpus 2                    a shipped config by name
   icd-train --config experiments/voc_vgg16.yaml --gpus 0,1 --begin-epoch 5    resume
+  icd-launch -n 2 -s 2 --launcher ssh -H hosts -- icd-train --config voc_vgg16 --gpus 0 \
+      --batch-size 16 --kvstore dist_device_sync                  two machines (icd-launch)
 Flags override the config file; `--begin-epoch K` resumes from checkpoint K-1 and its .states.
 Exit status: 0 trained, 1 error, 2 bad arguments, 3 the loss became NaN or infinite.
 """
@@ -15,11 +17,11 @@ import pickle
 from typing import Optional, Sequence
 
 from ..config import Config
-from ..train import TrainingDiverged, checkpoint_path, train
+from ..train import EXIT_STATUSES, TrainingDiverged, checkpoint_path, train
 from .options import add_config_arguments, config_from, devices_for
 from .runner import Parser, run
 
-EXIT_DIVERGED = 3
+EXIT_DIVERGED = EXIT_STATUSES[TrainingDiverged]
 
 
 def build_parser() -> Parser:

@@ -14,6 +14,7 @@ from typing import Iterator, List, Tuple, Union
 import numpy as np
 from mxnet import gluon
 
+from ..devices import shard_names
 from .superpixels import MAX_REGIONS, read_superpixels
 from .transforms import INFER_SIZE, TRAIN_SIZE, infer_transform, train_transform
 from .voc import multi_hot, read_image, read_image_labels, read_list
@@ -75,12 +76,18 @@ class EpochShuffleSampler(gluon.data.Sampler):
 
     Each pass over the sampler is one epoch and advances the epoch counter; set_epoch(e)
     chooses the epoch of the next pass (e.g. when resuming).
+    Shard (I, N) with `block` B (several workers, icd.distributed): the order is cut into global
+    batches of N * B keys (the last partial one dropped) and shard I yields block I of each, so the
+    N shards together yield the single-machine epoch of batch N * B, rank-major in every batch.
     """
 
-    def __init__(self, length: int, seed: int = 0):
+    def __init__(self, length: int, seed: int = 0, shard: Tuple[int, int] = (0, 1),
+                 block: int = 1):
         self.length = length
         self.seed = seed
         self.epoch = 0
+        self.shard = shard
+        self.block = block
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -89,17 +96,25 @@ class EpochShuffleSampler(gluon.data.Sampler):
         epoch = self.epoch
         self.epoch += 1
         order = np.random.default_rng([self.seed, epoch]).permutation(self.length)
+        rank, count = self.shard
+        if count > 1:
+            batches = order[:len(self) * count].reshape((-1, count, self.block))
+            order = batches[:, rank].reshape(-1)
         return iter([(epoch, int(index)) for index in order])
 
     def __len__(self) -> int:
-        return self.length
+        count = self.shard[1]
+        if count == 1:
+            return self.length
+        return self.length // (count * self.block) * self.block
 
 
 class TrainLoader(gluon.data.DataLoader):
     """DataLoader over a TrainDataset: reshuffled every epoch, last partial batch dropped."""
 
-    def __init__(self, dataset: TrainDataset, batch_size: int, num_workers: int = 0):
-        self.epoch_sampler = EpochShuffleSampler(len(dataset), dataset.seed)
+    def __init__(self, dataset: TrainDataset, batch_size: int, num_workers: int = 0,
+                 shard: Tuple[int, int] = (0, 1)):
+        self.epoch_sampler = EpochShuffleSampler(len(dataset), dataset.seed, shard, batch_size)
         super().__init__(dataset, num_workers=num_workers, batch_sampler=gluon.data.BatchSampler(
             self.epoch_sampler, batch_size, last_batch="discard"))  # release: drop last batch
 
@@ -110,18 +125,20 @@ class TrainLoader(gluon.data.DataLoader):
 
 def train_loader(image_root: str, superpixel_root: str, annotation_root: str, data_list: str,
                  image_size: int = TRAIN_SIZE, batch_size: int = 32,
-                 num_workers: int = min(4, os.cpu_count() or 1), seed: int = 0) -> TrainLoader:
+                 num_workers: int = min(4, os.cpu_count() or 1), seed: int = 0,
+                 shard: Tuple[int, int] = (0, 1)) -> TrainLoader:
     """Training batches (data (B,3,S,S), superpixels (B,S,S), labels (B,20)), all float32.
 
     Images are `<image_root>/<name>.jpg`, superpixels `<superpixel_root>/<name>.png`, labels
-    from `<annotation_root>/<name>.xml`, names from the `data_list` file.
+    from `<annotation_root>/<name>.xml`, names from the `data_list` file. `shard` (I, N): worker
+    I of N, B per worker (EpochShuffleSampler).
     """
     dataset = TrainDataset(image_root, superpixel_root, annotation_root, data_list,
                            image_size=image_size, seed=seed)
-    if len(dataset) < batch_size:
+    if len(dataset) < batch_size * shard[1]:
         raise ValueError(f"{data_list}: {len(dataset)} images cannot fill one batch of "
-                         f"{batch_size} (the last partial batch is dropped)")
-    return TrainLoader(dataset, batch_size, num_workers)
+                         f"{batch_size * shard[1]} (the last partial batch is dropped)")
+    return TrainLoader(dataset, batch_size, num_workers, shard)
 
 
 class InferDataset(_SuperpixelImages):
@@ -132,12 +149,14 @@ class InferDataset(_SuperpixelImages):
     """
 
     def __init__(self, image_root: str, superpixel_root: str, annotation_root: str,
-                 data_list: str, image_size: int = INFER_SIZE, batch_size: int = 4):
+                 data_list: str, image_size: int = INFER_SIZE, batch_size: int = 4,
+                 shard: Tuple[int, int] = (0, 1)):
         super().__init__(image_root, superpixel_root, annotation_root, data_list)
         self.image_size = image_size
+        indices = shard_names(range(len(self.names)), shard)   # shard (I, N) of the list
         # release: the list is padded by repeating its head to a multiple of the batch size
-        padded = -(-len(self.names) // batch_size) * batch_size
-        self.order = [i % len(self.names) for i in range(padded)]
+        padded = -(-len(indices) // batch_size) * batch_size
+        self.order = [indices[i % len(indices)] for i in range(padded)]
 
     def __len__(self) -> int:
         return len(self.order)
@@ -153,9 +172,11 @@ class InferDataset(_SuperpixelImages):
 
 def infer_loader(image_root: str, superpixel_root: str, annotation_root: str, data_list: str,
                  image_size: int = INFER_SIZE, batch_size: int = 4,
-                 num_workers: int = 0) -> gluon.data.DataLoader:
-    """Inference batches in list order (data, superpixels, labels, name indices, (h, w))."""
+                 num_workers: int = 0,
+                 shard: Tuple[int, int] = (0, 1)) -> gluon.data.DataLoader:
+    """Inference batches in list order (data, superpixels, labels, name indices, (h, w)) of
+    shard (I, N) of the list."""
     dataset = InferDataset(image_root, superpixel_root, annotation_root, data_list,
-                           image_size=image_size, batch_size=batch_size)
+                           image_size=image_size, batch_size=batch_size, shard=shard)
     return gluon.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
                                  last_batch="keep", num_workers=num_workers)

@@ -102,13 +102,14 @@ def segmentation_loader(image_root: str, label_root: str, data_list: str,
                         crop_size: int = TRAIN_SIZE, batch_size: int = 20,
                         num_classes: int = NUM_CLASSES,
                         num_workers: int = min(4, os.cpu_count() or 1),
-                        seed: int = 0) -> TrainLoader:
+                        seed: int = 0, shard: Tuple[int, int] = (0, 1)) -> TrainLoader:
     """Training batches (data (B, 3, S, S), label (B, S, S)), float32, reshuffled every epoch
     (`set_epoch` chooses the epoch), last partial batch dropped. Default batch 20: DeepLab-
-    LargeFOV's (Chen et al., ICLR 2015). A missing label map is an error naming it, up front."""
+    LargeFOV's (Chen et al., ICLR 2015). A missing label map is an error naming it, up front.
+    `shard` (I, N): worker I of N, B per worker (EpochShuffleSampler)."""
     dataset = SegmentationDataset(image_root, label_root, data_list, crop_size, num_classes,
                                   seed)
-    if len(dataset) < batch_size:
+    if len(dataset) < batch_size * shard[1]:
         raise ValueError(f"{data_list}: {len(dataset)} images cannot fill one batch of "
-                         f"{batch_size} (the last partial batch is dropped)")
-    return TrainLoader(dataset, batch_size, num_workers)
+                         f"{batch_size * shard[1]} (the last partial batch is dropped)")
+    return TrainLoader(dataset, batch_size, num_workers, shard)

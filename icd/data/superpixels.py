@@ -45,6 +45,7 @@ import numpy as np
 import scipy.sparse
 from tqdm import tqdm
 
+from ..devices import shard_names
 from ..io import atomic_path
 from .features import FeatureFn, make_feature_factory
 from .voc import read_image, read_list
@@ -253,7 +254,8 @@ def _process(job: Tuple[str, str]) -> str:
 
 def make_superpixels(image_root: str, data_list: str, out: str,
                      feature_factory: Optional[Callable[[], FeatureFn]] = None,
-                     workers: int = 0, overwrite: bool = False) -> List[str]:
+                     workers: int = 0, overwrite: bool = False,
+                     shard: Tuple[int, int] = (0, 1)) -> List[str]:
     """Write `<out>/<name>.png` for every `<image_root>/<name>.jpg` of the list.
 
     feature_factory: zero-argument picklable callable building the FeatureFn (default: colour
@@ -262,10 +264,11 @@ def make_superpixels(image_root: str, data_list: str, out: str,
     network extractor is thus built per worker and each worker holds its own copy of the
     network, so with a GPU extractor use workers=0 (or few).
     Images whose PNG already exists are skipped unless `overwrite`; writes are atomic, so an
-    interrupted run resumes cleanly. Returns the paths written.
+    interrupted run resumes cleanly. Returns the paths written. `shard` (I, N): only shard I of N
+    of the list (icd.devices.shard_names).
     """
     feature_factory = feature_factory or make_feature_factory(None)
-    names = read_list(data_list)
+    names = shard_names(read_list(data_list), shard)
     jobs = []
     for name in names:
         out_path = os.path.join(out, f"{name}.png")

@@ -27,13 +27,14 @@ class SharedMovingMean:
     device's slice, in the order the devices' operators run (as with the release's store, the
     order is whichever device gets there first); each device's sign is read right after its own
     update. The master copy lives on the first context; `order` keeps the devices of the last
-    k updates.
+    k updates and `contributions` their (current, present) (icd.distributed exchanges them).
     """
 
     def __init__(self, initial: mx.nd.NDArray, contexts: Sequence[mx.Context]):
         self.contexts = list(contexts)
         self.master = initial.copyto(self.contexts[0])
         self.order = collections.deque(maxlen=len(self.contexts))
+        self.contributions = collections.deque(maxlen=len(self.contexts))
         self.lock = threading.Lock()
 
     def update(self, current: mx.nd.NDArray, present: mx.nd.NDArray,
@@ -41,9 +42,10 @@ class SharedMovingMean:
         """Apply the update of the device `ctx`; returns the new value on `ctx`."""
         with self.lock:
             home = self.master.context
-            self.master[:] = moving_mean_update(self.master, current.as_in_context(home),
-                                                present.as_in_context(home))
+            current, present = current.as_in_context(home), present.as_in_context(home)
+            self.master[:] = moving_mean_update(self.master, current, present)
             self.order.append(self.contexts.index(ctx))
+            self.contributions.append((current, present))
             return self.master.as_in_context(ctx)
 
 
