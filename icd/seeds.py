@@ -45,6 +45,7 @@ CRF_MIN_PROB = 0.1
 SEED_VARIANTS = ("crf", "sal", "nocrf")
 
 T = TypeVar("T")
+U = TypeVar("U")
 
 
 def resize_scores(scores: np.ndarray, image_size: Tuple[int, int],
@@ -288,10 +289,11 @@ def _seed_one(name: str, results_dir: str, image_root: str, annotation_root: str
     return name
 
 
-def map_images(func: Callable[[str], T], names: Sequence[str], workers: int,
+def map_images(func: Callable[[U], T], names: Sequence[U], workers: int,
                desc: str) -> Iterator[T]:
-    """Yield func(name) for every name with a progress bar; in a `workers`-process pool
-    (results unordered) when workers > 1. An error in func propagates and stops the pool.
+    """Yield func(name) for every name (image names, or any picklable per-image items) with a
+    progress bar; in a `workers`-process pool (results unordered) when workers > 1. An error in
+    func propagates and stops the pool.
 
     The pool's processes are spawned, not forked (a fork after MXNet's engine threads have
     started can deadlock), so `func` must be picklable: a module-level function or a
