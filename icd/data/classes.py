@@ -50,22 +50,33 @@ def read_classes(path: Optional[str] = None) -> Tuple[str, ...]:
         lines.pop()
     if not lines:
         raise ValueError(f"{path}: class list is empty (expected one class name per line)")
-    first_line = {}
-    for number, line in enumerate(lines, 1):
-        name = line.strip()
+    return check_classes(lines, path)
+
+
+def check_classes(names: Sequence[str], source: str = "classes",
+                  entry: str = "line") -> Tuple[str, ...]:
+    """`names` stripped of surrounding spaces, checked to be a class list: at least one, none
+    empty, no duplicates, no `background` (implicit, id 0), at most 254. Errors read
+    `<source>: <entry> <k>: <problem>` (k from 1)."""
+    names = tuple(str(name).strip() for name in names)
+    if not names:
+        raise ValueError(f"{source}: no classes given")
+    first = {}
+    for number, name in enumerate(names, 1):
         if not name:
-            raise ValueError(f"{path}: line {number}: empty class name")
+            raise ValueError(f"{source}: {entry} {number}: empty class name")
         if name.lower() == BACKGROUND:
-            raise ValueError(f"{path}: line {number}: {name!r} must not be listed: the background "
-                             f"is implicit (label 0), the list holds foreground classes only")
-        if name in first_line:
-            raise ValueError(f"{path}: line {number}: duplicate class name {name!r} (first on "
-                             f"line {first_line[name]})")
-        first_line[name] = number
-    if len(lines) > MAX_CLASSES:
-        raise ValueError(f"{path}: {len(lines)} classes, at most {MAX_CLASSES} fit an 8-bit "
+            raise ValueError(f"{source}: {entry} {number}: {name!r} must not be listed: the "
+                             f"background is implicit (label 0), the list holds foreground "
+                             f"classes only")
+        if name in first:
+            raise ValueError(f"{source}: {entry} {number}: duplicate class name {name!r} (first "
+                             f"on {entry} {first[name]})")
+        first[name] = number
+    if len(names) > MAX_CLASSES:
+        raise ValueError(f"{source}: {len(names)} classes, at most {MAX_CLASSES} fit an 8-bit "
                          f"label map (ids 1..{MAX_CLASSES}, {IGNORE_LABEL} = ignore)")
-    return tuple(line.strip() for line in lines)
+    return names
 
 
 def write_classes(path: str, classes: Sequence[str]) -> None:

@@ -32,7 +32,7 @@ from pycocotools import mask as coco_mask
 
 from ..io import atomic_path, read_json
 from ..seeds import map_images
-from .classes import IGNORE_LABEL, read_classes, write_classes
+from .classes import IGNORE_LABEL, check_classes, read_classes, write_classes
 from .voc import write_annotation, write_mask
 
 IMAGE_MODES = ("symlink", "copy")
@@ -57,12 +57,8 @@ def read_instances(path: str) -> Dict[str, list]:
 
 def coco_classes(instances: Mapping[str, list], path: str = "instances") -> Tuple[str, ...]:
     """The category names in category-id order (COCO 2014: 80, `person` first)."""
-    names = [str(c["name"]).strip() for c in sorted(instances["categories"], key=lambda c: c["id"])]
-    repeated = sorted({n for n in names if names.count(n) > 1})
-    if repeated or not all(names):
-        raise ValueError(f"{path}: category names must be distinct and non-empty, got "
-                         f"{repeated or 'an empty name'}")
-    return tuple(names)
+    return check_classes([c["name"] for c in sorted(instances["categories"], key=lambda c: c["id"])],
+                         path, "category (in id order)")
 
 
 def instance_mask(segmentation, height: int, width: int) -> np.ndarray:
