@@ -10,7 +10,8 @@ shipped with scikit-image (brick, grass, gravel, ...) randomly cropped, scaled a
 About 70% of the images hold one class (one or two instances), the rest two or three classes;
 objects may overlap a little (never over another object's marker) and the mask shows the top one.
 Masks follow VOC: class id = index in the dataset's class list + 1 (any names; `classes.txt`
-beside the data lists them), background 0, a 255 band of about 2 px at object borders. Generation is deterministic: image i of a split draws only from
+beside the data lists them), background 0, a 255 band of about 2 px at object borders.
+Generation is deterministic: image i of a split draws only from
 ``np.random.default_rng([seed, split, i])``, so the same seed gives byte-identical files.
 """
 from __future__ import annotations
