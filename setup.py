@@ -15,6 +15,7 @@ INSTALL_REQUIRES = [
     "Pillow==13.0.0",
     "tqdm>=4.60",
     "PyYAML>=6.0",
+    "pycocotools==2.0.11",   # COCO masks (icd-coco-to-voc); checked with numpy 1.23.5
 ]
 
 # The release's Felzenszwalb (ORIGINAL_RELEASE.md section 11) is float32 throughout: no fused
@@ -54,6 +55,7 @@ setup(
         "icd-eval = icd.commands.evaluate:main",
         "icd-superpixels = icd.commands.superpixels:main",
         "icd-synthetic = icd.commands.synthetic:main",
+        "icd-coco-to-voc = icd.commands.coco_to_voc:main",
         "icd-parity = icd.commands.parity:main",
         "icd-bench = icd.commands.bench:main",
         "icd-launch = icd.commands.launch:main",

@@ -17,6 +17,8 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import yaml
 
+from .data.classes import read_classes
+
 
 @dataclass
 class Config:
@@ -25,10 +27,11 @@ class Config:
     annotation_root: str = "./data/VOC2012/Annotations"
     superpixel_root: str = "./data/superpixels"
     data_list: str = "./data/VOC2012/ImageSets/Segmentation/train_aug.txt"
+    classes: Optional[str] = None         # class-list file (icd.data.classes); None = VOC's 20
     # model
     model: str = "vgg16_icd"              # vgg16_icd | vgg16_cam (the CAM-only baseline)
     pretrained: Optional[str] = None      # vgg16_20M.params; None = random init (demo, tests)
-    num_cls: int = 20
+    num_cls: int = 20                     # follows `classes` (load_config checks it)
     width: float = 1.0                    # channel multiplier; 1.0 = the paper's VGG16
     dropout: float = 0.5
     bottom_up_features: str = "conv5"     # Table 5: conv4 | conv5 | fc6 | concat
@@ -65,6 +68,11 @@ class Config:
     crf: bool = False                     # inference: DeepLab-LargeFOV's dense CRF
 
     @property
+    def class_names(self) -> Tuple[str, ...]:
+        """The foreground classes in label order: the `classes` file's, else VOC's 20."""
+        return read_classes(self.classes)
+
+    @property
     def model_options(self) -> Dict[str, Any]:
         """Keyword arguments of the model constructor."""
         options = dict(num_classes=self.num_cls, width=self.width, dropout=self.dropout)
@@ -97,10 +105,14 @@ HELP = {
     "annotation_root": "folder of <name>.xml (image-level labels)",
     "superpixel_root": "folder of <name>.png superpixels",
     "data_list": "list file, one image name per line",
+    "classes": "class-list file: one foreground class name per line in label order, background "
+               "implicit as label 0 (e.g. the classes.txt of icd-coco-to-voc); '' = VOC's 20 "
+               "(default: PASCAL VOC's 20 classes)",
     "model": "vgg16_icd, or vgg16_cam (the CAM-only baseline)",
     "pretrained": "ImageNet initialisation file (the release's VGG16 weights, not shipped); "
                   "'' = random init (default: random init)",
-    "num_cls": "number of classes",
+    "num_cls": "number of foreground classes; follows --classes, a different value is an "
+               "error (default: the class list's length, 20 for VOC)",
     "width": "channel multiplier of VGG16; 1.0 = the paper's network",
     "dropout": "dropout of fc6/fc7, in [0, 1)",
     "bottom_up_features": "features of the bottom-up estimation (Table 5)",
@@ -232,7 +244,9 @@ def load_config(path: Optional[str] = None, **overrides: Any) -> Config:
     An override given is applied, None included where the field allows None (e.g.
     `pretrained=None` clears the file's ImageNet file); None for a field that cannot be None
     means "not given" (callers may pass every keyword). Types and ranges are checked; errors
-    name the file (for its values) or the flag `--name` (for overrides).
+    name the file (for its values) or the flag `--name` (for overrides). The class-list file
+    `classes` is read (its errors name it and the line) and `num_cls` set to its length; an
+    explicit num_cls that differs is an error.
     """
     path = find_config(path) if path else None
     values = read_config_file(path) if path else {}
@@ -243,12 +257,22 @@ def load_config(path: Optional[str] = None, **overrides: Any) -> Config:
     for name, value in overrides.items():
         if value is not None or _TYPES[name][1]:
             values[name], sources[name] = value, None
+    def where(name: str) -> str:
+        return f"{sources[name]}: {name}" if sources[name] else "--" + name.replace("_", "-")
+
     for name, value in values.items():
         try:
             values[name] = _checked(name, value)
         except ValueError as e:
-            where = f"{sources[name]}: {name}" if sources[name] else "--" + name.replace("_", "-")
-            raise ValueError(f"{where}: {e}") from None
+            raise ValueError(f"{where(name)}: {e}") from None
+    num_classes = len(read_classes(values.get("classes")))
+    if "num_cls" in values and values["num_cls"] != num_classes:
+        listed = (f"the {num_classes} classes of {values['classes']}" if values.get("classes")
+                  else f"PASCAL VOC's {num_classes} classes (no class-list file given)")
+        raise ValueError(f"{where('num_cls')}: {values['num_cls']} contradicts {listed}; leave "
+                         f"num_cls out (it follows the class list) or give the dataset's "
+                         f"--classes FILE")
+    values["num_cls"] = num_classes
     return Config(**values)
 
 

@@ -14,7 +14,8 @@ its last checkpoint), a changed one or any with --overwrite clears its folders a
 console shows each step's and the whole run's elapsed time and time left.
 
 Folders:
-  data/                     synthetic VOC (JPEGImages, Annotations, SegmentationClass, ImageSets)
+  data/                     synthetic VOC (JPEGImages, Annotations, SegmentationClass, ImageSets,
+                            classes.txt: training, seeds, evaluation and report follow it)
   superpixels/              id-encoded PNGs (colour features: no pretrained network exists here)
   snapshot_pretrain/        classification (CAM-only) pre-training: the ImageNet stand-in
   snapshot_cam/             the CAM-only baseline, initialised from snapshot_pretrain
@@ -41,6 +42,7 @@ from PIL import Image
 from .checkpoint import load_checkpoint, write_imagenet_part
 from .devices import parse_devices
 from .config import Config, load_config
+from .data.classes import read_classes
 from .data.features import make_feature_factory
 from .data.superpixels import make_superpixels
 from .data.synthetic import make_synthetic_voc
@@ -132,7 +134,7 @@ def quick_settings(**overrides) -> DemoSettings:
 # ---------------------------------------------------------------------------------------------
 # Training configurations
 
-TRAINING_FIELDS = ("model", "pretrained", "num_cls", "width", "dropout", "optimizer",
+TRAINING_FIELDS = ("model", "pretrained", "width", "dropout", "optimizer",
                    "bottom_up_features",
                    "bottom_up_loss", "top_down", "image_size", "batch_size", "learning_rate",
                    "momentum", "wd", "num_epoch", "warmup_epochs", "seed")
@@ -150,8 +152,15 @@ def trained_models(settings: DemoSettings) -> List[str]:
     return (["pretrain"] if settings.pretrain_config is not None else []) + list(MODELS)
 
 
-def training_config(settings: DemoSettings, which: str) -> Config:
-    """Config of "pretrain", "cam" or "icd": the YAML, the demo's paths and size flags."""
+def class_list(settings: DemoSettings) -> str:
+    """The data's class-list file (written by the data step; the mask ids 1..C follow it)."""
+    return settings.folder("data", "classes.txt")
+
+
+def training_config(settings: DemoSettings, which: str, data_classes: bool = True) -> Config:
+    """Config of "pretrain", "cam" or "icd": the YAML, the demo's paths and size flags, over the
+    data's class list (`data_classes` False: the YAML's own, for the fingerprint taken before
+    the data step writes the list)."""
     data = settings.folder("data")
     epochs = settings.pretrain_epochs if which == "pretrain" else settings.epochs
     pretrained = None
@@ -166,6 +175,8 @@ def training_config(settings: DemoSettings, which: str) -> Config:
         width=settings.width, image_size=settings.crop, batch_size=settings.batch_size,
         learning_rate=settings.learning_rate, num_epoch=epochs,
         num_workers=settings.loader_workers)
+    if data_classes:
+        overrides.update(classes=class_list(settings))
     if settings.gpus:
         overrides.update(gpus=settings.gpus, cpus=0)
     else:
@@ -173,12 +184,14 @@ def training_config(settings: DemoSettings, which: str) -> Config:
     return load_config(config_file(settings, which), **overrides)
 
 
-def segmentation_config(settings: DemoSettings, source: str) -> Config:
+def segmentation_config(settings: DemoSettings, source: str,
+                        data_classes: bool = True) -> Config:
     """Config of the DeepLab trained on `source` ("icd", "cam" or "gt", SEGMENTATION_SOURCES):
-    the segment YAML, the demo's paths, and the ICD model's width, crop and initialisation (the
-    stand-in for vgg16_20M.params gives backbone, fc6 and fc7, as ImageNet weights would)."""
+    the segment YAML, the demo's paths, and the ICD model's width, crop, class list and
+    initialisation (the stand-in for vgg16_20M.params gives backbone, fc6 and fc7, as ImageNet
+    weights would); `data_classes` as for `training_config`."""
     data = settings.folder("data")
-    icd = training_config(settings, "icd")
+    icd = training_config(settings, "icd", data_classes)
     folder = dict((name, seeds) for name, _, seeds in SEGMENTATION_SOURCES)[source]
     labels = (os.path.join(data, "SegmentationClass") if folder is None else
               os.path.join(results_dir(settings, source, "train"), "seeds", folder))
@@ -187,7 +200,8 @@ def segmentation_config(settings: DemoSettings, source: str) -> Config:
                        label_root=labels, snapshot=settings.folder(f"snapshot_segment_{source}"),
                        pretrained=icd.pretrained, width=icd.width, image_size=icd.image_size,
                        num_epoch=settings.segment_epochs, num_workers=settings.loader_workers,
-                       gpus=icd.gpus, cpus=icd.cpus)
+                       gpus=icd.gpus, cpus=icd.cpus,
+                       classes=class_list(settings) if data_classes else None)
 
 
 def final_checkpoint(cfg: Config) -> str:
@@ -210,7 +224,9 @@ def step_settings(settings: DemoSettings, step: str) -> Dict:
         which = {"pretrain": "pretrain", "train_cam": "cam", "train_icd": "icd"}[step]
         if which == "pretrain" and settings.pretrain_config is None:
             return dict(skipped=True)
-        cfg = training_config(settings, which)
+        # the class list is the data step's (an input of every training step, through the
+        # superpixels), not in the fingerprint: classes.txt does not exist before it runs
+        cfg = training_config(settings, which, data_classes=False)
         values = {k: getattr(cfg, k) for k in TRAINING_FIELDS}
         if which == "pretrain":
             values["export"] = "backbone, fc6, fc7"   # stand_in_weights
@@ -220,7 +236,8 @@ def step_settings(settings: DemoSettings, step: str) -> Dict:
     if step == "evaluate":
         return dict(thresholds=[float(t) for t in settings.thresholds])
     if step == "segment":
-        configs = {s: segmentation_config(settings, s) for s, _, _ in SEGMENTATION_SOURCES}
+        configs = {s: segmentation_config(settings, s, data_classes=False)
+                   for s, _, _ in SEGMENTATION_SOURCES}
         return {s: dict({k: getattr(cfg, k) for k in TRAINING_FIELDS if k not in ICD_ONLY},
                         label_root=os.path.relpath(cfg.label_root, settings.out),
                         pretrained=cfg.pretrained and os.path.relpath(cfg.pretrained, settings.out),
@@ -333,7 +350,7 @@ def step_seeds(settings: DemoSettings, run: Run) -> Dict:
     data = settings.folder("data")
     common = dict(image_root=os.path.join(data, "JPEGImages"),
                   annotation_root=os.path.join(data, "Annotations"), infer_size=size,
-                  workers=settings.workers)
+                  workers=settings.workers, classes=read_classes(class_list(settings)))
     for split in SPLITS:
         icd_results = results_dir(settings, "icd", split)
         for _, folder, scores, crf in TABLE3:
@@ -355,7 +372,8 @@ def step_evaluate(settings: DemoSettings, run: Run) -> Dict:
                       data_list=_list(settings, split),
                       annotation_root=os.path.join(data, "Annotations"),
                       image_root=os.path.join(data, "JPEGImages"), infer_size=size,
-                      thresholds=tuple(settings.thresholds), workers=settings.workers)
+                      thresholds=tuple(settings.thresholds), workers=settings.workers,
+                      classes=read_classes(class_list(settings)))
         evaluate(results_dir(settings, "icd", split),
                  seed_dirs=[os.path.join("seeds", f) for _, f, _, _ in TABLE3],
                  folders={"cam": "scores_cam", "icd": "scores_icd"}, **common)
@@ -384,9 +402,11 @@ def step_segment(settings: DemoSettings, run: Run) -> Dict:
         net.hybridize(static_alloc=True)
         out = segmentation_dir(settings, source)
         segment(net, cfg.image_root, _list(settings, "val"), out, contexts, cfg.scales, cfg.flip,
-                cfg.crf, demo_infer_size(settings), cfg.infer_batch_size, overwrite=True)
+                cfg.crf, demo_infer_size(settings), cfg.infer_batch_size, overwrite=True,
+                classes=cfg.class_names)
         result = evaluate_predictions(out, os.path.join(data, "SegmentationClass"),
-                                      _list(settings, "val"), cfg.model, workers=settings.workers)
+                                      _list(settings, "val"), cfg.model, workers=settings.workers,
+                                      classes=cfg.class_names)
         summary[source] = {"miou": result["miou"]}
     return summary
 
@@ -395,6 +415,7 @@ def report_inputs(settings: DemoSettings) -> ReportInputs:
     """The report's view of this demo: its folders and the settings actually used."""
     return ReportInputs(
         out=settings.out, data=settings.folder("data"),
+        classes=read_classes(class_list(settings)),
         lists={split: _list(settings, split) for split in SPLITS},
         results={m: {split: results_dir(settings, m, split) for split in SPLITS}
                  for m in MODELS},

@@ -3,9 +3,12 @@ pixel-level AP (Table 1, Fig. 5), with JSON, markdown and figure reports.
 
 Definitions (ORIGINAL_RELEASE.md section 8 and the paper, Sec. 5.4):
 
-- Seed mIoU (release): a 21×21 confusion matrix (rows ground truth, columns seed) accumulated over
-  the pixels where both the ground truth and the seed are < 21 (255 ignored on either side);
-  IoU_k = diag_k / (row_k + col_k − diag_k + 1e-10); mIoU = mean over all 21 classes (a class
+Counts follow the dataset's class list (`icd.data.classes`, VOC's 20 by default): K = C + 1
+label ids, background 0 and class index + 1 (VOC: K = 21).
+
+- Seed mIoU (release): a K×K confusion matrix (rows ground truth, columns seed) accumulated over
+  the pixels where both the ground truth and the seed are < K (255 ignored on either side);
+  IoU_k = diag_k / (row_k + col_k − diag_k + 1e-10); mIoU = mean over all K classes (a class
   absent from both counts as 0). gluoncv's SegmentationMetric is not used: it takes score maps
   (argmax), keeps pixels whose prediction alone is ignored in the union, and bins classes with
   np.histogram(bins=nclass, range=(1, nclass)), so it cannot reproduce this rule.
@@ -14,7 +17,7 @@ Definitions (ORIGINAL_RELEASE.md section 8 and the paper, Sec. 5.4):
   class's normalised negative score < −T. "Ours" feeds (CAM, ICD); "CAM" feeds the CAM maps as
   both inputs, i.e. treats them exactly as the ICD maps. mIoU = the seed mIoU above, which only
   counts defined (non-255) seed pixels; recall = defined seed pixels on valid ground truth
-  (both < 21) / valid ground-truth pixels (gt < 21).
+  (both < K) / valid ground-truth pixels (gt < K).
 - Pixel-level AP (Sec. 5.4): for class c, all valid pixels (gt ≠ 255) of the images whose
   annotation contains c are ranked by c's score (mapped onto the image with
   `icd.seeds.resize_scores`); positives are gt == c + 1. AP = Σ_k (R_k − R_{k−1}) P_k over the
@@ -31,15 +34,16 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from .data.voc import IGNORE_LABEL, NUM_CLASSES, VOC_CLASSES, read_image, read_image_labels, \
-    read_list, read_mask, voc_palette
+from .data.classes import class_palette, segmentation_classes
+from .data.voc import IGNORE_LABEL, VOC_CLASSES, read_image, read_image_labels, read_list, \
+    read_mask
 from .io import atomic_path, write_json
 from .provenance import require_complete, score_infer_size
 from .seeds import INFER_SIZE, load_image_scores, load_scores, map_images, resize_scores, \
     seed_from_scores
 
-SEG_CLASSES = ("background",) + VOC_CLASSES
-NUM_SEG_CLASSES = NUM_CLASSES + 1
+SEG_CLASSES = segmentation_classes(VOC_CLASSES)   # VOC's 21 label names, the default
+NUM_SEG_CLASSES = len(SEG_CLASSES)
 IOU_EPS = 1e-10                     # release: IoU = diag / (row + col - diag + 1e-10)
 THRESHOLDS = (0.0, 0.1, 0.3, 0.5)   # Table 2
 # method of Tables 1-2 -> the score folder its seeds and AP come from
@@ -83,28 +87,30 @@ def _map_sum(func: Callable[[str], Tuple[np.ndarray, ...]], names: Sequence[str]
     return total
 
 
-def _seed_confusion(name: str, seed_dir: str, gt_root: str) -> Tuple[np.ndarray]:
-    """Worker: ((21, 21) confusion of `<seed_dir>/<name>.png` against the ground truth,)."""
+def _seed_confusion(name: str, seed_dir: str, gt_root: str,
+                    num_labels: int = NUM_SEG_CLASSES) -> Tuple[np.ndarray]:
+    """Worker: ((K, K) confusion of `<seed_dir>/<name>.png` against the ground truth,)."""
     seed_path = os.path.join(seed_dir, name + ".png")
     gt_path = os.path.join(gt_root, name + ".png")
     seed, gt = read_mask(seed_path), read_mask(gt_path)
     if seed.shape != gt.shape:
         raise ValueError(f"{seed_path}: shape {seed.shape} differs from {gt_path} {gt.shape}")
-    return (confusion_matrix(gt, seed),)
+    return (confusion_matrix(gt, seed, num_labels),)
 
 
 def evaluate_seeds(seed_dir: str, gt_root: str, names: Sequence[str],
-                   workers: int = 1) -> Dict[str, object]:
+                   workers: int = 1, classes: Sequence[str] = VOC_CLASSES) -> Dict[str, object]:
     """Seed mIoU of `<seed_dir>/<name>.png` against `<gt_root>/<name>.png` (release rule).
 
-    Returns {"miou": float, "iou": {class name: float} (21 classes), "num_images": int},
-    values as fractions.
+    Returns {"miou": float, "iou": {class name: float} (background + the C `classes`),
+    "num_images": int}, values as fractions.
     """
+    seg_classes = segmentation_classes(classes)
     (confusion,) = _map_sum(functools.partial(_seed_confusion, seed_dir=seed_dir,
-                                              gt_root=gt_root),
+                                              gt_root=gt_root, num_labels=len(seg_classes)),
                             names, workers, f"mIoU {os.path.basename(seed_dir)}")
     iou = class_iou(confusion)
-    return {"miou": float(iou.mean()), "iou": dict(zip(SEG_CLASSES, iou.tolist())),
+    return {"miou": float(iou.mean()), "iou": dict(zip(seg_classes, iou.tolist())),
             "num_images": len(names)}
 
 
@@ -124,27 +130,31 @@ def threshold_seeds(cam: np.ndarray, icd: np.ndarray, labels: Sequence[int],
 
 def _threshold_counts(name: str, results_dir: str, gt_root: str, annotation_root: str,
                       thresholds: Sequence[float], infer_size: int,
-                      folders: Mapping[str, str]) -> Tuple[np.ndarray, np.ndarray]:
-    """Worker: ((2, nT, 21, 21) confusions for (cam, icd), (1,) valid gt pixel count)."""
+                      folders: Mapping[str, str],
+                      classes: Sequence[str] = VOC_CLASSES) -> Tuple[np.ndarray, np.ndarray]:
+    """Worker: ((2, nT, K, K) confusions for (cam, icd), (1,) valid gt pixel count)."""
     gt = read_mask(os.path.join(gt_root, name + ".png"))
     labels, scores = load_image_scores(results_dir, annotation_root, name,
-                                       (folders["cam"], folders["icd"]))
+                                       (folders["cam"], folders["icd"]), classes)
     cam, icd = (resize_scores(s, gt.shape, infer_size) for s in scores)
     seeds = threshold_seeds(cam, icd, labels, thresholds)
-    confusion = np.stack([np.stack([confusion_matrix(gt, s) for s in seeds[kind]])
+    num_labels = len(classes) + 1
+    confusion = np.stack([np.stack([confusion_matrix(gt, s, num_labels) for s in seeds[kind]])
                           for kind in ("cam", "icd")])
-    return confusion, np.array([np.count_nonzero(gt < NUM_SEG_CLASSES)], np.int64)
+    return confusion, np.array([np.count_nonzero(gt < num_labels)], np.int64)
 
 
 def threshold_study(results_dir: str, gt_root: str, annotation_root: str, names: Sequence[str],
                     thresholds: Sequence[float] = THRESHOLDS, infer_size: int = INFER_SIZE,
-                    folders: Mapping[str, str] = METHOD_SCORE_FOLDERS,
-                    workers: int = 1) -> Dict[str, Dict[str, Dict[str, float]]]:
+                    folders: Mapping[str, str] = METHOD_SCORE_FOLDERS, workers: int = 1,
+                    classes: Sequence[str] = VOC_CLASSES
+                    ) -> Dict[str, Dict[str, Dict[str, float]]]:
     """Table 2: {"cam"|"icd": {str(T): {"miou": .., "recall": ..}}}, fractions (module doc)."""
     confusion, (valid,) = _map_sum(
         functools.partial(_threshold_counts, results_dir=results_dir, gt_root=gt_root,
                           annotation_root=annotation_root, thresholds=tuple(thresholds),
-                          infer_size=infer_size, folders=dict(folders)),
+                          infer_size=infer_size, folders=dict(folders),
+                          classes=tuple(classes)),
         names, workers, "threshold study")
     return {kind: {str(float(t)): {"miou": mean_iou(confusion[k, i]),
                                    "recall": float(confusion[k, i].sum() / max(valid, 1))}
@@ -217,19 +227,21 @@ def class_pixel_scores(results_dir: str, folder: str, gt_root: str, names: Seque
 
 def pixel_ap(results_dir: str, gt_root: str, annotation_root: str, names: Sequence[str],
              infer_size: int = INFER_SIZE,
-             folders: Mapping[str, str] = METHOD_SCORE_FOLDERS) -> Dict[str, Dict[str, object]]:
-    """Table 1 / Fig. 5: per-class pixel-level AP and mAP of each score folder.
+             folders: Mapping[str, str] = METHOD_SCORE_FOLDERS,
+             classes: Sequence[str] = VOC_CLASSES) -> Dict[str, Dict[str, object]]:
+    """Table 1 / Fig. 5: per-class pixel-level AP and mAP of each score folder, over `classes`.
 
     Exact (every pixel ranked). Cost: one pass per (class, folder) over the images containing the
     class; peak memory 4 bytes per pixel of the largest class's images (VOC train_aug, person:
     ~4k images × ~190k pixels ≈ 3 GB), released before the next class.
     Returns {kind: {"map": float, "ap": {class name: float, None without positive pixels}}}.
     """
-    labels = {n: read_image_labels(os.path.join(annotation_root, n + ".xml")) for n in names}
+    labels = {n: read_image_labels(os.path.join(annotation_root, n + ".xml"), classes)
+              for n in names}
     report = {}
     for kind, folder in folders.items():
         ap = []
-        for cls in tqdm(range(NUM_CLASSES), desc=f"pixel AP {kind}", unit="class"):
+        for cls in tqdm(range(len(classes)), desc=f"pixel AP {kind}", unit="class"):
             positive, negative = class_pixel_scores(results_dir, folder, gt_root, names, labels,
                                                     cls, infer_size)
             ap.append(average_precision(positive, negative))
@@ -237,7 +249,7 @@ def pixel_ap(results_dir: str, gt_root: str, annotation_root: str, names: Sequen
         scored = [v for v in ap if not np.isnan(v)]
         # classes without positive pixels have no AP: null in the report, left out of the mAP
         report[kind] = {"map": float(np.mean(scored)) if scored else None,
-                        "ap": {c: None if np.isnan(v) else v for c, v in zip(VOC_CLASSES, ap)}}
+                        "ap": {c: None if np.isnan(v) else v for c, v in zip(classes, ap)}}
     return report
 
 
@@ -250,16 +262,18 @@ def percent(value: Optional[float]) -> str:
 
 
 def markdown_report(report: Mapping[str, object]) -> str:
-    """The evaluation as markdown tables laid out like the paper's (values in %)."""
+    """The evaluation as markdown tables laid out like the paper's (values in %); the per-class
+    tables list the classes the report's results name."""
     lines: List[str] = ["# ICD evaluation", ""]
     seeds = report.get("seeds") or {}
     if seeds:
+        seg_classes = list(next(iter(seeds.values()))["iou"])
         lines += ["## Seeds (Table 3 layout)", "", "| Seeds | mIoU (%) |", "|---|---|"]
         lines += [f"| {name} | {percent(r['miou'])} |" for name, r in seeds.items()]
         lines += ["", "### Per-class IoU (%)", "",
-                  "| Seeds | " + " | ".join(SEG_CLASSES) + " |",
-                  "|---|" + "---|" * len(SEG_CLASSES)]
-        lines += [f"| {name} | " + " | ".join(percent(r["iou"][c]) for c in SEG_CLASSES) + " |"
+                  "| Seeds | " + " | ".join(seg_classes) + " |",
+                  "|---|" + "---|" * len(seg_classes)]
+        lines += [f"| {name} | " + " | ".join(percent(r["iou"][c]) for c in seg_classes) + " |"
                   for name, r in seeds.items()]
         lines.append("")
     ap = report.get("pixel_ap")
@@ -270,7 +284,7 @@ def markdown_report(report: Mapping[str, object]) -> str:
                   "| Class | " + " | ".join(METHOD_NAMES.get(k, k) for k in ap) + " |",
                   "|---|" + "---|" * len(ap)]
         lines += [f"| {c} | " + " | ".join(percent(ap[k]["ap"][c]) for k in ap) + " |"
-                  for c in VOC_CLASSES]
+                  for c in next(iter(ap.values()))["ap"]]
         lines.append("")
     study = report.get("threshold_study")
     if study:
@@ -318,29 +332,34 @@ def plot_threshold_study(study: Mapping[str, Mapping[str, Mapping[str, float]]],
 
 
 def plot_class_ap(ap: Mapping[str, Mapping[str, object]], path: str) -> None:
-    """Fig. 5: per-class AP bars (%), one bar group per class, CAM vs ICD."""
+    """Fig. 5: per-class AP bars (%), one bar group per class of the results, CAM vs ICD."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(12, 3.5))
+    classes = list(next(iter(ap.values()))["ap"])
+    fig, ax = plt.subplots(figsize=(max(12.0, 0.3 * len(classes)), 3.5))
     width = 0.8 / max(len(ap), 1)
-    x = np.arange(NUM_CLASSES)
+    x = np.arange(len(classes))
     for i, (kind, r) in enumerate(ap.items()):
-        ax.bar(x + (i - (len(ap) - 1) / 2) * width, [np.nan if r["ap"][c] is None else 100 * r["ap"][c] for c in VOC_CLASSES],
+        ax.bar(x + (i - (len(ap) - 1) / 2) * width,
+               [np.nan if r["ap"][c] is None else 100 * r["ap"][c] for c in classes],
                width, label=f"{METHOD_NAMES.get(kind, kind)} (mAP {percent(r['map'])})")
     ax.set_xticks(x)
-    ax.set_xticklabels(VOC_CLASSES, rotation=45, ha="right")
+    ax.set_xticklabels(classes, rotation=45, ha="right")
     ax.set_ylabel("AP (%)")
     ax.legend()
     save_figure(fig, path)
 
 
-def overlay(image_rgb: np.ndarray, mask: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    """(H, W, 3) uint8 blend of an RGB image with the VOC palette colours of a (H, W) mask."""
-    colours = voc_palette()[mask].astype(np.float32)
+def overlay(image_rgb: np.ndarray, mask: np.ndarray, alpha: float = 0.5,
+            classes: Sequence[str] = VOC_CLASSES) -> np.ndarray:
+    """(H, W, 3) uint8 blend of an RGB image with the colours of a (H, W) mask's labels
+    (`class_palette` of the class list: VOC's colour map for VOC)."""
+    colours = class_palette(classes)[mask].astype(np.float32)
     return (alpha * colours + (1 - alpha) * image_rgb).astype(np.uint8)
 
 
 def plot_seed_overlays(image_root: str, gt_root: str, seed_dirs: Mapping[str, str],
-                       names: Sequence[str], path: str) -> None:
+                       names: Sequence[str], path: str,
+                       classes: Sequence[str] = VOC_CLASSES) -> None:
     """One row per image: the image, each seed folder's overlay, the ground truth overlay."""
     plt = pyplot()
     columns = ["image", *seed_dirs, "ground truth"]
@@ -348,9 +367,10 @@ def plot_seed_overlays(image_root: str, gt_root: str, seed_dirs: Mapping[str, st
                              figsize=(2.6 * len(columns), 2.2 * len(names)))
     for row, name in zip(axes, names):
         image = read_image(os.path.join(image_root, name + ".jpg"))
-        panels = [image] + [overlay(image, read_mask(os.path.join(d, name + ".png")))
-                            for d in seed_dirs.values()]
-        panels.append(overlay(image, read_mask(os.path.join(gt_root, name + ".png"))))
+        panels = [image] + [overlay(image, read_mask(os.path.join(d, name + ".png")),
+                                    classes=classes) for d in seed_dirs.values()]
+        panels.append(overlay(image, read_mask(os.path.join(gt_root, name + ".png")),
+                              classes=classes))
         for ax, panel, title in zip(row, panels, columns):
             ax.imshow(panel)
             ax.set_title(f"{name}: {title}" if title == "image" else title, fontsize=8)
@@ -363,8 +383,9 @@ def evaluate(results_dir: str, gt_root: str, data_list: str,
              image_root: Optional[str] = None, out_dir: Optional[str] = None,
              infer_size: Optional[int] = None, thresholds: Sequence[float] = THRESHOLDS,
              folders: Mapping[str, str] = METHOD_SCORE_FOLDERS, workers: int = 1,
-             num_overlays: int = 4) -> Dict[str, object]:
-    """Run every evaluation whose inputs are given and write the reports.
+             num_overlays: int = 4, classes: Sequence[str] = VOC_CLASSES) -> Dict[str, object]:
+    """Run every evaluation whose inputs are given and write the reports, over the dataset's
+    class list `classes` (label ids: 0 background, class index + 1).
 
     - seed mIoU of each folder of `seed_dirs` (relative to results_dir unless absolute; default:
       every existing folder under `<results_dir>/seeds`);
@@ -390,21 +411,22 @@ def evaluate(results_dir: str, gt_root: str, data_list: str,
         infer_size = score_infer_size(results_dir, list(folders.values()), names, infer_size,
                                       INFER_SIZE)
     report: Dict[str, object] = {"data_list": os.path.abspath(data_list),
-                                 "num_images": len(names)}
-    report["seeds"] = {d: evaluate_seeds(p, gt_root, names, workers)
+                                 "num_images": len(names), "classes": list(classes)}
+    report["seeds"] = {d: evaluate_seeds(p, gt_root, names, workers, classes)
                        for d, p in seed_paths.items()}
     os.makedirs(out_dir, exist_ok=True)
     if annotation_root is not None:
         report["threshold_study"] = threshold_study(results_dir, gt_root, annotation_root, names,
-                                                    thresholds, infer_size, folders, workers)
+                                                    thresholds, infer_size, folders, workers,
+                                                    classes)
         report["pixel_ap"] = pixel_ap(results_dir, gt_root, annotation_root, names, infer_size,
-                                      folders)
+                                      folders, classes)
         plot_threshold_study(report["threshold_study"], os.path.join(out_dir,
                                                                      "threshold_study.png"))
         plot_class_ap(report["pixel_ap"], os.path.join(out_dir, "class_ap.png"))
     if image_root is not None and seed_paths and num_overlays > 0:
         plot_seed_overlays(image_root, gt_root, seed_paths, names[:num_overlays],
-                           os.path.join(out_dir, "seed_overlays.png"))
+                           os.path.join(out_dir, "seed_overlays.png"), classes)
     write_json(os.path.join(out_dir, "eval.json"), report, indent=2)
     with atomic_path(os.path.join(out_dir, "eval.md")) as tmp:
         with open(tmp, "w", encoding="utf-8") as f:
@@ -417,13 +439,15 @@ def evaluate(results_dir: str, gt_root: str, data_list: str,
 
 def _image_statistics(name: str, results_dir: str, gt_root: str, annotation_root: str,
                       seed_dirs: Sequence[str], thresholds: Sequence[float], infer_size: int,
-                      folders: Mapping[str, str]) -> Tuple[str, Dict[str, object]]:
+                      folders: Mapping[str, str],
+                      classes: Sequence[str]) -> Tuple[str, Dict[str, object]]:
     """Worker: (name, this image's statistics as `image_statistics` lists them)."""
     gt = read_mask(os.path.join(gt_root, name + ".png"))
     study, _ = _threshold_counts(name, results_dir, gt_root, annotation_root, thresholds,
-                                 infer_size, folders)
+                                 infer_size, folders, classes)
     score_folders = sorted(set(folders.values()))
-    labels, scores = load_image_scores(results_dir, annotation_root, name, score_folders)
+    labels, scores = load_image_scores(results_dir, annotation_root, name, score_folders,
+                                       classes)
     valid = gt != IGNORE_LABEL
     pixels = {}
     for folder, score in zip(score_folders, scores):
@@ -431,18 +455,20 @@ def _image_statistics(name: str, results_dir: str, gt_root: str, annotation_root
         for i, cls in enumerate(labels):   # one channel at a time, as `class_pixel_scores`
             channel = resize_scores(score[i:i + 1], gt.shape, infer_size)[0]
             pixels[folder][cls] = (channel[gt == cls + 1], channel[valid & (gt != cls + 1)])
-    return name, {"seeds": [_seed_confusion(name, d, gt_root)[0] for d in seed_dirs],
+    return name, {"seeds": [_seed_confusion(name, d, gt_root, len(classes) + 1)[0]
+                            for d in seed_dirs],
                   "threshold_study": study, "pixel_scores": pixels}
 
 
 def image_statistics(results_dir: str, gt_root: str, annotation_root: str, names: Sequence[str],
                      seed_dirs: Sequence[str] = (), thresholds: Sequence[float] = THRESHOLDS,
                      infer_size: int = INFER_SIZE, folders: Mapping[str, str] = METHOD_SCORE_FOLDERS,
-                     workers: int = 1) -> Dict[str, object]:
-    """The evaluation's statistics per image, in the order of `names` (N images).
+                     workers: int = 1, classes: Sequence[str] = VOC_CLASSES) -> Dict[str, object]:
+    """The evaluation's statistics per image, in the order of `names` (N images), K = C + 1
+    labels of the C `classes`.
 
-    Returns {"seeds": {seed_dir: (N, 21, 21) int64 confusions},
-             "threshold_study": {"cam"|"icd": (N, nT, 21, 21) int64 confusions},
+    Returns {"seeds": {seed_dir: (N, K, K) int64 confusions},
+             "threshold_study": {"cam"|"icd": (N, nT, K, K) int64 confusions},
              "pixel_scores": {score folder: {class index: [(image index, positive scores (P,),
                               negative scores (Q,)) for the images whose labels hold the class]}}}.
     Summed over the images the confusions are `evaluate_seeds`' and `threshold_study`'s; pooled,
@@ -453,10 +479,10 @@ def image_statistics(results_dir: str, gt_root: str, annotation_root: str, names
     job = functools.partial(_image_statistics, results_dir=results_dir, gt_root=gt_root,
                             annotation_root=annotation_root, seed_dirs=tuple(seed_dirs),
                             thresholds=tuple(thresholds), infer_size=infer_size,
-                            folders=dict(folders))
+                            folders=dict(folders), classes=tuple(classes))
     for name, stats in map_images(job, names, workers, "per-image statistics"):
         per_image[order[name]] = stats
-    study = np.stack([s["threshold_study"] for s in per_image])            # (N, 2, nT, 21, 21)
+    study = np.stack([s["threshold_study"] for s in per_image])            # (N, 2, nT, K, K)
     pixel_scores: Dict[str, Dict[int, List]] = {}
     for i, stats in enumerate(per_image):
         for folder, classes in stats["pixel_scores"].items():
@@ -469,18 +495,21 @@ def image_statistics(results_dir: str, gt_root: str, annotation_root: str, names
             "pixel_scores": pixel_scores}
 
 
-def image_confusions(label_dir: str, gt_root: str, names: Sequence[str],
-                     workers: int = 1) -> np.ndarray:
-    """(N, 21, 21) int64 confusion matrices of `<label_dir>/<name>.png` (seeds or predictions)
+def image_confusions(label_dir: str, gt_root: str, names: Sequence[str], workers: int = 1,
+                     classes: Sequence[str] = VOC_CLASSES) -> np.ndarray:
+    """(N, C+1, C+1) int64 confusion matrices of `<label_dir>/<name>.png` (seeds or predictions)
     against the ground truth, in the order of `names`; summed they are `evaluate_seeds`'."""
+    num_labels = len(classes) + 1
     order = {name: i for i, name in enumerate(names)}
-    confusions = np.zeros((len(names), NUM_SEG_CLASSES, NUM_SEG_CLASSES), np.int64)
-    job = functools.partial(_named_confusion, seed_dir=label_dir, gt_root=gt_root)
+    confusions = np.zeros((len(names), num_labels, num_labels), np.int64)
+    job = functools.partial(_named_confusion, seed_dir=label_dir, gt_root=gt_root,
+                            num_labels=num_labels)
     for name, (confusion,) in map_images(job, names, workers, "per-image confusions"):
         confusions[order[name]] = confusion
     return confusions
 
 
-def _named_confusion(name: str, seed_dir: str, gt_root: str) -> Tuple[str, Tuple[np.ndarray]]:
+def _named_confusion(name: str, seed_dir: str, gt_root: str,
+                     num_labels: int) -> Tuple[str, Tuple[np.ndarray]]:
     """Worker of `image_confusions`: (name, (confusion,)), since a pool's results come unordered."""
-    return name, _seed_confusion(name, seed_dir, gt_root)
+    return name, _seed_confusion(name, seed_dir, gt_root, num_labels)

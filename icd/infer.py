@@ -67,7 +67,7 @@ def infer(cfg: Config, params: str, out_dir: str, contexts: Sequence[mx.Context]
     loader = infer_loader(cfg.image_root, cfg.superpixel_root, cfg.annotation_root,
                           cfg.data_list, image_size=cfg.infer_size,
                           batch_size=cfg.infer_batch_size, num_workers=cfg.num_workers,
-                          shard=shard)
+                          shard=shard, classes=cfg.class_names)
     names = loader._dataset.names
     folders = [os.path.join(out_dir, OUTPUT_FOLDERS[k]) for k in net.output_names
                if k in OUTPUT_FOLDERS]

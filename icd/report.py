@@ -27,12 +27,13 @@ import numpy as np
 from scipy.stats import rankdata
 
 from .config import Config
+from .data.classes import segmentation_classes
 from .data.superpixels import MAX_REGIONS
 from .data.synthetic import MARKER_AREA
 from .data.transforms import SCALES
-from .data.voc import VOC_CLASSES, read_image_labels, read_list, read_mask
-from .evaluate import IOU_EPS, NUM_SEG_CLASSES, SEG_CLASSES, image_confusions, \
-    image_statistics, percent, plot_seed_overlays, pyplot, save_figure
+from .data.voc import read_image_labels, read_list, read_mask
+from .evaluate import IOU_EPS, image_confusions, image_statistics, percent, plot_seed_overlays, \
+    pyplot, save_figure
 from .io import atomic_path, read_json, write_json
 from .pipeline import Run
 from .seeds import EPS, INFER_SIZE
@@ -63,7 +64,8 @@ class ReportInputs:
     """What the report reads: the run's folders and the settings actually used.
 
     out: the run's folder (paths in the text are relative to it); data: the VOC-layout dataset
-    (JPEGImages, Annotations, SegmentationClass); lists: split -> image list; results:
+    (JPEGImages, Annotations, SegmentationClass); classes: its class list (label ids 1..C, 0
+    the background); lists: split -> image list; results:
     "cam"|"icd" -> split -> results folder (scores_*, seeds/, eval/); trainings: "pretrain"
     (absent without pre-training), "cam", "icd" -> the Config trained; config_files: the same
     keys -> the YAML file; dataset: num_train, num_val, size, seed of the synthetic set;
@@ -72,6 +74,7 @@ class ReportInputs:
     """
     out: str
     data: str
+    classes: Sequence[str]
     lists: Mapping[str, str]
     results: Mapping[str, Mapping[str, str]]
     trainings: Mapping[str, Config]
@@ -85,24 +88,26 @@ class ReportInputs:
 # ---------------------------------------------------------------------------------------------
 # Tables
 
-def present_miou(miou_21: float, num_present: int) -> float:
-    """mIoU over the classes present in the ground truth from the release's 21-class mIoU.
+def present_miou(miou_all: float, num_present: int, num_labels: int) -> float:
+    """mIoU over the classes present in the ground truth from the release's mIoU over all
+    K = num_labels labels (background + C classes; 21 on VOC).
 
     A class without ground-truth pixels has IoU 0/(0 + col + 1e-10) = 0 whatever the seeds say,
-    so the 21-class mean is Σ_present IoU / 21 and the present-class mean is that times
-    21 / num_present (exact).
+    so the K-label mean is Σ_present IoU / K and the present-class mean is that times
+    K / num_present (exact).
     """
     if num_present <= 0:
         raise ValueError("no class is present in the ground truth")
-    return miou_21 * NUM_SEG_CLASSES / num_present
+    return miou_all * num_labels / num_present
 
 
-def present_classes(gt_root: str, names: Sequence[str]) -> List[int]:
-    """Sorted label values 0..20 (0 = background) with at least one ground-truth pixel."""
-    found = np.zeros(NUM_SEG_CLASSES, bool)
+def present_classes(gt_root: str, names: Sequence[str], num_labels: int) -> List[int]:
+    """Sorted label values 0..K-1 (0 = background, K = num_labels) with at least one
+    ground-truth pixel."""
+    found = np.zeros(num_labels, bool)
     for name in names:
         values = np.unique(read_mask(os.path.join(gt_root, name + ".png")))
-        found[values[values < NUM_SEG_CLASSES]] = True
+        found[values[values < num_labels]] = True
     return [int(c) for c in np.flatnonzero(found)]
 
 
@@ -111,26 +116,28 @@ def split_tables(inputs: ReportInputs, split: str) -> Dict:
     icd = read_json(os.path.join(inputs.results["icd"][split], "eval", "eval.json"))
     cam = read_json(os.path.join(inputs.results["cam"][split], "eval", "eval.json"))
     names = read_list(inputs.lists[split])
-    present = present_classes(os.path.join(inputs.data, "SegmentationClass"), names)
+    labels = segmentation_classes(inputs.classes)
+    num_labels = len(labels)
+    present = present_classes(os.path.join(inputs.data, "SegmentationClass"), names, num_labels)
     n = len(present)
     sources = {"cam_baseline": cam["pixel_ap"]["cam"], "cam_head": icd["pixel_ap"]["cam"],
                "icd": icd["pixel_ap"]["icd"]}
-    fg_classes = [VOC_CLASSES[c - 1] for c in present if c > 0]
+    fg_classes = [labels[c] for c in present if c > 0]
     thresholds = {}
     for t in icd["threshold_study"]["icd"]:
         rows = {"cam_baseline": cam["threshold_study"]["cam"][t],
                 "cam_head": icd["threshold_study"]["cam"][t],
                 "icd": icd["threshold_study"]["icd"][t]}
-        thresholds[t] = {k: dict(miou=present_miou(v["miou"], n), miou21=v["miou"],
+        thresholds[t] = {k: dict(miou=present_miou(v["miou"], n, num_labels), miou21=v["miou"],
                                  recall=v["recall"]) for k, v in rows.items()}
     seeds = {}
     for rows, report in ((TABLE3, icd), (CAM_SEEDS, cam)):
         for row in rows:
             name, folder = row[0], row[1]
             r = report["seeds"][os.path.join("seeds", folder)]
-            seeds[name] = dict(miou=present_miou(r["miou"], n), miou21=r["miou"],
-                               iou={c: r["iou"][c] for c in ["background"] + fg_classes})
-    return dict(num_images=len(names), present=["background"] + fg_classes,
+            seeds[name] = dict(miou=present_miou(r["miou"], n, num_labels), miou21=r["miou"],
+                               iou={c: r["iou"][c] for c in [labels[0]] + fg_classes})
+    return dict(num_images=len(names), num_labels=num_labels, present=[labels[0]] + fg_classes,
                 map={k: v["map"] for k, v in sources.items()},
                 ap={k: {c: v["ap"][c] for c in fg_classes} for k, v in sources.items()},
                 thresholds=thresholds, seeds=seeds)
@@ -318,7 +325,7 @@ def split_samples(inputs: ReportInputs, split: str, tables: Mapping) -> Dict[str
     common = dict(gt_root=os.path.join(inputs.data, "SegmentationClass"),
                   annotation_root=os.path.join(inputs.data, "Annotations"), names=names,
                   thresholds=[float(t) for t in tables["thresholds"]],
-                  infer_size=inputs.infer_size, workers=inputs.workers)
+                  infer_size=inputs.infer_size, workers=inputs.workers, classes=inputs.classes)
     icd_dir, cam_dir = inputs.results["icd"][split], inputs.results["cam"][split]
     seed_dirs = {name: os.path.join(icd_dir, "seeds", folder) for name, folder, _, _ in TABLE3}
     icd = image_statistics(icd_dir, seed_dirs=list(seed_dirs.values()),
@@ -332,7 +339,8 @@ def split_samples(inputs: ReportInputs, split: str, tables: Mapping) -> Dict[str
               "cam_head": icd["pixel_scores"]["scores_cam"],
               "icd": icd["pixel_scores"]["scores_icd"]}
     return {"num_images": len(names),
-            "classes": [SEG_CLASSES.index(c) for c in tables["present"]],
+            "classes": [segmentation_classes(inputs.classes).index(c)
+                        for c in tables["present"]],
             "ap": {k: [class_histograms(v[c], len(names)) for c in sorted(v)]
                    for k, v in scores.items()},
             "thresholds": {t: {k: s[:, i] for k, s in studies.items()}
@@ -380,9 +388,11 @@ def segmentation_results(inputs: ReportInputs) -> Tuple[List[List[str]], List[Di
         return [], [], {}
     gt_root = os.path.join(inputs.data, "SegmentationClass")
     names = read_list(inputs.lists["val"])
-    present = present_classes(gt_root, names)
+    num_labels = len(inputs.classes) + 1
+    present = present_classes(gt_root, names, num_labels)
     confusions = {label: image_confusions(os.path.join(folder, "pred"), gt_root, names,
-                                          inputs.workers) for label, (folder, _) in done.items()}
+                                          inputs.workers, inputs.classes)
+                  for label, (folder, _) in done.items()}
     weights = resample_weights(len(names))
     values = {label: float(miou_statistic(c, present)(np.ones((1, len(names))))[0])
               for label, c in confusions.items()}
@@ -419,15 +429,15 @@ def _md_table(header: Sequence[str], rows: Sequence[Sequence]) -> List[str]:
 
 def _split_markdown(tables: Mapping, split: str, claims_split: bool) -> List[str]:
     n = len(tables["present"])
-    k = NUM_SEG_CLASSES
+    k = tables["num_labels"]
     lines = [f"## {split.capitalize()} split ({tables['num_images']} images"
              + (", used for the claims)" if claims_split
                 else ", held out: not used for the claims)"),
              "",
              f"mIoU (present) averages over the {n} classes present in the ground truth "
              f"({', '.join(tables['present'])}); mIoU ({k}) is the release's rule over all {k} "
-             f"VOC classes, where each absent class counts 0 (so it is mIoU (present) × {n}/{k}). "
-             "All values in %.", "",
+             f"labels (background + the {k - 1} classes of the list), where each absent class "
+             f"counts 0 (so it is mIoU (present) × {n}/{k}). All values in %.", "",
              "### Table 1. Pixel-level mAP of the score maps", ""]
     lines += _md_table(["Method", "mAP (%)"] + list(tables["present"][1:]),
                        [[label, percent(tables["map"][key])] +
@@ -559,7 +569,8 @@ def _training_lines(inputs: ReportInputs, trained: Sequence[str]) -> List[str]:
     if final and min(final.values()) < WEAK_RECALL:
         names = read_list(inputs.lists["train"])
         prior = prior_recall([read_image_labels(os.path.join(inputs.data, "Annotations",
-                                                             n + ".xml")) for n in names])
+                                                             n + ".xml"), inputs.classes)
+                              for n in names])
         lines += ["", "**Caveat:** the classifiers end at a top-k label recall of "
                   + ", ".join(f"{v:.2f} ({w})" for w, v in final.items())
                   + f" on the training crops (below {WEAK_RECALL}; predicting the label prior "
@@ -679,7 +690,7 @@ def write_report(inputs: ReportInputs, run: Run) -> str:
         plot_seed_overlays(os.path.join(inputs.data, "JPEGImages"),
                            os.path.join(inputs.data, "SegmentationClass"), dirs,
                            read_list(inputs.lists[split])[:4],
-                           os.path.join(figures, f"seed_overlays_{split}.png"))
+                           os.path.join(figures, f"seed_overlays_{split}.png"), inputs.classes)
     trained = _plot_training(inputs.trainings, os.path.join(figures, "training_curves.png"))
     demo_images = {}
     for which in trained:
@@ -716,8 +727,8 @@ def write_report(inputs: ReportInputs, run: Run) -> str:
              f"- Inference size {inputs.infer_size} (the smallest 8k+1 ≥ every image side; the "
              f"release uses {INFER_SIZE}).",
              f"- Seeds and evaluation follow the release (seed rule threshold {EPS:g}, dense "
-             f"CRF, {NUM_SEG_CLASSES}-class mIoU); mIoU over the present classes is added (see "
-             "below).", "",
+             f"CRF, mIoU over all {tables['train']['num_labels']} labels); mIoU over the present "
+             "classes is added (see below).", "",
              "Training (the release's schedule otherwise: poly LR per epoch, a larger lr on the "
              f"new classifiers, the top-down warm-up over "
              f"{inputs.trainings['icd'].warmup_epochs} epochs, scale "
@@ -767,7 +778,8 @@ def write_report(inputs: ReportInputs, run: Run) -> str:
                   "held-out val split: the use the seeds are made for. The ground-truth row is "
                   "the fully-supervised upper bound.", ""]
         lines += _md_table(["Labels (train split)", "Network", "val mIoU (present classes)",
-                            f"val mIoU ({NUM_SEG_CLASSES}-class rule)"], segmentation_rows)
+                            f"val mIoU (all {len(inputs.classes) + 1} labels)"],
+                           segmentation_rows)
         lines += [""] + _claims_table(segmentation_claims, bold=False)
     for split in SPLITS:
         lines += _split_markdown(tables[split], split, split == "train")
@@ -795,7 +807,7 @@ def write_report(inputs: ReportInputs, run: Run) -> str:
               "- `report.json`: every number of this report (fractions), the claims with their "
               "intervals.",
               "- `results_*/<split>/eval/eval.{json,md}`: the evaluation's own reports "
-              f"({NUM_SEG_CLASSES}-class rule).",
+              f"({tables['train']['num_labels']}-label rule).",
               "- `results_*/<split>/seeds/*`: seed PNGs; `scores_*`: score maps (release layout).",
               ""]
     path = os.path.join(report_dir, "report.md")

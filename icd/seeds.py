@@ -12,7 +12,8 @@ The release's `_generate_seed` is split into pieces that the evaluation reuses:
   folders' provenance (icd.provenance: complete, one inference run, the size they were made at)
   and records its own in the seed folder.
 
-Seed values: VOC class index + 1 on the foreground, 0 on the background, 255 undefined.
+Seed values: class index + 1 on the foreground (the index in the dataset's class list,
+`icd.data.classes`; VOC's by default), 0 on the background, 255 undefined.
 """
 from __future__ import annotations
 
@@ -26,8 +27,8 @@ import numpy as np
 from tqdm import tqdm
 
 from .crf import dense_crf
-from .data.voc import IGNORE_LABEL, NUM_CLASSES, read_image, read_image_labels, read_list, \
-    write_mask
+from .data.voc import IGNORE_LABEL, NUM_CLASSES, VOC_CLASSES, read_image, read_image_labels, \
+    read_list, write_mask
 from .data.transforms import INFER_SIZE
 from .devices import shard_names
 from .provenance import producing, read_record, score_infer_size
@@ -35,8 +36,7 @@ from .provenance import producing, read_record, score_infer_size
 EPS = 1e-5                # release: every normaliser floor, proposal and tie tolerance
 SALIENCY_BG = 0.01        # release: saliency < 0.01 is background
 SALIENCY_MIN_FG = 0.01    # release: < 1% non-background pixels -> fall back to the ICD background
-# Dense CRF (release, section 7)
-CRF_LABELS = NUM_CLASSES + 1
+# Dense CRF (release, section 7): C + 1 labels, the background and the C classes (VOC: 21)
 CRF_SEED_PROB = 0.5
 CRF_ITERATIONS = 10
 CRF_GAUSSIAN = dict(sxy=3, compat=3)
@@ -47,6 +47,7 @@ CRF_MIN_PROB = 0.1
 SEED_VARIANTS = ("crf", "sal", "nocrf")
 
 T = TypeVar("T")
+U = TypeVar("U")
 
 
 def resize_scores(scores: np.ndarray, image_size: Tuple[int, int],
@@ -103,7 +104,7 @@ def seed_from_scores(cam: np.ndarray, icd: np.ndarray, labels: Sequence[int],
     Args:
         cam: (|L|, H, W) CAM scores on the image (after `resize_scores`).
         icd: (|L|, H, W) ICD scores on the image.
-        labels: the image's sorted present classes L (VOC indices 0..19).
+        labels: the image's sorted present classes L (class indices 0..C-1).
         saliency: optional (H, W) saliency in [0, 1]; replaces the ICD background (release `sal`).
         threshold: fg where fg_score > threshold, ICD bg where every class has bg_score >
             threshold. The release uses 1e-5; Table 2 uses T in (0, 0.1, 0.3, 0.5).
@@ -143,27 +144,30 @@ def seed_from_scores(cam: np.ndarray, icd: np.ndarray, labels: Sequence[int],
     return seed
 
 
-def crf_refine(image_rgb: np.ndarray, seed: np.ndarray) -> np.ndarray:
-    """Dense CRF on a seed (release, section 7).
+def crf_refine(image_rgb: np.ndarray, seed: np.ndarray,
+               num_classes: int = NUM_CLASSES) -> np.ndarray:
+    """Dense CRF on a seed (release, section 7) over K = num_classes + 1 labels (VOC: 21).
 
-    Unary: -log(max(p, 1e-5)) with p = 0.5 on the seed's label and 0.5/21 on the other labels;
-    undefined (255) pixels get 0.5/21 on every label; every pixel's p is then divided by its sum
-    over the 21 labels (our reading of "renormalised"). A per-pixel constant in the unary cancels
+    Unary: -log(max(p, 1e-5)) with p = 0.5 on the seed's label and 0.5/K on the other labels;
+    undefined (255) pixels get 0.5/K on every label; every pixel's p is then divided by its sum
+    over the K labels (our reading of "renormalised"). A per-pixel constant in the unary cancels
     in the mean-field normalisation, so any per-pixel renormalisation gives the same output.
     Pairwise: Gaussian sxy 3 compat 3; bilateral sxy 80 srgb 13 compat 10 on the RGB image.
     10 iterations; argmax; 255 where the largest marginal is below 0.1.
 
     Args:
         image_rgb: (H, W, 3) uint8 RGB.
-        seed: (H, W) uint8 with values in 0..20 or 255.
+        seed: (H, W) uint8 with values in 0..num_classes or 255.
+        num_classes: C, the foreground classes of the dataset's list.
     Returns:
         (H, W) uint8 refined seed.
     """
     height, width = seed.shape
     if image_rgb.shape != (height, width, 3):
         raise ValueError(f"image {image_rgb.shape} does not match the seed {seed.shape}")
-    prob = np.full((CRF_LABELS, height, width), CRF_SEED_PROB / CRF_LABELS, np.float32)
-    labelled = seed < CRF_LABELS
+    num_labels = num_classes + 1
+    prob = np.full((num_labels, height, width), CRF_SEED_PROB / num_labels, np.float32)
+    labelled = seed < num_labels
     rows, cols = np.nonzero(labelled)
     prob[seed[labelled].astype(np.int64), rows, cols] = CRF_SEED_PROB
     prob /= prob.sum(axis=0, keepdims=True)
@@ -176,7 +180,7 @@ def crf_refine(image_rgb: np.ndarray, seed: np.ndarray) -> np.ndarray:
 def generate_seed(image_rgb: np.ndarray, cam: np.ndarray, icd: np.ndarray,
                   labels: Sequence[int], infer_size: int = INFER_SIZE,
                   saliency: Optional[np.ndarray] = None, use_crf: bool = True,
-                  threshold: float = EPS) -> np.ndarray:
+                  threshold: float = EPS, num_classes: int = NUM_CLASSES) -> np.ndarray:
     """The release's `_generate_seed` for one image.
 
     Args:
@@ -187,6 +191,7 @@ def generate_seed(image_rgb: np.ndarray, cam: np.ndarray, icd: np.ndarray,
         saliency: optional (H, W) float in [0, 1]; when given, no CRF (release `seeds/sal`).
         use_crf: dense CRF after the rule (ignored with saliency, as in the release).
         threshold: see `seed_from_scores`.
+        num_classes: C of the class list (the CRF's C + 1 labels).
     Returns:
         (H, W) uint8 seed.
     """
@@ -194,7 +199,7 @@ def generate_seed(image_rgb: np.ndarray, cam: np.ndarray, icd: np.ndarray,
     seed = seed_from_scores(resize_scores(cam, size, infer_size),
                             resize_scores(icd, size, infer_size), labels, saliency, threshold)
     if use_crf and saliency is None:
-        seed = crf_refine(image_rgb, seed)
+        seed = crf_refine(image_rgb, seed, num_classes)
     return seed
 
 
@@ -226,9 +231,11 @@ def load_scores(path: str, labels: Sequence[int]) -> np.ndarray:
 
 
 def load_image_scores(results_dir: str, annotation_root: str, name: str,
-                      folders: Sequence[str]) -> Tuple[List[int], List[np.ndarray]]:
-    """The image's present classes and its (|L|, h, w) score maps from each results folder."""
-    labels = read_image_labels(os.path.join(annotation_root, name + ".xml"))
+                      folders: Sequence[str], classes: Sequence[str] = VOC_CLASSES
+                      ) -> Tuple[List[int], List[np.ndarray]]:
+    """The image's present classes (indices into `classes`) and its (|L|, h, w) score maps
+    from each results folder."""
+    labels = read_image_labels(os.path.join(annotation_root, name + ".xml"), classes)
     paths = [os.path.join(results_dir, folder, name + ".npy") for folder in folders]
     scores = [load_scores(path, labels) for path in paths]
     for path, score in zip(paths[1:], scores[1:]):
@@ -254,10 +261,10 @@ def default_seed_dir(results_dir: str, variant: str, icd_folder: str = "scores_i
 
 def _seed_one(name: str, results_dir: str, image_root: str, annotation_root: str,
               saliency_root: Optional[str], infer_size: int, crf: bool, icd_folder: str,
-              cam_folder: str, out_dir: str) -> str:
+              cam_folder: str, out_dir: str, classes: Sequence[str]) -> str:
     """Worker: write `<out_dir>/<name>.png`. Returns the name."""
     labels, (cam, icd) = load_image_scores(results_dir, annotation_root, name,
-                                           (cam_folder, icd_folder))
+                                           (cam_folder, icd_folder), classes)
     image_path = os.path.join(image_root, name + ".jpg")
     image = read_image(image_path)
     saliency = None
@@ -267,17 +274,19 @@ def _seed_one(name: str, results_dir: str, image_root: str, annotation_root: str
             raise ValueError(f"{os.path.join(saliency_root, name + '.png')}: saliency "
                              f"{saliency.shape} does not match the image {image.shape[:2]}")
     try:
-        seed = generate_seed(image, cam, icd, labels, infer_size, saliency, use_crf=crf)
+        seed = generate_seed(image, cam, icd, labels, infer_size, saliency, use_crf=crf,
+                             num_classes=len(classes))
     except ValueError as e:
         raise ValueError(f"{image_path}: {e}") from None
     write_mask(os.path.join(out_dir, name + ".png"), seed)
     return name
 
 
-def map_images(func: Callable[[str], T], names: Sequence[str], workers: int,
+def map_images(func: Callable[[U], T], names: Sequence[U], workers: int,
                desc: str) -> Iterator[T]:
-    """Yield func(name) for every name with a progress bar; in a `workers`-process pool
-    (results unordered) when workers > 1. An error in func propagates and stops the pool.
+    """Yield func(name) for every name (image names, or any picklable per-image items) with a
+    progress bar; in a `workers`-process pool (results unordered) when workers > 1. An error in
+    func propagates and stops the pool.
 
     The pool's processes are spawned, not forked (a fork after MXNet's engine threads have
     started can deadlock), so `func` must be picklable: a module-level function or a
@@ -301,8 +310,10 @@ def make_seeds(results_dir: str, image_root: str, annotation_root: str, data_lis
                workers: int = 1, crf: bool = True, overwrite: bool = False,
                icd_folder: str = "scores_icd", cam_folder: str = "scores_cam",
                out_dir: Optional[str] = None,
-               shard: Tuple[int, int] = (0, 1)) -> Dict[str, object]:
-    """Seeds for every image of `data_list` as single-channel 8-bit label PNGs (`write_mask`).
+               shard: Tuple[int, int] = (0, 1),
+               classes: Sequence[str] = VOC_CLASSES) -> Dict[str, object]:
+    """Seeds for every image of `data_list` as single-channel 8-bit label PNGs (`write_mask`):
+    class index in `classes` + 1, 0 background, 255 undefined.
 
     Reads `<results_dir>/<cam_folder>/<name>.npy`, `<results_dir>/<icd_folder>/<name>.npy`,
     `<image_root>/<name>.jpg`, `<annotation_root>/<name>.xml` (and `<saliency_root>/<name>.png`).
@@ -331,13 +342,13 @@ def make_seeds(results_dir: str, image_root: str, annotation_root: str, data_lis
     settings = dict(scores=scores, infer_size=infer_size, crf=crf,
                     saliency_root=saliency_root and os.path.abspath(saliency_root),
                     image_root=os.path.abspath(image_root),
-                    annotation_root=os.path.abspath(annotation_root))
+                    annotation_root=os.path.abspath(annotation_root), classes=list(classes))
     with producing([out_dir], "seeds", settings, overwrite, shard):
         todo = [n for n in names if not os.path.isfile(os.path.join(out_dir, n + ".png"))]
         job = functools.partial(_seed_one, results_dir=results_dir, image_root=image_root,
                                 annotation_root=annotation_root, saliency_root=saliency_root,
                                 infer_size=infer_size, crf=crf, icd_folder=icd_folder,
-                                cam_folder=cam_folder, out_dir=out_dir)
+                                cam_folder=cam_folder, out_dir=out_dir, classes=tuple(classes))
         for _ in map_images(job, todo, workers, f"seeds -> {out_dir}"):
             pass
     return {"written": len(todo), "skipped": len(names) - len(todo), "out_dir": out_dir}

@@ -8,7 +8,8 @@ and mirrored back; the probabilities are averaged over scales and flips. The pre
 argmax, or, with `crf`, the argmax of a dense CRF with DeepLab-LargeFOV's parameters.
 
 Outputs under `out_dir`: `pred/<name>.png`, single-channel 8-bit PNGs of class ids 0..C that
-`cv2.imread(p, 0)` reads, and `overlay/<name>.jpg`, the VOC colours over the image for people.
+`cv2.imread(p, 0)` reads, and `overlay/<name>.jpg`, the class list's colours over the image for
+people.
 """
 from __future__ import annotations
 
@@ -22,9 +23,9 @@ from tqdm import tqdm
 
 from .crf import dense_crf
 from .data.transforms import INFER_SIZE, PAD_VALUE
-from .data.voc import read_image, read_list, write_image
+from .data.voc import VOC_CLASSES, read_image, read_list, write_image
 from .devices import shard_names
-from .evaluate import SEG_CLASSES, evaluate_seeds, overlay
+from .evaluate import evaluate_seeds, overlay
 from .io import atomic_path, write_json
 
 MULTI_SCALES = (0.75, 1.0, 1.25)   # the usual multi-scale test set (Config `scales`)
@@ -118,11 +119,13 @@ def segment(net: mx.gluon.Block, image_root: str, data_list: str, out_dir: str,
             contexts: Sequence[mx.Context], scales: Sequence[float] = (1.0,),
             flip: bool = False, crf: bool = False, infer_size: int = INFER_SIZE,
             batch_size: int = 4, overwrite: bool = False,
-            shard: Tuple[int, int] = (0, 1)) -> List[str]:
+            shard: Tuple[int, int] = (0, 1),
+            classes: Sequence[str] = VOC_CLASSES) -> List[str]:
     """Predict every image `<image_root>/<name>.jpg` of `data_list` (Config fields `scales`,
     `flip`, `crf`: see the module doc).
 
-    Writes `<out_dir>/pred/<name>.png` (ids) and `<out_dir>/overlay/<name>.jpg` (colours),
+    Writes `<out_dir>/pred/<name>.png` (ids) and `<out_dir>/overlay/<name>.jpg` (colours of the
+    class list `classes`, `icd.data.classes.class_palette`),
     each atomically. Images whose prediction exists are skipped unless `overwrite` (resumable).
     Returns the names of the list (of shard (I, N) of it: icd.devices.shard_names).
     """
@@ -140,7 +143,8 @@ def segment(net: mx.gluon.Block, image_root: str, data_list: str, out_dir: str,
         for name, image, prob in zip(batch, images, probs):
             labels = predict_labels(image, prob, crf)
             write_label_map(os.path.join(out_dir, "pred", name + ".png"), labels)
-            write_image(os.path.join(out_dir, "overlay", name + ".jpg"), overlay(image, labels))
+            write_image(os.path.join(out_dir, "overlay", name + ".jpg"),
+                        overlay(image, labels, classes=classes))
     return names
 
 
@@ -154,7 +158,8 @@ def markdown_table(result: Mapping[str, object], model: str, supervision: str = 
     """Markdown laid out like the paper's Tables 7-8 (mIoU %, VOC 2012 val/test), the paper's
     rows of the model's backbone first, then this run's val mIoU and its per-class IoU.
 
-    result: `evaluate_seeds`'s {"miou", "iou": {class: IoU}, "num_images"} (fractions).
+    result: `evaluate_seeds`'s {"miou", "iou": {class: IoU}, "num_images"} (fractions); the
+    per-class columns are its classes (background and the dataset's list).
     """
     backbone = backbone_of(model)
     lines = [f"# DeepLab on the seeds ({PAPER_TABLES[backbone]} layout, {backbone})", "",
@@ -163,17 +168,19 @@ def markdown_table(result: Mapping[str, object], model: str, supervision: str = 
               for sup, (val, test) in PAPER_RESULTS[backbone].items()]
     lines += [f"| {label}: {model}, {result['num_images']} images | {supervision} | "
               f"{100 * result['miou']:.1f} | – |", "", "## Per-class IoU (%)", "",
-              "| " + " | ".join(SEG_CLASSES) + " |", "|---" * len(SEG_CLASSES) + "|",
-              "| " + " | ".join(f"{100 * result['iou'][c]:.1f}" for c in SEG_CLASSES) + " |", ""]
+              "| " + " | ".join(result["iou"]) + " |", "|---" * len(result["iou"]) + "|",
+              "| " + " | ".join(f"{100 * v:.1f}" for v in result["iou"].values()) + " |", ""]
     return "\n".join(lines)
 
 
 def evaluate_predictions(out_dir: str, gt_root: str, data_list: str, model: str,
-                         supervision: str = "I.", workers: int = 1) -> Dict[str, object]:
-    """mIoU of `<out_dir>/pred` against `<gt_root>` with the release's confusion-matrix rule
-    (`icd.evaluate.evaluate_seeds`); writes `<out_dir>/eval.json` (fractions) and `eval.md`."""
+                         supervision: str = "I.", workers: int = 1,
+                         classes: Sequence[str] = VOC_CLASSES) -> Dict[str, object]:
+    """mIoU of `<out_dir>/pred` against `<gt_root>` over the C + 1 labels of `classes` with the
+    release's confusion-matrix rule (`icd.evaluate.evaluate_seeds`); writes `<out_dir>/eval.json`
+    (fractions) and `eval.md`."""
     result = evaluate_seeds(os.path.join(out_dir, "pred"), gt_root, read_list(data_list),
-                            workers)
+                            workers, classes)
     report = {"model": model, "supervision": supervision,
               "data_list": os.path.abspath(data_list), **result}
     write_json(os.path.join(out_dir, "eval.json"), report)

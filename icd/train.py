@@ -396,7 +396,7 @@ class ICDTask(Task):
         loader = train_loader(cfg.image_root, cfg.superpixel_root, cfg.annotation_root,
                               cfg.data_list, image_size=cfg.image_size,
                               batch_size=cfg.batch_size, num_workers=cfg.num_workers,
-                              seed=cfg.seed, shard=shard)
+                              seed=cfg.seed, shard=shard, classes=cfg.class_names)
         # release: W = 2 N // B, B the global batch
         self.warmup_iters = cfg.warmup_epochs * len(loader._dataset) // (cfg.batch_size
                                                                          * shard[1])
@@ -509,13 +509,15 @@ class SegmentationTask(Task):
             figures.images += score.shape[0]
 
     def picture(self, inputs, outputs):
-        """Image, its training labels and the prediction (argmax, nearest-upsampled), in VOC
-        colours over the image."""
+        """Image, its training labels and the prediction (argmax, nearest-upsampled), in the
+        class list's colours over the image."""
         image = inputs["data"][0].asnumpy().transpose(1, 2, 0).astype(np.uint8)
         label = inputs["label"][0].asnumpy().astype(np.uint8)
         pred = outputs["score"][0].argmax(axis=0).asnumpy().astype(np.uint8)
         pred = cv2.resize(pred, label.shape[::-1], interpolation=cv2.INTER_NEAREST)
-        return np.concatenate([image, overlay(image, label), overlay(image, pred)], axis=1)
+        classes = self.cfg.class_names
+        return np.concatenate([image, overlay(image, label, classes=classes),
+                               overlay(image, pred, classes=classes)], axis=1)
 
 
 # Which task trains each registered model (a model without one is refused by `train`).

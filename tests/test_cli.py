@@ -15,6 +15,7 @@ from conftest import REPO
 from icd.commands import bench, evaluate, infer, parity, seeds, superpixels, synthetic, train
 from icd.commands.runner import EXIT_USAGE
 from icd.config import FIELDS, _TYPES, find_config, load_config
+from icd.data.classes import read_classes
 from icd.data.superpixels import make_superpixels
 from icd.data.synthetic import make_synthetic_voc
 from icd.data.voc import read_list
@@ -70,7 +71,6 @@ def test_train_rejects_bad_flags_in_one_line(flags, message, capsys):
      "--thresholds: expected a number in [0, 1), got '2'"),
     (seeds, ["--results", "r", "--image-root", "i", "--annotation-root", "a", "--data-list", "l",
              "--workers", "0"], "--workers: expected a positive integer, got '0'"),
-    (synthetic, ["--out", "o", "--classes", "cat", "unicorn"], "--classes: invalid choice"),
     (superpixels, ["--image-root", "i", "--data-list", "l", "--out", "o"],
      "one of the arguments --pretrained --features is required"),
     (bench, ["--repeats", "0"], "--repeats: expected a positive integer, got '0'"),
@@ -114,6 +114,19 @@ def test_parse_devices_and_contexts():
         parse_devices("0,0")
     with pytest.raises(ValueError, match="not both"):
         parse_devices("0", 2)
+
+
+@pytest.mark.parametrize("command, flags", [
+    (synthetic, ["--out", "o"]),
+    (seeds, ["--results", "r", "--image-root", "i", "--annotation-root", "a", "--data-list", "l"]),
+    (evaluate, ["--results", "r", "--gt-root", "g", "--data-list", "l"]),
+])
+def test_a_missing_class_list_is_named_before_anything_is_written(command, flags, tmp_path,
+                                                                    capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert command.main(flags + ["--classes", "missing.txt"]) == 1
+    assert error_line(capsys) == "error: missing.txt: class-list file not found"
+    assert os.listdir(tmp_path) == []
 
 
 def test_nothing_to_train_is_an_error(tiny_voc, tmp_path, capsys):
@@ -289,9 +302,12 @@ def test_shipped_configs_by_name(tmp_path, monkeypatch):
 
 def test_synthetic_and_superpixel_tools(tmp_path, capsys):
     root = str(tmp_path / "voc")
+    class_file = tmp_path / "pets.txt"
+    class_file.write_text("cat\ndog\n")
     assert synthetic.main(["--out", root, "--num-train", "4", "--num-val", "1", "--size", "48",
-                           "--classes", "cat", "dog"]) == 0
+                           "--classes", str(class_file)]) == 0
     assert capsys.readouterr().out.strip() == f"4 train, 1 val images in {root}"
+    assert read_classes(os.path.join(root, "classes.txt")) == ("cat", "dog")
     data_list = os.path.join(root, "ImageSets", "Segmentation", "train.txt")
     out = str(tmp_path / "sp")
     flags = ["--image-root", os.path.join(root, "JPEGImages"), "--data-list", data_list,

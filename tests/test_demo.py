@@ -12,6 +12,8 @@ import pytest
 from PIL import Image
 
 from icd import demo, pipeline, report
+from icd.data.classes import read_classes
+from icd.data.synthetic import DEFAULT_CLASSES
 from icd.evaluate import NUM_SEG_CLASSES, average_precision, class_iou, confusion_matrix, \
     image_statistics, mean_iou
 from icd.io import read_json
@@ -238,11 +240,13 @@ def test_present_miou_equals_the_mean_over_classes_with_ground_truth():
     rng = np.random.default_rng(0)
     gt = rng.choice([0, 3, 8, 255], size=(40, 50))           # background, 2 classes, ignore
     seed = rng.choice([0, 3, 8, 12, 255], size=(40, 50))     # 12: a class absent from the gt
-    confusion = confusion_matrix(gt, seed)
-    iou = class_iou(confusion)
-    assert report.present_miou(mean_iou(confusion), 3) == pytest.approx(iou[[0, 3, 8]].mean())
+    for num_labels in (13, NUM_SEG_CLASSES):                 # a 12-class list, VOC's 20
+        confusion = confusion_matrix(gt, seed, num_labels)
+        iou = class_iou(confusion)
+        assert report.present_miou(mean_iou(confusion), 3, num_labels) == \
+            pytest.approx(iou[[0, 3, 8]].mean())
     with pytest.raises(ValueError):
-        report.present_miou(0.5, 0)
+        report.present_miou(0.5, 0, NUM_SEG_CLASSES)
     # the bootstrap's statistic with all weights 1 is the same number
     statistic = report.miou_statistic(confusion[None], [0, 3, 8])
     assert statistic(np.ones((1, 1)))[0] == pytest.approx(iou[[0, 3, 8]].mean(), abs=1e-15)
@@ -251,7 +255,8 @@ def test_present_miou_equals_the_mean_over_classes_with_ground_truth():
 def test_present_classes_reads_the_ground_truth(tmp_path):
     for name, values in (("a", [0, 3, 255]), ("b", [0, 8])):
         Image.fromarray(np.array([values], np.uint8)).save(tmp_path / f"{name}.png")
-    assert report.present_classes(str(tmp_path), ["a", "b"]) == [0, 3, 8]
+    assert report.present_classes(str(tmp_path), ["a", "b"], NUM_SEG_CLASSES) == [0, 3, 8]
+    assert report.present_classes(str(tmp_path), ["a", "b"], 7) == [0, 3]   # 6 classes: no 8
 
 
 def test_resampling_is_seeded_and_draws_every_image_count_once_per_resample():
@@ -421,15 +426,24 @@ def test_quick_demo_end_to_end(tmp_path):
     claims = numbers["claims"]["train"]
     assert len(claims) == 7 and all(c["verdict"] in report.VERDICTS for c in claims)
     assert sum(text.count(f"**{v}**") for v in report.VERDICTS) == 7 + 3   # + the rule's words
-    # the per-image statistics add up to the evaluation's numbers
+    # the data's class list throughout: labels 0..6, seeds in the masks' ids
+    classes = read_classes(demo.class_list(settings))
+    assert classes == DEFAULT_CLASSES and numbers["tables"]["train"]["num_labels"] == 7
     icd_dir = demo.results_dir(settings, "icd", "train")
     evaluation = read_json(os.path.join(icd_dir, "eval", "eval.json"))
+    assert evaluation["classes"] == list(classes)
+    assert evaluation["seeds"][os.path.join("seeds", "crf")]["miou"] > 0
+    seed_ids = {int(v) for p in glob.glob(os.path.join(icd_dir, "seeds", "*", "*.png"))
+                for v in np.unique(np.array(Image.open(p)))}
+    assert seed_ids <= set(range(7)) | {255} and seed_ids & set(range(1, 7))
+    # the per-image statistics add up to the evaluation's numbers
     data = settings.folder("data")
     names = open(demo._list(settings, "train")).read().split()
     seed_dir = os.path.join(icd_dir, "seeds", "nocrf")
     stats = image_statistics(icd_dir, os.path.join(data, "SegmentationClass"),
                              os.path.join(data, "Annotations"), names, seed_dirs=[seed_dir],
-                             infer_size=demo.demo_infer_size(settings), workers=1)
+                             infer_size=demo.demo_infer_size(settings), workers=1,
+                             classes=classes)
     assert mean_iou(stats["seeds"][seed_dir].sum(axis=0)) == \
         evaluation["seeds"][os.path.join("seeds", "nocrf")]["miou"]
     assert mean_iou(stats["threshold_study"]["icd"][:, 1].sum(axis=0)) == \

@@ -8,10 +8,12 @@ from PIL import Image
 
 from icd.commands import superpixels as superpixels_command
 from icd.commands import synthetic as synthetic_command
+from icd.data.classes import read_classes
 from icd.data.dataset import train_loader
 from icd.data.superpixels import NUM_SUPERPIXEL_IDS
-from icd.data.synthetic import OBJECT_AREA, _place_objects, make_synthetic_voc, synthesize
-from icd.data.voc import VOC_CLASSES, read_image, read_image_labels, read_list
+from icd.data.synthetic import DEFAULT_CLASSES, OBJECT_AREA, _place_objects, make_synthetic_voc, \
+    synthesize
+from icd.data.voc import read_image, read_image_labels, read_list
 
 
 def all_files(root):
@@ -24,7 +26,7 @@ def test_same_seed_same_bytes(tmp_path):
     make_synthetic_voc(str(tmp_path / "b"), num_train=6, num_val=2, size=64, seed=7)
     make_synthetic_voc(str(tmp_path / "c"), num_train=6, num_val=2, size=64, seed=8)
     a, b, c = (all_files(tmp_path / x) for x in "abc")
-    assert len(a) == 3 * 8 + 2 and a == b
+    assert len(a) == 3 * 8 + 2 + 1 and a == b   # image, xml, mask per image; lists; classes.txt
     assert a.keys() == c.keys() and a != c
 
 
@@ -32,7 +34,7 @@ def test_voc_layout_and_labels(tmp_path):
     classes = ["bird", "bus", "sheep"]
     names = make_synthetic_voc(str(tmp_path), num_train=30, num_val=4, size=80, seed=0,
                                classes=classes)
-    allowed = {VOC_CLASSES.index(c) for c in classes}
+    assert read_classes(str(tmp_path / "classes.txt")) == tuple(classes)
     single = 0
     for split, count in (("train", 30), ("val", 4)):
         listed = read_list(str(tmp_path / "ImageSets" / "Segmentation" / f"{split}.txt"))
@@ -46,8 +48,9 @@ def test_voc_layout_and_labels(tmp_path):
                 mask = np.array(mask_image)
             np.testing.assert_array_equal(cv2.imread(mask_path, 0), mask)
             assert mask.shape == image.shape[:2]
-            labels = read_image_labels(str(tmp_path / "Annotations" / f"{name}.xml"))
-            assert set(labels) <= allowed
+            labels = read_image_labels(str(tmp_path / "Annotations" / f"{name}.xml"),
+                                       read_classes(str(tmp_path / "classes.txt")))
+            assert set(labels) <= {0, 1, 2}
             present = {int(v) - 1 for v in np.unique(mask)} - {-1, 254}
             assert present == set(labels), name
             assert (mask == 255).any() and (mask == 0).mean() > 0.3  # border band, background
@@ -84,9 +87,9 @@ def test_synthesize_boxes_and_mask():
         assert (mask[ymin - 1:ymax, xmin - 1:xmax] == k + 1).any()
 
 
-def test_unknown_class_is_refused(tmp_path):
-    with pytest.raises(ValueError, match="unicorn"):
-        make_synthetic_voc(str(tmp_path), num_train=1, num_val=1, classes=["cat", "unicorn"])
+def test_duplicate_class_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="classes: name 3: duplicate class name 'cat'"):
+        make_synthetic_voc(str(tmp_path), num_train=1, num_val=1, classes=["cat", "dog", "cat"])
     assert not os.path.exists(tmp_path / "ImageSets")
 
 
@@ -99,12 +102,14 @@ def test_tools_end_to_end(tmp_path):
                                      data_list, "--out", str(root / "Superpixels"),
                                      "--features", "colour", "--workers", "2"]) == 0
     assert len(os.listdir(root / "Superpixels")) == 8
+    classes = read_classes(str(root / "classes.txt"))
+    assert classes == DEFAULT_CLASSES
     loader = train_loader(str(root / "JPEGImages"), str(root / "Superpixels"),
                           str(root / "Annotations"), data_list, image_size=72, batch_size=4,
-                          num_workers=0)
+                          num_workers=0, classes=classes)
     data, superpixels, labels = (x.asnumpy() for x in next(iter(loader)))
     assert data.shape == (4, 3, 72, 72) and superpixels.shape == (4, 72, 72)
-    assert labels.shape == (4, 20)
+    assert labels.shape == (4, len(DEFAULT_CLASSES))
     assert all(x.dtype == np.float32 for x in (data, superpixels, labels))
     assert 0 <= data.min() and data.max() <= 255
     assert (data == 127).any()  # 64 px images are padded to the 72 crop

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from icd.checkpoint import read_params
+from icd.data.synthetic import DEFAULT_CLASSES
 from icd.devices import parse_devices
 from icd.infer import OUTPUT_FOLDERS, infer
 from icd.model import MODELS, register
@@ -106,15 +107,20 @@ def test_two_devices_train_and_infer(tiny_config, tiny_voc, tmp_path):
 @pytest.mark.parametrize("config_file", ABLATIONS)
 def test_every_experiment_config_builds_and_trains_a_step(tiny_config, tiny_voc, config_file):
     """ICD configs through the ICD task, deeplab_* through the segmentation task (on the
-    ground-truth masks; ResNet-101 has no width multiplier, so it runs at full width)."""
+    ground-truth masks; ResNet-101 has no width multiplier, so it runs at full width). Every
+    config, COCO's included, takes the tiny data's own class list (its classes.txt, 6 classes):
+    num_cls follows it and the masks' ids 1..6 are in range."""
+    classes = os.path.join(os.path.dirname(tiny_voc["annotation_root"]), "classes.txt")
+    data = dict(num_epoch=1, classes=classes, num_cls=len(DEFAULT_CLASSES))
     if config_file.startswith("deeplab"):
-        cfg = tiny_config(config_file, num_epoch=1, label_root=tiny_voc["gt_root"])
+        cfg = tiny_config(config_file, label_root=tiny_voc["gt_root"], **data)
         if cfg.model == "resnet101_largefov":
             cfg.width, cfg.batch_size = 1.0, 2
         loss = "seg_loss"
     else:
-        cfg = tiny_config(config_file, num_epoch=1)
+        cfg = tiny_config(config_file, **data)
         loss = "cam_loss"
+    assert cfg.class_names == DEFAULT_CLASSES
     records = train(cfg)["records"]
     assert len(records) == 1 and np.isfinite(records[0][loss]) and records[0][loss] > 0
 

@@ -6,6 +6,7 @@
     icd-eval (tools/eval_seeds.py)          seed mIoU, threshold study, pixel AP
     icd-superpixels (tools/make_superpixels.py)
     icd-synthetic (tools/make_synthetic_voc.py)
+    icd-coco-to-voc (tools/coco_to_voc.py)  MS COCO instances to the VOC layout
     icd-parity (tools/check_parity.py)      check our model against a release bundle
     icd-bench (tools/bench_step.py)         time and memory of a training step
     icd-launch (tools/launch.py)            a training on several machines (MXNet's launcher)

@@ -12,6 +12,7 @@ import argparse
 import os
 from typing import Optional, Sequence
 
+from ..data.classes import read_classes
 from ..evaluate import THRESHOLDS, evaluate
 from .runner import Parser, fraction, non_negative_int, positive_int, run
 
@@ -23,6 +24,9 @@ def build_parser() -> Parser:
                         help="SegmentationClass(Aug) folder of <name>.png (required)")
     parser.add_argument("--data-list", required=True,
                         help="list file, one image name per line (required)")
+    parser.add_argument("--classes", default=None, metavar="FILE",
+                        help="class-list file of the dataset, one name per line (default: "
+                             "PASCAL VOC's 20 classes)")
     parser.add_argument("--seeds", nargs="*", default=None, metavar="FOLDER",
                         help="seed folders, relative to --results unless absolute "
                              "(default: every folder under <results>/seeds)")
@@ -54,7 +58,7 @@ def _evaluate(args: argparse.Namespace) -> int:
              annotation_root=args.annotation_root, image_root=args.image_root, out_dir=out,
              infer_size=args.infer_size, thresholds=args.thresholds,
              folders={"cam": args.cam_scores, "icd": args.icd_scores}, workers=args.workers,
-             num_overlays=args.overlays)
+             num_overlays=args.overlays, classes=read_classes(args.classes))
     with open(os.path.join(out, "eval.md"), encoding="utf-8") as f:
         print(f.read())
     return 0

@@ -64,11 +64,12 @@ def _infer_seg(args: argparse.Namespace) -> int:
     net.hybridize(static_alloc=True)
     names = segment(net, cfg.image_root, cfg.data_list, out, contexts, cfg.scales, cfg.flip,
                     cfg.crf, cfg.infer_size, cfg.infer_batch_size,
-                    overwrite=not args.skip_existing, shard=args.shard)
+                    overwrite=not args.skip_existing, shard=args.shard,
+                    classes=cfg.class_names)
     logging.info("wrote predictions of %d images to %s", len(names), out)
     if args.gt_root:
         report = evaluate_predictions(out, args.gt_root, cfg.data_list, cfg.model,
-                                      args.supervision, args.workers)
+                                      args.supervision, args.workers, cfg.class_names)
         logging.info("mIoU %.1f%% (%s)", 100 * report["miou"], os.path.join(out, "eval.md"))
     return 0
 

@@ -12,6 +12,7 @@ import argparse
 import os
 from typing import Optional, Sequence
 
+from ..data.classes import read_classes
 from ..seeds import make_seeds
 from .runner import Parser, positive_int, run, shard
 
@@ -25,6 +26,9 @@ def build_parser() -> Parser:
                         help="folder of <name>.xml (required)")
     parser.add_argument("--data-list", required=True,
                         help="list file, one image name per line (required)")
+    parser.add_argument("--classes", default=None, metavar="FILE",
+                        help="class-list file of the dataset, one name per line (default: "
+                             "PASCAL VOC's 20 classes)")
     parser.add_argument("--saliency-root", default=None,
                         help="folder of <name>.png saliency maps: writes seeds/sal, no CRF "
                              "(default: none)")
@@ -53,7 +57,8 @@ def _seeds(args: argparse.Namespace) -> int:
                          saliency_root=args.saliency_root, infer_size=args.infer_size,
                          workers=args.workers, crf=not args.no_crf, overwrite=args.overwrite,
                          icd_folder=args.icd_scores, cam_folder=args.cam_scores,
-                         out_dir=args.out, shard=args.shard)
+                         out_dir=args.out, shard=args.shard,
+                         classes=read_classes(args.classes))
     print(f"{summary['written']} written, {summary['skipped']} kept -> {summary['out_dir']}")
     return 0
 

@@ -9,7 +9,7 @@ batches whatever the number of worker processes.
 from __future__ import annotations
 
 import os
-from typing import Iterator, List, Tuple, Union
+from typing import Iterator, List, Sequence, Tuple, Union
 
 import numpy as np
 from mxnet import gluon
@@ -17,20 +17,22 @@ from mxnet import gluon
 from ..devices import shard_names
 from .superpixels import MAX_REGIONS, read_superpixels
 from .transforms import INFER_SIZE, TRAIN_SIZE, infer_transform, train_transform
-from .voc import multi_hot, read_image, read_image_labels, read_list
+from .voc import VOC_CLASSES, multi_hot, read_image, read_image_labels, read_list
 
 
 class _SuperpixelImages(gluon.data.Dataset):
-    """Names, multi-hot labels and loading of (image, superpixels) pairs of a list."""
+    """Names, multi-hot labels over `classes` and loading of (image, superpixels) pairs of a
+    list."""
 
     def __init__(self, image_root: str, superpixel_root: str, annotation_root: str,
-                 data_list: str):
+                 data_list: str, classes: Sequence[str] = VOC_CLASSES):
         self.image_root = image_root
         self.superpixel_root = superpixel_root
         self.names: List[str] = read_list(data_list)
         # labels are parsed up front so that a bad annotation fails before training starts
         self.labels = np.stack([
-            multi_hot(read_image_labels(os.path.join(annotation_root, f"{name}.xml")))
+            multi_hot(read_image_labels(os.path.join(annotation_root, f"{name}.xml"), classes),
+                      len(classes))
             for name in self.names])
 
     def load(self, index: int) -> Tuple[np.ndarray, np.ndarray]:
@@ -50,12 +52,13 @@ class TrainDataset(_SuperpixelImages):
 
     ``dataset[(epoch, index)]`` (or ``dataset[index]`` for epoch 0) is
     (data (3, S, S) float32 RGB 0..255, superpixels (S, S) float32 ids < NUM_SUPERPIXEL_IDS,
-    label (20,) float32 multi-hot).
+    label (C,) float32 multi-hot over `classes`).
     """
 
     def __init__(self, image_root: str, superpixel_root: str, annotation_root: str,
-                 data_list: str, image_size: int = TRAIN_SIZE, seed: int = 0):
-        super().__init__(image_root, superpixel_root, annotation_root, data_list)
+                 data_list: str, image_size: int = TRAIN_SIZE, seed: int = 0,
+                 classes: Sequence[str] = VOC_CLASSES):
+        super().__init__(image_root, superpixel_root, annotation_root, data_list, classes)
         self.image_size = image_size
         self.seed = seed
 
@@ -126,15 +129,16 @@ class TrainLoader(gluon.data.DataLoader):
 def train_loader(image_root: str, superpixel_root: str, annotation_root: str, data_list: str,
                  image_size: int = TRAIN_SIZE, batch_size: int = 32,
                  num_workers: int = min(4, os.cpu_count() or 1), seed: int = 0,
-                 shard: Tuple[int, int] = (0, 1)) -> TrainLoader:
-    """Training batches (data (B,3,S,S), superpixels (B,S,S), labels (B,20)), all float32.
+                 shard: Tuple[int, int] = (0, 1),
+                 classes: Sequence[str] = VOC_CLASSES) -> TrainLoader:
+    """Training batches (data (B,3,S,S), superpixels (B,S,S), labels (B,C)), all float32.
 
     Images are `<image_root>/<name>.jpg`, superpixels `<superpixel_root>/<name>.png`, labels
-    from `<annotation_root>/<name>.xml`, names from the `data_list` file. `shard` (I, N): worker
-    I of N, B per worker (EpochShuffleSampler).
+    from `<annotation_root>/<name>.xml` over the C `classes`, names from the `data_list` file.
+    `shard` (I, N): worker I of N, B per worker (EpochShuffleSampler).
     """
     dataset = TrainDataset(image_root, superpixel_root, annotation_root, data_list,
-                           image_size=image_size, seed=seed)
+                           image_size=image_size, seed=seed, classes=classes)
     if len(dataset) < batch_size * shard[1]:
         raise ValueError(f"{data_list}: {len(dataset)} images cannot fill one batch of "
                          f"{batch_size * shard[1]} (the last partial batch is dropped)")
@@ -144,14 +148,14 @@ def train_loader(image_root: str, superpixel_root: str, annotation_root: str, da
 class InferDataset(_SuperpixelImages):
     """Inference items over the list padded by repeating its head to a multiple of the batch.
 
-    ``dataset[i]`` is (data (3, S, S) float32 RGB, superpixels (S, S) float32, label (20,)
+    ``dataset[i]`` is (data (3, S, S) float32 RGB, superpixels (S, S) float32, label (C,)
     float32, name index (int32, into ``names``), original (h, w) int32).
     """
 
     def __init__(self, image_root: str, superpixel_root: str, annotation_root: str,
                  data_list: str, image_size: int = INFER_SIZE, batch_size: int = 4,
-                 shard: Tuple[int, int] = (0, 1)):
-        super().__init__(image_root, superpixel_root, annotation_root, data_list)
+                 shard: Tuple[int, int] = (0, 1), classes: Sequence[str] = VOC_CLASSES):
+        super().__init__(image_root, superpixel_root, annotation_root, data_list, classes)
         self.image_size = image_size
         indices = shard_names(range(len(self.names)), shard)   # shard (I, N) of the list
         # release: the list is padded by repeating its head to a multiple of the batch size
@@ -173,10 +177,12 @@ class InferDataset(_SuperpixelImages):
 def infer_loader(image_root: str, superpixel_root: str, annotation_root: str, data_list: str,
                  image_size: int = INFER_SIZE, batch_size: int = 4,
                  num_workers: int = 0,
-                 shard: Tuple[int, int] = (0, 1)) -> gluon.data.DataLoader:
-    """Inference batches in list order (data, superpixels, labels, name indices, (h, w)) of
-    shard (I, N) of the list."""
+                 shard: Tuple[int, int] = (0, 1),
+                 classes: Sequence[str] = VOC_CLASSES) -> gluon.data.DataLoader:
+    """Inference batches in list order (data, superpixels, labels over `classes`, name indices,
+    (h, w)) of shard (I, N) of the list."""
     dataset = InferDataset(image_root, superpixel_root, annotation_root, data_list,
-                           image_size=image_size, batch_size=batch_size, shard=shard)
+                           image_size=image_size, batch_size=batch_size, shard=shard,
+                           classes=classes)
     return gluon.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
                                  last_batch="keep", num_workers=num_workers)

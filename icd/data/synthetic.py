@@ -9,8 +9,9 @@ shipped with scikit-image (brick, grass, gravel, ...) randomly cropped, scaled a
 
 About 70% of the images hold one class (one or two instances), the rest two or three classes;
 objects may overlap a little (never over another object's marker) and the mask shows the top one.
-Masks follow VOC: class id = VOC index + 1, background 0, a 255 band of about 2 px at object
-borders. Generation is deterministic: image i of a split draws only from
+Masks follow VOC: class id = index in the dataset's class list + 1 (any names; `classes.txt`
+beside the data lists them), background 0, a 255 band of about 2 px at object borders.
+Generation is deterministic: image i of a split draws only from
 ``np.random.default_rng([seed, split, i])``, so the same seed gives byte-identical files.
 """
 from __future__ import annotations
@@ -25,7 +26,8 @@ import skimage.data
 from scipy import ndimage
 
 from ..io import atomic_path
-from .voc import IGNORE_LABEL, VOC_CLASSES, write_annotation, write_image, write_mask
+from .classes import check_classes, write_classes
+from .voc import IGNORE_LABEL, write_annotation, write_image, write_mask
 
 DEFAULT_CLASSES = ("aeroplane", "bird", "car", "cat", "dog", "person")
 SPLITS = ("train", "val")
@@ -206,18 +208,11 @@ def make_synthetic_voc(out: str, num_train: int = 200, num_val: int = 50, size: 
     """Write the dataset under `out` in VOC layout; returns the image names per split.
 
     JPEGImages/<name>.jpg, Annotations/<name>.xml, SegmentationClass/<name>.png (single-channel
-    8-bit label PNGs, see `write_mask`) and, last, ImageSets/Segmentation/{train,val}.txt. Every
-    file is written atomically.
+    8-bit label PNGs, see `write_mask`: class k of `classes` is k + 1), classes.txt (the class
+    list, for `--classes`) and, last, ImageSets/Segmentation/{train,val}.txt. Every file is
+    written atomically. `classes` may be any distinct names.
     """
-    unknown = [c for c in classes if c not in VOC_CLASSES]
-    if unknown or not classes:
-        raise ValueError(f"classes must be VOC class names, got unknown {unknown or 'empty list'}")
-    if len(set(classes)) != len(classes):
-        raise ValueError(f"classes must be distinct, got {list(classes)}")
-    voc_index = [VOC_CLASSES.index(c) for c in classes]
-    lookup = np.full(256, IGNORE_LABEL, np.uint8)
-    lookup[0] = 0
-    lookup[1:len(classes) + 1] = [i + 1 for i in voc_index]
+    classes = check_classes(classes, "classes", "name")
     names: Dict[str, List[str]] = {}
     for split_id, (split, count) in enumerate(zip(SPLITS, (num_train, num_val))):
         names[split] = [f"{split}_{i:05d}" for i in range(count)]
@@ -225,9 +220,10 @@ def make_synthetic_voc(out: str, num_train: int = 200, num_val: int = 50, size: 
             image, mask, objects = synthesize(np.random.default_rng([seed, split_id, i]),
                                               size, len(classes))
             write_image(os.path.join(out, "JPEGImages", f"{name}.jpg"), image)
-            write_mask(os.path.join(out, "SegmentationClass", f"{name}.png"), lookup[mask])
+            write_mask(os.path.join(out, "SegmentationClass", f"{name}.png"), mask)
             write_annotation(os.path.join(out, "Annotations", f"{name}.xml"), name, image.shape,
                              [dict(name=classes[k], bndbox=box) for k, box in objects])
+    write_classes(os.path.join(out, "classes.txt"), classes)
     for split in SPLITS:  # list files last: a list never names a missing file
         with atomic_path(os.path.join(out, "ImageSets", "Segmentation", f"{split}.txt")) as tmp:
             with open(tmp, "w", encoding="utf-8") as f:

@@ -1,12 +1,14 @@
 """PASCAL VOC helpers: list files, image-level labels from XML, label PNGs.
 
-Formats follow ORIGINAL_RELEASE.md section 1: 20 classes in VOC order, multi-hot float32 labels.
+Formats follow ORIGINAL_RELEASE.md section 1: multi-hot float32 labels over a class list (VOC's 20
+classes in VOC order by default; any list of `icd.data.classes`).
 Label maps (ground truth, seeds) hold class ids, 255 meaning "ignore". We write them as the
 release writes seeds (section 11: `cv2.imwrite` of an (h, w) uint8 array): single-channel 8-bit
 PNGs whose pixel values are the labels, like SBD's SegmentationClassAug, so that
 `cv2.imread(path, 0)` (the release's `compute_iou.py`, DeepLab loaders) and PIL both read the
-labels. We read palette PNGs (VOC's SegmentationClass) and grey ones alike. The VOC palette is
-for coloured pictures made for people (overlays, figures), never for label files.
+labels. We read palette PNGs (VOC's SegmentationClass) and grey ones alike. Palettes
+(`icd.data.classes`) are for coloured pictures made for people (overlays, figures), never for
+label files.
 """
 from __future__ import annotations
 
@@ -19,28 +21,9 @@ import numpy as np
 from PIL import Image
 
 from ..io import atomic_path
+from .classes import IGNORE_LABEL, VOC_CLASSES, voc_palette  # noqa: F401 (VOC's, re-exported)
 
-VOC_CLASSES = (
-    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
-    "train", "tvmonitor",
-)
 NUM_CLASSES = len(VOC_CLASSES)
-IGNORE_LABEL = 255
-
-
-def voc_palette() -> np.ndarray:
-    """The standard VOC colour map, (256, 3) uint8: bit-interleaved colours for ids 0..255."""
-    palette = np.zeros((256, 3), np.uint8)
-    for i in range(256):
-        c, r, g, b = i, 0, 0, 0
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        palette[i] = (r, g, b)
-    return palette
 
 
 def read_list(path: str) -> List[str]:
@@ -138,9 +121,10 @@ def write_annotation(path: str, name: str, image_shape: Sequence[int],
 
 
 def read_image_labels(xml_path: str, class_names: Sequence[str] = VOC_CLASSES) -> List[int]:
-    """Sorted class indices of an annotation (release rule, section 1).
+    """Sorted class indices (positions in `class_names`) of an annotation (release rule, section 1).
 
     Objects with ``difficult`` 0 count; if that leaves none, the difficult ones are taken instead.
+    A name not in `class_names` is an error naming the file and the class.
     """
     if not os.path.isfile(xml_path):
         raise FileNotFoundError(f"{xml_path}: annotation not found")
@@ -155,7 +139,9 @@ def read_image_labels(xml_path: str, class_names: Sequence[str] = VOC_CLASSES) -
             raise ValueError(f"{xml_path}: an <object> has no <name>")
         name = name_node.text.strip()
         if name not in class_names:
-            raise ValueError(f"{xml_path}: unknown class name {name!r}")
+            raise ValueError(f"{xml_path}: unknown class name {name!r}: not in the class list "
+                             f"({len(class_names)} classes: {_listed(class_names)}); give the "
+                             f"dataset's list with --classes FILE")
         diff_node = obj.find("difficult")
         is_difficult = diff_node is not None and (diff_node.text or "0").strip() not in ("", "0")
         (difficult if is_difficult else easy).add(class_names.index(name))
@@ -163,6 +149,12 @@ def read_image_labels(xml_path: str, class_names: Sequence[str] = VOC_CLASSES) -
     if not labels:
         raise ValueError(f"{xml_path}: annotation has no objects")
     return sorted(labels)
+
+
+def _listed(names: Sequence[str], shown: int = 6) -> str:
+    """The first `shown` names of a list, then how many more."""
+    head = ", ".join(names[:shown])
+    return head if len(names) <= shown else f"{head}, ... {len(names) - shown} more"
 
 
 def multi_hot(labels: Sequence[int], num_classes: int = NUM_CLASSES) -> np.ndarray:

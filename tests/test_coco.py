@@ -1,0 +1,164 @@
+"""COCO instances -> VOC layout: hand-made polygons and RLEs give exact label maps and XMLs."""
+import os
+
+import cv2
+import numpy as np
+import pytest
+from pycocotools import mask as coco_mask
+
+from icd.commands.coco_to_voc import main
+from icd.data.classes import read_classes
+from icd.data.coco import coco_to_voc, voc_box
+from icd.data.voc import read_image, read_image_labels, read_list, read_mask
+from icd.io import write_json
+
+U = 255
+A, B, EMPTY = "COCO_train2014_000000000001", "COCO_train2014_000000000002", \
+    "COCO_train2014_000000000003"
+
+
+def rect(x0, y0, x1, y1):
+    """A polygon whose pycocotools raster is rows y0..y1-1, columns x0..x1-1."""
+    return [[x0, y0, x1, y0, x1, y1, x0, y1]]
+
+
+def column_rle(height, width, rows, cols):
+    """Uncompressed (crowd-style) RLE of a box: column-major run lengths."""
+    m = np.zeros((height, width), np.uint8)
+    m[rows, cols] = 1
+    flat = m.flatten(order="F")
+    counts, value, run = [], 0, 0
+    for v in flat:
+        if v != value:
+            counts.append(run)
+            value, run = v, 0
+        run += 1
+    counts.append(run)
+    return {"counts": counts, "size": [height, width]}
+
+
+def compressed_rle(height, width, rows, cols):
+    m = np.zeros((height, width), np.uint8, order="F")
+    m[rows, cols] = 1
+    rle = coco_mask.encode(np.asfortranarray(m))
+    return {"counts": rle["counts"].decode("ascii"), "size": [height, width]}
+
+
+def make_coco(root):
+    """Two annotated images (8x10, 6x6) and one without instances; categories 1 cat,
+    3 traffic light, 7 dog (ids not contiguous, listed out of order)."""
+    images = [(A, 8, 10), (B, 6, 6), (EMPTY, 5, 5)]
+    os.makedirs(root / "train2014")
+    for i, (name, h, w) in enumerate(images):
+        cv2.imwrite(str(root / "train2014" / f"{name}.jpg"), np.full((h, w, 3), 40 * i, np.uint8))
+    annotations = [
+        # A: a cat and a dog overlapping (rows 3-4, columns 3-4), a crowd of traffic lights
+        dict(id=1, image_id=1, category_id=1, iscrowd=0, bbox=[1, 1, 4, 4],
+             segmentation=rect(1, 1, 5, 5)),
+        dict(id=2, image_id=1, category_id=7, iscrowd=0, bbox=[3, 3, 5, 4],
+             segmentation=rect(3, 3, 8, 7)),
+        dict(id=3, image_id=1, category_id=3, iscrowd=1, bbox=[9, 0, 1, 8],
+             segmentation=column_rle(8, 10, slice(0, 8), 9)),
+        # B: two cats overlapping (same class: cat), a cat crowd partly over the second cat
+        dict(id=4, image_id=2, category_id=1, iscrowd=0, bbox=[0, 0, 3, 3],
+             segmentation=rect(0, 0, 3, 3)),
+        dict(id=5, image_id=2, category_id=1, iscrowd=0, bbox=[2.5, 2, 2.5, 3],
+             segmentation=compressed_rle(6, 6, slice(2, 5), slice(2, 5))),
+        dict(id=6, image_id=2, category_id=1, iscrowd=1, bbox=[0, 4, 6, 2],
+             segmentation=column_rle(6, 6, slice(4, 6), slice(0, 6))),
+    ]
+    instances = dict(
+        images=[dict(id=i + 1, file_name=f"{n}.jpg", height=h, width=w)
+                for i, (n, h, w) in enumerate(images)],
+        annotations=annotations,
+        categories=[dict(id=7, name="dog"), dict(id=1, name="cat"),
+                    dict(id=3, name="traffic light")])
+    os.makedirs(root / "annotations")
+    write_json(str(root / "annotations" / "instances_train2014.json"), instances)
+
+
+def expected_masks():
+    a = np.zeros((8, 10), np.uint8)
+    a[1:5, 1:5] = 1          # cat
+    a[3:7, 3:8] = 3          # dog
+    a[3:5, 3:5] = U          # cat and dog overlap: ambiguous
+    a[:, 9] = U              # crowd only
+    b = np.zeros((6, 6), np.uint8)
+    b[0:3, 0:3] = 1
+    b[2:5, 2:5] = 1          # the same class overlapping stays the class
+    b[4:6, :] = U            # crowd only ...
+    b[4, 2:5] = 1            # ... except where a (non-crowd) cat covers it
+    return {A: a, B: b}
+
+
+def test_converts_to_the_expected_xml_masks_lists_and_classes(tmp_path):
+    make_coco(tmp_path / "coco")
+    out = tmp_path / "voc"
+    summary = coco_to_voc(str(tmp_path / "coco"), "instances_train2014.json", str(out))
+    assert (summary["split"], summary["written"], summary["kept"],
+            summary["without_instances"]) == ("train", 2, 0, 1)
+    classes = read_classes(str(out / "classes.txt"))
+    assert classes == ("cat", "traffic light", "dog")   # category-id order
+    assert read_list(str(out / "ImageSets/Segmentation/train.txt")) == [A, B]
+    assert not (out / "JPEGImages" / f"{EMPTY}.jpg").exists()
+    for name, mask in expected_masks().items():
+        path = str(out / "SegmentationClass" / f"{name}.png")
+        np.testing.assert_array_equal(cv2.imread(path, 0), mask)   # single-channel index PNG
+        np.testing.assert_array_equal(read_mask(path), mask)
+        jpeg = out / "JPEGImages" / f"{name}.jpg"
+        assert jpeg.is_symlink() and os.path.isabs(os.readlink(jpeg))
+        assert read_image(str(jpeg)).shape[:2] == mask.shape
+    # crowd classes count as present; objects carry COCO's boxes as VOC 1-based inclusive boxes
+    assert read_image_labels(str(out / "Annotations" / f"{A}.xml"), classes) == [0, 1, 2]
+    assert read_image_labels(str(out / "Annotations" / f"{B}.xml"), classes) == [0]
+    xml = (out / "Annotations" / f"{B}.xml").read_text()
+    assert xml.count("<object>") == 3 and "<xmin>3</xmin>" in xml and "<xmax>5</xmax>" in xml
+
+
+def test_box_conversion():
+    assert voc_box([0, 0, 3, 3], 6, 6) == (1, 1, 3, 3)
+    assert voc_box([2.5, 2, 2.5, 3], 6, 6) == (3, 3, 5, 5)
+    assert voc_box([-1, 4.2, 20, 0.1], 6, 8) == (1, 5, 8, 5)     # clipped, at least one pixel
+
+
+def test_resumable_copy_overwrite_and_a_second_split(tmp_path):
+    make_coco(tmp_path / "coco")
+    out = str(tmp_path / "voc")
+    coco_to_voc(str(tmp_path / "coco"), "instances_train2014.json", out, images="copy")
+    png = os.path.join(out, "SegmentationClass", f"{A}.png")
+    assert not os.path.islink(os.path.join(out, "JPEGImages", f"{A}.jpg"))
+    cv2.imwrite(png, np.zeros((8, 10), np.uint8))          # kept: not rewritten
+    again = coco_to_voc(str(tmp_path / "coco"), "instances_train2014.json", out)
+    assert (again["written"], again["kept"]) == (0, 2) and read_mask(png).max() == 0
+    coco_to_voc(str(tmp_path / "coco"), "instances_train2014.json", out, overwrite=True)
+    np.testing.assert_array_equal(read_mask(png), expected_masks()[A])
+    # a split named by flag, with the image folder given
+    coco_to_voc(str(tmp_path / "coco"), str(tmp_path / "coco/annotations/instances_train2014.json"),
+                out, split="minival", image_dir=str(tmp_path / "coco/train2014"))
+    assert read_list(os.path.join(out, "ImageSets/Segmentation/minival.txt")) == [A, B]
+
+
+def test_command_line_with_workers_and_its_errors(tmp_path, capsys):
+    make_coco(tmp_path / "coco")
+    out = str(tmp_path / "voc")
+    assert main(["--coco-root", str(tmp_path / "coco"), "--annotations",
+                 "instances_train2014.json", "--out", out, "--workers", "2"]) == 0
+    assert "2 written, 0 kept, 1 without instances" in capsys.readouterr().out
+    for name, mask in expected_masks().items():
+        np.testing.assert_array_equal(read_mask(os.path.join(out, "SegmentationClass",
+                                                             f"{name}.png")), mask)
+    assert main(["--coco-root", str(tmp_path / "coco"), "--annotations", "mine.json",
+                 "--out", out]) == 1
+    assert "mine.json: cannot tell the split" in capsys.readouterr().err
+    bad = tmp_path / "instances_val2014.json"
+    bad.write_text('{"images": []}')
+    assert main(["--coco-root", str(tmp_path / "coco"), "--annotations", str(bad),
+                 "--image-dir", str(tmp_path / "coco/train2014"), "--out", out]) == 1
+    assert f"{bad}: not a COCO instances file (no 'annotations' list)" in capsys.readouterr().err
+
+
+def test_a_wrong_image_size_is_named(tmp_path):
+    make_coco(tmp_path / "coco")
+    cv2.imwrite(str(tmp_path / "coco/train2014" / f"{B}.jpg"), np.zeros((7, 6, 3), np.uint8))
+    with pytest.raises(ValueError, match=f"{B}.jpg: image is 6x7, the annotations say 6x6"):
+        coco_to_voc(str(tmp_path / "coco"), "instances_train2014.json", str(tmp_path / "voc"))
