@@ -48,7 +48,12 @@ def check_resume(cfg: Config) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    cfg = config_from(args)
+    return checked_train(config_from(args))
+
+
+def checked_train(cfg: Config) -> int:
+    """Train `cfg` after the checks a user's flags can fail: epochs to train, a batch that
+    splits over the devices, a resumable checkpoint pair."""
     if cfg.begin_epoch >= cfg.num_epoch:
         raise ValueError(f"--begin-epoch: {cfg.begin_epoch} is not below --num-epoch "
                          f"{cfg.num_epoch}: nothing to train")

@@ -15,10 +15,10 @@ from __future__ import annotations
 import argparse
 from typing import Optional, Sequence
 
-from ..train import TASKS, SegmentationTask, TrainingDiverged, train
-from .options import add_config_arguments, config_from, devices_for
+from ..train import TASKS, SegmentationTask, TrainingDiverged
+from .options import add_config_arguments, config_from
 from .runner import Parser, run
-from .train import EXIT_DIVERGED, check_resume
+from .train import EXIT_DIVERGED, checked_train
 
 
 def build_parser() -> Parser:
@@ -36,14 +36,7 @@ def _train_seg(args: argparse.Namespace) -> int:
         raise ValueError(f"--model: {cfg.model} is not a segmentation model (one of "
                          f"{', '.join(m for m, t in TASKS.items() if t is SegmentationTask)}); "
                          f"icd-train trains the ICD models")
-    if cfg.begin_epoch >= cfg.num_epoch:
-        raise ValueError(f"--begin-epoch: {cfg.begin_epoch} is not below --num-epoch "
-                         f"{cfg.num_epoch}: nothing to train")
-    devices_for(cfg, cfg.batch_size, "--batch-size")
-    if cfg.begin_epoch > 0:
-        check_resume(cfg)
-    train(cfg)
-    return 0
+    return checked_train(cfg)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
