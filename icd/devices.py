@@ -6,9 +6,10 @@ Every device named is checked to exist, so a wrong flag fails before anything is
 from __future__ import annotations
 
 import re
-from typing import List, Sequence, Tuple
+from typing import Dict, List, Mapping, Sequence, Tuple
 
 import mxnet as mx
+from mxnet import gluon
 
 
 def available_gpus() -> int:
@@ -71,3 +72,13 @@ def shard_names(names: Sequence[str], shard: Tuple[int, int] = (0, 1)) -> List[s
     if not 0 <= index < count:
         raise ValueError(f"--shard {index}/{count}: expected I/N with 0 <= I < N")
     return list(names[index::count])
+
+
+def split_batch(batch: Mapping[str, mx.nd.NDArray],
+                contexts: Sequence[mx.Context]) -> List[Dict[str, mx.nd.NDArray]]:
+    """A batch {input name: (N, ...) array} split along N over `contexts` (data parallelism,
+    the release's Module: device d gets a contiguous slice): one {input name: slice} per device."""
+    parts = {name: gluon.utils.split_and_load(array, list(contexts), even_split=False)
+             for name, array in batch.items()}
+    return [{name: arrays[d] for name, arrays in parts.items()}
+            for d in range(len(next(iter(parts.values()))))]

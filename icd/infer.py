@@ -23,7 +23,6 @@ from typing import Dict, List, Sequence, Tuple
 import cv2
 import mxnet as mx
 import numpy as np
-from mxnet import gluon
 from tqdm import tqdm
 
 from .checkpoint import load_checkpoint
@@ -33,6 +32,7 @@ from .data.transforms import infer_window
 from .io import atomic_path
 from .model import build_model
 from .data.voc import write_image
+from .devices import split_batch
 from .provenance import file_identity, producing
 from .visualize import score_panel
 
@@ -84,11 +84,11 @@ def _write_scores(net, loader, names: List[str], out_dir: str, contexts: Sequenc
     written = set()
     demo: Dict[int, list] = {}
     for data, superpixel, label, index, hw in tqdm(loader, desc="infer", disable=None):
-        parts = {k: gluon.utils.split_and_load(v, contexts, even_split=False)
-                 for k, v in (("data", data), ("superpixel", superpixel), ("label", label))}
-        parts["warm"] = [mx.nd.ones((1,), ctx=x.context) for x in parts["data"]]
-        outputs = [dict(zip(net.output_names, net(*[parts[n][d] for n in net.input_names])))
-                   for d in range(len(parts["data"]))]
+        parts = split_batch({"data": data, "superpixel": superpixel, "label": label}, contexts)
+        for part in parts:
+            part["warm"] = mx.nd.ones((1,), ctx=part["data"].context)
+        outputs = [dict(zip(net.output_names, net(*[part[n] for n in net.input_names])))
+                   for part in parts]
         merged = {k: np.concatenate([o[k].asnumpy() for o in outputs]) for k in outputs[0]
                   if k in OUTPUT_FOLDERS}
         labels, index, hw = label.asnumpy(), index.asnumpy(), hw.asnumpy()

@@ -33,6 +33,7 @@ from mxnet import autograd, gluon
 from mxnet.gluon import nn
 
 from .checkpoint import assign, gather, read_params, release_key
+from .devices import split_batch
 from .io import read_json
 from .model import ICDNet
 from .model.losses import top_down_warmup
@@ -267,9 +268,9 @@ def load_momentum(trainer: gluon.Trainer, momentum: Dict[str, np.ndarray]) -> No
         trainer.load_states(path)
 
 
-def train_step(net: ICDNet, trainer: gluon.Trainer, parts: Dict[str, List[mx.nd.NDArray]],
+def train_step(net: ICDNet, trainer: gluon.Trainer, parts: List[Dict[str, mx.nd.NDArray]],
                warm: float, contexts: Sequence[mx.Context]) -> Dict[str, np.ndarray]:
-    """One training step on a batch split over `contexts` (`parts[name][d]` on device d).
+    """One training step on a batch split over `contexts` (`parts[d][name]` on device d).
 
     The devices' forwards run one after another in context order, so the shared sign-flip store
     takes device 0's update first, as symbols.bundle records the reference (the release's store
@@ -280,11 +281,11 @@ def train_step(net: ICDNet, trainer: gluon.Trainer, parts: Dict[str, List[mx.nd.
     outputs = []
     with autograd.record():
         for d, ctx in enumerate(contexts):
-            outputs.append(net(parts["data"][d], parts["superpixel"][d], parts["label"][d],
+            outputs.append(net(parts[d]["data"], parts[d]["superpixel"], parts[d]["label"],
                                mx.nd.full((1,), warm, ctx=ctx)))
             mx.nd.waitall()   # device d's sign flip has updated the store before d + 1 starts
     autograd.backward([out[-1] for out in outputs])
-    trainer.step(sum(part.shape[0] for part in parts["data"]))
+    trainer.step(sum(part["data"].shape[0] for part in parts))
     result = {
         "cam_prob": np.concatenate([mx.nd.sigmoid(o[0].mean(axis=(2, 3))).asnumpy()
                                     for o in outputs]),
@@ -321,8 +322,7 @@ def replay(bundle: Bundle, contexts: Sequence[mx.Context], free_running: bool = 
     net = build_from_params(bundle.params, meta, bundle.paths["params.params"], contexts)
     fixed = fixed_gamma_keys(net)
     rng = np.random.RandomState(seed)
-    parts = {k: gluon.utils.split_and_load(mx.nd.array(v), contexts)
-             for k, v in bundle.batch.items()}
+    parts = split_batch({k: mx.nd.array(v) for k, v in bundle.batch.items()}, contexts)
     ours, delta, trainer = {}, {}, None
     try:
         for step in range(bundle.steps):

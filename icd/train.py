@@ -54,14 +54,14 @@ from tqdm import tqdm
 
 from . import distributed as dist
 from .checkpoint import initialize, load_checkpoint, save_checkpoint
-from .devices import parse_devices
+from .devices import parse_devices, split_batch
 from .config import Config
 from .data.dataset import TrainLoader, train_loader
 from .data.segmentation import segmentation_loader
 from .data.voc import IGNORE_LABEL, write_image
 from .evaluate import overlay
 from .io import atomic_path, deferred_interrupt, read_json, remove_stale_temporaries, write_json
-from .model import ResNet101LargeFOV, build_model, ops
+from .model import ICDNet, ResNet101LargeFOV, build_model, ops
 from .model.losses import nearest_label, segmentation_loss, top_down_warmup
 from .provenance import require_complete
 from .visualize import score_panel
@@ -343,9 +343,7 @@ class Task(abc.ABC):
     def inputs(self, batch: Sequence[mx.nd.NDArray], contexts: List[mx.Context],
                iteration: int) -> List[Dict[str, mx.nd.NDArray]]:
         """The batch split over the devices: one {input name: array} per device."""
-        shards = [gluon.utils.split_and_load(array, contexts, even_split=False)
-                  for array in batch]
-        return [dict(zip(self.input_names, arrays)) for arrays in zip(*shards)]
+        return split_batch(dict(zip(self.input_names, batch)), contexts)
 
     def schedule(self) -> Dict[str, float]:
         """Per-iteration values of the task recorded with each epoch (the last iteration's)."""
@@ -403,7 +401,7 @@ class ICDTask(Task):
         return loader
 
     def start(self, net, contexts, record, workers):
-        if hasattr(net, "share_key") and len(contexts) * workers.num_workers > 1:
+        if isinstance(net, ICDNet) and len(contexts) * workers.num_workers > 1:
             # release: one moving mean in a store shared by the devices (of every worker:
             # icd.distributed.SignFlipExchange)
             self.store = ops.share_moving_mean(
@@ -419,7 +417,7 @@ class ICDTask(Task):
             self.exchange.after_step()
 
     def stop(self, net):
-        if hasattr(net, "share_key"):
+        if isinstance(net, ICDNet):
             ops.unshare_moving_mean(net.share_key)
 
     def run_record(self):

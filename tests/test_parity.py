@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from icd.checkpoint import gather, read_params
+from icd.devices import split_batch
 from icd.io import write_json
 from icd.parity import (build_from_params, check_bundle, load_momentum, read_bundle,
                         replay_infer, state_before, summary, train_step)
@@ -196,7 +197,7 @@ def test_each_device_keeps_its_pull_and_the_checkpoint_averages_them():
     contexts = [mx.cpu(0), mx.cpu(1)]
     net = build_from_params(params, meta, "params", contexts)
     trainer = make_trainer(net, 0.01, 0.9, 5e-4)
-    parts = {k: mx.gluon.utils.split_and_load(mx.nd.array(v), contexts) for k, v in batch.items()}
+    parts = split_batch({k: mx.nd.array(v) for k, v in batch.items()}, contexts)
     store = share_moving_mean(net.share_key, mx.nd.array(params[f"aux:{RESIGN}"]), contexts)
     try:
         train_step(net, trainer, parts, 1.0, contexts)
@@ -222,7 +223,7 @@ def test_momentum_is_loaded_into_the_trainer(small_bundle):
                 for p in trainer._params}
     load_momentum(trainer, momentum)
     before = {k: v.asnumpy() for k, v in gather(net).items()}
-    parts = {k: [mx.nd.array(v)] for k, v in bundle.batch.items()}
+    parts = [{k: mx.nd.array(v) for k, v in bundle.batch.items()}]
     train_step(net, trainer, parts, 1.0, [mx.cpu()])
     after = {k: v.asnumpy() for k, v in gather(net).items()}
     for key in ("arg:icd_bu_weight", "arg:conv1_1_weight", "arg:fc8_bias"):
