@@ -62,7 +62,7 @@ EXPERIMENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
                            "experiments")
 STEPS = ("data", "superpixels", "pretrain", "train_cam", "train_icd", "infer", "seeds",
          "evaluate", "segment", "report")
-MODELS = ("cam", "icd")
+COMPARED = ("cam", "icd")   # the CAM-only baseline and ICD, whose scores and seeds are compared
 # --quick: the reduced run of the test (about 20 s on 2 cores); numbers are meaningless
 QUICK = dict(num_train=24, num_val=8, size=56, width=0.125, crop=48, batch_size=8, epochs=2,
              pretrain_epochs=2, segment_epochs=2)
@@ -149,7 +149,7 @@ def config_file(settings: DemoSettings, which: str) -> Optional[str]:
 
 def trained_models(settings: DemoSettings) -> List[str]:
     """The models the demo trains, in order."""
-    return (["pretrain"] if settings.pretrain_config is not None else []) + list(MODELS)
+    return (["pretrain"] if settings.pretrain_config is not None else []) + list(COMPARED)
 
 
 def class_list(settings: DemoSettings) -> str:
@@ -332,7 +332,7 @@ def demo_infer_size(settings: DemoSettings) -> int:
 def step_infer(settings: DemoSettings, run: Run) -> Dict:
     size = demo_infer_size(settings)
     counts = {}
-    for model in MODELS:
+    for model in COMPARED:
         cfg = training_config(settings, model)
         contexts = parse_devices(cfg.gpus, cfg.cpus)
         for split in SPLITS:
@@ -418,7 +418,7 @@ def report_inputs(settings: DemoSettings) -> ReportInputs:
         classes=read_classes(class_list(settings)),
         lists={split: _list(settings, split) for split in SPLITS},
         results={m: {split: results_dir(settings, m, split) for split in SPLITS}
-                 for m in MODELS},
+                 for m in COMPARED},
         trainings={w: training_config(settings, w) for w in trained_models(settings)},
         config_files={w: config_file(settings, w) for w in trained_models(settings)},
         dataset=dict(num_train=settings.num_train, num_val=settings.num_val,
@@ -455,11 +455,11 @@ def step_folders(settings: DemoSettings, step: str) -> List[str]:
             "pretrain": [settings.folder("snapshot_pretrain")],
             "train_cam": [settings.folder("snapshot_cam")],
             "train_icd": [settings.folder("snapshot_icd")],
-            "infer": [settings.folder(f"results_{m}") for m in MODELS],
+            "infer": [settings.folder(f"results_{m}") for m in COMPARED],
             "seeds": [os.path.join(results_dir(settings, m, s), "seeds")
-                      for m in MODELS for s in SPLITS],
+                      for m in COMPARED for s in SPLITS],
             "evaluate": [os.path.join(results_dir(settings, m, s), "eval")
-                         for m in MODELS for s in SPLITS],
+                         for m in COMPARED for s in SPLITS],
             "segment": [settings.folder("segmentation")]
             + [settings.folder(f"snapshot_segment_{s}") for s, _, _ in SEGMENTATION_SOURCES],
             "report": [settings.folder("report")]}[step]
