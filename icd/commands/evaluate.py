@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 
 from ..data.classes import read_classes
 from ..evaluate import THRESHOLDS, evaluate
-from .runner import Parser, fraction, non_negative_int, positive_int, run
+from .runner import Parser, add_classes_argument, fraction, non_negative_int, positive_int, run
 
 
 def build_parser() -> Parser:
@@ -24,9 +24,7 @@ def build_parser() -> Parser:
                         help="SegmentationClass(Aug) folder of <name>.png (required)")
     parser.add_argument("--data-list", required=True,
                         help="list file, one image name per line (required)")
-    parser.add_argument("--classes", default=None, metavar="FILE",
-                        help="class-list file of the dataset, one name per line (default: "
-                             "PASCAL VOC's 20 classes)")
+    add_classes_argument(parser)
     parser.add_argument("--seeds", nargs="*", default=None, metavar="FOLDER",
                         help="seed folders, relative to --results unless absolute "
                              "(default: every folder under <results>/seeds)")

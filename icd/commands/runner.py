@@ -55,6 +55,13 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
         return f"{text} (default: {default})"
 
 
+def add_classes_argument(parser: argparse.ArgumentParser) -> None:
+    """`--classes FILE`: the dataset's class list (icd.data.classes), VOC's 20 by default."""
+    parser.add_argument("--classes", default=None, metavar="FILE",
+                        help="class-list file of the dataset, one name per line (default: "
+                             "PASCAL VOC's 20 classes)")
+
+
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1."""
     return _number(text, int, lambda v: v >= 1, "a positive integer")

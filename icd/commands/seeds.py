@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 
 from ..data.classes import read_classes
 from ..seeds import make_seeds
-from .runner import Parser, positive_int, run, shard
+from .runner import Parser, add_classes_argument, positive_int, run, shard
 
 
 def build_parser() -> Parser:
@@ -26,9 +26,7 @@ def build_parser() -> Parser:
                         help="folder of <name>.xml (required)")
     parser.add_argument("--data-list", required=True,
                         help="list file, one image name per line (required)")
-    parser.add_argument("--classes", default=None, metavar="FILE",
-                        help="class-list file of the dataset, one name per line (default: "
-                             "PASCAL VOC's 20 classes)")
+    add_classes_argument(parser)
     parser.add_argument("--saliency-root", default=None,
                         help="folder of <name>.png saliency maps: writes seeds/sal, no CRF "
                              "(default: none)")
