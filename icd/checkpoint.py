@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from typing import Dict, Optional, Sequence
 
 import mxnet as mx
@@ -20,6 +21,8 @@ INPUT_SCALE = 64.0  # rough std of RGB - 127 inputs; see random_imagenet_params
 AUX_SUFFIXES = ("moving_mean", "moving_var")   # MXNet: auxiliary states, never trained
 _GLUON_TO_RELEASE = {"running_mean": "moving_mean", "running_var": "moving_var"}
 # release: fc6_ft / fc7_ft start from the ImageNet fc6 / fc7 (section 2)
+BACKBONE_BN = re.compile(r"conv\d+_\d+_bn_")   # vgg16_bn_cam's backbone BatchNorms
+BN_EPSILON = 1e-5                              # Gluon BatchNorm's default
 PRETRAINED_COPIES = {"fc6_ft_weight": "fc6_weight", "fc6_ft_bias": "fc6_bias",
                      "fc7_ft_weight": "fc7_weight", "fc7_ft_bias": "fc7_bias"}
 
@@ -125,12 +128,37 @@ def is_imagenet_key(key: str) -> bool:
     `fc7_aspp*` of `vgg16_aspp`, which the file does not name)."""
     name = key[4:]
     return key.startswith("arg:") and name.startswith(("conv", "fc6_", "fc7_")) and \
-        not name.startswith(("conv_ft", "fc6_ft", "fc7_ft", "fc6_aspp", "fc7_aspp"))
+        not name.startswith(("conv_ft", "fc6_ft", "fc7_ft", "fc6_aspp", "fc7_aspp")) and \
+        not BACKBONE_BN.match(name)
+
+
+def fold_batch_norm(values: Dict[str, mx.nd.NDArray]) -> Dict[str, mx.nd.NDArray]:
+    """A `vgg16_bn_cam` checkpoint as the plain VGG16 that computes the same in inference mode.
+
+    Each `convB_I` followed by BatchNorm `convB_I_bn` (moving statistics m, v; gamma, beta)
+    becomes one convolution: W' = W s, b' = (b - m) s + beta per output channel, with
+    s = gamma / sqrt(v + eps). The BatchNorm keys are dropped; other keys pass unchanged.
+    """
+    out = {k: v for k, v in values.items() if not BACKBONE_BN.match(k[4:])}
+    for key in values:
+        if not (key.startswith("arg:") and BACKBONE_BN.match(key[4:]) and key.endswith("_gamma")):
+            continue
+        conv = key[4:-len("_bn_gamma")]
+        bn = {part: values[f"{kind}:{conv}_bn_{part}"] for kind, part in (
+            ("arg", "gamma"), ("arg", "beta"), ("aux", "moving_mean"), ("aux", "moving_var"))}
+        scale = bn["gamma"] / mx.nd.sqrt(bn["moving_var"] + BN_EPSILON)
+        weight = values[f"arg:{conv}_weight"]
+        out[f"arg:{conv}_weight"] = weight * scale.reshape((-1,) + (1,) * (weight.ndim - 1))
+        out[f"arg:{conv}_bias"] = (values[f"arg:{conv}_bias"] - bn["moving_mean"]) * scale \
+            + bn["beta"]
+    return out
 
 
 def write_imagenet_part(source: str, path: str) -> None:
-    """Keep only the `vgg16_20M.params` part of checkpoint `source` and write it to `path`."""
-    values = {k: v for k, v in read_params(source).items() if is_imagenet_key(k)}
+    """Keep only the `vgg16_20M.params` part of checkpoint `source` (its backbone BatchNorms
+    folded into the convolutions, `fold_batch_norm`) and write it to `path`."""
+    values = {k: v for k, v in fold_batch_norm(read_params(source)).items()
+              if is_imagenet_key(k)}
     with atomic_path(path) as tmp:
         mx.nd.save(tmp, values)
 
@@ -162,8 +190,9 @@ def initialize(net: mx.gluon.Block, contexts: Sequence[mx.Context],
 
     The ImageNet part comes from `pretrained` (the release's `vgg16_20M.params`: backbone, fc6,
     fc7) or, without a file, from `random_imagenet_params`. fc6_ft/fc7_ft are copied from
-    fc6/fc7; every other parameter ~ N(0, 0.01) (weights and biases alike); aux states start at
-    BN defaults and a zero sign-flip mean.
+    fc6/fc7; every other parameter ~ N(0, 0.01) (weights and biases alike) except the backbone
+    BatchNorms of `vgg16_bn_cam` (gamma 1, beta 0); aux states start at BN defaults and a zero
+    sign-flip mean.
     """
     source = pretrained or "random initialisation"
     values = dict(read_params(pretrained)) if pretrained else random_imagenet_params(net)
@@ -180,8 +209,7 @@ def initialize(net: mx.gluon.Block, contexts: Sequence[mx.Context],
     net.initialize(ctx=list(contexts), force_reinit=True)   # aux states: BN defaults, mean 0
     missing = assign(net, values, source, contexts, allow_missing=True)
     params = {release_key(n): p for n, p in net.collect_params().items()}
-    for key in missing:
-        if key.startswith("arg:"):
-            params[key].set_data(mx.nd.random.normal(0, 0.01, shape=params[key].shape))
-    log.info("%s: initialised from N(0, 0.01): %s", source,
-             ", ".join(k for k in missing if k.startswith("arg:")))
+    drawn = [k for k in missing if k.startswith("arg:") and not BACKBONE_BN.match(k[4:])]
+    for key in drawn:
+        params[key].set_data(mx.nd.random.normal(0, 0.01, shape=params[key].shape))
+    log.info("%s: initialised from N(0, 0.01): %s", source, ", ".join(drawn))

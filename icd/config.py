@@ -108,7 +108,8 @@ HELP = {
     "classes": "class-list file: one foreground class name per line in label order, background "
                "implicit as label 0 (e.g. the classes.txt of icd-coco-to-voc); '' = VOC's 20 "
                "(default: PASCAL VOC's 20 classes)",
-    "model": "vgg16_icd, or vgg16_cam (the CAM-only baseline)",
+    "model": "vgg16_icd, vgg16_cam (the CAM-only baseline), or vgg16_bn_cam (with BatchNorm: "
+             "the demo's stand-in pre-training)",
     "pretrained": "ImageNet initialisation file (the release's VGG16 weights, not shipped); "
                   "'' = random init (default: random init)",
     "num_cls": "number of foreground classes; follows --classes, a different value is an "

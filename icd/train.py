@@ -520,7 +520,7 @@ class SegmentationTask(Task):
 
 # Which task trains each registered model (a model without one is refused by `train`).
 TASKS: Dict[str, Type[Task]] = {
-    "vgg16_icd": ICDTask, "vgg16_cam": ICDTask,
+    "vgg16_icd": ICDTask, "vgg16_cam": ICDTask, "vgg16_bn_cam": ICDTask,
     "vgg16_largefov": SegmentationTask, "vgg16_aspp": SegmentationTask,
     "resnet101_largefov": SegmentationTask}
 

@@ -3,6 +3,10 @@
 conv1..conv4 blocks of 3x3 convolutions + ReLU with 3x3/2 max pooling (pad 1, 'valid' convention),
 pool4 with stride 1, conv5 with dilation 2, so a 321x321 input gives 41x41 feature maps (513 -> 65).
 Parameter names equal the release's checkpoint keys (`conv1_1_weight`, ...).
+
+`batch_norm=True` puts a BatchNorm (`conv1_1_bn_*`, ...) between every convolution and its ReLU:
+not the release's network, but a way to train the demo's ImageNet stand-in from a random init in
+minutes; `icd.checkpoint.fold_batch_norm` turns it into the plain VGG16 the release loads.
 """
 from __future__ import annotations
 
@@ -33,9 +37,9 @@ class VGG16DeepLab(HybridBlock):
     because pool4 has stride 1.
     """
 
-    def __init__(self, width: float = 1.0, **kwargs):
+    def __init__(self, width: float = 1.0, batch_norm: bool = False, **kwargs):
         super().__init__(**kwargs)
-        self.width = width
+        self.width, self.batch_norm = width, batch_norm
         with self.name_scope():
             self.stages = []
             in_channels = 3
@@ -43,10 +47,15 @@ class VGG16DeepLab(HybridBlock):
                 stage = nn.HybridSequential(prefix="")
                 with stage.name_scope():
                     for i in range(1, num_convs + 1):
-                        stage.add(nn.Conv2D(scaled(channels, width), 3, padding=dilation,
-                                            dilation=dilation, activation="relu",
+                        out_channels = scaled(channels, width)
+                        stage.add(nn.Conv2D(out_channels, 3, padding=dilation, dilation=dilation,
+                                            activation=None if batch_norm else "relu",
                                             in_channels=in_channels, prefix=f"conv{block}_{i}_"))
-                        in_channels = scaled(channels, width)
+                        if batch_norm:
+                            stage.add(nn.BatchNorm(in_channels=out_channels,
+                                                   prefix=f"conv{block}_{i}_bn_"),
+                                      nn.Activation("relu"))
+                        in_channels = out_channels
                 self.register_child(stage, f"conv{block}")
                 self.stages.append(stage)
 

@@ -5,6 +5,7 @@ checkpoint moves between the release and this model by name (see icd.checkpoint)
 """
 from __future__ import annotations
 
+import functools
 import itertools
 
 from mxnet import init
@@ -26,18 +27,19 @@ class CAMNet(HybridBlock):
     """VGG16-DeepLab + CAM head (fc6/fc7/fc8, GAP, multi-label sigmoid loss).
 
     forward(data (N, 3, H, W) RGB 0..255, label (N, C)) -> (x_cam (N, C, h, w), loss (1,)).
-    Alone it is the CAM-only baseline; ICDNet extends it.
+    Alone it is the CAM-only baseline; ICDNet extends it. `batch_norm`: the backbone with
+    BatchNorm after every convolution (`vgg16_bn_cam`, the demo's stand-in pre-training only).
     """
     input_names = ("data", "label")
     output_names = ("cam", "loss")
 
     def __init__(self, num_classes: int = 20, width: float = 1.0, dropout: float = 0.5,
-                 prefix: str = "", **kwargs):
+                 batch_norm: bool = False, prefix: str = "", **kwargs):
         super().__init__(prefix=prefix, **kwargs)
         self.num_classes, self.width = num_classes, width
         c5, fc = scaled(512, width), scaled(1024, width)
         with self.name_scope():
-            self.backbone = VGG16DeepLab(width, prefix="")
+            self.backbone = VGG16DeepLab(width, batch_norm, prefix="")
             self.fc6 = nn.Conv2D(fc, 3, padding=1, activation="relu", in_channels=c5,
                                  prefix="fc6_")
             self.drop6 = nn.Dropout(dropout)
@@ -163,3 +165,4 @@ class ICDNet(CAMNet):
 
 register("vgg16_icd", ICDNet)
 register("vgg16_cam", CAMNet)
+register("vgg16_bn_cam", functools.partial(CAMNet, batch_norm=True))
