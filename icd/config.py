@@ -37,7 +37,6 @@ class Config:
     bottom_up_features: str = "conv5"     # Table 5: conv4 | conv5 | fc6 | concat
     bottom_up_loss: str = "bu"            # Table 4: bu (L_bu) | abs (L_abs) | sig (L_sig)
     top_down: str = "c"                   # Table 6: a | b | c | d
-    image_centring: bool = False          # not the release's: centre S_hat on each image
     # optimisation (release section 4)
     optimizer: str = "sgd"                # the release's; "adam" only for stand-in pre-training
     image_size: int = 321
@@ -80,8 +79,7 @@ class Config:
         if self.model == "vgg16_icd":
             options.update(bottom_up_features=self.bottom_up_features,
                            bottom_up_variant=self.bottom_up_loss,
-                           top_down_structure=self.top_down,
-                           image_centring=self.image_centring)
+                           top_down_structure=self.top_down)
         return options
 
 
@@ -121,9 +119,6 @@ HELP = {
     "bottom_up_features": "features of the bottom-up estimation (Table 5)",
     "bottom_up_loss": "bottom-up loss: bu = L_bu, abs = L_abs, sig = L_sig (Table 4)",
     "top_down": "structure of the top-down branch (Table 6)",
-    "image_centring": "centre the bottom-up projections S_hat on each image's mean before the "
-                      "sign flip and L_bu (not in the release or the paper; the synthetic demo "
-                      "uses it, see README)",
     "optimizer": "sgd (the release's); adam only to pre-train a stand-in for ImageNet weights",
     "image_size": "training crop side in pixels",
     "batch_size": "images per step, split over the devices",

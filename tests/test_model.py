@@ -143,8 +143,7 @@ def test_losses_route_gradients_like_the_release():
 @pytest.mark.parametrize("option", [dict(bottom_up_features=f) for f in
                                     ("conv4", "fc6", "concat")]
                          + [dict(top_down_structure=t) for t in "abd"]
-                         + [dict(bottom_up_variant=v) for v in ("abs", "sig")]
-                         + [dict(image_centring=True)])
+                         + [dict(bottom_up_variant=v) for v in ("abs", "sig")])
 def test_ablation_variants_build_and_step(option):
     net = small_net(**option)
     net.hybridize()
@@ -155,24 +154,6 @@ def test_ablation_variants_build_and_step(option):
     assert out[3].shape == (2, 4, 4, 4)
     assert np.isfinite(out[-1].asnumpy()).all()
     assert net.icd_bu_weight.grad().abs().sum().asscalar() > 0
-
-
-def test_image_centring_zeroes_each_images_mean_and_the_padding():
-    """image_centred: S_hat minus its mean over the image's cells (weights sampled at each
-    cell's centre pixel), 0 where the input is the crop's padding (all channels 127)."""
-    from icd.model.icd_net import image_centred
-    rng = np.random.default_rng(0)
-    s_hat = rng.normal(size=(2, 3, 12, 12)).astype(np.float32)
-    data = rng.uniform(0, 255, (2, 3, 89, 89)).astype(np.float32)   # cell i <-> pixel 8i
-    data[1, :, 41:, :] = 127
-    data[1, :, :, 57:] = 127                      # image 1: cells 0..5 x 0..7 hold the image
-    out = image_centred(mx.nd, mx.nd.array(s_hat), mx.nd.array(data)).asnumpy()
-    expected = s_hat - s_hat.mean(axis=(2, 3), keepdims=True)
-    np.testing.assert_allclose(out[0], expected[0], atol=1e-5)
-    inside = s_hat[1][:, :6, :8]
-    np.testing.assert_allclose(out[1][:, :6, :8],
-                               inside - inside.mean(axis=(1, 2), keepdims=True), atol=1e-5)
-    assert (out[1][:, 6:, :] == 0).all() and (out[1][:, :, 8:] == 0).all()
 
 
 def test_bad_model_options_are_named():

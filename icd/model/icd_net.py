@@ -12,7 +12,7 @@ from mxnet import init
 from mxnet.gluon import HybridBlock, nn
 
 from . import ops  # noqa: F401  (registers the custom operators)
-from .backbone import MEAN_VALUE, VGG16DeepLab, pool5, scaled
+from .backbone import VGG16DeepLab, pool5, scaled
 from .losses import BOTTOM_UP_VARIANTS, bottom_up_loss, multi_sigmoid_loss, top_down_loss
 from .registry import register
 
@@ -73,7 +73,6 @@ class ICDNet(CAMNet):
     (x_cam, S, S_refined, S_adapted, losses): x_cam the CAM logits; S = S_hat * sign (Eqs. 3, 5);
     S_refined = S' (superpixel pooling); S_adapted = S'' (top-down logits), all (N, C, h, w);
     losses (3,) = [L_cam, L_bu surrogate, L_td] whose sum's gradient is the release's.
-    `image_centring` (off in the release) centres S_hat on each image (`image_centred`).
     In training (autograd.record) BN uses batch statistics and the sign flip updates its moving
     mean; otherwise moving statistics and the stored mean are used (release inference).
     """
@@ -83,7 +82,7 @@ class ICDNet(CAMNet):
     def __init__(self, num_classes: int = 20, width: float = 1.0, dropout: float = 0.5,
                  bottom_up_features: str = "conv5", bottom_up_variant: str = "bu",
                  top_down_structure: str = "c", num_superpixel_ids: int = NUM_SUPERPIXEL_IDS,
-                 image_centring: bool = False, prefix: str = "", **kwargs):
+                 prefix: str = "", **kwargs):
         if bottom_up_features not in FEATURES:
             raise ValueError(f"unknown bottom-up features {bottom_up_features!r}; one of {FEATURES}")
         if bottom_up_variant not in BOTTOM_UP_VARIANTS:
@@ -97,7 +96,6 @@ class ICDNet(CAMNet):
                              "take conv5 features; use bottom_up_features='conv5'")
         self.bottom_up_features, self.bottom_up_variant = bottom_up_features, bottom_up_variant
         self.top_down_structure, self.num_superpixel_ids = top_down_structure, num_superpixel_ids
-        self.image_centring = image_centring
         super().__init__(num_classes, width, dropout, prefix=prefix, **kwargs)
         c5, fc = scaled(512, width), scaled(1024, width)
         feature_channels = {"conv4": c5, "conv5": c5, "fc6": fc, "concat": 2 * c5 + fc}
@@ -152,8 +150,6 @@ class ICDNet(CAMNet):
         w = F.L2Normalization(icd_bu_weight, mode="instance", eps=1e-10)
         s_hat = F.Convolution(F.BlockGrad(feature), F.BlockGrad(w).expand_dims(2).expand_dims(3),
                               kernel=(1, 1), num_filter=self.num_classes, no_bias=True)
-        if self.image_centring:
-            s_hat = image_centred(F, s_hat, data)
         S = F.Custom(s_hat, F.BlockGrad(x_cam), label, icd_accum_resign_moving_mean,
                      op_type="icd_sign_flip", share_key=self.share_key)
         S_refined = F.Custom(S, superpixel, label, op_type="icd_superpixel_pool",
@@ -165,27 +161,6 @@ class ICDNet(CAMNet):
                            self.bottom_up_variant),
             top_down_loss(F, S_adapted, S_refined, label, warm), dim=0)
         return x_cam, S, S_refined, S_adapted, losses
-
-
-def image_centred(F, s_hat, data):
-    """S_hat minus its mean over the image's own cells; 0 on the crop's padding (opt-in).
-
-    Not in the release or the paper: Eq. 3 thresholds w.f at 0 on features that BatchNorm
-    centres over the batch, i.e. over all classes' images. When conv5's receptive field covers
-    the whole image (the demo's ~160 px images) every cell of a class-c image carries the
-    class's evidence, L_bu's direction follows it and S_c > 0 over most of the image; centring
-    each image's projections makes the zero split the image's own pixels into the two poles,
-    and L_bu (Eq. 1) then maximises their variance within images. Padding is where all three
-    channels equal the pad value, which is the mean the backbone subtracts (127: training
-    crops and inference inputs alike), sampled at each cell's centre pixel.
-    s_hat (N, C, h, w), data (N, 3, H, W) RGB 0..255 -> (N, C, h, w).
-    """
-    content = F.sum(F.abs(data - MEAN_VALUE), axis=1, keepdims=True) > 0         # (N, 1, H, W)
-    weight = F.contrib.BilinearResize2D(content, like=s_hat, mode="like", align_corners=True)
-    area = F.maximum(F.sum(weight, axis=(2, 3), keepdims=True), 1e-5)
-    centre = F.broadcast_div(F.sum(F.broadcast_mul(s_hat, weight), axis=(2, 3), keepdims=True),
-                             area)                                                  # (N, C, 1, 1)
-    return F.broadcast_mul(F.broadcast_sub(s_hat, centre), weight)
 
 
 register("vgg16_icd", ICDNet)
