@@ -532,17 +532,23 @@ def _initialisation_lines(inputs: ReportInputs) -> List[str]:
     if pre is None:
         return [f"**No pre-training** (`--pretrain-config none`): CAM and ICD start from a "
                 f"random He init ({schedule}). Configs: {files}.", ""]
+    batch_norm = pre.model == "vgg16_bn_cam"
     return [
         "**The pre-training stand-in.** The paper starts both the CAM baseline and ICD from the "
         "same ImageNet VGG16. No ImageNet weights exist here, so the `pretrain` step trains the "
-        "CAM-only classifier on the synthetic train split (image labels only, as everything "
-        f"else) with {pre.optimizer} (lr {pre.learning_rate:g}, dropout {pre.dropout:g}, "
-        f"{pre.num_epoch} epochs) and its checkpoint is the `pretrained:` file of both models, "
-        "cut like the release's `vgg16_20M.params` to the backbone, fc6 and fc7 (fc6_ft/fc7_ft "
-        "copied from them, fc8 and the other new layers from the release's random init). CAM "
-        f"and ICD then train from it ({schedule}). Why: a BN-free VGG16 trained from a random "
-        "init by plain SGD stays on the \"predict the label prior\" plateau for many epochs, "
-        "and a larger SGD learning rate threw the pre-trained classifier back to the prior; "
+        f"CAM-only classifier `{pre.model}` on the synthetic train split (image labels only, as "
+        f"everything else) with {pre.optimizer} (lr {pre.learning_rate:g}, dropout "
+        f"{pre.dropout:g}, {pre.num_epoch} epochs) and its checkpoint is the `pretrained:` file "
+        "of both models, cut like the release's `vgg16_20M.params` to the backbone, fc6 and fc7 "
+        + ("(its BatchNorms, between each backbone convolution and its ReLU, folded into the "
+           "convolutions: the file is a plain VGG16) " if batch_norm else "")
+        + "(fc6_ft/fc7_ft copied from them, fc8 and the other new layers from the release's "
+        f"random init). CAM and ICD then train from it ({schedule}). Why: a BN-free VGG16 "
+        "trained from a random init stays on the \"predict the label prior\" plateau for many "
+        "epochs"
+        + (" or learns only some classes; with BatchNorm it learns all of them in minutes"
+           if batch_norm else "")
+        + ", and a larger SGD learning rate threw the pre-trained classifier back to the prior; "
         "these choices were made on training-split behaviour and training losses only (the "
         f"measurements are in the comments of {files}). `--pretrain-config none` runs without "
         "it.", ""]
