@@ -490,9 +490,35 @@ def _positive_share_lines(shares: Mapping[str, Mapping[str, float]]) -> List[str
                         "per-image AUC object vs other (%)"],
                        [[names[f], percent(v["object"]), percent(v["rest"]), percent(v["auc"])]
                         for f, v in shares.items()])
-    return lines + ["An AUC near 100% with many positive other pixels means the map ranks the "
-                    "object above the rest of its image but its zero lies inside the background: "
-                    "the seeds then cover the object and much of its surroundings.", ""]
+    lines += ["An AUC near 100% with many positive other pixels means the map ranks the "
+              "object above the rest of its image but its zero lies inside the background: "
+              "the seeds then cover the object and much of its surroundings; few positive "
+              "object pixels mean its zero lies inside the object: the seeds are too small.", ""]
+    return lines + _step_lines(shares, names) + [""]
+
+
+def _step_lines(shares: Mapping[str, Mapping[str, float]], names: Mapping[str, str]
+                ) -> List[str]:
+    """What each Table 3 step changes in the sign of the scores, read off `shares`: the
+    numbers behind a component that does or does not add."""
+    lines = []
+    folders = [f for f in names if f in shares]
+    for before, after in zip(folders, folders[1:]):
+        b, a = shares[before], shares[after]
+        ranks = "ranks the object better" if a["auc"] > b["auc"] else "ranks the object worse"
+        if a["object"] < b["object"] and a["rest"] < b["rest"]:
+            sign = "and is positive on fewer object and fewer other pixels"
+        elif a["object"] >= b["object"] and a["rest"] >= b["rest"]:
+            sign = "and is positive on more object and more other pixels"
+        elif a["object"] >= b["object"]:
+            sign = "and covers more of the object and less of the rest"
+        else:
+            sign = "and covers less of the object and more of the rest"
+        lines.append(f"- {names[after]} vs {names[before]}: {ranks} (AUC {percent(a['auc'])} "
+                     f"vs {percent(b['auc'])}) {sign} (object {percent(a['object'])} vs "
+                     f"{percent(b['object'])}%, other {percent(a['rest'])} vs "
+                     f"{percent(b['rest'])}%).")
+    return lines
 
 
 def _claims_table(claims: Sequence[Mapping], bold: bool) -> List[str]:

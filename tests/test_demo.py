@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from icd import demo, pipeline, report
+from icd.checkpoint import read_params
 from icd.data.classes import read_classes
 from icd.data.synthetic import DEFAULT_CLASSES
 from icd.evaluate import NUM_SEG_CLASSES, average_precision, class_iou, confusion_matrix, \
@@ -363,6 +364,19 @@ def test_missing_numbers_fail_instead_of_passing():
     assert not any(c["passed"] for c in claims)
 
 
+def test_step_lines_read_each_table3_step_off_the_positive_shares():
+    shares = {"scores_icd_bu": dict(object=0.824, rest=0.336, auc=0.803),
+              "scores_icd_bu_sp": dict(object=0.84, rest=0.245, auc=0.822),
+              "scores_icd": dict(object=0.583, rest=0.093, auc=0.906)}
+    lines = report._positive_share_lines(shares)
+    assert ("- refined S' vs bottom-up S: ranks the object better (AUC 82.2 vs 80.3) and covers "
+            "more of the object and less of the rest (object 84.0 vs 82.4%, other 24.5 vs "
+            "33.6%).") in lines
+    assert ("- top-down S'' vs refined S': ranks the object better (AUC 90.6 vs 82.2) and is "
+            "positive on fewer object and fewer other pixels (object 58.3 vs 84.0%, other 9.3 "
+            "vs 24.5%).") in lines
+
+
 def test_positive_share_is_the_share_of_positive_scores_per_class():
     pixels = {3: [(0, np.array([2.0, -1.0]), np.array([-3.0, 1.0, -2.0, -4.0])),
                   (1, np.array([0.5]), np.array([-0.5]))],
@@ -401,6 +415,10 @@ def test_quick_demo_end_to_end(tmp_path):
     assert "with adam (lr 0.0002, dropout 0, 2 epochs)" in text
     assert "CAM sgd at lr 0.0002 for 3 epochs, ICD sgd at lr 0.0002 for 3 epochs" in text
     assert "| cam | vgg16_cam | 0.125 | 48 | 8 | sgd | 0.0002 | 0.9 | 0.0005 | 0.5 | 3 |" in text
+    # the stand-in trains with BatchNorm and is exported as the plain VGG16 CAM and ICD load
+    assert "| pretrain | vgg16_bn_cam |" in text and "folded into the convolutions" in text
+    stand_in = read_params(demo.stand_in_weights(settings))
+    assert "arg:conv5_3_weight" in stand_in and not any("_bn_" in k for k in stand_in)
     assert "20 epochs" not in text and "1e-4" not in text and "3e-4" not in text
     assert "1000 resamples" in text and "→ epoch 3 L_cam" in text
     assert "| bottom-up S |" in text and "| top-down S'' |" in text
