@@ -3,7 +3,7 @@
     data -> superpixels -> pretrain -> train_cam, train_icd -> infer -> seeds -> evaluate
          -> segment -> report
 
-    python tools/demo.py                        # everything, about 4 minutes on 2 CPU cores
+    python tools/demo.py                        # everything, about 11 minutes on 2 CPU cores
     python tools/demo.py --quick --out /tmp/q   # the reduced run of the test (numbers meaningless)
     python tools/demo.py --steps seeds evaluate report   # a subset; finished steps are skipped
 
@@ -74,12 +74,12 @@ SEGMENTATION_SOURCES = (("icd", "ICD seeds + CRF", TABLE3[-1][1]),
                         ("gt", "ground-truth masks (upper bound)", None))
 # Expected seconds per step on 2 CPU cores until a finished run's markers give real times.
 # quick: measured (one --quick run). full: the step times of the README's run A
-# (DNNL_MAX_CPU_ISA=AVX2 on a shared 2-core machine).
+# (DNNL_MAX_CPU_ISA=AVX2 on this 2-core machine, otherwise idle).
 ESTIMATES = {
     "quick": dict(data=0.5, superpixels=0.5, pretrain=2.1, train_cam=0.5, train_icd=0.7,
                   infer=1.6, seeds=2.5, evaluate=6.8, segment=6.0, report=6.0),
-    "full": dict(data=4, superpixels=21, pretrain=153, train_cam=96, train_icd=101, infer=21,
-                 seeds=70, evaluate=38, segment=150, report=50)}
+    "full": dict(data=4, superpixels=7, pretrain=101, train_cam=93, train_icd=145, infer=21,
+                 seeds=42, evaluate=40, segment=172, report=23)}
 
 
 @dataclass

@@ -38,7 +38,7 @@ import contextlib
 import logging
 import os
 import sys
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, Optional, Sequence, Tuple
 
 import mxnet as mx
 import numpy as np

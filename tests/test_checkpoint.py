@@ -91,3 +91,34 @@ def test_superpixels_from_a_backbone_checkpoint(tmp_path, tiny_voc):
                              tiny_voc["data_list"], "--out", str(out), "--pretrained", path]) == 0
     ids = read_superpixels(str(out / f"{name}.png"), image.shape[:2])
     assert 1 < len(set(ids.ravel())) <= 64
+
+
+def test_batch_norm_stand_in_folds_into_the_plain_vgg16(tmp_path):
+    """vgg16_bn_cam: BN starts at gamma 1 / beta 0; its export is a vgg16_20M-shaped file whose
+    plain VGG16 computes what the BN network computes in inference mode."""
+    from mxnet import autograd
+    from icd.checkpoint import write_imagenet_part
+    from icd.model import build_model
+    net = build_model("vgg16_bn_cam", num_classes=3, width=0.0625)
+    initialize(net, [mx.cpu()])
+    got = gather(net)
+    np.testing.assert_array_equal(got["arg:conv2_1_bn_gamma"].asnumpy(), 1)
+    np.testing.assert_array_equal(got["arg:conv2_1_bn_beta"].asnumpy(), 0)
+    data = mx.nd.random.uniform(0, 255, (2, 3, 40, 40))
+    with autograd.record():                   # moves the BN statistics away from 0 / 1
+        for _ in range(3):
+            net(data, mx.nd.array([[1, 0, 0], [0, 1, 1]]))
+    for name, param in net.collect_params().items():
+        if name.endswith("_bn_gamma") or name.endswith("_bn_beta"):
+            param.set_data(mx.nd.random.uniform(0.5, 1.5, param.shape))
+    source, stand_in = str(tmp_path / "bn.params"), str(tmp_path / "stand_in.params")
+    save_checkpoint(net, source)
+    write_imagenet_part(source, stand_in)
+    keys = set(read_params(stand_in))
+    assert not any("_bn_" in k for k in keys) and "arg:conv5_3_weight" in keys
+    assert "arg:fc7_bias" in keys and "arg:fc8_weight" not in keys
+    plain = build_model("vgg16_cam", num_classes=3, width=0.0625)
+    initialize(plain, [mx.cpu()], pretrained=stand_in)
+    expected = net.backbone(data)[1].asnumpy()
+    np.testing.assert_allclose(plain.backbone(data)[1].asnumpy(), expected,
+                               rtol=1e-4, atol=1e-4 * np.abs(expected).max())
