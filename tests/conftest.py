@@ -1,5 +1,6 @@
 """Shared fixtures: a tiny synthetic VOC-format dataset with superpixels, made once per session."""
 import os
+import signal
 
 import pytest
 
@@ -8,6 +9,15 @@ from icd.data.superpixels import make_superpixels
 from icd.data.synthetic import make_synthetic_voc
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def python_sigint():
+    """Python's own Ctrl-C handler for the test, whatever the runner was started with (a job
+    started in the background by a non-interactive shell inherits SIGINT ignored)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
 
 
 @pytest.fixture(scope="session")

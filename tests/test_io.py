@@ -56,7 +56,7 @@ def test_stale_temporaries_of_interrupted_writes_are_removed(tmp_path):
         ".vgg16_cam-0001.abcdefgh.tmp.params"]     # another model's write may be in progress
 
 
-def test_deferred_interrupt_finishes_the_block_then_raises(tmp_path):
+def test_deferred_interrupt_finishes_the_block_then_raises(tmp_path, python_sigint):
     done = []
     with pytest.raises(KeyboardInterrupt):
         with deferred_interrupt():

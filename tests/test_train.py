@@ -233,7 +233,7 @@ def test_resume_with_dropout_is_bit_identical(tiny_config, cpus):
     assert (records[0]["sign_flip_store"] is None) == (cpus == 1)
 
 
-def test_ctrl_c_stops_after_the_checkpoint_being_written(tiny_config, monkeypatch):
+def test_ctrl_c_stops_after_the_checkpoint_being_written(tiny_config, monkeypatch, python_sigint):
     """SIGINT while a checkpoint is written: its files are all completed, then training stops
     with one message naming it and the --begin-epoch that resumes it."""
     import icd.train
