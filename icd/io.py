@@ -2,13 +2,23 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import json
+import logging
 import os
 import re
 import signal
+import socket
+import sys
 import tempfile
 import threading
+import time
 from typing import Iterator, List
+
+import numpy as np
+
+log = logging.getLogger(__name__)
 
 # the names atomic_path gives its temporaries: .<base>.<8 random characters>.tmp<ext>
 _TEMPORARY = re.compile(r"^\.(?P<base>.+)\.[a-z0-9_]{8}\.tmp(?P<ext>\.[^.]*)?$")
@@ -32,9 +42,14 @@ def atomic_path(path: str) -> Iterator[str]:
     try:
         yield tmp
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            # the writers' own message names no file (`[Errno 28] No space left on device`)
+            raise OSError(e.errno, f"{path}: no space left on device while writing it (nothing "
+                                   f"was written under this name); free space and run again"
+                          ) from None
         raise
 
 
@@ -89,3 +104,69 @@ def read_json(path: str):
             return json.load(f)
     except (ValueError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def require_finite(array: np.ndarray, what: str) -> None:
+    """ValueError naming `what` when `array` holds NaN or infinite values (a diverged model's
+    scores would otherwise pass every stage: all-background seeds, an evaluation report)."""
+    finite = np.isfinite(array)
+    if not finite.all():
+        raise ValueError(f"{what}: {array.size - int(finite.sum())} of {array.size} values are "
+                         f"NaN or infinite")
+
+
+class FolderInUse(RuntimeError):
+    """Another process holds the lock of a folder this run would write."""
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str, folder: str) -> Iterator[None]:
+    """Hold an OS advisory lock (`fcntl.flock`) on the lock file `path` for the block, so that
+    two runs never write `folder` at once; the kernel releases it on any exit (SIGKILL too).
+
+    The lock file names its holder (pid, host, start time, command); a second run raises
+    FolderInUse naming them. A lock file left by a holder that is gone (its flock vanished with
+    it) is stale: it is taken over, with a warning naming the old holder. The file itself stays
+    (removing it would let two runs lock two different files).
+    """
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+    except OSError as e:
+        raise OSError(e.errno, f"{path}: cannot open the lock file of {folder} "
+                               f"({e.strerror})") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _lock_holder(fd) or "a process that has not yet written its name"
+            raise FolderInUse(f"{folder}: in use by another run ({holder}; lock {path}); wait "
+                              f"for it to end, or write to another folder") from None
+        stale = _lock_holder(fd)
+        if stale:
+            log.warning("%s: taking over the lock of a run that ended without releasing it (%s)",
+                        folder, stale)
+        holder = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                             "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                             "command": " ".join(sys.argv)})
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, holder.encode("utf-8"), 0)
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)   # an empty lock file: released cleanly
+    finally:
+        os.close(fd)              # releases the flock
+
+
+def _lock_holder(fd: int) -> str:
+    """'pid P on host H since T (command)' from a lock file, '' when it is empty."""
+    text = os.pread(fd, 1 << 16, 0).decode("utf-8", "replace").strip()
+    if not text:
+        return ""
+    try:
+        info = json.loads(text)
+        return (f"pid {info['pid']} on host {info['host']} since {info['started']}: "
+                f"{info['command']}")
+    except (ValueError, KeyError, TypeError):
+        return f"unreadable holder {text[:80]!r}"
