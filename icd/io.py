@@ -125,23 +125,13 @@ def exclusive_lock(path: str, folder: str) -> Iterator[None]:
     two runs never write `folder` at once; the kernel releases it on any exit (SIGKILL too).
 
     The lock file names its holder (pid, host, start time, command); a second run raises
-    FolderInUse naming them. A lock file left by a holder that is gone (its flock vanished with
-    it) is stale: it is taken over, with a warning naming the old holder. The file itself stays
-    (removing it would let two runs lock two different files).
+    FolderInUse naming them. The holder removes the file when the block ends; one left by a
+    holder that is gone (its flock vanished with it) is stale: it is taken over, with a warning
+    naming the old holder.
     """
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fd = _locked_file(path, folder)
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
-    except OSError as e:
-        raise OSError(e.errno, f"{path}: cannot open the lock file of {folder} "
-                               f"({e.strerror})") from None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _lock_holder(fd) or "a process that has not yet written its name"
-            raise FolderInUse(f"{folder}: in use by another run ({holder}; lock {path}); wait "
-                              f"for it to end, or write to another folder") from None
         stale = _lock_holder(fd)
         if stale:
             log.warning("%s: taking over the lock of a run that ended without releasing it (%s)",
@@ -154,9 +144,31 @@ def exclusive_lock(path: str, folder: str) -> Iterator[None]:
         try:
             yield
         finally:
-            os.ftruncate(fd, 0)   # an empty lock file: released cleanly
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)   # still locked: a run opening it now finds it gone, retries
     finally:
         os.close(fd)              # releases the flock
+
+
+def _locked_file(path: str, folder: str) -> int:
+    """A descriptor of the lock file `path`, flock-ed; FolderInUse naming the holder."""
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+        except OSError as e:
+            raise OSError(e.errno, f"{path}: cannot open the lock file of {folder} "
+                                   f"({e.strerror})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _lock_holder(fd) or "a process that has not yet written its name"
+            os.close(fd)
+            raise FolderInUse(f"{folder}: in use by another run ({holder}; lock {path}); wait "
+                              f"for it to end, or write to another folder") from None
+        with contextlib.suppress(FileNotFoundError):
+            if os.fstat(fd).st_ino == os.stat(path, follow_symlinks=False).st_ino:
+                return fd
+        os.close(fd)   # the file was removed by its holder between our open and flock
 
 
 def _lock_holder(fd: int) -> str:
