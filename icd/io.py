@@ -129,8 +129,14 @@ def exclusive_lock(path: str, folder: str) -> Iterator[None]:
     holder that is gone (its flock vanished with it) is stale: it is taken over, with a warning
     naming the old holder.
     """
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd = _locked_file(path, folder)
+    parent = os.path.dirname(os.path.abspath(path))
+    created = not os.path.isdir(parent)
+    os.makedirs(parent, exist_ok=True)
+    try:
+        fd = _locked_file(path, folder)
+    except BaseException:
+        _remove_if_empty(parent, created)
+        raise
     try:
         stale = _lock_holder(fd)
         if stale:
@@ -148,6 +154,15 @@ def exclusive_lock(path: str, folder: str) -> Iterator[None]:
                 os.remove(path)   # still locked: a run opening it now finds it gone, retries
     finally:
         os.close(fd)              # releases the flock
+        _remove_if_empty(parent, created)
+
+
+def _remove_if_empty(folder: str, created: bool) -> None:
+    """Remove `folder` if this run `created` it for its lock and nothing was written there
+    (a run that failed before its first file leaves no folder behind)."""
+    if created:
+        with contextlib.suppress(OSError):
+            os.rmdir(folder)
 
 
 def _locked_file(path: str, folder: str) -> int:

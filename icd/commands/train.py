@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 
 from ..checkpoint import read_states
 from ..config import Config
-from ..train import EXIT_STATUSES, TrainingDiverged, checkpoint_path, last_complete_epoch, train
+from ..train import EXIT_STATUSES, TrainingDiverged, checkpoint_path, train
 from .options import add_config_arguments, config_from, devices_for
 from .runner import Parser, run
 
@@ -38,11 +38,8 @@ def check_resume(cfg: Config) -> None:
     params, states = checkpoint_path(cfg, epoch), checkpoint_path(cfg, epoch, "states")
     for path in (params, states):
         if not os.path.isfile(path):
-            last = last_complete_epoch(cfg)
-            hint = f"; the last complete checkpoint is epoch {last} (--begin-epoch {last + 1})" \
-                if last is not None else f"; {cfg.snapshot} holds no complete checkpoint"
             raise FileNotFoundError(f"{path}: checkpoint of epoch {epoch} to resume from "
-                                    f"(--begin-epoch {cfg.begin_epoch}) not found{hint}")
+                                    f"(--begin-epoch {cfg.begin_epoch}) not found")
     read_states(states)
 
 
