@@ -14,7 +14,7 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Iterator, List
+from typing import Iterator, List, Set
 
 import numpy as np
 
@@ -115,6 +115,9 @@ def require_finite(array: np.ndarray, what: str) -> None:
                          f"NaN or infinite")
 
 
+_HELD: Set[str] = set()   # the lock files this process holds (exclusive_lock is re-entrant)
+
+
 class FolderInUse(RuntimeError):
     """Another process holds the lock of a folder this run would write."""
 
@@ -127,8 +130,12 @@ def exclusive_lock(path: str, folder: str) -> Iterator[None]:
     The lock file names its holder (pid, host, start time, command); a second run raises
     FolderInUse naming them. The holder removes the file when the block ends; one left by a
     holder that is gone (its flock vanished with it) is stale: it is taken over, with a warning
-    naming the old holder.
+    naming the old holder. Re-entrant: a block inside one holding the same lock just runs.
     """
+    key = os.path.realpath(path)
+    if key in _HELD:   # this process holds it already (a stage inside a locked command)
+        yield
+        return
     parent = os.path.dirname(os.path.abspath(path))
     created = not os.path.isdir(parent)
     os.makedirs(parent, exist_ok=True)
@@ -147,9 +154,11 @@ def exclusive_lock(path: str, folder: str) -> Iterator[None]:
                              "command": " ".join(sys.argv)})
         os.ftruncate(fd, 0)
         os.pwrite(fd, holder.encode("utf-8"), 0)
+        _HELD.add(key)
         try:
             yield
         finally:
+            _HELD.discard(key)
             with contextlib.suppress(FileNotFoundError):
                 os.remove(path)   # still locked: a run opening it now finds it gone, retries
     finally:

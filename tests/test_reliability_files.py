@@ -331,6 +331,18 @@ def test_result_folders_are_locked_while_written(tmp_path, holder):
     process.terminate()
     process.wait(timeout=30)
     with producing([folder], "seeds", {"a": 1}):
-        with pytest.raises(FolderInUse, match=f"pid {os.getpid()} "):   # even this process
-            with exclusive_lock(lock_path(folder), folder):
-                pass
+        with exclusive_lock(lock_path(folder), folder):   # re-entrant in the holding process
+            assert os.path.isfile(lock_path(folder))
+        assert os.path.isfile(lock_path(folder))
+    assert not os.path.exists(lock_path(folder))
+
+
+def test_a_second_evaluation_into_a_report_folder_refuses(tmp_path, tiny_voc, holder, capsys):
+    from icd.commands import evaluate as evaluate_command
+    results = tmp_path / "results"
+    results.mkdir()
+    out = str(results / "eval")
+    process = holder(lock_path(out), out)
+    assert evaluate_command.main(["--results", str(results), "--gt-root", tiny_voc["gt_root"],
+                                  "--data-list", tiny_voc["data_list"]]) == 1
+    assert f"error: {out}: in use by another run (pid {process.pid} " in capsys.readouterr().err
