@@ -89,6 +89,28 @@ def test_states_saved_on_some_devices_resume_on_others(tmp_path, update_on_kvsto
                                            err_msg=f"{name} on {ctx}")
 
 
+def test_training_saved_on_cpu1_cpu2_resumes_on_cpu3_cpu4(tiny_config, monkeypatch):
+    """Issue #25.1 through the training loop: ICD trained on cpu(1), cpu(2) (update_on_kvstore),
+    stopped after epoch 1, resumes on cpu(3), cpu(4) to the uninterrupted run's epoch 2."""
+    import shutil
+    monkeypatch.setattr(icd.train, "parse_devices", lambda gpus, cpus: [mx.cpu(1), mx.cpu(2)])
+    straight = tiny_config(num_epoch=3, cpus=2)
+    straight.snapshot += "_straight"
+    train(straight)
+    states, _ = read_states(checkpoint_path(straight, 1, "states"))
+    assert all(a.context == mx.cpu(0) for s in states.values() for a in all_arrays(s))
+    monkeypatch.setattr(icd.train, "parse_devices", lambda gpus, cpus: [mx.cpu(3), mx.cpu(4)])
+    resumed = tiny_config(num_epoch=3, cpus=2, begin_epoch=2)
+    os.makedirs(resumed.snapshot)
+    for suffix in ("params", "states", "json"):
+        shutil.copy(checkpoint_path(straight, 1, suffix), resumed.snapshot)
+    train(resumed)
+    a, b = (read_params(checkpoint_path(c, 2)) for c in (straight, resumed))
+    assert sorted(a) == sorted(b)
+    for key in a:
+        np.testing.assert_array_equal(b[key].asnumpy(), a[key].asnumpy(), err_msg=key)
+
+
 class Payload:
     """A pickle that runs `touch <marker>` when loaded with pickle.load."""
 
