@@ -43,14 +43,27 @@ def atomic_path(path: str) -> Iterator[str]:
         yield tmp
         os.replace(tmp, path)
     except BaseException as e:
+        full = isinstance(e, Exception) and _disk_full(e, folder)
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
-        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-            # the writers' own message names no file (`[Errno 28] No space left on device`)
-            raise OSError(e.errno, f"{path}: no space left on device while writing it (nothing "
-                                   f"was written under this name); free space and run again"
-                          ) from None
+        if full:
+            # the writers' own messages name no file (`[Errno 28] No space left on device`,
+            # MXNet's `FileStream.Write incomplete`)
+            raise OSError(errno.ENOSPC, f"{path}: no space left on device while writing it "
+                                        f"(nothing was written under this name); free space "
+                                        f"and run again") from None
         raise
+
+
+def _disk_full(error: Exception, folder: str) -> bool:
+    """Whether a write into `folder` failed for want of space: ENOSPC, or any writer's error
+    (MXNet, OpenCV) with less than 1 MiB left there."""
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        return True
+    with contextlib.suppress(OSError):
+        stat = os.statvfs(folder)
+        return stat.f_bavail * stat.f_frsize < 1 << 20
+    return False
 
 
 def remove_stale_temporaries(folder: str, prefix: str = "") -> List[str]:

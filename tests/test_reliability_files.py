@@ -213,6 +213,29 @@ def test_disk_full_names_the_file(tmp_path, monkeypatch):
     assert error.value.errno == errno.ENOSPC and os.listdir(tmp_path) == []
 
 
+def test_disk_full_in_mxnet_names_the_file(tmp_path, monkeypatch):
+    """MXNet says `FileStream.Write incomplete` on a full disk: the error names the file."""
+    from icd.checkpoint import save_checkpoint
+    net = gluon.nn.Dense(2, in_units=2)
+    net.initialize()
+    path = str(tmp_path / "m-0000.params")
+    real = os.statvfs
+
+    def full(folder):
+        stat = real(folder)
+        return os.statvfs_result((stat.f_bsize, stat.f_frsize, stat.f_blocks, 0, 0) + tuple(
+            stat)[5:])
+
+    def incomplete(*args):
+        raise mx.base.MXNetError("Check failed: FileStream.Write incomplete")
+
+    monkeypatch.setattr(icd.io.os, "statvfs", full)
+    monkeypatch.setattr(mx.nd, "save", incomplete)
+    with pytest.raises(OSError, match=rf"{path}: no space left on device"):
+        save_checkpoint(net, path)
+    assert os.listdir(tmp_path) == []
+
+
 # ---------------------------------------------------------------------------------------------
 # Non-finite weights and scores (issue #21.4)
 
