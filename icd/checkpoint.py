@@ -310,6 +310,27 @@ def _updaters(trainer: mx.gluon.Trainer) -> list:
     return [trainer._kvstore._updater] if trainer._update_on_kvstore else trainer._updaters
 
 
+def _check_fits(states: Dict[int, object], params: Sequence[mx.gluon.Parameter],
+                path: str) -> None:
+    """Every state belongs to a parameter of the trainer and has its shape (MXNet's built-in
+    optimizers keep per-parameter arrays of the weight's shape); ValueError naming `path`."""
+    def arrays(state):
+        if isinstance(state, (tuple, list)):
+            return [a for s in state for a in arrays(s)]
+        return [] if state is None else [state]
+
+    for index, state in sorted(states.items()):
+        if not 0 <= index < len(params):
+            raise ValueError(f"{path}: holds a state of parameter {index}, but the model trains "
+                             f"{len(params)} parameters: the file belongs to another model")
+        for array in arrays(state):
+            if tuple(array.shape) != tuple(params[index].shape):
+                raise ValueError(
+                    f"{path}: the state of parameter {index} ({params[index].name}) has shape "
+                    f"{tuple(array.shape)}, the parameter {tuple(params[index].shape)}: the file "
+                    f"belongs to another model")
+
+
 def _on_cpu(state):
     if isinstance(state, (tuple, list)):
         return type(state)(_on_cpu(s) for s in state)
@@ -337,6 +358,7 @@ def load_states(trainer: mx.gluon.Trainer, path: str) -> None:
     update_on_kvstore."""
     states, optimizer = read_states(path)
     updaters = _updaters(trainer)
+    _check_fits(states, trainer._params, path)
     if optimizer is None:   # a states-only file: the trainer's optimizer stays
         optimizer = updaters[0].optimizer
     else:

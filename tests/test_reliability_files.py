@@ -155,6 +155,25 @@ def test_states_of_wrong_content_are_named(tmp_path):
         read_states(path)
 
 
+def test_states_of_another_model_are_named(tmp_path):
+    net, trainer = small_trainer([mx.cpu()], None)
+    sgd_step(net, trainer, [mx.cpu()], 0)
+    path = str(tmp_path / "small.states")
+    save_states(trainer, path)
+    other = gluon.nn.Dense(5, in_units=3)   # the first layer alone
+    other.initialize()
+    with pytest.raises(ValueError, match=rf"{path}: holds a state of parameter 2, but the model "
+                                         r"trains 2 parameters"):
+        load_states(gluon.Trainer(other.collect_params(), "sgd"), path)
+    wider = gluon.nn.HybridSequential()
+    wider.add(gluon.nn.Dense(6, in_units=3), gluon.nn.Dense(2, in_units=6))
+    wider.initialize()
+    with pytest.raises(ValueError, match=rf"{path}: the state of parameter 0 \(\w+\) has shape "
+                                         r"\(5,( 3)?\), the parameter \(6,( 3)?\): the file "
+                                         r"belongs to another model"):
+        load_states(gluon.Trainer(wider.collect_params(), "sgd"), path)
+
+
 def test_release_states_only_files_are_read(tmp_path):
     """The release's Module writes the states dict alone (no optimizer): still accepted."""
     path = str(tmp_path / "release.states")
