@@ -1,6 +1,6 @@
 """Reliability, round 2 (issue #21 items 1-4 and 11's checkpoint part, issue #25 item 1): what a
 stage loads (optimizer states: restricted and device-free; non-finite weights and scores), what
-it deletes (--overwrite), who writes a folder (locks) and checkpoints that are complete or absent."""
+it deletes (--overwrite), who writes a folder (locks), checkpoints that are complete or absent."""
 import dataclasses
 import errno
 import json
