@@ -6,15 +6,19 @@ except BatchNorm's statistics, which Gluon calls running_* and the release movin
 """
 from __future__ import annotations
 
+import copy
+import importlib
+import io
 import logging
 import os
+import pickle
 import re
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 import mxnet as mx
 import numpy as np
 
-from .io import atomic_path
+from .io import atomic_path, require_finite
 
 log = logging.getLogger(__name__)
 INPUT_SCALE = 64.0  # rough std of RGB - 127 inputs; see random_imagenet_params
@@ -118,8 +122,9 @@ def assign(net: mx.gluon.Block, values: Dict[str, mx.nd.NDArray], source: str,
 
 def load_checkpoint(net: mx.gluon.Block, path: str,
                     contexts: Optional[Sequence[mx.Context]] = None) -> None:
-    """Load a full checkpoint (ours or the release's `vgg16_icd-0019.params`) into `net`."""
-    assign(net, read_params(path), path, contexts)
+    """Load a full checkpoint (ours or the release's `vgg16_icd-0019.params`) into `net`;
+    NaN or infinite values are refused (`require_finite_params`)."""
+    assign(net, require_finite_params(read_params(path), path), path, contexts)
 
 
 def is_imagenet_key(key: str) -> bool:
@@ -213,3 +218,156 @@ def initialize(net: mx.gluon.Block, contexts: Sequence[mx.Context],
     for key in drawn:
         params[key].set_data(mx.nd.random.normal(0, 0.01, shape=params[key].shape))
     log.info("%s: initialised from N(0, 0.01): %s", source, ", ".join(drawn))
+
+
+def require_finite_params(values: Dict[str, mx.nd.NDArray], source: str
+                          ) -> Dict[str, mx.nd.NDArray]:
+    """`values`, after checking every tensor is finite; ValueError naming `source` and the first
+    tensor (in key order) with NaN or infinite values (a diverged run's checkpoint)."""
+    for key in sorted(values):
+        require_finite(values[key].asnumpy(), f"{source}: tensor {key}")
+    return values
+
+
+# Optimizer states (`.states`). MXNet writes them with pickle (`Updater.get_states`:
+# `pickle.dumps((states, optimizer))`), and unpickling runs whatever a file names, so they are
+# read with an unpickler that admits only what MXNet's own states contain: NDArrays
+# (`NDArray.__reduce__`: NDArray(None) + its raw bytes), numpy arrays and scalars, the optimizer
+# and its LR scheduler (mxnet.optimizer / mxnet.lr_scheduler classes, plain attributes),
+# numbers, strings, tuples, lists, dicts and None. They are written device-free: every array on
+# mx.cpu(), so that a run saved on devices (GPUs, cpu(1), ...) resumes on any other list.
+_STATE_GLOBALS = {("mxnet.ndarray.ndarray", "NDArray"), ("builtins", "bytearray"),
+                  ("numpy", "ndarray"), ("numpy", "dtype"),
+                  ("numpy.core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
+                  ("numpy._core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "scalar")}
+_STATE_BASES = {"mxnet.optimizer.optimizer": mx.optimizer.Optimizer,
+                "mxnet.lr_scheduler": mx.lr_scheduler.LRScheduler}
+
+
+class _StatesUnpickler(pickle.Unpickler):
+    """Resolves only the globals of MXNet's optimizer states (see above); others are refused."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in _STATE_GLOBALS:
+            return getattr(importlib.import_module(module), name)
+        base = _STATE_BASES.get(module)
+        if base is not None:
+            found = getattr(importlib.import_module(module), name, None)
+            if isinstance(found, type) and issubclass(found, base):
+                return found
+        raise pickle.UnpicklingError(f"refused to load {module}.{name}: not part of MXNet's "
+                                     f"optimizer states")
+
+
+def _check_state(value, where: str) -> None:
+    """An optimizer state is an NDArray, None, or a tuple / list of states (MXNet's)."""
+    if isinstance(value, (tuple, list)):
+        for item in value:
+            _check_state(item, where)
+    elif isinstance(value, mx.nd.NDArray):
+        if value.handle is None:
+            raise ValueError(f"{where}: an NDArray without data")
+    elif value is not None:
+        raise ValueError(f"{where}: a {type(value).__name__}, not an NDArray")
+
+
+def read_states(path: str) -> Tuple[Dict[int, object], Optional[mx.optimizer.Optimizer]]:
+    """(states, optimizer) of an optimizer-state file, through the restricted unpickler: states
+    is {parameter index: NDArray / tuple of NDArrays / None}; optimizer is None for files that
+    hold states only (the release's Module writes those). ValueError naming `path` for anything
+    else; nothing a file names is ever run."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: optimizer-state file not found")
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        loaded = _StatesUnpickler(io.BytesIO(data)).load()
+    except Exception as e:   # unpickling raises anything; MXNet's raw bytes MXNetError
+        reason = str(e).strip().splitlines()[-1] if str(e).strip() else ""
+        raise ValueError(f"{path}: not a readable optimizer-state file ({type(e).__name__}: "
+                         f"{reason})") from None
+    states, optimizer = loaded if isinstance(loaded, tuple) and len(loaded) == 2 \
+        else (loaded, None)
+    if not isinstance(states, dict) or not all(isinstance(k, int) for k in states):
+        raise ValueError(f"{path}: not an optimizer-state file (expected a dict of parameter "
+                         f"index -> state, got {type(states).__name__})")
+    if optimizer is not None and not isinstance(optimizer, mx.optimizer.Optimizer):
+        raise ValueError(f"{path}: not an optimizer-state file (its optimizer is a "
+                         f"{type(optimizer).__name__})")
+    for index, state in states.items():
+        _check_state(state, f"{path}: state of parameter {index}")
+    return states, optimizer
+
+
+def _updaters(trainer: mx.gluon.Trainer) -> list:
+    """The updaters that hold `trainer`'s optimizer states, after Gluon's lazy set-up: the
+    kvstore's one with update_on_kvstore (kvstore=device, several devices), else one per device
+    (equal states: each applies the same summed gradient)."""
+    if not trainer._kv_initialized:
+        trainer._init_kvstore()
+    if trainer._params_to_init:
+        trainer._init_params()
+    return [trainer._kvstore._updater] if trainer._update_on_kvstore else trainer._updaters
+
+
+def _check_fits(states: Dict[int, object], params: Sequence[mx.gluon.Parameter],
+                path: str) -> None:
+    """Every state belongs to a parameter of the trainer and has its shape (MXNet's built-in
+    optimizers keep per-parameter arrays of the weight's shape); ValueError naming `path`."""
+    def arrays(state):
+        if isinstance(state, (tuple, list)):
+            return [a for s in state for a in arrays(s)]
+        return [] if state is None else [state]
+
+    for index, state in sorted(states.items()):
+        if not 0 <= index < len(params):
+            raise ValueError(f"{path}: holds a state of parameter {index}, but the model trains "
+                             f"{len(params)} parameters: the file belongs to another model")
+        for array in arrays(state):
+            if tuple(array.shape) != tuple(params[index].shape):
+                raise ValueError(
+                    f"{path}: the state of parameter {index} ({params[index].name}) has shape "
+                    f"{tuple(array.shape)}, the parameter {tuple(params[index].shape)}: the file "
+                    f"belongs to another model")
+
+
+def _on_cpu(state):
+    if isinstance(state, (tuple, list)):
+        return type(state)(_on_cpu(s) for s in state)
+    return state.copyto(mx.cpu()) if isinstance(state, mx.nd.NDArray) else state
+
+
+def save_states(trainer: mx.gluon.Trainer, path: str) -> None:
+    """Write `trainer`'s optimizer states as `Trainer.save_states` does ((states, optimizer)
+    pickled), but device-free: every array on mx.cpu() and the optimizer's per-device update
+    counts kept for one device; atomically."""
+    updater = _updaters(trainer)[0]
+    states = {index: _on_cpu(state) for index, state in updater.states.items()}
+    optimizer = copy.copy(updater.optimizer)   # its __getstate__ leaves param_dict out
+    counts = dict(optimizer._index_update_count)
+    optimizer._all_index_update_counts = {0: counts}
+    optimizer._index_update_count = counts
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        pickle.dump((states, optimizer), f)
+
+
+def load_states(trainer: mx.gluon.Trainer, path: str) -> None:
+    """Start `trainer` from the optimizer states of `path` (`read_states`: restricted, checked)
+    on its own devices, whatever devices wrote them: each updater gets its own copy, which MXNet
+    moves to the weight's device at the first update (`Updater.sync_state_context`), also with
+    update_on_kvstore."""
+    states, optimizer = read_states(path)
+    updaters = _updaters(trainer)
+    _check_fits(states, trainer._params, path)
+    if optimizer is None:   # a states-only file: the trainer's optimizer stays
+        optimizer = updaters[0].optimizer
+    else:
+        counts = optimizer._index_update_count
+        devices = {ctx.device_id for ctx in trainer._contexts} | {0}
+        optimizer._all_index_update_counts = {d: dict(counts) for d in devices}
+    for updater in updaters:
+        updater.states = {index: _on_cpu(state) for index, state in states.items()}
+        updater.states_synced = dict.fromkeys(updater.states, False)
+        updater.optimizer = optimizer
+    trainer._optimizer = optimizer
+    optimizer.param_dict = dict(enumerate(trainer._params))

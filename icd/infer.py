@@ -29,7 +29,7 @@ from .checkpoint import load_checkpoint
 from .config import Config
 from .data.dataset import infer_loader
 from .data.transforms import infer_window
-from .io import atomic_path
+from .io import atomic_path, require_finite
 from .model import build_model
 from .data.voc import write_image
 from .devices import split_batch
@@ -107,6 +107,7 @@ def _write_scores(net, loader, names: List[str], out_dir: str, contexts: Sequenc
             present = np.flatnonzero(labels[j])
             for key, array in merged.items():
                 path = os.path.join(out_dir, OUTPUT_FOLDERS[key], name + ".npy")
+                require_finite(array[j, present], f"{path}: scores of {name}")
                 with atomic_path(path) as tmp:
                     np.save(tmp, array[j, present].astype(np.float32))
             image = data[j].asnumpy().transpose(1, 2, 0)[:h, :w]

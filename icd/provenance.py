@@ -10,7 +10,8 @@ the folder holds only what a segmentation trainer or the release's tools expect)
 `producing` writes it: "running" before the first file, "complete" or "failed" at the end (a
 killed run stays "running"). A run with the settings of the record continues in the folder
 (resumable stages keep their files); a run with other settings, or into a folder of files without
-a record, refuses unless `overwrite`, which clears the folder's files first. `require_complete`
+a record, refuses unless `overwrite`, which clears the folder first: only the files the stage
+itself writes there (`STAGE_OUTPUTS`: its extensions; other files stay). `require_complete`
 is what a reading stage calls: a running or failed record is an error naming the folder; a folder
 without a record (e.g. the release's files) is accepted with a warning, as nothing can be checked.
 
@@ -21,6 +22,11 @@ counts as running); their notes are merged. A run's records replace those of ano
 unsharded run removes the shard records; a shard of N removes the unsharded record and shard
 records of another N). `overwrite` is refused for a shard (it would clear the others' files),
 and a shard leaves the folder's temporaries alone (they may be another shard's writes).
+
+Two runs never write a folder at once: `producing` holds an OS advisory lock on
+`<folder>.provenance.lock` (`<folder>.provenance.shard-I-of-N.lock` for a shard) for the run
+(icd.io.exclusive_lock: a second run refuses naming the first, a stale lock is taken over). A
+folder that is a symbolic link out of its parent's tree is refused, never written or cleared.
 """
 from __future__ import annotations
 
@@ -34,10 +40,13 @@ import socket
 import time
 from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
-from .io import read_json, remove_stale_temporaries, write_json
+from .io import exclusive_lock, read_json, remove_stale_temporaries, write_json
 
 log = logging.getLogger(__name__)
 RECORD_SUFFIX = ".provenance.json"
+# the extensions of the files each stage writes into its folders: what `overwrite` clears
+STAGE_OUTPUTS = {"infer": (".npy",), "seeds": (".png",)}
+DEFAULT_OUTPUTS = (".npy", ".png", ".jpg")   # a stage not listed: per-image results
 
 
 class ProvenanceError(ValueError):
@@ -109,11 +118,25 @@ def read_record(folder: str) -> Optional[dict]:
     return merged
 
 
-def _result_files(folder: str) -> List[str]:
+def _result_files(folder: str, stage: str) -> List[str]:
+    """The files of `folder` that `stage` writes (by extension, `STAGE_OUTPUTS`)."""
     if not os.path.isdir(folder):
         return []
+    extensions = STAGE_OUTPUTS.get(stage, DEFAULT_OUTPUTS)
     return sorted(os.path.join(folder, name) for name in os.listdir(folder)
-                  if os.path.isfile(os.path.join(folder, name)))
+                  if name.endswith(extensions) and os.path.isfile(os.path.join(folder, name)))
+
+
+def _check_not_linked_out(folder: str) -> None:
+    """ProvenanceError when `folder` is a symbolic link leading out of its parent folder's tree
+    (e.g. `results/scores_icd` -> a user's folder): a stage never writes or clears there."""
+    parent = os.path.realpath(os.path.dirname(os.path.abspath(folder)))
+    target = os.path.realpath(folder)
+    if os.path.islink(os.path.normpath(folder)) and \
+            os.path.commonpath([parent, target]) != parent:
+        raise ProvenanceError(
+            f"{folder}: is a symbolic link to {target}, outside {parent}; refusing to write or "
+            f"clear results there. Remove the link or pass the folder itself")
 
 
 def _differences(old: Mapping[str, object], new: Mapping[str, object]) -> str:
@@ -125,7 +148,7 @@ def _claim(folder: str, stage: str, settings: Mapping[str, object], overwrite: b
     """Check that `stage` with `settings` may write `folder` (its merged record); clear it if
     `overwrite` must."""
     record = read_record(folder)
-    files = _result_files(folder)
+    files = _result_files(folder, stage)
     same = record is not None and record.get("fingerprint") == fingerprint(settings)
     if same and not overwrite:
         return record
@@ -142,8 +165,13 @@ def _claim(folder: str, stage: str, settings: Mapping[str, object], overwrite: b
     for path in files:
         os.remove(path)
     if files:
-        log.info("%s: removed %d files of an earlier run", folder, len(files))
+        log.info("%s: removed %d %s files of an earlier run", folder, len(files), stage)
     return {}
+
+
+def lock_path(folder: str, shard: Tuple[int, int] = (0, 1)) -> str:
+    """The lock file beside `folder` (of shard (I, N)): its record's name ending in .lock."""
+    return record_path(folder, shard)[:-len(".json")] + ".lock"
 
 
 @contextlib.contextmanager
@@ -162,6 +190,18 @@ def producing(folders: Sequence[str], stage: str, settings: Mapping[str, object]
             f"the files the other shards write; clear the folder first (an unsharded run with "
             f"--overwrite, or by hand), then start every shard without --overwrite")
     settings = json.loads(json.dumps(dict(settings)))   # what the record will read back
+    with contextlib.ExitStack() as locks:
+        for folder in folders:
+            _check_not_linked_out(folder)
+            locks.enter_context(exclusive_lock(lock_path(folder, shard), folder))
+        with _produce(folders, stage, settings, overwrite, shard) as notes:
+            yield notes
+
+
+@contextlib.contextmanager
+def _produce(folders: Sequence[str], stage: str, settings: dict, overwrite: bool,
+             shard: Tuple[int, int]) -> Iterator[dict]:
+    """`producing` once its folders are locked."""
     earlier = [_claim(folder, stage, settings, overwrite) for folder in folders]
     notes: dict = {}
     for record in earlier:       # a continued run keeps what the earlier one noted

@@ -31,6 +31,7 @@ from .data.voc import IGNORE_LABEL, NUM_CLASSES, VOC_CLASSES, read_image, read_i
     read_list, write_mask
 from .data.transforms import INFER_SIZE
 from .devices import shard_names
+from .io import require_finite
 from .provenance import producing, read_record, score_infer_size
 
 EPS = 1e-5                # release: every normaliser floor, proposal and tie tolerance
@@ -227,6 +228,7 @@ def load_scores(path: str, labels: Sequence[int]) -> np.ndarray:
     if scores.shape[0] != len(labels):
         raise ValueError(f"{path}: first dimension {scores.shape[0]} differs from the "
                          f"{len(labels)} present classes {list(labels)}")
+    require_finite(scores, f"{path}: scores")   # a diverged model's: all-background seeds
     return scores.astype(np.float32, copy=False)
 
 

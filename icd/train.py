@@ -53,14 +53,15 @@ from mxnet import autograd, gluon
 from tqdm import tqdm
 
 from . import distributed as dist
-from .checkpoint import initialize, load_checkpoint, save_checkpoint
+from .checkpoint import initialize, load_checkpoint, load_states, save_checkpoint, save_states
 from .devices import parse_devices, split_batch
 from .config import Config
 from .data.dataset import TrainLoader, train_loader
 from .data.segmentation import segmentation_loader
 from .data.voc import IGNORE_LABEL, write_image
 from .evaluate import overlay
-from .io import atomic_path, deferred_interrupt, read_json, remove_stale_temporaries, write_json
+from .io import (deferred_interrupt, exclusive_lock, read_json, remove_stale_temporaries,
+                 write_json)
 from .model import ICDNet, ResNet101LargeFOV, build_model, ops
 from .model.losses import nearest_label, segmentation_loss, top_down_warmup
 from .provenance import require_complete
@@ -107,6 +108,21 @@ def checkpoint_files(cfg: Config) -> Dict[int, List[str]]:
     return found
 
 
+def complete_checkpoints(cfg: Config) -> List[int]:
+    """The epochs of cfg.snapshot whose checkpoint can be resumed: .params and .states present
+    (the loop writes .states and the run record first and the .params last, each atomically, so
+    a run killed between them leaves no .params; the release's checkpoints have no run record)."""
+    return sorted(epoch for epoch, paths in checkpoint_files(cfg).items()
+                  if {checkpoint_path(cfg, epoch, s) for s in ("params", "states")} <= set(paths))
+
+
+def last_complete_epoch(cfg: Config) -> Optional[int]:
+    """The epoch of the newest resumable checkpoint (`complete_checkpoints`), None without one:
+    `--begin-epoch last_complete_epoch + 1` resumes the run."""
+    epochs = complete_checkpoints(cfg)
+    return epochs[-1] if epochs else None
+
+
 def read_run_record(cfg: Config, epoch: int) -> Optional[dict]:
     """The run record of checkpoint `epoch`, or None for a checkpoint without one (the release's)."""
     path = checkpoint_path(cfg, epoch, "json")
@@ -119,7 +135,9 @@ def rotate_checkpoints(cfg: Config, run: str) -> None:
     ours = sorted(epoch for epoch in checkpoint_files(cfg)
                   if (read_run_record(cfg, epoch) or {}).get("run") == run)
     for epoch in ours[:-cfg.num_save] if cfg.num_save > 0 else []:
-        for suffix in CHECKPOINT_SUFFIXES[::-1]:   # the run record last: it names the owner
+        # the .params first (the checkpoint stops being resumable), the run record last: it
+        # names the owner
+        for suffix in ("params", "states", "json"):
             with contextlib.suppress(FileNotFoundError):
                 os.remove(checkpoint_path(cfg, epoch, suffix))
 
@@ -193,19 +211,28 @@ def start_run(cfg: Config) -> Dict[str, object]:
     for folder in (cfg.snapshot, os.path.join(cfg.snapshot, "demo")):
         for path in remove_stale_temporaries(folder, prefix=f"{cfg.model}-"):
             log.info("%s: removed the temporary file of an interrupted write", path)
+    complete = complete_checkpoints(cfg)
+    # the files of a checkpoint a killed run did not finish (no .params: see
+    # complete_checkpoints); this run holds the folder's lock, so no other run is writing them
+    unfinished = [e for e in checkpoint_files(cfg) if not os.path.isfile(checkpoint_path(cfg, e))]
+    for epoch in unfinished:
+        log.info("%s: removing the files of a checkpoint whose writing was interrupted",
+                 checkpoint_path(cfg, epoch, "states"))
+    _remove_run_files(cfg, unfinished)
     files = checkpoint_files(cfg)
     later = sorted(e for e in files if e >= cfg.begin_epoch)
     if later and not cfg.overwrite:
         names = ", ".join(os.path.basename(p) for e in later for p in files[e])
+        resume = f"Resume with --begin-epoch {complete[-1] + 1}, " if complete else ""
         if cfg.begin_epoch == 0:
             raise FileExistsError(
                 f"{cfg.snapshot}: holds checkpoints of {cfg.model} ({names}); a new run would "
-                f"mix with them. Resume with --begin-epoch {later[-1] + 1}, choose another "
-                f"--snapshot, or pass --overwrite to delete them")
+                f"mix with them. {resume}choose another --snapshot, or pass --overwrite to "
+                f"delete them")
         raise FileExistsError(
             f"{cfg.snapshot}: holds checkpoints of {cfg.model} after epoch {cfg.begin_epoch - 1} "
-            f"({names}); resuming at epoch {cfg.begin_epoch} would overwrite them. Resume with "
-            f"--begin-epoch {later[-1] + 1}, or pass --overwrite to delete them")
+            f"({names}); resuming at epoch {cfg.begin_epoch} would overwrite them. {resume}or "
+            f"pass --overwrite to delete them")
     _remove_run_files(cfg, later)
     if cfg.begin_epoch == 0:
         with contextlib.suppress(FileNotFoundError):
@@ -553,8 +580,17 @@ def train(cfg: Config) -> Dict[str, object]:
     task = task_for(cfg)
     contexts = parse_devices(cfg.gpus, cfg.cpus)
     workers = dist.Workers(cfg.kvstore)
-    with dist.failures_end_the_process(workers, EXIT_STATUSES):
+    with dist.failures_end_the_process(workers, EXIT_STATUSES), \
+            snapshot_lock(cfg) if workers.rank == 0 else contextlib.nullcontext():
         return _train(cfg, task, contexts, workers)
+
+
+def snapshot_lock(cfg: Config):
+    """The lock of cfg.model's checkpoints in cfg.snapshot (`<model>.lock` there), held for the
+    training run's lifetime (icd.io.exclusive_lock): a second run of the model into the folder
+    refuses, naming the running one. Rank 0 alone holds it: it alone writes the folder."""
+    return exclusive_lock(os.path.join(cfg.snapshot, f"{cfg.model}.lock"),
+                          f"{cfg.snapshot} ({cfg.model})")
 
 
 def _train(cfg: Config, task: Task, contexts: List[mx.Context],
@@ -583,10 +619,7 @@ def _train(cfg: Config, task: Task, contexts: List[mx.Context],
     trainer = make_trainer(net, cfg.learning_rate, cfg.momentum, cfg.wd, cfg.optimizer,
                            workers.trainer_kvstore)
     if cfg.begin_epoch > 0:
-        states = checkpoint_path(cfg, cfg.begin_epoch - 1, "states")
-        if not os.path.isfile(states):
-            raise FileNotFoundError(f"{states}: optimizer states of the resumed epoch not found")
-        trainer.load_states(states)
+        load_states(trainer, checkpoint_path(cfg, cfg.begin_epoch - 1, "states"))
     saved_epoch = cfg.begin_epoch - 1
     epoch = cfg.begin_epoch
     try:
@@ -640,18 +673,19 @@ def _train(cfg: Config, task: Task, contexts: List[mx.Context],
                 # collective with several workers: every device's states, their average
                 states = dist.all_device_states(workers, device_states(net)) \
                     if num_devices > 1 else None
-                if workers.num_workers == 1:
-                    save_checkpoint(net, checkpoint_path(cfg, epoch))
-                else:
-                    dist.save_checkpoint(workers, net, checkpoint_path(cfg, epoch))
-                if workers.rank == 0:
-                    with atomic_path(checkpoint_path(cfg, epoch, "states")) as tmp:
-                        trainer.save_states(tmp)
+                if workers.rank == 0:   # .states and run record first, .params last: a
+                    # checkpoint is complete or not resumable (complete_checkpoints)
+                    save_states(trainer, checkpoint_path(cfg, epoch, "states"))
                     write_json(checkpoint_path(cfg, epoch, "json"), dict(
                         run=run["run"], epoch=epoch, seed=cfg.seed,
                         generators="reseeded at each epoch start from (seed, epoch)",
                         **task.run_record(), device_states=states,
                         config=dataclasses.asdict(cfg)))
+                if workers.num_workers == 1:
+                    save_checkpoint(net, checkpoint_path(cfg, epoch))
+                else:
+                    dist.save_checkpoint(workers, net, checkpoint_path(cfg, epoch))
+                if workers.rank == 0:
                     rotate_checkpoints(cfg, run["run"])
                     write_json(_log_path(cfg), records)
                 saved_epoch = epoch

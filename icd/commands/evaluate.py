@@ -14,6 +14,8 @@ from typing import Optional, Sequence
 
 from ..data.classes import read_classes
 from ..evaluate import THRESHOLDS, evaluate
+from ..io import exclusive_lock
+from ..provenance import lock_path
 from .runner import Parser, add_classes_argument, fraction, non_negative_int, positive_int, run
 
 
@@ -52,11 +54,13 @@ def _evaluate(args: argparse.Namespace) -> int:
     if len(set(args.thresholds)) != len(args.thresholds):
         raise ValueError(f"--thresholds: repeated values in {args.thresholds}")
     out = args.out or os.path.join(args.results, "eval")
-    evaluate(args.results, args.gt_root, args.data_list, seed_dirs=args.seeds,
-             annotation_root=args.annotation_root, image_root=args.image_root, out_dir=out,
-             infer_size=args.infer_size, thresholds=args.thresholds,
-             folders={"cam": args.cam_scores, "icd": args.icd_scores}, workers=args.workers,
-             num_overlays=args.overlays, classes=read_classes(args.classes))
+    with exclusive_lock(lock_path(out), out):   # one evaluation writes a report folder at a time
+        evaluate(args.results, args.gt_root, args.data_list, seed_dirs=args.seeds,
+                 annotation_root=args.annotation_root, image_root=args.image_root, out_dir=out,
+                 infer_size=args.infer_size, thresholds=args.thresholds,
+                 folders={"cam": args.cam_scores, "icd": args.icd_scores},
+                 workers=args.workers, num_overlays=args.overlays,
+                 classes=read_classes(args.classes))
     with open(os.path.join(out, "eval.md"), encoding="utf-8") as f:
         print(f.read())
     return 0

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import pickle
 from typing import Optional, Sequence
 
+from ..checkpoint import read_states
 from ..config import Config
 from ..train import EXIT_STATUSES, TrainingDiverged, checkpoint_path, train
 from .options import add_config_arguments, config_from, devices_for
@@ -31,20 +31,16 @@ def build_parser() -> Parser:
 
 
 def check_resume(cfg: Config) -> None:
-    """The checkpoint pair a resumed run starts from exists and its .states unpickles, so a bad
-    file is named before anything is built."""
+    """The checkpoint pair a resumed run starts from exists and its .states passes the
+    restricted reader (icd.checkpoint.read_states: nothing in it is run), so a bad file is named
+    before anything is built."""
     epoch = cfg.begin_epoch - 1
     params, states = checkpoint_path(cfg, epoch), checkpoint_path(cfg, epoch, "states")
     for path in (params, states):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: checkpoint of epoch {epoch} to resume from "
                                     f"(--begin-epoch {cfg.begin_epoch}) not found")
-    try:
-        with open(states, "rb") as f:
-            pickle.load(f)
-    except Exception as e:
-        raise ValueError(f"{states}: not a readable optimizer-state file "
-                         f"({type(e).__name__}: {e})") from None
+    read_states(states)
 
 
 def _train(args: argparse.Namespace) -> int:
