@@ -200,8 +200,8 @@ def read_config_file(path: str, _including: Tuple[str, ...] = ()) -> Dict[str, A
     if base:
         base_path = os.path.join(os.path.dirname(path), base)
         if os.path.realpath(base_path) in including:
-            raise ValueError(f"{path}: base {base!r} includes {path} again (a cycle of base: "
-                             f"keys); a file cannot be its own base")
+            raise ValueError(f"{path}: base {base!r} includes {os.path.normpath(base_path)} "
+                             f"again (a cycle of base: keys); a file cannot be its own base")
         values = read_config_file(base_path, including)
     for key, value in loaded.items():
         name = str(key).replace("-", "_")
