@@ -74,6 +74,29 @@ def bench_merge(image: np.ndarray, features: str, repeats: int) -> dict:
                                                      results["recompute_all"])))
 
 
+def bench_sizes(image: np.ndarray, sizes: List[str]) -> List[dict]:
+    """One run of each step at each size "WxH" of `image` (a large one takes minutes)."""
+    rows = []
+    for size in sizes:
+        w, h = (int(v) for v in size.lower().split("x"))
+        scaled = cv2.resize(image, (w, h), interpolation=cv2.INTER_CUBIC)
+        seconds = {}
+        start = time.perf_counter()
+        labels = initial_regions(scaled)
+        seconds["felzenszwalb"] = time.perf_counter() - start
+        start = time.perf_counter()
+        means, counts = region_means(labels, colour_position_features(scaled))
+        seconds["features_and_means"] = time.perf_counter() - start
+        start = time.perf_counter()
+        greedy_merge(means, counts)
+        seconds["merge"] = time.perf_counter() - start
+        rows.append(dict(size=size, pixels=w * h, regions=int(labels.max()) + 1, seconds=seconds))
+    for row in rows:
+        row["pixels_ratio"] = row["pixels"] / rows[0]["pixels"]
+        row["seconds_ratio"] = {k: v / rows[0]["seconds"][k] for k, v in row["seconds"].items()}
+    return rows
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -84,6 +107,9 @@ def main(argv=None) -> dict:
                         help="merge features; colour: 5-D colour+position; random512: 512-D "
                         "like conv5_3")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--sizes", nargs="*", default=["500x375", "1000x750", "2000x1500"],
+                        metavar="WxH", help="image sizes of part 3 (e.g. add 6000x4000: "
+                        "minutes; nothing to skip it)")
     parser.add_argument("--out", default="bench_superpixels.json")
     args = parser.parse_args(argv)
     images = load_images(args.images)
@@ -97,6 +123,12 @@ def main(argv=None) -> dict:
         print(f"felzenszwalb {row['image']}: {row['regions']} regions, ours "
               f"{row['ours_seconds'] * 1e3:.1f} ms, scikit-image {row['skimage_seconds'] * 1e3:.1f}"
               f" ms ({row['skimage_over_ours']:.2f}x)")
+    report["by_size"] = bench_sizes(images[0][1], args.sizes)
+    for row in report["by_size"]:
+        print(f"{row['size']}: {row['regions']} regions, "
+              + ", ".join(f"{k} {v:.2f} s ({row['seconds_ratio'][k]:.1f}x)"
+                          for k, v in row["seconds"].items())
+              + f"; pixels {row['pixels_ratio']:.0f}x")
     merge = report["merge"]
     print(f"merge {merge['initial_regions']} -> 64 regions: incremental "
           f"{merge['median_seconds']['incremental'] * 1e3:.1f} ms, recompute all "
