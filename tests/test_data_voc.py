@@ -128,14 +128,15 @@ def test_a_list_is_a_set_of_ids_checked_whole(tmp_path):
     """Release forms are read; anything a stage could not round-trip is one error naming the
     list file and its line, before any image is read."""
     good = tmp_path / "good.txt"
-    good.write_bytes("\ufeffa\r\n\n/JPEGImages/b.jpg /SegmentationClassAug/b.png\nc.jpg\n"
+    good.write_bytes("\ufeffa\r\n\n/JPEGImages/b.jpg /SegmentationClassAug/b.png\nc.jpg 3 7\n"
                      "d_é-1\n".encode("utf-8"))
     assert voc.read_list(str(good)) == ["a", "b", "c", "d_é-1"]
     cases = {
         b"a\n\xff\xfeb\n": r"line 2: not UTF-8 text \(byte 0xff at column 1\)",
         b"a\n# the train split\nb\n": r"line 2: '# the train split' looks like a comment",
-        b"a\nmy image.jpg\n": r"line 2: 'my image.jpg' is not one image name",
-        b"a\nb.jpg c.png\n": r"line 2: 'b.jpg c.png' is not one image name",
+        b"a\nmy image.jpg\n": r"line 2: 'my image.jpg' names another file after 'my': a name "
+                             r"with whitespace inside",
+        b"a\nb.jpg c.png\n": r"line 2: 'b.jpg c.png' names another file after 'b'",
         b"a\nb\x07c\n": r"line 2: image name 'b\\x07c' holds the control or blank character "
                         r"U\+0007",
         b"a\nb\\c\n": r"line 2: image name 'b\\\\c' holds the path separator",

@@ -27,17 +27,20 @@ from .classes import IGNORE_LABEL, VOC_CLASSES, voc_palette  # noqa: F401 (VOC's
 NUM_CLASSES = len(VOC_CLASSES)
 
 
+LIST_FILE_EXTENSIONS = (".jpg", ".jpeg", ".png")   # columns of a list naming image or mask files
+
+
 def read_list(path: str) -> List[str]:
     """Image names of a list file (`train_aug.txt` style), checked whole before any stage runs.
 
     A list is a set of image ids. Each non-blank line is a name (``2007_000032``) or the release's
     pair ``/JPEGImages/x.jpg /SegmentationClassAug/x.png``, which gives ``x``: the base name of
-    the first token without its extension. A UTF-8 byte-order mark (written by some Windows
-    editors) is not part of the first name. Everything else is an error naming the list file and
-    the line, before any image is read: text that is not UTF-8, a comment line (``#``), more
-    tokens than the pair or a pair of two different images (whitespace inside a name: the other
-    stages would split it), a name a stage cannot write back as ``<name>.png`` (`name_problem`),
-    and a name listed twice.
+    the first token without its extension; further columns are ignored. A UTF-8 byte-order mark
+    (written by some Windows editors) is not part of the first name. An error names the list
+    file and the line, before any image is read, for: text that is not UTF-8, a comment line
+    (``#``), a later column naming an image or mask file of another name (``my photo.jpg``: a
+    name with whitespace inside, which the stages would split), a name a stage cannot write back
+    as ``<name>.png`` (`name_problem`), and a name listed twice.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: data list not found")
@@ -59,11 +62,12 @@ def read_list(path: str) -> List[str]:
         if tokens[0].startswith("#"):
             raise ValueError(f"{where}: {line.strip()!r} looks like a comment; a list holds image "
                              f"names only, remove the line")
-        bases = [os.path.splitext(os.path.basename(token))[0] for token in tokens]
-        if len(tokens) > 2 or len(set(bases)) > 1:
-            raise ValueError(f"{where}: {line.strip()!r} is not one image name (a name with "
-                             f"whitespace inside, or more than the pair 'image mask' of one image)")
-        name = bases[0]
+        name = os.path.splitext(os.path.basename(tokens[0]))[0]
+        if any(os.path.splitext(token)[1].lower() in LIST_FILE_EXTENSIONS
+               and os.path.splitext(os.path.basename(token))[0] != name for token in tokens[1:]):
+            raise ValueError(f"{where}: {line.strip()!r} names another file after {name!r}: a "
+                             f"name with whitespace inside (the stages split at whitespace), or "
+                             f"an 'image mask' pair of two images")
         problem = name_problem(name)
         if problem:
             raise ValueError(f"{where}: image name {name!r} {problem}")
