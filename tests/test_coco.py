@@ -243,3 +243,20 @@ def test_a_missing_image_field_names_the_image(tmp_path, capsys):
                  "instances_train2014.json", "--out", str(tmp_path / "voc")]) == 1
     assert f"error: {path}: image 1: 'height' must be a positive integer, got None" in \
         capsys.readouterr().err
+
+
+def test_a_name_another_split_holds_for_another_image_is_refused(tmp_path):
+    """Two splits converted into one folder: a name of the second that the first already holds
+    for another image would keep (resume) the first's files; refused, naming the mapping."""
+    coco_with(tmp_path / "coco", [(1, "x.jpg", 4, 4)])
+    out = tmp_path / "voc"
+    coco_to_voc(str(tmp_path / "coco"), "instances_train2014.json", str(out))
+    other = tmp_path / "other"
+    coco_with(other, [(1, "x.jpg", 6, 6)])
+    with pytest.raises(ValueError, match=rf"{out / 'coco_images_train.json'}: 'x' is already "
+                                         rf"image .*coco/train2014/x.jpg of split train"):
+        coco_to_voc(str(other), "instances_train2014.json", str(out), split="val")
+    assert not (out / "ImageSets" / "Segmentation" / "val.txt").exists()
+    # the same images under another split name are fine (e.g. a minival list)
+    coco_to_voc(str(tmp_path / "coco"), "instances_train2014.json", str(out), split="minival")
+    assert read_list(str(out / "ImageSets" / "Segmentation" / "minival.txt")) == ["x"]

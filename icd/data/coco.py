@@ -250,11 +250,13 @@ def _claimed_elsewhere(out: str, split: str, sources: Mapping[str, str]) -> None
         if not match or match.group(1) == split:
             continue
         other = read_json(os.path.join(out, entry))
-        for name, record in (other.get("images", {}) if isinstance(other, dict) else {}).items():
-            if name in sources and record.get("source") != sources[name]:
+        images = other.get("images") if isinstance(other, dict) else None
+        for name, record in (images if isinstance(images, dict) else {}).items():
+            source = record.get("source") if isinstance(record, dict) else None
+            if name in sources and source != sources[name]:
                 raise ValueError(f"{os.path.join(out, entry)}: {name!r} is already image "
-                                 f"{record.get('source')} of split {match.group(1)}, not "
-                                 f"{sources[name]}; convert into another --out")
+                                 f"{source} of split {match.group(1)}, not {sources[name]}; "
+                                 f"convert into another --out")
 
 
 def coco_to_voc(coco_root: str, annotations: str, out: str, split: Optional[str] = None,
