@@ -26,7 +26,7 @@ optional. What this entry point adds to MXNet's launcher, and nothing else:
     needs one and otherwise dies with "Unknown submission cluster type ssh");
   - errors in one line: a command that is not found on this machine (local launcher) is refused
     before anything starts (exit 2); a failing process ends the job with one line naming it
-    (`error: worker 1: exited with status 7`) instead of the tracker threads' tracebacks, which
+    (`error: worker: exited with status 7; the job was ended`) instead of the tracker threads' tracebacks, which
     printed every environment variable.
 The launcher's exit status is the job's: 0 when every worker succeeded, else the first failing
 process's (a training's 3 for a NaN; 128 + signal for a killed one).
@@ -243,7 +243,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     threading.Thread.isAlive = threading.Thread.is_alive   # dmlc_tracker/tracker.py calls it
     argv = _argv(sys.argv[1:] if argv is None else argv)
     command = argv[argv.index("--") + 1:] if "--" in argv else []
-    local = argv[argv.index("--launcher") + 1] == "local" if "--launcher" in argv else False
+    local = "--launcher=local" in argv or (
+        "--launcher" in argv and argv[argv.index("--launcher") + 1:][:1] == ["local"])
     missing = _missing_program(command) if local else ""
     if missing:
         print(f"error: {missing}: command not found (icd-launch starts it on every worker)",
