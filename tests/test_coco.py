@@ -184,15 +184,16 @@ def test_names_are_unique_safe_ids_with_a_mapping(tmp_path):
     """The same base name in two folders, a space, names equal but for case: one image each,
     names every stage can list, and a mapping file back to the COCO images."""
     coco_with(tmp_path / "coco", [(1, "a/x.jpg", 4, 5), (2, "b/x.jpg", 6, 5),
-                                  (3, "my photo.jpg", 4, 4), (4, "Y.jpg", 4, 4), (5, "y.jpg", 5, 4)])
+                                  (3, "my photo.jpg", 4, 4), (4, "Y.jpg", 4, 4), (5, "y.jpg", 5, 4),
+                                  (6, ".hidden.jpg", 4, 4)])
     out = tmp_path / "voc"
     summary = coco_to_voc(str(tmp_path / "coco"), "instances_train2014.json", str(out))
     names = read_list(summary["list"])
-    assert names == ["x_1", "x_2", "my_photo", "Y_4", "y_5"]
+    assert names == ["x_1", "x_2", "my_photo", "Y_4", "y_5", "image_6"]
     mapping = read_json(summary["mapping"])["images"]
     assert {n: (m["id"], m["file_name"]) for n, m in mapping.items()} == {
         "x_1": (1, "a/x.jpg"), "x_2": (2, "b/x.jpg"), "my_photo": (3, "my photo.jpg"),
-        "Y_4": (4, "Y.jpg"), "y_5": (5, "y.jpg")}
+        "Y_4": (4, "Y.jpg"), "y_5": (5, "y.jpg"), "image_6": (6, ".hidden.jpg")}
     assert read_image(str(out / "JPEGImages" / "x_2.jpg")).shape[:2] == (6, 5)   # not a/x.jpg
     assert read_mask(str(out / "SegmentationClass" / "x_1.png")).shape == (4, 5)
 

@@ -140,7 +140,8 @@ def test_a_list_is_a_set_of_ids_checked_whole(tmp_path):
         b"a\nb\x07c\n": r"line 2: image name 'b\\x07c' holds the control or blank character "
                         r"U\+0007",
         b"a\nb\\c\n": r"line 2: image name 'b\\\\c' holds the path separator",
-        b"a\n..\n": r"line 2: image name '..' is not a file name",
+        b"a\n..\n": r"line 2: image name '..' starts with '.'",
+        b"a\n.b.abcdefgh.tmp.jpg\n": r"line 2: image name '.b.abcdefgh.tmp' starts with '.'",
         b"a\nzero\xe2\x80\x8bwidth\n": r"line 2: image name .* U\+200B",
         b"a\nb\na.jpg\n": r"line 3: image 'a' is listed again \(first on line 1\)",
     }

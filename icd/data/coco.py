@@ -19,8 +19,9 @@ Images without any instance (about 1% of COCO 2014) have no image-level label, s
 out (counted in the summary). Resumable: an image whose three files exist is kept unless
 `overwrite`. `<name>` is the file name without folder and extension
 (`COCO_train2014_000000000009`) with every character other than letters, digits, `.`, `_`, `-`
-replaced by `_` (a name with a space would be split by the other stages); names that would then
-be equal (the same file name in two folders, or equal but for case) get `_<image id>` appended.
+replaced by `_` (a name with a space would be split by the other stages), `image_<image id>`
+for a name starting with `.`; names that would then be equal (the same file name in two
+folders, or equal but for case) get `_<image id>` appended.
 A `file_name` that leaves the image folder (absolute, or through `..`) is refused, and so is an
 image or annotation with a missing or ill-typed field: the error names the file and its id.
 """

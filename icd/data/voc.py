@@ -84,9 +84,12 @@ def read_list(path: str) -> List[str]:
 def name_problem(name: str) -> str:
     """Why `name` cannot be an image id that every stage writes and reads back as `<name>.png`
     and lists one per line, or "" when it can: no whitespace, control or format characters,
-    no path separator (``/``, ``\\``), not empty, ``.`` or ``..``."""
-    if name in ("", ".", ".."):
-        return "is not a file name"
+    no path separator (``/``, ``\\``), not empty, and no leading ``.`` (``..``, hidden files and
+    the temporaries of `icd.io.atomic_path`, which a stage deletes when it starts)."""
+    if not name:
+        return "is empty"
+    if name.startswith("."):
+        return "starts with '.' (hidden files and the stages' temporary files do)"
     for char in name:
         if char in "/\\":
             return f"holds the path separator {char!r}"
