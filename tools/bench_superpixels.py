@@ -75,25 +75,28 @@ def bench_merge(image: np.ndarray, features: str, repeats: int) -> dict:
 
 
 def bench_sizes(image: np.ndarray, sizes: List[str]) -> List[dict]:
-    """One run of each step at each size "WxH" of `image` (a large one takes minutes)."""
+    """One run of each step at each size "WxH" of `image`: wall and CPU seconds (the CPU time of
+    this process, all its threads: steadier than wall time on a shared machine)."""
     rows = []
     for size in sizes:
         w, h = (int(v) for v in size.lower().split("x"))
         scaled = cv2.resize(image, (w, h), interpolation=cv2.INTER_CUBIC)
-        seconds = {}
-        start = time.perf_counter()
-        labels = initial_regions(scaled)
-        seconds["felzenszwalb"] = time.perf_counter() - start
-        start = time.perf_counter()
-        means, counts = region_means(labels, colour_position_features(scaled))
-        seconds["features_and_means"] = time.perf_counter() - start
-        start = time.perf_counter()
-        greedy_merge(means, counts)
-        seconds["merge"] = time.perf_counter() - start
-        rows.append(dict(size=size, pixels=w * h, regions=int(labels.max()) + 1, seconds=seconds))
+        seconds, cpu_seconds, results = {}, {}, {}
+        steps = (("felzenszwalb", lambda: initial_regions(scaled)),
+                 ("features_and_means", lambda: region_means(
+                     results["felzenszwalb"], colour_position_features(scaled))),
+                 ("merge", lambda: greedy_merge(*results["features_and_means"])))
+        for step, run in steps:
+            wall, cpu = time.perf_counter(), time.process_time()
+            results[step] = run()
+            seconds[step] = time.perf_counter() - wall
+            cpu_seconds[step] = time.process_time() - cpu
+        rows.append(dict(size=size, pixels=w * h, regions=int(results["felzenszwalb"].max()) + 1,
+                         seconds=seconds, cpu_seconds=cpu_seconds))
     for row in rows:
         row["pixels_ratio"] = row["pixels"] / rows[0]["pixels"]
-        row["seconds_ratio"] = {k: v / rows[0]["seconds"][k] for k, v in row["seconds"].items()}
+        row["cpu_seconds_ratio"] = {k: v / rows[0]["cpu_seconds"][k]
+                                    for k, v in row["cpu_seconds"].items()}
     return rows
 
 
@@ -125,9 +128,9 @@ def main(argv=None) -> dict:
               f" ms ({row['skimage_over_ours']:.2f}x)")
     report["by_size"] = bench_sizes(images[0][1], args.sizes)
     for row in report["by_size"]:
-        print(f"{row['size']}: {row['regions']} regions, "
-              + ", ".join(f"{k} {v:.2f} s ({row['seconds_ratio'][k]:.1f}x)"
-                          for k, v in row["seconds"].items())
+        print(f"{row['size']}: {row['regions']} regions, CPU "
+              + ", ".join(f"{k} {v:.2f} s ({row['cpu_seconds_ratio'][k]:.1f}x)"
+                          for k, v in row["cpu_seconds"].items())
               + f"; pixels {row['pixels_ratio']:.0f}x")
     merge = report["merge"]
     print(f"merge {merge['initial_regions']} -> 64 regions: incremental "
