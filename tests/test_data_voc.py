@@ -137,8 +137,8 @@ def test_a_list_is_a_set_of_ids_checked_whole(tmp_path):
         b"a\nmy image.jpg\n": r"line 2: 'my image.jpg' names another file after 'my': a name "
                              r"with whitespace inside",
         b"a\nb.jpg c.png\n": r"line 2: 'b.jpg c.png' names another file after 'b'",
-        b"a\nb\x07c\n": r"line 2: image name 'b\\x07c' holds the control or blank character "
-                        r"U\+0007",
+        b"a\nb\x07c\n": r"line 2: holds the control character U\+0007",
+        b"a\rb\rc\n": r"line 1: holds the control character U\+000D; save the list with one",
         b"a\nb\\c\n": r"line 2: image name 'b\\\\c' holds the path separator",
         b"a\n..\n": r"line 2: image name '..' starts with '.'",
         b"a\n.b.abcdefgh.tmp.jpg\n": r"line 2: image name '.b.abcdefgh.tmp' starts with '.'",

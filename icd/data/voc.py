@@ -59,6 +59,10 @@ def read_list(path: str) -> List[str]:
         if not tokens:
             continue
         where = f"{path}: line {number}"
+        controls = [c for c in line.rstrip("\r") if unicodedata.category(c) == "Cc" and c != "\t"]
+        if controls:   # a lone CR (old Mac line ends) or a form feed would split a line silently
+            raise ValueError(f"{where}: holds the control character U+{ord(controls[0]):04X}; "
+                             f"save the list with one name per line (LF or CRLF line ends)")
         if tokens[0].startswith("#"):
             raise ValueError(f"{where}: {line.strip()!r} looks like a comment; a list holds image "
                              f"names only, remove the line")
