@@ -26,8 +26,8 @@ optional. What this entry point adds to MXNet's launcher, and nothing else:
     needs one and otherwise dies with "Unknown submission cluster type ssh");
   - errors in one line: a command that is not found on this machine (local launcher) is refused
     before anything starts (exit 2); a failing process ends the job with one line naming it
-    (`error: worker: exited with status 7; the job was ended`) instead of the tracker threads' tracebacks, which
-    printed every environment variable.
+    (`error: worker: exited with status 7; the job was ended`) instead of the tracker threads'
+    tracebacks, which printed every environment variable.
 The launcher's exit status is the job's: 0 when every worker succeeded, else the first failing
 process's (a training's 3 for a NaN; 128 + signal for a killed one).
 """

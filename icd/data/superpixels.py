@@ -169,13 +169,13 @@ def greedy_merge(features: np.ndarray, sizes: np.ndarray, max_regions: int = MAX
     Returns (n,) int32: the final id 0..m-1 of every initial region.
 
     incremental=True keeps the (n, n) similarity matrix and, for every row k, its first maximum
-    (best[k], partner[k]): the first maximum of the matrix in row-major order is the first
-    maximum of the row maxima. A merge of j into i recomputes only row and column i (one
-    (n, D) product) and the maxima of the rows whose best pair was with j, or with i and got
-    worse: O(n) per merge and row, where an argmax over the whole matrix per merge made the
-    merge O(n^3) (47 s for the 2400 regions of a noisy 2000x1500 photo, ~1 h for 10^4). Memory stays O(n^2)
-    (`MAX_PIXELS` bounds n). incremental=False recomputes the whole matrix per merge (the
-    straightforward algorithm, kept as the baseline of tools/bench_superpixels.py).
+    (best[k], partner[k]): the first maximum of the matrix in row-major order is the first maximum
+    of the row maxima. A merge of j into i recomputes only row and column i (one (n, D) product)
+    and the maxima of the rows whose best pair was with j, or with i and got worse: O(n) per merge
+    and row, where an argmax over the whole matrix per merge made the merge O(n^3) (47 s for the
+    2400 regions of a noisy 2000x1500 photo, ~1 h for 10^4). Memory stays O(n^2) (`MAX_PIXELS`
+    bounds n). incremental=False recomputes the whole matrix per merge (the straightforward
+    algorithm, kept as the baseline of tools/bench_superpixels.py).
     """
     features = np.array(features, np.float64)
     sizes = np.array(sizes, np.float64)
