@@ -156,6 +156,7 @@ POSITIVE = ("num_cls", "width", "image_size", "batch_size", "learning_rate", "nu
             "log_frequency", "infer_size", "infer_batch_size")
 NON_NEGATIVE = ("wd", "begin_epoch", "warmup_epochs", "cpus", "num_workers", "seed", "num_save")
 FRACTIONS = ("dropout", "momentum")   # [0, 1)
+SEED_LIMIT = 2 ** 32   # seeds must be < 2**32: numpy.random.seed refuses larger ones
 # As flags these must be >= 1: 0 is the field's "not set" (cpus 0 = one CPU), not a choice.
 POSITIVE_FLAGS = ("cpus",)
 
@@ -176,8 +177,12 @@ def find_config(path: str) -> str:
     raise FileNotFoundError(f"{path}: config file not found (nor a shipped config {name})")
 
 
-def read_config_file(path: str) -> Dict[str, Any]:
-    """Options of a YAML file; a `base: other.yaml` key (relative to the file) is read first."""
+def read_config_file(path: str, _including: Tuple[str, ...] = ()) -> Dict[str, Any]:
+    """Options of a YAML file; a `base: other.yaml` key (relative to the file) is read first.
+
+    `_including`: the real paths of the files whose `base:` chain led here; a file that is its
+    own base, directly or through others, is an error naming it (not Python's recursion limit).
+    """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: config file not found")
     try:
@@ -188,7 +193,16 @@ def read_config_file(path: str) -> Dict[str, Any]:
     if not isinstance(loaded, dict):
         raise ValueError(f"{path}: expected a mapping of option: value")
     base = loaded.pop("base", None)
-    values = read_config_file(os.path.join(os.path.dirname(path), base)) if base else {}
+    if base is not None and (not isinstance(base, str) or not base):
+        raise ValueError(f"{path}: base must be the name of another YAML file, got {base!r}")
+    including = _including + (os.path.realpath(path),)
+    values = {}
+    if base:
+        base_path = os.path.join(os.path.dirname(path), base)
+        if os.path.realpath(base_path) in including:
+            raise ValueError(f"{path}: base {base!r} includes {os.path.normpath(base_path)} "
+                             f"again (a cycle of base: keys); a file cannot be its own base")
+        values = read_config_file(base_path, including)
     for key, value in loaded.items():
         name = str(key).replace("-", "_")
         if name not in FIELDS:
@@ -234,6 +248,9 @@ def _checked(name: str, value: Any) -> Any:
         raise ValueError(f"must be positive, got {value!r}")
     if name in NON_NEGATIVE and value < 0:
         raise ValueError(f"must be >= 0, got {value!r}")
+    if name == "seed" and value >= SEED_LIMIT:
+        raise ValueError(f"must be < 2**32 = {SEED_LIMIT} (numpy's and MXNet's seed range), "
+                         f"got {value!r}")
     if name in FRACTIONS and not 0 <= value < 1:
         raise ValueError(f"must be in [0, 1), got {value!r}")
     return value

@@ -27,8 +27,8 @@ import numpy as np
 from tqdm import tqdm
 
 from .crf import dense_crf
-from .data.voc import IGNORE_LABEL, NUM_CLASSES, VOC_CLASSES, read_image, read_image_labels, \
-    read_list, write_mask
+from .data.voc import IGNORE_LABEL, NUM_CLASSES, VOC_CLASSES, check_exif_turn, read_image, \
+    read_image_labels, read_list, write_mask
 from .data.transforms import INFER_SIZE
 from .devices import shard_names
 from .io import require_finite
@@ -272,6 +272,8 @@ def _seed_one(name: str, results_dir: str, image_root: str, annotation_root: str
     saliency = None
     if saliency_root is not None:
         saliency = read_saliency(os.path.join(saliency_root, name + ".png"))
+        check_exif_turn(image_path, image.shape, os.path.join(saliency_root, name + ".png"),
+                        saliency.shape, "saliency map")
         if saliency.shape != image.shape[:2]:
             raise ValueError(f"{os.path.join(saliency_root, name + '.png')}: saliency "
                              f"{saliency.shape} does not match the image {image.shape[:2]}")

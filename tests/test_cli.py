@@ -370,3 +370,48 @@ def test_ctrl_c_during_training_is_one_line_naming_the_resume(tiny_voc, tmp_path
     assert train.main(tiny_train_flags(tiny_voc, str(tmp_path / "snap"))) == 130
     assert error_line(capsys) == ("error: interrupted in epoch 1; last checkpoint "
                                   "X-0000.params; resume with --begin-epoch 1")
+
+
+def test_a_yaml_base_cycle_and_a_seed_above_2_32_are_named(tmp_path, capsys):
+    one, two = tmp_path / "one.yaml", tmp_path / "two.yaml"
+    one.write_text("base: one.yaml\nseed: 1\n")
+    with pytest.raises(ValueError, match=rf"^{one}: base 'one.yaml' includes {one} again"):
+        load_config(str(one))
+    one.write_text("base: two.yaml\n")
+    two.write_text("base: ./one.yaml\n")
+    with pytest.raises(ValueError, match=rf"^{two}: base './one.yaml' includes .*one.yaml "
+                                         rf"again"):
+        load_config(str(one))
+    two.write_text(f"seed: {2 ** 32}\n")
+    with pytest.raises(ValueError, match=rf"^{one}: seed: must be < 2\*\*32"):
+        load_config(str(one))
+    assert load_config(seed=2 ** 32 - 1).seed == 2 ** 32 - 1
+    assert train.main(["--seed", str(2 ** 32)]) == EXIT_USAGE
+    assert "--seed: must be < 2**32" in capsys.readouterr().err
+
+
+def test_launch_defaults_to_local_and_names_a_missing_command(capsys):
+    from icd.commands import launch
+    assert launch._argv(["-n", "2", "icd-train"])[:3] == ["--launcher", "local", "-n"]
+    assert "--launcher" not in launch._argv(["-n", "2", "-H", "hosts", "icd-train"])   # ssh
+    assert launch.main(["-n", "1", "-s", "1", "--", "icd-no-such-command", "--flag"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == ("error: icd-no-such-command: command not found (icd-launch starts "
+                           "it on every worker)"), err
+
+
+@pytest.mark.slow
+def test_launch_reports_a_failed_worker_in_one_line(tmp_path):
+    """A worker that fails ends the job with its status and one line naming it: no tracker
+    traceback (which printed every environment variable)."""
+    script = tmp_path / "worker.py"
+    script.write_text("import os, sys, time\n"
+                      "if os.environ['DMLC_ROLE'] == 'worker' and os.environ['DMLC_TASK_ID'] == "
+                      "'1':\n    sys.exit(7)\ntime.sleep(2)\n")
+    env = dict(os.environ, PYTHONPATH=REPO, DMLC_PS_ROOT_URI="127.0.0.1")
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "tools", "launch.py"), "-n", "2",
+                           "-s", "1", sys.executable, str(script)], env=env, timeout=120,
+                          capture_output=True, text=True)
+    assert proc.returncode == 7, proc.stderr
+    assert proc.stderr.strip() == "error: worker: exited with status 7; the job was ended", \
+        proc.stderr

@@ -10,7 +10,7 @@ from icd.commands.coco_to_voc import main
 from icd.data.classes import read_classes
 from icd.data.coco import coco_to_voc, voc_box
 from icd.data.voc import read_image, read_image_labels, read_list, read_mask
-from icd.io import write_json
+from icd.io import read_json, write_json
 
 U = 255
 A, B, EMPTY = "COCO_train2014_000000000001", "COCO_train2014_000000000002", \
@@ -162,3 +162,102 @@ def test_a_wrong_image_size_is_named(tmp_path):
     cv2.imwrite(str(tmp_path / "coco/train2014" / f"{B}.jpg"), np.zeros((7, 6, 3), np.uint8))
     with pytest.raises(ValueError, match=f"{B}.jpg: image is 6x7, the annotations say 6x6"):
         coco_to_voc(str(tmp_path / "coco"), "instances_train2014.json", str(tmp_path / "voc"))
+
+
+def coco_with(root, images, annotations=None):
+    """A COCO folder whose instances list `images` (id, file_name, h, w), each with one cat box
+    unless `annotations` is given; the image files are written under train2014/."""
+    for image_id, file_name, h, w in images:
+        path = os.path.normpath(os.path.join(str(root / "train2014"), file_name))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        cv2.imwrite(path, np.full((h, w, 3), 10 * image_id, np.uint8))
+    if annotations is None:
+        annotations = [dict(id=100 + i, image_id=i, category_id=1, iscrowd=0, bbox=[0, 0, 2, 2],
+                            segmentation=rect(0, 0, 2, 2)) for i, _, _, _ in images]
+    os.makedirs(root / "annotations", exist_ok=True)
+    write_json(str(root / "annotations" / "instances_train2014.json"), dict(
+        images=[dict(id=i, file_name=f, height=h, width=w) for i, f, h, w in images],
+        annotations=annotations, categories=[dict(id=1, name="cat")]))
+
+
+def test_names_are_unique_safe_ids_with_a_mapping(tmp_path):
+    """The same base name in two folders, a space, names equal but for case: one image each,
+    names every stage can list, and a mapping file back to the COCO images."""
+    coco_with(tmp_path / "coco", [(1, "a/x.jpg", 4, 5), (2, "b/x.jpg", 6, 5),
+                                  (3, "my photo.jpg", 4, 4), (4, "Y.jpg", 4, 4), (5, "y.jpg", 5, 4),
+                                  (6, ".hidden.jpg", 4, 4)])
+    out = tmp_path / "voc"
+    summary = coco_to_voc(str(tmp_path / "coco"), "instances_train2014.json", str(out))
+    names = read_list(summary["list"])
+    assert names == ["x_1", "x_2", "my_photo", "Y_4", "y_5", "image_6"]
+    mapping = read_json(summary["mapping"])["images"]
+    assert {n: (m["id"], m["file_name"]) for n, m in mapping.items()} == {
+        "x_1": (1, "a/x.jpg"), "x_2": (2, "b/x.jpg"), "my_photo": (3, "my photo.jpg"),
+        "Y_4": (4, "Y.jpg"), "y_5": (5, "y.jpg"), "image_6": (6, ".hidden.jpg")}
+    assert read_image(str(out / "JPEGImages" / "x_2.jpg")).shape[:2] == (6, 5)   # not a/x.jpg
+    assert read_mask(str(out / "SegmentationClass" / "x_1.png")).shape == (4, 5)
+
+
+def test_a_file_name_outside_the_image_folder_is_refused(tmp_path):
+    (tmp_path / "secret.jpg").write_bytes(b"")
+    coco_with(tmp_path / "coco", [(1, "ok.jpg", 4, 4)])
+    path = tmp_path / "coco" / "annotations" / "instances_train2014.json"
+    instances = read_json(str(path))
+    for bad in ("../../secret.jpg", str(tmp_path / "secret.jpg")):
+        instances["images"][0]["file_name"] = bad
+        write_json(str(path), instances)
+        with pytest.raises(ValueError, match=rf"{path}: image 1: file_name '{bad}' is outside "
+                                             rf"the image folder"):
+            coco_to_voc(str(tmp_path / "coco"), "instances_train2014.json", str(tmp_path / "voc"))
+    assert not (tmp_path / "voc" / "JPEGImages").exists()
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("bbox", None, r"annotation 7: 'bbox' must be \[x, y, width, height\]"),
+    ("bbox", [0, 0, "2", 2], r"annotation 7: 'bbox' must be"),
+    ("bbox", [0, 0, -1, 2], r"annotation 7: 'bbox' must be"),
+    ("segmentation", None, r"annotation 7: 'segmentation' must be a polygon list or an RLE"),
+    ("image_id", 99, r"annotation 7: 'image_id' 99 is not the id of an image"),
+    ("category_id", "1", r"annotation 7: has category '1', not in the categories"),
+    ("iscrowd", 2, r"annotation 7: 'iscrowd' must be 0 or 1"),
+])
+def test_a_missing_or_ill_typed_field_names_the_annotation(tmp_path, field, value, message):
+    ann = dict(id=7, image_id=1, category_id=1, iscrowd=0, bbox=[0, 0, 2, 2],
+               segmentation=rect(0, 0, 2, 2))
+    if value is None:
+        del ann[field]
+    else:
+        ann[field] = value
+    coco_with(tmp_path / "coco", [(1, "ok.jpg", 4, 4)], [ann])
+    path = tmp_path / "coco" / "annotations" / "instances_train2014.json"
+    with pytest.raises(ValueError, match=f"^{path}: {message}"):
+        coco_to_voc(str(tmp_path / "coco"), "instances_train2014.json", str(tmp_path / "voc"))
+
+
+def test_a_missing_image_field_names_the_image(tmp_path, capsys):
+    coco_with(tmp_path / "coco", [(1, "ok.jpg", 4, 4)])
+    path = tmp_path / "coco" / "annotations" / "instances_train2014.json"
+    instances = read_json(str(path))
+    del instances["images"][0]["height"]
+    write_json(str(path), instances)
+    assert main(["--coco-root", str(tmp_path / "coco"), "--annotations",
+                 "instances_train2014.json", "--out", str(tmp_path / "voc")]) == 1
+    assert f"error: {path}: image 1: 'height' must be a positive integer, got None" in \
+        capsys.readouterr().err
+
+
+def test_a_name_another_split_holds_for_another_image_is_refused(tmp_path):
+    """Two splits converted into one folder: a name of the second that the first already holds
+    for another image would keep (resume) the first's files; refused, naming the mapping."""
+    coco_with(tmp_path / "coco", [(1, "x.jpg", 4, 4)])
+    out = tmp_path / "voc"
+    coco_to_voc(str(tmp_path / "coco"), "instances_train2014.json", str(out))
+    other = tmp_path / "other"
+    coco_with(other, [(1, "x.jpg", 6, 6)])
+    with pytest.raises(ValueError, match=rf"{out / 'coco_images_train.json'}: 'x' is already "
+                                         rf"image .*coco/train2014/x.jpg of split train"):
+        coco_to_voc(str(other), "instances_train2014.json", str(out), split="val")
+    assert not (out / "ImageSets" / "Segmentation" / "val.txt").exists()
+    # the same images under another split name are fine (e.g. a minival list)
+    coco_to_voc(str(tmp_path / "coco"), "instances_train2014.json", str(out), split="minival")
+    assert read_list(str(out / "ImageSets" / "Segmentation" / "minival.txt")) == ["x"]

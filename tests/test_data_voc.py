@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from icd.data import voc
+from icd.data.segmentation import SegmentationDataset
 
 
 def write_xml(path, objects):
@@ -121,3 +122,57 @@ def test_read_mask_takes_palette_and_grey_pngs_and_rejects_colour(tmp_path):
     (tmp_path / "broken.png").write_bytes(b"not a png")
     with pytest.raises(ValueError, match="broken.png.*unreadable"):
         voc.read_mask(str(tmp_path / "broken.png"))
+
+
+def test_a_list_is_a_set_of_ids_checked_whole(tmp_path):
+    """Release forms are read; anything a stage could not round-trip is one error naming the
+    list file and its line, before any image is read."""
+    good = tmp_path / "good.txt"
+    good.write_bytes("\ufeffa\r\n\n/JPEGImages/b.jpg /SegmentationClassAug/b.png\nc.jpg 3 7\n"
+                     "d_é-1\n".encode("utf-8"))
+    assert voc.read_list(str(good)) == ["a", "b", "c", "d_é-1"]
+    cases = {
+        b"a\n\xff\xfeb\n": r"line 2: not UTF-8 text \(byte 0xff at column 1\)",
+        b"a\n# the train split\nb\n": r"line 2: '# the train split' looks like a comment",
+        b"a\nmy image.jpg\n": r"line 2: 'my image.jpg' names another file after 'my': a name "
+                             r"with whitespace inside",
+        b"a\nb.jpg c.png\n": r"line 2: 'b.jpg c.png' names another file after 'b'",
+        b"a\nb\x07c\n": r"line 2: holds the control character U\+0007",
+        b"a\rb\rc\n": r"line 1: holds the control character U\+000D; save the list with one",
+        b"a\nb\\c\n": r"line 2: image name 'b\\\\c' holds the path separator",
+        b"a\n..\n": r"line 2: image name '..' starts with '.'",
+        b"a\n.b.abcdefgh.tmp.jpg\n": r"line 2: image name '.b.abcdefgh.tmp' starts with '.'",
+        b"a\nzero\xe2\x80\x8bwidth\n": r"line 2: image name .* U\+200B",
+        b"a\nb\na.jpg\n": r"line 3: image 'a' is listed again \(first on line 1\)",
+    }
+    for i, (content, message) in enumerate(cases.items()):
+        path = tmp_path / f"bad{i}.txt"
+        path.write_bytes(content)
+        with pytest.raises(ValueError, match=f"^{path}: {message}"):
+            voc.read_list(str(path))
+
+
+def test_an_exif_turned_image_and_its_unturned_mask_are_named(tmp_path):
+    """cv2.imread (the release's reader) applies the EXIF orientation, a mask is not turned: the
+    mismatch names the image and its orientation."""
+    path = str(tmp_path / "x.jpg")
+    exif = Image.Exif()
+    exif[voc.EXIF_ORIENTATION] = 6   # turned by 90 degrees
+    Image.fromarray(np.zeros((30, 40, 3), np.uint8)).save(path, exif=exif.tobytes())
+    image = voc.read_image(path)
+    assert image.shape == (40, 30, 3) and voc.exif_orientation(path) == 6
+    with pytest.raises(ValueError, match=rf"^{path}: its EXIF orientation 6 makes OpenCV .* "
+                                         rf"read it turned, as 30x40 \(W x H\), but its label map "
+                                         rf"m.png is 40x30"):
+        voc.check_exif_turn(path, image.shape, "m.png", (30, 40), "label map")
+    voc.check_exif_turn(path, image.shape, "m.png", (40, 30), "label map")   # as read: fine
+    # where an image and its label map are read together (DeepLab's training data)
+    voc.write_mask(str(tmp_path / "x.png"), np.zeros((30, 40), np.uint8))
+    (tmp_path / "list.txt").write_text("x\n")
+    dataset = SegmentationDataset(str(tmp_path), str(tmp_path), str(tmp_path / "list.txt"))
+    with pytest.raises(ValueError, match=rf"^{path}: its EXIF orientation 6 .* label map "
+                                         rf"{tmp_path / 'x.png'} is 40x30"):
+        dataset.load(0)
+    plain = str(tmp_path / "y.jpg")
+    cv2.imwrite(plain, np.zeros((30, 40, 3), np.uint8))
+    voc.check_exif_turn(plain, (30, 40, 3), "m.png", (20, 40), "label map")  # the caller's check

@@ -11,7 +11,8 @@ from skimage.segmentation import felzenszwalb
 
 from icd.data import superpixels as sp
 from icd.data.features import colour_position_features
-from icd.data.voc import write_image
+from icd.commands import superpixels
+from icd.data.voc import read_image, write_image
 
 F32 = np.float32
 
@@ -377,3 +378,44 @@ def test_make_superpixels_bad_input(small_images):
     (root / "empty.txt").write_text("\n")
     with pytest.raises(ValueError, match="empty.txt.*empty"):
         sp.make_superpixels(str(root / "img"), str(root / "empty.txt"), str(root / "sp"))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_merge_with_row_maxima_equals_the_whole_matrix_per_merge(seed):
+    """Hundreds of regions, half of them with exact ties: keeping each row's first maximum gives
+    the merges that an argmax over the whole recomputed matrix gives (the rule's definition)."""
+    rng = np.random.default_rng(200 + seed)
+    n = 300
+    features = rng.normal(size=(n, 6)) if seed == 0 else \
+        rng.integers(0, 3, size=(n, 4)).astype(float)   # few directions: many ties
+    sizes = rng.integers(1, 2000, n) if seed < 2 else rng.choice([5, 10], n)
+    fast = sp.greedy_merge(features, sizes, incremental=True)
+    np.testing.assert_array_equal(fast, sp.greedy_merge(features, sizes, incremental=False))
+    assert np.unique(fast).tolist() == list(range(sp.MAX_REGIONS))
+
+
+def test_an_image_above_max_pixels_is_refused_by_name_or_downscaled(small_images, capsys):
+    """Felzenszwalb's graph and the merge's matrix grow with pixels: an image above --max-pixels
+    is an error naming it and the flag that resizes it; --downscale segments a smaller copy and
+    writes a map of the image's own size."""
+    root = small_images
+    (root / "list.txt").write_text("a\n")
+    flags = ["--image-root", str(root / "img"), "--data-list", str(root / "list.txt"),
+             "--features", "colour"]
+    assert superpixels.main(flags + ["--out", str(root / "sp"), "--max-pixels", "1999"]) == 1
+    err = capsys.readouterr().err
+    assert (f"error: {root / 'img' / 'a.jpg'}: 50x40 is 2000 pixels, above the --max-pixels "
+            f"limit 1999; give --downscale") in err, err
+    assert not (root / "sp" / "a.png").exists()
+    assert superpixels.main(flags + ["--out", str(root / "sp"), "--max-pixels", "500",
+                                     "--downscale"]) == 0
+    ids = sp.read_superpixels(str(root / "sp" / "a.png"), (40, 50))
+    # a 25x20 copy, mapped back by nearest neighbour: every 2x2 block holds one id
+    np.testing.assert_array_equal(ids, np.repeat(np.repeat(ids[::2, ::2], 2, 0), 2, 1))
+    assert 1 < ids.max() + 1 <= sp.MAX_REGIONS
+    # at the default limit the same image is the release's computation
+    assert superpixels.main(flags + ["--out", str(root / "full")]) == 0
+    expected = sp.compute_superpixels(read_image(str(root / "img" / "a.jpg")),
+                                      colour_position_features(
+                                          read_image(str(root / "img" / "a.jpg"))))
+    np.testing.assert_array_equal(sp.read_superpixels(str(root / "full" / "a.png")), expected)

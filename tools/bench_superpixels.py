@@ -74,6 +74,32 @@ def bench_merge(image: np.ndarray, features: str, repeats: int) -> dict:
                                                      results["recompute_all"])))
 
 
+def bench_sizes(image: np.ndarray, sizes: List[str]) -> List[dict]:
+    """One run of each step at each size "WxH" of `image`: wall and CPU seconds (the CPU time of
+    this process, all its threads: steadier than wall time on a shared machine)."""
+    rows = []
+    for size in sizes:
+        w, h = (int(v) for v in size.lower().split("x"))
+        scaled = cv2.resize(image, (w, h), interpolation=cv2.INTER_CUBIC)
+        seconds, cpu_seconds, results = {}, {}, {}
+        steps = (("felzenszwalb", lambda: initial_regions(scaled)),
+                 ("features_and_means", lambda: region_means(
+                     results["felzenszwalb"], colour_position_features(scaled))),
+                 ("merge", lambda: greedy_merge(*results["features_and_means"])))
+        for step, run in steps:
+            wall, cpu = time.perf_counter(), time.process_time()
+            results[step] = run()
+            seconds[step] = time.perf_counter() - wall
+            cpu_seconds[step] = time.process_time() - cpu
+        rows.append(dict(size=size, pixels=w * h, regions=int(results["felzenszwalb"].max()) + 1,
+                         seconds=seconds, cpu_seconds=cpu_seconds))
+    for row in rows:
+        row["pixels_ratio"] = row["pixels"] / rows[0]["pixels"]
+        row["cpu_seconds_ratio"] = {k: v / rows[0]["cpu_seconds"][k]
+                                    for k, v in row["cpu_seconds"].items()}
+    return rows
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -84,6 +110,9 @@ def main(argv=None) -> dict:
                         help="merge features; colour: 5-D colour+position; random512: 512-D "
                         "like conv5_3")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--sizes", nargs="*", default=["500x375", "1000x750", "2000x1500"],
+                        metavar="WxH", help="image sizes of part 3 (e.g. add 6000x4000: "
+                        "minutes; nothing to skip it)")
     parser.add_argument("--out", default="bench_superpixels.json")
     args = parser.parse_args(argv)
     images = load_images(args.images)
@@ -97,6 +126,12 @@ def main(argv=None) -> dict:
         print(f"felzenszwalb {row['image']}: {row['regions']} regions, ours "
               f"{row['ours_seconds'] * 1e3:.1f} ms, scikit-image {row['skimage_seconds'] * 1e3:.1f}"
               f" ms ({row['skimage_over_ours']:.2f}x)")
+    report["by_size"] = bench_sizes(images[0][1], args.sizes)
+    for row in report["by_size"]:
+        print(f"{row['size']}: {row['regions']} regions, CPU "
+              + ", ".join(f"{k} {v:.2f} s ({row['cpu_seconds_ratio'][k]:.1f}x)"
+                          for k, v in row["cpu_seconds"].items())
+              + f"; pixels {row['pixels_ratio']:.0f}x")
     merge = report["merge"]
     print(f"merge {merge['initial_regions']} -> 64 regions: incremental "
           f"{merge['median_seconds']['incremental'] * 1e3:.1f} ms, recompute all "

@@ -22,6 +22,12 @@ optional. What this entry point adds to MXNet's launcher, and nothing else:
     (SIGTERM, SIGKILL after GRACE_SECONDS) and the launcher exits with that status; when all
     workers have finished, servers and scheduler still running after GRACE_SECONDS are ended.
     Ctrl-C or SIGTERM to the launcher ends the job the same way (exit 130 / 143).
+  - `--launcher` defaults to `local` when no host file (-H) is given (MXNet's default, ssh,
+    needs one and otherwise dies with "Unknown submission cluster type ssh");
+  - errors in one line: a command that is not found on this machine (local launcher) is refused
+    before anything starts (exit 2); a failing process ends the job with one line naming it
+    (`error: worker: exited with status 7; the job was ended`) instead of the tracker threads'
+    tracebacks, which printed every environment variable.
 The launcher's exit status is the job's: 0 when every worker succeeded, else the first failing
 process's (a training's 3 for a NaN; 128 + signal for a killed one).
 """
@@ -29,12 +35,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import dmlc_tracker.opts
 import dmlc_tracker.sge
@@ -53,6 +60,7 @@ class _Job:
         self.children = []   # (role, Popen)
         self.lock = threading.Lock()
         self.status = None   # the job's exit status once decided
+        self.culprit = ""    # the role of the process whose failure decided it
 
     def popen(self):
         job = self
@@ -67,11 +75,11 @@ class _Job:
                     job.children.append((role, self))
         return Popen
 
-    def end(self, status: int) -> None:
+    def end(self, status: int, culprit: str = "") -> None:
         """Decide the job's status (the first decision stands) and end every process left."""
         with self.lock:
             if self.status is None:
-                self.status = status
+                self.status, self.culprit = status, culprit
         for sig in (signal.SIGTERM, signal.SIGKILL):
             pids = _descendants(os.getpid())
             if not pids:
@@ -91,9 +99,16 @@ class _Job:
 
     def failure(self) -> int:
         """Exit status of the first process that failed (128 + signal if killed), else 0."""
+        return self.failed()[1]
+
+    def failed(self) -> Tuple[str, int]:
+        """(role, exit status) of the first process that failed, else ("", 0)."""
         with self.lock:
-            codes = [p.returncode for _, p in self.children if p.returncode not in (None, 0)]
-        return (codes[0] if codes[0] > 0 else 128 - codes[0]) if codes else 0
+            failed = [(r, p.returncode) for r, p in self.children if p.returncode not in (None, 0)]
+        if not failed:
+            return "", 0
+        role, code = failed[0]
+        return role or "process", code if code > 0 else 128 - code
 
     def watch(self) -> None:
         """End the job at the first failure, or after the last worker's success."""
@@ -101,8 +116,9 @@ class _Job:
         while self.status is None:
             with self.lock:
                 workers = [p for role, p in self.children if role == "worker"]
-            if self.failure():
-                self.end(self.failure())
+            role, status = self.failed()
+            if status:
+                self.end(status, role)
             elif workers and all(p.returncode == 0 for p in workers):
                 finished_at = finished_at or time.time()
                 if time.time() - finished_at > GRACE_SECONDS:
@@ -161,6 +177,9 @@ def _argv(argv):
         else:
             argv.insert(i, "--")
             break
+    if "--launcher" not in options and not ({"-H", "--hostfile"} & set(options)):
+        argv[:0] = ["--launcher", "local"]   # MXNet's default, ssh, needs a host file
+        options["--launcher"] = ("local", 1)
     launcher, at = options.get("--launcher", ("ssh", None))   # MXNet's default: ssh
     if launcher == "slurm":
         argv[at] = argv[at].replace("slurm", "sge")           # MXNet's list lacks slurm ...
@@ -194,11 +213,45 @@ def _scheduler_address() -> None:
         tracker.PSTracker.__init__.__defaults__ = (int(port), int(port) + 100) + defaults[2:]
 
 
+def _missing_program(command: Sequence[str]) -> str:
+    """The program of `command` (after any VAR=value words) when this machine cannot run it."""
+    words = [w for w in command if not ("=" in w and w.split("=", 1)[0].isidentifier())]
+    if words and shutil.which(words[0]) is None:
+        return words[0]
+    return ""
+
+
+def _quiet_tracker_threads() -> None:
+    """The tracker's threads raise when their process fails (dmlc_tracker/local.py puts every
+    environment variable into the message); the job's watcher reports the failure instead."""
+    package = os.path.dirname(tracker.__file__)
+    default = threading.excepthook
+
+    def hook(args):
+        frames = []
+        tb = args.exc_traceback
+        while tb is not None:
+            frames.append(tb.tb_frame.f_code.co_filename)
+            tb = tb.tb_next
+        if not any(f.startswith(package) for f in frames):
+            default(args)
+    threading.excepthook = hook
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the job of `argv` (default sys.argv[1:]); returns its exit status (module doc)."""
     threading.Thread.isAlive = threading.Thread.is_alive   # dmlc_tracker/tracker.py calls it
     argv = _argv(sys.argv[1:] if argv is None else argv)
-    _command_after_separator(argv[argv.index("--") + 1:] if "--" in argv else [])
+    command = argv[argv.index("--") + 1:] if "--" in argv else []
+    local = "--launcher=local" in argv or (
+        "--launcher" in argv and argv[argv.index("--launcher") + 1:][:1] == ["local"])
+    missing = _missing_program(command) if local else ""
+    if missing:
+        print(f"error: {missing}: command not found (icd-launch starts it on every worker)",
+              file=sys.stderr)
+        return 2
+    _command_after_separator(command)
+    _quiet_tracker_threads()
     _scheduler_address()
     job = _Job()
     subprocess.Popen = job.popen()
@@ -215,5 +268,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         deadline = time.time() + GRACE_SECONDS   # workers may still be leaving the store
         while time.time() < deadline and job.running("worker") and not job.failure():
             time.sleep(POLL_SECONDS)
-        job.end(job.failure())
+        job.end(*job.failed()[::-1])
+    if job.status and job.culprit:
+        print(f"error: {job.culprit}: exited with status {job.status}; the job was ended",
+              file=sys.stderr)
     return job.status

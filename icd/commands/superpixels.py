@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from typing import Optional, Sequence
 
-from ..data.superpixels import make_feature_factory, make_superpixels
+from ..data.superpixels import MAX_PIXELS, make_feature_factory, make_superpixels
 from .runner import Parser, non_negative_int, run, shard
 
 
@@ -32,6 +32,13 @@ def build_parser() -> Parser:
                           help="network-free features: centred Lab colour + position (one of "
                                "--pretrained, --features is required)")
     parser.add_argument("--overwrite", action="store_true", help="recompute existing PNGs")
+    parser.add_argument("--max-pixels", type=non_negative_int, default=MAX_PIXELS,
+                        help=f"refuse images of more pixels, naming them (default {MAX_PIXELS}: "
+                             f"2048x2048; 0: no limit; time and memory grow ~ pixels^2 above)")
+    parser.add_argument("--downscale", action="store_true",
+                        help="instead of refusing an image above --max-pixels, compute its "
+                             "superpixels on a copy scaled down to --max-pixels pixels and map "
+                             "them back to its size (not the release)")
     parser.add_argument("--shard", type=shard, default=(0, 1), metavar="I/N",
                         help="only shard I of N of the list (every N-th name from the I-th); "
                              "N machines running the N shards write what one run writes "
@@ -42,7 +49,8 @@ def build_parser() -> Parser:
 def _superpixels(args: argparse.Namespace) -> int:
     written = make_superpixels(args.image_root, args.data_list, args.out,
                                feature_factory=make_feature_factory(args.pretrained),
-                               workers=args.workers, overwrite=args.overwrite, shard=args.shard)
+                               workers=args.workers, overwrite=args.overwrite, shard=args.shard,
+                               max_pixels=args.max_pixels, downscale=args.downscale)
     print(f"wrote {len(written)} superpixel maps to {args.out}")
     return 0
 

@@ -13,9 +13,17 @@
 - `ImageSets/Segmentation/<split>.txt` (written last: a list never names a missing file) and
   `classes.txt` (COCO's categories in id order: 80 names for COCO 2014).
 
+- `coco_images_<split>.json`: which COCO image each `<name>` is ({name: {"id", "file_name"}}).
+
 Images without any instance (about 1% of COCO 2014) have no image-level label, so they are left
 out (counted in the summary). Resumable: an image whose three files exist is kept unless
-`overwrite`. `<name>` is the file name without extension (`COCO_train2014_000000000009`).
+`overwrite`. `<name>` is the file name without folder and extension
+(`COCO_train2014_000000000009`) with every character other than letters, digits, `.`, `_`, `-`
+replaced by `_` (a name with a space would be split by the other stages), `image_<image id>`
+for a name starting with `.`; names that would then be equal (the same file name in two
+folders, or equal but for case) get `_<image id>` appended.
+A `file_name` that leaves the image folder (absolute, or through `..`) is refused, and so is an
+image or annotation with a missing or ill-typed field: the error names the file and its id.
 """
 from __future__ import annotations
 
@@ -30,16 +38,18 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as coco_mask
 
-from ..io import atomic_path, read_json
+from ..io import atomic_path, read_json, write_json
 from ..seeds import map_images
 from .classes import IGNORE_LABEL, check_classes, read_classes, write_classes
-from .voc import write_annotation, write_mask
+from .voc import name_problem, write_annotation, write_mask
 
 IMAGE_MODES = ("symlink", "copy")
 # instances_train2014.json -> split "train", images in <coco-root>/train2014
 ANNOTATION_NAME = re.compile(r"^instances_(?P<folder>(?P<split>[a-z]+)\d{4})\.json$")
 
-Record = Tuple[Dict[str, object], List[Dict[str, object]]]   # (COCO image, its instances)
+# (name, source image path, height, width, the image's instances)
+Record = Tuple[str, str, int, int, List[Dict[str, object]]]
+UNSAFE = re.compile(r"[^A-Za-z0-9._-]")   # characters replaced by "_" in names
 
 
 def read_instances(path: str) -> Dict[str, list]:
@@ -52,6 +62,15 @@ def read_instances(path: str) -> Dict[str, list]:
             raise ValueError(f"{path}: not a COCO instances file (no {key!r} list)")
     if not instances["categories"]:
         raise ValueError(f"{path}: no categories")
+    seen = set()
+    for category in instances["categories"]:
+        if not isinstance(category, dict) or not _is_int(category.get("id")):
+            raise ValueError(f"{path}: a category has no integer 'id' ({str(category)[:80]})")
+        if not isinstance(category.get("name"), str) or category["id"] in seen:
+            raise ValueError(f"{path}: category {category['id']}: "
+                             + ("the id is given twice" if category["id"] in seen else
+                                f"'name' must be a string, got {category.get('name')!r}"))
+        seen.add(category["id"])
     return instances
 
 
@@ -114,13 +133,10 @@ def _outputs(out: str, name: str) -> Tuple[str, str, str]:
             os.path.join(out, "SegmentationClass", f"{name}.png"))
 
 
-def _convert_one(record: Record, image_dir: str, out: str, classes: Tuple[str, ...],
+def _convert_one(record: Record, out: str, classes: Tuple[str, ...],
                  class_of: Mapping[int, int], images: str) -> str:
     """Worker: write one image's JPEG (link or copy), XML and label PNG. Returns its name."""
-    image, instances = record
-    source = os.path.abspath(os.path.join(image_dir, str(image["file_name"])))
-    name = os.path.splitext(os.path.basename(source))[0]
-    height, width = int(image["height"]), int(image["width"])
+    name, source, height, width, instances = record
     if not os.path.isfile(source):
         raise FileNotFoundError(f"{source}: COCO image not found")
     with Image.open(source) as im:                         # header only, no decoding
@@ -144,6 +160,106 @@ def _convert_one(record: Record, image_dir: str, out: str, classes: Tuple[str, .
     return name
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
+def check_image(image: object, path: str) -> None:
+    """An entry of `images`: an integer id, a non-empty file_name, positive height and width;
+    else an error naming the file and the image id."""
+    if not isinstance(image, dict) or not _is_int(image.get("id")):
+        raise ValueError(f"{path}: an image has no integer 'id' ({str(image)[:80]})")
+    where = f"{path}: image {image['id']}"
+    if not isinstance(image.get("file_name"), str) or not image["file_name"]:
+        raise ValueError(f"{where}: 'file_name' must be a non-empty string, got "
+                         f"{image.get('file_name')!r}")
+    for key in ("height", "width"):
+        if not _is_int(image.get(key)) or image[key] < 1:
+            raise ValueError(f"{where}: {key!r} must be a positive integer, got "
+                             f"{image.get(key)!r}")
+
+
+def check_annotation(ann: object, path: str, class_of: Mapping[int, int],
+                     image_ids: Mapping[int, object]) -> None:
+    """An entry of `annotations`: integer id and image_id (an image of the file), a category_id
+    of the categories, bbox [x, y, w, h] of finite numbers with w, h >= 0, a segmentation
+    (polygon list or RLE object), iscrowd 0 or 1 if given; else an error naming the file and the
+    annotation id."""
+    if not isinstance(ann, dict) or not _is_int(ann.get("id")):
+        raise ValueError(f"{path}: an annotation has no integer 'id' ({str(ann)[:80]})")
+    where = f"{path}: annotation {ann['id']}"
+    if not _is_int(ann.get("image_id")) or ann["image_id"] not in image_ids:
+        raise ValueError(f"{where}: 'image_id' {ann.get('image_id')!r} is not the id of an image "
+                         f"of the file")
+    if not _is_int(ann.get("category_id")) or ann["category_id"] not in class_of:
+        raise ValueError(f"{where}: has category {ann.get('category_id')!r}, not in the "
+                         f"categories")
+    bbox = ann.get("bbox")
+    if not (isinstance(bbox, list) and len(bbox) == 4 and all(map(_is_number, bbox))
+            and bbox[2] >= 0 and bbox[3] >= 0):
+        raise ValueError(f"{where}: 'bbox' must be [x, y, width, height] of finite numbers "
+                         f"(width, height >= 0), got {bbox!r}")
+    if not isinstance(ann.get("segmentation"), (list, dict)):
+        raise ValueError(f"{where}: 'segmentation' must be a polygon list or an RLE object, got "
+                         f"{ann.get('segmentation')!r:.80}")
+    if ann.get("iscrowd", 0) not in (0, 1) or isinstance(ann.get("iscrowd"), bool):
+        raise ValueError(f"{where}: 'iscrowd' must be 0 or 1, got {ann.get('iscrowd')!r}")
+
+
+def image_source(image_dir: str, image: Mapping[str, object], path: str) -> str:
+    """The absolute path of an image's file, refused when its file_name leaves `image_dir`
+    (absolute, or climbing out through `..`): the converter links only the split's images."""
+    file_name = str(image["file_name"])
+    root = os.path.abspath(image_dir)
+    source = os.path.normpath(os.path.join(root, file_name))
+    if os.path.isabs(file_name) or not source.startswith(root + os.sep):
+        raise ValueError(f"{path}: image {image['id']}: file_name {file_name!r} is outside the "
+                         f"image folder {image_dir}")
+    return source
+
+
+def image_names(images: Sequence[Mapping[str, object]]) -> List[str]:
+    """Unique, safe names of COCO images (module docstring): the file name's stem with unsafe
+    characters replaced; names equal (ignoring case) to another get `_<image id>` appended until
+    none are (image ids are unique, so a suffixed name cannot equal another suffixed name)."""
+    names = [UNSAFE.sub("_", os.path.splitext(os.path.basename(str(image["file_name"])))[0])
+             for image in images]
+    names = [n if not name_problem(n) else f"image_{image['id']}"
+             for n, image in zip(names, images)]
+    suffixed = [False] * len(names)
+    while True:
+        groups: Dict[str, List[int]] = {}
+        for i, name in enumerate(names):
+            groups.setdefault(name.casefold(), []).append(i)
+        clashes = [i for group in groups.values() if len(group) > 1 for i in group
+                   if not suffixed[i]]
+        if not clashes:
+            return names
+        for i in clashes:
+            names[i], suffixed[i] = f"{names[i]}_{images[i]['id']}", True
+
+
+def _claimed_elsewhere(out: str, split: str, sources: Mapping[str, str]) -> None:
+    """Refuse names that another split converted into `out` holds for another image file."""
+    for entry in sorted(os.listdir(out)) if os.path.isdir(out) else []:
+        match = re.fullmatch(r"coco_images_(.+)\.json", entry)
+        if not match or match.group(1) == split:
+            continue
+        other = read_json(os.path.join(out, entry))
+        images = other.get("images") if isinstance(other, dict) else None
+        for name, record in (images if isinstance(images, dict) else {}).items():
+            source = record.get("source") if isinstance(record, dict) else None
+            if name in sources and source != sources[name]:
+                raise ValueError(f"{os.path.join(out, entry)}: {name!r} is already image "
+                                 f"{source} of split {match.group(1)}, not {sources[name]}; "
+                                 f"convert into another --out")
+
+
 def coco_to_voc(coco_root: str, annotations: str, out: str, split: Optional[str] = None,
                 image_dir: Optional[str] = None, images: str = "symlink", workers: int = 1,
                 overwrite: bool = False) -> Dict[str, object]:
@@ -158,7 +274,7 @@ def coco_to_voc(coco_root: str, annotations: str, out: str, split: Optional[str]
         images: "symlink" (absolute links, default) or "copy".
         workers: processes; <= 1 converts in this process.
     Returns:
-        {"split", "list", "written", "kept", "without_instances", "classes"}.
+        {"split", "list", "written", "kept", "without_instances", "classes", "mapping"}.
     """
     if images not in IMAGE_MODES:
         raise ValueError(f"images must be one of {', '.join(IMAGE_MODES)}, got {images!r}")
@@ -181,21 +297,30 @@ def coco_to_voc(coco_root: str, annotations: str, out: str, split: Optional[str]
                          f"{annotations}; convert into another --out")
     class_of = {int(c["id"]): i for i, c in enumerate(
         sorted(instances["categories"], key=lambda c: c["id"]))}
+    image_ids: Dict[int, Dict[str, object]] = {}
+    for image in instances["images"]:
+        check_image(image, annotations)
+        if image["id"] in image_ids:
+            raise ValueError(f"{annotations}: image {image['id']}: the id is given twice")
+        image_ids[image["id"]] = image
     by_image: Dict[int, List[Dict[str, object]]] = {}
     for ann in instances["annotations"]:
-        if ann.get("category_id") not in class_of:
-            raise ValueError(f"{annotations}: annotation {ann.get('id')} has category "
-                             f"{ann.get('category_id')!r}, not in the categories")
+        check_annotation(ann, annotations, class_of, image_ids)
         by_image.setdefault(ann["image_id"], []).append(ann)
-    records = [(image, by_image[image["id"]]) for image in instances["images"]
-               if image["id"] in by_image]
-    names = [os.path.splitext(os.path.basename(str(image["file_name"])))[0]
-             for image, _ in records]
-    todo = [r for r, n in zip(records, names)
-            if overwrite or not all(os.path.lexists(p) for p in _outputs(out, n))]
+    annotated = [image for image in instances["images"] if image["id"] in by_image]
+    names = image_names(annotated)
+    records = [(name, image_source(image_dir, image, annotations), image["height"],
+                image["width"], by_image[image["id"]]) for name, image in zip(names, annotated)]
+    _claimed_elsewhere(out, split, {r[0]: r[1] for r in records})
+    todo = [r for r in records
+            if overwrite or not all(os.path.lexists(p) for p in _outputs(out, r[0]))]
     write_classes(class_file, classes)
-    job = functools.partial(_convert_one, image_dir=image_dir, out=out, classes=classes,
-                            class_of=class_of, images=images)
+    mapping = os.path.join(out, f"coco_images_{split}.json")
+    write_json(mapping, dict(annotations=os.path.abspath(annotations), images={
+        name: dict(id=image["id"], file_name=image["file_name"], source=record[1])
+        for name, image, record in zip(names, annotated, records)}))
+    job = functools.partial(_convert_one, out=out, classes=classes, class_of=class_of,
+                            images=images)
     for _ in map_images(job, todo, workers, f"COCO {split} -> {out}"):
         pass
     list_file = os.path.join(out, "ImageSets", "Segmentation", f"{split}.txt")
@@ -205,4 +330,4 @@ def coco_to_voc(coco_root: str, annotations: str, out: str, split: Optional[str]
     return {"split": split, "list": list_file, "written": len(todo),
             "kept": len(records) - len(todo),
             "without_instances": len(instances["images"]) - len(records),
-            "classes": class_file}
+            "classes": class_file, "mapping": mapping}

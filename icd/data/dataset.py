@@ -17,7 +17,8 @@ from mxnet import gluon
 from ..devices import shard_names
 from .superpixels import MAX_REGIONS, read_superpixels
 from .transforms import INFER_SIZE, TRAIN_SIZE, infer_transform, train_transform
-from .voc import VOC_CLASSES, multi_hot, read_image, read_image_labels, read_list
+from .voc import VOC_CLASSES, check_exif_turn, multi_hot, read_image, read_image_labels, \
+    read_list
 
 
 class _SuperpixelImages(gluon.data.Dataset):
@@ -38,9 +39,15 @@ class _SuperpixelImages(gluon.data.Dataset):
     def load(self, index: int) -> Tuple[np.ndarray, np.ndarray]:
         """(H, W, 3) uint8 RGB image and its (H, W) int32 superpixels."""
         name = self.names[index]
-        image = read_image(os.path.join(self.image_root, f"{name}.jpg"))
+        image_path = os.path.join(self.image_root, f"{name}.jpg")
+        image = read_image(image_path)
         path = os.path.join(self.superpixel_root, f"{name}.png")
-        superpixels = read_superpixels(path, expected_shape=image.shape)
+        try:
+            superpixels = read_superpixels(path, expected_shape=image.shape)
+        except ValueError:   # when an EXIF orientation explains it, say so
+            check_exif_turn(image_path, image.shape, path, read_superpixels(path).shape,
+                            "superpixel map")
+            raise
         if superpixels.max() >= MAX_REGIONS:
             raise ValueError(f"{path}: superpixel id {superpixels.max()} >= {MAX_REGIONS}; "
                              f"ids must be 0..{MAX_REGIONS - 1}")

@@ -21,7 +21,7 @@ from mxnet import gluon
 
 from .dataset import TrainLoader
 from .transforms import TRAIN_SIZE, crop, mirror, pad_to, rescale
-from .voc import IGNORE_LABEL, NUM_CLASSES, read_image, read_list, read_mask
+from .voc import IGNORE_LABEL, NUM_CLASSES, check_exif_turn, read_image, read_list, read_mask
 
 SCALE_RANGE = (0.5, 1.5)  # DeepLab-LargeFOV: continuous random scale
 
@@ -78,9 +78,11 @@ class SegmentationDataset(gluon.data.Dataset):
     def load(self, index: int) -> Pair:
         """(H, W, 3) uint8 RGB image and its (H, W) uint8 label map, checked against each other."""
         name = self.names[index]
-        image = read_image(os.path.join(self.image_root, f"{name}.jpg"))
+        image_path = os.path.join(self.image_root, f"{name}.jpg")
+        image = read_image(image_path)
         path = self.label_path(name)
         label = read_mask(path)
+        check_exif_turn(image_path, image.shape, path, label.shape, "label map")
         if label.shape != image.shape[:2]:
             raise ValueError(f"{path}: label map {label.shape} does not match the image "
                              f"{image.shape[:2]}")

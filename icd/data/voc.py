@@ -13,6 +13,7 @@ label files.
 from __future__ import annotations
 
 import os
+import unicodedata
 import xml.etree.ElementTree as ET
 from typing import List, Sequence
 
@@ -26,23 +27,79 @@ from .classes import IGNORE_LABEL, VOC_CLASSES, voc_palette  # noqa: F401 (VOC's
 NUM_CLASSES = len(VOC_CLASSES)
 
 
-def read_list(path: str) -> List[str]:
-    """Image names of a list file (`train_aug.txt` style): the first token of each non-empty line.
+LIST_FILE_EXTENSIONS = (".jpg", ".jpeg", ".png")   # columns of a list naming image or mask files
 
-    Lines like ``/JPEGImages/x.jpg /SegmentationClassAug/x.png`` give ``x``. A UTF-8 byte-order
-    mark (written by some Windows editors) is not part of the first name.
+
+def read_list(path: str) -> List[str]:
+    """Image names of a list file (`train_aug.txt` style), checked whole before any stage runs.
+
+    A list is a set of image ids. Each non-blank line is a name (``2007_000032``) or the release's
+    pair ``/JPEGImages/x.jpg /SegmentationClassAug/x.png``, which gives ``x``: the base name of
+    the first token without its extension; further columns are ignored. A UTF-8 byte-order mark
+    (written by some Windows editors) is not part of the first name. An error names the list
+    file and the line, before any image is read, for: text that is not UTF-8, a comment line
+    (``#``), a later column naming an image or mask file of another name (``my photo.jpg``: a
+    name with whitespace inside, which the stages would split), a name a stage cannot write back
+    as ``<name>.png`` (`name_problem`), and a name listed twice.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: data list not found")
-    names = []
-    with open(path, encoding="utf-8-sig") as f:
-        for line in f:
-            token = line.split()
-            if token:
-                names.append(os.path.splitext(os.path.basename(token[0]))[0])
+    with open(path, "rb") as f:
+        data = f.read()
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    names, line_of = [], {}
+    for number, raw in enumerate(data.split(b"\n"), 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: line {number}: not UTF-8 text (byte 0x{raw[e.start]:02x} "
+                             f"at column {e.start + 1}); save the list as UTF-8") from None
+        tokens = line.split()
+        if not tokens:
+            continue
+        where = f"{path}: line {number}"
+        controls = [c for c in line.rstrip("\r") if unicodedata.category(c) == "Cc" and c != "\t"]
+        if controls:   # a lone CR (old Mac line ends) or a form feed would split a line silently
+            raise ValueError(f"{where}: holds the control character U+{ord(controls[0]):04X}; "
+                             f"save the list with one name per line (LF or CRLF line ends)")
+        if tokens[0].startswith("#"):
+            raise ValueError(f"{where}: {line.strip()!r} looks like a comment; a list holds image "
+                             f"names only, remove the line")
+        name = os.path.splitext(os.path.basename(tokens[0]))[0]
+        if any(os.path.splitext(token)[1].lower() in LIST_FILE_EXTENSIONS
+               and os.path.splitext(os.path.basename(token))[0] != name for token in tokens[1:]):
+            raise ValueError(f"{where}: {line.strip()!r} names another file after {name!r}: a "
+                             f"name with whitespace inside (the stages split at whitespace), or "
+                             f"an 'image mask' pair of two images")
+        problem = name_problem(name)
+        if problem:
+            raise ValueError(f"{where}: image name {name!r} {problem}")
+        if name in line_of:
+            raise ValueError(f"{where}: image {name!r} is listed again (first on line "
+                             f"{line_of[name]}); a list names each image once")
+        line_of[name] = number
+        names.append(name)
     if not names:
         raise ValueError(f"{path}: data list is empty")
     return names
+
+
+def name_problem(name: str) -> str:
+    """Why `name` cannot be an image id that every stage writes and reads back as `<name>.png`
+    and lists one per line, or "" when it can: no whitespace, control or format characters,
+    no path separator (``/``, ``\\``), not empty, and no leading ``.`` (``..``, hidden files and
+    the temporaries of `icd.io.atomic_path`, which a stage deletes when it starts)."""
+    if not name:
+        return "is empty"
+    if name.startswith("."):
+        return "starts with '.' (hidden files and the stages' temporary files do)"
+    for char in name:
+        if char in "/\\":
+            return f"holds the path separator {char!r}"
+        if char.isspace() or unicodedata.category(char).startswith("C"):
+            return f"holds the control or blank character U+{ord(char):04X}"
+    return ""
 
 
 def read_image(path: str) -> np.ndarray:
@@ -67,6 +124,41 @@ def read_image(path: str) -> np.ndarray:
     if bgr is None:
         raise ValueError(f"{path}: unreadable image (OpenCV could not decode it)")
     return np.ascontiguousarray(bgr[:, :, ::-1])
+
+
+EXIF_ORIENTATION = 0x0112   # the EXIF tag; values 5-8 turn the image by 90 degrees
+
+
+def exif_orientation(path: str) -> int:
+    """The EXIF orientation (1-8) of an image file, 1 when it has none (or is unreadable)."""
+    try:
+        with Image.open(path) as im:
+            value = im.getexif().get(EXIF_ORIENTATION, 1)
+    except (OSError, SyntaxError, ValueError):
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def check_exif_turn(image_path: str, image_shape: Sequence[int], path: str,
+                    shape: Sequence[int], what: str) -> None:
+    """An error naming the image when the (H, W) `shape` of the `what` in `path` (label map,
+    superpixels, saliency) differs from the (H, W[, 3]) shape of the image read from
+    `image_path` and the image's EXIF orientation explains it. Other mismatches are left to
+    the caller's own check.
+
+    release: images are read with cv2.imread, which applies the EXIF orientation; masks are
+    single-channel PNGs, never turned.
+    """
+    (height, width), (h, w) = tuple(image_shape[:2]), tuple(shape[:2])
+    if (h, w) == (height, width):
+        return
+    orientation = exif_orientation(image_path)
+    if orientation != 1:
+        raise ValueError(
+            f"{image_path}: its EXIF orientation {orientation} makes OpenCV (and so the release) "
+            f"read it turned, as {width}x{height} (W x H), but its {what} {path} is {w}x{h}: "
+            f"save the image with its pixels turned and no EXIF orientation (e.g. PIL's "
+            f"ImageOps.exif_transpose), or make the {what} from the image as read")
 
 
 def _truncation(encoded: bytes) -> str:
