@@ -33,7 +33,7 @@ from .io import atomic_path
 from .model import build_model
 from .data.voc import write_image
 from .devices import split_batch
-from .provenance import file_identity, producing
+from .provenance import file_identity, producing, require_checkpoint_classes
 from .visualize import score_panel
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,8 @@ def infer_settings(cfg: Config, params: str) -> Dict[str, object]:
     return {"model": cfg.model, "model_options": cfg.model_options,
             "checkpoint": file_identity(params), "epoch": int(epoch.group(1)) if epoch else None,
             "infer_size": cfg.infer_size, "image_root": os.path.abspath(cfg.image_root),
-            "superpixel_root": os.path.abspath(cfg.superpixel_root)}
+            "superpixel_root": os.path.abspath(cfg.superpixel_root),
+            "classes": list(cfg.class_names)}
 
 
 def infer(cfg: Config, params: str, out_dir: str, contexts: Sequence[mx.Context],
@@ -61,6 +62,7 @@ def infer(cfg: Config, params: str, out_dir: str, contexts: Sequence[mx.Context]
     Raises ProvenanceError before writing if a score folder holds results of other settings
     (unless cfg.overwrite, which clears them); a failure leaves the folders marked failed.
     """
+    require_checkpoint_classes(params, cfg.class_names)   # its scores' class order
     net = build_model(cfg.model, **cfg.model_options)
     load_checkpoint(net, params, contexts)
     net.hybridize(static_alloc=True)

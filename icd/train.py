@@ -56,6 +56,7 @@ from . import distributed as dist
 from .checkpoint import initialize, load_checkpoint, save_checkpoint
 from .devices import parse_devices, split_batch
 from .config import Config
+from .data.classes import require_classes
 from .data.dataset import TrainLoader, train_loader
 from .data.segmentation import segmentation_loader
 from .data.voc import IGNORE_LABEL, write_image
@@ -63,7 +64,7 @@ from .evaluate import overlay
 from .io import atomic_path, deferred_interrupt, read_json, remove_stale_temporaries, write_json
 from .model import ICDNet, ResNet101LargeFOV, build_model, ops
 from .model.losses import nearest_label, segmentation_loss, top_down_warmup
-from .provenance import require_complete
+from .provenance import given_classes, require_complete, require_folder_classes
 from .visualize import score_panel
 
 log = logging.getLogger(__name__)
@@ -180,14 +181,79 @@ def _new_run_id() -> str:
     return time.strftime("%Y%m%dT%H%M%S-") + uuid.uuid4().hex[:6]
 
 
+# Settings a resumed run may change without changing the run (the rest must equal the run
+# record's `config`, or `allow_changes` starts a new run chained to the old one):
+RESUME_FREE = (
+    "begin_epoch",                          # where to resume, by definition
+    "snapshot",                             # the folder may have moved
+    "num_workers",                          # loader processes: augmentation is keyed by
+                                            # (seed, epoch, index), not by the process
+    "num_save", "log_frequency",            # bookkeeping: rotation, log lines
+    "overwrite", "allow_changes",           # how this command treats the folder
+    "pretrained",                           # initialises epoch 0 only; a resume loads the
+                                            # checkpoint
+    "classes",                              # the file's path; its names are compared apart
+    "gpus", "cpus",                         # ids: compared as `devices`, their kind and number
+                                            # (the batch split follows the number)
+    "infer_size", "infer_batch_size", "scales", "flip", "crf",   # inference only
+)
+
+
+def _devices(config: Dict[str, object]) -> str:
+    """The kind and number of devices of a config (`gpus`, `cpus`): "2 GPUs", "1 CPU"."""
+    gpus = [g for g in str(config.get("gpus") or "").split(",") if g.strip()]
+    count, kind = (len(gpus), "GPU") if gpus else (max(int(config.get("cpus") or 0), 1), "CPU")
+    return f"{count} {kind}{'s' if count > 1 else ''}"
+
+
+def resume_changes(cfg: Config, record: dict) -> Dict[str, Tuple[object, object]]:
+    """The settings of `cfg` that differ from those of the run record `record` (its `config`):
+    {field: (the run's, cfg's)}, `devices` for the kind and number of devices, fields of
+    RESUME_FREE left out; fields only one of them knows (another version) are not compared."""
+    old = dict(record.get("config") or {})
+    new = json.loads(json.dumps(dataclasses.asdict(cfg)))   # as the record reads it back
+    changes = {k: (old[k], new[k]) for k in sorted(set(old) & set(new))
+               if k not in RESUME_FREE and old[k] != new[k]}
+    if _devices(old) != _devices(new):
+        changes["devices"] = (_devices(old), _devices(new))
+    return changes
+
+
+def _check_resume(cfg: Config) -> Tuple[Optional[dict], Dict[str, Tuple[object, object]]]:
+    """The run record of checkpoint begin_epoch - 1 (None without one) and the settings that
+    differ from it, after the checks of a resume: the class list must be the run's (names and
+    order, always); other settings need cfg.allow_changes (ValueError naming each)."""
+    record = read_run_record(cfg, cfg.begin_epoch - 1)
+    if record is None:
+        return None, {}
+    source = checkpoint_path(cfg, cfg.begin_epoch - 1, "json")
+    if record.get("classes") is not None:
+        require_classes(record["classes"], cfg.class_names, source, "the run was trained on",
+                        given_classes(cfg.class_names), "resume with the run's --classes")
+    changes = resume_changes(cfg, record)
+    if changes and not cfg.allow_changes:
+        shown = "; ".join(f"{'--' + k.replace('_', '-') if k != 'devices' else 'devices'} "
+                          f"{old!r} in the run, {new!r} now" for k, (old, new) in changes.items())
+        raise ValueError(
+            f"{source}: run {record.get('run')} was trained with other settings ({shown}); "
+            f"resume with the run's settings for a continuation bit for bit, or pass "
+            f"--allow-changes to start a new run from this checkpoint (its records name this "
+            f"one as previous_run)")
+    return record, changes
+
+
 def start_run(cfg: Config) -> Dict[str, object]:
     """Check the snapshot folder for `cfg` and decide the run: {"run": id, "records": log so far,
-    "record": run record of the resumed checkpoint or None}.
+    "record": run record of the resumed checkpoint or None, "previous_run": the run this one
+    continues under a new id, or None}.
 
     A fresh run (begin_epoch 0) into a folder holding checkpoints of the same model raises
     FileExistsError naming them, unless cfg.overwrite, which removes them and the log first.
     A resumed run continues the run of checkpoint begin_epoch - 1; checkpoints of later epochs
-    (another continuation) are an error unless cfg.overwrite removes them.
+    (another continuation) are an error unless cfg.overwrite removes them. Its class list must be
+    the run's, and its settings too (`_check_resume`) unless cfg.allow_changes: then a resume
+    with other settings starts a new run id whose records name the old one (`previous_run`) and
+    whose log keeps the old run's epochs.
     """
     os.makedirs(cfg.snapshot, exist_ok=True)
     for folder in (cfg.snapshot, os.path.join(cfg.snapshot, "demo")):
@@ -206,22 +272,27 @@ def start_run(cfg: Config) -> Dict[str, object]:
             f"{cfg.snapshot}: holds checkpoints of {cfg.model} after epoch {cfg.begin_epoch - 1} "
             f"({names}); resuming at epoch {cfg.begin_epoch} would overwrite them. Resume with "
             f"--begin-epoch {later[-1] + 1}, or pass --overwrite to delete them")
+    record, changes = _check_resume(cfg) if cfg.begin_epoch > 0 else (None, {})
     _remove_run_files(cfg, later)
     if cfg.begin_epoch == 0:
         with contextlib.suppress(FileNotFoundError):
             os.remove(_log_path(cfg))
-        return {"run": _new_run_id(), "records": [], "record": None}
-    record = read_run_record(cfg, cfg.begin_epoch - 1)
+        return {"run": _new_run_id(), "records": [], "record": None, "previous_run": None}
     if record is None:
         log.warning("%s: no run record; the shared sign-flip store is taken from the checkpoint "
                     "and the run's earlier log is not kept", checkpoint_path(cfg, cfg.begin_epoch - 1))
-        return {"run": _new_run_id(), "records": [], "record": None}
-    if record.get("seed") != cfg.seed:
-        log.warning("%s: written with seed %s, resumed with seed %s",
-                    checkpoint_path(cfg, cfg.begin_epoch - 1, "json"), record.get("seed"), cfg.seed)
+        return {"run": _new_run_id(), "records": [], "record": None, "previous_run": None}
     logged = read_json(_log_path(cfg)) if os.path.isfile(_log_path(cfg)) else []
     records = [r for r in logged if r.get("run") == record["run"] and r["epoch"] < cfg.begin_epoch]
-    return {"run": record["run"], "records": records, "record": record}
+    if changes:   # allowed by cfg.allow_changes (_check_resume)
+        run = _new_run_id()
+        log.warning("%s: resumed with other settings (%s): new run %s, previous run %s",
+                    checkpoint_path(cfg, cfg.begin_epoch - 1, "json"),
+                    ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items()),
+                    run, record["run"])
+        return {"run": run, "records": records, "record": record, "previous_run": record["run"]}
+    return {"run": record["run"], "records": records, "record": record,
+            "previous_run": record.get("previous_run")}
 
 
 OPTIMIZERS = ("sgd", "adam")
@@ -479,7 +550,8 @@ class SegmentationTask(Task):
         cfg = self.cfg
         # a seeds folder whose make_seeds run is running or failed is refused; ground truth
         # (no record) is read with a warning
-        require_complete(cfg.label_root, "make_seeds.py")
+        record = require_complete(cfg.label_root, "make_seeds.py")
+        require_folder_classes(cfg.label_root, record, cfg.class_names)   # seeds: their list
         return segmentation_loader(cfg.image_root, cfg.label_root, cfg.data_list,
                                    crop_size=cfg.image_size, batch_size=cfg.batch_size,
                                    num_classes=cfg.num_cls, num_workers=cfg.num_workers,
@@ -651,6 +723,7 @@ def _train(cfg: Config, task: Task, contexts: List[mx.Context],
                         run=run["run"], epoch=epoch, seed=cfg.seed,
                         generators="reseeded at each epoch start from (seed, epoch)",
                         **task.run_record(), device_states=states,
+                        classes=list(cfg.class_names), previous_run=run.get("previous_run"),
                         config=dataclasses.asdict(cfg)))
                     rotate_checkpoints(cfg, run["run"])
                     write_json(_log_path(cfg), records)
