@@ -185,6 +185,8 @@ def _new_run_id() -> str:
 # record's `config`, or `allow_changes` starts a new run chained to the old one):
 RESUME_FREE = (
     "begin_epoch",                          # where to resume, by definition
+    "num_epoch",                            # where to stop: a finished run may be extended
+                                            # (the poly LR of the epochs to come follows it)
     "snapshot",                             # the folder may have moved
     "num_workers",                          # loader processes: augmentation is keyed by
                                             # (seed, epoch, index), not by the process
@@ -193,36 +195,49 @@ RESUME_FREE = (
     "pretrained",                           # initialises epoch 0 only; a resume loads the
                                             # checkpoint
     "classes",                              # the file's path; its names are compared apart
-    "gpus", "cpus",                         # ids: compared as `devices`, their kind and number
-                                            # (the batch split follows the number)
+    "gpus", "cpus", "batch_size", "kvstore",   # compared for the whole job as `devices`
+                                            # (kind and number: the batch split follows it) and
+                                            # `batch` (x the workers): one machine with two
+                                            # devices continues as two machines with one
     "infer_size", "infer_batch_size", "scales", "flip", "crf",   # inference only
 )
 
 
-def _devices(config: Dict[str, object]) -> str:
-    """The kind and number of devices of a config (`gpus`, `cpus`): "2 GPUs", "1 CPU"."""
+JOB_LABELS = {"devices": "devices (--gpus / --cpus, x workers)",
+              "batch": "global batch (--batch-size x workers)"}
+
+
+def _job(config: Dict[str, object], workers: int) -> Dict[str, object]:
+    """The job of a config run by `workers` machines: `devices`, their kind and number over the
+    job ("2 GPUs", "1 CPU"), and `batch`, the global batch."""
     gpus = [g for g in str(config.get("gpus") or "").split(",") if g.strip()]
     count, kind = (len(gpus), "GPU") if gpus else (max(int(config.get("cpus") or 0), 1), "CPU")
-    return f"{count} {kind}{'s' if count > 1 else ''}"
+    count *= workers
+    return {"devices": f"{count} {kind}{'s' if count > 1 else ''}",
+            "batch": int(config.get("batch_size") or 0) * workers}
 
 
-def resume_changes(cfg: Config, record: dict) -> Dict[str, Tuple[object, object]]:
-    """The settings of `cfg` that differ from those of the run record `record` (its `config`):
-    {field: (the run's, cfg's)}, `devices` for the kind and number of devices, fields of
-    RESUME_FREE left out; fields only one of them knows (another version) are not compared."""
+def resume_changes(cfg: Config, record: dict, workers: int = 1
+                   ) -> Dict[str, Tuple[object, object]]:
+    """The settings of `cfg` run by `workers` machines that differ from those of the run record
+    `record` (its `config` and `workers`): {field: (the run's, cfg's)}, fields of RESUME_FREE
+    left out, `devices` and `batch` for the job (`_job`); fields only one of them knows
+    (another version) are not compared."""
     old = dict(record.get("config") or {})
     new = json.loads(json.dumps(dataclasses.asdict(cfg)))   # as the record reads it back
     changes = {k: (old[k], new[k]) for k in sorted(set(old) & set(new))
                if k not in RESUME_FREE and old[k] != new[k]}
-    if _devices(old) != _devices(new):
-        changes["devices"] = (_devices(old), _devices(new))
+    before, now = _job(old, int(record.get("workers") or 1)), _job(new, workers)
+    changes.update({k: (before[k], now[k]) for k in before if before[k] != now[k]})
     return changes
 
 
-def _check_resume(cfg: Config) -> Tuple[Optional[dict], Dict[str, Tuple[object, object]]]:
+def _check_resume(cfg: Config, workers: int = 1
+                  ) -> Tuple[Optional[dict], Dict[str, Tuple[object, object]]]:
     """The run record of checkpoint begin_epoch - 1 (None without one) and the settings that
-    differ from it, after the checks of a resume: the class list must be the run's (names and
-    order, always); other settings need cfg.allow_changes (ValueError naming each)."""
+    differ from it (`resume_changes`), after the checks of a resume: the class list must be the
+    run's (names and order, always); other settings need cfg.allow_changes (ValueError naming
+    each)."""
     record = read_run_record(cfg, cfg.begin_epoch - 1)
     if record is None:
         return None, {}
@@ -230,10 +245,10 @@ def _check_resume(cfg: Config) -> Tuple[Optional[dict], Dict[str, Tuple[object, 
     if record.get("classes") is not None:
         require_classes(record["classes"], cfg.class_names, source, "the run was trained on",
                         given_classes(cfg.class_names), "resume with the run's --classes")
-    changes = resume_changes(cfg, record)
+    changes = resume_changes(cfg, record, workers)
     if changes and not cfg.allow_changes:
-        shown = "; ".join(f"{'--' + k.replace('_', '-') if k != 'devices' else 'devices'} "
-                          f"{old!r} in the run, {new!r} now" for k, (old, new) in changes.items())
+        shown = "; ".join(f"{JOB_LABELS.get(k, '--' + k.replace('_', '-'))} {old!r} in the run, "
+                          f"{new!r} now" for k, (old, new) in changes.items())
         raise ValueError(
             f"{source}: run {record.get('run')} was trained with other settings ({shown}); "
             f"resume with the run's settings for a continuation bit for bit, or pass "
@@ -242,7 +257,7 @@ def _check_resume(cfg: Config) -> Tuple[Optional[dict], Dict[str, Tuple[object, 
     return record, changes
 
 
-def start_run(cfg: Config) -> Dict[str, object]:
+def start_run(cfg: Config, workers: int = 1) -> Dict[str, object]:
     """Check the snapshot folder for `cfg` and decide the run: {"run": id, "records": log so far,
     "record": run record of the resumed checkpoint or None, "previous_run": the run this one
     continues under a new id, or None}.
@@ -251,7 +266,8 @@ def start_run(cfg: Config) -> Dict[str, object]:
     FileExistsError naming them, unless cfg.overwrite, which removes them and the log first.
     A resumed run continues the run of checkpoint begin_epoch - 1; checkpoints of later epochs
     (another continuation) are an error unless cfg.overwrite removes them. Its class list must be
-    the run's, and its settings too (`_check_resume`) unless cfg.allow_changes: then a resume
+    the run's, and its settings (`workers` machines: `resume_changes`) too unless
+    cfg.allow_changes: then a resume
     with other settings starts a new run id whose records name the old one (`previous_run`) and
     whose log keeps the old run's epochs.
     """
@@ -272,7 +288,7 @@ def start_run(cfg: Config) -> Dict[str, object]:
             f"{cfg.snapshot}: holds checkpoints of {cfg.model} after epoch {cfg.begin_epoch - 1} "
             f"({names}); resuming at epoch {cfg.begin_epoch} would overwrite them. Resume with "
             f"--begin-epoch {later[-1] + 1}, or pass --overwrite to delete them")
-    record, changes = _check_resume(cfg) if cfg.begin_epoch > 0 else (None, {})
+    record, changes = _check_resume(cfg, workers) if cfg.begin_epoch > 0 else (None, {})
     _remove_run_files(cfg, later)
     if cfg.begin_epoch == 0:
         with contextlib.suppress(FileNotFoundError):
@@ -642,7 +658,7 @@ def _train(cfg: Config, task: Task, contexts: List[mx.Context],
     num_devices = len(contexts) * workers.num_workers   # of the job
 
     net = build_model(cfg.model, **cfg.model_options)
-    run = start_run(cfg) if workers.rank == 0 else None
+    run = start_run(cfg, workers.num_workers) if workers.rank == 0 else None
     workers.barrier()   # the others read the folder once rank 0 has checked and cleaned it
     run = run or {"run": None, "records": [], "record": read_run_record(
         cfg, cfg.begin_epoch - 1) if cfg.begin_epoch > 0 else None}
@@ -724,6 +740,7 @@ def _train(cfg: Config, task: Task, contexts: List[mx.Context],
                         generators="reseeded at each epoch start from (seed, epoch)",
                         **task.run_record(), device_states=states,
                         classes=list(cfg.class_names), previous_run=run.get("previous_run"),
+                        workers=workers.num_workers,
                         config=dataclasses.asdict(cfg)))
                     rotate_checkpoints(cfg, run["run"])
                     write_json(_log_path(cfg), records)

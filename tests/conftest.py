@@ -26,6 +26,7 @@ def tiny_voc(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("tiny_voc"))
     voc = os.path.join(root, "VOC")
     make_synthetic_voc(voc, num_train=8, num_val=4, size=48, seed=3)
+    os.remove(os.path.join(voc, "classes.txt"))   # VOC data: its names are VOC's, no class list
     for split in ("train", "val"):
         make_superpixels(os.path.join(voc, "JPEGImages"),
                          os.path.join(voc, "ImageSets", "Segmentation", f"{split}.txt"),

@@ -167,7 +167,7 @@ def test_missing_image_is_one_line_and_debug_shows_the_traceback(tiny_voc, tmp_p
 def _checkpoint_pair(tiny_config, tmp_path):
     """A snapshot with the epoch-0 checkpoint pair of a 1-epoch training."""
     from icd.train import train as train_loop
-    cfg = tiny_config(num_epoch=1, snapshot=str(tmp_path / "s"))
+    cfg = tiny_config(num_epoch=1, snapshot=str(tmp_path / "s"), dropout=0.5)   # the flags'
     train_loop(cfg)
     return cfg.snapshot, os.path.join(cfg.snapshot, "vgg16_icd-0000.params"), \
         os.path.join(cfg.snapshot, "vgg16_icd-0000.states")
