@@ -10,7 +10,7 @@ For each image with sorted present classes L, at feature resolution of the image
 A CAM-only model writes scores_cam only.
 
 Each score folder gets a `provenance.json` (see icd.provenance): the model, checkpoint file (size,
-mtime), inference size and roots; images larger than the inference size, of which only the centre
+mtime), inference size, roots and class list; images larger than the inference size, of which only the centre
 crop is scored (release), are logged and listed in it, so that the seed step can name them.
 """
 from __future__ import annotations
@@ -60,7 +60,8 @@ def infer(cfg: Config, params: str, out_dir: str, contexts: Sequence[mx.Context]
     icd.devices.shard_names); returns the image names.
 
     Raises ProvenanceError before writing if a score folder holds results of other settings
-    (unless cfg.overwrite, which clears them); a failure leaves the folders marked failed.
+    (unless cfg.overwrite, which clears them), ValueError if the checkpoint's run record names
+    another class list than cfg's; a failure leaves the folders marked failed.
     """
     require_checkpoint_classes(params, cfg.class_names)   # its scores' class order
     net = build_model(cfg.model, **cfg.model_options)

@@ -13,6 +13,8 @@ killed run stays "running"). A run with the settings of the record continues in 
 a record, refuses unless `overwrite`, which clears the folder's files first. `require_complete`
 is what a reading stage calls: a running or failed record is an error naming the folder; a folder
 without a record (e.g. the release's files) is accepted with a warning, as nothing can be checked.
+Results hold class indices, so a record names its class list (settings "classes") and a reader
+with another list is refused (`require_folder_classes`; checkpoints: `require_checkpoint_classes`).
 
 Shards (`--shard I/N`: N machines writing one folder, icd.devices.shard_names): each shard keeps
 its own record, `<folder>.provenance.shard-I-of-N.json`, and `read_record` merges them: complete

@@ -21,8 +21,10 @@ that wrote it, its seed and the task's shared state (ICD with several devices: t
 store). Every generator (MXNet's, numpy's; the loaders' augmentation is keyed by (seed, epoch,
 index)) is reseeded at the start of each epoch from (seed, epoch), so the random state at an
 epoch boundary is a function of what the record names and a resumed run is bit-identical to an
-uninterrupted one. A fresh run refuses a folder holding the model's checkpoints unless
-`overwrite`; rotation removes only the current run's checkpoints; the log `<model>-log.json`
+uninterrupted one. The record also names the class list and the run's config: a resume with
+another list is refused, one with other settings too unless `allow_changes`, which starts a new
+run chained to the old one (`start_run`, RESUME_FREE). A fresh run refuses a folder holding the
+model's checkpoints unless `overwrite`; rotation removes only the current run's checkpoints; the log `<model>-log.json`
 lists only that run's epochs.
 
 Several machines (`kvstore` dist_*, icd.distributed): the loop's hooks serve every task alike.

@@ -345,7 +345,8 @@ def test_training_exits_promptly_after_a_loader_error(voc_missing_a_queued_image
     voc = voc_missing_a_queued_image
     flags = tiny_train_flags(voc, str(tmp_path / "s"))
     flags[flags.index("--image-size") + 1] = "96"   # enough work queued to lose the race
-    command = [sys.executable, os.path.join(REPO, "tools", "train_icd.py"), *flags, "--cpus", "2"]
+    command = [sys.executable, os.path.join(REPO, "tools", "train_icd.py"), *flags, "--cpus", "2",
+               "--classes", os.path.join(os.path.dirname(voc["image_root"]), "classes.txt")]
     for run in range(8):
         try:
             done = subprocess.run(command, capture_output=True, text=True, timeout=60)

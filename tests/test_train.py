@@ -108,9 +108,9 @@ def test_two_devices_train_and_infer(tiny_config, tiny_voc, tmp_path):
 def test_every_experiment_config_builds_and_trains_a_step(tiny_config, tiny_voc, config_file):
     """ICD configs through the ICD task, deeplab_* through the segmentation task (on the
     ground-truth masks; ResNet-101 has no width multiplier, so it runs at full width). Every
-    config, COCO's included, takes the tiny data's own class list (its classes.txt, 6 classes):
+    config, COCO's included, takes the tiny data's own class list (6 classes):
     num_cls follows it and the masks' ids 1..6 are in range."""
-    classes = os.path.join(os.path.dirname(tiny_voc["annotation_root"]), "classes.txt")
+    classes = tiny_voc["classes"]
     data = dict(num_epoch=1, classes=classes, num_cls=len(DEFAULT_CLASSES))
     if config_file.startswith("deeplab"):
         cfg = tiny_config(config_file, label_root=tiny_voc["gt_root"], **data)
