@@ -10,8 +10,9 @@ For each image with sorted present classes L, at feature resolution of the image
 A CAM-only model writes scores_cam only.
 
 Each score folder gets a `provenance.json` (see icd.provenance): the model, checkpoint file (size,
-mtime), inference size, roots and class list; images larger than the inference size, of which only the centre
-crop is scored (release), are logged and listed in it, so that the seed step can name them.
+mtime), inference size, roots and class list; images larger than the inference size, of which
+only the centre crop is scored (release), are logged and listed in it, so that the seed step can
+name them.
 """
 from __future__ import annotations
 

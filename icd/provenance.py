@@ -238,9 +238,8 @@ def score_infer_size(results_dir: str, folders: Sequence[str], names: Sequence[s
     """
     paths = [os.path.join(results_dir, folder) for folder in dict.fromkeys(folders)]
     records = {path: require_complete(path, "infer_scores.py") for path in paths}
-    for path, record in records.items():
-        if classes is not None:
-            require_folder_classes(path, record, classes)
+    for path, record in records.items() if classes is not None else ():
+        require_folder_classes(path, record, classes)
     known = {path: record for path, record in records.items() if record is not None}
     if len({record["fingerprint"] for record in known.values()}) > 1:
         first, *others = known

@@ -192,7 +192,6 @@ def evaluate_predictions(out_dir: str, gt_root: str, data_list: str, model: str,
     return report
 
 
-
 def segment_settings(cfg: Config, params: str) -> Dict[str, object]:
     """What the provenance record of icd-infer-seg's `pred/` and `overlay/` names and compares:
     the model, the checkpoint `params` (path, size, mtime), the inference settings (scales,

@@ -24,8 +24,8 @@ epoch boundary is a function of what the record names and a resumed run is bit-i
 uninterrupted one. The record also names the class list and the run's config: a resume with
 another list is refused, one with other settings too unless `allow_changes`, which starts a new
 run chained to the old one (`start_run`, RESUME_FREE). A fresh run refuses a folder holding the
-model's checkpoints unless `overwrite`; rotation removes only the current run's checkpoints; the log `<model>-log.json`
-lists only that run's epochs.
+model's checkpoints unless `overwrite`; rotation removes only the current run's checkpoints; the
+log `<model>-log.json` lists only that run's epochs.
 
 Several machines (`kvstore` dist_*, icd.distributed): the loop's hooks serve every task alike.
 The batch is per worker and the schedule follows the global batch (batch x workers); worker r
@@ -269,9 +269,8 @@ def start_run(cfg: Config, workers: int = 1) -> Dict[str, object]:
     A resumed run continues the run of checkpoint begin_epoch - 1; checkpoints of later epochs
     (another continuation) are an error unless cfg.overwrite removes them. Its class list must be
     the run's, and its settings (`workers` machines: `resume_changes`) too unless
-    cfg.allow_changes: then a resume
-    with other settings starts a new run id whose records name the old one (`previous_run`) and
-    whose log keeps the old run's epochs.
+    cfg.allow_changes: then a resume with other settings starts a new run id whose records name
+    the old one (`previous_run`) and whose log keeps the old run's epochs.
     """
     os.makedirs(cfg.snapshot, exist_ok=True)
     for folder in (cfg.snapshot, os.path.join(cfg.snapshot, "demo")):

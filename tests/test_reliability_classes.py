@@ -24,7 +24,7 @@ from icd.commands import seeds as seeds_command
 from icd.commands import train as train_command
 from icd.commands import train_seg as train_seg_command
 from icd.data.classes import VOC_CLASSES, write_classes
-from icd.data.synthetic import DEFAULT_CLASSES
+from icd.data.synthetic import DEFAULT_CLASSES, make_synthetic_voc
 from icd.data.voc import read_image_labels, read_list
 from icd.io import read_json
 from icd.model import build_model
@@ -119,7 +119,6 @@ def seeds_of(tiny_voc, results, out, classes, capsys):
 @pytest.fixture(scope="module")
 def six_voc(tmp_path_factory):
     """A 6-class synthetic dataset as icd-synthetic writes it: with its classes.txt."""
-    from icd.data.synthetic import make_synthetic_voc
     root = str(tmp_path_factory.mktemp("six_voc"))
     make_synthetic_voc(root, num_train=4, num_val=0, size=40, seed=5)
     return {"root": root, "image_root": os.path.join(root, "JPEGImages"),
