@@ -57,6 +57,7 @@ class Config:
     num_save: int = 5
     overwrite: bool = False               # a fresh run replaces the model's checkpoints and log;
                                           # inference replaces score folders of other settings
+    allow_changes: bool = False           # a resume with other settings starts a chained run
     log_frequency: Optional[int] = None   # None: release's max(num_images // (B * 20), 5)
     # inference (release section 5)
     infer_size: int = 513
@@ -148,6 +149,9 @@ HELP = {
     "crf": "segmentation inference: dense CRF with DeepLab-LargeFOV's parameters",
     "overwrite": "training: replace the model's checkpoints and log in --snapshot (a fresh run "
                  "refuses them otherwise); inference: clear result folders of other settings",
+    "allow_changes": "resume (--begin-epoch) with settings other than the run's: start a new "
+                     "run from the checkpoint whose records name the old one (previous_run); "
+                     "without it such a resume is refused",
 }
 
 # Ranges, checked for the YAML file and the flags alike; a field not listed takes any value of

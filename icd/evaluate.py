@@ -38,7 +38,7 @@ from .data.classes import class_palette, segmentation_classes
 from .data.voc import IGNORE_LABEL, VOC_CLASSES, read_image, read_image_labels, read_list, \
     read_mask
 from .io import atomic_path, write_json
-from .provenance import require_complete, score_infer_size
+from .provenance import require_complete, require_folder_classes, score_infer_size
 from .seeds import INFER_SIZE, load_image_scores, load_scores, map_images, resize_scores, \
     seed_from_scores
 
@@ -405,11 +405,11 @@ def evaluate(results_dir: str, gt_root: str, data_list: str,
         seed_dirs = sorted(os.path.join("seeds", d) for d in os.listdir(root)
                            if os.path.isdir(os.path.join(root, d))) if os.path.isdir(root) else []
     seed_paths = {d: d if os.path.isabs(d) else os.path.join(results_dir, d) for d in seed_dirs}
-    for path in seed_paths.values():
-        require_complete(path, "make_seeds.py")
+    for path in seed_paths.values():   # seeds hold class ids: made with this list
+        require_folder_classes(path, require_complete(path, "make_seeds.py"), classes)
     if annotation_root is not None:
         infer_size = score_infer_size(results_dir, list(folders.values()), names, infer_size,
-                                      INFER_SIZE)
+                                      INFER_SIZE, classes)
     report: Dict[str, object] = {"data_list": os.path.abspath(data_list),
                                  "num_images": len(names), "classes": list(classes)}
     report["seeds"] = {d: evaluate_seeds(p, gt_root, names, workers, classes)

@@ -10,8 +10,9 @@ For each image with sorted present classes L, at feature resolution of the image
 A CAM-only model writes scores_cam only.
 
 Each score folder gets a `provenance.json` (see icd.provenance): the model, checkpoint file (size,
-mtime), inference size and roots; images larger than the inference size, of which only the centre
-crop is scored (release), are logged and listed in it, so that the seed step can name them.
+mtime), inference size, roots and class list; images larger than the inference size, of which
+only the centre crop is scored (release), are logged and listed in it, so that the seed step can
+name them.
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ from .io import atomic_path, require_finite
 from .model import build_model
 from .data.voc import write_image
 from .devices import split_batch
-from .provenance import file_identity, producing
+from .provenance import file_identity, producing, require_checkpoint_classes
 from .visualize import score_panel
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,8 @@ def infer_settings(cfg: Config, params: str) -> Dict[str, object]:
     return {"model": cfg.model, "model_options": cfg.model_options,
             "checkpoint": file_identity(params), "epoch": int(epoch.group(1)) if epoch else None,
             "infer_size": cfg.infer_size, "image_root": os.path.abspath(cfg.image_root),
-            "superpixel_root": os.path.abspath(cfg.superpixel_root)}
+            "superpixel_root": os.path.abspath(cfg.superpixel_root),
+            "classes": list(cfg.class_names)}
 
 
 def infer(cfg: Config, params: str, out_dir: str, contexts: Sequence[mx.Context],
@@ -59,8 +61,10 @@ def infer(cfg: Config, params: str, out_dir: str, contexts: Sequence[mx.Context]
     icd.devices.shard_names); returns the image names.
 
     Raises ProvenanceError before writing if a score folder holds results of other settings
-    (unless cfg.overwrite, which clears them); a failure leaves the folders marked failed.
+    (unless cfg.overwrite, which clears them), ValueError if the checkpoint's run record names
+    another class list than cfg's; a failure leaves the folders marked failed.
     """
+    require_checkpoint_classes(params, cfg.class_names)   # its scores' class order
     net = build_model(cfg.model, **cfg.model_options)
     load_checkpoint(net, params, contexts)
     net.hybridize(static_alloc=True)

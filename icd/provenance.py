@@ -14,6 +14,8 @@ a record, refuses unless `overwrite`, which clears the folder first: only the fi
 itself writes there (`STAGE_OUTPUTS`: its extensions; other files stay). `require_complete`
 is what a reading stage calls: a running or failed record is an error naming the folder; a folder
 without a record (e.g. the release's files) is accepted with a warning, as nothing can be checked.
+Results hold class indices, so a record names its class list (settings "classes") and a reader
+with another list is refused (`require_folder_classes`; checkpoints: `require_checkpoint_classes`).
 
 Shards (`--shard I/N`: N machines writing one folder, icd.devices.shard_names): each shard keeps
 its own record, `<folder>.provenance.shard-I-of-N.json`, and `read_record` merges them: complete
@@ -40,6 +42,7 @@ import socket
 import time
 from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
+from .data.classes import VOC_CLASSES, require_classes
 from .io import exclusive_lock, read_json, remove_stale_temporaries, write_json
 
 log = logging.getLogger(__name__)
@@ -263,9 +266,11 @@ def require_complete(folder: str, rerun: str) -> Optional[dict]:
 
 
 def score_infer_size(results_dir: str, folders: Sequence[str], names: Sequence[str],
-                     infer_size: Optional[int], default: int) -> int:
+                     infer_size: Optional[int], default: int,
+                     classes: Optional[Sequence[str]] = None) -> int:
     """The inference size to read score folders `folders` of `results_dir` with, after checking
-    that they are complete, come from one inference run, and scored every image of `names` whole.
+    that they are complete, come from one inference run, scored every image of `names` whole,
+    and (given `classes`) were made with that class list (`require_folder_classes`).
 
     `infer_size` None takes the size the scores were made at (`default` for folders without a
     record); an explicit value that contradicts it is an error, as are images the inference had
@@ -273,6 +278,8 @@ def score_infer_size(results_dir: str, folders: Sequence[str], names: Sequence[s
     """
     paths = [os.path.join(results_dir, folder) for folder in dict.fromkeys(folders)]
     records = {path: require_complete(path, "infer_scores.py") for path in paths}
+    for path, record in records.items() if classes is not None else ():
+        require_folder_classes(path, record, classes)
     known = {path: record for path, record in records.items() if record is not None}
     if len({record["fingerprint"] for record in known.values()}) > 1:
         first, *others = known
@@ -300,3 +307,40 @@ def score_infer_size(results_dir: str, folders: Sequence[str], names: Sequence[s
             f"cannot cover them: {shown}{', ...' if len(larger) > 5 else ''}; infer again with "
             f"--infer-size {side} or more, or leave them out of the list")
     return made
+
+
+def given_classes(classes: Sequence[str]) -> str:
+    """Where a class list handed to a stage came from, for a message: `--classes`, or the default
+    (VOC's 20) when it is VOC's list."""
+    return "the default list (no --classes: PASCAL VOC's)" if tuple(classes) == VOC_CLASSES \
+        else "--classes"
+
+
+def require_folder_classes(folder: str, record: Optional[dict], classes: Sequence[str]) -> None:
+    """ValueError naming both lists unless the results of `folder` (its record `record`, None
+    for a folder without one) were made with the class list `classes`, names and order: scores
+    and seeds hold class indices, which another list maps to other classes."""
+    made = ((record or {}).get("settings") or {}).get("classes")
+    if made is not None:
+        require_classes(made, classes, folder, f"its {record.get('stage')} run used",
+                        given_classes(classes))
+
+
+def checkpoint_record(params: str) -> Optional[dict]:
+    """The run record `<stem>.json` of the checkpoint `params` (icd.train writes one per
+    checkpoint), or None: the release's checkpoints and other weight files have none."""
+    path = os.path.splitext(params)[0] + ".json"
+    if not os.path.isfile(path):
+        return None
+    record = read_json(path)
+    return record if isinstance(record, dict) and "run" in record else None
+
+
+def require_checkpoint_classes(params: str, classes: Sequence[str]) -> None:
+    """ValueError naming both lists unless the checkpoint `params` was trained on the class list
+    `classes` (names and order; a same-length list in another order maps every score to the
+    wrong class). A checkpoint without a run record naming its classes is not checked."""
+    made = (checkpoint_record(params) or {}).get("classes")
+    if made is not None:
+        require_classes(made, classes, os.path.splitext(params)[0] + ".json",
+                        "the checkpoint was trained on", given_classes(classes))

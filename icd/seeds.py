@@ -340,7 +340,7 @@ def make_seeds(results_dir: str, image_root: str, annotation_root: str, data_lis
     out_dir = out_dir or default_seed_dir(results_dir, variant, icd_folder)
     names = shard_names(read_list(data_list), shard)
     infer_size = score_infer_size(results_dir, (cam_folder, icd_folder), names, infer_size,
-                                  INFER_SIZE)
+                                  INFER_SIZE, classes)
     scores = {folder: (read_record(os.path.join(results_dir, folder)) or {}).get("fingerprint")
               for folder in (cam_folder, icd_folder)}
     settings = dict(scores=scores, infer_size=infer_size, crf=crf,

@@ -21,12 +21,14 @@ import mxnet as mx
 import numpy as np
 from tqdm import tqdm
 
+from .config import Config
 from .crf import dense_crf
 from .data.transforms import INFER_SIZE, PAD_VALUE
 from .data.voc import VOC_CLASSES, read_image, read_list, write_image
 from .devices import shard_names
 from .evaluate import evaluate_seeds, overlay
 from .io import atomic_path, write_json
+from .provenance import file_identity
 
 MULTI_SCALES = (0.75, 1.0, 1.25)   # the usual multi-scale test set (Config `scales`)
 # Dense CRF of DeepLab-LargeFOV (Chen et al., "Semantic Image Segmentation with Deep
@@ -189,3 +191,13 @@ def evaluate_predictions(out_dir: str, gt_root: str, data_list: str, model: str,
         f.write(markdown_table(result, model, supervision))
     return report
 
+
+def segment_settings(cfg: Config, params: str) -> Dict[str, object]:
+    """What the provenance record of icd-infer-seg's `pred/` and `overlay/` names and compares:
+    the model, the checkpoint `params` (path, size, mtime), the inference settings (scales,
+    flip, CRF, size), the class list and the image root; not the list, so that several lists
+    may be predicted into one folder."""
+    return {"model": cfg.model, "model_options": cfg.model_options,
+            "checkpoint": file_identity(params), "scales": list(cfg.scales), "flip": cfg.flip,
+            "crf": cfg.crf, "infer_size": cfg.infer_size, "classes": list(cfg.class_names),
+            "image_root": os.path.abspath(cfg.image_root)}

@@ -21,9 +21,11 @@ that wrote it, its seed and the task's shared state (ICD with several devices: t
 store). Every generator (MXNet's, numpy's; the loaders' augmentation is keyed by (seed, epoch,
 index)) is reseeded at the start of each epoch from (seed, epoch), so the random state at an
 epoch boundary is a function of what the record names and a resumed run is bit-identical to an
-uninterrupted one. A fresh run refuses a folder holding the model's checkpoints unless
-`overwrite`; rotation removes only the current run's checkpoints; the log `<model>-log.json`
-lists only that run's epochs.
+uninterrupted one. The record also names the class list and the run's config: a resume with
+another list is refused, one with other settings too unless `allow_changes`, which starts a new
+run chained to the old one (`start_run`, RESUME_FREE). A fresh run refuses a folder holding the
+model's checkpoints unless `overwrite`; rotation removes only the current run's checkpoints; the
+log `<model>-log.json` lists only that run's epochs.
 
 Several machines (`kvstore` dist_*, icd.distributed): the loop's hooks serve every task alike.
 The batch is per worker and the schedule follows the global batch (batch x workers); worker r
@@ -56,6 +58,7 @@ from . import distributed as dist
 from .checkpoint import initialize, load_checkpoint, load_states, save_checkpoint, save_states
 from .devices import parse_devices, split_batch
 from .config import Config
+from .data.classes import require_classes
 from .data.dataset import TrainLoader, train_loader
 from .data.segmentation import segmentation_loader
 from .data.voc import IGNORE_LABEL, write_image
@@ -64,7 +67,7 @@ from .io import (deferred_interrupt, exclusive_lock, read_json, remove_stale_tem
                  write_json)
 from .model import ICDNet, ResNet101LargeFOV, build_model, ops
 from .model.losses import nearest_label, segmentation_loss, top_down_warmup
-from .provenance import require_complete
+from .provenance import given_classes, require_complete, require_folder_classes
 from .visualize import score_panel
 
 log = logging.getLogger(__name__)
@@ -198,14 +201,94 @@ def _new_run_id() -> str:
     return time.strftime("%Y%m%dT%H%M%S-") + uuid.uuid4().hex[:6]
 
 
-def start_run(cfg: Config) -> Dict[str, object]:
+# Settings a resumed run may change without changing the run (the rest must equal the run
+# record's `config`, or `allow_changes` starts a new run chained to the old one):
+RESUME_FREE = (
+    "begin_epoch",                          # where to resume, by definition
+    "num_epoch",                            # where to stop: a finished run may be extended
+                                            # (the poly LR of the epochs to come follows it)
+    "snapshot",                             # the folder may have moved
+    "num_workers",                          # loader processes: augmentation is keyed by
+                                            # (seed, epoch, index), not by the process
+    "num_save", "log_frequency",            # bookkeeping: rotation, log lines
+    "overwrite", "allow_changes",           # how this command treats the folder
+    "pretrained",                           # initialises epoch 0 only; a resume loads the
+                                            # checkpoint
+    "classes",                              # the file's path; its names are compared apart
+    "gpus", "cpus", "batch_size", "kvstore",   # compared for the whole job as `devices`
+                                            # (kind and number: the batch split follows it) and
+                                            # `batch` (x the workers): one machine with two
+                                            # devices continues as two machines with one
+    "infer_size", "infer_batch_size", "scales", "flip", "crf",   # inference only
+)
+
+
+JOB_LABELS = {"devices": "devices (--gpus / --cpus, x workers)",
+              "batch": "global batch (--batch-size x workers)"}
+
+
+def _job(config: Dict[str, object], workers: int) -> Dict[str, object]:
+    """The job of a config run by `workers` machines: `devices`, their kind and number over the
+    job ("2 GPUs", "1 CPU"), and `batch`, the global batch."""
+    gpus = [g for g in str(config.get("gpus") or "").split(",") if g.strip()]
+    count, kind = (len(gpus), "GPU") if gpus else (max(int(config.get("cpus") or 0), 1), "CPU")
+    count *= workers
+    return {"devices": f"{count} {kind}{'s' if count > 1 else ''}",
+            "batch": int(config.get("batch_size") or 0) * workers}
+
+
+def resume_changes(cfg: Config, record: dict, workers: int = 1
+                   ) -> Dict[str, Tuple[object, object]]:
+    """The settings of `cfg` run by `workers` machines that differ from those of the run record
+    `record` (its `config` and `workers`): {field: (the run's, cfg's)}, fields of RESUME_FREE
+    left out, `devices` and `batch` for the job (`_job`); fields only one of them knows
+    (another version) are not compared."""
+    old = dict(record.get("config") or {})
+    new = json.loads(json.dumps(dataclasses.asdict(cfg)))   # as the record reads it back
+    changes = {k: (old[k], new[k]) for k in sorted(set(old) & set(new))
+               if k not in RESUME_FREE and old[k] != new[k]}
+    before, now = _job(old, int(record.get("workers") or 1)), _job(new, workers)
+    changes.update({k: (before[k], now[k]) for k in before if before[k] != now[k]})
+    return changes
+
+
+def _check_resume(cfg: Config, workers: int = 1
+                  ) -> Tuple[Optional[dict], Dict[str, Tuple[object, object]]]:
+    """The run record of checkpoint begin_epoch - 1 (None without one) and the settings that
+    differ from it (`resume_changes`), after the checks of a resume: the class list must be the
+    run's (names and order, always); other settings need cfg.allow_changes (ValueError naming
+    each)."""
+    record = read_run_record(cfg, cfg.begin_epoch - 1)
+    if record is None:
+        return None, {}
+    source = checkpoint_path(cfg, cfg.begin_epoch - 1, "json")
+    if record.get("classes") is not None:
+        require_classes(record["classes"], cfg.class_names, source, "the run was trained on",
+                        given_classes(cfg.class_names), "resume with the run's --classes")
+    changes = resume_changes(cfg, record, workers)
+    if changes and not cfg.allow_changes:
+        shown = "; ".join(f"{JOB_LABELS.get(k, '--' + k.replace('_', '-'))} {old!r} in the run, "
+                          f"{new!r} now" for k, (old, new) in changes.items())
+        raise ValueError(
+            f"{source}: run {record.get('run')} was trained with other settings ({shown}); "
+            f"resume with the run's settings for a continuation bit for bit, or pass "
+            f"--allow-changes to start a new run from this checkpoint (its records name this "
+            f"one as previous_run)")
+    return record, changes
+
+
+def start_run(cfg: Config, workers: int = 1) -> Dict[str, object]:
     """Check the snapshot folder for `cfg` and decide the run: {"run": id, "records": log so far,
-    "record": run record of the resumed checkpoint or None}.
+    "record": run record of the resumed checkpoint or None, "previous_run": the run this one
+    continues under a new id, or None}.
 
     A fresh run (begin_epoch 0) into a folder holding checkpoints of the same model raises
     FileExistsError naming them, unless cfg.overwrite, which removes them and the log first.
     A resumed run continues the run of checkpoint begin_epoch - 1; checkpoints of later epochs
-    (another continuation) are an error unless cfg.overwrite removes them.
+    (another continuation) are an error unless cfg.overwrite removes them. Its class list must be
+    the run's, and its settings (`workers` machines: `resume_changes`) too unless
+    cfg.allow_changes: then a resume with other settings starts a new run id whose records name
+    the old one (`previous_run`) and whose log keeps the old run's epochs.
     """
     os.makedirs(cfg.snapshot, exist_ok=True)
     for folder in (cfg.snapshot, os.path.join(cfg.snapshot, "demo")):
@@ -233,22 +316,27 @@ def start_run(cfg: Config) -> Dict[str, object]:
             f"{cfg.snapshot}: holds checkpoints of {cfg.model} after epoch {cfg.begin_epoch - 1} "
             f"({names}); resuming at epoch {cfg.begin_epoch} would overwrite them. {resume}or "
             f"pass --overwrite to delete them")
+    record, changes = _check_resume(cfg, workers) if cfg.begin_epoch > 0 else (None, {})
     _remove_run_files(cfg, later)
     if cfg.begin_epoch == 0:
         with contextlib.suppress(FileNotFoundError):
             os.remove(_log_path(cfg))
-        return {"run": _new_run_id(), "records": [], "record": None}
-    record = read_run_record(cfg, cfg.begin_epoch - 1)
+        return {"run": _new_run_id(), "records": [], "record": None, "previous_run": None}
     if record is None:
         log.warning("%s: no run record; the shared sign-flip store is taken from the checkpoint "
                     "and the run's earlier log is not kept", checkpoint_path(cfg, cfg.begin_epoch - 1))
-        return {"run": _new_run_id(), "records": [], "record": None}
-    if record.get("seed") != cfg.seed:
-        log.warning("%s: written with seed %s, resumed with seed %s",
-                    checkpoint_path(cfg, cfg.begin_epoch - 1, "json"), record.get("seed"), cfg.seed)
+        return {"run": _new_run_id(), "records": [], "record": None, "previous_run": None}
     logged = read_json(_log_path(cfg)) if os.path.isfile(_log_path(cfg)) else []
     records = [r for r in logged if r.get("run") == record["run"] and r["epoch"] < cfg.begin_epoch]
-    return {"run": record["run"], "records": records, "record": record}
+    if changes:   # allowed by cfg.allow_changes (_check_resume)
+        run = _new_run_id()
+        log.warning("%s: resumed with other settings (%s): new run %s, previous run %s",
+                    checkpoint_path(cfg, cfg.begin_epoch - 1, "json"),
+                    ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items()),
+                    run, record["run"])
+        return {"run": run, "records": records, "record": record, "previous_run": record["run"]}
+    return {"run": record["run"], "records": records, "record": record,
+            "previous_run": record.get("previous_run")}
 
 
 OPTIMIZERS = ("sgd", "adam")
@@ -506,7 +594,8 @@ class SegmentationTask(Task):
         cfg = self.cfg
         # a seeds folder whose make_seeds run is running or failed is refused; ground truth
         # (no record) is read with a warning
-        require_complete(cfg.label_root, "make_seeds.py")
+        record = require_complete(cfg.label_root, "make_seeds.py")
+        require_folder_classes(cfg.label_root, record, cfg.class_names)   # seeds: their list
         return segmentation_loader(cfg.image_root, cfg.label_root, cfg.data_list,
                                    crop_size=cfg.image_size, batch_size=cfg.batch_size,
                                    num_classes=cfg.num_cls, num_workers=cfg.num_workers,
@@ -606,7 +695,7 @@ def _train(cfg: Config, task: Task, contexts: List[mx.Context],
     num_devices = len(contexts) * workers.num_workers   # of the job
 
     net = build_model(cfg.model, **cfg.model_options)
-    run = start_run(cfg) if workers.rank == 0 else None
+    run = start_run(cfg, workers.num_workers) if workers.rank == 0 else None
     workers.barrier()   # the others read the folder once rank 0 has checked and cleaned it
     run = run or {"run": None, "records": [], "record": read_run_record(
         cfg, cfg.begin_epoch - 1) if cfg.begin_epoch > 0 else None}
@@ -680,6 +769,8 @@ def _train(cfg: Config, task: Task, contexts: List[mx.Context],
                         run=run["run"], epoch=epoch, seed=cfg.seed,
                         generators="reseeded at each epoch start from (seed, epoch)",
                         **task.run_record(), device_states=states,
+                        classes=list(cfg.class_names), previous_run=run.get("previous_run"),
+                        workers=workers.num_workers,
                         config=dataclasses.asdict(cfg)))
                 if workers.num_workers == 1:
                     save_checkpoint(net, checkpoint_path(cfg, epoch))

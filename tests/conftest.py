@@ -22,10 +22,13 @@ def python_sigint():
 
 @pytest.fixture(scope="session")
 def tiny_voc(tmp_path_factory):
-    """8 train / 4 val images of ~48 px in VOC layout, with colour-feature superpixels."""
+    """8 train / 4 val images of ~48 px in VOC layout, with colour-feature superpixels; its
+    6-class list (`classes`) lies outside the dataset folder, so the commands read it as VOC."""
     root = str(tmp_path_factory.mktemp("tiny_voc"))
     voc = os.path.join(root, "VOC")
     make_synthetic_voc(voc, num_train=8, num_val=4, size=48, seed=3)
+    # read as VOC data (its names are VOC's): its class list is kept out of the dataset folder
+    os.replace(os.path.join(voc, "classes.txt"), os.path.join(root, "classes.txt"))
     for split in ("train", "val"):
         make_superpixels(os.path.join(voc, "JPEGImages"),
                          os.path.join(voc, "ImageSets", "Segmentation", f"{split}.txt"),
@@ -34,6 +37,7 @@ def tiny_voc(tmp_path_factory):
             "annotation_root": os.path.join(voc, "Annotations"),
             "superpixel_root": os.path.join(root, "superpixels"),
             "gt_root": os.path.join(voc, "SegmentationClass"),
+            "classes": os.path.join(root, "classes.txt"),
             "data_list": os.path.join(voc, "ImageSets", "Segmentation", "train.txt"),
             "val_list": os.path.join(voc, "ImageSets", "Segmentation", "val.txt")}
 

@@ -167,7 +167,7 @@ def test_missing_image_is_one_line_and_debug_shows_the_traceback(tiny_voc, tmp_p
 def _checkpoint_pair(tiny_config, tmp_path):
     """A snapshot with the epoch-0 checkpoint pair of a 1-epoch training."""
     from icd.train import train as train_loop
-    cfg = tiny_config(num_epoch=1, snapshot=str(tmp_path / "s"))
+    cfg = tiny_config(num_epoch=1, snapshot=str(tmp_path / "s"), dropout=0.5)   # the flags'
     train_loop(cfg)
     return cfg.snapshot, os.path.join(cfg.snapshot, "vgg16_icd-0000.params"), \
         os.path.join(cfg.snapshot, "vgg16_icd-0000.states")
@@ -345,7 +345,8 @@ def test_training_exits_promptly_after_a_loader_error(voc_missing_a_queued_image
     voc = voc_missing_a_queued_image
     flags = tiny_train_flags(voc, str(tmp_path / "s"))
     flags[flags.index("--image-size") + 1] = "96"   # enough work queued to lose the race
-    command = [sys.executable, os.path.join(REPO, "tools", "train_icd.py"), *flags, "--cpus", "2"]
+    command = [sys.executable, os.path.join(REPO, "tools", "train_icd.py"), *flags, "--cpus", "2",
+               "--classes", os.path.join(os.path.dirname(voc["image_root"]), "classes.txt")]
     for run in range(8):
         try:
             done = subprocess.run(command, capture_output=True, text=True, timeout=60)

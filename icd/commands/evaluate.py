@@ -12,7 +12,7 @@ import argparse
 import os
 from typing import Optional, Sequence
 
-from ..data.classes import read_classes
+from ..data.classes import dataset_classes
 from ..evaluate import THRESHOLDS, evaluate
 from ..io import exclusive_lock
 from ..provenance import lock_path
@@ -60,7 +60,8 @@ def _evaluate(args: argparse.Namespace) -> int:
                  infer_size=args.infer_size, thresholds=args.thresholds,
                  folders={"cam": args.cam_scores, "icd": args.icd_scores},
                  workers=args.workers, num_overlays=args.overlays,
-                 classes=read_classes(args.classes))
+                 classes=dataset_classes(args.classes, args.gt_root,
+                                         args.annotation_root, args.image_root))
     with open(os.path.join(out, "eval.md"), encoding="utf-8") as f:
         print(f.read())
     return 0

@@ -7,6 +7,9 @@ Example:
 The checkpoint is --params, else <snapshot>/<model>-<epoch>.params (epoch default num_epoch-1).
 Writes <out>/pred/<name>.png (class ids, cv2.imread(p, 0) reads them), <out>/overlay/<name>.jpg
 and, with --gt-root, <out>/eval.json and eval.md (mIoU as the paper's Tables 7-8).
+pred/ and overlay/ keep a provenance record (<out>/pred.provenance.json: checkpoint path, size
+and mtime, scales, flip, crf, inference size, classes): a run with other settings into the same
+--out (with or without --skip-existing) is refused unless --overwrite, which clears them first.
 """
 from __future__ import annotations
 
@@ -16,8 +19,10 @@ import os
 from typing import Optional, Sequence
 
 from ..checkpoint import load_checkpoint
+from ..data.classes import dataset_classes
 from ..model import build_model
-from ..segment import evaluate_predictions, segment
+from ..provenance import producing, require_checkpoint_classes
+from ..segment import evaluate_predictions, segment, segment_settings
 from ..train import TASKS, SegmentationTask, checkpoint_path
 from .options import add_config_arguments, config_from, devices_for
 from .runner import Parser, non_negative_int, positive_int, run, shard
@@ -51,7 +56,9 @@ def _infer_seg(args: argparse.Namespace) -> int:
         raise ValueError(f"--gt-root: shard {args.shard[0]}/{args.shard[1]} holds part of the "
                          f"list and cannot be evaluated alone; once every shard is done, run "
                          f"icd-infer-seg --skip-existing --gt-root ... without --shard")
-    cfg = config_from(args)
+    cfg = config_from(args, data=("image_root",))
+    if args.gt_root:
+        dataset_classes(cfg.classes, args.gt_root)
     if TASKS.get(cfg.model) is not SegmentationTask:
         raise ValueError(f"--model: {cfg.model} is not a segmentation model; icd-infer writes "
                          f"the ICD models' score maps")
@@ -59,13 +66,17 @@ def _infer_seg(args: argparse.Namespace) -> int:
         cfg, cfg.num_epoch - 1 if args.epoch is None else args.epoch)
     out = args.out or os.path.join(cfg.snapshot, "results", "segmentation")
     contexts = devices_for(cfg, cfg.infer_batch_size, "--infer-batch-size")
+    require_checkpoint_classes(params, cfg.class_names)
     net = build_model(cfg.model, **cfg.model_options)
     load_checkpoint(net, params, contexts)
     net.hybridize(static_alloc=True)
-    names = segment(net, cfg.image_root, cfg.data_list, out, contexts, cfg.scales, cfg.flip,
-                    cfg.crf, cfg.infer_size, cfg.infer_batch_size,
-                    overwrite=not args.skip_existing, shard=args.shard,
-                    classes=cfg.class_names)
+    folders = [os.path.join(out, "pred"), os.path.join(out, "overlay")]
+    with producing(folders, "infer-seg", segment_settings(cfg, params), cfg.overwrite,
+                   args.shard):
+        names = segment(net, cfg.image_root, cfg.data_list, out, contexts, cfg.scales, cfg.flip,
+                        cfg.crf, cfg.infer_size, cfg.infer_batch_size,
+                        overwrite=not args.skip_existing, shard=args.shard,
+                        classes=cfg.class_names)
     logging.info("wrote predictions of %d images to %s", len(names), out)
     if args.gt_root:
         report = evaluate_predictions(out, args.gt_root, cfg.data_list, cfg.model,

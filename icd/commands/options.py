@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import argparse
-from typing import List
+from typing import List, Sequence
 
 import mxnet as mx
 
 from ..config import FIELDS, Config, add_arguments, load_config
+from ..data.classes import dataset_classes
 from ..devices import parse_devices
 from ..distributed import KVSTORES
 from ..model import MODELS
@@ -23,14 +24,18 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     add_arguments(parser, CHOICES)
 
 
-def config_from(args: argparse.Namespace) -> Config:
+def config_from(args: argparse.Namespace,
+                data: Sequence[str] = ("image_root", "annotation_root")) -> Config:
     """The Config of `--config` with the flags given on top; file values outside CHOICES are
-    errors naming the file (flags are checked by argparse)."""
+    errors naming the file (flags are checked by argparse). The class list is checked against
+    the data's own classes.txt beside the folders of the fields `data` (the ones the command
+    reads): without --classes, or with another list, such data is an error (`dataset_classes`)."""
     cfg = load_config(args.config, **{k: v for k, v in vars(args).items() if k in FIELDS})
     for name, allowed in CHOICES.items():
         if getattr(cfg, name) not in allowed:
             raise ValueError(f"{args.config}: {name}: must be one of {', '.join(allowed)}, "
                              f"got {getattr(cfg, name)!r}")
+    dataset_classes(cfg.classes, *(getattr(cfg, name) for name in data))
     return cfg
 
 

@@ -12,7 +12,7 @@ import argparse
 import os
 from typing import Optional, Sequence
 
-from ..data.classes import read_classes
+from ..data.classes import dataset_classes
 from ..seeds import make_seeds
 from .runner import Parser, add_classes_argument, positive_int, run, shard
 
@@ -56,7 +56,8 @@ def _seeds(args: argparse.Namespace) -> int:
                          workers=args.workers, crf=not args.no_crf, overwrite=args.overwrite,
                          icd_folder=args.icd_scores, cam_folder=args.cam_scores,
                          out_dir=args.out, shard=args.shard,
-                         classes=read_classes(args.classes))
+                         classes=dataset_classes(args.classes, args.image_root,
+                                                 args.annotation_root))
     print(f"{summary['written']} written, {summary['skipped']} kept -> {summary['out_dir']}")
     return 0
 

@@ -31,7 +31,7 @@ def build_parser() -> Parser:
 
 
 def _train_seg(args: argparse.Namespace) -> int:
-    cfg = config_from(args)
+    cfg = config_from(args, data=("image_root", "label_root"))
     if TASKS.get(cfg.model) is not SegmentationTask:
         raise ValueError(f"--model: {cfg.model} is not a segmentation model (one of "
                          f"{', '.join(m for m, t in TASKS.items() if t is SegmentationTask)}); "

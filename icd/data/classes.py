@@ -120,3 +120,75 @@ def class_palette(classes: Sequence[str] = VOC_CLASSES) -> np.ndarray:
         palette[i] = np.round(np.array(rgb) * 255)
     palette[IGNORE_LABEL] = IGNORE_COLOUR
     return palette
+
+
+# The file a dataset names its classes in: `<dataset>/classes.txt`, beside the data folders
+# (JPEGImages, Annotations, SegmentationClass), as icd-synthetic and icd-coco-to-voc write it.
+CLASS_FILE = "classes.txt"
+
+
+def dataset_class_file(*roots: Optional[str]) -> Optional[str]:
+    """The `classes.txt` of the dataset that holds the data folders `roots` (in the parent folder
+    of each, e.g. `data/mine/classes.txt` for `data/mine/JPEGImages`), the first found; None when
+    no root has one (PASCAL VOC ships none)."""
+    for root in roots:
+        if root:
+            path = os.path.join(os.path.dirname(os.path.normpath(os.path.abspath(root))),
+                                CLASS_FILE)
+            if os.path.isfile(path):
+                return path
+    return None
+
+
+def show_classes(classes: Sequence[str], shown: int = 8) -> str:
+    """A class list for a message: `6 classes [aeroplane, bird, ...]`, the first `shown` names."""
+    more = ", ..." if len(classes) > shown else ""
+    return f"{len(classes)} classes [{', '.join(classes[:shown])}{more}]"
+
+
+def class_difference(expected: Sequence[str], given: Sequence[str]) -> Optional[str]:
+    """None when the lists are equal (names and order); else their first difference, e.g.
+    `label 2 is 'bird' / 'car'` or `7 / 3 classes`."""
+    expected, given = tuple(expected), tuple(given)
+    if expected == given:
+        return None
+    for label, (a, b) in enumerate(zip(expected, given), 1):
+        if a != b:
+            return f"label {label} is {a!r} / {b!r}"
+    return f"{len(expected)} / {len(given)} classes"
+
+
+def require_classes(expected: Sequence[str], given: Sequence[str], source: str, made: str,
+                    given_source: str, hint: str = "pass the --classes file of the data it "
+                                                   "was made from") -> None:
+    """ValueError naming both lists and their first difference unless `given` is `expected`
+    (names and order): a list in another order maps every label to the wrong class.
+
+    The message reads `<source>: <made> <expected>, but <given_source> gives <given>
+    (<difference>); <hint>`, e.g. source a checkpoint's run record, made "was trained on",
+    given_source "--classes c.txt"."""
+    difference = class_difference(expected, given)
+    if difference is not None:
+        raise ValueError(f"{source}: {made} {show_classes(expected)}, but {given_source} gives "
+                         f"{show_classes(given)} ({difference}); {hint}")
+
+
+def dataset_classes(path: Optional[str], *roots: Optional[str],
+                    flag: str = "--classes") -> Tuple[str, ...]:
+    """The class list of a command: `read_classes(path)`, checked against the dataset's own
+    `classes.txt` (`dataset_class_file(*roots)`) when it has one.
+
+    A dataset with a classes.txt is not VOC: leaving `flag` out is an error naming the file,
+    and so is a list that differs from it (names and order).
+    """
+    found = dataset_class_file(*roots)
+    if found is None:
+        return read_classes(path)
+    if not path:
+        raise ValueError(f"{flag}: not given, but the data has a class list, {found} "
+                         f"({show_classes(read_classes(found))}); pass {flag} {found} (without "
+                         f"{flag} the classes are PASCAL VOC's 20)")
+    classes = read_classes(path)
+    require_classes(read_classes(found), classes, found, "the data's class list has",
+                    f"{flag} {path}", f"pass {flag} {found}")
+    return classes
