@@ -127,13 +127,8 @@ class Bundle:
         return [int(d) for d in self.meta.get("device_order", range(self.num_devices))]
 
 
-def relative_error(ours: np.ndarray, ref: np.ndarray, floor: float = 1e-6) -> float:
-    """max|ours - ref| / max(max|ref|, floor); shapes must agree."""
-    return float(np.abs(ours - ref).max(initial=0) / error_scale(ours, ref, floor))
-
-
 def error_scale(ours: np.ndarray, ref: np.ndarray, floor: float = 1e-6) -> float:
-    """max(max|ref|, floor), the denominator of `relative_error`; shapes must agree."""
+    """max(max|ref|, floor): errors are max|ours - ref| / this; shapes must agree."""
     if ours.shape != ref.shape:
         raise ValueError(f"shape {ours.shape} differs from the reference's {ref.shape}")
     return max(float(np.abs(ref).max(initial=0)), floor)
