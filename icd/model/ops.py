@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import collections
 import threading
-from typing import Dict, Sequence
+from typing import Dict, Optional, Sequence
 
 import mxnet as mx
 
@@ -157,12 +157,32 @@ class SignFlipProp(mx.operator.CustomOpProp):
 # Superpixel pooling (Sec. 4.3; release section 3.3)
 # ---------------------------------------------------------------------------------------------
 
+def sampling_stride(size: int, target: int) -> Optional[int]:
+    """s when a bilinear resize with aligned corners from `size` to `target` samples exactly
+    every s-th input (output i reads input i (size - 1) / (target - 1), an integer: 321 -> 41
+    and 513 -> 65 give 8); None otherwise."""
+    if size == target:
+        return 1
+    if target > 1 and (size - 1) % (target - 1) == 0:
+        return (size - 1) // (target - 1)
+    return None
+
+
 def superpixel_memberships(superpixel, num_ids: int, like):
-    """Soft memberships A (N, K, h*w): one-hot ids resized to the score map (bilinear, corners)."""
+    """Soft memberships A (N, K, h*w): one-hot ids resized to the score map (bilinear, corners).
+
+    superpixel (N, H, W) ids; like (N, C, h, w). Where the resize only samples every s-th pixel
+    (`sampling_stride`) the one-hot of those pixels is the same A without the full-resolution
+    one-hot (N, K, H, W) (16 x 65 x 321^2 floats, 428 MB, at the release's batch).
+    """
+    (height, width), (h, w) = superpixel.shape[1:], like.shape[2:]
+    sy, sx = sampling_stride(height, h), sampling_stride(width, w)
+    if sy is not None and sx is not None:
+        sampled = mx.nd.slice(superpixel, begin=(None, 0, 0), end=(None, None, None),
+                              step=(1, sy, sx))                                    # (N, h, w)
+        return mx.nd.one_hot(sampled.reshape((0, -1)), num_ids).transpose((0, 2, 1))
     one_hot = mx.nd.one_hot(superpixel, num_ids).transpose((0, 3, 1, 2))          # (N, K, H, W)
-    if one_hot.shape[2:] != like.shape[2:]:
-        one_hot = mx.nd.contrib.BilinearResize2D(one_hot, like=like, mode="like",
-                                                 align_corners=True)
+    one_hot = mx.nd.contrib.BilinearResize2D(one_hot, like=like, mode="like", align_corners=True)
     return one_hot.reshape((0, 0, -1))
 
 
