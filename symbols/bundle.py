@@ -318,8 +318,7 @@ def make_bundle(out_dir, num_cls=5, width=0.125, size=64, infer_size=None, batch
 def write_bundle(out_dir, meta, params, batch, infer, contexts=None, order=None):
     """Run the reference on ``batch`` from ``params`` (run_reference_steps on ``contexts`` in
     device ``order``, then run_reference_infer on ``infer`` with the final parameters) and
-    write the bundle to
-    ``out_dir``, each file atomically. ``meta`` needs num_cls, lr, momentum, wd, steps,
+    write the bundle to ``out_dir``, each file atomically. ``meta`` needs num_cls, lr, momentum, wd, steps,
     warmup_iters, dropout, width; batch_size, num_devices and device_order are set here. Returns
     the meta."""
     contexts = contexts or [mx.cpu()]
