@@ -19,8 +19,8 @@ A bundle folder holds
   sign flip's shared store after step k, which no checkpoint holds) and
   ``train/step{k}/devices:icd_accum_resign_moving_mean`` (num_devices, C, 2): each device's own
   aux copy after step k, in context order (a device pushes it for the classes absent from its
-  slice in step k + 1). Then ``infer/cam``, ``infer/icd_bu``, ``infer/icd_bu_sp``, ``infer/icd_td`` (inference outputs
-  on infer.npz with the parameters after the last step).
+  slice in step k + 1). Then ``infer/cam``, ``infer/icd_bu``, ``infer/icd_bu_sp``,
+  ``infer/icd_td`` (inference outputs on infer.npz with the parameters after the last step).
 
 Usage: ``python -m symbols.bundle OUT_DIR [--num-cls 5 --width 0.125 --size 64 ...]``.
 """
@@ -275,8 +275,8 @@ def run_reference_steps(params, batch, meta, contexts=None, order=None):
             result[prefix + key] = value
         if len(contexts) > 1:
             result[prefix + STORE_KEY] = shared_moving_mean(RESIGN_KEY)
-            result[prefix + DEVICES_KEY] = np.stack(
-                [exe.aux_dict[DEVICES_KEY.split(":")[1]].asnumpy() for exe in mod._exec_group.execs])
+            result[prefix + DEVICES_KEY] = np.stack([exe.aux_dict[DEVICES_KEY.split(":")[1]].asnumpy()
+                                                     for exe in mod._exec_group.execs])
     return result
 
 

@@ -152,8 +152,8 @@ def top_down_grad(logits, refined, label, warm):
 # the value it pulled right after its own push (earlier devices of the batch an older value), and
 # a checkpoint (Module.save_params) holds the average of the devices' aux arrays, not the store
 # (ORIGINAL_RELEASE.md section 11). For a class absent from its slice a device pushes its own aux
-# copy, so with several devices the store moves 10% toward that stale copy (section 3.2). Here the store is this module-level dict, keyed by the
-# operator's ``store_key``. The release creates it with zeros; here its entry is created from the
+# copy, so with several devices the store moves 10% toward that stale copy (section 3.2). Here
+# the store is this module-level dict, keyed by the operator's ``store_key``. The release creates it with zeros; here its entry is created from the
 # aux state of the first device that runs a training forward after ``reset_shared_store``, so that
 # a parity bundle can start the store from its params.params (on one device store and aux agree).
 # Read the store with shared_moving_mean().

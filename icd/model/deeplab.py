@@ -101,7 +101,8 @@ def vgg16_largefov(num_classes: int = 20, width: float = 1.0,
     fc7 1x1 (1024), fc8 1x1 (num_classes + 1, lr_mult 10), Dropout 0.5 after fc6 and fc7.
 
     `vgg16_20M.params` provides every key but fc8 (`icd.checkpoint.initialize`: fc8_weight
-    ~ N(0, 0.01), fc8_bias 0, by name as the release). `width` scales every channel count (1.0 = the paper; tests use 1/8-1/16).
+    ~ N(0, 0.01), fc8_bias 0, by name as the release). `width` scales every channel count
+    (1.0 = the paper; tests use 1/8-1/16).
     """
     return DeepLabVGG16(num_classes, width, dropout, dilations=(LARGEFOV_DILATION,))
 
