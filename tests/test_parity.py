@@ -189,6 +189,34 @@ def test_free_running_reports_noise(small_bundle):
                         r"worst \S+ \(bound \S+\) at \S+: (PASS|FAIL)", lines[-1])
 
 
+IMPORT_WATCH = """
+import os, sys
+class Watch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "mxnet":
+            print({k: os.environ.get(k) for k in DETERMINISM_NAMES})
+            sys.meta_path.remove(self)
+        return None
+DETERMINISM_NAMES = ("MXNET_ENFORCE_DETERMINISM", "MXNET_CUDNN_AUTOTUNE_DEFAULT",
+                     "NVIDIA_TF32_OVERRIDE")
+sys.meta_path.insert(0, Watch())
+import icd.commands.parity
+"""
+
+
+def test_icd_parity_sets_the_determinism_variables_before_mxnet_loads():
+    """README "Running on GPUs": deterministic kernels, no cuDNN autotune, no TF32, set by
+    icd-parity before MXNet is imported (MXNet reads them when it loads)."""
+    env = {k: v for k, v in os.environ.items() if k not in
+           ("MXNET_ENFORCE_DETERMINISM", "MXNET_CUDNN_AUTOTUNE_DEFAULT", "NVIDIA_TF32_OVERRIDE")}
+    run = subprocess.run([sys.executable, "-c", IMPORT_WATCH], capture_output=True, text=True,
+                         cwd=REPO, env=env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip() == str({"MXNET_ENFORCE_DETERMINISM": "1",
+                                      "MXNET_CUDNN_AUTOTUNE_DEFAULT": "0",
+                                      "NVIDIA_TF32_OVERRIDE": "0"})
+
+
 @pytest.mark.parametrize("broken", ["expected.npz", "meta.json", "batch.npz", "steps"])
 def test_a_broken_bundle_is_named(small_bundle, tmp_path, broken):
     bad = copy_bundle(small_bundle, tmp_path / "bad")
