@@ -26,6 +26,7 @@ AUX_SUFFIXES = ("moving_mean", "moving_var")   # MXNet: auxiliary states, never 
 _GLUON_TO_RELEASE = {"running_mean": "moving_mean", "running_var": "moving_var"}
 BACKBONE_BN = re.compile(r"conv\d+_\d+_bn_")   # vgg16_bn_cam's backbone BatchNorms
 BN_EPSILON = 1e-5                              # Gluon BatchNorm's default
+NEW_LAYER_STD = 0.01   # release: parameters missing from the ImageNet file, mx.init.Normal(0.01)
 # release: fc6_ft / fc7_ft start from the ImageNet fc6 / fc7 (section 2)
 PRETRAINED_COPIES = {"fc6_ft_weight": "fc6_weight", "fc6_ft_bias": "fc6_bias",
                      "fc7_ft_weight": "fc7_weight", "fc7_ft_bias": "fc7_bias"}
@@ -189,15 +190,24 @@ def random_imagenet_params(net: mx.gluon.Block) -> Dict[str, mx.nd.NDArray]:
     return values
 
 
+def new_parameter(name: str, shape: tuple) -> mx.nd.NDArray:
+    """The release's value of a parameter missing from `vgg16_20M.params` (section 2), on the CPU:
+    `mx.init.Normal(0.01)` called with an `InitDesc` of its name, which MXNet's `Initializer`
+    dispatches by suffix: `*_weight` ~ N(0, 0.01), `*_bias` = 0, `*_gamma` = 1, `*_beta` = 0."""
+    value = mx.nd.zeros(shape)
+    mx.init.Normal(NEW_LAYER_STD)(mx.init.InitDesc(name), value)
+    return value
+
+
 def initialize(net: mx.gluon.Block, contexts: Sequence[mx.Context],
                pretrained: Optional[str] = None) -> None:
     """Initialise `net` for training (release section 2).
 
     The ImageNet part comes from `pretrained` (the release's `vgg16_20M.params`: backbone, fc6,
     fc7) or, without a file, from `random_imagenet_params`. fc6_ft/fc7_ft are copied from
-    fc6/fc7; every other parameter ~ N(0, 0.01) (weights and biases alike) except the backbone
-    BatchNorms of `vgg16_bn_cam` (gamma 1, beta 0); aux states start at BN defaults and a zero
-    sign-flip mean.
+    fc6/fc7; every other parameter by its name's suffix (`new_parameter`: weights ~ N(0, 0.01),
+    biases and beta 0, gamma 1, so also the backbone BatchNorms of `vgg16_bn_cam`); aux states
+    start at BN defaults and a zero sign-flip mean.
     """
     source = pretrained or "random initialisation"
     values = dict(read_params(pretrained)) if pretrained else random_imagenet_params(net)
@@ -214,10 +224,11 @@ def initialize(net: mx.gluon.Block, contexts: Sequence[mx.Context],
     net.initialize(ctx=list(contexts), force_reinit=True)   # aux states: BN defaults, mean 0
     missing = assign(net, values, source, contexts, allow_missing=True)
     params = {release_key(n): p for n, p in net.collect_params().items()}
-    drawn = [k for k in missing if k.startswith("arg:") and not BACKBONE_BN.match(k[4:])]
-    for key in drawn:
-        params[key].set_data(mx.nd.random.normal(0, 0.01, shape=params[key].shape))
-    log.info("%s: initialised from N(0, 0.01): %s", source, ", ".join(drawn))
+    new = [k for k in missing if k.startswith("arg:")]
+    for key in new:
+        params[key].set_data(new_parameter(key[4:], params[key].shape))
+    log.info("%s: initialised by name (weights N(0, 0.01), biases and beta 0, gamma 1): %s",
+             source, ", ".join(new))
 
 
 def require_finite_params(values: Dict[str, mx.nd.NDArray], source: str

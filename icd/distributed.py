@@ -19,13 +19,14 @@ whatever its task (ICD, CAM, ablations, DeepLab on the seeds), on its own device
     so a NaN on any worker stops every worker at the same iteration with the same message.
 
 The sign flip across machines (release section 3.2: one store, one update per device per batch,
-m <- 0.9 m + 0.1 c_d for the classes present in device d's slice, sign read right after it):
+m <- 0.9 m + 0.1 c_d for every class, c_d the value device d pushes: its slice's means for the
+classes present in it, its own copy of m for the others; sign read right after it):
   - during a batch each device reads the batch-start value followed by the updates of the devices
     before it on its own machine (the release's single-machine behaviour, devices in the order in
     which they reach the store);
   - after the step every worker adopts the value that applies all updates of the batch in the
-    order (rank, order of arrival on that worker), computed from the contributions
-    (c_d, present_d) exchanged through the key-value store; each device's copy is set to the value
+    order (rank, order of arrival on that worker), computed from the contributions c_d
+    exchanged through the key-value store; each device's copy is set to the value
     right after its own update in that order, as on one machine.
 With one worker this is the release's rule exactly (nothing is exchanged). With several, the
 final value equals that of one machine holding all devices in that order; what a device of rank
@@ -205,13 +206,12 @@ def local_device_states(workers: Workers, saved: Optional[Dict[str, list]],
 # The sign flip's moving mean across machines
 # ---------------------------------------------------------------------------------------------
 
-def ordered_moving_mean(start: mx.nd.NDArray, updates: Sequence[Tuple[mx.nd.NDArray,
-                                                                      mx.nd.NDArray]]):
-    """The values after each of `updates` [(current (C, 2), present (C,)), ...] applied in
-    order to `start` (C, 2) with the release's update; the last is the batch's final value."""
+def ordered_moving_mean(start: mx.nd.NDArray, updates: Sequence[mx.nd.NDArray]):
+    """The values after each of `updates` [pushed value (C, 2), ...] applied in order to
+    `start` (C, 2) with the release's update; the last is the batch's final value."""
     values, value = [], start
-    for current, present in updates:
-        value = moving_mean_update(value, current, present)
+    for current in updates:
+        value = moving_mean_update(value, current)
         values.append(value)
     return values
 
@@ -233,12 +233,11 @@ class SignFlipExchange:
         contexts = self.store.contexts
         for ctx in contexts:   # the operators have run (and recorded their contributions)
             self.param.data(ctx).wait_to_read()
-        mine = mx.nd.stack(*[mx.nd.concat(current, present.reshape((-1, 1)), dim=1)
-                             for current, present in self.store.contributions])   # (k, C, 3)
-        rows = self.workers.allgather("sign_flip", mine)                          # (W, k, C, 3)
+        mine = mx.nd.stack(*self.store.contributions)                              # (k, C, 2)
+        rows = self.workers.allgather("sign_flip", mine)                          # (W, k, C, 2)
         home = self.store.master.context
         rows = rows.as_in_context(home).reshape((-1,) + mine.shape[1:])
-        values = ordered_moving_mean(self.start, [(row[:, :2], row[:, 2]) for row in rows])
+        values = ordered_moving_mean(self.start, list(rows))
         self.store.master[:] = values[-1]
         self.start = values[-1].copy()
         first = self.workers.rank * len(contexts)

@@ -3,7 +3,9 @@
 A bundle folder holds
 
 - ``meta.json``: num_cls, lr, momentum, wd, batch_size, steps, warmup_iters, dropout (0), width,
-  size, infer_size, seed, num_devices (the batch is split evenly over that many devices).
+  size, infer_size, seed, num_devices (the batch is split evenly over that many devices),
+  device_order (with several devices: the order in which the devices' AccumResign reached the
+  shared store in every step, e.g. [1, 0]; the release's order is a race, section 3.2).
 - ``params.params``: ``mx.nd.save`` dict ``arg:NAME`` / ``aux:NAME``, the training graph's
   parameters and aux states at the start.
 - ``batch.npz`` / ``infer.npz``: ``data`` (N,3,H,W) float32 RGB 0..255, ``superpixel`` (N,H,W)
@@ -14,8 +16,11 @@ A bundle folder holds
   k's update: every aux state averaged over the devices' own copies, as Module.save_params writes
   it). Optional state for teacher forcing: ``train/step{k}/mom:NAME`` (the SGD momentum after
   step k) and, with several devices, ``train/step{k}/store:icd_accum_resign_moving_mean`` (the
-  sign flip's shared store after step k, which no checkpoint holds). Then ``infer/cam``, ``infer/icd_bu``, ``infer/icd_bu_sp``, ``infer/icd_td`` (inference outputs
-  on infer.npz with the parameters after the last step).
+  sign flip's shared store after step k, which no checkpoint holds) and
+  ``train/step{k}/devices:icd_accum_resign_moving_mean`` (num_devices, C, 2): each device's own
+  aux copy after step k, in context order (a device pushes it for the classes absent from its
+  slice in step k + 1). Then ``infer/cam``, ``infer/icd_bu``, ``infer/icd_bu_sp``,
+  ``infer/icd_td`` (inference outputs on infer.npz with the parameters after the last step).
 
 Usage: ``python -m symbols.bundle OUT_DIR [--num-cls 5 --width 0.125 --size 64 ...]``.
 """
@@ -32,11 +37,12 @@ from .icd_symbol import DATA_NAMES, VGG_CONVS, channels, get_symbol
 from .ops import reset_shared_store, shared_moving_mean
 
 __all__ = ["make_bundle", "write_bundle", "make_params", "make_batch", "run_reference_steps", "run_reference_infer",
-           "read_state", "read_momentum", "RESIGN_KEY", "STORE_KEY", "TRAIN_OUTPUTS",
+           "read_state", "read_momentum", "RESIGN_KEY", "STORE_KEY", "DEVICES_KEY", "TRAIN_OUTPUTS",
            "INFER_OUTPUTS"]
 
 RESIGN_KEY = "icd_accum_resign"  # AccumResign's shared-store key (symbols.ops)
 STORE_KEY = "store:icd_accum_resign_moving_mean"  # its value in a bundle (several devices)
+DEVICES_KEY = "devices:icd_accum_resign_moving_mean"  # each device's own aux copy (several devices)
 TRAIN_OUTPUTS = ("cam_prob", "icd_bu", "icd_td_prob")  # get_symbol(mode='train') order
 INFER_OUTPUTS = ("cam", "icd_bu", "icd_bu_sp", "icd_td")  # get_symbol(mode='infer') order
 MAX_SUPERPIXELS = 64
@@ -157,18 +163,19 @@ def _data_batch(batch):
     return mx.io.DataBatch(data=[mx.nd.array(batch[name], dtype=np.float32) for name in DATA_NAMES])
 
 
-def _forward_in_device_order(mod, data_batch):
-    """Training forward that runs the devices one after another, in context-list order.
+def _forward_in_device_order(mod, data_batch, order):
+    """Training forward that runs the devices one after another, in ``order`` (device indices).
 
     Module.forward launches every device's executor asynchronously, so the order in which the
-    devices reach AccumResign (and hence update the shared moving mean, section 3.2) would depend on
-    scheduling. This does what DataParallelExecutorGroup.forward does, but waits for each device
-    before starting the next: device 0 updates the store first, then device 1, ...
+    devices reach AccumResign (and hence update the shared moving mean, section 3.2) depends on
+    scheduling: in the release it is a race. This does what DataParallelExecutorGroup.forward
+    does, but waits for each device before starting the next, so that a bundle records one of
+    the release's orders, the one given.
     """
     group = mod._exec_group
     mx.module.executor_group._load_data(data_batch, group.data_arrays, group.data_layouts)
-    for exe in group.execs:
-        exe.forward(is_train=True)
+    for d in order:
+        group.execs[d].forward(is_train=True)
         mx.nd.waitall()
 
 
@@ -210,12 +217,14 @@ def read_momentum(mod):
     return momentum
 
 
-def run_reference_steps(params, batch, meta, contexts=None):
+def run_reference_steps(params, batch, meta, contexts=None, order=None):
     """Train the release's graph ``meta['steps']`` steps on ``batch`` (the same batch every step).
 
     params: {'arg:NAME'|'aux:NAME': array} start values; batch: dict data/superpixel/label;
     meta: dict with num_cls, width, lr, momentum, wd, steps, warmup_iters, dropout;
-    contexts: list of mx.Context (default [mx.cpu()]), the batch is split evenly across them.
+    contexts: list of mx.Context (default [mx.cpu()]), the batch is split evenly across them;
+    order: the device indices in the order their AccumResign updates the store (default context
+    order).
 
     Section 4: mx.mod.Module, SGD with momentum, wd, rescale_grad = 1/batch_size (whole batch),
     constant lr, lr_mult 10 for fc8_weight, fc8_bias and conv_ft_weight (symbol attrs), MXNet's
@@ -228,9 +237,13 @@ def run_reference_steps(params, batch, meta, contexts=None):
     aux state, icd_accum_resign_moving_mean included, averaged over the devices' own copies);
     'train/step{k}/mom:NAME': the SGD momentum after step k (read_momentum);
     with several devices also 'train/step{k}/store:icd_accum_resign_moving_mean', the shared
-    store after step k (not in a checkpoint; teacher forcing starts the next step from it).
+    store after step k (not in a checkpoint; teacher forcing starts the next step from it), and
+    'train/step{k}/devices:icd_accum_resign_moving_mean' (num_devices, C, 2), each device's aux.
     """
     contexts = contexts or [mx.cpu()]
+    order = list(range(len(contexts))) if order is None else list(order)
+    if sorted(order) != list(range(len(contexts))):
+        raise ValueError("order %r is not a permutation of the %d devices" % (order, len(contexts)))
     sym = get_symbol(meta["num_cls"], meta["width"], "train", dropout=meta.get("dropout", 0.0),
                      warmup_iters=meta["warmup_iters"])
     batch_size = batch["data"].shape[0]
@@ -251,7 +264,7 @@ def run_reference_steps(params, batch, meta, contexts=None):
     for step in range(meta["steps"]):
         prefix = "train/step%d/" % step
         if len(contexts) > 1:
-            _forward_in_device_order(mod, data_batch)
+            _forward_in_device_order(mod, data_batch, order)
         else:
             mod.forward(data_batch, is_train=True)
         for name, out in zip(TRAIN_OUTPUTS, mod.get_outputs()):
@@ -262,6 +275,8 @@ def run_reference_steps(params, batch, meta, contexts=None):
             result[prefix + key] = value
         if len(contexts) > 1:
             result[prefix + STORE_KEY] = shared_moving_mean(RESIGN_KEY)
+            result[prefix + DEVICES_KEY] = np.stack([exe.aux_dict[DEVICES_KEY.split(":")[1]].asnumpy()
+                                                     for exe in mod._exec_group.execs])
     return result
 
 
@@ -282,11 +297,12 @@ def run_reference_infer(params, batch, meta, context=None):
 
 
 def make_bundle(out_dir, num_cls=5, width=0.125, size=64, infer_size=None, batch_size=2, steps=3,
-                warmup_iters=2, lr=1e-3, momentum=0.9, wd=5e-4, seed=0, contexts=None):
+                warmup_iters=2, lr=1e-3, momentum=0.9, wd=5e-4, seed=0, contexts=None, order=None):
     """Write a parity bundle (format in the module docstring) to ``out_dir``; returns its meta dict.
 
     Everything random comes from numpy RandomState(seed), so a bundle is a function of its
-    arguments. ``contexts`` (default [mx.cpu()]) are the training devices.
+    arguments. ``contexts`` (default [mx.cpu()]) are the training devices, ``order`` the order
+    of their store updates (default context order).
     """
     infer_size = infer_size or size
     rng = np.random.RandomState(seed)
@@ -296,17 +312,20 @@ def make_bundle(out_dir, num_cls=5, width=0.125, size=64, infer_size=None, batch
     meta = {"num_cls": num_cls, "lr": lr, "momentum": momentum, "wd": wd, "batch_size": batch_size,
             "steps": steps, "warmup_iters": warmup_iters, "dropout": 0.0, "width": width, "size": size,
             "infer_size": infer_size, "seed": seed}
-    return write_bundle(out_dir, meta, params, batch, infer, contexts)
+    return write_bundle(out_dir, meta, params, batch, infer, contexts, order)
 
 
-def write_bundle(out_dir, meta, params, batch, infer, contexts=None):
-    """Run the reference on ``batch`` from ``params`` (run_reference_steps on ``contexts``, then
-    run_reference_infer on ``infer`` with the final parameters) and write the bundle to
-    ``out_dir``, each file atomically. ``meta`` needs num_cls, lr, momentum, wd, steps,
-    warmup_iters, dropout, width; batch_size and num_devices are set here. Returns the meta."""
+def write_bundle(out_dir, meta, params, batch, infer, contexts=None, order=None):
+    """Run the reference on ``batch`` from ``params`` (run_reference_steps on ``contexts`` in
+    device ``order``, then run_reference_infer on ``infer`` with the final parameters) and
+    write the bundle to ``out_dir``, each file atomically. ``meta`` needs num_cls, lr, momentum, wd, steps,
+    warmup_iters, dropout, width; batch_size, num_devices and device_order are set here. Returns
+    the meta."""
     contexts = contexts or [mx.cpu()]
-    meta = dict(meta, batch_size=int(batch["data"].shape[0]), num_devices=len(contexts))
-    expected = run_reference_steps(params, batch, meta, contexts)
+    order = list(range(len(contexts))) if order is None else [int(d) for d in order]
+    meta = dict(meta, batch_size=int(batch["data"].shape[0]), num_devices=len(contexts),
+                device_order=order)
+    expected = run_reference_steps(params, batch, meta, contexts, order)
     last = "train/step%d/" % (meta["steps"] - 1)
     final = {key[len(last):]: value for key, value in expected.items()
              if key.startswith((last + "arg:", last + "aux:"))}
@@ -335,11 +354,15 @@ def main(argv=None):
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--cpus", type=int, default=1,
                         help="train on cpu(0) .. cpu(N-1), the batch split evenly over them")
+    parser.add_argument("--order", default="",
+                        help="with --cpus N: the order of the devices' sign-flip store updates, "
+                             "e.g. 1,0 (default 0,1,...; the release's order is a race)")
     args = parser.parse_args(argv)
     meta = make_bundle(args.out_dir, num_cls=args.num_cls, width=args.width, size=args.size,
                        infer_size=args.infer_size, batch_size=args.batch_size, steps=args.steps,
                        warmup_iters=args.warmup_iters, seed=args.seed, lr=args.lr,
-                       contexts=[mx.cpu(i) for i in range(args.cpus)])
+                       contexts=[mx.cpu(i) for i in range(args.cpus)],
+                       order=[int(d) for d in args.order.split(",")] if args.order else None)
     print("bundle written to %s: %s" % (args.out_dir, json.dumps(meta, sort_keys=True)))
 
 

@@ -52,10 +52,11 @@ def bottom_up_weight_grad(s_hat, feat, label, weight, grad_scale=10.0):
     return -weight * wg / (r ** 3 + 1e-5) + g / (r + 1e-5)
 
 
-def accum_resign_update(stored, s_hat, x_cam, label, momentum=0.9):
+def accum_resign_update(stored, s_hat, x_cam, label, momentum=0.9, own=None):
     """One moving-mean update of ``AccumResign`` (section 3.2); returns the new (C,2) store.
 
-    stored (C,2) [meanP, meanQ], s_hat (N,C,h,w), x_cam (N,C,h,w), label (N,C).
+    stored (C,2) [meanP, meanQ] the shared store, s_hat (N,C,h,w), x_cam (N,C,h,w), label (N,C),
+    own (C,2) the device's own aux copy (what it pulled last; default ``stored``, one device).
     """
     pos = (s_hat > 0).astype(np.float64)
     neg = (s_hat < 0).astype(np.float64)
@@ -67,8 +68,9 @@ def accum_resign_update(stored, s_hat, x_cam, label, momentum=0.9):
     mean_p = (cam_p * label).sum(axis=0) / np.maximum(cnt, 1e-5)
     mean_q = (cam_q * label).sum(axis=0) / np.maximum(cnt, 1e-5)
     current = np.stack([mean_p, mean_q], axis=1)
-    # 3.2: classes absent from the batch contribute their stored value (so stay unchanged)
-    current = np.where((cnt > 0)[:, None], current, stored)
+    # 3.2: a class absent from the device's slice pushes the device's OWN copy (its last pull),
+    # and the store moves 10% toward the pushed value for EVERY class
+    current = np.where((cnt > 0)[:, None], current, stored if own is None else own)
     return momentum * stored + (1 - momentum) * current
 
 
@@ -149,8 +151,9 @@ def top_down_grad(logits, refined, label, warm):
 # store into its own aux array and takes the sign from it, so after a batch device d's aux holds
 # the value it pulled right after its own push (earlier devices of the batch an older value), and
 # a checkpoint (Module.save_params) holds the average of the devices' aux arrays, not the store
-# (ORIGINAL_RELEASE.md section 11). Here the store is this module-level dict, keyed by the
-# operator's ``store_key``. The release creates it with zeros; here its entry is created from the
+# (ORIGINAL_RELEASE.md section 11). For a class absent from its slice a device pushes its own aux
+# copy, so with several devices the store moves 10% toward that stale copy (section 3.2). Here
+# the store is this module-level dict, keyed by the operator's ``store_key``. The release creates it with zeros; here its entry is created from the
 # aux state of the first device that runs a training forward after ``reset_shared_store``, so that
 # a parity bundle can start the store from its params.params (on one device store and aux agree).
 # Read the store with shared_moving_mean().
@@ -245,7 +248,8 @@ class AccumResign(mx.operator.CustomOp):
                 if stored is None:
                     stored = aux[0].asnumpy()
                 # the store holds float32 like the aux state / checkpoint it stands for
-                stored = accum_resign_update(stored, s_hat, x_cam, label, self.momentum).astype(np.float32)
+                stored = accum_resign_update(stored, s_hat, x_cam, label, self.momentum,
+                                             own=aux[0].asnumpy()).astype(np.float32)
                 _SHARED_STORE[self.store_key] = stored
             aux[0][:] = stored  # release: each device's aux is overwritten by its pull
         else:

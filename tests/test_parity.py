@@ -13,10 +13,12 @@ import pytest
 from icd.checkpoint import gather, read_params
 from icd.devices import split_batch
 from icd.io import write_json
-from icd.parity import (build_from_params, check_bundle, load_momentum, read_bundle,
-                        replay_infer, state_before, summary, train_step)
+from icd.parity import (NOISE_CAP, NOISE_FACTOR, build_from_params, check_bundle,
+                        load_momentum, read_bundle, replay_infer, state_before, summary,
+                        train_step)
 from icd.model.ops import share_moving_mean, unshare_moving_mean
 from icd.train import checkpoint_path, make_trainer, train
+import symbols.ops
 from symbols.bundle import (make_batch, make_bundle, make_params, run_reference_infer,
                             write_bundle)
 
@@ -34,12 +36,12 @@ BUNDLES = {
 }
 # Bundles whose every step is well conditioned with a margin: three draws of the 1e-7
 # perturbation stayed within 0.44 of every tolerance under the default oneDNN ISA, AVX2 and
-# SSE41. Many seeds are not: "small" at seed 1 sits 2e-7 from a ReLU kink of conv3_1 in step 0
-# (a 1e-7 perturbation moves conv3_1_weight's change by 2.7e-3). The larger bundles all have a
-# threshold (ReLU, top-down mask, superpixel argmax) within 1e-7 on some ISA: at 32 px (4x4
-# feature maps) one draw moves fc7_ft_weight's step-1 change by 1.4e-2 under SSE41, at
-# 321 -> 513 up to 1.6e-3 (lr 1e-2); so their conditioning is not asserted, which would test
-# this CPU's rounding rather than our model.
+# SSE41, so none of their tensors is unjudgeable. Many seeds are not: "small" at seed 1 sits
+# 2e-7 from a ReLU kink of conv3_1 in step 0 (a 1e-7 perturbation moves conv3_1_weight's change
+# by 2.7e-3). The larger bundles all have a threshold (ReLU, top-down mask, superpixel argmax)
+# within 1e-7 on some ISA: at 32 px (4x4 feature maps) one draw moves fc7_ft_weight's step-1
+# change by 1.4e-2 under SSE41, at 321 -> 513 up to 1.6e-3 (lr 1e-2): the checker reports such
+# tensors unjudgeable, and how many is this CPU's rounding, not our model, so not asserted.
 WELL_CONDITIONED = ("small-lr1e-2", "small-lr1e-3")
 
 
@@ -61,29 +63,24 @@ def small_bundle(tmp_path_factory):
     return write_named_bundle(tmp_path_factory, "small-lr1e-2")
 
 
-def worst(errors, key=lambda e: e.error / e.tolerance, n=8):
-    return "\n".join(f"{e.name} error {e.error:.3g} sensitivity {e.sensitivity} "
-                     f"(tol {e.tolerance:.0e})" for e in sorted(errors, key=key)[-n:])
+def worst(errors, key=lambda e: e.error / e.bound, n=8):
+    return "\n".join(f"{e.name} error {e.error:.3g} noise {e.noise} (tol {e.tolerance:.0e}, "
+                     f"bound {e.bound:.3g})" for e in sorted(errors, key=key)[-n:])
 
 
-def test_gluon_model_matches_release_graph(bundle):
+def test_gluon_model_matches_release_graph(bundle, request):
+    """The default, noise-aware check passes on every bundle; on the well-conditioned ones
+    every tensor is judged and within its fixed tolerance as well (no step sits on a
+    discontinuity, a ReLU, sign, mask or argmax flip, that another CPU's rounding could cross)."""
     errors = check_bundle(bundle)
     steps = read_bundle(bundle).steps
     assert len(errors) == steps * (3 + 43) + 4   # outputs, 40 args + 3 aux, inference
-    assert all(e.ok for e in errors), worst(errors)
+    assert all(e.noise is not None and e.bound >= e.tolerance for e in errors)
+    assert all(e.ok for e in errors if e.judged), worst(errors)
     assert summary(errors).endswith("PASS")
-
-
-@pytest.mark.parametrize("name", WELL_CONDITIONED)
-def test_every_step_is_well_conditioned(name, tmp_path_factory):
-    """Replaces the former free-running 'well conditioned' test with one that judges one step:
-    our step k from the reference's state before it, perturbed by 1e-7 (relative), stays within
-    every tolerance of our unperturbed step k, and the check passes on every tensor. Otherwise
-    the bundle would sit on a discontinuity (a ReLU, sign, mask or argmax flip) that another
-    CPU's rounding could cross."""
-    errors = check_bundle(write_named_bundle(tmp_path_factory, name), sensitivity=True)
-    assert all(e.judged for e in errors), worst(errors, key=lambda e: e.sensitivity / e.tolerance)
-    assert all(e.ok for e in errors), worst(errors)
+    if request.node.callspec.params["bundle"] in WELL_CONDITIONED:
+        assert all(e.judged and e.error <= e.tolerance for e in errors), \
+            worst(errors, key=lambda e: e.noise)
 
 
 def copy_bundle(source, target):
@@ -97,41 +94,127 @@ def run_tool(*args):
     return subprocess.run([sys.executable, TOOL, *map(str, args)], capture_output=True, text=True)
 
 
-def test_checker_cli_passes_and_fails_on_one_changed_update(small_bundle, tmp_path):
+def changed_update(source, target, key, step, factor):
+    """A copy of bundle `source` whose reference update of `key` in `step` is `factor` larger;
+    the later states move with it (teacher-forced, only `step`'s change differs)."""
+    bad = copy_bundle(source, target)
+    expected = dict(np.load(bad / "expected.npz"))
+    before = expected[f"train/step{step - 1}/{key}"]
+    shift = factor * (expected[f"train/step{step}/{key}"] - before)
+    for k in range(step, read_bundle(str(bad)).steps):
+        expected[f"train/step{k}/{key}"] = expected[f"train/step{k}/{key}"] + shift
+    np.savez(bad / "expected.npz", **expected)
+    return bad
+
+
+LINE = re.compile(r"(\S+) +error (\S+) tol (\S+) noise (\S+) bound (\S+) (ok|FAIL|unjudgeable)")
+
+
+def test_checker_cli_prints_noise_and_bound(small_bundle):
     ok = run_tool(small_bundle)
     assert ok.returncode == 0, ok.stdout[-2000:] + ok.stderr[-2000:]
     lines = ok.stdout.strip().splitlines()
-    assert len(lines) == 189 and all(line.endswith(" ok") for line in lines[:-1])
-    assert re.fullmatch(r"parity: 188 tensors, worst \S+ at \S+: PASS", lines[-1])
-    # the reference's update of icd_bu_weight in step 1 made 1% larger, the later states moved
-    # with it: teacher-forced, step 1 fails and no other step does
-    bad = copy_bundle(small_bundle, tmp_path / "bad")
-    expected = dict(np.load(bad / "expected.npz"))
+    assert len(lines) == 189
+    for line in lines[:-1]:
+        name, error, tol, noise, bound, status = LINE.fullmatch(line).groups()
+        assert float(bound) == pytest.approx(max(float(tol), NOISE_FACTOR * float(noise)),
+                                             rel=1e-3)
+        assert status == "ok" and float(error) <= float(bound) and float(noise) <= NOISE_CAP
+    assert sum(float(LINE.fullmatch(line).group(4)) > 0 for line in lines[:-1]) > 150
+    assert re.fullmatch(r"parity: 188 tensors, 0 unjudgeable \(noise > 0.001\), worst \S+ "
+                        r"\(bound \S+\) at \S+: PASS", lines[-1])
+    strict = run_tool(small_bundle, "--strict")
+    assert strict.returncode == 0 and " noise " not in strict.stdout
+    assert re.fullmatch(r"parity: 188 tensors, worst \S+ \(bound 0.001\) at \S+: PASS",
+                        strict.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("factor", [0.01, 0.005])
+def test_checker_cli_fails_on_one_update_changed_by(factor, small_bundle, tmp_path):
+    """The reference's step-1 update of icd_bu_weight made 1% / 0.5% larger: step 1 of that
+    tensor fails, with its noise printed, and no other tensor does."""
     key = "arg:icd_bu_weight"
-    shift = 0.01 * (expected[f"train/step1/{key}"] - expected[f"train/step0/{key}"])
-    for step in range(1, 4):
-        expected[f"train/step{step}/{key}"] = expected[f"train/step{step}/{key}"] + shift
-    np.savez(bad / "expected.npz", **expected)
-    fail = run_tool(bad)
+    fail = run_tool(changed_update(small_bundle, tmp_path / "bad", key, 1, factor))
     assert fail.returncode == 1, fail.stdout[-2000:] + fail.stderr[-2000:]
     lines = fail.stdout.strip().splitlines()
+    assert lines[-1].startswith("parity: 188 tensors, 0 unjudgeable")
     assert lines[-1].endswith(f"at train/step1/{key}: FAIL")
-    assert [line.split()[0] for line in lines[:-1] if line.endswith("FAIL")] == \
-        [f"train/step1/{key}"]
+    failed = [LINE.fullmatch(line).groups() for line in lines[:-1] if line.endswith("FAIL")]
+    assert [groups[0] for groups in failed] == [f"train/step1/{key}"]
+    assert float(failed[0][1]) == pytest.approx(factor, rel=0.05)
 
 
-def test_free_running_reports_sensitivity(small_bundle):
+def test_full_width_bundle_fails_on_updates_changed_by_one_and_half_percent(tmp_path_factory,
+                                                                            tmp_path):
+    """Full-width VGG16: conv3_1's step-1 update (the tensor the issue's real bundle failed on
+    at a fixed 1e-3) made 0.5% larger and conv4_2's 1%: both fail, named, and no other training
+    tensor does (the inference outputs, computed from the changed final state, may)."""
+    source = write_named_bundle(tmp_path_factory, "full-width-lr1e-3")
+    bad = changed_update(source, tmp_path / "half", "arg:conv3_1_weight", 1, 0.005)
+    bad = changed_update(bad, tmp_path / "both", "arg:conv4_2_weight", 1, 0.01)
+    errors = check_bundle(str(bad))
+    failed = {e.name for e in errors if e.judged and not e.ok and e.name.startswith("train/")}
+    assert sorted(failed) == ["train/step1/arg:conv3_1_weight", "train/step1/arg:conv4_2_weight"]
+    assert summary(errors).endswith(": FAIL")
+
+
+@pytest.mark.slow
+def test_a_full_width_bundle_recorded_under_another_isa_passes(tmp_path):
+    """A full-width bundle recorded by symbols/ with oneDNN capped at SSE4.1 (other kernels, other
+    rounding than this process's ISA) passes the default check here: the ISA's rounding is
+    within the noise bounds (under .ci/run's SSE41 pass both sides use SSE4.1: then AVX2)."""
+    isa = "AVX2" if os.environ.get("DNNL_MAX_CPU_ISA", "").upper() == "SSE41" else "SSE41"
+    width, size, infer_size, num_cls, steps, warmup, seed, lr = BUNDLES["full-width-lr1e-3"]
+    record = subprocess.run(
+        [sys.executable, "-m", "symbols.bundle", str(tmp_path), "--width", str(width),
+         "--size", str(size), "--infer-size", str(infer_size), "--num-cls", str(num_cls),
+         "--steps", str(steps), "--warmup-iters", str(warmup), "--seed", str(seed),
+         "--lr", str(lr)], cwd=REPO, capture_output=True, text=True,
+        env=dict(os.environ, DNNL_MAX_CPU_ISA=isa))
+    assert record.returncode == 0, record.stderr[-2000:]
+    errors = check_bundle(str(tmp_path))
+    assert summary(errors).endswith("PASS"), worst(errors)
+    assert sum(e.judged for e in errors) >= 0.9 * len(errors)
+
+
+def test_free_running_reports_noise(small_bundle):
     run = run_tool(small_bundle, "--free-running")
     assert run.returncode in (0, 1), run.stderr[-2000:]
     lines = run.stdout.strip().splitlines()
-    tensors = [line for line in lines if line.startswith(("train/step", "infer/")) and
-               " sensitivity " in line]
-    assert len(tensors) == 188
-    assert all(line.endswith((" ok", " FAIL", " not judged")) for line in tensors)
-    for step in range(4):
-        assert any(line.startswith(f"train/step{step}: worst error ") for line in lines)
-    assert re.fullmatch(r"sensitivity: \d+ of 188 tensors move beyond .* not judged", lines[-2])
-    assert re.fullmatch(r"parity: 188 tensors, worst \S+ at \S+: (PASS|FAIL)", lines[-1])
+    tensors = [LINE.fullmatch(line) for line in lines[:-1]]
+    assert len(tensors) == 188 and all(tensors)
+    unjudgeable = sum(t.group(6) == "unjudgeable" for t in tensors)
+    assert unjudgeable == sum(float(t.group(4)) > NOISE_CAP for t in tensors)
+    assert re.fullmatch(rf"parity: 188 tensors, {unjudgeable} unjudgeable \(noise > 0.001\), "
+                        r"worst \S+ \(bound \S+\) at \S+: (PASS|FAIL)", lines[-1])
+
+
+IMPORT_WATCH = """
+import os, sys
+class Watch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "mxnet":
+            print({k: os.environ.get(k) for k in DETERMINISM_NAMES})
+            sys.meta_path.remove(self)
+        return None
+DETERMINISM_NAMES = ("MXNET_ENFORCE_DETERMINISM", "MXNET_CUDNN_AUTOTUNE_DEFAULT",
+                     "NVIDIA_TF32_OVERRIDE")
+sys.meta_path.insert(0, Watch())
+import icd.commands.parity
+"""
+
+
+def test_icd_parity_sets_the_determinism_variables_before_mxnet_loads():
+    """README "Running on GPUs": deterministic kernels, no cuDNN autotune, no TF32, set by
+    icd-parity before MXNet is imported (MXNet reads them when it loads)."""
+    env = {k: v for k, v in os.environ.items() if k not in
+           ("MXNET_ENFORCE_DETERMINISM", "MXNET_CUDNN_AUTOTUNE_DEFAULT", "NVIDIA_TF32_OVERRIDE")}
+    run = subprocess.run([sys.executable, "-c", IMPORT_WATCH], capture_output=True, text=True,
+                         cwd=REPO, env=env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip() == str({"MXNET_ENFORCE_DETERMINISM": "1",
+                                      "MXNET_CUDNN_AUTOTUNE_DEFAULT": "0",
+                                      "NVIDIA_TF32_OVERRIDE": "0"})
 
 
 @pytest.mark.parametrize("broken", ["expected.npz", "meta.json", "batch.npz", "steps"])
@@ -159,11 +242,7 @@ def two_device_batch(rng, num_cls=4, size=64):
     return batch
 
 
-def test_two_devices_match_the_release_on_two_devices(tmp_path):
-    """Data-parallel over cpu(0), cpu(1), teacher-forced: gradients summed and rescaled by the
-    whole batch, BN per device, one sign-flip store updated once per device in device order
-    (started from the bundle's store: key), and the checkpoint (icd.checkpoint.gather) against
-    the release's, whose aux states are the devices' averages."""
+def write_two_device_bundle(folder, order):
     rng = np.random.RandomState(4)
     num_cls, width = 4, 0.125
     meta = {"num_cls": num_cls, "width": width, "lr": 0.01, "momentum": 0.9, "wd": 5e-4,
@@ -171,44 +250,80 @@ def test_two_devices_match_the_release_on_two_devices(tmp_path):
     batch = two_device_batch(rng, num_cls)
     infer = make_batch(rng, 2, num_cls, 48)
     params = make_params(rng, num_cls, width, batch)
-    contexts = [mx.cpu(0), mx.cpu(1)]
-    write_bundle(str(tmp_path), meta, params, batch, infer, contexts)
-    bundle = read_bundle(str(tmp_path))
+    write_bundle(folder, meta, params, batch, infer, [mx.cpu(0), mx.cpu(1)], order)
+    return read_bundle(folder)
+
+
+@pytest.mark.parametrize("order", [(0, 1), (1, 0)])
+def test_two_devices_match_the_release_on_two_devices(order, tmp_path):
+    """Data-parallel over cpu(0), cpu(1), teacher-forced, the devices in either order of the
+    release's race: gradients summed and rescaled by the whole batch, BN per device, one
+    sign-flip store updated once per device (started from the bundle's store: key), each
+    device pushing its own copy (devices: key) for the classes absent from its slice, and the
+    checkpoint (icd.checkpoint.gather) against the release's, whose aux states are the devices'
+    averages."""
+    bundle = write_two_device_bundle(str(tmp_path), order)
+    assert bundle.device_order == list(order)
     for step in range(3):   # the checkpoint's mean is not the store: the test tells them apart
         assert not np.allclose(bundle.expected[f"train/step{step}/aux:{RESIGN}"],
                                bundle.expected[f"train/step{step}/store:{RESIGN}"])
-    errors = check_bundle(str(tmp_path), contexts)
+    errors = check_bundle(str(tmp_path))
     names = {e.name for e in errors}
-    assert {f"train/step{k}/{kind}:{RESIGN}" for k in range(3) for kind in ("aux", "store")} \
-        <= names
-    assert len(errors) == 3 * (3 + 43 + 1) + 4
-    assert all(e.ok for e in errors), worst(errors)
+    assert {f"train/step{k}/{kind}:{RESIGN}" for k in range(3)
+            for kind in ("aux", "store", "devices")} <= names
+    assert len(errors) == 3 * (3 + 43 + 2) + 4
+    assert all(e.ok and e.judged for e in errors), worst(errors)
     with pytest.raises(ValueError, match="recorded on 2 device"):
         check_bundle(str(tmp_path), [mx.cpu(0)])
 
 
-def test_each_device_keeps_its_pull_and_the_checkpoint_averages_them():
-    """Release: each device's sign-flip aux holds what it pulled right after its own push, and
-    the checkpoint holds the average of the devices' copies (icd.checkpoint.gather)."""
+def test_the_old_absent_class_rule_fails(tmp_path, monkeypatch):
+    """A two-device bundle recorded with the former reading of section 3.2 (a class absent from
+    a device's slice leaves the store unchanged, instead of pulling it 10% toward that device's
+    own copy) fails on the sign flip's mean, named."""
+    update = symbols.ops.accum_resign_update
+    monkeypatch.setattr(symbols.ops, "accum_resign_update",
+                        lambda stored, *args, own=None, **kw: update(stored, *args, **kw))
+    write_two_device_bundle(str(tmp_path), (0, 1))
+    monkeypatch.undo()
+    errors = check_bundle(str(tmp_path))
+    failed = {e.name for e in errors if e.judged and not e.ok}
+    assert f"train/step0/store:{RESIGN}" in failed and f"train/step0/devices:{RESIGN}" in failed
+    assert all(RESIGN in name for name in failed if "/step0/" in name), failed
+    assert summary(errors).endswith(": FAIL")
+
+
+@pytest.mark.parametrize("order", [(0, 1), (1, 0)])
+def test_an_absent_class_pushes_the_devices_own_copy(order):
+    """Release section 3.2 on two devices, in either order: class 1 is on device 0 only, class 2
+    on device 1 only, class 3 on neither. A device pushes its own copy (here: the start) for a
+    class absent from its slice, so a class present only on the first device ends at
+    0.9 x that device's pull + 0.1 x the second device's copy; each device's aux holds its pull
+    and the checkpoint their average."""
     rng = np.random.RandomState(5)
     batch = two_device_batch(rng)
     params = make_params(rng, 4, 0.125, batch)
-    meta = {"num_cls": 4, "dropout": 0.0}
     contexts = [mx.cpu(0), mx.cpu(1)]
-    net = build_from_params(params, meta, "params", contexts)
+    net = build_from_params(params, {"num_cls": 4, "dropout": 0.0}, "params", contexts)
     trainer = make_trainer(net, 0.01, 0.9, 5e-4)
     parts = split_batch({k: mx.nd.array(v) for k, v in batch.items()}, contexts)
-    store = share_moving_mean(net.share_key, mx.nd.array(params[f"aux:{RESIGN}"]), contexts)
+    start = params[f"aux:{RESIGN}"]
+    store = share_moving_mean(net.share_key, mx.nd.array(start), contexts)
     try:
-        train_step(net, trainer, parts, 1.0, contexts)
+        train_step(net, trainer, parts, 1.0, contexts, order)
     finally:
         unshare_moving_mean(net.share_key)
     copies = [c.asnumpy() for c in net.icd_accum_resign_moving_mean.list_data()]
-    start, final = params[f"aux:{RESIGN}"], store.master.asnumpy()
-    np.testing.assert_array_equal(copies[1], final)              # device 1 pushed last
-    np.testing.assert_array_equal(copies[0][3], start[3])        # class 3 absent: kept
-    np.testing.assert_array_equal(copies[0][2], start[2])        # class 2 is on device 1 only
-    assert not np.allclose(copies[0][:2], start[:2]) and not np.allclose(copies[0], final)
+    final = store.master.asnumpy()
+    first, last = order
+    only_first = 1 + first          # class 1 is on device 0 only, class 2 on device 1 only
+    assert list(store.order) == list(order)
+    np.testing.assert_array_equal(copies[last], final)            # the last device pushed last
+    np.testing.assert_allclose(final[only_first], 0.9 * copies[first][only_first] +
+                               0.1 * start[only_first], rtol=1e-6)
+    assert np.abs(final[only_first] - copies[first][only_first]).max() > 1e-3
+    np.testing.assert_allclose(copies[first][2 - first], start[2 - first], rtol=1e-6)
+    np.testing.assert_allclose(final[3], start[3], rtol=1e-6)     # absent everywhere: kept
     np.testing.assert_allclose(gather(net)[f"aux:{RESIGN}"].asnumpy(),
                                (copies[0] + copies[1]) / 2, rtol=1e-6)
 

@@ -184,6 +184,27 @@ def test_accum_resign_shared_store_updated_once_per_device():
     ops.reset_shared_store(key)
 
 
+def test_accum_resign_absent_class_pushes_the_devices_own_copy():
+    """Section 3.2: for a class absent from its slice a device pushes its own aux copy, so the
+    shared store moves 10% toward that copy (not 'unchanged', the former reading)."""
+    key = "test_resign_own_copy"
+    ops.reset_shared_store(key)
+    rng = np.random.RandomState(4)
+    s_hat, x_cam = rng.randn(2, 2, 3, 3).astype(np.float32), rng.randn(2, 2, 3, 3).astype(np.float32)
+    label = np.array([[1, 1], [1, 0]], np.float32)    # class 1 only on device 0
+    start = np.array([[0.2, 0.1], [0.3, 0.5]], np.float32)
+    stale = np.array([[0.0, 0.0], [0.9, 0.1]], np.float32)   # device 1's own copy
+    aux0, aux1 = _nd(start), _nd(stale)
+    _resign(s_hat[:1], x_cam[:1], label[:1], aux0, key)
+    after0 = ops.shared_moving_mean(key)
+    _resign(s_hat[1:], x_cam[1:], label[1:], aux1, key)
+    final = ops.shared_moving_mean(key)
+    np.testing.assert_allclose(final[1], 0.9 * after0[1] + 0.1 * stale[1], rtol=1e-6)
+    np.testing.assert_allclose(aux1.asnumpy(), final, rtol=1e-6)
+    assert np.abs(final[1] - after0[1]).max() > 1e-2   # moved, toward the stale copy
+    ops.reset_shared_store(key)
+
+
 # ---------------------------------------------------------------------------------------------
 # 3.3 SPRefine
 # ---------------------------------------------------------------------------------------------
@@ -466,27 +487,41 @@ def test_bundle_state_momentum_and_batchnorm_quirks():
         before = after
 
 
-def test_two_device_checkpoint_averages_each_devices_pull():
-    """Section 11: with two devices the checkpoint's icd_accum_resign_moving_mean is the average
-    of what each device pulled right after its own push (device 0 first), while the store: key
-    holds the store. A class only on device 1 is unchanged in device 0's pull, so its checkpoint
-    value is the mean of the store before and after the step; an absent class never changes."""
+@pytest.mark.parametrize("order", [(0, 1), (1, 0)])
+def test_two_device_checkpoint_averages_each_devices_pull(order):
+    """Sections 3.2 and 11, two devices in either order of the release's race: each device pushes
+    its slice's means for the classes in it and its OWN aux copy (its last pull) for the others;
+    the store moves 10% toward every pushed value; each device's aux holds what it pulled right
+    after its own push (devices: key) and the checkpoint their average, while the store: key
+    holds the store. Class 1 is on device 0 only, class 2 on device 1 only, class 3 on neither."""
     rng = np.random.RandomState(6)
     batch = make_batch(rng, 4, 4, 32)
     batch["label"][:] = [[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 0, 0], [1, 0, 1, 0]]
     params = make_params(rng, 4, 0.0625, batch)
-    meta = dict(num_cls=4, width=0.0625, lr=1e-3, momentum=0.9, wd=5e-4, steps=2, warmup_iters=1,
+    meta = dict(num_cls=4, width=0.0625, lr=1e-3, momentum=0.9, wd=5e-4, steps=3, warmup_iters=1,
                 dropout=0.0)
-    result = run_reference_steps(params, batch, meta, [mx.cpu(0), mx.cpu(1)])
+    result = run_reference_steps(params, batch, meta, [mx.cpu(0), mx.cpu(1)], order)
     key = "icd_accum_resign_moving_mean"
+    first, last = order
     store_before = params["aux:" + key]
-    for k in range(2):
-        saved, store = result["train/step%d/aux:%s" % (k, key)], result["train/step%d/store:%s" % (k, key)]
-        np.testing.assert_allclose(saved[2], (store_before[2] + store[2]) / 2, rtol=1e-6)
-        np.testing.assert_array_equal(saved[3], store_before[3])
-        np.testing.assert_array_equal(store[3], store_before[3])
+    copies_before = np.stack([store_before] * 2)
+    for k in range(3):
+        saved, store, copies = (result["train/step%d/%s:%s" % (k, kind, key)]
+                                for kind in ("aux", "store", "devices"))
+        np.testing.assert_allclose(saved, copies.mean(axis=0), rtol=1e-6)
+        np.testing.assert_array_equal(copies[last], store)       # the last device pulled last
+        # the first device's pull, for the class only on the other device: 10% toward its copy
+        other = 1 + last
+        np.testing.assert_allclose(copies[first][other], 0.9 * store_before[other] +
+                                   0.1 * copies_before[first][other], rtol=1e-6)
+        # the store, for the class only on the first device: 10% toward the last one's copy
+        mine = 1 + first
+        np.testing.assert_allclose(store[mine], 0.9 * copies[first][mine] +
+                                   0.1 * copies_before[last][mine], rtol=1e-6)
+        np.testing.assert_allclose(store[3], store_before[3], rtol=1e-6)   # absent everywhere
         assert not np.allclose(saved[:3], store[:3])
-        store_before = store
+        store_before, copies_before = store, copies
+    assert np.abs(copies_before[first] - store_before).max() > 1e-3     # the copies diverge
 
 
 def test_two_device_module_run_is_deterministic():

@@ -21,6 +21,7 @@ from gluoncv.model_zoo.model_store import get_model_file
 from mxnet import init
 from mxnet.gluon import HybridBlock, nn
 
+from ..checkpoint import new_parameter
 from .backbone import VGG16DeepLab, pool5, scaled
 from .registry import register
 
@@ -28,7 +29,6 @@ LARGEFOV_DILATION = 12                 # release: fc6 3x3 dilation 12, pad 12
 ASPP_DILATIONS = (6, 12, 18, 24)       # release: vgg16_aspp branches fc6_aspp{d}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # gluoncv's ImageNet weights: RGB / 255, then
 IMAGENET_STD = (0.229, 0.224, 0.225)   # (x - mean) / std per channel
-NEW_LAYER_STD = 0.01                   # release: layers missing from the ImageNet file ~ N(0, 0.01)
 
 
 def set_release_multipliers(net: HybridBlock) -> None:
@@ -100,8 +100,9 @@ def vgg16_largefov(num_classes: int = 20, width: float = 1.0,
     """DeepLab-LargeFOV on VGG16 (release `vgg16_largefov`): fc6 3x3 dilation 12 (1024),
     fc7 1x1 (1024), fc8 1x1 (num_classes + 1, lr_mult 10), Dropout 0.5 after fc6 and fc7.
 
-    `vgg16_20M.params` provides every key but fc8 (`icd.checkpoint.initialize` draws fc8 from
-    N(0, 0.01)). `width` scales every channel count (1.0 = the paper; tests use 1/8-1/16).
+    `vgg16_20M.params` provides every key but fc8 (`icd.checkpoint.initialize`: fc8_weight
+    ~ N(0, 0.01), fc8_bias 0, by name as the release). `width` scales every channel count
+    (1.0 = the paper; tests use 1/8-1/16).
     """
     return DeepLabVGG16(num_classes, width, dropout, dilations=(LARGEFOV_DILATION,))
 
@@ -112,8 +113,8 @@ def vgg16_aspp(num_classes: int = 20, width: float = 1.0, dropout: float = 0.5) 
     num_classes + 1, lr_mult 10), Dropout 0.5 after fc6/fc7; the four fc8 outputs summed.
 
     `vgg16_20M.params` provides only the backbone conv1_1..conv5_3: none of the branch layers
-    carries its names, so `icd.checkpoint.initialize` draws all twelve branch layers from
-    N(0, 0.01) and leaves the file's fc6/fc7 unused.
+    carries its names, so `icd.checkpoint.initialize` initialises all twelve branch layers by
+    name (weights ~ N(0, 0.01), biases 0) and leaves the file's fc6/fc7 unused.
     """
     return DeepLabVGG16(num_classes, width, dropout, dilations=ASPP_DILATIONS)
 
@@ -186,8 +187,9 @@ class ResNet101LargeFOV(HybridBlock):
     def initialize_imagenet(self, contexts: Sequence[mx.Context],
                             pretrained: Union[bool, str] = False,
                             root: str = "~/.mxnet/models") -> None:
-        """Initialise for training: the head ~ N(0, 0.01) (weights and biases, as the release's
-        new layers); the trunk from gluoncv's ImageNet `resnet101_v1b` weights.
+        """Initialise for training: the head by name as the release's new layers
+        (`icd.checkpoint.new_parameter`: weights ~ N(0, 0.01), biases 0); the trunk from
+        gluoncv's ImageNet `resnet101_v1b` weights.
 
         pretrained: True fetches them from gluoncv's model store (internet, or a `root` that
         already holds `resnet101_v1b-*.params`); a path loads a local gluoncv `.params` file
@@ -200,7 +202,7 @@ class ResNet101LargeFOV(HybridBlock):
                               ctx=contexts, force_reinit=True)
         for param in self.largefov.collect_params().values():
             param.initialize(ctx=contexts, force_reinit=True)
-            param.set_data(mx.nd.random.normal(0, NEW_LAYER_STD, shape=param.shape))
+            param.set_data(new_parameter(param.name, param.shape))
         if pretrained:
             path = pretrained if isinstance(pretrained, str) else \
                 get_model_file("resnet101_v1b", root=root)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import collections
 import threading
-from typing import Dict, Sequence
+from typing import Dict, Optional, Sequence
 
 import mxnet as mx
 
@@ -25,9 +25,12 @@ class SharedMovingMean:
 
     With k devices the stored value is updated k times per batch, once per device with that
     device's slice, in the order the devices' operators run (as with the release's store, the
-    order is whichever device gets there first); each device's sign is read right after its own
-    update. The master copy lives on the first context; `order` keeps the devices of the last
-    k updates and `contributions` their (current, present) (icd.distributed exchanges them).
+    order is whichever device gets there first: a race); each device's sign is read right after
+    its own update. Every device pushes a value for every class: for a class absent from its
+    slice, its OWN copy of the mean (what it pulled last; release section 3.2), so with several
+    devices the store moves 10% toward that copy. The master copy lives on the first context;
+    `order` keeps the devices of the last k updates and `contributions` their pushed (C, 2)
+    values (icd.distributed exchanges them).
     """
 
     def __init__(self, initial: mx.nd.NDArray, contexts: Sequence[mx.Context]):
@@ -37,15 +40,13 @@ class SharedMovingMean:
         self.contributions = collections.deque(maxlen=len(self.contexts))
         self.lock = threading.Lock()
 
-    def update(self, current: mx.nd.NDArray, present: mx.nd.NDArray,
-               ctx: mx.Context) -> mx.nd.NDArray:
-        """Apply the update of the device `ctx`; returns the new value on `ctx`."""
+    def update(self, current: mx.nd.NDArray, ctx: mx.Context) -> mx.nd.NDArray:
+        """Push the device `ctx`'s value (C, 2) for every class; returns the new store on `ctx`."""
         with self.lock:
-            home = self.master.context
-            current, present = current.as_in_context(home), present.as_in_context(home)
-            self.master[:] = moving_mean_update(self.master, current, present)
+            current = current.as_in_context(self.master.context)
+            self.master[:] = moving_mean_update(self.master, current)
             self.order.append(self.contexts.index(ctx))
-            self.contributions.append((current, present))
+            self.contributions.append(current)
             return self.master.as_in_context(ctx)
 
 
@@ -68,10 +69,16 @@ def shared_moving_mean(key: str):
     return _SHARED.get(key)
 
 
-def moving_mean_update(stored, current, present):
-    """stored <- 0.9 stored + 0.1 current for the classes present in the batch; (C, 2) arrays."""
-    updated = SIGN_FLIP_MOMENTUM * stored + (1 - SIGN_FLIP_MOMENTUM) * current
-    return mx.nd.where(mx.nd.broadcast_like(present.reshape((-1, 1)), stored), updated, stored)
+def moving_mean_update(stored, current):
+    """stored <- 0.9 stored + 0.1 current for EVERY class (release: push, then the store's
+    update); (C, 2) arrays."""
+    return SIGN_FLIP_MOMENTUM * stored + (1 - SIGN_FLIP_MOMENTUM) * current
+
+
+def pushed_value(current, present, own):
+    """What a device pushes (release section 3.2): `current` (C, 2) for the classes present in
+    its slice (`present` (C,)), its own copy `own` (C, 2) of the mean for the others."""
+    return mx.nd.where(mx.nd.broadcast_like(present.reshape((-1, 1)), own), current, own)
 
 
 def pole_cam_means(s_hat, cam, label):
@@ -103,7 +110,8 @@ class SignFlip(NoGradientOp):
     """S = S_hat * sign_c with sign_c = +1 iff stored[c, 0] >= stored[c, 1] (Eq. 5, ties +1).
 
     In training the moving mean is updated first with this batch (release: the sign rule is
-    evaluated after the batch's own update).
+    evaluated after the batch's own update): the device pushes `pushed_value` (its own copy,
+    the aux state, for the classes absent from its slice) and its aux takes the result.
     """
 
     def __init__(self, share_key: str, ctx: mx.Context):
@@ -115,12 +123,12 @@ class SignFlip(NoGradientOp):
         s_hat, cam, label = in_data
         stored = aux[0]
         if is_train:
-            current, present = pole_cam_means(s_hat, cam, label)
+            current = pushed_value(*pole_cam_means(s_hat, cam, label), stored)
             shared = shared_moving_mean(self.share_key)
             if shared is None:
-                stored[:] = moving_mean_update(stored, current, present)
+                stored[:] = moving_mean_update(stored, current)
             else:
-                stored[:] = shared.update(current, present, self.ctx)
+                stored[:] = shared.update(current, self.ctx)
         sign = (stored[:, 0] >= stored[:, 1]) * 2 - 1
         self.assign(out_data[0], req[0], mx.nd.broadcast_mul(s_hat, sign.reshape((1, -1, 1, 1))))
 
@@ -149,12 +157,32 @@ class SignFlipProp(mx.operator.CustomOpProp):
 # Superpixel pooling (Sec. 4.3; release section 3.3)
 # ---------------------------------------------------------------------------------------------
 
+def sampling_stride(size: int, target: int) -> Optional[int]:
+    """s when a bilinear resize with aligned corners from `size` to `target` samples exactly
+    every s-th input (output i reads input i (size - 1) / (target - 1), an integer: 321 -> 41
+    and 513 -> 65 give 8); None otherwise."""
+    if size == target:
+        return 1
+    if target > 1 and (size - 1) % (target - 1) == 0:
+        return (size - 1) // (target - 1)
+    return None
+
+
 def superpixel_memberships(superpixel, num_ids: int, like):
-    """Soft memberships A (N, K, h*w): one-hot ids resized to the score map (bilinear, corners)."""
+    """Soft memberships A (N, K, h*w): one-hot ids resized to the score map (bilinear, corners).
+
+    superpixel (N, H, W) ids; like (N, C, h, w). Where the resize only samples every s-th pixel
+    (`sampling_stride`) the one-hot of those pixels is the same A without the full-resolution
+    one-hot (N, K, H, W) (16 x 65 x 321^2 floats, 428 MB, at the release's batch).
+    """
+    (height, width), (h, w) = superpixel.shape[1:], like.shape[2:]
+    sy, sx = sampling_stride(height, h), sampling_stride(width, w)
+    if sy is not None and sx is not None:
+        sampled = mx.nd.slice(superpixel, begin=(None, 0, 0), end=(None, None, None),
+                              step=(1, sy, sx))                                    # (N, h, w)
+        return mx.nd.one_hot(sampled.reshape((0, -1)), num_ids).transpose((0, 2, 1))
     one_hot = mx.nd.one_hot(superpixel, num_ids).transpose((0, 3, 1, 2))          # (N, K, H, W)
-    if one_hot.shape[2:] != like.shape[2:]:
-        one_hot = mx.nd.contrib.BilinearResize2D(one_hot, like=like, mode="like",
-                                                 align_corners=True)
+    one_hot = mx.nd.contrib.BilinearResize2D(one_hot, like=like, mode="like", align_corners=True)
     return one_hot.reshape((0, 0, -1))
 
 
