@@ -302,7 +302,8 @@ def step_pretrain(settings: DemoSettings, run: Run) -> Dict:
     if settings.pretrain_config is None:
         return {"skipped": "no pretrain config: CAM and ICD start from a random He init"}
     result = _train(settings, "pretrain")
-    # like the release's ImageNet file: no classifier, so fc8 starts from N(0, 0.01) as in the paper
+    # like the release's ImageNet file: no classifier, so fc8 starts as a new layer (weight
+    # N(0, 0.01), bias 0: checkpoint.new_parameter)
     write_imagenet_part(result["checkpoint"], stand_in_weights(settings))
     return dict(result, stand_in=stand_in_weights(settings))
 

@@ -604,7 +604,7 @@ class SegmentationTask(Task):
     def initialize(self, net, contexts):
         if isinstance(net, ResNet101LargeFOV):   # gluoncv's ImageNet weights, not the release's
             net.initialize_imagenet(contexts, pretrained=self.cfg.pretrained or False)
-        else:                                      # vgg16_20M.params by name, the rest N(0, 0.01)
+        else:                      # vgg16_20M.params by name, the rest by suffix (new_parameter)
             super().initialize(net, contexts)
 
     def forward(self, net, inputs):
