@@ -188,6 +188,7 @@ def read_config_file(path: str) -> Dict[str, Any]:
     if not isinstance(loaded, dict):
         raise ValueError(f"{path}: expected a mapping of option: value")
     base = loaded.pop("base", None)
+    loaded.pop("pipeline", None)   # the other stages' settings: icd.paper reads them
     values = read_config_file(os.path.join(os.path.dirname(path), base)) if base else {}
     for key, value in loaded.items():
         name = str(key).replace("-", "_")
