@@ -557,24 +557,19 @@ STEP_FUNCTIONS = {"superpixels": step_superpixels,
 def paper_steps(s: PaperSettings) -> List[Step]:
     """Every step of the run in order: superpixels, then per training seed train_icd,
     train_cam, infer, seeds, evaluate, segment, tables; compare when repeat > 1."""
-    steps = []
-    for base in BASE_STEPS:
-        if base == "train_cam" and s.cam is None or base == "compare" and len(s.seeds) == 1:
-            continue
-        for seed in s.seeds[:1] if base in ("superpixels", "compare") else s.seeds:
-            name = step_name(base, seed, s)
-            inputs = tuple(step_name(d, seed, s) for d in step_inputs(s, base)
-                           if d != "train_cam" or s.cam is not None)
-            if base == "compare":
-                inputs = tuple(step_name("evaluate", k, s) for k in s.seeds)
-            steps.append(Step(name, functools.partial(STEP_FUNCTIONS[base], s, seed),
-                              inputs=inputs, folders=step_folders(s, base, seed),
-                              settings=step_settings(s, base, seed), estimate=ESTIMATES[base]))
-    # per seed, a seed's steps run after the shared ones in BASE_STEPS order
-    order = {name: i for i, name in enumerate(BASE_STEPS)}
-    return sorted(steps, key=lambda st: (order[st.name.split(".")[0]] > 0,
-                                         int(st.name.split(".s")[1]) if ".s" in st.name else 0,
-                                         order[st.name.split(".")[0]]))
+    def make(base: str, seed: int) -> Step:
+        inputs = tuple(step_name(d, seed, s) for d in step_inputs(s, base))
+        if base == "compare":
+            inputs = tuple(step_name("evaluate", k, s) for k in s.seeds)
+        return Step(step_name(base, seed, s), functools.partial(STEP_FUNCTIONS[base], s, seed),
+                    inputs=inputs, folders=step_folders(s, base, seed),
+                    settings=step_settings(s, base, seed), estimate=ESTIMATES[base])
+
+    per_seed = [b for b in BASE_STEPS if b not in ("superpixels", "compare")
+                and (b != "train_cam" or s.cam is not None)]
+    return [make("superpixels", s.seeds[0])] + \
+        [make(base, seed) for seed in s.seeds for base in per_seed] + \
+        ([make("compare", s.seeds[0])] if len(s.seeds) > 1 else [])
 
 
 def select(steps: Sequence[Step], wanted: Optional[Sequence[str]]) -> Optional[List[str]]:
