@@ -316,7 +316,8 @@ def _positive_number(text: str) -> float:
 def add_arguments(parser: argparse.ArgumentParser,
                   choices: Mapping[str, Sequence[str]] = {},
                   fields: Optional[Sequence[str]] = None) -> None:
-    """Add `--config` and every Config field (or those of `fields`) as `--flag-name`.
+    """Add `--config` and every Config field as `--flag-name`; --help shows those of `fields`
+    (all when None), the others are accepted (scripts pass one flag set to several commands).
 
     A flag not given is absent from the parsed namespace (argparse.SUPPRESS), so the file's value
     stays; `choices` restricts fields to named values (shown by --help).
@@ -327,13 +328,13 @@ def add_arguments(parser: argparse.ArgumentParser,
     group = parser.add_argument_group(
         "configuration (a flag overrides the --config file, which overrides the defaults shown)")
     for name, spec in FIELDS.items():
-        if fields is not None and name not in fields:
-            continue   # a flag the command does not use (its YAML value is still read)
         kind = _TYPES[name][0]
         flag = "--" + name.replace("_", "-")
         text = HELP.get(name, name)
         if "default" not in text:
             text += f" (default: {'none' if spec.default in (None, '') else spec.default})"
+        if fields is not None and name not in fields:
+            text = argparse.SUPPRESS   # a flag the command does not use: not in its --help
         if kind is bool:
             group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
                                default=argparse.SUPPRESS, help=text)

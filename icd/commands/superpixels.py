@@ -19,8 +19,19 @@ from .options import add_config_file, fill_from_config
 from .runner import Parser, non_negative_int, run, shard
 
 
+class _Parser(Parser):
+    """Without --config one of --pretrained, --features is a usage error (as a required group)."""
+
+    def parse_args(self, args=None, namespace=None):
+        parsed = super().parse_args(args, namespace)
+        if parsed.config is None and parsed.pretrained is None and parsed.features is None:
+            self.error("one of the arguments --pretrained --features is required (or a "
+                       "--config naming a pretrained file)")
+        return parsed
+
+
 def build_parser() -> Parser:
-    parser = Parser(__doc__, prog="icd-superpixels")
+    parser = _Parser(__doc__, prog="icd-superpixels")
     add_config_file(parser)
     parser.add_argument("--image-root", default=None,
                         help="folder of <name>.jpg (required, or --config's)")
