@@ -131,7 +131,7 @@ def test_seeds_eval_and_superpixels_read_their_paths_from_config(capsys):
     args = eval_command.build_parser().parse_args(["--config", "voc_vgg16"])
     fill_from_config(args, eval_command.CONFIG_PATHS)
     assert args.gt_root == "./data/VOC2012/SegmentationClassAug"
-    assert args.data_list == "./data/VOC2012/ImageSets/Segmentation/train.txt"
+    assert args.data_list == "./data/VOC2012/ImageSets/Segmentation/train_aug.txt"
     args = superpixels_command.build_parser().parse_args(["--config", "voc_vgg16"])
     fill_from_config(args, superpixels_command.CONFIG_PATHS)
     assert args.out == "./data/superpixels"
