@@ -280,3 +280,25 @@ def test_icd_run_resumes_a_killed_training_and_reruns_only_what_a_seed_setting_c
     assert result["reference"] == pytest.approx(
         tables["train"]["cam"]["seeds"]["seeds/crf_cam"]["miou"])
     assert "A vs B: mIoU" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_icd_run_trains_on_two_workers_on_one_machine(tiny_voc, tmp_path):
+    """`--kvstore dist_device_sync` under icd-launch (127.0.0.1): the training step of icd-run
+    runs as a two-worker job, bounded in time, and leaves its checkpoint and done marker."""
+    from test_distributed import environment, launch
+    config, out = _config(tmp_path, tiny_voc, 1), str(tmp_path / "run")
+    paper.run_paper(paper.PaperSettings(config, out, devices=dict(cpus=1, gpus="")),
+                    ["superpixels"], progress_every=0)
+    script = tmp_path / "icd_run.py"   # the launcher passes the command through a shell
+    script.write_text("import sys\nfrom icd.commands.run import main\nsys.exit(main())\n")
+    command = [sys.executable, str(script)] + _icd_run(config, out, "--steps", "train_icd",
+                                                      "--kvstore", "dist_device_sync", "--set",
+                                                      "train.batch_size=2")[3:]
+    status, log = launch(2, command, environment(), timeout=300)
+    assert status == 0, log
+    assert os.path.isfile(os.path.join(out, "snapshot_icd", "vgg16_icd-0000.params"))
+    record = json.load(open(os.path.join(out, "snapshot_icd", "vgg16_icd-0000.json")))
+    assert record["config"]["kvstore"] == "dist_device_sync" and len(
+        next(iter(record["device_states"].values()))) == 2           # one device per worker
+    assert _actions(out) == {"superpixels": "done", "train_icd": "done"}
