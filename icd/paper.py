@@ -71,7 +71,7 @@ SEED_ROWS = {"bu": ("scores_icd_bu", False, "nocrf_icd_bu"),
 ROW_NAMES = {"bu": "bottom-up (S)", "bu_sp": "+ superpixel refinement (S')",
              "nocrf": "+ top-down (S'')", "crf": "+ CRF"}
 CAM_ROWS = {"nocrf": ("nocrf_cam", False), "crf": ("crf_cam", True)}
-# A stage's keys and defaults (None: "take it from the training config").
+# The keys of each stage's part of the pipeline: section and their defaults.
 STAGES: Dict[str, Dict[str, Any]] = {
     "superpixels": {"features": "pretrained"},
     "infer": {},
@@ -518,9 +518,11 @@ def step_settings(s: PaperSettings, base: str, seed: int) -> Dict:
         cfg = s.segmentation(seed)
         return dict(s.stage["segment"], **(training(cfg) if cfg else {}),
                     scales=list(cfg.scales) if cfg else None) if cfg else {}
-    if base == "compare":
-        return dict(seeds=s.seeds)
-    return dict(s.stage.get(base, {}), gt_root=s.gt_root)
+    if base == "seeds":
+        return dict(s.stage["seeds"], classes=list(s.icd.class_names))
+    if base == "evaluate":
+        return dict(s.stage["evaluate"], gt_root=s.gt_root)
+    return dict(seeds=s.seeds) if base == "compare" else {}
 
 
 def step_inputs(s: PaperSettings, base: str) -> Tuple[str, ...]:
