@@ -122,6 +122,13 @@ def test_each_command_lists_only_the_flags_it_uses(capsys):
         assert all(flag in text for flag in present)
 
 
+@pytest.mark.parametrize("command", [run_command, compare_command],
+                         ids=["icd-run", "icd-compare"])
+def test_icd_run_and_icd_compare_document_every_flag(command, capsys):
+    from test_cli import test_help_documents_every_flag
+    test_help_documents_every_flag(command, capsys)
+
+
 def test_seeds_eval_and_superpixels_read_their_paths_from_config(capsys):
     args = seeds_command.build_parser().parse_args(["--config", "voc_vgg16"])
     fill_from_config(args, seeds_command.CONFIG_PATHS, ("results",))

@@ -42,8 +42,11 @@ def build_parser() -> Parser:
     parser.add_argument("--config", default=None, metavar="YAML",
                         help="an icd-run config: its classes, gt_root and the split's "
                              "evaluation list (default: none, give the three flags below)")
-    parser.add_argument("--gt-root", default=None, help="folder of ground-truth <name>.png")
-    parser.add_argument("--data-list", default=None, help="images compared, one name per line")
+    parser.add_argument("--gt-root", default=None,
+                        help="folder of ground-truth <name>.png (required, or --config's)")
+    parser.add_argument("--data-list", default=None,
+                        help="images compared, one name per line (required, or --config's "
+                             "list of --split)")
     add_classes_argument(parser)
     parser.add_argument("--resamples", type=positive_int, default=RESAMPLES,
                         help="bootstrap resamples")

@@ -12,7 +12,8 @@ Examples:
 Rerunning the same command continues: finished steps are skipped, an interrupted training
 resumes from its last complete checkpoint, a step whose settings or inputs changed reruns with
 everything after it. Steps: superpixels train_icd train_cam (both: train) infer seeds evaluate
-segment tables compare. Writes <out>/tables/tables.md (<out>/seed<k>/ per seed with --repeat).
+segment tables compare. The paper's tables go to <out>/tables/ (<out>/seed<k>/tables/ per
+seed with --repeat).
 """
 from __future__ import annotations
 
