@@ -12,13 +12,13 @@ devices) with a `pipeline:` section for the other stages, e.g. experiments/voc_v
       splits: {train: ./data/VOC2012/ImageSets/Segmentation/train_aug.txt}
       superpixels: {features: pretrained}          # or colour
       seeds: {rows: [bu, bu_sp, nocrf, crf]}       # Table 3 rows made (crf: what DeepLab uses)
-      evaluate: {list: ./data/.../train.txt, thresholds: [...]}
+      evaluate: {list: null, thresholds: [...]}   # list: evaluate a subset of the split
       segment: {config: deeplab_largefov_vgg16.yaml, list: ./data/.../val.txt}
 
 `--set stage.key=value` overrides a key of a stage (`train.learning_rate=1e-3` a training
 field of ICD and the baseline, `icd.*` / `cam.*` one of them; `seeds.rows=[crf]`; `segment.*`
-also the DeepLab config's fields, `segment.num_epoch=10`; `run.gt_root=DIR`, `run.repeat=3`). Folders under
-the run folder `--out`:
+also the DeepLab config's fields, `segment.num_epoch=10`; `run.gt_root=DIR`, `run.repeat=3`).
+Folders under the run folder `--out`:
 
     superpixels/  snapshot_icd/  snapshot_cam/  results_{icd,cam}/<split>/{scores_*,seeds,eval}
     snapshot_segment/  segmentation/pred, eval.json  tables/tables.{md,json}  steps/<step>.json
