@@ -60,5 +60,7 @@ setup(
         "icd-bench = icd.commands.bench:main",
         "icd-launch = icd.commands.launch:main",
         "icd-demo = icd.demo:main",
+        "icd-run = icd.commands.run:main",
+        "icd-compare = icd.commands.compare:main",
     ]},
 )

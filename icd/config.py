@@ -200,6 +200,7 @@ def read_config_file(path: str, _including: Tuple[str, ...] = ()) -> Dict[str, A
     if base is not None and (not isinstance(base, str) or not base):
         raise ValueError(f"{path}: base must be the name of another YAML file, got {base!r}")
     including = _including + (os.path.realpath(path),)
+    loaded.pop("pipeline", None)   # the other stages' settings: icd.paper reads them
     values = {}
     if base:
         base_path = os.path.join(os.path.dirname(path), base)
@@ -334,8 +335,10 @@ def _positive_number(text: str) -> float:
 
 
 def add_arguments(parser: argparse.ArgumentParser,
-                  choices: Mapping[str, Sequence[str]] = {}) -> None:
-    """Add `--config` and every Config field as `--flag-name`.
+                  choices: Mapping[str, Sequence[str]] = {},
+                  fields: Optional[Sequence[str]] = None) -> None:
+    """Add `--config` and every Config field as `--flag-name`; --help shows those of `fields`
+    (all when None), the others are accepted (scripts pass one flag set to several commands).
 
     A flag not given is absent from the parsed namespace (argparse.SUPPRESS), so the file's value
     stays; `choices` restricts fields to named values (shown by --help).
@@ -351,6 +354,8 @@ def add_arguments(parser: argparse.ArgumentParser,
         text = HELP.get(name, name)
         if "default" not in text:
             text += f" (default: {'none' if spec.default in (None, '') else spec.default})"
+        if fields is not None and name not in fields:
+            text = argparse.SUPPRESS   # a flag the command does not use: not in its --help
         if kind is bool:
             group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
                                default=argparse.SUPPRESS, help=text)

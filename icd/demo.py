@@ -50,11 +50,12 @@ from .data.voc import read_list
 from .evaluate import THRESHOLDS, evaluate
 from .infer import infer
 from .model import build_model
+from .paper import train_to_the_end
 from .pipeline import Run, Step, select_steps
 from .report import CAM_SEEDS, SPLITS, TABLE3, ReportInputs, write_report
 from .seeds import make_seeds
 from .segment import evaluate_predictions, segment
-from .train import checkpoint_path, train
+from .train import checkpoint_path
 
 log = logging.getLogger(__name__)
 
@@ -274,28 +275,9 @@ def step_superpixels(settings: DemoSettings, run: Run) -> Dict:
     return {"written": written}
 
 
-def last_checkpoint_epoch(cfg: Config) -> int:
-    """The largest epoch < num_epoch with both a .params and a .states file; -1 if none."""
-    return max((e for e in range(cfg.num_epoch)
-                if all(os.path.isfile(checkpoint_path(cfg, e, s)) for s in ("params", "states"))),
-               default=-1)
-
-
 def _train(settings: DemoSettings, which: str) -> Dict:
-    return _train_to_the_end(training_config(settings, which), which)
-
-
-def _train_to_the_end(cfg: Config, which: str) -> Dict:
-    """Train `cfg`, resuming after its last checkpoint; nothing if the final one exists."""
-    done = last_checkpoint_epoch(cfg)
-    if done >= cfg.num_epoch - 1:
-        log.info("%s: final checkpoint %s exists", which, final_checkpoint(cfg))
-    else:
-        if done >= 0:
-            log.info("%s: resuming after epoch %d", which, done)
-            cfg = dataclasses.replace(cfg, begin_epoch=done + 1)
-        train(cfg)
-    return {"checkpoint": final_checkpoint(cfg)}
+    """Train "pretrain", "cam" or "icd" to the end, continuing its run (icd.paper)."""
+    return {"checkpoint": train_to_the_end(training_config(settings, which))}
 
 
 def step_pretrain(settings: DemoSettings, run: Run) -> Dict:
@@ -396,7 +378,8 @@ def step_segment(settings: DemoSettings, run: Run) -> Dict:
     summary = {}
     for source, label, _ in SEGMENTATION_SOURCES:
         cfg = segmentation_config(settings, source)
-        _train_to_the_end(cfg, f"segmentation on {label}")
+        log.info("segmentation on %s", label)
+        train_to_the_end(cfg)
         contexts = parse_devices(cfg.gpus, cfg.cpus)
         net = build_model(cfg.model, **cfg.model_options)
         load_checkpoint(net, final_checkpoint(cfg), contexts)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from icd import demo, pipeline, report
+from icd import demo, pipeline, report, stats
 from icd.checkpoint import read_params
 from icd.data.classes import read_classes
 from icd.data.synthetic import DEFAULT_CLASSES
@@ -250,7 +250,7 @@ def test_present_miou_equals_the_mean_over_classes_with_ground_truth():
     with pytest.raises(ValueError):
         report.present_miou(0.5, 0, NUM_SEG_CLASSES)
     # the bootstrap's statistic with all weights 1 is the same number
-    statistic = report.miou_statistic(confusion[None], [0, 3, 8])
+    statistic = stats.miou_statistic(confusion[None], [0, 3, 8])
     assert statistic(np.ones((1, 1)))[0] == pytest.approx(iou[[0, 3, 8]].mean(), abs=1e-15)
 
 
@@ -262,10 +262,10 @@ def test_present_classes_reads_the_ground_truth(tmp_path):
 
 
 def test_resampling_is_seeded_and_draws_every_image_count_once_per_resample():
-    weights = report.resample_weights(7, resamples=50, seed=3)
+    weights = stats.resample_weights(7, resamples=50, seed=3)
     assert weights.shape == (50, 7) and (weights.sum(axis=1) == 7).all()
-    assert (weights == report.resample_weights(7, resamples=50, seed=3)).all()
-    assert not (weights == report.resample_weights(7, resamples=50, seed=4)).all()
+    assert (weights == stats.resample_weights(7, resamples=50, seed=3)).all()
+    assert not (weights == stats.resample_weights(7, resamples=50, seed=4)).all()
 
 
 def image_confusions(rng, num_images, error_rate):
@@ -325,24 +325,24 @@ def test_binned_ap_is_exact_up_to_the_bin_count_and_resamples_images():
     rng = np.random.default_rng(2)
     pixels = [(i, rng.normal(1.0, 1.0, 30).astype(np.float32),
                rng.normal(0.0, 1.0, 50).astype(np.float32)) for i in range(4)]
-    pos, neg = report.class_histograms(pixels, 5, bins=1000)           # image 4 lacks it
+    pos, neg = stats.class_histograms(pixels, 5, bins=1000)           # image 4 lacks it
     assert pos[4].sum() == neg[4].sum() == 0
     exact = average_precision(np.concatenate([p for _, p, _ in pixels]),
                               np.concatenate([n for _, _, n in pixels]))
-    assert report.binned_ap(np.ones((1, 5)) @ pos, np.ones((1, 5)) @ neg)[0] == \
+    assert stats.binned_ap(np.ones((1, 5)) @ pos, np.ones((1, 5)) @ neg)[0] == \
         pytest.approx(exact, abs=1e-12)
     # image 0 twice, image 1 left out: AP of exactly those pixels
     weights = np.array([[2.0, 0.0, 1.0, 1.0, 0.0]])
     chosen = [pixels[0], pixels[0], pixels[2], pixels[3]]
     resampled = average_precision(np.concatenate([p for _, p, _ in chosen]),
                                   np.concatenate([n for _, _, n in chosen]))
-    assert report.binned_ap(weights @ pos, weights @ neg)[0] == pytest.approx(resampled,
+    assert stats.binned_ap(weights @ pos, weights @ neg)[0] == pytest.approx(resampled,
                                                                              abs=1e-12)
     # few bins: close, not exact
-    pos, neg = report.class_histograms(pixels, 5, bins=16)
-    assert report.binned_ap(np.ones((1, 5)) @ pos, np.ones((1, 5)) @ neg)[0] == \
+    pos, neg = stats.class_histograms(pixels, 5, bins=16)
+    assert stats.binned_ap(np.ones((1, 5)) @ pos, np.ones((1, 5)) @ neg)[0] == \
         pytest.approx(exact, abs=0.05)
-    assert report.class_histograms([(0, np.empty(0), np.ones(3))], 1) is None
+    assert stats.class_histograms([(0, np.empty(0), np.ones(3))], 1) is None
 
 
 def test_pixel_map_claims_follow_the_same_rule():
@@ -351,7 +351,7 @@ def test_pixel_map_claims_follow_the_same_rule():
     def histograms(separation):
         pixels = [(i, rng.normal(separation, 1.0, 40), rng.normal(0.0, 1.0, 60))
                   for i in range(25)]
-        return [report.class_histograms(pixels, 25)]
+        return [stats.class_histograms(pixels, 25)]
 
     good, poor = histograms(3.0), histograms(0.2)
     samples = {"num_images": 25, "ap": {"icd": good, "cam_baseline": poor, "cam_head": good}}

@@ -1,9 +1,11 @@
 r"""Evaluate seeds (mIoU, Table 3) and score maps (threshold study, Table 2; pixel AP, Table 1).
 
-Example:
+Examples:
   icd-eval --results snapshot/icd/results --gt-root data/VOC2012/SegmentationClassAug \
       --data-list data/VOC2012/ImageSets/Segmentation/train_aug.txt \
       --annotation-root data/VOC2012/Annotations --image-root data/VOC2012/JPEGImages
+  icd-eval --config voc_vgg16     the same paths from the config (gt_root and the list from its
+                                  pipeline: section: evaluate.list, else data_list)
 Writes <out>/eval.json, eval.md and figures, and prints eval.md.
 """
 from __future__ import annotations
@@ -16,16 +18,20 @@ from ..data.classes import dataset_classes
 from ..evaluate import THRESHOLDS, evaluate
 from ..io import exclusive_lock
 from ..provenance import lock_path
+from .options import add_config_file, fill_from_config
 from .runner import Parser, add_classes_argument, fraction, non_negative_int, positive_int, run
 
 
 def build_parser() -> Parser:
     parser = Parser(__doc__, prog="icd-eval")
-    parser.add_argument("--results", required=True, help="results folder (required)")
-    parser.add_argument("--gt-root", required=True,
-                        help="SegmentationClass(Aug) folder of <name>.png (required)")
-    parser.add_argument("--data-list", required=True,
-                        help="list file, one image name per line (required)")
+    add_config_file(parser)
+    parser.add_argument("--results", default=None,
+                        help="results folder (required, or <snapshot>/results of --config)")
+    parser.add_argument("--gt-root", default=None,
+                        help="SegmentationClass(Aug) folder of <name>.png (required, or "
+                             "--config's pipeline: gt_root)")
+    parser.add_argument("--data-list", default=None,
+                        help="list file, one image name per line (required, or --config's)")
     add_classes_argument(parser)
     parser.add_argument("--seeds", nargs="*", default=None, metavar="FOLDER",
                         help="seed folders, relative to --results unless absolute "
@@ -50,7 +56,17 @@ def build_parser() -> Parser:
     return parser
 
 
+CONFIG_PATHS = {"results": lambda cfg, section: os.path.join(cfg.snapshot, "results"),
+                "gt_root": lambda cfg, section: section.get("gt_root"),
+                "data_list": lambda cfg, section: (section.get("evaluate") or {}).get("list")
+                or cfg.data_list,
+                "annotation_root": lambda cfg, section: cfg.annotation_root,
+                "image_root": lambda cfg, section: cfg.image_root,
+                "classes": lambda cfg, section: cfg.classes}
+
+
 def _evaluate(args: argparse.Namespace) -> int:
+    fill_from_config(args, CONFIG_PATHS, required=("results", "gt_root", "data_list"))
     if len(set(args.thresholds)) != len(args.thresholds):
         raise ValueError(f"--thresholds: repeated values in {args.thresholds}")
     out = args.out or os.path.join(args.results, "eval")

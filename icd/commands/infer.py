@@ -20,7 +20,7 @@ from .runner import Parser, non_negative_int, run, shard
 
 def build_parser() -> Parser:
     parser = Parser(__doc__, prog="icd-infer")
-    add_config_arguments(parser)
+    add_config_arguments(parser, "infer")
     parser.add_argument("--epoch", type=non_negative_int, default=None,
                         help="epoch of the checkpoint (default: num_epoch - 1)")
     parser.add_argument("--params", default=None,

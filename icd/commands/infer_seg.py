@@ -30,7 +30,7 @@ from .runner import Parser, non_negative_int, positive_int, run, shard
 
 def build_parser() -> Parser:
     parser = Parser(__doc__, prog="icd-infer-seg")
-    add_config_arguments(parser)
+    add_config_arguments(parser, "infer_seg")
     parser.add_argument("--epoch", type=non_negative_int, default=None,
                         help="epoch of <snapshot>/<model>-<epoch>.params (default: num_epoch-1)")
     parser.add_argument("--params", default=None, help="checkpoint file (overrides --epoch)")

@@ -1,18 +1,20 @@
-"""The configuration flags of icd-train and icd-infer: choices, the Config, devices for a batch."""
+"""The configuration flags of the commands: choices, the flags each command uses, --config for
+the commands that take paths, the Config, devices for a batch."""
 from __future__ import annotations
 
 import argparse
-from typing import List, Sequence
+from typing import Any, Callable, List, Mapping, Optional, Sequence
 
 import mxnet as mx
 
-from ..config import FIELDS, Config, add_arguments, load_config
+from ..config import FIELDS, Config, add_arguments, find_config, load_config
 from ..data.classes import dataset_classes
 from ..devices import parse_devices
 from ..distributed import KVSTORES
 from ..model import MODELS
 from ..model.icd_net import FEATURES, TOP_DOWN
 from ..model.losses import BOTTOM_UP_VARIANTS
+from ..paper import read_pipeline_section
 from ..train import OPTIMIZERS
 
 CHOICES = {"model": tuple(MODELS), "bottom_up_features": FEATURES,
@@ -20,8 +22,54 @@ CHOICES = {"model": tuple(MODELS), "bottom_up_features": FEATURES,
            "kvstore": KVSTORES}
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    add_arguments(parser, CHOICES)
+# The Config fields each command uses (its --help lists only these; a YAML may hold the rest).
+INFERENCE = ("infer_size", "infer_batch_size")
+SEGMENTATION_INFERENCE = ("scales", "flip", "crf")
+ICD_ONLY = ("superpixel_root", "bottom_up_features", "bottom_up_loss", "top_down",
+            "warmup_epochs")
+COMMAND_FIELDS = {
+    "train": tuple(f for f in FIELDS if f not in INFERENCE + SEGMENTATION_INFERENCE
+                   + ("label_root",)),
+    "infer": ("image_root", "annotation_root", "superpixel_root", "data_list", "classes",
+              "model", "num_cls", "width", "bottom_up_features", "bottom_up_loss", "top_down",
+              "gpus", "cpus", "num_workers", "snapshot", "overwrite") + INFERENCE,
+    "train_seg": tuple(f for f in FIELDS if f not in INFERENCE + SEGMENTATION_INFERENCE
+                       + ICD_ONLY),
+    "infer_seg": ("image_root", "data_list", "classes", "model", "num_cls", "width", "gpus",
+                  "cpus", "num_workers", "snapshot") + INFERENCE + SEGMENTATION_INFERENCE,
+}
+
+
+def add_config_arguments(parser: argparse.ArgumentParser,
+                         command: Optional[str] = None) -> None:
+    """`--config` and the flags of the Config fields `command` uses (COMMAND_FIELDS; all when
+    None)."""
+    add_arguments(parser, CHOICES, COMMAND_FIELDS.get(command) if command else None)
+
+
+def add_config_file(parser: argparse.ArgumentParser) -> None:
+    """`--config` for the commands that take paths as flags (seeds, eval, superpixels)."""
+    parser.add_argument("--config", default=None, metavar="YAML",
+                        help="experiments/<name>.yaml (a bare name finds the shipped config): "
+                             "paths and classes not given as flags come from it (default: "
+                             "none)")
+
+
+def fill_from_config(args: argparse.Namespace,
+                     defaults: Mapping[str, Callable[[Config, Mapping], Any]],
+                     required: Sequence[str] = ()) -> None:
+    """Set each `defaults` flag not given (None) to its value from `--config` (the Config and
+    the file's pipeline: section); a `required` one still missing is an error naming it."""
+    if args.config:
+        cfg = load_config(args.config)
+        section = read_pipeline_section(find_config(args.config))
+        for dest, value in defaults.items():
+            if getattr(args, dest) is None:
+                setattr(args, dest, value(cfg, section))
+    for dest in required:
+        if getattr(args, dest) is None:
+            raise ValueError(f"--{dest.replace('_', '-')}: required (or a --config that "
+                             f"gives it)")
 
 
 def config_from(args: argparse.Namespace,

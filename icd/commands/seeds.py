@@ -1,9 +1,10 @@
 r"""Seeds from score maps: <results>/seeds/{crf,sal,nocrf}/<name>.png (index PNGs, 255 undefined).
 
-Example:
+Examples:
   icd-seeds --results snapshot/icd/results --image-root data/VOC2012/JPEGImages \
       --annotation-root data/VOC2012/Annotations \
       --data-list data/VOC2012/ImageSets/Segmentation/train_aug.txt --workers 32
+  icd-seeds --config voc_vgg16 --workers 32      the same: paths, classes, <snapshot>/results
 Resumable: existing seeds are kept unless --overwrite.
 """
 from __future__ import annotations
@@ -14,18 +15,22 @@ from typing import Optional, Sequence
 
 from ..data.classes import dataset_classes
 from ..seeds import make_seeds
+from .options import add_config_file, fill_from_config
 from .runner import Parser, add_classes_argument, positive_int, run, shard
 
 
 def build_parser() -> Parser:
     parser = Parser(__doc__, prog="icd-seeds")
-    parser.add_argument("--results", required=True,
-                        help="results folder holding scores_cam/ etc. (required)")
-    parser.add_argument("--image-root", required=True, help="folder of <name>.jpg (required)")
-    parser.add_argument("--annotation-root", required=True,
-                        help="folder of <name>.xml (required)")
-    parser.add_argument("--data-list", required=True,
-                        help="list file, one image name per line (required)")
+    add_config_file(parser)
+    parser.add_argument("--results", default=None,
+                        help="results folder holding scores_cam/ etc. (required, or "
+                             "<snapshot>/results of --config)")
+    parser.add_argument("--image-root", default=None,
+                        help="folder of <name>.jpg (required, or --config's)")
+    parser.add_argument("--annotation-root", default=None,
+                        help="folder of <name>.xml (required, or --config's)")
+    parser.add_argument("--data-list", default=None,
+                        help="list file, one image name per line (required, or --config's)")
     add_classes_argument(parser)
     parser.add_argument("--saliency-root", default=None,
                         help="folder of <name>.png saliency maps: writes seeds/sal, no CRF "
@@ -50,7 +55,15 @@ def build_parser() -> Parser:
     return parser
 
 
+CONFIG_PATHS = {"results": lambda cfg, section: os.path.join(cfg.snapshot, "results"),
+                "image_root": lambda cfg, section: cfg.image_root,
+                "annotation_root": lambda cfg, section: cfg.annotation_root,
+                "data_list": lambda cfg, section: cfg.data_list,
+                "classes": lambda cfg, section: cfg.classes}
+
+
 def _seeds(args: argparse.Namespace) -> int:
+    fill_from_config(args, CONFIG_PATHS, required=tuple(CONFIG_PATHS)[:4])
     summary = make_seeds(args.results, args.image_root, args.annotation_root, args.data_list,
                          saliency_root=args.saliency_root, infer_size=args.infer_size,
                          workers=args.workers, crf=not args.no_crf, overwrite=args.overwrite,

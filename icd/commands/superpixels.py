@@ -5,6 +5,7 @@ Examples:
       --data-list data/VOC2012/ImageSets/Segmentation/train_aug.txt \
       --out data/superpixels --pretrained data/vgg16_20M.params --workers 4    (the release's way)
   icd-superpixels ... --features colour       (without network weights: colour and position)
+  icd-superpixels --config voc_vgg16 --workers 4     paths and the weights from the config
 Resumable: existing PNGs are kept unless --overwrite.
 """
 from __future__ import annotations
@@ -13,21 +14,38 @@ import argparse
 from typing import Optional, Sequence
 
 from ..data.superpixels import MAX_PIXELS, make_feature_factory, make_superpixels
+from ..config import load_config
+from .options import add_config_file, fill_from_config
 from .runner import Parser, non_negative_int, run, shard
 
 
+class _Parser(Parser):
+    """Without --config one of --pretrained, --features is a usage error (as a required group)."""
+
+    def parse_args(self, args=None, namespace=None):
+        parsed = super().parse_args(args, namespace)
+        if parsed.config is None and parsed.pretrained is None and parsed.features is None:
+            self.error("one of the arguments --pretrained --features is required (or a "
+                       "--config naming a pretrained file)")
+        return parsed
+
+
 def build_parser() -> Parser:
-    parser = Parser(__doc__, prog="icd-superpixels")
-    parser.add_argument("--image-root", required=True, help="folder of <name>.jpg (required)")
-    parser.add_argument("--data-list", required=True,
-                        help="list file of image names (required)")
-    parser.add_argument("--out", required=True, help="folder for <name>.png (required)")
+    parser = _Parser(__doc__, prog="icd-superpixels")
+    add_config_file(parser)
+    parser.add_argument("--image-root", default=None,
+                        help="folder of <name>.jpg (required, or --config's)")
+    parser.add_argument("--data-list", default=None,
+                        help="list file of image names (required, or --config's)")
+    parser.add_argument("--out", default=None,
+                        help="folder for <name>.png (required, or --config's superpixel_root)")
     parser.add_argument("--workers", type=non_negative_int, default=0,
                         help="worker processes (0: this one)")
-    features = parser.add_mutually_exclusive_group(required=True)
+    features = parser.add_mutually_exclusive_group()
     features.add_argument("--pretrained", metavar="PARAMS",
                           help="backbone checkpoint: merge on its conv5_3 features (the "
-                               "release's way); one of --pretrained, --features is required")
+                               "release's way); one of --pretrained, --features is required "
+                               "(or --config's pretrained file)")
     features.add_argument("--features", choices=["colour"],
                           help="network-free features: centred Lab colour + position (one of "
                                "--pretrained, --features is required)")
@@ -46,7 +64,18 @@ def build_parser() -> Parser:
     return parser
 
 
+CONFIG_PATHS = {"image_root": lambda cfg, section: cfg.image_root,
+                "data_list": lambda cfg, section: cfg.data_list,
+                "out": lambda cfg, section: cfg.superpixel_root}
+
+
 def _superpixels(args: argparse.Namespace) -> int:
+    if args.config and args.features is None and args.pretrained is None:
+        args.pretrained = load_config(args.config).pretrained
+    fill_from_config(args, CONFIG_PATHS, required=tuple(CONFIG_PATHS))
+    if args.features is None and args.pretrained is None:
+        raise ValueError("--pretrained: one of --pretrained, --features is required (the "
+                         "config names no pretrained file)")
     written = make_superpixels(args.image_root, args.data_list, args.out,
                                feature_factory=make_feature_factory(args.pretrained),
                                workers=args.workers, overwrite=args.overwrite, shard=args.shard,

@@ -4,9 +4,12 @@ Examples:
   icd-train --config experiments/voc_vgg16.yaml --gpus 0,1      the paper's setting
   icd-train --config synthetic_demo --cpus 2                    a shipped config by name
   icd-train --config experiments/voc_vgg16.yaml --gpus 0,1 --begin-epoch 5    resume
+  icd-train --config experiments/voc_vgg16.yaml --gpus 0,1 --resume auto      resume or start
   icd-launch -n 2 -s 2 --launcher ssh -H hosts -- icd-train --config voc_vgg16 --gpus 0 \
       --batch-size 16 --kvstore dist_device_sync                  two machines (icd-launch)
-Flags override the config file; `--begin-epoch K` resumes from checkpoint K-1 and its .states.
+Flags override the config file; `--begin-epoch K` resumes from checkpoint K-1 and its .states;
+`--resume auto` from the last complete checkpoint of the same run (its run record names the
+same settings), or starts fresh when there is none; another run's checkpoints are refused.
 Exit status: 0 trained, 1 error, 2 bad arguments, 3 the loss became NaN or infinite.
 """
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Optional, Sequence
 
 from ..checkpoint import read_states
 from ..config import Config
+from ..paper import resume_auto
 from ..train import EXIT_STATUSES, TrainingDiverged, checkpoint_path, train
 from .options import add_config_arguments, config_from, devices_for
 from .runner import Parser, run
@@ -26,8 +30,16 @@ EXIT_DIVERGED = EXIT_STATUSES[TrainingDiverged]
 
 def build_parser() -> Parser:
     parser = Parser(__doc__, prog="icd-train")
-    add_config_arguments(parser)
+    add_config_arguments(parser, "train")
+    add_resume_argument(parser)
     return parser
+
+
+def add_resume_argument(parser: Parser) -> None:
+    parser.add_argument("--resume", choices=("auto",), default=None,
+                        help="auto: continue from the last complete checkpoint of the same run "
+                             "in --snapshot, or start fresh without one (default: start at "
+                             "--begin-epoch)")
 
 
 def check_resume(cfg: Config) -> None:
@@ -44,12 +56,21 @@ def check_resume(cfg: Config) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    return checked_train(config_from(args))
+    return checked_train(config_from(args), args.resume)
 
 
-def checked_train(cfg: Config) -> int:
+def checked_train(cfg: Config, resume: Optional[str] = None) -> int:
     """Train `cfg` after the checks a user's flags can fail: epochs to train, a batch that
-    splits over the devices, a resumable checkpoint pair."""
+    splits over the devices, a resumable checkpoint pair. `resume` "auto": from the last
+    complete checkpoint of the same run (icd.paper.resume_auto); nothing when it is the last."""
+    if resume == "auto":
+        if cfg.begin_epoch > 0:
+            raise ValueError("--resume: auto finds the epoch itself; leave out --begin-epoch")
+        cfg = resume_auto(cfg)
+        if cfg.begin_epoch >= cfg.num_epoch:
+            print(f"{checkpoint_path(cfg, cfg.num_epoch - 1)}: the run is finished "
+                  f"(epoch {cfg.num_epoch - 1} of {cfg.num_epoch})")
+            return 0
     if cfg.begin_epoch >= cfg.num_epoch:
         raise ValueError(f"--begin-epoch: {cfg.begin_epoch} is not below --num-epoch "
                          f"{cfg.num_epoch}: nothing to train")

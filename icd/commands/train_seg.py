@@ -18,15 +18,16 @@ from typing import Optional, Sequence
 from ..train import TASKS, SegmentationTask, TrainingDiverged
 from .options import add_config_arguments, config_from
 from .runner import Parser, run
-from .train import EXIT_DIVERGED, checked_train
+from .train import EXIT_DIVERGED, add_resume_argument, checked_train
 
 
 def build_parser() -> Parser:
     parser = Parser(__doc__, prog="icd-train-seg", conflict_handler="resolve")
-    add_config_arguments(parser)
+    add_config_arguments(parser, "train_seg")
     parser.add_argument("--seeds", "--label-root", dest="label_root", default=argparse.SUPPRESS,
                         help="folder of training label maps <name>.png (default: the config's "
                              "label_root)")
+    add_resume_argument(parser)
     return parser
 
 
@@ -36,7 +37,7 @@ def _train_seg(args: argparse.Namespace) -> int:
         raise ValueError(f"--model: {cfg.model} is not a segmentation model (one of "
                          f"{', '.join(m for m, t in TASKS.items() if t is SegmentationTask)}); "
                          f"icd-train trains the ICD models")
-    return checked_train(cfg)
+    return checked_train(cfg, args.resume)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -1,0 +1,604 @@
+"""The paper's whole pipeline on a real dataset as resumable steps (`icd-run`, issue #23):
+
+    superpixels -> train_icd, train_cam -> infer -> seeds -> evaluate -> segment -> tables
+
+One config gives everything: a training YAML (the Config of ICD: data paths, classes, model,
+devices) with a `pipeline:` section for the other stages, e.g. experiments/voc_vgg16.yaml:
+
+    pipeline:
+      cam: voc_vgg16_cam.yaml            # the CAM-only baseline's YAML, or a mapping of keys
+                                         # over this config ({model: vgg16_cam}); null: none
+      gt_root: ./data/VOC2012/SegmentationClassAug
+      splits: {train: ./data/VOC2012/ImageSets/Segmentation/train_aug.txt}
+      superpixels: {features: pretrained}          # or colour
+      seeds: {rows: [bu, bu_sp, nocrf, crf]}       # Table 3 rows made (crf: what DeepLab uses)
+      evaluate: {list: null, thresholds: [...]}   # list: evaluate a subset of the split
+      segment: {config: deeplab_largefov_vgg16.yaml, list: ./data/.../val.txt}
+
+`--set stage.key=value` overrides a key of a stage (`train.learning_rate=1e-3` a training
+field of ICD and the baseline, `icd.*` / `cam.*` one of them; `seeds.rows=[crf]`; `segment.*`
+also the DeepLab config's fields, `segment.num_epoch=10`; `run.gt_root=DIR`, `run.repeat=3`).
+Folders under the run folder `--out`:
+
+    superpixels/  snapshot_icd/  snapshot_cam/  results_{icd,cam}/<split>/{scores_*,seeds,eval}
+    snapshot_segment/  segmentation/pred, eval.json  tables/tables.{md,json}  steps/<step>.json
+
+`repeat` N > 1 trains N training seeds (seed, seed + 1, ...): the steps after superpixels run
+per seed into seed<k>/ (step names `<step>.s<k>`), and a `compare` step bootstraps ICD against
+the baseline over the seeds and the images (icd.stats.compare_runs).
+
+Every step is an icd.pipeline step: skipped when done with the same settings and inputs, rerun
+with what follows when they change, resumed when interrupted (training from its last complete
+checkpoint of the same run, `resume_auto`; per-image steps skip finished files).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import yaml
+
+from .checkpoint import load_checkpoint
+from .config import FIELDS, Config, find_config, load_config
+from .data.features import make_feature_factory
+from .data.superpixels import make_superpixels
+from .data.voc import read_list
+from .devices import parse_devices
+from .evaluate import THRESHOLDS, evaluate, image_confusions, percent
+from .infer import infer
+from .io import atomic_path, read_json, write_json
+from .model import build_model
+from .pipeline import Run, Step
+from .segment import evaluate_predictions, segment
+from .seeds import make_seeds
+from .stats import compare_runs
+from .train import (checkpoint_path, complete_checkpoints, read_run_record, resume_changes,
+                    train)
+
+log = logging.getLogger(__name__)
+
+BASE_STEPS = ("superpixels", "train_icd", "train_cam", "infer", "seeds", "evaluate", "segment",
+              "tables", "compare")
+ALIASES = {"train": ("train_icd", "train_cam")}
+# Table 3 rows: name -> (ICD score folder, CRF, seed folder under seeds/) as the demo's report
+SEED_ROWS = {"bu": ("scores_icd_bu", False, "nocrf_icd_bu"),
+             "bu_sp": ("scores_icd_bu_sp", False, "nocrf_icd_bu_sp"),
+             "nocrf": ("scores_icd", False, "nocrf"),
+             "crf": ("scores_icd", True, "crf")}
+ROW_NAMES = {"bu": "bottom-up (S)", "bu_sp": "+ superpixel refinement (S')",
+             "nocrf": "+ top-down (S'')", "crf": "+ CRF"}
+CAM_ROWS = {"nocrf": ("nocrf_cam", False), "crf": ("crf_cam", True)}
+# The keys of each stage's part of the pipeline: section and their defaults.
+STAGES: Dict[str, Dict[str, Any]] = {
+    "superpixels": {"features": "pretrained"},
+    "infer": {},
+    "seeds": {"rows": ["bu", "bu_sp", "nocrf", "crf"], "saliency_root": None},
+    "evaluate": {"list": None, "thresholds": list(THRESHOLDS)},
+    "segment": {"config": None, "list": None, "gt_root": None, "seeds": "crf"},
+    "tables": {},
+}
+TOP_KEYS = {"cam": None, "gt_root": None, "splits": None, "repeat": 1}
+# Config fields a training step's fingerprint holds: not devices, processes, bookkeeping or
+# inference-only ones (whether a checkpoint may be resumed is icd.train.resume_changes').
+RUN_FIELDS = ("image_root", "annotation_root", "superpixel_root", "data_list", "classes", "model",
+              "pretrained", "num_cls", "width", "dropout", "bottom_up_features", "bottom_up_loss",
+              "top_down", "optimizer", "image_size", "batch_size", "learning_rate", "momentum",
+              "wd", "num_epoch", "warmup_epochs", "seed", "label_root")
+# Expected seconds per step before a finished run's markers give real times (rough, per image
+# on 2 CPU cores at width 1/8; only the first run's ETA depends on them).
+ESTIMATES = dict(superpixels=5, train_icd=60, train_cam=40, infer=10, seeds=20, evaluate=20,
+                 segment=60, tables=5, compare=5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Auto-resume (icd-train --resume auto, every training step of icd-run)
+
+def _plain(value: Any) -> Any:
+    return yaml.safe_load(yaml.safe_dump(list(value) if isinstance(value, tuple) else value))
+
+
+def resume_auto(cfg: Config, workers: int = 1) -> Config:
+    """`cfg` to continue from the last complete checkpoint below num_epoch of the same run
+    (icd.train.complete_checkpoints), or to start fresh (begin_epoch 0) when there is none or
+    `cfg.overwrite`; begin_epoch == num_epoch means the run is finished. A checkpoint whose run
+    had other settings (icd.train.resume_changes: another run) is refused with FileExistsError
+    naming its run record and the settings that differ."""
+    epochs = [] if cfg.overwrite else [e for e in complete_checkpoints(cfg) if e < cfg.num_epoch]
+    if not epochs:
+        return dataclasses.replace(cfg, begin_epoch=0)
+    epoch = epochs[-1]
+    record = read_run_record(cfg, epoch)
+    if record is None:   # not written by our loop (the release's): nothing to check it by
+        raise FileExistsError(
+            f"{checkpoint_path(cfg, epoch)}: a checkpoint without a run record; resume it "
+            f"explicitly with --begin-epoch {epoch + 1}, or pass --overwrite to delete it")
+    differ = resume_changes(cfg, record, workers)
+    if differ:
+        raise FileExistsError(
+            f"{checkpoint_path(cfg, epoch, 'json')}: checkpoint of another run ("
+            + "; ".join(f"{k} {old!r} (now {new!r})" for k, (old, new) in differ.items())
+            + "); choose another --snapshot or pass --overwrite to delete it")
+    log.info("%s: resuming run %s after epoch %d", cfg.snapshot, record.get("run"), epoch)
+    return dataclasses.replace(cfg, begin_epoch=epoch + 1)
+
+
+def train_to_the_end(cfg: Config) -> str:
+    """Train `cfg` to num_epoch, continuing its run (`resume_auto`); the final checkpoint."""
+    cfg = resume_auto(cfg)
+    if cfg.begin_epoch < cfg.num_epoch:
+        train(dataclasses.replace(cfg, overwrite=cfg.overwrite and cfg.begin_epoch == 0))
+    else:
+        log.info("%s: the final checkpoint exists", cfg.snapshot)
+    return checkpoint_path(cfg, cfg.num_epoch - 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# The pipeline config
+
+def read_pipeline_section(path: str) -> Dict[str, Any]:
+    """The `pipeline:` mapping of a YAML file, over that of its `base:` file (per stage)."""
+    with open(path, encoding="utf-8-sig") as f:
+        loaded = yaml.safe_load(f) or {}
+    base = loaded.get("base")
+    section = read_pipeline_section(os.path.join(os.path.dirname(path), base)) if base else {}
+    own = loaded.get("pipeline") or {}
+    if not isinstance(own, dict):
+        raise ValueError(f"{path}: pipeline: expected a mapping of stage: settings")
+    for key, value in own.items():
+        if isinstance(value, dict) and isinstance(section.get(key), dict):
+            section[key] = {**section[key], **value}
+        else:
+            section[key] = value
+    return section
+
+
+def parse_sets(items: Sequence[str]) -> Dict[str, Dict[str, Any]]:
+    """`--set stage.key=value` items -> {stage: {key: value}} (values read as YAML)."""
+    sets: Dict[str, Dict[str, Any]] = {}
+    for item in items:
+        name, eq, text = item.partition("=")
+        stage, dot, key = name.partition(".")
+        if not eq or not dot or not key:
+            raise ValueError(f"--set: expected stage.key=value, got {item!r}")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise ValueError(f"--set: {item!r}: not a YAML value") from None
+        sets.setdefault(stage, {})[key.replace("-", "_")] = value
+    return sets
+
+
+@dataclass
+class PaperSettings:
+    """A run of the paper's pipeline: the config file, the run folder and the overrides."""
+    config: str
+    out: str
+    sets: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    devices: Mapping[str, Any] = field(default_factory=dict)   # gpus/cpus/kvstore/num_workers
+    repeat: Optional[int] = None
+    workers: int = 1                   # superpixel, seed and evaluation processes
+    shard: Tuple[int, int] = (0, 1)    # per-image steps only (several machines)
+
+    def __post_init__(self):
+        self.config = find_config(self.config)
+        section = read_pipeline_section(self.config)
+        unknown = set(section) - set(STAGES) - set(TOP_KEYS)
+        if unknown:
+            raise ValueError(f"{self.config}: pipeline: unknown keys {sorted(unknown)}; "
+                             f"known: {', '.join(sorted(set(STAGES) | set(TOP_KEYS)))}")
+        stages = set(STAGES) | {"train", "icd", "cam", "run"}
+        for stage, values in self.sets.items():
+            if stage not in stages:
+                raise ValueError(f"--set: unknown stage {stage!r}; one of "
+                                 f"{', '.join(sorted(stages))}")
+            known = FIELDS if stage in ("train", "icd", "cam") else \
+                TOP_KEYS if stage == "run" else \
+                {**STAGES[stage], **FIELDS} if stage == "segment" else STAGES[stage]
+            bad = set(values) - set(known)
+            if bad:
+                raise ValueError(f"--set: {stage}: unknown keys {sorted(bad)}")
+        self.section = section
+        self.stage = {name: {**defaults, **(section.get(name) or {}),
+                             **dict(self.sets.get(name, {}))}
+                      for name, defaults in STAGES.items()}
+        self.top = {**TOP_KEYS, **{k: section[k] for k in TOP_KEYS if k in section},
+                    **dict(self.sets.get("run", {}))}
+        if self.repeat is not None:
+            self.top["repeat"] = self.repeat
+        self.base_seed = load_config(self.config, **{**dict(self.sets.get("train", {})),
+                                                     **dict(self.sets.get("icd", {}))}).seed
+        self.icd = self.training("icd")
+        self.cam = self.training("cam") if self.top["cam"] else None
+        self.gt_root = self.top["gt_root"]
+        self.splits = dict(self.top["splits"] or {"train": self.icd.data_list})
+        rows = self.stage["seeds"]["rows"]
+        if not rows or set(rows) - set(SEED_ROWS):
+            raise ValueError(f"seeds.rows: choose from {', '.join(SEED_ROWS)}, got {rows!r}")
+
+    # configs -----------------------------------------------------------------------------
+
+    @property
+    def seeds(self) -> List[int]:
+        """The training seeds: cfg.seed, cfg.seed + 1, ... (`repeat` of them)."""
+        return [self.base_seed + k for k in range(int(self.top["repeat"]))]
+
+    def root(self, seed: int) -> str:
+        """The folder of one training seed's steps (the run folder when repeat is 1)."""
+        return self.out if len(self.seeds) == 1 else os.path.join(self.out, f"seed{seed}")
+
+    def training(self, which: str, seed: Optional[int] = None) -> Config:
+        """Config of "icd" or "cam": its YAML, the ICD config's data paths (the baseline's
+        too), `--set train.*` and `--set <which>.*`, the devices, the run's folders."""
+        cam = self.top["cam"]
+        path = self.config if which == "icd" or isinstance(cam, dict) else find_config(
+            os.path.join(os.path.dirname(self.config), cam))
+        overrides = {**dict(self.sets.get("train", {})), **dict(self.sets.get(which, {})),
+                     **{k: v for k, v in self.devices.items() if v is not None}}
+        if which == "cam":
+            # the baseline: its own YAML (or the ICD config with `cam:`'s keys) on ICD's data
+            overrides = {**{k: getattr(self.icd, k) for k in (
+                "image_root", "annotation_root", "data_list", "classes", "num_cls", "pretrained",
+                "infer_size")}, **(cam if isinstance(cam, dict) else {}), **overrides}
+        cfg = load_config(path, **overrides)
+        seed = cfg.seed if seed is None else seed
+        return dataclasses.replace(cfg, seed=seed, superpixel_root=self.folder("superpixels"),
+                                   snapshot=os.path.join(self.root(seed), f"snapshot_{which}"))
+
+    def segmentation(self, seed: int) -> Optional[Config]:
+        """The DeepLab config (None without `segment.config`): trained on the ICD seeds of the
+        first split, from the ICD model's ImageNet file, on the same devices."""
+        stage = self.stage["segment"]
+        if not stage["config"]:
+            return None
+        path = find_config(os.path.join(os.path.dirname(self.config), stage["config"]))
+        icd = self.training("icd", seed)
+        labels = os.path.join(self.results(seed, "icd", self.first_split), "seeds",
+                              SEED_ROWS[stage["seeds"]][2])
+        return load_config(path, image_root=icd.image_root, annotation_root=icd.annotation_root,
+                           data_list=icd.data_list, classes=icd.classes,
+                           num_cls=icd.num_cls, label_root=labels,
+                           pretrained=icd.pretrained, seed=seed,
+                           snapshot=os.path.join(self.root(seed), "snapshot_segment"),
+                           **{**{k: v for k, v in stage.items() if k in FIELDS},
+                              **{k: v for k, v in self.devices.items() if v is not None}})
+
+    @property
+    def first_split(self) -> str:
+        return next(iter(self.splits))
+
+    @property
+    def models(self) -> List[str]:
+        return ["icd"] + (["cam"] if self.cam is not None else [])
+
+    def folder(self, *parts: str) -> str:
+        return os.path.join(self.out, *parts)
+
+    def results(self, seed: int, model: str, split: str) -> str:
+        return os.path.join(self.root(seed), f"results_{model}", split)
+
+    def eval_list(self, split: str) -> str:
+        """The list the seeds of `split` are evaluated on (evaluate.list for the first split:
+        the paper's 1,464 train images of the 10,582 of train_aug)."""
+        chosen = self.stage["evaluate"]["list"]
+        return chosen if chosen and split == self.first_split else self.splits[split]
+
+
+# ---------------------------------------------------------------------------------------------
+# Steps: step_<name>(settings, seed, run) -> a JSON-able summary kept in the step's marker
+
+def step_superpixels(s: PaperSettings, seed: int, run: Run) -> Dict:
+    features = s.stage["superpixels"]["features"]
+    if features not in ("pretrained", "colour"):
+        raise ValueError(f"superpixels.features: pretrained or colour, got {features!r}")
+    pretrained = s.icd.pretrained if features == "pretrained" else None
+    if features == "pretrained" and not pretrained:
+        raise ValueError(f"{s.config}: superpixels.features pretrained needs the config's "
+                         f"`pretrained:` file (or --set superpixels.features=colour)")
+    written = make_superpixels(s.icd.image_root, s.icd.data_list, s.folder("superpixels"),
+                               feature_factory=make_feature_factory(pretrained),
+                               workers=s.workers if s.workers > 1 else 0, shard=s.shard)
+    return {"written": len(written)}
+
+
+def step_train(which: str, s: PaperSettings, seed: int, run: Run) -> Dict:
+    return {"checkpoint": train_to_the_end(s.training(which, seed))}
+
+
+def step_infer(s: PaperSettings, seed: int, run: Run) -> Dict:
+    counts = {}
+    for model in s.models:
+        cfg = s.training(model, seed)
+        contexts = parse_devices(cfg.gpus, cfg.cpus)
+        final = checkpoint_path(cfg, cfg.num_epoch - 1)
+        for split, data_list in s.splits.items():
+            counts[f"{model}/{split}"] = len(infer(
+                dataclasses.replace(cfg, data_list=data_list), final,
+                s.results(seed, model, split), contexts, s.shard))
+    return {"images": counts}
+
+
+def step_seeds(s: PaperSettings, seed: int, run: Run) -> Dict:
+    icd = s.icd
+    common = dict(image_root=icd.image_root, annotation_root=icd.annotation_root,
+                  workers=s.workers, classes=icd.class_names, shard=s.shard,
+                  saliency_root=s.stage["seeds"]["saliency_root"])
+    written = {}
+    for split, data_list in s.splits.items():
+        results = s.results(seed, "icd", split)
+        for row in s.stage["seeds"]["rows"]:
+            scores, crf, folder = SEED_ROWS[row]
+            written[f"icd/{split}/{folder}"] = make_seeds(
+                results, data_list=data_list, crf=crf, icd_folder=scores,
+                out_dir=os.path.join(results, "seeds", folder), **common)["written"]
+        if s.cam is not None:
+            results = s.results(seed, "cam", split)
+            for row in ("nocrf", "crf"):
+                if row in s.stage["seeds"]["rows"]:
+                    folder, crf = CAM_ROWS[row]
+                    written[f"cam/{split}/{folder}"] = make_seeds(
+                        results, data_list=data_list, crf=crf, icd_folder="scores_cam",
+                        cam_folder="scores_cam", out_dir=os.path.join(results, "seeds", folder),
+                        **common)["written"]
+    return {"written": written}
+
+
+def _seed_dirs(s: PaperSettings, model: str) -> List[str]:
+    rows = s.stage["seeds"]["rows"]
+    if model == "icd":
+        return [os.path.join("seeds", SEED_ROWS[r][2]) for r in rows]
+    return [os.path.join("seeds", CAM_ROWS[r][0]) for r in ("nocrf", "crf") if r in rows]
+
+
+def step_evaluate(s: PaperSettings, seed: int, run: Run) -> Dict:
+    if not s.gt_root:
+        raise ValueError(f"{s.config}: pipeline: gt_root: the ground-truth folder is needed to "
+                         f"evaluate (or leave the evaluate step out with --steps)")
+    summary = {}
+    for split in s.splits:
+        for model in s.models:
+            report = evaluate(
+                s.results(seed, model, split), s.gt_root, s.eval_list(split),
+                seed_dirs=_seed_dirs(s, model), annotation_root=s.icd.annotation_root,
+                image_root=s.icd.image_root,
+                thresholds=tuple(float(t) for t in s.stage["evaluate"]["thresholds"]),
+                folders={"cam": "scores_cam", "icd": "scores_icd" if model == "icd"
+                         else "scores_cam"}, workers=s.workers, classes=s.icd.class_names)
+            summary[f"{model}/{split}"] = {d: r["miou"] for d, r in report["seeds"].items()}
+    return summary
+
+
+def step_segment(s: PaperSettings, seed: int, run: Run) -> Dict:
+    """DeepLab on the ICD seeds (Tables 7-8): trained, predicted on segment.list, evaluated."""
+    cfg = s.segmentation(seed)
+    if cfg is None:
+        return {"skipped": "no segment.config"}
+    stage = s.stage["segment"]
+    data_list, gt_root = stage["list"], stage["gt_root"] or s.gt_root
+    if not data_list or not gt_root:
+        raise ValueError(f"{s.config}: pipeline: segment: needs `list` (the images to predict) "
+                         f"and a gt_root")
+    final = train_to_the_end(cfg)
+    contexts = parse_devices(cfg.gpus, cfg.cpus)
+    net = build_model(cfg.model, **cfg.model_options)
+    load_checkpoint(net, final, contexts)
+    net.hybridize(static_alloc=True)
+    out = os.path.join(s.root(seed), "segmentation")
+    segment(net, cfg.image_root, data_list, out, contexts, cfg.scales, cfg.flip, cfg.crf,
+            cfg.infer_size, cfg.infer_batch_size, overwrite=True, classes=cfg.class_names)
+    return {"miou": evaluate_predictions(out, gt_root, data_list, cfg.model,
+                                         workers=s.workers, classes=cfg.class_names)["miou"]}
+
+
+def _md_table(header: Sequence[str], rows: Sequence[Sequence]) -> List[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + \
+        ["| " + " | ".join(str(c) for c in row) + " |" for row in rows] + [""]
+
+
+def seed_comparison(s: PaperSettings, seeds: Sequence[int], split: str) -> Dict[str, object]:
+    """ICD seeds + CRF against the baseline's (mIoU over all labels, the release's rule) on
+    the evaluation list of `split`: `compare_runs` over `seeds` (one model each)."""
+    names = read_list(s.eval_list(split))
+    labels = list(range(len(s.icd.class_names) + 1))
+    sides = [[image_confusions(os.path.join(s.results(k, model, split), "seeds", folder),
+                               s.gt_root, names, s.workers, s.icd.class_names) for k in seeds]
+             for model, folder in (("icd", "crf"), ("cam", "crf_cam"))]
+    return compare_runs(sides[0], sides[1], labels)
+
+
+def step_tables(s: PaperSettings, seed: int, run: Run) -> Dict:
+    """tables/tables.md and tables.json: the paper's Tables 1, 2, 3 and 7/8 of this run (all
+    labels, the release's rule) and ICD vs the baseline's seeds + CRF with its interval."""
+    lines, numbers = [f"# Tables of `{s.config}` (training seed {seed})", ""], {}
+    for split in s.splits:
+        icd = read_json(os.path.join(s.results(seed, "icd", split), "eval", "eval.json"))
+        cam = (read_json(os.path.join(s.results(seed, "cam", split), "eval", "eval.json"))
+               if s.cam is not None else None)
+        numbers[split] = {"icd": icd, "cam": cam}
+        lines += [f"## Split {split} ({icd['num_images']} images)", "",
+                  "### Table 1. Pixel-level mAP", ""]
+        methods = [("CAM (head of the ICD model)", icd["pixel_ap"]["cam"]),
+                   ("Ours (ICD)", icd["pixel_ap"]["icd"])]
+        if cam is not None:
+            methods.insert(0, ("CAM (CAM-only baseline)", cam["pixel_ap"]["cam"]))
+        lines += _md_table(["Method", "mAP (%)"], [[m, percent(v["map"])] for m, v in methods])
+        lines += ["### Table 2. Seed mIoU by threshold (no CRF)", ""]
+        study = icd["threshold_study"]
+        rows = [[t, percent(study["cam"][t]["miou"]), percent(study["icd"][t]["miou"])]
+                + ([percent(cam["threshold_study"]["cam"][t]["miou"])] if cam else [])
+                for t in study["icd"]]
+        lines += _md_table(["T", "CAM head", "ICD"] + (["CAM baseline"] if cam else []), rows)
+        lines += ["### Table 3. Components of ICD (seed mIoU)", ""]
+        rows = [[ROW_NAMES[r], percent(icd["seeds"][os.path.join("seeds", SEED_ROWS[r][2])]
+                                       ["miou"])] for r in s.stage["seeds"]["rows"]]
+        if cam is not None:
+            rows += [[f"CAM baseline{' + CRF' if crf else ''}",
+                      percent(cam["seeds"][os.path.join("seeds", folder)]["miou"])]
+                     for row, (folder, crf) in CAM_ROWS.items()
+                     if os.path.join("seeds", folder) in cam["seeds"]]
+        lines += _md_table(["Seeds", "mIoU (%)"], rows)
+        if cam is not None and "crf" in s.stage["seeds"]["rows"]:
+            test = seed_comparison(s, [seed], split)
+            numbers[split]["icd_vs_cam"] = test
+            lines += [f"ICD seeds + CRF vs CAM-baseline seeds + CRF: {percent(test['value'])} "
+                      f"vs {percent(test['reference'])}, difference "
+                      f"{percent(test['difference'])} [{percent(test['low'])}, "
+                      f"{percent(test['high'])}] (95% bootstrap over the images: "
+                      f"{test['verdict']}; one trained model, not the method's spread over "
+                      f"training seeds: `--repeat N`)", ""]
+    segmentation = os.path.join(s.root(seed), "segmentation", "eval.json")
+    if os.path.isfile(segmentation):
+        result = read_json(segmentation)
+        numbers["segmentation"] = result
+        lines += ["### Tables 7-8. DeepLab trained on the ICD seeds", ""]
+        lines += _md_table(["Network", "mIoU (%)"],
+                           [[s.segmentation(seed).model, percent(result["miou"])]])
+    path = os.path.join(s.root(seed), "tables", "tables.md")
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines))
+    write_json(os.path.join(s.root(seed), "tables", "tables.json"), numbers)
+    return {"tables": path}
+
+
+def step_compare(s: PaperSettings, seed: int, run: Run) -> Dict:
+    """ICD vs the baseline over every training seed (two-level bootstrap) -> compare.md."""
+    if s.cam is None or "crf" not in s.stage["seeds"]["rows"]:
+        return {"skipped": "needs the CAM baseline and the crf seeds"}
+    results = {split: seed_comparison(s, s.seeds, split) for split in s.splits}
+    lines = [f"# ICD vs the CAM baseline over {len(s.seeds)} training seeds", ""]
+    for split, test in results.items():
+        lines += [f"- {split}: " + describe_comparison(test)]
+    write_json(s.folder("compare", "compare.json"), results)
+    path = s.folder("compare", "compare.md")
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    return {"compare": path}
+
+
+def describe_comparison(test: Mapping) -> str:
+    """One line of `compare_runs`' result: values, difference, interval, each level's share."""
+    levels = "; ".join(f"{name} alone [{percent(v['low'])}, {percent(v['high'])}], "
+                       f"{100 * v['share']:.0f}% of the variance"
+                       for name, v in test["levels"].items())
+    return (f"mIoU {percent(test['value'])} vs {percent(test['reference'])} (means over "
+            f"{test['models'][0]} and {test['models'][1]} trained models): difference "
+            f"{percent(test['difference'])} [{percent(test['low'])}, {percent(test['high'])}] "
+            f"{test['verdict']}; {levels}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The steps of a run
+
+PER_IMAGE = ("superpixels", "infer", "seeds")
+
+
+def step_name(base: str, seed: int, s: PaperSettings) -> str:
+    return base if len(s.seeds) == 1 or base in ("superpixels", "compare") else \
+        f"{base}.s{seed}"
+
+
+def step_settings(s: PaperSettings, base: str, seed: int) -> Dict:
+    """What a step's outputs depend on (devices, processes and shards left out)."""
+    def training(cfg: Config) -> Dict:
+        return {k: _plain(getattr(cfg, k)) for k in RUN_FIELDS if k != "superpixel_root"}
+    if base == "superpixels":
+        return dict(s.stage["superpixels"], image_root=s.icd.image_root,
+                    data_list=s.icd.data_list, pretrained=s.icd.pretrained)
+    if base in ("train_icd", "train_cam"):
+        cfg = s.training(base[6:], seed)
+        return training(cfg) if cfg is not None else {}
+    if base == "infer":
+        return dict(splits=s.splits, infer_size=s.icd.infer_size)
+    if base == "segment":
+        cfg = s.segmentation(seed)
+        return dict(s.stage["segment"], **(training(cfg) if cfg else {}),
+                    scales=list(cfg.scales) if cfg else None) if cfg else {}
+    if base == "seeds":
+        return dict(s.stage["seeds"], classes=list(s.icd.class_names))
+    if base == "evaluate":
+        return dict(s.stage["evaluate"], gt_root=s.gt_root)
+    return dict(seeds=s.seeds) if base == "compare" else {}
+
+
+def step_inputs(s: PaperSettings, base: str) -> Tuple[str, ...]:
+    train = ("train_icd", "train_cam") if s.cam is not None else ("train_icd",)
+    return {"superpixels": (), "train_icd": ("superpixels",), "train_cam": ("superpixels",),
+            "infer": train, "seeds": ("infer",), "evaluate": ("seeds",), "segment": ("seeds",),
+            "tables": ("evaluate", "segment"), "compare": ("evaluate",)}[base]
+
+
+def step_folders(s: PaperSettings, base: str, seed: int) -> Tuple[str, ...]:
+    root = s.root(seed)
+    results = [os.path.join(root, f"results_{m}") for m in s.models]
+    return {"superpixels": (s.folder("superpixels"),),
+            "train_icd": (os.path.join(root, "snapshot_icd"),),
+            "train_cam": (os.path.join(root, "snapshot_cam"),),
+            "infer": tuple(results),
+            "seeds": tuple(os.path.join(r, split, "seeds") for r in results
+                           for split in s.splits),
+            "evaluate": tuple(os.path.join(r, split, "eval") for r in results
+                              for split in s.splits),
+            "segment": (os.path.join(root, "snapshot_segment"),
+                        os.path.join(root, "segmentation")),
+            "tables": (os.path.join(root, "tables"),),
+            "compare": (s.folder("compare"),)}[base]
+
+
+STEP_FUNCTIONS = {"superpixels": step_superpixels,
+                  "train_icd": functools.partial(step_train, "icd"),
+                  "train_cam": functools.partial(step_train, "cam"),
+                  "infer": step_infer, "seeds": step_seeds, "evaluate": step_evaluate,
+                  "segment": step_segment, "tables": step_tables, "compare": step_compare}
+
+
+def paper_steps(s: PaperSettings) -> List[Step]:
+    """Every step of the run in order: superpixels, then per training seed train_icd,
+    train_cam, infer, seeds, evaluate, segment, tables; compare when repeat > 1."""
+    def make(base: str, seed: int) -> Step:
+        inputs = tuple(step_name(d, seed, s) for d in step_inputs(s, base))
+        if base == "compare":
+            inputs = tuple(step_name("evaluate", k, s) for k in s.seeds)
+        return Step(step_name(base, seed, s), functools.partial(STEP_FUNCTIONS[base], s, seed),
+                    inputs=inputs, folders=step_folders(s, base, seed),
+                    settings=step_settings(s, base, seed), estimate=ESTIMATES[base])
+
+    per_seed = [b for b in BASE_STEPS if b not in ("superpixels", "compare")
+                and (b != "train_cam" or s.cam is not None)]
+    return [make("superpixels", s.seeds[0])] + \
+        [make(base, seed) for seed in s.seeds for base in per_seed] + \
+        ([make("compare", s.seeds[0])] if len(s.seeds) > 1 else [])
+
+
+def select(steps: Sequence[Step], wanted: Optional[Sequence[str]]) -> Optional[List[str]]:
+    """The steps named by `wanted` (base names select every seed's; `train` both trainings);
+    None: all. Unknown names are an error naming them."""
+    if not wanted:
+        return None
+    bases = [b for w in wanted for b in ALIASES.get(w, (w,))]
+    unknown = [b for b in bases if b not in BASE_STEPS and b not in [st.name for st in steps]]
+    if unknown:
+        raise ValueError(f"--steps: unknown steps {unknown}; choose from train, "
+                         f"{', '.join(BASE_STEPS)}")
+    return [st.name for st in steps if st.name in bases or st.name.split(".")[0] in bases]
+
+
+def run_paper(s: PaperSettings, steps: Optional[Sequence[str]] = None, overwrite: bool = False,
+              progress_every: float = 30.0) -> Dict[str, Dict]:
+    """Run the selected steps of the pipeline; returns {step: {"action", "seconds", ...}}.
+    With a shard other than 0/1 only the per-image steps run, with their own markers."""
+    all_steps = paper_steps(s)
+    selected = select(all_steps, steps)
+    marker_dir = s.folder("steps")
+    if s.shard != (0, 1):
+        names = selected or [st.name for st in all_steps]
+        other = [n for n in names if n.split(".")[0] not in PER_IMAGE]
+        if other:
+            raise ValueError(f"--shard: only the per-image steps ({', '.join(PER_IMAGE)}) run "
+                             f"in shards; leave out {other} with --steps")
+        marker_dir = s.folder("steps", f"shard{s.shard[0]}of{s.shard[1]}")
+    return Run(all_steps, marker_dir, selected=selected, overwrite=overwrite,
+               progress_every=progress_every).execute()
+
