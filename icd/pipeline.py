@@ -85,6 +85,16 @@ def clock(seconds: float) -> str:
     return f"{int(seconds // 60):02d}:{seconds % 60:04.1f}"
 
 
+def clear_step_folder(folder: str) -> None:
+    """Remove a step's own folder before it reruns (everything in it is the step's output). A
+    folder that is a symbolic link (e.g. to a user's data) is refused, never followed."""
+    if os.path.islink(folder):
+        raise ValueError(f"{folder}: is a symbolic link to {os.path.realpath(folder)}; a step "
+                         f"reruns only into a folder of its own: remove the link")
+    if os.path.isdir(folder):
+        shutil.rmtree(folder)
+
+
 class Run:
     """One invocation of a pipeline: which steps run, their markers, the clock and the ETA.
 
@@ -235,8 +245,7 @@ class Run:
                 continue
             if action == "rerun":
                 for folder in step.folders:
-                    if os.path.isdir(folder):
-                        shutil.rmtree(folder)
+                    clear_step_folder(folder)
             previous = (marker.get("seconds") or 0.0) if action == "resume" else 0.0
             write_json(self.marker_path(name), {"status": "running", "fingerprint": fingerprint,
                                                 "seconds": previous})

@@ -5,6 +5,7 @@ import dataclasses
 import glob
 import logging
 import os
+import shutil
 import threading
 
 import numpy as np
@@ -101,6 +102,22 @@ def test_runner_skips_reruns_and_runs_subsets(tmp_path):
         execute(selected=["c"])
     with pytest.raises(ValueError, match="unknown steps"):
         execute(selected=["a", "d"])
+
+
+def test_a_rerun_never_follows_a_linked_step_folder(tmp_path):
+    calls, clock, root = [], FakeClock(), str(tmp_path)
+    markers = os.path.join(root, "steps")
+    pipeline.Run(make_steps(root, calls, clock), markers, timer=clock, progress_every=0).execute()
+    # a user replaces the step's folder by a link to their own files: a rerun refuses, they stay
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "keep.txt").write_text("user data")
+    shutil.rmtree(os.path.join(root, "a"))
+    os.symlink(mine, os.path.join(root, "a"))
+    with pytest.raises(ValueError, match=r"a: is a symbolic link to .*mine"):
+        pipeline.Run(make_steps(root, calls, clock, settings={"a": {"n": 2}}), markers,
+                     timer=clock, progress_every=0).execute()
+    assert (mine / "keep.txt").read_text() == "user data"
 
 
 def test_a_failed_step_leaves_no_done_marker_and_resumes(tmp_path):
