@@ -15,10 +15,13 @@ crop is scored (release), are logged and listed in it, so that the seed step can
 """
 from __future__ import annotations
 
+import collections
+import itertools
 import logging
 import os
 import re
-from typing import Dict, List, Sequence, Tuple
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Deque, Dict, List, Sequence, Tuple
 
 import cv2
 import mxnet as mx
@@ -42,6 +45,7 @@ log = logging.getLogger(__name__)
 OUTPUT_FOLDERS = {"cam": "scores_cam", "icd_td": "scores_icd", "icd_bu": "scores_icd_bu",
                  "icd_bu_sp": "scores_icd_bu_sp"}
 DEMO_ROWS = 4
+WRITE_THREADS = 2   # .npy writers running beside the devices
 
 
 def infer_settings(cfg: Config, params: str) -> Dict[str, object]:
@@ -78,43 +82,71 @@ def infer(cfg: Config, params: str, out_dir: str, contexts: Sequence[mx.Context]
     return [n for n in names if n in written]
 
 
+def _queue(net, batch, contexts: Sequence[mx.Context]):
+    """Queue one loader batch's forward on the devices; returns (batch, outputs per device)."""
+    data, superpixel, label = batch[:3]
+    parts = split_batch({"data": data, "superpixel": superpixel, "label": label}, contexts)
+    for part in parts:
+        part["warm"] = mx.nd.ones((1,), ctx=part["data"].context)
+    outputs = [dict(zip(net.output_names, net(*[part[n] for n in net.input_names])))
+               for part in parts]
+    return batch, outputs
+
+
+def _save_npy(path: str, array: np.ndarray) -> None:
+    with atomic_path(path) as tmp:
+        np.save(tmp, array)
+
+
 def _write_scores(net, loader, names: List[str], out_dir: str, contexts: Sequence[mx.Context],
                   size: int, cropped: Dict[str, dict]) -> set:
-    """The inference loop; fills `cropped` with the images larger than `size`."""
+    """The inference loop; fills `cropped` with the images larger than `size`.
+
+    Pipelined: batch t+1 is queued on the devices before batch t's outputs are copied back, and
+    the .npy files are written by a thread pool while the devices work (the files are those of
+    a serial loop; each is written atomically and errors name it).
+    """
     written = set()
     demo: Dict[int, list] = {}
-    for data, superpixel, label, index, hw in tqdm(loader, desc="infer", disable=None):
-        parts = split_batch({"data": data, "superpixel": superpixel, "label": label}, contexts)
-        for part in parts:
-            part["warm"] = mx.nd.ones((1,), ctx=part["data"].context)
-        outputs = [dict(zip(net.output_names, net(*[part[n] for n in net.input_names])))
-                   for part in parts]
-        merged = {k: np.concatenate([o[k].asnumpy() for o in outputs]) for k in outputs[0]
-                  if k in OUTPUT_FOLDERS}
-        labels, index, hw = label.asnumpy(), index.asnumpy(), hw.asnumpy()
-        for j in range(data.shape[0]):
-            name = names[int(index[j])]
-            if name in written:       # release: the list is padded by repeating its head
+    with ThreadPoolExecutor(WRITE_THREADS, thread_name_prefix="infer") as pool:
+        writes: Deque[Future] = collections.deque()
+        queued = None
+        for batch in itertools.chain(tqdm(loader, desc="infer", disable=None), [None]):
+            current, queued = queued, None if batch is None else _queue(net, batch, contexts)
+            if current is None:
                 continue
-            written.add(name)
-            h, w = (int(v) for v in hw[j])
-            if h > size or w > size:
-                top, left = infer_window(h, w, size)
-                log.warning("%s: %dx%d image is larger than the inference size %d; as in the "
-                            "release only rows %d:%d, columns %d:%d are scored", name, h, w,
-                            size, top, top + size, left, left + size)
-                cropped[name] = {"size": [h, w], "window": [top, left, size]}
-            present = np.flatnonzero(labels[j])
-            for key, array in merged.items():
-                path = os.path.join(out_dir, OUTPUT_FOLDERS[key], name + ".npy")
-                with atomic_path(path) as tmp:
-                    np.save(tmp, array[j, present].astype(np.float32))
-            image = data[j].asnumpy().transpose(1, 2, 0)[:h, :w]
-            shown = [k for k in ("cam", "icd_td") if k in merged]
-            for c in present:
-                rows = demo.setdefault(int(c), [])
-                if len(rows) < DEMO_ROWS:
-                    rows.append(_crop_panel(image, [merged[k][j, c] for k in shown], data.shape[2]))
+            (data, _, label, index, hw), outputs = current
+            merged = {k: np.concatenate([o[k].asnumpy() for o in outputs]) for k in outputs[0]
+                      if k in OUTPUT_FOLDERS}
+            labels, index, hw = label.asnumpy(), index.asnumpy(), hw.asnumpy()
+            for j in range(data.shape[0]):
+                name = names[int(index[j])]
+                if name in written:       # release: the list is padded by repeating its head
+                    continue
+                written.add(name)
+                h, w = (int(v) for v in hw[j])
+                if h > size or w > size:
+                    top, left = infer_window(h, w, size)
+                    log.warning("%s: %dx%d image is larger than the inference size %d; as in "
+                                "the release only rows %d:%d, columns %d:%d are scored", name, h,
+                                w, size, top, top + size, left, left + size)
+                    cropped[name] = {"size": [h, w], "window": [top, left, size]}
+                present = np.flatnonzero(labels[j])
+                for key, array in merged.items():
+                    path = os.path.join(out_dir, OUTPUT_FOLDERS[key], name + ".npy")
+                    writes.append(pool.submit(_save_npy, path,
+                                              array[j, present].astype(np.float32)))
+                image = data[j].asnumpy().transpose(1, 2, 0)[:h, :w]
+                shown = [k for k in ("cam", "icd_td") if k in merged]
+                for c in present:
+                    rows = demo.setdefault(int(c), [])
+                    if len(rows) < DEMO_ROWS:
+                        rows.append(_crop_panel(image, [merged[k][j, c] for k in shown],
+                                                data.shape[2]))
+            while len(writes) > 4 * WRITE_THREADS:   # bounded memory; errors surface here
+                writes.popleft().result()
+        for write in writes:
+            write.result()
     for c, rows in demo.items():
         width = max(r.shape[1] for r in rows)
         sheet = np.concatenate([np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0))) for r in rows])
