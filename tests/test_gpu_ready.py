@@ -346,3 +346,65 @@ def test_loader_ships_uint8_and_the_device_cast_is_exact(tiny_voc):
     np.testing.assert_array_equal(part["data"].asnumpy(), data.asnumpy().astype(np.float32))
     item = InferDataset(*args, image_size=48)[0]
     assert item[0].dtype == np.uint8 and item[0].shape == (3, 48, 48)
+
+
+# ---------------------------------------------------------------------------------------------
+# Superpixel features on the run's devices, reduced per region there
+
+@pytest.fixture(scope="module")
+def backbone_file(tmp_path_factory):
+    from icd.checkpoint import gather, initialize
+    from icd.model.icd_net import ICDNet
+    net = ICDNet(num_classes=3, width=0.0625)
+    initialize(net, [mx.cpu()])
+    path = str(tmp_path_factory.mktemp("backbone") / "vgg16.params")
+    mx.nd.save(path, gather(net))
+    return path
+
+
+def textured(h, w, seed):
+    rng = np.random.default_rng(seed)
+    image = cv2.resize(rng.integers(0, 256, (12, 9, 3), dtype=np.uint8), (w, h))
+    return np.clip(image + rng.integers(-20, 20, image.shape), 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("size", [(120, 90), (70, 130)])
+def test_region_means_on_the_device_equal_the_per_pixel_ones(backbone_file, size):
+    """conv5 x cell shares on cpu(1) = the region means of the upsampled per-pixel map (to
+    float32 rounding), hence the same superpixels; the shares of a region sum to its size."""
+    from icd.data import superpixels as sp
+    from icd.data.features import cell_shares, conv5_feature_extractor
+    features = conv5_feature_extractor(backbone_file, mx.cpu(1), input_size=100)
+    image = textured(*size, seed=size[0])
+    labels = sp.initial_regions(image)
+    expected, expected_sizes = sp.region_means(labels, features(image))
+    means, sizes = features.region_means(image, labels)
+    np.testing.assert_array_equal(sizes, expected_sizes)
+    np.testing.assert_allclose(means, expected, rtol=1e-5, atol=1e-5)
+    assert np.abs(expected).max() > 0.1
+    shares = cell_shares(labels, (max(100, size[0]), max(100, size[1])), (13, 17))
+    np.testing.assert_allclose(shares.sum(axis=1), sizes, rtol=1e-5)
+    np.testing.assert_array_equal(sp.compute_superpixels(image, features(image), 8),
+                                  sp.compute_superpixels(image, features, 8))
+
+
+def test_superpixels_command_on_two_devices_writes_the_single_device_maps(backbone_file,
+                                                                         tiny_voc, tmp_path,
+                                                                         capsys):
+    from icd.commands import superpixels as command
+    from icd.data import superpixels as sp
+    from icd.data.features import conv5_feature_extractor
+    out = tmp_path / "sp"
+    assert command.main(["--image-root", tiny_voc["image_root"], "--data-list",
+                         tiny_voc["val_list"], "--out", str(out), "--pretrained",
+                         backbone_file, "--cpus", "2", "--workers", "2"]) == 0
+    features = conv5_feature_extractor(backbone_file, mx.cpu(0))   # the former per-pixel path
+    for name in read_list(tiny_voc["val_list"]):
+        image = read_image(os.path.join(tiny_voc["image_root"], name + ".jpg"))
+        expected = sp.compute_superpixels(image, features(image))
+        np.testing.assert_array_equal(
+            sp.read_superpixels(str(out / f"{name}.png"), image.shape[:2]), expected)
+    assert command.main(["--image-root", tiny_voc["image_root"], "--data-list",
+                         tiny_voc["val_list"], "--out", str(out), "--pretrained", backbone_file,
+                         "--gpus", "0", "--cpus", "2"]) != 0
+    assert "error: --gpus, --cpus: give either GPUs or CPU contexts" in capsys.readouterr().err

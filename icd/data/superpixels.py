@@ -219,17 +219,21 @@ def initial_regions(image: np.ndarray) -> np.ndarray:
     return felzenszwalb(np.asarray(image)[:, :, ::-1]) - 1
 
 
-def compute_superpixels(image: np.ndarray, features: np.ndarray,
+def compute_superpixels(image: np.ndarray, features,
                         max_regions: int = MAX_REGIONS) -> np.ndarray:
     """Superpixels of one image: Felzenszwalb then the greedy merge.
 
-    image: (H, W, 3) uint8 RGB; features: (H, W, D) per-pixel features of that image.
+    image: (H, W, 3) uint8 RGB; features: (H, W, D) per-pixel features of that image, or a
+    feature source with `region_means(image, labels)` (icd.data.features.Conv5Features, which
+    reduces them on its device).
     Returns (H, W) int32 ids 0..m-1, m <= max_regions.
     """
-    if features.shape[:2] != image.shape[:2]:
+    pooled = hasattr(features, "region_means")
+    if not pooled and features.shape[:2] != image.shape[:2]:
         raise ValueError(f"features are {features.shape[:2]} but the image is {image.shape[:2]}")
     labels = initial_regions(image)
-    mean_features, sizes = region_means(labels, features)
+    mean_features, sizes = features.region_means(image, labels) if pooled else \
+        region_means(labels, features)
     return greedy_merge(mean_features, sizes, max_regions)[labels]
 
 
@@ -247,7 +251,8 @@ def _init_worker(factory: Callable[[], FeatureFn]) -> None:
 def _process(job: Tuple[str, str]) -> str:
     image_path, out_path = job
     image = read_image(image_path)
-    features = _worker_feature_fn(image)
+    source = _worker_feature_fn   # per-pixel features, or reduced per region on its device
+    features = source if hasattr(source, "region_means") else source(image)
     write_superpixels(out_path, compute_superpixels(image, features))
     return out_path
 
