@@ -408,3 +408,11 @@ def test_superpixels_command_on_two_devices_writes_the_single_device_maps(backbo
                          tiny_voc["val_list"], "--out", str(out), "--pretrained", backbone_file,
                          "--gpus", "0", "--cpus", "2"]) != 0
     assert "error: --gpus, --cpus: give either GPUs or CPU contexts" in capsys.readouterr().err
+
+
+def test_bench_measures_the_loaders_throughput_in_uint8_batches():
+    from icd.bench import loader_throughput
+    figures = loader_throughput(32, 2, workers=0, batches=2, image_size=48)
+    assert figures["images"] == 4 and figures["images_per_s"] > 0 and figures["workers"] == 0
+    num_classes = 20   # labels over VOC's 20 classes (the synthetic set uses their names)
+    assert figures["bytes_per_batch"] == 2 * (3 * 32 * 32 + 32 * 32) + 2 * num_classes * 4
