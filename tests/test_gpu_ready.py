@@ -17,14 +17,19 @@ from mxnet import autograd
 
 from icd import devices as devices_module
 from icd import distributed as dist
+from icd.bench import loader_throughput
+from icd.checkpoint import gather, initialize, load_checkpoint, save_checkpoint
+from icd.commands import superpixels as superpixels_command
+from icd.data import superpixels as sp
 from icd.data.dataset import InferDataset, infer_loader, train_loader
-from icd.data.voc import read_image, read_list
+from icd.data.features import cell_shares, conv5_feature_extractor
+from icd.data.voc import read_image, read_list, write_image
+from icd.evaluate import overlay
 from icd.infer import OUTPUT_FOLDERS, infer
 from icd.model import build_model
+from icd.model.icd_net import ICDNet
 from icd.segment import (canvas_side, predict_labels, predict_probabilities, segment,
                          write_label_map)
-from icd.evaluate import overlay
-from icd.data.voc import write_image
 from icd.train import Figures, ICDTask, make_trainer
 
 DEVICES = [mx.cpu(1), mx.cpu(2)]
@@ -141,7 +146,6 @@ def test_custom_operators_keep_their_devices():
     """The sign flip and the superpixel pooling (custom operators) inside ICDNet on cpu(2)."""
     ctx = DEVICES[1]
     net = build_model("vgg16_icd", num_classes=3, width=1 / 16)
-    from icd.checkpoint import initialize
     initialize(net, [ctx])
     rng = np.random.default_rng(0)
     data = mx.nd.array(rng.uniform(0, 255, (2, 3, 32, 32)), ctx=ctx)
@@ -253,7 +257,6 @@ def files_of(folder):
 @pytest.mark.parametrize("crf", [False, True])
 def test_pipelined_segmentation_writes_the_serial_loops_files(tiny_voc, tmp_path, crf):
     net = build_model("vgg16_largefov", num_classes=20, width=1 / 16)
-    from icd.checkpoint import initialize
     initialize(net, [mx.cpu(1)])
     net.hybridize(static_alloc=True)
     names = read_list(tiny_voc["data_list"])
@@ -293,7 +296,6 @@ def test_pipelined_score_maps_equal_the_serial_loops(tiny_config, tiny_voc, tmp_
     """icd.infer's files hold exactly what the network returns for the loader's batches."""
     cfg = tiny_config(infer_batch_size=3, num_workers=0)
     net = build_model(cfg.model, **cfg.model_options)
-    from icd.checkpoint import initialize, save_checkpoint
     initialize(net, [mx.cpu(0)])
     params = str(tmp_path / "model.params")
     save_checkpoint(net, params)
@@ -301,7 +303,6 @@ def test_pipelined_score_maps_equal_the_serial_loops(tiny_config, tiny_voc, tmp_
     names = infer(cfg, params, out, [mx.cpu(1), mx.cpu(2)])
     assert names == read_list(cfg.data_list)
 
-    from icd.checkpoint import load_checkpoint
     reference = build_model(cfg.model, **cfg.model_options)
     load_checkpoint(reference, params, [mx.cpu(1), mx.cpu(2)])
     reference.hybridize(static_alloc=True)
@@ -353,8 +354,6 @@ def test_loader_ships_uint8_and_the_device_cast_is_exact(tiny_voc):
 
 @pytest.fixture(scope="module")
 def backbone_file(tmp_path_factory):
-    from icd.checkpoint import gather, initialize
-    from icd.model.icd_net import ICDNet
     net = ICDNet(num_classes=3, width=0.0625)
     initialize(net, [mx.cpu()])
     path = str(tmp_path_factory.mktemp("backbone") / "vgg16.params")
@@ -372,8 +371,6 @@ def textured(h, w, seed):
 def test_region_means_on_the_device_equal_the_per_pixel_ones(backbone_file, size):
     """conv5 x cell shares on cpu(1) = the region means of the upsampled per-pixel map (to
     float32 rounding), hence the same superpixels; the shares of a region sum to its size."""
-    from icd.data import superpixels as sp
-    from icd.data.features import cell_shares, conv5_feature_extractor
     features = conv5_feature_extractor(backbone_file, mx.cpu(1), input_size=100)
     image = textured(*size, seed=size[0])
     labels = sp.initial_regions(image)
@@ -391,27 +388,21 @@ def test_region_means_on_the_device_equal_the_per_pixel_ones(backbone_file, size
 def test_superpixels_command_on_two_devices_writes_the_single_device_maps(backbone_file,
                                                                          tiny_voc, tmp_path,
                                                                          capsys):
-    from icd.commands import superpixels as command
-    from icd.data import superpixels as sp
-    from icd.data.features import conv5_feature_extractor
     out = tmp_path / "sp"
-    assert command.main(["--image-root", tiny_voc["image_root"], "--data-list",
-                         tiny_voc["val_list"], "--out", str(out), "--pretrained",
-                         backbone_file, "--cpus", "2", "--workers", "2"]) == 0
+    command = ["--image-root", tiny_voc["image_root"], "--data-list", tiny_voc["val_list"],
+               "--out", str(out), "--pretrained", backbone_file]
+    assert superpixels_command.main(command + ["--cpus", "2", "--workers", "2"]) == 0
     features = conv5_feature_extractor(backbone_file, mx.cpu(0))   # the former per-pixel path
     for name in read_list(tiny_voc["val_list"]):
         image = read_image(os.path.join(tiny_voc["image_root"], name + ".jpg"))
         expected = sp.compute_superpixels(image, features(image))
         np.testing.assert_array_equal(
             sp.read_superpixels(str(out / f"{name}.png"), image.shape[:2]), expected)
-    assert command.main(["--image-root", tiny_voc["image_root"], "--data-list",
-                         tiny_voc["val_list"], "--out", str(out), "--pretrained", backbone_file,
-                         "--gpus", "0", "--cpus", "2"]) != 0
+    assert superpixels_command.main(command + ["--gpus", "0", "--cpus", "2"]) != 0
     assert "error: --gpus, --cpus: give either GPUs or CPU contexts" in capsys.readouterr().err
 
 
 def test_bench_measures_the_loaders_throughput_in_uint8_batches():
-    from icd.bench import loader_throughput
     figures = loader_throughput(32, 2, workers=0, batches=2, image_size=48)
     assert figures["images"] == 4 and figures["images_per_s"] > 0 and figures["workers"] == 0
     num_classes = 20   # labels over VOC's 20 classes (the synthetic set uses their names)
