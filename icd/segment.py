@@ -9,8 +9,8 @@ and mirrored back; the probabilities are averaged over scales and flips. The pre
 argmax, or, with `crf`, the argmax of a dense CRF with DeepLab-LargeFOV's parameters.
 
 Pipelining (`segment`): the images of batch t+1 are read by a thread pool and their forward is
-queued on the devices before the probabilities of batch t are copied back; the dense CRF and the
-PNG/JPEG writes run in a thread pool while the devices work. The outputs are those of the serial
+queued on the devices before the probabilities of batch t are copied back; the PNG/JPEG writes
+run in a thread pool and the dense CRF in a process pool while the devices work. The outputs are those of the serial
 loop, byte for byte; every file is written atomically and an error names its file.
 
 Outputs under `out_dir`: `pred/<name>.png`, single-channel 8-bit PNGs of class ids 0..C that
@@ -20,8 +20,10 @@ people.
 from __future__ import annotations
 
 import collections
+import contextlib
+import multiprocessing
 import os
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from typing import Deque, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import cv2
@@ -157,9 +159,11 @@ def write_label_map(path: str, labels: np.ndarray) -> None:
 
 
 def _write_prediction(out_dir: str, name: str, image: np.ndarray, prob: np.ndarray, crf: bool,
-                      classes: Sequence[str]) -> None:
-    """Labels of one image (after the CRF with `crf`) -> pred/<name>.png and overlay/<name>.jpg."""
-    labels = predict_labels(image, prob, crf)
+                      classes: Sequence[str], crf_pool: Optional[Executor] = None) -> None:
+    """Labels of one image (after the CRF with `crf`, in `crf_pool` if given) ->
+    pred/<name>.png and overlay/<name>.jpg."""
+    labels = crf_pool.submit(predict_labels, image, prob, True).result() \
+        if crf and crf_pool is not None else predict_labels(image, prob, crf)
     write_label_map(os.path.join(out_dir, "pred", name + ".png"), labels)
     write_image(os.path.join(out_dir, "overlay", name + ".jpg"),
                 overlay(image, labels, classes=classes))
@@ -179,8 +183,9 @@ def segment(net: mx.gluon.Block, image_root: str, data_list: str, out_dir: str,
     class list `classes`, `icd.data.classes.class_palette`),
     each atomically. Images whose prediction exists are skipped unless `overwrite` (resumable).
     Every batch is fed as `batch_size` canvases of side `canvas_side(..., canvas_step)`, so the
-    network meets few input shapes. `host_workers` threads read images and run the CRF and the
-    writes while the devices work (module doc). Returns the names of the list (of shard (I, N)
+    network meets few input shapes. While the devices work, two threads read images and
+    `host_workers` threads write the outputs, with as many processes for the CRF (0: the CRF
+    and the writes in one thread; module doc). Returns the names of the list (of shard (I, N)
     of it: icd.devices.shard_names).
     """
     scales = tuple(float(s) for s in scales)
@@ -190,9 +195,19 @@ def segment(net: mx.gluon.Block, image_root: str, data_list: str, out_dir: str,
     todo = [n for n in names
             if overwrite or not os.path.isfile(os.path.join(out_dir, "pred", n + ".png"))]
     batches = [todo[start:start + batch_size] for start in range(0, len(todo), batch_size)]
-    with ThreadPoolExecutor(max(host_workers, 1), thread_name_prefix="segment") as pool:
+    workers = max(host_workers, 1)
+    with contextlib.ExitStack() as stack:
+        reader = stack.enter_context(ThreadPoolExecutor(2, thread_name_prefix="segment-read"))
+        writer = stack.enter_context(ThreadPoolExecutor(workers,
+                                                        thread_name_prefix="segment-write"))
+        # pydensecrf holds the GIL: the CRF runs in processes (spawned: MXNet's engine threads
+        # do not survive a fork)
+        crf_pool = stack.enter_context(ProcessPoolExecutor(
+            workers, mp_context=multiprocessing.get_context("spawn"))) \
+            if crf and host_workers > 0 else None
+
         def read(t: int) -> List[Future]:
-            return [pool.submit(read_image, os.path.join(image_root, n + ".jpg"))
+            return [reader.submit(read_image, os.path.join(image_root, n + ".jpg"))
                     for n in batches[t]] if t < len(batches) else []
 
         def queue(reads: List[Future]):
@@ -209,8 +224,8 @@ def segment(net: mx.gluon.Block, image_root: str, data_list: str, out_dir: str,
             reads = read(t + 1)
             queued = queue(reads) if t + 1 < len(batches) else None   # before t's host copy
             for name, image, prob in zip(batches[t], images, probs):
-                writes.append(pool.submit(_write_prediction, out_dir, name, image,
-                                          prob.asnumpy(), crf, classes))
+                writes.append(writer.submit(_write_prediction, out_dir, name, image,
+                                            prob.asnumpy(), crf, classes, crf_pool))
             while len(writes) > 2 * batch_size:   # bounded host memory; errors surface here
                 writes.popleft().result()
         for write in writes:

@@ -254,8 +254,11 @@ def files_of(folder):
     return found
 
 
-@pytest.mark.parametrize("crf", [False, True])
-def test_pipelined_segmentation_writes_the_serial_loops_files(tiny_voc, tmp_path, crf):
+@pytest.mark.parametrize("crf, host_workers", [(False, 2), (True, 2), (True, 0)])
+def test_pipelined_segmentation_writes_the_serial_loops_files(tiny_voc, tmp_path, crf,
+                                                              host_workers):
+    """Reads, CRF (in processes with host_workers > 0) and writes beside the devices: the
+    files of the serial loop, byte for byte."""
     net = build_model("vgg16_largefov", num_classes=20, width=1 / 16)
     initialize(net, [mx.cpu(1)])
     net.hybridize(static_alloc=True)
@@ -265,7 +268,7 @@ def test_pipelined_segmentation_writes_the_serial_loops_files(tiny_voc, tmp_path
     serial_segment(net, tiny_voc["image_root"], names, str(tmp_path / "serial"), [mx.cpu(1)],
                    **args)
     segment(net, tiny_voc["image_root"], tiny_voc["data_list"], str(tmp_path / "pipelined"),
-            [mx.cpu(1)], **args, host_workers=2)
+            [mx.cpu(1)], **args, host_workers=host_workers)
     serial, pipelined = files_of(tmp_path / "serial"), files_of(tmp_path / "pipelined")
     assert len(serial) == 2 * len(names) and serial.keys() == pipelined.keys()
     for key in serial:
