@@ -410,3 +410,36 @@ def test_bench_measures_the_loaders_throughput_in_uint8_batches():
     assert figures["images"] == 4 and figures["images_per_s"] > 0 and figures["workers"] == 0
     num_classes = 20   # labels over VOC's 20 classes (the synthetic set uses their names)
     assert figures["bytes_per_batch"] == 2 * (3 * 32 * 32 + 32 * 32) + 2 * num_classes * 4
+
+
+@pytest.mark.parametrize("step", [0, 64])
+def test_infer_seg_turns_autotune_off_only_for_the_exact_canvas(tiny_voc, tmp_path, monkeypatch,
+                                                                step):
+    """--canvas-step 0 (one shape per size): MXNET_CUDNN_AUTOTUNE_DEFAULT=0 unless set; the
+    stepped canvases leave autotune as configured. Both write every prediction."""
+    from icd.commands import infer_seg
+    monkeypatch.delenv("MXNET_CUDNN_AUTOTUNE_DEFAULT", raising=False)
+    net = build_model("vgg16_largefov", num_classes=20, width=1 / 16)
+    initialize(net, [mx.cpu(0)])
+    params = str(tmp_path / "deeplab.params")
+    save_checkpoint(net, params)
+    out = tmp_path / "seg"
+    assert infer_seg.main(["--model", "vgg16_largefov", "--width", "0.0625", "--image-root",
+                           tiny_voc["image_root"], "--data-list", tiny_voc["val_list"],
+                           "--infer-size", "32", "--cpus", "2", "--params", params, "--out",
+                           str(out), "--canvas-step", str(step)]) == 0
+    assert os.environ.get("MXNET_CUDNN_AUTOTUNE_DEFAULT") == ("0" if step == 0 else None)
+    assert len(os.listdir(out / "pred")) == len(read_list(tiny_voc["val_list"]))
+
+
+def test_pinned_batches_reach_the_devices_as_float32(tiny_voc):
+    """pin_memory (the default on a machine with GPUs) on a CPU build: batches in page-locked
+    host memory, split onto the devices and cast there."""
+    args = (tiny_voc["image_root"], tiny_voc["superpixel_root"], tiny_voc["annotation_root"],
+            tiny_voc["data_list"])
+    data, superpixel, label = next(iter(train_loader(*args, image_size=32, batch_size=4,
+                                                     num_workers=0, pin_memory=True)))
+    assert data.context == mx.Context("cpu_pinned", 0)
+    parts = devices_module.split_batch({"data": data, "label": label}, DEVICES)
+    assert [p["data"].context for p in parts] == DEVICES
+    assert all(p["data"].dtype == np.float32 for p in parts)
