@@ -10,8 +10,9 @@ argmax, or, with `crf`, the argmax of a dense CRF with DeepLab-LargeFOV's parame
 
 Pipelining (`segment`): the images of batch t+1 are read by a thread pool and their forward is
 queued on the devices before the probabilities of batch t are copied back; the PNG/JPEG writes
-run in a thread pool and the dense CRF in a process pool while the devices work. The outputs are those of the serial
-loop, byte for byte; every file is written atomically and an error names its file.
+run in a thread pool and the dense CRF in a process pool while the devices work. The outputs
+are those of the serial loop, byte for byte; every file is written atomically and an error
+names its file.
 
 Outputs under `out_dir`: `pred/<name>.png`, single-channel 8-bit PNGs of class ids 0..C that
 `cv2.imread(p, 0)` reads, and `overlay/<name>.jpg`, the class list's colours over the image for
@@ -182,10 +183,11 @@ def segment(net: mx.gluon.Block, image_root: str, data_list: str, out_dir: str,
     Writes `<out_dir>/pred/<name>.png` (ids) and `<out_dir>/overlay/<name>.jpg` (colours of the
     class list `classes`, `icd.data.classes.class_palette`),
     each atomically. Images whose prediction exists are skipped unless `overwrite` (resumable).
-    Every batch is fed as `batch_size` canvases of side `canvas_side(..., canvas_step)`, so the
-    network meets few input shapes. While the devices work, two threads read images and
-    `host_workers` threads write the outputs, with as many processes for the CRF (0: the CRF
-    and the writes in one thread; module doc). Returns the names of the list (of shard (I, N)
+    Every batch is fed as `batch_size` canvases of side `canvas_side(..., canvas_step)` (with
+    `canvas_step` CANVAS_STEP the network meets a few input shapes; 0: DeepLab's padding).
+    While the devices work, two threads read images and `host_workers` threads write the
+    outputs, with as many processes for the CRF (0: the CRF and the writes in one thread;
+    module doc). Returns the names of the list (of shard (I, N)
     of it: icd.devices.shard_names).
     """
     scales = tuple(float(s) for s in scales)

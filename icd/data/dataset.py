@@ -139,10 +139,10 @@ class TrainLoader(gluon.data.DataLoader):
     def __init__(self, dataset: TrainDataset, batch_size: int, num_workers: int = 0,
                  shard: Tuple[int, int] = (0, 1), pin_memory: Optional[bool] = None):
         self.epoch_sampler = EpochShuffleSampler(len(dataset), dataset.seed, shard, batch_size)
+        # release: drop the last partial batch
         super().__init__(dataset, num_workers=num_workers, pin_memory=_pin(pin_memory),
                          batch_sampler=gluon.data.BatchSampler(
-                             self.epoch_sampler, batch_size, last_batch="discard"))  # release:
-        # drop the last partial batch
+                             self.epoch_sampler, batch_size, last_batch="discard"))
 
     def set_epoch(self, epoch: int) -> None:
         """Make the next pass over the loader produce the batches of `epoch` (0-based)."""
