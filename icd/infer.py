@@ -16,12 +16,11 @@ crop is scored (release), are logged and listed in it, so that the seed step can
 from __future__ import annotations
 
 import collections
-import itertools
 import logging
 import os
 import re
-from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Deque, Dict, List, Sequence, Tuple
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from typing import Deque, Dict, Iterator, List, Sequence, Tuple
 
 import cv2
 import mxnet as mx
@@ -77,13 +76,14 @@ def infer(cfg: Config, params: str, out_dir: str, contexts: Sequence[mx.Context]
                if k in OUTPUT_FOLDERS]
     with producing(folders, "infer", infer_settings(cfg, params), cfg.overwrite,
                    shard) as notes:
-        written = _write_scores(net, loader, names, out_dir, contexts, cfg.infer_size,
-                                notes.setdefault("cropped", {}))
+        with ThreadPoolExecutor(WRITE_THREADS, thread_name_prefix="infer") as pool:
+            written = _write_scores(net, loader, names, out_dir, contexts, cfg.infer_size,
+                                    notes.setdefault("cropped", {}), pool)
     return [n for n in names if n in written]
 
 
-def _queue(net, batch, contexts: Sequence[mx.Context]):
-    """Queue one loader batch's forward on the devices; returns (batch, outputs per device)."""
+def _queue(net, batch, contexts: Sequence[mx.Context]) -> Tuple[list, List[dict]]:
+    """Queue one loader batch's forward on the devices: (the batch, outputs of each device)."""
     data, superpixel, label = batch[:3]
     parts = split_batch({"data": data, "superpixel": superpixel, "label": label}, contexts)
     for part in parts:
@@ -93,60 +93,63 @@ def _queue(net, batch, contexts: Sequence[mx.Context]):
     return batch, outputs
 
 
+def _pipelined(net, loader, contexts: Sequence[mx.Context]) -> Iterator[Tuple[list, List[dict]]]:
+    """`_queue` of every batch, batch t+1 queued on the devices before batch t is yielded (and
+    read back): the devices never wait for the host's writing."""
+    queued = None
+    for batch in tqdm(loader, desc="infer", disable=None):
+        current, queued = queued, _queue(net, batch, contexts)
+        if current is not None:
+            yield current
+    if queued is not None:
+        yield queued
+
+
 def _save_npy(path: str, array: np.ndarray) -> None:
     with atomic_path(path) as tmp:
         np.save(tmp, array)
 
 
 def _write_scores(net, loader, names: List[str], out_dir: str, contexts: Sequence[mx.Context],
-                  size: int, cropped: Dict[str, dict]) -> set:
+                  size: int, cropped: Dict[str, dict], pool: Executor) -> set:
     """The inference loop; fills `cropped` with the images larger than `size`.
 
-    Pipelined: batch t+1 is queued on the devices before batch t's outputs are copied back, and
-    the .npy files are written by a thread pool while the devices work (the files are those of
-    a serial loop; each is written atomically and errors name it).
+    Pipelined (`_pipelined`); the .npy files are written by `pool` while the devices work (the
+    files of a serial loop; each is written atomically and an error names it).
     """
     written = set()
     demo: Dict[int, list] = {}
-    with ThreadPoolExecutor(WRITE_THREADS, thread_name_prefix="infer") as pool:
-        writes: Deque[Future] = collections.deque()
-        queued = None
-        for batch in itertools.chain(tqdm(loader, desc="infer", disable=None), [None]):
-            current, queued = queued, None if batch is None else _queue(net, batch, contexts)
-            if current is None:
+    writes: Deque[Future] = collections.deque()
+    for (data, superpixel, label, index, hw), outputs in _pipelined(net, loader, contexts):
+        merged = {k: np.concatenate([o[k].asnumpy() for o in outputs]) for k in outputs[0]
+                  if k in OUTPUT_FOLDERS}
+        labels, index, hw = label.asnumpy(), index.asnumpy(), hw.asnumpy()
+        for j in range(data.shape[0]):
+            name = names[int(index[j])]
+            if name in written:       # release: the list is padded by repeating its head
                 continue
-            (data, _, label, index, hw), outputs = current
-            merged = {k: np.concatenate([o[k].asnumpy() for o in outputs]) for k in outputs[0]
-                      if k in OUTPUT_FOLDERS}
-            labels, index, hw = label.asnumpy(), index.asnumpy(), hw.asnumpy()
-            for j in range(data.shape[0]):
-                name = names[int(index[j])]
-                if name in written:       # release: the list is padded by repeating its head
-                    continue
-                written.add(name)
-                h, w = (int(v) for v in hw[j])
-                if h > size or w > size:
-                    top, left = infer_window(h, w, size)
-                    log.warning("%s: %dx%d image is larger than the inference size %d; as in "
-                                "the release only rows %d:%d, columns %d:%d are scored", name, h,
-                                w, size, top, top + size, left, left + size)
-                    cropped[name] = {"size": [h, w], "window": [top, left, size]}
-                present = np.flatnonzero(labels[j])
-                for key, array in merged.items():
-                    path = os.path.join(out_dir, OUTPUT_FOLDERS[key], name + ".npy")
-                    writes.append(pool.submit(_save_npy, path,
-                                              array[j, present].astype(np.float32)))
-                image = data[j].asnumpy().transpose(1, 2, 0)[:h, :w]
-                shown = [k for k in ("cam", "icd_td") if k in merged]
-                for c in present:
-                    rows = demo.setdefault(int(c), [])
-                    if len(rows) < DEMO_ROWS:
-                        rows.append(_crop_panel(image, [merged[k][j, c] for k in shown],
-                                                data.shape[2]))
-            while len(writes) > 4 * WRITE_THREADS:   # bounded memory; errors surface here
-                writes.popleft().result()
-        for write in writes:
-            write.result()
+            written.add(name)
+            h, w = (int(v) for v in hw[j])
+            if h > size or w > size:
+                top, left = infer_window(h, w, size)
+                log.warning("%s: %dx%d image is larger than the inference size %d; as in the "
+                            "release only rows %d:%d, columns %d:%d are scored", name, h, w,
+                            size, top, top + size, left, left + size)
+                cropped[name] = {"size": [h, w], "window": [top, left, size]}
+            present = np.flatnonzero(labels[j])
+            for key, array in merged.items():
+                path = os.path.join(out_dir, OUTPUT_FOLDERS[key], name + ".npy")
+                writes.append(pool.submit(_save_npy, path, array[j, present].astype(np.float32)))
+            image = data[j].asnumpy().transpose(1, 2, 0)[:h, :w]
+            shown = [k for k in ("cam", "icd_td") if k in merged]
+            for c in present:
+                rows = demo.setdefault(int(c), [])
+                if len(rows) < DEMO_ROWS:
+                    rows.append(_crop_panel(image, [merged[k][j, c] for k in shown], data.shape[2]))
+        while len(writes) > 4 * WRITE_THREADS:   # bounded memory; errors surface here
+            writes.popleft().result()
+    for write in writes:
+        write.result()
     for c, rows in demo.items():
         width = max(r.shape[1] for r in rows)
         sheet = np.concatenate([np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0))) for r in rows])
