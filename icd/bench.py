@@ -5,7 +5,10 @@ the CAM-only network, of the release's graph from symbols/ and of DeepLab-LargeF
 segmentation task of the training loop) on the same images; reports the
 median seconds, images/s, the multiply-accumulate count of each graph, the share of the ICD step
 spent outside convolutions (custom operators and losses, from MXNet's profiler) and, from one
-child process per network, the peak resident memory of the step.
+child process per network, the peak resident memory of the step (and, on a GPU, the device
+memory MXNet holds after it). The training loader's throughput (images/s: JPEG decoding,
+augmentation, uint8 batches from its worker processes) is measured on a synthetic VOC-layout set
+of `loader_size` px images and compared with the ICD step's: below 1, the devices wait for data.
 """
 from __future__ import annotations
 
@@ -14,8 +17,9 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import mxnet as mx
 import numpy as np
@@ -23,6 +27,9 @@ from mxnet import autograd
 
 from .checkpoint import gather, initialize
 from .config import Config
+from .data.dataset import default_workers, train_loader
+from .data.superpixels import make_superpixels
+from .data.synthetic import make_synthetic_voc
 from .data.voc import IGNORE_LABEL
 from .model import build_model
 from .train import SegmentationTask, make_trainer
@@ -210,18 +217,59 @@ def time_steps(steps: Dict[str, Callable[[], None]], repeats: int, warmup: int =
     return times
 
 
+def loader_throughput(size: int, batch: int, workers: Optional[int] = None,
+                      batches: int = 6, image_size: int = 400) -> Dict[str, float]:
+    """Images/s of the training loader over `batches` batches after its first (worker start-up
+    excluded): a synthetic VOC-layout set of `image_size` px images with colour superpixels is
+    written to a temporary folder; `workers` None: the default (one per core)."""
+    workers = default_workers() if workers is None else workers
+    with tempfile.TemporaryDirectory(prefix="icd-bench-") as root:
+        names = make_synthetic_voc(os.path.join(root, "voc"), num_train=batch * (batches + 1),
+                                   num_val=0, size=image_size)
+        images = os.path.join(root, "voc", "JPEGImages")
+        data_list = os.path.join(root, "voc", "ImageSets", "Segmentation", "train.txt")
+        make_superpixels(images, data_list, os.path.join(root, "sp"))
+        loader = train_loader(images, os.path.join(root, "sp"), os.path.join(root, "voc",
+                              "Annotations"), data_list, image_size=size, batch_size=batch,
+                              num_workers=workers)
+        batches_seen, started, nbytes = -1, 0.0, 0
+        for data, superpixel, label in loader:
+            batches_seen += 1
+            if batches_seen == 0:
+                started = time.perf_counter()
+                nbytes = sum(x.size * np.dtype(x.dtype).itemsize
+                             for x in (data, superpixel, label))
+        seconds = time.perf_counter() - started
+    return {"workers": workers, "images": batches_seen * batch, "image_side": image_size,
+            "images_per_s": batches_seen * batch / seconds if batches_seen else float("nan"),
+            "bytes_per_batch": nbytes, "train_images": len(names["train"])}
+
+
 def peak_memory_mb(name: str, ctx: str, size: int, infer_size: int, batch: int, width: float,
                    num_classes: int) -> Dict[str, float]:
     """Peak resident memory (VmHWM) of a child process that builds one network and runs two
-    steps, and its growth over the same process just before the first step (MiB; Linux)."""
+    steps, and its growth over the same process just before the first step (MiB; Linux); on a
+    GPU also the device memory in use after the steps (MXNet's pool keeps the step's peak)."""
     code = ("import json; from icd import bench; from icd.devices import parse_context;"
-            f"step = bench.build_step({name!r}, parse_context({ctx!r}), {size}, {infer_size}, "
+            f"ctx = parse_context({ctx!r});"
+            f"step = bench.build_step({name!r}, ctx, {size}, {infer_size}, "
             f"{batch}, {width}, {num_classes});"
             "before = bench.high_water_mb(); step(); step();"
-            "print(json.dumps([before, bench.high_water_mb()]))")
+            "print(json.dumps([before, bench.high_water_mb(), bench.device_used_mb(ctx)]))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    before, after = json.loads(out.stdout.strip().splitlines()[-1])
-    return {"peak_rss_mb": after, "step_growth_mb": after - before}
+    before, after, device = json.loads(out.stdout.strip().splitlines()[-1])
+    figures = {"peak_rss_mb": after, "step_growth_mb": after - before}
+    if device is not None:
+        figures["device_used_mb"] = device
+    return figures
+
+
+def device_used_mb(ctx: mx.Context) -> Optional[float]:
+    """Memory in use on GPU `ctx` (total - free, MiB), None for a CPU context."""
+    if ctx.device_type != "gpu":
+        return None
+    free, total = mx.context.gpu_memory_info(ctx.device_id)
+    return (total - free) / 2 ** 20
 
 
 def high_water_mb() -> float:
@@ -235,7 +283,8 @@ def high_water_mb() -> float:
 
 def run(ctx: mx.Context, ctx_text: str, size: int = 321, infer_size: int = 513, batch: int = 2,
         width: float = 1.0, num_classes: int = 20, repeats: int = 5,
-        memory: bool = True) -> Dict[str, object]:
+        memory: bool = True, loader_workers: Optional[int] = None,
+        loader_size: int = 400) -> Dict[str, object]:
     """The whole benchmark; returns the JSON-ready report."""
     steps = {name: build_step(name, ctx, size, infer_size, batch, width, num_classes)
              for name in NETWORKS}
@@ -261,6 +310,9 @@ def run(ctx: mx.Context, ctx_text: str, size: int = 321, infer_size: int = 513, 
         net["cam"]["macs_per_image"]
     report["icd_custom_and_loss_share"] = custom_and_loss_share(steps["icd"])
     report["reference_custom_and_loss_share"] = custom_and_loss_share(steps["reference"])
+    report["loader"] = loader_throughput(size, batch, loader_workers, image_size=loader_size)
+    report["loader_over_icd_step"] = report["loader"]["images_per_s"] / \
+        net["icd"]["images_per_s"]
     if memory:
         for name in NETWORKS:
             net[name].update(peak_memory_mb(name, ctx_text, size, infer_size, batch, width,

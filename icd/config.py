@@ -51,7 +51,7 @@ class Config:
     gpus: str = ""
     cpus: int = 0
     kvstore: str = "device"               # dist_device_sync: several machines (icd-launch)
-    num_workers: int = 4
+    num_workers: int = os.cpu_count() or 1   # loader processes: one per core
     seed: int = 0
     snapshot: str = "./snapshot/icd"
     num_save: int = 5
@@ -134,7 +134,8 @@ HELP = {
     "kvstore": "gradient aggregation: device (the release's) or local on one machine; "
                "dist_device_sync / dist_sync_device (the same) or dist_sync on several, started "
                "by icd-launch (README: Training on several machines)",
-    "num_workers": "data-loader processes (0 = load in the main process)",
+    "num_workers": "data-loader processes, 0 = load in the main process (default: one per "
+                   "core)",
     "seed": "random seed of initialisation, shuffling and augmentation",
     "snapshot": "checkpoint folder",
     "num_save": "checkpoints kept (0 = all)",

@@ -9,6 +9,7 @@ import re
 from typing import Dict, List, Mapping, Sequence, Tuple
 
 import mxnet as mx
+import numpy as np
 from mxnet import gluon
 
 
@@ -80,5 +81,8 @@ def split_batch(batch: Mapping[str, mx.nd.NDArray],
     the release's Module: device d gets a contiguous slice): one {input name: slice} per device."""
     parts = {name: gluon.utils.split_and_load(array, list(contexts), even_split=False)
              for name, array in batch.items()}
+    # uint8 images and ids travel as bytes and become float32 on the device (exact for 0..255)
+    parts = {name: [a.astype("float32") if a.dtype == np.uint8 else a for a in arrays]
+             for name, arrays in parts.items()}
     return [{name: arrays[d] for name, arrays in parts.items()}
             for d in range(len(next(iter(parts.values()))))]

@@ -16,10 +16,12 @@ name them.
 """
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import re
-from typing import Dict, List, Sequence, Tuple
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from typing import Deque, Dict, Iterator, List, Sequence, Tuple
 
 import cv2
 import mxnet as mx
@@ -43,6 +45,7 @@ log = logging.getLogger(__name__)
 OUTPUT_FOLDERS = {"cam": "scores_cam", "icd_td": "scores_icd", "icd_bu": "scores_icd_bu",
                  "icd_bu_sp": "scores_icd_bu_sp"}
 DEMO_ROWS = 4
+WRITE_THREADS = 2   # .npy writers running beside the devices
 
 
 def infer_settings(cfg: Config, params: str) -> Dict[str, object]:
@@ -77,22 +80,51 @@ def infer(cfg: Config, params: str, out_dir: str, contexts: Sequence[mx.Context]
                if k in OUTPUT_FOLDERS]
     with producing(folders, "infer", infer_settings(cfg, params), cfg.overwrite,
                    shard) as notes:
-        written = _write_scores(net, loader, names, out_dir, contexts, cfg.infer_size,
-                                notes.setdefault("cropped", {}))
+        with ThreadPoolExecutor(WRITE_THREADS, thread_name_prefix="infer") as pool:
+            written = _write_scores(net, loader, names, out_dir, contexts, cfg.infer_size,
+                                    notes.setdefault("cropped", {}), pool)
     return [n for n in names if n in written]
 
 
+def _queue(net, batch, contexts: Sequence[mx.Context]) -> Tuple[list, List[dict]]:
+    """Queue one loader batch's forward on the devices: (the batch, outputs of each device)."""
+    data, superpixel, label = batch[:3]
+    parts = split_batch({"data": data, "superpixel": superpixel, "label": label}, contexts)
+    for part in parts:
+        part["warm"] = mx.nd.ones((1,), ctx=part["data"].context)
+    outputs = [dict(zip(net.output_names, net(*[part[n] for n in net.input_names])))
+               for part in parts]
+    return batch, outputs
+
+
+def _pipelined(net, loader, contexts: Sequence[mx.Context]) -> Iterator[Tuple[list, List[dict]]]:
+    """`_queue` of every batch, batch t+1 queued on the devices before batch t is yielded (and
+    read back): the devices never wait for the host's writing."""
+    queued = None
+    for batch in tqdm(loader, desc="infer", disable=None):
+        current, queued = queued, _queue(net, batch, contexts)
+        if current is not None:
+            yield current
+    if queued is not None:
+        yield queued
+
+
+def _save_npy(path: str, array: np.ndarray) -> None:
+    with atomic_path(path) as tmp:
+        np.save(tmp, array)
+
+
 def _write_scores(net, loader, names: List[str], out_dir: str, contexts: Sequence[mx.Context],
-                  size: int, cropped: Dict[str, dict]) -> set:
-    """The inference loop; fills `cropped` with the images larger than `size`."""
+                  size: int, cropped: Dict[str, dict], pool: Executor) -> set:
+    """The inference loop; fills `cropped` with the images larger than `size`.
+
+    Pipelined (`_pipelined`); the .npy files are written by `pool` while the devices work (the
+    files of a serial loop; each is written atomically and an error names it).
+    """
     written = set()
     demo: Dict[int, list] = {}
-    for data, superpixel, label, index, hw in tqdm(loader, desc="infer", disable=None):
-        parts = split_batch({"data": data, "superpixel": superpixel, "label": label}, contexts)
-        for part in parts:
-            part["warm"] = mx.nd.ones((1,), ctx=part["data"].context)
-        outputs = [dict(zip(net.output_names, net(*[part[n] for n in net.input_names])))
-                   for part in parts]
+    writes: Deque[Future] = collections.deque()
+    for (data, superpixel, label, index, hw), outputs in _pipelined(net, loader, contexts):
         merged = {k: np.concatenate([o[k].asnumpy() for o in outputs]) for k in outputs[0]
                   if k in OUTPUT_FOLDERS}
         labels, index, hw = label.asnumpy(), index.asnumpy(), hw.asnumpy()
@@ -112,14 +144,17 @@ def _write_scores(net, loader, names: List[str], out_dir: str, contexts: Sequenc
             for key, array in merged.items():
                 path = os.path.join(out_dir, OUTPUT_FOLDERS[key], name + ".npy")
                 require_finite(array[j, present], f"{path}: scores of {name}")
-                with atomic_path(path) as tmp:
-                    np.save(tmp, array[j, present].astype(np.float32))
+                writes.append(pool.submit(_save_npy, path, array[j, present].astype(np.float32)))
             image = data[j].asnumpy().transpose(1, 2, 0)[:h, :w]
             shown = [k for k in ("cam", "icd_td") if k in merged]
             for c in present:
                 rows = demo.setdefault(int(c), [])
                 if len(rows) < DEMO_ROWS:
                     rows.append(_crop_panel(image, [merged[k][j, c] for k in shown], data.shape[2]))
+        while len(writes) > 4 * WRITE_THREADS:   # bounded memory; errors surface here
+            writes.popleft().result()
+    for write in writes:
+        write.result()
     for c, rows in demo.items():
         width = max(r.shape[1] for r in rows)
         sheet = np.concatenate([np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0))) for r in rows])

@@ -2,10 +2,17 @@
 
 Per image: for every scale s (default 1 only) and, with `flip`, the mirrored image too, the image
 is resized by s (bilinear, size int(h s + 0.5)), padded bottom/right with the mean 127 to a square
-of side P = max(513, its sides), and the network's softmax probabilities are upsampled
+of side P = max(513, its sides) (with `canvas_step` k: P rounded up to 513 + a multiple of k, see
+`canvas_side`), and the network's softmax probabilities are upsampled
 (bilinear, half-pixel centres as cv2) to P x P, cropped to the scaled image, resized to the image
 and mirrored back; the probabilities are averaged over scales and flips. The prediction is their
 argmax, or, with `crf`, the argmax of a dense CRF with DeepLab-LargeFOV's parameters.
+
+Pipelining (`segment`): the images of batch t+1 are read by a thread pool and their forward is
+queued on the devices before the probabilities of batch t are copied back; the PNG/JPEG writes
+run in a thread pool and the dense CRF in a process pool while the devices work. The outputs
+are those of the serial loop, byte for byte; every file is written atomically and an error
+names its file.
 
 Outputs under `out_dir`: `pred/<name>.png`, single-channel 8-bit PNGs of class ids 0..C that
 `cv2.imread(p, 0)` reads, and `overlay/<name>.jpg`, the class list's colours over the image for
@@ -13,8 +20,12 @@ people.
 """
 from __future__ import annotations
 
+import collections
+import contextlib
+import multiprocessing
 import os
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from typing import Deque, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import cv2
 import mxnet as mx
@@ -31,6 +42,13 @@ from .io import atomic_path, write_json
 from .provenance import file_identity
 
 MULTI_SCALES = (0.75, 1.0, 1.25)   # the usual multi-scale test set (Config `scales`)
+# With `canvas_step` 64, canvas sides above the inference size come in steps of 64 (513, 577,
+# 641, ...: all 8k + 1 like 513, so the stride-8 output grid keeps its alignment) and multi-scale
+# or COCO-sized inputs meet a few input shapes instead of one per image size (each new shape
+# re-plans the memory and, on GPUs, re-runs cuDNN autotune for every convolution). Not the
+# default: a larger canvas changes the probabilities inside the image (measured: README, Running
+# on GPUs), through the convolutions' zero padding at the canvas border and the upsampling ratio.
+CANVAS_STEP = 64
 # Dense CRF of DeepLab-LargeFOV (Chen et al., "Semantic Image Segmentation with Deep
 # Convolutional Nets and Fully Connected CRFs", ICLR 2015, Sec. 4 and the authors' released
 # DeepLab-LargeFOV setting): Gaussian kernel w2 = 3, theta_gamma = 3; bilateral kernel w1 = 4,
@@ -54,11 +72,23 @@ def scaled_image(image: np.ndarray, scale: float, flip: bool) -> np.ndarray:
     return image[:, ::-1] if flip else image
 
 
-def padded_batch(images: Sequence[np.ndarray], infer_size: int = INFER_SIZE) -> np.ndarray:
+def canvas_side(sides: Sequence[int], infer_size: int = INFER_SIZE, step: int = 0) -> int:
+    """Side P of the square canvas of a batch whose largest side is max(`sides`):
+    max(infer_size, sides) (DeepLab's padding to 513), with `step` > 0 rounded up to
+    infer_size + a multiple of `step` (CANVAS_STEP)."""
+    side = max([infer_size] + list(sides))
+    if step > 0:
+        side = infer_size + -(-(side - infer_size) // step) * step
+    return side
+
+
+def padded_batch(images: Sequence[np.ndarray], infer_size: int = INFER_SIZE,
+                 canvas_step: int = 0, batch_size: int = 0) -> np.ndarray:
     """(B, 3, P, P) float32 RGB: each image at the top-left, the rest the mean 127 (release
-    padding), P = max(infer_size, every side)."""
-    side = max([infer_size] + [max(im.shape[:2]) for im in images])
-    batch = np.full((len(images), 3, side, side), PAD_VALUE, np.float32)
+    padding), P = canvas_side(their sides, infer_size, canvas_step); B = max(len(images),
+    batch_size), the rows past the images all 127 (a fixed batch shape for the last batch)."""
+    side = canvas_side([max(im.shape[:2]) for im in images], infer_size, canvas_step)
+    batch = np.full((max(len(images), batch_size), 3, side, side), PAD_VALUE, np.float32)
     for j, image in enumerate(images):
         batch[j, :, :image.shape[0], :image.shape[1]] = image.transpose(2, 0, 1)
     return batch
@@ -71,36 +101,50 @@ def _resize(prob: mx.nd.NDArray, height: int, width: int) -> mx.nd.NDArray:
     return mx.nd.contrib.BilinearResize2D(prob, height=height, width=width, align_corners=False)
 
 
-def predict_probabilities(net: mx.gluon.Block, images: Sequence[np.ndarray],
-                          contexts: Sequence[mx.Context], infer_size: int = INFER_SIZE,
-                          scales: Sequence[float] = (1.0,),
-                          flip: bool = False) -> List[np.ndarray]:
-    """Softmax probabilities averaged over scales and flips (module doc), one per image.
+def queue_probabilities(net: mx.gluon.Block, images: Sequence[np.ndarray],
+                        contexts: Sequence[mx.Context], infer_size: int = INFER_SIZE,
+                        scales: Sequence[float] = (1.0,), flip: bool = False,
+                        canvas_step: int = 0, batch_size: int = 0) -> List[mx.nd.NDArray]:
+    """Queue on the devices the probabilities averaged over scales and flips (module doc).
 
     Args:
         net: forward(data (N, 3, P, P) RGB 0..255) -> logits (N, K, h, w).
         images: (H, W, 3) uint8 RGB images of any sizes.
         contexts: devices; the batch is split over them.
+        canvas_step: see `canvas_side` (0: P = max(infer_size, sides), DeepLab's).
+        batch_size: the batch is filled up to this many canvases with blank ones, so that a
+            short last batch has the shape of the others (0: as many as `images`).
     Returns:
-        [(K, H, W) float32] in the order of `images`.
+        [(K, H, W) float32 NDArray on its device], in the order of `images`; nothing waits
+        for the devices (MXNet runs the work asynchronously until a host copy).
     """
     contexts = list(contexts)
-    shards = [s for s in np.array_split(np.arange(len(images)), len(contexts)) if s.size]
+    count = max(len(images), batch_size)
+    shards = [s for s in np.array_split(np.arange(count), len(contexts)) if s.size]
     total: List[Optional[mx.nd.NDArray]] = [None] * len(images)
     views = [(s, f) for s in scales for f in ((False, True) if flip else (False,))]
     for scale, flipped in views:
         inputs = [scaled_image(im, scale, flipped) for im in images]
-        batch = padded_batch(inputs, infer_size)
+        batch = padded_batch(inputs, infer_size, canvas_step, batch_size)
         side = batch.shape[2]
         for ctx, shard in zip(contexts, shards):
             prob = mx.nd.softmax(net(mx.nd.array(batch[shard], ctx=ctx)), axis=1)
             prob = _resize(prob, side, side)
-            for k, j in enumerate(shard):
+            for k, j in enumerate(shard[shard < len(images)]):
                 (h, w), (height, width) = inputs[j].shape[:2], images[j].shape[:2]
                 view = _resize(prob[k:k + 1, :, :h, :w], height, width)
                 view = view.flip(axis=3) if flipped else view
                 total[j] = view if total[j] is None else total[j] + view
-    return [(t[0] / len(views)).asnumpy() for t in total]
+    return [t[0] / len(views) for t in total]
+
+
+def predict_probabilities(net: mx.gluon.Block, images: Sequence[np.ndarray],
+                          contexts: Sequence[mx.Context], infer_size: int = INFER_SIZE,
+                          scales: Sequence[float] = (1.0,), flip: bool = False,
+                          canvas_step: int = 0, batch_size: int = 0) -> List[np.ndarray]:
+    """[(K, H, W) float32] host copies of `queue_probabilities` (same arguments)."""
+    return [p.asnumpy() for p in queue_probabilities(net, images, contexts, infer_size, scales,
+                                                     flip, canvas_step, batch_size)]
 
 
 def predict_labels(image_rgb: np.ndarray, prob: np.ndarray, crf: bool = False) -> np.ndarray:
@@ -117,19 +161,36 @@ def write_label_map(path: str, labels: np.ndarray) -> None:
             raise ValueError(f"{path}: OpenCV could not write the label map")
 
 
+def _write_prediction(out_dir: str, name: str, image: np.ndarray, prob: np.ndarray, crf: bool,
+                      classes: Sequence[str], crf_pool: Optional[Executor] = None) -> None:
+    """Labels of one image (after the CRF with `crf`, in `crf_pool` if given) ->
+    pred/<name>.png and overlay/<name>.jpg."""
+    labels = crf_pool.submit(predict_labels, image, prob, True).result() \
+        if crf and crf_pool is not None else predict_labels(image, prob, crf)
+    write_label_map(os.path.join(out_dir, "pred", name + ".png"), labels)
+    write_image(os.path.join(out_dir, "overlay", name + ".jpg"),
+                overlay(image, labels, classes=classes))
+
+
 def segment(net: mx.gluon.Block, image_root: str, data_list: str, out_dir: str,
             contexts: Sequence[mx.Context], scales: Sequence[float] = (1.0,),
             flip: bool = False, crf: bool = False, infer_size: int = INFER_SIZE,
             batch_size: int = 4, overwrite: bool = False,
             shard: Tuple[int, int] = (0, 1),
-            classes: Sequence[str] = VOC_CLASSES) -> List[str]:
+            classes: Sequence[str] = VOC_CLASSES, canvas_step: int = 0,
+            host_workers: int = min(4, os.cpu_count() or 1)) -> List[str]:
     """Predict every image `<image_root>/<name>.jpg` of `data_list` (Config fields `scales`,
     `flip`, `crf`: see the module doc).
 
     Writes `<out_dir>/pred/<name>.png` (ids) and `<out_dir>/overlay/<name>.jpg` (colours of the
     class list `classes`, `icd.data.classes.class_palette`),
     each atomically. Images whose prediction exists are skipped unless `overwrite` (resumable).
-    Returns the names of the list (of shard (I, N) of it: icd.devices.shard_names).
+    Every batch is fed as `batch_size` canvases of side `canvas_side(..., canvas_step)` (with
+    `canvas_step` CANVAS_STEP the network meets a few input shapes; 0: DeepLab's padding).
+    While the devices work, two threads read images and `host_workers` threads write the
+    outputs, with as many processes for the CRF (0: the CRF and the writes in one thread;
+    module doc). Returns the names of the list (of shard (I, N)
+    of it: icd.devices.shard_names).
     """
     scales = tuple(float(s) for s in scales)
     if not scales or min(scales) <= 0:
@@ -137,16 +198,42 @@ def segment(net: mx.gluon.Block, image_root: str, data_list: str, out_dir: str,
     names = shard_names(read_list(data_list), shard)
     todo = [n for n in names
             if overwrite or not os.path.isfile(os.path.join(out_dir, "pred", n + ".png"))]
-    for start in tqdm(range(0, len(todo), batch_size), desc=f"segment -> {out_dir}",
-                      unit="batch", disable=None):
-        batch = todo[start:start + batch_size]
-        images = [read_image(os.path.join(image_root, n + ".jpg")) for n in batch]
-        probs = predict_probabilities(net, images, contexts, infer_size, scales, flip)
-        for name, image, prob in zip(batch, images, probs):
-            labels = predict_labels(image, prob, crf)
-            write_label_map(os.path.join(out_dir, "pred", name + ".png"), labels)
-            write_image(os.path.join(out_dir, "overlay", name + ".jpg"),
-                        overlay(image, labels, classes=classes))
+    batches = [todo[start:start + batch_size] for start in range(0, len(todo), batch_size)]
+    workers = max(host_workers, 1)
+    with contextlib.ExitStack() as stack:
+        reader = stack.enter_context(ThreadPoolExecutor(2, thread_name_prefix="segment-read"))
+        writer = stack.enter_context(ThreadPoolExecutor(workers,
+                                                        thread_name_prefix="segment-write"))
+        # pydensecrf holds the GIL: the CRF runs in processes (spawned: MXNet's engine threads
+        # do not survive a fork)
+        crf_pool = stack.enter_context(ProcessPoolExecutor(
+            workers, mp_context=multiprocessing.get_context("spawn"))) \
+            if crf and host_workers > 0 else None
+
+        def read(t: int) -> List[Future]:
+            return [reader.submit(read_image, os.path.join(image_root, n + ".jpg"))
+                    for n in batches[t]] if t < len(batches) else []
+
+        def queue(reads: List[Future]):
+            images = [r.result() for r in reads]
+            return images, queue_probabilities(net, images, contexts, infer_size, scales, flip,
+                                               canvas_step, batch_size)
+
+        writes: Deque[Future] = collections.deque()
+        reads = read(0)
+        queued = queue(reads) if batches else None
+        for t in tqdm(range(len(batches)), desc=f"segment -> {out_dir}", unit="batch",
+                      disable=None):
+            images, probs = queued
+            reads = read(t + 1)
+            queued = queue(reads) if t + 1 < len(batches) else None   # before t's host copy
+            for name, image, prob in zip(batches[t], images, probs):
+                writes.append(writer.submit(_write_prediction, out_dir, name, image,
+                                            prob.asnumpy(), crf, classes, crf_pool))
+            while len(writes) > 2 * batch_size:   # bounded host memory; errors surface here
+                writes.popleft().result()
+        for write in writes:
+            write.result()
     return names
 
 

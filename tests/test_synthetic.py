@@ -110,7 +110,7 @@ def test_tools_end_to_end(tmp_path):
     data, superpixels, labels = (x.asnumpy() for x in next(iter(loader)))
     assert data.shape == (4, 3, 72, 72) and superpixels.shape == (4, 72, 72)
     assert labels.shape == (4, len(DEFAULT_CLASSES))
-    assert all(x.dtype == np.float32 for x in (data, superpixels, labels))
+    assert data.dtype == superpixels.dtype == np.uint8 and labels.dtype == np.float32
     assert 0 <= data.min() and data.max() <= 255
     assert (data == 127).any()  # 64 px images are padded to the 72 crop
     assert 0 <= superpixels.min() and superpixels.max() < NUM_SUPERPIXEL_IDS

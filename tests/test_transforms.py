@@ -130,8 +130,8 @@ def test_train_loader_batches_and_seeding(tiny_voc):
     assert len(serial) == 2  # 10 images, batch 4: the last partial batch is dropped
     epochs = collect(serial, 2)
     data, superpixels, labels = epochs[0][0]
-    assert data.shape == (4, 3, 48, 48) and data.dtype == np.float32
-    assert superpixels.shape == (4, 48, 48) and superpixels.dtype == np.float32
+    assert data.shape == (4, 3, 48, 48) and data.dtype == np.uint8   # cast on the device
+    assert superpixels.shape == (4, 48, 48) and superpixels.dtype == np.uint8
     assert labels.shape == (4, 20) and labels.dtype == np.float32
     assert 0 <= data.min() and data.max() <= 255 and data.max() > 1
     assert superpixels.min() >= 0 and superpixels.max() < NUM_SUPERPIXEL_IDS

@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 from ..bench import run as bench_run
 from ..devices import parse_context
 from ..io import write_json
-from .runner import Parser, positive_float, positive_int, run
+from .runner import Parser, non_negative_int, positive_float, positive_int, run
 
 
 def build_parser() -> Parser:
@@ -26,6 +26,11 @@ def build_parser() -> Parser:
     parser.add_argument("--width", type=positive_float, default=1.0,
                         help="channel multiplier of VGG16")
     parser.add_argument("--repeats", type=positive_int, default=5, help="timed steps")
+    parser.add_argument("--loader-workers", type=non_negative_int, default=None,
+                        help="training-loader processes of the loader throughput (default: one "
+                             "per core)")
+    parser.add_argument("--loader-size", type=positive_int, default=400,
+                        help="side of the synthetic JPEGs the loader decodes (VOC: ~500x375)")
     parser.add_argument("--no-memory", action="store_true",
                         help="skip the per-network child processes that measure peak memory")
     parser.add_argument("--out", default="bench_step.json", help="JSON report")
@@ -34,11 +39,14 @@ def build_parser() -> Parser:
 
 def _bench(args: argparse.Namespace) -> int:
     report = bench_run(parse_context(args.ctx), args.ctx, args.size, args.infer_size, args.batch,
-                       args.width, repeats=args.repeats, memory=not args.no_memory)
+                       args.width, repeats=args.repeats, memory=not args.no_memory,
+                       loader_workers=args.loader_workers, loader_size=args.loader_size)
     for name, figures in report["networks"].items():
         print(f"{name:>10s}: {figures['step_seconds_median']:.3f} s/step "
               f"{figures['images_per_s']:.2f} img/s {figures['macs_per_image'] / 1e9:.1f} GMAC/img"
-              + (f" peak {figures['peak_rss_mb']:.0f} MiB" if "peak_rss_mb" in figures else ""))
+              + (f" peak {figures['peak_rss_mb']:.0f} MiB" if "peak_rss_mb" in figures else "")
+              + (f" device {figures['device_used_mb']:.0f} MiB"
+                 if "device_used_mb" in figures else ""))
     print(f"ICD/CAM time {report['icd_over_cam_time']:.3f} vs MACs "
           f"{report['icd_over_cam_macs']:.3f}; ours/reference time "
           f"{report['ours_over_reference_time']:.3f}; custom operators and losses: "
@@ -46,6 +54,10 @@ def _bench(args: argparse.Namespace) -> int:
           f"{report['reference_custom_and_loss_share']:.3f})")
     print(f"DeepLab-LargeFOV/CAM time {report['deeplab_over_cam_time']:.3f} vs MACs "
           f"{report['deeplab_over_cam_macs']:.3f}")
+    loader = report["loader"]
+    print(f"loader: {loader['images_per_s']:.1f} img/s with {loader['workers']} workers "
+          f"({loader['bytes_per_batch'] / 2 ** 20:.2f} MiB per batch), "
+          f"{report['loader_over_icd_step']:.1f}x the ICD step's images/s")
     write_json(args.out, report)
     return 0
 

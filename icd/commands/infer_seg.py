@@ -22,7 +22,7 @@ from ..checkpoint import load_checkpoint
 from ..data.classes import dataset_classes
 from ..model import build_model
 from ..provenance import producing, require_checkpoint_classes
-from ..segment import evaluate_predictions, segment, segment_settings
+from ..segment import CANVAS_STEP, evaluate_predictions, segment, segment_settings
 from ..train import TASKS, SegmentationTask, checkpoint_path
 from .options import add_config_arguments, config_from, devices_for
 from .runner import Parser, non_negative_int, positive_int, run, shard
@@ -44,6 +44,13 @@ def build_parser() -> Parser:
                         help="label of this run in the table: I. (CRF seeds) or I.+S. "
                              "(saliency seeds)")
     parser.add_argument("--workers", type=positive_int, default=1, help="evaluation processes")
+    parser.add_argument("--canvas-step", type=non_negative_int, default=0,
+                        help=f"canvases larger than --infer-size grow in steps of this many "
+                             f"pixels (e.g. {CANVAS_STEP}), so that multi-scale and COCO runs "
+                             f"meet a few input shapes on GPUs; changes the probabilities "
+                             f"slightly (README: Running on GPUs). 0 = DeepLab's max(513, "
+                             f"sides), exact; cuDNN autotune is then off unless "
+                             f"MXNET_CUDNN_AUTOTUNE_DEFAULT is set (default: 0)")
     parser.add_argument("--shard", type=shard, default=(0, 1), metavar="I/N",
                         help="only shard I of N of the list (every N-th name from the I-th); "
                              "N machines running the N shards into one folder write what one "
@@ -67,16 +74,18 @@ def _infer_seg(args: argparse.Namespace) -> int:
     out = args.out or os.path.join(cfg.snapshot, "results", "segmentation")
     contexts = devices_for(cfg, cfg.infer_batch_size, "--infer-batch-size")
     require_checkpoint_classes(params, cfg.class_names)
+    if args.canvas_step == 0:   # one input shape per image size: no autotune for each of them
+        os.environ.setdefault("MXNET_CUDNN_AUTOTUNE_DEFAULT", "0")
     net = build_model(cfg.model, **cfg.model_options)
     load_checkpoint(net, params, contexts)
     net.hybridize(static_alloc=True)
     folders = [os.path.join(out, "pred"), os.path.join(out, "overlay")]
-    with producing(folders, "infer-seg", segment_settings(cfg, params), cfg.overwrite,
-                   args.shard):
+    settings = dict(segment_settings(cfg, params), canvas_step=args.canvas_step)
+    with producing(folders, "infer-seg", settings, cfg.overwrite, args.shard):
         names = segment(net, cfg.image_root, cfg.data_list, out, contexts, cfg.scales, cfg.flip,
                         cfg.crf, cfg.infer_size, cfg.infer_batch_size,
                         overwrite=not args.skip_existing, shard=args.shard,
-                        classes=cfg.class_names)
+                        classes=cfg.class_names, canvas_step=args.canvas_step)
     logging.info("wrote predictions of %d images to %s", len(names), out)
     if args.gt_root:
         report = evaluate_predictions(out, args.gt_root, cfg.data_list, cfg.model,

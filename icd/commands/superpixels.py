@@ -4,6 +4,8 @@ Examples:
   icd-superpixels --image-root data/VOC2012/JPEGImages \
       --data-list data/VOC2012/ImageSets/Segmentation/train_aug.txt \
       --out data/superpixels --pretrained data/vgg16_20M.params --workers 4    (the release's way)
+  icd-superpixels ... --pretrained data/vgg16_20M.params --gpus 0,1 --workers 2
+                                              (conv5_3 on two GPUs, one worker each)
   icd-superpixels ... --features colour       (without network weights: colour and position)
   icd-superpixels --config voc_vgg16 --workers 4     paths and the weights from the config
 Resumable: existing PNGs are kept unless --overwrite.
@@ -16,6 +18,7 @@ from typing import Optional, Sequence
 from ..data.superpixels import MAX_PIXELS, make_feature_factory, make_superpixels
 from ..config import load_config
 from .options import add_config_file, fill_from_config
+from ..devices import parse_devices
 from .runner import Parser, non_negative_int, run, shard
 
 
@@ -49,6 +52,11 @@ def build_parser() -> Parser:
     features.add_argument("--features", choices=["colour"],
                           help="network-free features: centred Lab colour + position (one of "
                                "--pretrained, --features is required)")
+    parser.add_argument("--gpus", default="",
+                        help="GPUs of the --pretrained network, e.g. 0,1: worker k uses the "
+                             "(k mod N)-th (default: the CPU)")
+    parser.add_argument("--cpus", type=non_negative_int, default=0,
+                        help="CPU contexts instead of --gpus, as the other commands (default: 1)")
     parser.add_argument("--overwrite", action="store_true", help="recompute existing PNGs")
     parser.add_argument("--max-pixels", type=non_negative_int, default=MAX_PIXELS,
                         help=f"refuse images of more pixels, naming them (default {MAX_PIXELS}: "
@@ -76,8 +84,9 @@ def _superpixels(args: argparse.Namespace) -> int:
     if args.features is None and args.pretrained is None:
         raise ValueError("--pretrained: one of --pretrained, --features is required (the "
                          "config names no pretrained file)")
+    devices = [str(ctx) for ctx in parse_devices(args.gpus, args.cpus)]
     written = make_superpixels(args.image_root, args.data_list, args.out,
-                               feature_factory=make_feature_factory(args.pretrained),
+                               feature_factory=make_feature_factory(args.pretrained, devices),
                                workers=args.workers, overwrite=args.overwrite, shard=args.shard,
                                max_pixels=args.max_pixels, downscale=args.downscale)
     print(f"wrote {len(written)} superpixel maps to {args.out}")

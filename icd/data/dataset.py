@@ -5,12 +5,19 @@ Determinism: a training item is keyed by (epoch, index) and draws its augmentati
 ``default_rng([seed, epoch])``. The epoch travels with the sampled key (Gluon copies the dataset
 into its worker processes once, when the loader is built), so a given seed yields the same
 batches whatever the number of worker processes.
+
+Bytes: images and superpixel ids leave the loader as uint8 (a quarter of float32's bytes through
+the worker pipes and the host-to-device copy); `icd.devices.split_batch` casts them to float32 on
+the device, which is exact for 0..255, so the network sees the release's float RGB 0..255.
+Defaults: one worker process per core, and page-locked (pinned) batches on a machine with GPUs
+so that their copy to the device can run asynchronously.
 """
 from __future__ import annotations
 
 import os
-from typing import Iterator, List, Sequence, Tuple, Union
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
+import mxnet as mx
 import numpy as np
 from mxnet import gluon
 
@@ -19,6 +26,21 @@ from .superpixels import MAX_REGIONS, read_superpixels
 from .transforms import INFER_SIZE, TRAIN_SIZE, infer_transform, train_transform
 from .voc import VOC_CLASSES, check_exif_turn, multi_hot, read_image, read_image_labels, \
     read_list
+
+
+def default_workers() -> int:
+    """Loader worker processes by default: the number of cores."""
+    return os.cpu_count() or 1
+
+
+def _pin(pin_memory: Optional[bool]) -> bool:
+    """`pin_memory`, None meaning: pin when this machine has a GPU (a CPU build has none)."""
+    return mx.context.num_gpus() > 0 if pin_memory is None else pin_memory
+
+
+def _loader_arrays(image: np.ndarray, superpixels: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """(S, S, 3) uint8 image, (S, S) ids < 256 -> (3, S, S) uint8, (S, S) uint8 (module doc)."""
+    return np.ascontiguousarray(image.transpose(2, 0, 1), np.uint8), superpixels.astype(np.uint8)
 
 
 class _SuperpixelImages(gluon.data.Dataset):
@@ -58,7 +80,7 @@ class TrainDataset(_SuperpixelImages):
     """Augmented training items (release, section 5).
 
     ``dataset[(epoch, index)]`` (or ``dataset[index]`` for epoch 0) is
-    (data (3, S, S) float32 RGB 0..255, superpixels (S, S) float32 ids < NUM_SUPERPIXEL_IDS,
+    (data (3, S, S) uint8 RGB 0..255, superpixels (S, S) uint8 ids < NUM_SUPERPIXEL_IDS,
     label (C,) float32 multi-hot over `classes`).
     """
 
@@ -77,8 +99,7 @@ class TrainDataset(_SuperpixelImages):
         image, superpixels = self.load(index)
         rng = np.random.default_rng([self.seed, epoch, index])
         image, superpixels = train_transform(image, superpixels, self.image_size, rng)
-        return (image.transpose(2, 0, 1).astype(np.float32), superpixels.astype(np.float32),
-                self.labels[index])
+        return (*_loader_arrays(image, superpixels), self.labels[index])
 
 
 class EpochShuffleSampler(gluon.data.Sampler):
@@ -123,10 +144,12 @@ class TrainLoader(gluon.data.DataLoader):
     """DataLoader over a TrainDataset: reshuffled every epoch, last partial batch dropped."""
 
     def __init__(self, dataset: TrainDataset, batch_size: int, num_workers: int = 0,
-                 shard: Tuple[int, int] = (0, 1)):
+                 shard: Tuple[int, int] = (0, 1), pin_memory: Optional[bool] = None):
         self.epoch_sampler = EpochShuffleSampler(len(dataset), dataset.seed, shard, batch_size)
-        super().__init__(dataset, num_workers=num_workers, batch_sampler=gluon.data.BatchSampler(
-            self.epoch_sampler, batch_size, last_batch="discard"))  # release: drop last batch
+        # release: drop the last partial batch
+        super().__init__(dataset, num_workers=num_workers, pin_memory=_pin(pin_memory),
+                         batch_sampler=gluon.data.BatchSampler(
+                             self.epoch_sampler, batch_size, last_batch="discard"))
 
     def set_epoch(self, epoch: int) -> None:
         """Make the next pass over the loader produce the batches of `epoch` (0-based)."""
@@ -135,27 +158,31 @@ class TrainLoader(gluon.data.DataLoader):
 
 def train_loader(image_root: str, superpixel_root: str, annotation_root: str, data_list: str,
                  image_size: int = TRAIN_SIZE, batch_size: int = 32,
-                 num_workers: int = min(4, os.cpu_count() or 1), seed: int = 0,
+                 num_workers: Optional[int] = None, seed: int = 0,
                  shard: Tuple[int, int] = (0, 1),
-                 classes: Sequence[str] = VOC_CLASSES) -> TrainLoader:
-    """Training batches (data (B,3,S,S), superpixels (B,S,S), labels (B,C)), all float32.
+                 classes: Sequence[str] = VOC_CLASSES,
+                 pin_memory: Optional[bool] = None) -> TrainLoader:
+    """Training batches (data (B,3,S,S) uint8, superpixels (B,S,S) uint8, labels (B,C) float32).
 
     Images are `<image_root>/<name>.jpg`, superpixels `<superpixel_root>/<name>.png`, labels
     from `<annotation_root>/<name>.xml` over the C `classes`, names from the `data_list` file.
-    `shard` (I, N): worker I of N, B per worker (EpochShuffleSampler).
+    `shard` (I, N): worker I of N, B per worker (EpochShuffleSampler). `num_workers` None: one
+    per core; `pin_memory` None: pinned on a machine with GPUs (module doc).
     """
     dataset = TrainDataset(image_root, superpixel_root, annotation_root, data_list,
                            image_size=image_size, seed=seed, classes=classes)
     if len(dataset) < batch_size * shard[1]:
         raise ValueError(f"{data_list}: {len(dataset)} images cannot fill one batch of "
                          f"{batch_size * shard[1]} (the last partial batch is dropped)")
-    return TrainLoader(dataset, batch_size, num_workers, shard)
+    return TrainLoader(dataset, batch_size,
+                       default_workers() if num_workers is None else num_workers, shard,
+                       pin_memory)
 
 
 class InferDataset(_SuperpixelImages):
     """Inference items over the list padded by repeating its head to a multiple of the batch.
 
-    ``dataset[i]`` is (data (3, S, S) float32 RGB, superpixels (S, S) float32, label (C,)
+    ``dataset[i]`` is (data (3, S, S) uint8 RGB, superpixels (S, S) uint8, label (C,)
     float32, name index (int32, into ``names``), original (h, w) int32).
     """
 
@@ -177,19 +204,20 @@ class InferDataset(_SuperpixelImages):
         image, superpixels = self.load(index)
         hw = np.array(image.shape[:2], np.int32)
         image, superpixels = infer_transform(image, superpixels, self.image_size)
-        return (image.transpose(2, 0, 1).astype(np.float32), superpixels.astype(np.float32),
-                self.labels[index], np.int32(index), hw)
+        return (*_loader_arrays(image, superpixels), self.labels[index], np.int32(index), hw)
 
 
 def infer_loader(image_root: str, superpixel_root: str, annotation_root: str, data_list: str,
                  image_size: int = INFER_SIZE, batch_size: int = 4,
                  num_workers: int = 0,
                  shard: Tuple[int, int] = (0, 1),
-                 classes: Sequence[str] = VOC_CLASSES) -> gluon.data.DataLoader:
+                 classes: Sequence[str] = VOC_CLASSES,
+                 pin_memory: Optional[bool] = None) -> gluon.data.DataLoader:
     """Inference batches in list order (data, superpixels, labels over `classes`, name indices,
-    (h, w)) of shard (I, N) of the list."""
+    (h, w)) of shard (I, N) of the list; `pin_memory` as train_loader's."""
     dataset = InferDataset(image_root, superpixel_root, annotation_root, data_list,
                            image_size=image_size, batch_size=batch_size, shard=shard,
                            classes=classes)
     return gluon.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
-                                 last_batch="keep", num_workers=num_workers)
+                                 last_batch="keep", num_workers=num_workers,
+                                 pin_memory=_pin(pin_memory))

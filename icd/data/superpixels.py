@@ -246,17 +246,21 @@ def initial_regions(image: np.ndarray) -> np.ndarray:
     return felzenszwalb(np.asarray(image)[:, :, ::-1]) - 1
 
 
-def compute_superpixels(image: np.ndarray, features: np.ndarray,
+def compute_superpixels(image: np.ndarray, features,
                         max_regions: int = MAX_REGIONS) -> np.ndarray:
     """Superpixels of one image: Felzenszwalb then the greedy merge.
 
-    image: (H, W, 3) uint8 RGB; features: (H, W, D) per-pixel features of that image.
+    image: (H, W, 3) uint8 RGB; features: (H, W, D) per-pixel features of that image, or a
+    feature source with `region_means(image, labels)` (icd.data.features.Conv5Features, which
+    reduces them on its device).
     Returns (H, W) int32 ids 0..m-1, m <= max_regions.
     """
-    if features.shape[:2] != image.shape[:2]:
+    pooled = hasattr(features, "region_means")
+    if not pooled and features.shape[:2] != image.shape[:2]:
         raise ValueError(f"features are {features.shape[:2]} but the image is {image.shape[:2]}")
     labels = initial_regions(image)
-    mean_features, sizes = region_means(labels, features)
+    mean_features, sizes = features.region_means(image, labels) if pooled else \
+        region_means(labels, features)
     return greedy_merge(mean_features, sizes, max_regions)[labels]
 
 
@@ -271,18 +275,25 @@ def _init_worker(factory: Callable[[], FeatureFn]) -> None:
     _worker_feature_fn = factory()
 
 
+def _features(image: np.ndarray):
+    """The worker's features of `image`: per pixel, or a source that reduces them per region on
+    its device (`region_means`, icd.data.features)."""
+    source = _worker_feature_fn
+    return source if hasattr(source, "region_means") else source(image)
+
+
 def _process(job: Tuple[str, str, int, bool]) -> str:
     image_path, out_path, max_pixels, downscale = job
     image = read_image(image_path)
     h, w = image.shape[:2]
     if not max_pixels or h * w <= max_pixels:
-        ids = compute_superpixels(image, _worker_feature_fn(image))
+        ids = compute_superpixels(image, _features(image))
     elif downscale:
         # not the release: segment a copy with at most max_pixels pixels, map its ids back
         scale = math.sqrt(max_pixels / (h * w))
         size = (max(1, int(w * scale)), max(1, int(h * scale)))   # (W, H) for OpenCV
         small = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
-        ids = compute_superpixels(small, _worker_feature_fn(small))
+        ids = compute_superpixels(small, _features(small))
         ids = ids[(np.arange(h) * size[1]) // h][:, (np.arange(w) * size[0]) // w]
     else:
         raise ValueError(f"{image_path}: {w}x{h} is {h * w} pixels, above the --max-pixels "
