@@ -83,7 +83,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_config):
     good = checkpoint_path(cfg, 0)
     before = open(good, "rb").read()
     with pytest.raises(TrainingDiverged, match="last good checkpoint: .*vgg16_icd-0000.params"):
-        train(tiny_config(num_epoch=3, begin_epoch=1, learning_rate=1e12, allow_changes=True))
+        train(tiny_config(num_epoch=3, begin_epoch=1, learning_rate=1e30, allow_changes=True))
     assert open(good, "rb").read() == before
     assert not os.path.exists(checkpoint_path(cfg, 1))
     assert not [f for f in os.listdir(cfg.snapshot) if ".tmp" in f]
