@@ -43,7 +43,7 @@ from .checkpoint import load_checkpoint, write_imagenet_part
 from .devices import parse_devices
 from .config import Config, load_config
 from .data.classes import read_classes
-from .data.features import make_feature_factory
+from .features import make_feature_factory
 from .data.superpixels import make_superpixels
 from .data.synthetic import make_synthetic_voc
 from .data.voc import read_list

@@ -39,7 +39,8 @@ from .data.voc import IGNORE_LABEL, VOC_CLASSES, read_image, read_image_labels, 
     read_mask
 from .io import atomic_path, write_json
 from .provenance import require_complete, require_folder_classes, score_infer_size
-from .seeds import INFER_SIZE, load_image_scores, load_scores, map_images, resize_scores, \
+from .pool import map_images
+from .seeds import INFER_SIZE, load_image_scores, load_scores, resize_scores, \
     seed_from_scores
 
 SEG_CLASSES = segmentation_classes(VOC_CLASSES)   # VOC's 21 label names, the default

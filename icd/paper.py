@@ -44,7 +44,7 @@ import yaml
 
 from .checkpoint import load_checkpoint
 from .config import FIELDS, Config, find_config, load_config
-from .data.features import make_feature_factory
+from .features import make_feature_factory
 from .data.superpixels import make_superpixels
 from .data.voc import read_list
 from .devices import parse_devices

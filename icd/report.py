@@ -32,7 +32,7 @@ from scipy.stats import rankdata
 
 from .config import Config
 from .data.classes import segmentation_classes
-from .data.superpixels import MAX_REGIONS
+from .constants import MAX_REGIONS
 from .data.synthetic import MARKER_AREA
 from .data.transforms import SCALES
 from .data.voc import read_image_labels, read_list, read_mask

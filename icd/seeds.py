@@ -18,13 +18,11 @@ Seed values: class index + 1 on the foreground (the index in the dataset's class
 from __future__ import annotations
 
 import functools
-import multiprocessing
 import os
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, TypeVar
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
-from tqdm import tqdm
 
 from .crf import dense_crf
 from .data.voc import IGNORE_LABEL, NUM_CLASSES, VOC_CLASSES, check_exif_turn, read_image, \
@@ -32,6 +30,7 @@ from .data.voc import IGNORE_LABEL, NUM_CLASSES, VOC_CLASSES, check_exif_turn, r
 from .data.transforms import INFER_SIZE
 from .devices import shard_names
 from .io import require_finite
+from .pool import map_images
 from .provenance import producing, read_record, score_infer_size
 
 EPS = 1e-5                # release: every normaliser floor, proposal and tie tolerance
@@ -47,8 +46,6 @@ CRF_MIN_PROB = 0.1
 # Seed folders under <results>/seeds (release layout for crf and sal; nocrf is ours, Table 3).
 SEED_VARIANTS = ("crf", "sal", "nocrf")
 
-T = TypeVar("T")
-U = TypeVar("U")
 
 
 def resize_scores(scores: np.ndarray, image_size: Tuple[int, int],
@@ -284,29 +281,6 @@ def _seed_one(name: str, results_dir: str, image_root: str, annotation_root: str
         raise ValueError(f"{image_path}: {e}") from None
     write_mask(os.path.join(out_dir, name + ".png"), seed)
     return name
-
-
-def map_images(func: Callable[[U], T], names: Sequence[U], workers: int,
-               desc: str) -> Iterator[T]:
-    """Yield func(name) for every name (image names, or any picklable per-image items) with a
-    progress bar; in a `workers`-process pool (results unordered) when workers > 1. An error in
-    func propagates and stops the pool.
-
-    The pool's processes are spawned, not forked (a fork after MXNet's engine threads have
-    started can deadlock), so `func` must be picklable: a module-level function or a
-    functools.partial of one.
-    """
-    with tqdm(total=len(names), desc=desc, unit="img") as progress:
-        if workers <= 1 or len(names) <= 1:
-            for name in names:
-                yield func(name)
-                progress.update()
-        else:
-            context = multiprocessing.get_context("spawn")
-            with context.Pool(min(workers, len(names))) as pool:
-                for result in pool.imap_unordered(func, names, chunksize=4):
-                    yield result
-                    progress.update()
 
 
 def make_seeds(results_dir: str, image_root: str, annotation_root: str, data_list: str,

@@ -5,7 +5,7 @@ import pytest
 
 from icd.checkpoint import (PRETRAINED_COPIES, gather, initialize, is_imagenet_key,
                             load_checkpoint, read_params, save_checkpoint)
-from icd.data.features import conv5_feature_extractor, load_backbone
+from icd.features import conv5_feature_extractor, load_backbone
 from icd.model import ICDNet, build_model
 from icd.train import checkpoint_path, train
 

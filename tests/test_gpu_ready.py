@@ -22,7 +22,7 @@ from icd.checkpoint import gather, initialize, load_checkpoint, save_checkpoint
 from icd.commands import superpixels as superpixels_command
 from icd.data import superpixels as sp
 from icd.data.dataset import InferDataset, infer_loader, train_loader
-from icd.data.features import cell_shares, conv5_feature_extractor
+from icd.features import cell_shares, conv5_feature_extractor
 from icd.data.voc import read_image, read_list, write_image
 from icd.evaluate import overlay
 from icd.infer import OUTPUT_FOLDERS, infer

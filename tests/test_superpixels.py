@@ -10,7 +10,7 @@ import skimage.data
 from skimage.segmentation import felzenszwalb
 
 from icd.data import superpixels as sp
-from icd.data.features import colour_position_features
+from icd.data.superpixels import colour_position_features
 from icd.commands import superpixels
 from icd.data.voc import read_image, write_image
 

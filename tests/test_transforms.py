@@ -8,7 +8,8 @@ from scipy import ndimage
 
 from icd.data import transforms as T
 from icd.data.dataset import InferDataset, infer_loader, train_loader
-from icd.data.superpixels import NUM_SUPERPIXEL_IDS, make_superpixels, write_superpixels
+from icd.constants import NUM_SUPERPIXEL_IDS
+from icd.data.superpixels import make_superpixels, write_superpixels
 from icd.data.synthetic import make_synthetic_voc
 from icd.data.voc import read_image
 

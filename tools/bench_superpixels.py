@@ -15,7 +15,7 @@ import numpy as np
 import skimage.data
 from skimage.segmentation import felzenszwalb
 
-from icd.data.features import colour_position_features
+from icd.data.superpixels import colour_position_features
 from icd.data.superpixels import (FELZENSZWALB_MIN_SIZE, FELZENSZWALB_SCALE, FELZENSZWALB_SIGMA,
                                   greedy_merge, initial_regions, region_means)
 from icd.data.voc import read_image

@@ -15,7 +15,8 @@ from __future__ import annotations
 import argparse
 from typing import Optional, Sequence
 
-from ..data.superpixels import MAX_PIXELS, make_feature_factory, make_superpixels
+from ..data.superpixels import MAX_PIXELS, make_superpixels
+from ..features import make_feature_factory
 from ..config import load_config
 from .options import add_config_file, fill_from_config
 from ..devices import parse_devices

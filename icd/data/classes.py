@@ -15,6 +15,7 @@ from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..constants import IGNORE_LABEL
 from ..io import atomic_path
 
 VOC_CLASSES = (
@@ -23,7 +24,6 @@ VOC_CLASSES = (
     "train", "tvmonitor",
 )
 BACKGROUND = "background"
-IGNORE_LABEL = 255
 MAX_CLASSES = IGNORE_LABEL - 1   # ids 1..254 in an 8-bit label map; 255 means "ignore"
 IGNORE_COLOUR = (224, 224, 192)  # VOC's colour of 255
 GOLDEN_ANGLE = 0.381966          # hue step (1 - 1/phi of a turn): neighbours never look alike

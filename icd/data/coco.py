@@ -39,7 +39,7 @@ from PIL import Image
 from pycocotools import mask as coco_mask
 
 from ..io import atomic_path, read_json, write_json
-from ..seeds import map_images
+from ..pool import map_images
 from .classes import IGNORE_LABEL, check_classes, read_classes, write_classes
 from .voc import name_problem, write_annotation, write_mask
 

@@ -22,7 +22,8 @@ import numpy as np
 from mxnet import gluon
 
 from ..devices import shard_names
-from .superpixels import MAX_REGIONS, read_superpixels
+from ..constants import MAX_REGIONS
+from .superpixels import read_superpixels
 from .transforms import INFER_SIZE, TRAIN_SIZE, infer_transform, train_transform
 from .voc import VOC_CLASSES, check_exif_turn, multi_hot, read_image, read_image_labels, \
     read_list

@@ -37,18 +37,18 @@ Merge (release, section 8), defined precisely so that it is reproducible:
 from __future__ import annotations
 
 import math
-import multiprocessing
 import os
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
 import scipy.sparse
-from tqdm import tqdm
+from skimage.color import rgb2lab
 
 from ..devices import shard_names
+from ..constants import MAX_REGIONS
 from ..io import atomic_path
-from .features import FeatureFn, make_feature_factory
+from ..pool import map_images
 from .voc import read_image, read_list
 
 try:
@@ -58,8 +58,6 @@ except ImportError as e:
                       "`pip install -e .` (or `python setup.py build_ext --inplace`) in the "
                       "repository") from e
 
-MAX_REGIONS = 64
-NUM_SUPERPIXEL_IDS = MAX_REGIONS + 1  # ids 0..63 plus the pad id of the training crop
 
 # release: Felzenszwalb with k 75, sigma 0.8, min size 75 (section 8)
 FELZENSZWALB_SCALE = 75
@@ -71,6 +69,8 @@ _COSINE_EPS = 1e-12
 # Above this many pixels an image is refused (or, with downscale, segmented on a smaller copy):
 # Felzenszwalb keeps 4 edges of 12 bytes per pixel, the merge an (n, n) float64 matrix of the
 # n initial regions (~1 per 1000-1500 pixels of a photo: 4 Mpx -> ~3500 regions, 100 MB).
+FeatureFn = Callable[[np.ndarray], np.ndarray]
+"""(H, W, 3) uint8 RGB image -> (H, W, D) float32 per-pixel features."""
 MAX_PIXELS = 1 << 22   # 4,194,304: 2048x2048, VOC's and COCO's images are < 0.33 M
 
 
@@ -251,7 +251,7 @@ def compute_superpixels(image: np.ndarray, features,
     """Superpixels of one image: Felzenszwalb then the greedy merge.
 
     image: (H, W, 3) uint8 RGB; features: (H, W, D) per-pixel features of that image, or a
-    feature source with `region_means(image, labels)` (icd.data.features.Conv5Features, which
+    feature source with `region_means(image, labels)` (icd.features.Conv5Features, which
     reduces them on its device).
     Returns (H, W) int32 ids 0..m-1, m <= max_regions.
     """
@@ -267,6 +267,26 @@ def compute_superpixels(image: np.ndarray, features,
 # ----------------------------------------------------------------------------------------------
 # Folder driver
 # ----------------------------------------------------------------------------------------------
+def colour_position_features(image: np.ndarray) -> np.ndarray:
+    """Network-free per-pixel features: centred Lab colour and centred position.
+
+    image: (H, W, 3) uint8 RGB -> (H, W, 5) float32: L/100, a/128, b/128 minus their image
+    means, then x/W - 0.5 and y/H - 0.5. Centring makes the cosine of the merge compare
+    directions around the image's average instead of all features pointing the same way.
+    """
+    h, w = image.shape[:2]
+    lab = rgb2lab(image).astype(np.float32) / np.array([100, 128, 128], np.float32)
+    lab -= lab.reshape(-1, 3).mean(axis=0)
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    return np.concatenate([lab, (x / w - 0.5)[..., None], (y / h - 0.5)[..., None]], axis=-1)
+
+
+def colour_features() -> FeatureFn:
+    """The default feature factory (picklable, zero-argument): colour/position features. The
+    release's conv5_3 features of a checkpoint come from icd.features.make_feature_factory."""
+    return colour_position_features
+
+
 _worker_feature_fn: Optional[FeatureFn] = None
 
 
@@ -277,7 +297,7 @@ def _init_worker(factory: Callable[[], FeatureFn]) -> None:
 
 def _features(image: np.ndarray):
     """The worker's features of `image`: per pixel, or a source that reduces them per region on
-    its device (`region_means`, icd.data.features)."""
+    its device (`region_means`, icd.features)."""
     source = _worker_feature_fn
     return source if hasattr(source, "region_means") else source(image)
 
@@ -312,7 +332,7 @@ def make_superpixels(image_root: str, data_list: str, out: str,
     """Write `<out>/<name>.png` for every `<image_root>/<name>.jpg` of the list.
 
     feature_factory: zero-argument picklable callable building the FeatureFn (default: colour
-    features; see make_feature_factory). It is called once in each worker process (or once in
+    features; see icd.features.make_feature_factory). It is called once in each worker process (or once in
     this process when workers=0) and must be picklable: workers are spawned, not forked. A
     network extractor is thus built per worker and each worker holds its own copy of the
     network, so with a GPU extractor use workers=0 (or few).
@@ -322,7 +342,7 @@ def make_superpixels(image_root: str, data_list: str, out: str,
     limit) is an error naming it, or with `downscale` is segmented on a copy scaled down to
     `max_pixels` pixels (INTER_AREA) whose ids are mapped back by nearest neighbour.
     """
-    feature_factory = feature_factory or make_feature_factory(None)
+    feature_factory = feature_factory or colour_features
     names = shard_names(read_list(data_list), shard)
     jobs = []
     for name in names:
@@ -331,11 +351,5 @@ def make_superpixels(image_root: str, data_list: str, out: str,
             jobs.append((os.path.join(image_root, f"{name}.jpg"), out_path, max_pixels,
                          downscale))
     os.makedirs(out, exist_ok=True)
-    progress = dict(total=len(jobs), desc="superpixels", unit="img")
-    if workers <= 0:
-        _init_worker(feature_factory)
-        return [_process(job) for job in tqdm(jobs, **progress)]
-    # spawn: a fork after MXNet's engine threads have started can leave the workers deadlocked
-    with multiprocessing.get_context("spawn").Pool(workers, initializer=_init_worker,
-                                                   initargs=(feature_factory,)) as pool:
-        return list(tqdm(pool.imap(_process, jobs), **progress))
+    return list(map_images(_process, jobs, workers, "superpixels", initializer=_init_worker,
+                           initargs=(feature_factory,), ordered=True))

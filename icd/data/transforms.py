@@ -11,10 +11,10 @@ from typing import Tuple
 import cv2
 import numpy as np
 
-from .superpixels import NUM_SUPERPIXEL_IDS
+from ..constants import MEAN_VALUE, NUM_SUPERPIXEL_IDS
 
 SCALES = (0.5, 0.75, 1.0, 1.25, 1.5)  # release: random scale set
-PAD_VALUE = 127  # release: image pad value (also the mean the graph subtracts)
+PAD_VALUE = MEAN_VALUE  # release: images are padded with the mean the graph subtracts
 TRAIN_SIZE = 321  # release: training crop
 INFER_SIZE = 513  # release: inference size
 

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 from mxnet.gluon import HybridBlock, nn
 
+from ..constants import MEAN_VALUE
+
 # (block, number of convs, base channels, dilation) of vgg16_deeplab
 VGG16_BLOCKS = ((1, 2, 64, 1), (2, 2, 128, 1), (3, 3, 256, 1), (4, 3, 512, 1), (5, 3, 512, 2))
-MEAN_VALUE = 127.0  # release: a single scalar subtracted from every RGB channel, no std scaling
 
 
 def scaled(channels: int, width: float) -> int:

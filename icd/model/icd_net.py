@@ -11,6 +11,7 @@ import itertools
 from mxnet import init
 from mxnet.gluon import HybridBlock, nn
 
+from ..constants import NUM_SUPERPIXEL_IDS
 from . import ops  # noqa: F401  (registers the custom operators)
 from .backbone import VGG16DeepLab, pool5, scaled
 from .losses import BOTTOM_UP_VARIANTS, bottom_up_loss, multi_sigmoid_loss, top_down_loss
@@ -18,7 +19,6 @@ from .registry import register
 
 FEATURES = ("conv4", "conv5", "fc6", "concat")   # Table 5: features for the bottom-up estimation
 TOP_DOWN = ("a", "b", "c", "d")                   # Table 6: structures of the top-down branch
-NUM_SUPERPIXEL_IDS = 65                           # 64 merged regions + the crop's pad id
 LR_MULT_10 = ("fc8_weight", "fc8_bias", "conv_ft_weight")  # release: new classifier layers
 _share_keys = itertools.count()
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from ..data.voc import IGNORE_LABEL  # 255: object borders, undefined seeds, crop padding
+from ..constants import IGNORE_LABEL
 
 BOTTOM_UP_SCALE = 10.0    # release: ICD_BottomUp grad_scale
 SINGLE_CLASS_MAX = 1.001  # release: rows whose label sum >= 1.001 are multi-class

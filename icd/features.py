@@ -1,7 +1,8 @@
-"""Per-pixel features for the superpixel merge: conv5 of a checkpoint, or colour/position.
+"""Per-pixel features for the superpixel merge: conv5 of a checkpoint (or colour/position).
 
 release: region features are the ImageNet VGG16's conv5_3_relu at 513 input (section 8); the
-colour/position features are ours, for users without weights. A feature source is built by a
+colour/position features (`icd.data.superpixels.colour_position_features`) are ours, for
+users without weights. A feature source is built by a
 picklable zero-argument factory (`make_feature_factory`), once per worker process, on the run's
 devices (worker k of the pool on device k mod D).
 
@@ -21,14 +22,12 @@ from typing import Callable, Optional, Sequence, Tuple
 import mxnet as mx
 import numpy as np
 import scipy.sparse
-from skimage.color import rgb2lab
 
-from ..checkpoint import assign, read_params
-from ..devices import parse_context
-from ..model.backbone import MEAN_VALUE, VGG16DeepLab
-
-FeatureFn = Callable[[np.ndarray], np.ndarray]
-"""(H, W, 3) uint8 RGB image -> (H, W, D) float32 per-pixel features."""
+from .checkpoint import assign, read_params
+from .constants import MEAN_VALUE
+from .data.superpixels import FeatureFn, colour_position_features
+from .devices import parse_context
+from .model.backbone import VGG16DeepLab
 
 
 def load_backbone(path: str, ctx: mx.Context) -> VGG16DeepLab:
@@ -126,20 +125,6 @@ def conv5_feature_extractor(params_path: str, ctx: Optional[mx.Context] = None,
     """conv5_3_relu features of a VGG16 checkpoint, for superpixel merging (section 8): see
     Conv5Features."""
     return Conv5Features(params_path, ctx, input_size)
-
-
-def colour_position_features(image: np.ndarray) -> np.ndarray:
-    """Network-free per-pixel features: centred Lab colour and centred position.
-
-    image: (H, W, 3) uint8 RGB -> (H, W, 5) float32: L/100, a/128, b/128 minus their image
-    means, then x/W - 0.5 and y/H - 0.5. Centring makes the cosine of the merge compare
-    directions around the image's average instead of all features pointing the same way.
-    """
-    h, w = image.shape[:2]
-    lab = rgb2lab(image).astype(np.float32) / np.array([100, 128, 128], np.float32)
-    lab -= lab.reshape(-1, 3).mean(axis=0)
-    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
-    return np.concatenate([lab, (x / w - 0.5)[..., None], (y / h - 0.5)[..., None]], axis=-1)
 
 
 def build_feature_fn(pretrained: Optional[str] = None, ctx: Optional[mx.Context] = None
