@@ -34,7 +34,9 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10,<3.12",  # the pinned numpy 1.23 / matplotlib 3.10 bound it
-    packages=find_packages(include=["icd", "icd.*", "symbols", "symbols.*"]) + ["icd.experiments"],
+    # symbols/ (the release's graph written with mx.sym) is the tests' reference, not part of the
+    # library: it stays in the checkout (`python -m symbols.bundle` from its root)
+    packages=find_packages(include=["icd", "icd.*"]) + ["icd.experiments"],
     ext_modules=[FELZENSZWALB],
     # experiments/*.yaml ship as icd/experiments/ so that `--config NAME` works after a plain
     # `pip install .` (icd.config.find_config looks there)

@@ -98,10 +98,27 @@ def segmentation_step(batch: Dict[str, mx.nd.NDArray], ctx: mx.Context,
     return step
 
 
+def release_graph():
+    """(DATA_NAMES, get_symbol) of the release's graph, `symbols/icd_symbol.py` of a checkout
+    (the tests' reference, not installed with the library): the benchmark's reference rows need
+    a checkout."""
+    checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if os.path.isfile(os.path.join(checkout, "symbols", "icd_symbol.py")) and \
+            checkout not in sys.path:
+        sys.path.append(checkout)   # an editable install: the checkout the library runs from
+    try:
+        from symbols.icd_symbol import DATA_NAMES, get_symbol
+    except ImportError:
+        raise RuntimeError("the release's graph (symbols/ of the repository) is not importable: "
+                           "run the benchmark from a checkout (pip install -e)") from None
+    return DATA_NAMES, get_symbol
+
+
 def reference_step(batch: Dict[str, mx.nd.NDArray], ctx: mx.Context,
                    width: float = 1.0) -> Callable[[], None]:
-    """One synchronous training step of the release's graph through Module."""
-    from symbols.icd_symbol import DATA_NAMES, get_symbol
+    """One synchronous training step of the release's graph through Module (symbols/ of a
+    checkout: `release_graph`)."""
+    DATA_NAMES, get_symbol = release_graph()
 
     sym = get_symbol(batch["label"].shape[1], width, "train", warmup_iters=0)
     mod = mx.mod.Module(sym, data_names=DATA_NAMES, label_names=None, context=ctx)
@@ -172,7 +189,7 @@ def graph_macs(name: str, size: int, num_classes: int, width: float = 1.0) -> in
     shapes = {"data": (1, 3, size, size), "superpixel": (1, size, size),
               "label": (1, num_classes), "warm": (1,)}
     if name == "reference":
-        from symbols.icd_symbol import DATA_NAMES, get_symbol
+        DATA_NAMES, get_symbol = release_graph()
         sym = get_symbol(num_classes, width, "train")
         return count_macs(sym, {n: shapes[n] for n in DATA_NAMES})
     net = build_model(MODELS[name], num_classes=num_classes, width=width)

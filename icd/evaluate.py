@@ -34,12 +34,13 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from .data.classes import class_palette, segmentation_classes
+from .data.classes import segmentation_classes
 from .data.voc import IGNORE_LABEL, VOC_CLASSES, read_image, read_image_labels, read_list, \
     read_mask
 from .io import atomic_path, write_json
 from .provenance import require_complete, require_folder_classes, score_infer_size
 from .pool import map_images
+from .visualize import overlay
 from .seeds import INFER_SIZE, load_image_scores, load_scores, resize_scores, \
     seed_from_scores
 
@@ -348,14 +349,6 @@ def plot_class_ap(ap: Mapping[str, Mapping[str, object]], path: str) -> None:
     ax.set_ylabel("AP (%)")
     ax.legend()
     save_figure(fig, path)
-
-
-def overlay(image_rgb: np.ndarray, mask: np.ndarray, alpha: float = 0.5,
-            classes: Sequence[str] = VOC_CLASSES) -> np.ndarray:
-    """(H, W, 3) uint8 blend of an RGB image with the colours of a (H, W) mask's labels
-    (`class_palette` of the class list: VOC's colour map for VOC)."""
-    colours = class_palette(classes)[mask].astype(np.float32)
-    return (alpha * colours + (1 - alpha) * image_rgb).astype(np.uint8)
 
 
 def plot_seed_overlays(image_root: str, gt_root: str, seed_dirs: Mapping[str, str],

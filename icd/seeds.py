@@ -31,9 +31,9 @@ from .data.transforms import INFER_SIZE
 from .devices import shard_names
 from .io import require_finite
 from .pool import map_images
+from .scores import EPS, background_score, foreground_score
 from .provenance import producing, read_record, score_infer_size
 
-EPS = 1e-5                # release: every normaliser floor, proposal and tie tolerance
 SALIENCY_BG = 0.01        # release: saliency < 0.01 is background
 SALIENCY_MIN_FG = 0.01    # release: < 1% non-background pixels -> fall back to the ICD background
 # Dense CRF (release, section 7): C + 1 labels, the background and the C classes (VOC: 21)
@@ -67,25 +67,6 @@ def resize_scores(scores: np.ndarray, image_size: Tuple[int, int],
     resized = cv2.resize(hwk, (infer_size, infer_size), interpolation=cv2.INTER_LINEAR)
     resized = resized.reshape(infer_size, infer_size, k)[:height, :width]
     return np.ascontiguousarray(resized.transpose(2, 0, 1))
-
-
-def foreground_score(icd: np.ndarray) -> np.ndarray:
-    """Release: fg_score = max(icd, 0) / max(max_hw icd, 1e-5), per class.
-
-    Args: icd (K, H, W). Returns (K, H, W) in [0, 1].
-    """
-    peak = icd.reshape(icd.shape[0], -1).max(axis=1)[:, None, None]
-    return np.maximum(icd, 0) / np.maximum(peak, EPS)
-
-
-def background_score(icd: np.ndarray) -> np.ndarray:
-    """Release: min(icd, 0) / min(min_hw icd, -1e-5), per class: in [0, 1], 1 = most background.
-
-    This is minus the "normalised negative score" of the paper (Sec. 5.4): bg_score > T is the
-    paper's normalised negative score < -T. Args: icd (K, H, W). Returns (K, H, W).
-    """
-    trough = icd.reshape(icd.shape[0], -1).min(axis=1)[:, None, None]
-    return np.minimum(icd, 0) / np.minimum(trough, -EPS)
 
 
 def _stack_norm(x: np.ndarray) -> np.ndarray:

@@ -37,7 +37,8 @@ from .crf import dense_crf
 from .data.transforms import INFER_SIZE, PAD_VALUE
 from .data.voc import VOC_CLASSES, read_image, read_list, write_image
 from .devices import shard_names
-from .evaluate import evaluate_seeds, overlay
+from .evaluate import evaluate_seeds
+from .visualize import overlay
 from .io import atomic_path, write_json
 from .provenance import file_identity
 

@@ -62,13 +62,12 @@ from .data.classes import require_classes
 from .data.dataset import TrainLoader, train_loader
 from .data.segmentation import segmentation_loader
 from .data.voc import IGNORE_LABEL, write_image
-from .evaluate import overlay
 from .io import (deferred_interrupt, exclusive_lock, read_json, remove_stale_temporaries,
                  write_json)
 from .model import ICDNet, ResNet101LargeFOV, build_model, ops
 from .model.losses import nearest_label, segmentation_loss, top_down_warmup
 from .provenance import given_classes, require_complete, require_folder_classes
-from .visualize import score_panel
+from .visualize import overlay, score_panel
 
 log = logging.getLogger(__name__)
 

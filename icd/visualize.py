@@ -1,4 +1,5 @@
-"""Pictures of score maps: the training demo image and the inference demo sheets."""
+"""Pictures for people: score maps (the training demo image, the inference demo sheets) and label
+overlays. A low floor (numpy and OpenCV only): training, inference and evaluation draw with it."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -6,7 +7,8 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-from .seeds import background_score, foreground_score
+from .data.classes import VOC_CLASSES, class_palette
+from .scores import background_score, foreground_score
 
 
 def signed_heatmap(score: np.ndarray, size: Sequence[int]) -> np.ndarray:
@@ -27,3 +29,10 @@ def score_panel(image: np.ndarray, scores: Sequence[np.ndarray]) -> np.ndarray:
                        for s in scores]
     return np.concatenate(tiles, axis=1)
 
+
+def overlay(image_rgb: np.ndarray, mask: np.ndarray, alpha: float = 0.5,
+            classes: Sequence[str] = VOC_CLASSES) -> np.ndarray:
+    """(H, W, 3) uint8 blend of an RGB image with the colours of a (H, W) mask's labels
+    (`class_palette` of the class list: VOC's colour map for VOC)."""
+    colours = class_palette(classes)[mask].astype(np.float32)
+    return (alpha * colours + (1 - alpha) * image_rgb).astype(np.uint8)

@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny synthetic VOC-format dataset with superpixels, made once per session."""
 import os
 import signal
+import sys
 
 import pytest
 
@@ -9,6 +10,9 @@ from icd.data.superpixels import make_superpixels
 from icd.data.synthetic import make_synthetic_voc
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# symbols/ (the release's graph, our test reference) is not installed: the tests read it from the
+# checkout, whatever folder pytest was started from
+sys.path.insert(0, REPO)
 
 
 @pytest.fixture

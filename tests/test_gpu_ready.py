@@ -24,7 +24,7 @@ from icd.data import superpixels as sp
 from icd.data.dataset import InferDataset, infer_loader, train_loader
 from icd.features import cell_shares, conv5_feature_extractor
 from icd.data.voc import read_image, read_list, write_image
-from icd.evaluate import overlay
+from icd.visualize import overlay
 from icd.infer import OUTPUT_FOLDERS, infer
 from icd.model import build_model
 from icd.model.icd_net import ICDNet
