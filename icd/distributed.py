@@ -99,7 +99,7 @@ class Workers:
         """(num_workers, *value.shape) float32 on value's context: row r is worker r's `value`.
 
         Collective: every worker calls it with the same name and shape, in the same order. Exact:
-        the servers sum rows that are zero except the sender's.
+        the servers sum rows that are zero except the sender's. Synchronous.
         """
         if self.kv is None:
             return value.astype(np.float32).expand_dims(0)
@@ -114,6 +114,10 @@ class Workers:
         rows[self.rank] = value.astype(np.float32).as_in_context(mx.cpu())
         self.kv.push(key, rows)
         self.kv.pull(key, out=rows)
+        # complete on return: a worker that reads nothing of the result (rank > 0 saving the
+        # last checkpoint) and leaves would otherwise take its queued push with it, and rank 0
+        # would wait for it forever
+        rows.wait_to_read()
         return rows.as_in_context(value.context)
 
 

@@ -289,7 +289,8 @@ def test_two_worker_run_is_killed_resumes_and_finishes(tiny_voc, tmp_path):
                         num_epoch=12, image_size=64, num_save=20)
     env = environment()
     cmd = [sys.executable, LAUNCH, "-n", "2", "-s", "1", "--launcher", "local", "--"] + flags
-    first = os.path.join(snapshot, "vgg16_icd-0000.json")
+    # the loop writes a checkpoint's .states and run record first, its .params last
+    first = os.path.join(snapshot, "vgg16_icd-0000.params")
     last = os.path.join(snapshot, "vgg16_icd-0011.json")
     with started(cmd, env) as proc:
         deadline = time.time() + 300
@@ -299,7 +300,7 @@ def test_two_worker_run_is_killed_resumes_and_finishes(tiny_voc, tmp_path):
         os.killpg(proc.pid, signal.SIGKILL)   # the whole job, as a lost machine would
     assert not os.path.exists(last), "the job ended before it could be killed"
     done = [e for e in range(12) if os.path.exists(os.path.join(snapshot,
-                                                                f"vgg16_icd-{e:04d}.json"))]
+                                                                f"vgg16_icd-{e:04d}.params"))]
     status, out = run(cmd + [f"--begin-epoch={done[-1] + 1}", "--overwrite"], env)
     assert status == 0, out
     log = read_json(os.path.join(snapshot, "vgg16_icd-log.json"))

@@ -22,7 +22,7 @@ from icd.commands import superpixels as superpixels_command
 from icd.commands import train as train_command
 from icd.commands.options import fill_from_config
 from icd.io import write_json
-from icd.train import checkpoint_path
+from icd.train import checkpoint_path, last_complete_epoch
 
 from conftest import REPO
 
@@ -247,7 +247,7 @@ def test_icd_run_resumes_a_killed_training_and_reruns_only_what_a_seed_setting_c
     process.send_signal(signal.SIGKILL)
     process.wait()
     cfg = paper.PaperSettings(config, killed).training("icd")
-    done = paper.last_complete_epoch(cfg)
+    done = last_complete_epoch(cfg)
     assert 0 <= done < epochs - 1, "killed too late to test the resume"
     assert _actions(killed)["train_icd"] == "running"
     # rerun, no flag: training continues after the last complete checkpoint
