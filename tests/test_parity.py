@@ -129,6 +129,30 @@ def test_checker_cli_prints_noise_and_bound(small_bundle):
                         strict.stdout.strip().splitlines()[-1])
 
 
+def test_the_noise_includes_the_other_kernels_rounding(small_bundle, monkeypatch):
+    """The kernel replays run in a process under the named oneDNN cap and return every tensor of
+    the bundle; their movement from our own replay is part of each tensor's noise."""
+    import icd.parity as parity
+    sse41 = parity.replay_under_isa(small_bundle, 1, False, "SSE41")
+    ours = parity.replay(parity.read_bundle(small_bundle), [mx.cpu(0)])
+    assert sorted(sse41) == sorted(ours)
+    for key, value in ours.items():   # the same model: within float32 rounding of each other
+        assert np.abs(sse41[key] - value).max() <= 1e-3 * max(np.abs(value).max(), 1e-3), key
+    caps, name = [], "infer/cam"
+
+    def moved(folder, num_devices, free_running, isa):   # a kernel that rounds one tensor off
+        caps.append(isa)
+        shifted = dict(ours)
+        shifted[name] = ours[name] + 2 * NOISE_CAP * np.abs(ours[name]).max()
+        return shifted
+    monkeypatch.setattr(parity, "replay_under_isa", moved)
+    errors = {e.name: e for e in check_bundle(small_bundle, runs=0)}
+    assert caps == list(parity.KERNEL_CAPS)
+    assert not errors[name].judged and errors[name].noise > NOISE_CAP
+    assert all(e.noise == 0 for n, e in errors.items() if n != name)
+    assert check_bundle(small_bundle, runs=0, kernels=False)[0].noise == 0
+
+
 @pytest.mark.parametrize("factor", [0.01, 0.005])
 def test_checker_cli_fails_on_one_update_changed_by(factor, small_bundle, tmp_path):
     """The reference's step-1 update of icd_bu_weight made 1% / 0.5% larger: step 1 of that

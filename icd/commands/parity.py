@@ -3,13 +3,14 @@ r"""Check our Gluon ICDNet against a parity bundle recorded from the original re
 Example:
   icd-parity BUNDLE_DIR [--ctx cpu(0)[,cpu(1)]] [--strict] [--free-running]
 Teacher-forced: every step starts from the reference's state before it. Each step is also run
-from its start perturbed by 1e-7 (relative) with 3 different draws: a tensor's noise is the
-largest movement of our own result, and it is judged `error <= max(tolerance, 4 x noise)`; a
+from its start perturbed by 1e-7 (relative) with 3 different draws and, on CPU contexts, once
+under each of DNNL_MAX_CPU_ISA=SSE41 and AVX2 (other kernels' rounding, in subprocesses): a
+tensor's noise is the largest movement of our own result, and it is judged `error <= max(tolerance, 4 x noise)`; a
 tensor whose noise exceeds 1e-3 is unjudgeable (counted in the verdict line). Prints one line
 per tensor (error, tolerance, noise, bound, ok|FAIL|unjudgeable), then
 `parity: <n> tensors, <u> unjudgeable (noise > 0.001), worst <err> (bound <b>) at <name>: PASS|FAIL`.
-This replays the bundle 4 times: a full-width VGG16 bundle (2 steps, 32 px, batch 2) took 70 s
-(measured once, on 2 cores shared with other jobs); --strict replays it once and judges
+This replays the bundle 6 times: a full-width VGG16 bundle (2 steps, 32 px, batch 2) took 33 s
+(measured once, on 2 AVX-512 cores shared with other jobs); --strict replays it once and judges
 against the fixed tolerances (1e-4 outputs, 1e-3 updates) alone.
 --free-running replays all steps from the start instead (its noise includes the chaos of
 several steps: later updates are often unjudgeable).
