@@ -2,7 +2,7 @@
 from setuptools import Extension, find_packages, setup
 
 # Versions verified to install and import together on Python 3.11 from a clean venv
-# (ORIGINAL_RELEASE.md section 10). mxnet 1.9.1 needs numpy < 1.24 (np.bool).
+# (docs/release.md section 10). mxnet 1.9.1 needs numpy < 1.24 (np.bool).
 # MXNet itself is an extra so that a user picks exactly one build: [cpu] or [gpu] (CUDA 11.2).
 INSTALL_REQUIRES = [
     "numpy==1.23.5",
@@ -18,7 +18,7 @@ INSTALL_REQUIRES = [
     "pycocotools==2.0.11",   # COCO masks (icd-coco-to-voc); checked with numpy 1.23.5
 ]
 
-# The release's Felzenszwalb (ORIGINAL_RELEASE.md section 11) is float32 throughout: no fused
+# The release's Felzenszwalb (docs/release.md section 11) is float32 throughout: no fused
 # multiply-add may change a rounding, so the arithmetic matches the original code's.
 FELZENSZWALB = Extension(
     "icd.data._felzenszwalb",

@@ -1,7 +1,7 @@
 """The release's checkpoint format <-> Gluon parameters.
 
 A checkpoint is an `mx.nd.save` dict with `arg:<name>` for trainable parameters and `aux:<name>`
-for auxiliary states (ORIGINAL_RELEASE.md section 2). Our parameter names equal the release's
+for auxiliary states (docs/release.md section 2). Our parameter names equal the release's
 except BatchNorm's statistics, which Gluon calls running_* and the release moving_*.
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Evaluation of seeds and score maps: seed mIoU (Table 3), threshold study (Table 2),
 pixel-level AP (Table 1, Fig. 5), with JSON, markdown and figure reports.
 
-Definitions (ORIGINAL_RELEASE.md section 8 and the paper, Sec. 5.4):
+Definitions (docs/release.md section 8 and the paper, Sec. 5.4):
 
 Counts follow the dataset's class list (`icd.data.classes`, VOC's 20 by default): K = C + 1
 label ids, background 0 and class index + 1 (VOC: K = 21).

@@ -1,4 +1,4 @@
-"""Score maps of a trained model, in the release's result layout (ORIGINAL_RELEASE.md section 6).
+"""Score maps of a trained model, in the release's result layout (docs/release.md section 6).
 
 For each image with sorted present classes L, at feature resolution of the image padded to
 `infer_size`:

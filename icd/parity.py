@@ -9,7 +9,7 @@ from params.params): every parameter and aux state, the SGD momentum, the sign f
 store and the warm-up value of step k. Step k's outputs, and its changes of every parameter and
 aux state measured from that state, are compared with the reference's; the inference outputs
 come from the reference's final state. One step from the same state is what can be judged:
-several free-running steps of this model are chaotic (ORIGINAL_RELEASE.md section 11: the
+several free-running steps of this model are chaotic (docs/release.md section 11: the
 release perturbed by 1e-7 ends step 3 with parameter changes 10-25% off its own run, and CPUs
 round differently).
 
@@ -286,7 +286,7 @@ def build_from_params(params: Dict[str, np.ndarray], meta: dict, source: str,
 def fixed_gamma_keys(net: gluon.Block) -> List[str]:
     """Checkpoint keys of the BatchNorm gammas with fix_gamma: MXNet's BatchNorm writes 1 into
     them at every training forward, so after a step such a gamma is 1 + its momentum
-    (ORIGINAL_RELEASE.md section 11; our feat_bn does the same)."""
+    (docs/release.md section 11; our feat_bn does the same)."""
     keys = []
 
     def visit(block):

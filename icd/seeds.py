@@ -1,4 +1,4 @@
-"""Seeds (pseudo-masks) from CAM and ICD score maps: ORIGINAL_RELEASE.md section 7.
+"""Seeds (pseudo-masks) from CAM and ICD score maps: docs/release.md section 7.
 
 The release's `_generate_seed` is split into pieces that the evaluation reuses:
 

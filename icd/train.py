@@ -8,7 +8,7 @@ progress bar, the JSON log and a picture per epoch. A task (`Task`) supplies wha
 loader, how its model is initialised, one batch's forward and loss, its log figures and its
 picture; `TASKS` names the task of each model, and a model without one is refused.
 
-Release semantics (ORIGINAL_RELEASE.md section 4): SGD momentum 0.9, wd 5e-4, gradients summed
+Release semantics (docs/release.md section 4): SGD momentum 0.9, wd 5e-4, gradients summed
 over devices and rescaled by 1/batch_size, lr_mult/wd_mult set by the model, poly LR per epoch
 1e-3 (1 - e / E)^0.9 (per iteration for DeepLab, see `SegmentationTask`), the top-down warm-up
 over the first two epochs, a checkpoint pair `<model>-<epoch:04d>.params/.states` after every

@@ -190,7 +190,7 @@ def read_state(mod):
     What Module.get_params / save_params returns (each parameter and aux state averaged over the
     devices' copies), but read after ``mx.nd.waitall()`` from the executors themselves: MXNet
     1.9.1's BatchNorm updates its moving statistics in its backward, and get_params right after
-    update() was observed to return them from before that backward (ORIGINAL_RELEASE.md 11).
+    update() was observed to return them from before that backward (docs/release.md 11).
     """
     mx.nd.waitall()
     execs = mod._exec_group.execs

@@ -1,4 +1,4 @@
-"""The release's graph (ORIGINAL_RELEASE.md section 2) with ``mx.sym`` and the ``ref_`` custom ops.
+"""The release's graph (docs/release.md section 2) with ``mx.sym`` and the ``ref_`` custom ops.
 
 Inputs: ``data`` (N,3,H,W) RGB 0..255, ``superpixel`` (N,H,W) float ids, ``label`` (N,C) multi-hot.
 With ``width`` < 1 every convolution's channel count is ``max(1, int(round(base * width)))``

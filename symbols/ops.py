@@ -1,4 +1,5 @@
-"""The release's custom operators (ORIGINAL_RELEASE.md section 3), written as numpy ``mx.operator.CustomOp``.
+"""The release's custom operators (docs/release.md section 3), written as numpy
+``mx.operator.CustomOp``.
 
 Every operator is registered under an ``op_type`` prefixed ``ref_`` so it never clashes with the
 Gluon model's operators:
@@ -151,7 +152,7 @@ def top_down_grad(logits, refined, label, warm):
 # store into its own aux array and takes the sign from it, so after a batch device d's aux holds
 # the value it pulled right after its own push (earlier devices of the batch an older value), and
 # a checkpoint (Module.save_params) holds the average of the devices' aux arrays, not the store
-# (ORIGINAL_RELEASE.md section 11). For a class absent from its slice a device pushes its own aux
+# (docs/release.md section 11). For a class absent from its slice a device pushes its own aux
 # copy, so with several devices the store moves 10% toward that stale copy (section 3.2). Here
 # the store is this module-level dict, keyed by the operator's ``store_key``. The release creates it with zeros; here its entry is created from the
 # aux state of the first device that runs a training forward after ``reset_shared_store``, so that

@@ -27,7 +27,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # ---------------------------------------------------------------------------------------------
-# The release's graphs (ORIGINAL_RELEASE.md sections 2 and 12), written with mx.sym
+# The release's graphs (docs/release.md sections 2 and 12), written with mx.sym
 
 def release_backbone(x, width=1.0):
     """vgg16_deeplab: x - 127, conv1_1 .. conv5_3 (+ ReLU), pool1-4, pool5 max, pool5a avg

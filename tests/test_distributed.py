@@ -267,7 +267,7 @@ def test_two_workers_step_equals_one_worker_with_two_devices(tiny_voc, tmp_path)
               read_params(os.path.join(start, "vgg16_icd-0000.params")).items()}
     (ref, ref_record), (dist, dist_record) = result(tmp_path / "ref"), result(tmp_path / "dist")
     # feat_bn_gamma is ignored by the forward (fix_gamma), which writes 1 into the device's copy
-    # (ORIGINAL_RELEASE.md section 11): its stored value depends on where the update runs (the
+    # (docs/release.md section 11): its stored value depends on where the update runs (the
     # one-machine store's copy vs the workers' own), not on the training
     ignored = "arg:feat_bn_gamma"
     errors = compare({k: v for k, v in dist.items() if k != ignored},

@@ -11,7 +11,7 @@ from icd.model import CAMNet, ICDNet
 from icd.model import ops
 from icd.model.losses import top_down_warmup
 
-RELEASE_KEYS = {  # ORIGINAL_RELEASE.md section 2, full width, 20 classes
+RELEASE_KEYS = {  # docs/release.md section 2, full width, 20 classes
     **{f"arg:conv{b}_{i}_{t}": s for b, n, c_in, c in
        ((1, 2, 3, 64), (2, 2, 64, 128), (3, 3, 128, 256), (4, 3, 256, 512), (5, 3, 512, 512))
        for i in range(1, n + 1)

@@ -1,6 +1,6 @@
 """Our Gluon ICDNet against the release's graph (symbols/) through parity bundles, teacher-forced:
 every step is judged from the reference's state before it, so no test depends on how a chaotic
-multi-step trajectory is conditioned (ORIGINAL_RELEASE.md section 11)."""
+multi-step trajectory is conditioned (docs/release.md section 11)."""
 import os
 import re
 import subprocess

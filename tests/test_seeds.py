@@ -1,4 +1,4 @@
-"""Seeds (ORIGINAL_RELEASE.md section 7): the rule on hand-made maps, CRF, files, tools."""
+"""Seeds (docs/release.md section 7): the rule on hand-made maps, CRF, files, tools."""
 import os
 
 import cv2

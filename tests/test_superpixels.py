@@ -18,7 +18,7 @@ F32 = np.float32
 
 
 def reference_smooth(image, sigma):
-    """Step 1 of ORIGINAL_RELEASE.md section 11 in explicit float32 loops.
+    """Step 1 of docs/release.md section 11 in explicit float32 loops.
 
     Taps exp(-0.5 (i / sigma)^2), i = 0..ceil(4 sigma) (i / sigma and its square in float32, the
     exponential in double), normalised by 2 sum_{i>=1} m[i] + m[0]; along x then y, the border
@@ -75,7 +75,7 @@ def reference_edges(image, sigma):
 
 
 def reference_felzenszwalb(image, sigma, c, min_size, reverse_ties=False):
-    """Felzenszwalb as ORIGINAL_RELEASE.md section 11 states it, in explicit float32 loops.
+    """Felzenszwalb as docs/release.md section 11 states it, in explicit float32 loops.
 
     image: (H, W, 3) uint8 (channels in the order given). Equal-weight edges keep raster order
     (a stable sort), or reversed raster order with reverse_ties. Returns ids 1..n numbered in

@@ -1,5 +1,5 @@
 """The release's graph (symbols/): each custom op against hand-written numpy, the checkpoint
-listing, the optimiser semantics and the parity bundle format (ORIGINAL_RELEASE.md sections 2-4)."""
+listing, the optimiser semantics and the parity bundle format (docs/release.md sections 2-4)."""
 import json
 import os
 

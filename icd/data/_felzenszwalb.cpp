@@ -1,5 +1,5 @@
 // Felzenszwalb-Huttenlocher graph segmentation as the ICD release computes it
-// (ORIGINAL_RELEASE.md section 11, steps 1-5), written from that description.
+// (docs/release.md section 11, steps 1-5), written from that description.
 //
 // Every step is float32 like the original code; build with -ffp-contract=off so that no
 // multiply-add is fused (a fused rounding changes the smoothed values and so the edge order).
@@ -206,7 +206,7 @@ PyMethodDef methods[] = {
     {"segment", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(py_segment)),
      METH_VARARGS | METH_KEYWORDS,
      "segment(image, out, sigma, c, min_size) -> n: Felzenszwalb ids 1..n of an (H, W, 3) uint8 "
-     "image written into out, (H, W) int32 (ORIGINAL_RELEASE.md section 11)."},
+     "image written into out, (H, W) int32 (docs/release.md section 11)."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module = {PyModuleDef_HEAD_INIT, "_felzenszwalb",

@@ -3,7 +3,7 @@
 A class list is data, not code: a text file with one class name per line, in the order of the
 label ids (line k holds class id k; the background is implicit and always id 0), like the
 `classes.txt` that `icd-coco-to-voc` and `icd-synthetic` write. PASCAL VOC's 20 classes (the
-release's, ORIGINAL_RELEASE.md section 1) are the default wherever no list is given. Everything
+release's, docs/release.md section 1) are the default wherever no list is given. Everything
 that counts classes follows the list: image labels (class index = line - 1), `num_cls`, seeds
 and label maps (class index + 1), the CRF's C + 1 labels, evaluation over C + 1 classes, palettes.
 """

@@ -1,6 +1,6 @@
 """PASCAL VOC helpers: list files, image-level labels from XML, label PNGs.
 
-Formats follow ORIGINAL_RELEASE.md section 1: multi-hot float32 labels over a class list (VOC's 20
+Formats follow docs/release.md section 1: multi-hot float32 labels over a class list (VOC's 20
 classes in VOC order by default; any list of `icd.data.classes`).
 Label maps (ground truth, seeds) hold class ids, 255 meaning "ignore". We write them as the
 release writes seeds (section 11: `cv2.imwrite` of an (h, w) uint8 array): single-channel 8-bit

@@ -1,4 +1,4 @@
-"""VGG16-DeepLab backbone (ORIGINAL_RELEASE.md section 2) as a HybridBlock.
+"""VGG16-DeepLab backbone (docs/release.md section 2) as a HybridBlock.
 
 conv1..conv4 blocks of 3x3 convolutions + ReLU with 3x3/2 max pooling (pad 1, 'valid' convention),
 pool4 with stride 1, conv5 with dilation 2, so a 321x321 input gives 41x41 feature maps (513 -> 65).

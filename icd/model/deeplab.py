@@ -1,6 +1,6 @@
 """DeepLab segmentation networks trained on the seeds (paper Tables 7-8).
 
-- `vgg16_largefov`, `vgg16_aspp`: the release's graphs (ORIGINAL_RELEASE.md section 12; the release
+- `vgg16_largefov`, `vgg16_aspp`: the release's graphs (docs/release.md section 12; the release
   never shipped their training code) on the VGG16-DeepLab backbone of section 2, parameter names
   equal to the release's symbol names, so `icd.checkpoint` moves them by name.
 - `resnet101_largefov`: DeepLab-LargeFOV on gluoncv's dilated ResNetV1b-101 (output stride 8), so

@@ -1,6 +1,6 @@
 """ICDNet: CAM head + bottom-up + sign flip + superpixel refinement + top-down (paper Fig. 2).
 
-Parameter names equal the release's checkpoint keys (ORIGINAL_RELEASE.md section 2), so a
+Parameter names equal the release's checkpoint keys (docs/release.md section 2), so a
 checkpoint moves between the release and this model by name (see icd.checkpoint).
 """
 from __future__ import annotations

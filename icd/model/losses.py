@@ -1,7 +1,7 @@
 """Losses of the ICD framework as Gluon-symbolic functions with the release's exact gradients.
 
 Each function returns a scalar whose gradient equals what the release's loss operator writes
-(ORIGINAL_RELEASE.md section 3): the release's operators produce gradients, not loss values, so
+(docs/release.md section 3): the release's operators produce gradients, not loss values, so
 where the two differ we build a surrogate `sum(BlockGrad(grad) * x)` whose derivative is `grad`.
 All gradients are sums over the batch; the trainer's rescale 1/batch_size does the rest (sec. 4).
 """
