@@ -64,7 +64,7 @@ from .data.segmentation import segmentation_loader
 from .data.voc import IGNORE_LABEL, write_image
 from .io import (deferred_interrupt, exclusive_lock, read_json, remove_stale_temporaries,
                  write_json)
-from .model import ICDNet, ResNet101LargeFOV, build_model, ops
+from .model import ICDNet, ResNet101LargeFOV, build_model, named_losses, ops
 from .model.losses import nearest_label, segmentation_loss, top_down_warmup
 from .provenance import given_classes, require_complete, require_folder_classes
 from .visualize import overlay, score_panel
@@ -492,9 +492,9 @@ class ICDTask(Task):
     one sign-flip moving mean in a store shared by them. Figures: the release's L_cam, L_td,
     label recall and the range of the bottom-up scores S."""
     input_names = ("data", "superpixel", "label")
-    sums = ("cam_loss", "td_loss", "recall")
+    losses = ("cam_loss", "td_loss")   # by the networks' loss names (model.named_losses)
+    sums = losses + ("recall",)
     ranges = ("icd",)
-    losses = ("cam_loss", "td_loss")
 
     def __init__(self, cfg: Config):
         super().__init__(cfg)
@@ -549,17 +549,20 @@ class ICDTask(Task):
         return {"warm": self.warm}
 
     def forward(self, net, inputs):
-        return dict(zip(net.output_names, net(*[inputs[n] for n in net.input_names])))
+        out = dict(zip(net.output_names, net(*[inputs[n] for n in net.input_names])))
+        out["losses"] = named_losses(net, out["loss"])
+        return out
 
     def measure(self, figures, outputs, inputs):
         ctx = figures.ctx
         for out, device in zip(outputs, inputs):
             label = device["label"]
-            loss = out["loss"].as_in_context(ctx)
             prob = mx.nd.sigmoid(out["cam"].mean(axis=(2, 3))).as_in_context(ctx)  # (n, C)
-            td = loss[2:3] if loss.shape[0] == 3 else mx.nd.zeros((1,), ctx=ctx)
             recall = label_recall(prob, label.as_in_context(ctx)).sum()
-            figures.sums += mx.nd.concat(loss[0:1], td, recall, dim=0)
+            # a loss the network does not have (L_td of the CAM-only baseline) counts as 0
+            losses = [out["losses"][name].as_in_context(ctx) if name in out["losses"]
+                      else mx.nd.zeros((1,), ctx=ctx) for name in self.losses]
+            figures.sums += mx.nd.concat(*losses, recall, dim=0)
             if "icd_bu" in out:   # reduced on its own device, only two numbers move
                 s = out["icd_bu"]
                 figures.low = mx.nd.minimum(figures.low, s.min().as_in_context(ctx))

@@ -71,7 +71,10 @@ def test_training_step_keeps_every_array_on_its_device(tiny_config):
         figures = Figures(task, DEVICES[0])
         inputs, outputs = step(batch, figures)
         for ctx, device_inputs, device_outputs in zip(DEVICES, inputs, outputs):
-            for name, array in {**device_inputs, **device_outputs}.items():
+            losses = device_outputs.pop("losses")
+            arrays = {**device_inputs, **device_outputs, **losses}
+            assert {"cam_loss", "bu_loss", "td_loss"} <= set(arrays)   # the named losses too
+            for name, array in arrays.items():
                 assert array.context == ctx, name
             assert device_inputs["data"].dtype == np.float32   # the loader's uint8, cast here
         for name, param in net.collect_params().items():

@@ -7,7 +7,7 @@ import pytest
 from mxnet import autograd
 
 from icd.checkpoint import release_keys
-from icd.model import CAMNet, ICDNet
+from icd.model import CAMNet, ICDNet, named_losses
 from icd.model import ops
 from icd.model.losses import top_down_warmup
 
@@ -122,22 +122,36 @@ def test_superpixel_pool_matches_reference_and_fixed_bound():
 
 
 def test_losses_route_gradients_like_the_release():
+    """Each named loss (named_losses) reaches the parameters the release's operator of that
+    name reaches: the names are the values' own, not an order to remember."""
     net = small_net()
     x = mx.nd.random.uniform(0, 255, (2, 3, 48, 48))
     sp = mx.nd.array(np.random.RandomState(1).randint(0, 9, (2, 48, 48)))
     y = mx.nd.array([[1, 0, 0, 0], [0, 1, 1, 0]])
     grads = {}
-    for part in range(3):   # backward through one loss at a time
+    assert net.loss_names == ("cam_loss", "bu_loss", "td_loss")
+    for name in net.loss_names:   # backward through one loss at a time
         with autograd.record():
-            loss = net(x, sp, y, mx.nd.array([1.0]))[-1][part]
+            loss = named_losses(net, net(x, sp, y, mx.nd.array([1.0]))[-1])[name]
         loss.backward()
-        grads[part] = {n: p.grad().abs().sum().asscalar()
+        grads[name] = {n: p.grad().abs().sum().asscalar()
                        for n, p in net.collect_params().items() if p.grad_req != "null"}
     # L_bu reaches only the directional vectors; L_cam and L_td never reach them
-    assert [n for n, g in grads[1].items() if g > 0] == ["icd_bu_weight"]
-    assert grads[0]["icd_bu_weight"] == 0 and grads[2]["icd_bu_weight"] == 0
-    assert grads[0]["conv_ft_weight"] == 0 and grads[2]["fc8_weight"] == 0
-    assert grads[2]["conv1_1_weight"] > 0 and grads[0]["conv1_1_weight"] > 0
+    assert [n for n, g in grads["bu_loss"].items() if g > 0] == ["icd_bu_weight"]
+    assert grads["cam_loss"]["icd_bu_weight"] == 0 and grads["td_loss"]["icd_bu_weight"] == 0
+    assert grads["cam_loss"]["conv_ft_weight"] == 0 and grads["td_loss"]["fc8_weight"] == 0
+    assert grads["td_loss"]["conv1_1_weight"] > 0 and grads["cam_loss"]["conv1_1_weight"] > 0
+
+
+def test_the_cam_only_network_names_its_one_loss():
+    net = CAMNet(num_classes=4, width=0.125, dropout=0.0)
+    net.initialize(mx.init.Xavier(magnitude=2))
+    x_cam, loss = net(mx.nd.random.uniform(0, 255, (2, 3, 32, 32)),
+                      mx.nd.array([[1, 0, 0, 0], [0, 1, 1, 0]]))
+    assert list(named_losses(net, loss)) == ["cam_loss"]
+    assert named_losses(net, loss)["cam_loss"].asscalar() == loss.asscalar()
+    with pytest.raises(ValueError, match=r"CAMNet: 3 loss values for the names \('cam_loss',\)"):
+        named_losses(net, mx.nd.zeros((3,)))
 
 
 @pytest.mark.parametrize("option", [dict(bottom_up_features=f) for f in

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import functools
 import itertools
+from typing import Dict
 
+import mxnet as mx
 from mxnet import init
 from mxnet.gluon import HybridBlock, nn
 
@@ -32,6 +34,7 @@ class CAMNet(HybridBlock):
     """
     input_names = ("data", "label")
     output_names = ("cam", "loss")
+    loss_names = ("cam_loss",)   # the entries of the `loss` output, in order (`named_losses`)
 
     def __init__(self, num_classes: int = 20, width: float = 1.0, dropout: float = 0.5,
                  batch_norm: bool = False, prefix: str = "", **kwargs):
@@ -78,6 +81,7 @@ class ICDNet(CAMNet):
     """
     input_names = ("data", "superpixel", "label", "warm")
     output_names = ("cam", "icd_bu", "icd_bu_sp", "icd_td", "loss")
+    loss_names = ("cam_loss", "bu_loss", "td_loss")   # L_cam, L_bu surrogate, L_td
 
     def __init__(self, num_classes: int = 20, width: float = 1.0, dropout: float = 0.5,
                  bottom_up_features: str = "conv5", bottom_up_variant: str = "bu",
@@ -161,6 +165,15 @@ class ICDNet(CAMNet):
                            self.bottom_up_variant),
             top_down_loss(F, S_adapted, S_refined, label, warm), dim=0)
         return x_cam, S, S_refined, S_adapted, losses
+
+
+def named_losses(net: CAMNet, loss: mx.nd.NDArray) -> Dict[str, mx.nd.NDArray]:
+    """The `loss` output of `net` by name (`net.loss_names`): name -> (1,) NDArray. A hybridized
+    network returns tensors, so the names are attached here, outside the graph."""
+    if loss.shape[0] != len(net.loss_names):
+        raise ValueError(f"{type(net).__name__}: {loss.shape[0]} loss values for the names "
+                         f"{net.loss_names}")
+    return {name: loss[i:i + 1] for i, name in enumerate(net.loss_names)}
 
 
 register("vgg16_icd", ICDNet)
