@@ -217,7 +217,7 @@ def read_config_file(path: str, _including: Tuple[str, ...] = ()) -> Dict[str, A
     return values
 
 
-def _checked(name: str, value: Any) -> Any:
+def _as_field_type(name: str, value: Any) -> Any:
     """`value` converted to the field's type; ValueError("<problem>") if it cannot be."""
     kind, optional = _TYPES[name]
     if value is None:
@@ -286,7 +286,7 @@ def load_config(path: Optional[str] = None, **overrides: Any) -> Config:
 
     for name, value in values.items():
         try:
-            values[name] = _checked(name, value)
+            values[name] = _as_field_type(name, value)
         except ValueError as e:
             raise ValueError(f"{where(name)}: {e}") from None
     num_classes = len(read_classes(values.get("classes")))
@@ -301,8 +301,8 @@ def load_config(path: Optional[str] = None, **overrides: Any) -> Config:
 
 
 def _flag_type(name: str):
-    """argparse type of a field's flag: its type and range (`_checked`); '' gives None where
-    None is allowed."""
+    """argparse type of a field's flag: its type and range (`_as_field_type`); '' gives None
+    where None is allowed."""
     kind, optional = _TYPES[name]
 
     def parse(text: str):
@@ -314,7 +314,7 @@ def _flag_type(name: str):
             raise argparse.ArgumentTypeError(
                 f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
         try:
-            value = _checked(name, value)
+            value = _as_field_type(name, value)
         except ValueError as e:
             raise argparse.ArgumentTypeError(str(e)) from None
         if name in POSITIVE_FLAGS and value < 1:

@@ -42,7 +42,6 @@ from .visualize import overlay
 from .io import atomic_path, write_json
 from .provenance import file_identity
 
-MULTI_SCALES = (0.75, 1.0, 1.25)   # the usual multi-scale test set (Config `scales`)
 # With `canvas_step` 64, canvas sides above the inference size come in steps of 64 (513, 577,
 # 641, ...: all 8k + 1 like 513, so the stride-8 output grid keeps its alignment) and multi-scale
 # or COCO-sized inputs meet a few input shapes instead of one per image size (each new shape

@@ -747,7 +747,7 @@ def _train(cfg: Config, task: Task, contexts: List[mx.Context],
                 epoch_figures.add(batch_figures)
                 if (i + 1) % log_every == 0:
                     dist.reduce_figures(workers, figures)
-                    now = _checked(task, figures.read(), epoch, iteration, cfg)
+                    now = _stop_if_diverged(task, figures.read(), epoch, iteration, cfg)
                     log.info("epoch %d batch %d lr %.3g %s", epoch, i + 1, lr, " ".join(
                         f"{k} {v:.4g}" for k, v in {**task.schedule(), **now}.items()
                         if v is not None))
@@ -755,7 +755,7 @@ def _train(cfg: Config, task: Task, contexts: List[mx.Context],
                     figures.reset()
             bar.close()
             dist.reduce_figures(workers, epoch_figures)
-            done = _checked(task, epoch_figures.read(), epoch, iteration, cfg)
+            done = _stop_if_diverged(task, epoch_figures.read(), epoch, iteration, cfg)
             records.append(dict(epoch=epoch, run=run["run"], lr=epoch_lr, **task.schedule(),
                                 seconds=time.time() - started, **done))
             with deferred_interrupt():   # the checkpoint's files, rotation and log go together
@@ -799,8 +799,8 @@ def _interrupted_message(cfg: Config, epoch: int, saved_epoch: int) -> str:
             f"resume with --begin-epoch {saved_epoch + 1} and otherwise the same flags")
 
 
-def _checked(task: Task, figures: Dict[str, Optional[float]], epoch: int, iteration: int,
-             cfg: Config) -> Dict[str, Optional[float]]:
+def _stop_if_diverged(task: Task, figures: Dict[str, Optional[float]], epoch: int,
+                      iteration: int, cfg: Config) -> Dict[str, Optional[float]]:
     """Stop on a NaN/infinite loss, naming where and which checkpoint is the last good one."""
     if not all(math.isfinite(figures[k]) for k in task.losses):
         last = checkpoint_path(cfg, epoch - 1) if epoch > 0 else "none (first epoch)"
