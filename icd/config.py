@@ -75,13 +75,12 @@ class Config:
 
     @property
     def model_options(self) -> Dict[str, Any]:
-        """Keyword arguments of the model constructor."""
-        options = dict(num_classes=self.num_cls, width=self.width, dropout=self.dropout)
-        if self.model == "vgg16_icd":
-            options.update(bottom_up_features=self.bottom_up_features,
-                           bottom_up_variant=self.bottom_up_loss,
-                           top_down_structure=self.top_down)
-        return options
+        """Keyword arguments of the model constructor: the fields its registration names
+        (icd.model.registry.model_options)."""
+        # imported here: the models register themselves when icd.model loads MXNet, which
+        # reading a config must not need
+        from .model.registry import model_options
+        return model_options(self.model, self)
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}

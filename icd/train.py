@@ -6,7 +6,7 @@ The loop (`train`) is written once: devices, the Trainer with the model's lr_mul
 poly LR, run records, checkpoints and their rotation, exact resume, the NaN stop, Ctrl-C, the
 progress bar, the JSON log and a picture per epoch. A task (`Task`) supplies what differs: its
 loader, how its model is initialised, one batch's forward and loss, its log figures and its
-picture; `TASKS` names the task of each model, and a model without one is refused.
+picture; a model's registration names its task (`TASKS`), and a model without one is refused.
 
 Release semantics (docs/release.md section 4): SGD momentum 0.9, wd 5e-4, gradients summed
 over devices and rescaled by 1/batch_size, lr_mult/wd_mult set by the model, poly LR per epoch
@@ -64,7 +64,8 @@ from .data.segmentation import segmentation_loader
 from .data.voc import IGNORE_LABEL, write_image
 from .io import (deferred_interrupt, exclusive_lock, read_json, remove_stale_temporaries,
                  write_json)
-from .model import ICDNet, ResNet101LargeFOV, build_model, named_losses, ops
+from .model import (ICDNet, ResNet101LargeFOV, build_model, model_spec, models_of, named_losses,
+                    ops)
 from .model.losses import nearest_label, segmentation_loss, top_down_warmup
 from .provenance import given_classes, require_complete, require_folder_classes
 from .visualize import overlay, score_panel
@@ -636,19 +637,18 @@ class SegmentationTask(Task):
                                overlay(image, pred, classes=classes)], axis=1)
 
 
-# Which task trains each registered model (a model without one is refused by `train`).
-TASKS: Dict[str, Type[Task]] = {
-    "vgg16_icd": ICDTask, "vgg16_cam": ICDTask, "vgg16_bn_cam": ICDTask,
-    "vgg16_largefov": SegmentationTask, "vgg16_aspp": SegmentationTask,
-    "resnet101_largefov": SegmentationTask}
+# The tasks by the name a model's registration gives (icd.model.register(..., task=...)).
+TASKS: Dict[str, Type[Task]] = {"icd": ICDTask, "segmentation": SegmentationTask}
 
 
 def task_for(cfg: Config) -> Task:
     """The task that trains `cfg.model`; ValueError naming the models that can be trained."""
-    if cfg.model not in TASKS:
+    task = model_spec(cfg.model).task
+    if task not in TASKS:
+        trainable = sorted(m for t in TASKS for m in models_of(t))
         raise ValueError(f"model {cfg.model!r} cannot be trained: no training task for it "
-                         f"(trainable: {', '.join(sorted(TASKS))})")
-    return TASKS[cfg.model](cfg)
+                         f"(trainable: {', '.join(trainable)})")
+    return TASKS[task](cfg)
 
 
 def _demo_path(cfg: Config, epoch: int) -> str:

@@ -16,7 +16,7 @@ from icd.checkpoint import read_params
 from icd.data.synthetic import DEFAULT_CLASSES
 from icd.devices import parse_devices
 from icd.infer import OUTPUT_FOLDERS, infer
-from icd.model import MODELS, register
+from icd.model import MODELS, CAMNet, register
 from icd.train import TrainingDiverged, TrainingInterrupted, checkpoint_path, poly_lr, train
 
 from conftest import REPO
@@ -134,6 +134,25 @@ def test_a_model_without_a_training_task_is_refused(tiny_config):
             train(tiny_config(model="untrainable_test_net"))
     finally:
         MODELS.pop("untrainable_test_net")
+
+
+def test_a_model_registered_in_one_call_is_trained_by_name(tiny_config):
+    """A new network is one registration: its task and the Config fields its constructor takes
+    (here dropout under another keyword) come with it; no other file names it."""
+    made = []
+
+    def toy(num_classes, width, dropout, drop_rate):
+        made.append(drop_rate)
+        return CAMNet(num_classes=num_classes, width=width, dropout=drop_rate)
+    register("toy_cam_test_net", toy, task="icd", options=dict(drop_rate="dropout"))
+    try:
+        cfg = tiny_config(model="toy_cam_test_net", num_epoch=1, dropout=0.25)
+        assert cfg.model_options == dict(num_classes=cfg.num_cls, width=cfg.width,
+                                          dropout=0.25, drop_rate=0.25)
+        records = train(cfg)["records"]
+        assert made == [0.25] and len(records) == 1 and np.isfinite(records[0]["cam_loss"])
+    finally:
+        MODELS.pop("toy_cam_test_net")
 
 
 def test_cli_resumes_after_being_killed_mid_epoch(tiny_voc, tmp_path):

@@ -20,10 +20,10 @@ from typing import Optional, Sequence
 
 from ..checkpoint import load_checkpoint
 from ..data.classes import dataset_classes
-from ..model import build_model
+from ..model import build_model, model_spec
 from ..provenance import producing, require_checkpoint_classes
 from ..segment import CANVAS_STEP, evaluate_predictions, segment, segment_settings
-from ..train import TASKS, SegmentationTask, checkpoint_path
+from ..train import checkpoint_path
 from .options import add_config_arguments, config_from, devices_for
 from .runner import Parser, non_negative_int, positive_int, run, shard
 
@@ -66,7 +66,7 @@ def _infer_seg(args: argparse.Namespace) -> int:
     cfg = config_from(args, data=("image_root",))
     if args.gt_root:
         dataset_classes(cfg.classes, args.gt_root)
-    if TASKS.get(cfg.model) is not SegmentationTask:
+    if model_spec(cfg.model).task != "segmentation":
         raise ValueError(f"--model: {cfg.model} is not a segmentation model; icd-infer writes "
                          f"the ICD models' score maps")
     params = args.params or checkpoint_path(

@@ -15,7 +15,8 @@ from __future__ import annotations
 import argparse
 from typing import Optional, Sequence
 
-from ..train import TASKS, SegmentationTask, TrainingDiverged
+from ..model import model_spec, models_of
+from ..train import TrainingDiverged
 from .options import add_config_arguments, config_from
 from .runner import Parser, run
 from .train import EXIT_DIVERGED, add_resume_argument, checked_train
@@ -33,9 +34,9 @@ def build_parser() -> Parser:
 
 def _train_seg(args: argparse.Namespace) -> int:
     cfg = config_from(args, data=("image_root", "label_root"))
-    if TASKS.get(cfg.model) is not SegmentationTask:
+    if model_spec(cfg.model).task != "segmentation":
         raise ValueError(f"--model: {cfg.model} is not a segmentation model (one of "
-                         f"{', '.join(m for m, t in TASKS.items() if t is SegmentationTask)}); "
+                         f"{', '.join(models_of('segmentation'))}); "
                          f"icd-train trains the ICD models")
     return checked_train(cfg, args.resume)
 

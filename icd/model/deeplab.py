@@ -223,6 +223,6 @@ def resnet101_largefov(num_classes: int = 20, width: float = 1.0, dropout: float
     return ResNet101LargeFOV(num_classes, dropout, frozen_bn)
 
 
-register("vgg16_largefov", vgg16_largefov)
-register("vgg16_aspp", vgg16_aspp)
-register("resnet101_largefov", resnet101_largefov)
+register("vgg16_largefov", vgg16_largefov, task="segmentation")
+register("vgg16_aspp", vgg16_aspp, task="segmentation")
+register("resnet101_largefov", resnet101_largefov, task="segmentation")

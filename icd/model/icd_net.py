@@ -176,6 +176,9 @@ def named_losses(net: CAMNet, loss: mx.nd.NDArray) -> Dict[str, mx.nd.NDArray]:
     return {name: loss[i:i + 1] for i, name in enumerate(net.loss_names)}
 
 
-register("vgg16_icd", ICDNet)
-register("vgg16_cam", CAMNet)
-register("vgg16_bn_cam", functools.partial(CAMNet, batch_norm=True))
+# the ablations of Tables 4-6 are options of vgg16_icd (constructor keyword -> Config field)
+register("vgg16_icd", ICDNet, task="icd", options=dict(
+    bottom_up_features="bottom_up_features", bottom_up_variant="bottom_up_loss",
+    top_down_structure="top_down"))
+register("vgg16_cam", CAMNet, task="icd")
+register("vgg16_bn_cam", functools.partial(CAMNet, batch_norm=True), task="icd")

@@ -1,27 +1,63 @@
 """One registry of the model families, by the name users give as `--model` (timm-style).
 
-Each family module registers its constructors (`icd_net`: vgg16_icd, vgg16_cam; `deeplab`:
-vgg16_largefov, vgg16_aspp, resnet101_largefov); `build_model` serves them all.
+Each family module registers its constructors (`icd_net`: vgg16_icd, vgg16_cam, vgg16_bn_cam;
+`deeplab`: vgg16_largefov, vgg16_aspp, resnet101_largefov) with what the rest of the project
+needs to know of them: the task that trains them (`icd.train.TASKS` by this name: "icd" for
+image-level labels, "segmentation" for DeepLab on label maps) and the Config fields their
+constructor takes beyond the common ones; `build_model` serves them all.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Mapping, Optional
 
 from mxnet.gluon import HybridBlock
 
-MODELS: Dict[str, Callable[..., HybridBlock]] = {}
+# constructor keyword -> Config field, for every model
+COMMON_OPTIONS = {"num_classes": "num_cls", "width": "width", "dropout": "dropout"}
 
 
-def register(name: str, constructor: Callable[..., HybridBlock]) -> Callable[..., HybridBlock]:
-    """Make `constructor` available as `build_model(name, ...)`; a name is registered once."""
+@dataclass(frozen=True)
+class ModelSpec:
+    """A registered model: its constructor, the task that trains it (None: not trainable) and
+    its own options (constructor keyword -> Config field, beyond COMMON_OPTIONS)."""
+    constructor: Callable[..., HybridBlock]
+    task: Optional[str] = None
+    options: Mapping[str, str] = field(default_factory=dict)
+
+
+MODELS: Dict[str, ModelSpec] = {}
+
+
+def register(name: str, constructor: Callable[..., HybridBlock], task: Optional[str] = None,
+             options: Optional[Mapping[str, str]] = None) -> Callable[..., HybridBlock]:
+    """Make `constructor` available as `build_model(name, ...)`, trained by `task`, taking the
+    Config fields `options` (keyword -> field); a name is registered once."""
     if name in MODELS:
         raise ValueError(f"model {name!r} is already registered")
-    MODELS[name] = constructor
+    MODELS[name] = ModelSpec(constructor, task, dict(options or {}))
     return constructor
+
+
+def model_spec(name: str) -> ModelSpec:
+    """The registration of `name`; ValueError naming the registered models."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; available: {sorted(MODELS)}")
+    return MODELS[name]
+
+
+def models_of(task: str) -> List[str]:
+    """The registered models that `task` trains, sorted."""
+    return sorted(name for name, spec in MODELS.items() if spec.task == task)
+
+
+def model_options(name: str, settings: Any) -> Dict[str, Any]:
+    """The constructor's keyword arguments from `settings` (a Config): COMMON_OPTIONS and the
+    model's own."""
+    fields = {**COMMON_OPTIONS, **model_spec(name).options}
+    return {keyword: getattr(settings, f) for keyword, f in fields.items()}
 
 
 def build_model(name: str = "vgg16_icd", **kwargs) -> HybridBlock:
     """Construct a registered model by the release's name (`--model`)."""
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; available: {sorted(MODELS)}")
-    return MODELS[name](**kwargs)
+    return model_spec(name).constructor(**kwargs)
