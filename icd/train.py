@@ -64,8 +64,7 @@ from .data.segmentation import segmentation_loader
 from .data.voc import IGNORE_LABEL, write_image
 from .io import (deferred_interrupt, exclusive_lock, read_json, remove_stale_temporaries,
                  write_json)
-from .model import (ICDNet, ResNet101LargeFOV, build_model, model_spec, models_of, named_losses,
-                    ops)
+from .model import ICDNet, build_model, model_spec, models_of, named_losses, ops
 from .model.losses import nearest_label, segmentation_loss, top_down_warmup
 from .provenance import given_classes, require_complete, require_folder_classes
 from .visualize import overlay, score_panel
@@ -437,8 +436,15 @@ class Task(abc.ABC):
         block I of every global batch of N x cfg.batch_size (EpochShuffleSampler)."""
 
     def initialize(self, net: gluon.HybridBlock, contexts: List[mx.Context]) -> None:
-        """Initialise a fresh run's parameters on `contexts`."""
-        initialize(net, contexts, self.cfg.pretrained)
+        """Initialise a fresh run's parameters on `contexts`: a network that brings its own
+        ImageNet weights says so with an `initialize_imagenet(contexts, pretrained)` method
+        (ResNet101LargeFOV: gluoncv's); the others take `vgg16_20M.params` by name and the rest
+        by suffix (icd.checkpoint.initialize)."""
+        own = getattr(net, "initialize_imagenet", None)
+        if own is not None:
+            own(contexts, pretrained=self.cfg.pretrained or False)
+        else:
+            initialize(net, contexts, self.cfg.pretrained)
 
     def start(self, net: gluon.HybridBlock, contexts: List[mx.Context],
               record: Optional[dict], workers: dist.Workers) -> None:
@@ -603,12 +609,6 @@ class SegmentationTask(Task):
                                    crop_size=cfg.image_size, batch_size=cfg.batch_size,
                                    num_classes=cfg.num_cls, num_workers=cfg.num_workers,
                                    seed=cfg.seed, shard=shard)
-
-    def initialize(self, net, contexts):
-        if isinstance(net, ResNet101LargeFOV):   # gluoncv's ImageNet weights, not the release's
-            net.initialize_imagenet(contexts, pretrained=self.cfg.pretrained or False)
-        else:                      # vgg16_20M.params by name, the rest by suffix (new_parameter)
-            super().initialize(net, contexts)
 
     def forward(self, net, inputs):
         score = net(inputs["data"])
