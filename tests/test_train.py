@@ -17,7 +17,8 @@ from icd.data.synthetic import DEFAULT_CLASSES
 from icd.devices import parse_devices
 from icd.infer import OUTPUT_FOLDERS, infer
 from icd.model import MODELS, CAMNet, register
-from icd.train import TrainingDiverged, TrainingInterrupted, checkpoint_path, poly_lr, train
+from icd.train import (TrainingDiverged, TrainingInterrupted, checkpoint_path, poly_lr, task_for,
+                       train)
 
 from conftest import REPO
 
@@ -153,6 +154,19 @@ def test_a_model_registered_in_one_call_is_trained_by_name(tiny_config):
         assert made == [0.25] and len(records) == 1 and np.isfinite(records[0]["cam_loss"])
     finally:
         MODELS.pop("toy_cam_test_net")
+
+
+def test_a_network_with_its_own_imagenet_weights_initialises_itself(tiny_config):
+    calls = []
+
+    class OwnWeights(CAMNet):
+        def initialize_imagenet(self, contexts, pretrained):
+            calls.append((contexts, pretrained))
+            self.initialize(ctx=contexts)
+    cfg = tiny_config(model="vgg16_cam", pretrained="imagenet.params")
+    net = OwnWeights(num_classes=cfg.num_cls, width=cfg.width)
+    task_for(cfg).initialize(net, [mx.cpu(0)])   # not read as vgg16_20M.params (no such file)
+    assert calls == [([mx.cpu(0)], "imagenet.params")]
 
 
 def test_cli_resumes_after_being_killed_mid_epoch(tiny_voc, tmp_path):
