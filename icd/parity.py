@@ -21,7 +21,8 @@ KERNEL_CAPS (other kernels, other rounding: a bundle recorded on another CPU dif
 much, and a threshold within it is not always crossed by the perturbed draws: measured, a
 full-width bundle recorded under SSE4.1 moved fc7_ft_weight's step-1 change by 1.4e-2 on an
 AVX-512 CPU whose 8 perturbed draws moved it by at most 6.9e-4); a tensor's noise is the
-largest movement of our own result, on the scale of its error, and it is judged `error <= max(tolerance, NOISE_FACTOR x noise)`. A tensor
+largest movement of our own result, on the scale of its error, and it is judged
+`error <= max(tolerance, NOISE_FACTOR x noise)`. A tensor
 whose noise exceeds NOISE_CAP (a threshold of the step, a ReLU, mask or argmax, lies within
 rounding of the start) is reported unjudgeable and counted in the verdict line; every judged
 tensor has a bound of at most NOISE_FACTOR x NOISE_CAP = 4e-3, so an error of 0.5% in any
