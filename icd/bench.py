@@ -25,6 +25,7 @@ import mxnet as mx
 import numpy as np
 from mxnet import autograd
 
+from . import amp
 from .checkpoint import gather, initialize
 from .config import Config
 from .data.dataset import default_workers, train_loader
@@ -35,6 +36,7 @@ from .model import build_model
 from .train import SegmentationTask, make_trainer
 
 NETWORKS = ("icd", "cam", "reference", "infer", "deeplab")
+AMP_NETWORKS = ("icd", "infer")   # timed again in the low precision of `run(amp=...)`
 MODELS = {"icd": "vgg16_icd", "cam": "vgg16_cam", "infer": "vgg16_icd",
           "deeplab": "vgg16_largefov"}
 _LAYERS = ("Convolution", "Pooling", "Activation", "Dropout", "Concat", "BatchNorm",
@@ -204,13 +206,16 @@ def custom_and_loss_share(step: Callable[[], None], repeats: int = 2) -> float:
     holding none of the network's layers (convolution, pooling, activation, dropout, concat,
     BatchNorm) nor the optimizer update, over all operator time.
     """
-    mx.profiler.set_config(profile_all=True, aggregate_stats=True, continuous_dump=False,
-                           filename=os.devnull)
-    mx.profiler.set_state("run")
-    for _ in range(repeats):
-        step()
-    mx.profiler.set_state("stop")
-    table = json.loads(mx.profiler.dumps(reset=True, format="json")).get("Time", {})
+    # the trace file goes to a folder of our own: MXNet's profiler deletes and recreates its
+    # file, which for os.devnull run as root removed the machine's /dev/null
+    with tempfile.TemporaryDirectory(prefix="icd-profile-") as folder:
+        mx.profiler.set_config(profile_all=True, aggregate_stats=True, continuous_dump=False,
+                               filename=os.path.join(folder, "profile.json"))
+        mx.profiler.set_state("run")
+        for _ in range(repeats):
+            step()
+        mx.profiler.set_state("stop")
+        table = json.loads(mx.profiler.dumps(reset=True, format="json")).get("Time", {})
     custom = sum(s["Total"] for s in table.get("Custom Operator", {}).values())
     operators = table.get("operator", {})
     losses = sum(s["Total"] for name, s in operators.items()
@@ -263,12 +268,13 @@ def loader_throughput(size: int, batch: int, workers: Optional[int] = None,
 
 
 def peak_memory_mb(name: str, ctx: str, size: int, infer_size: int, batch: int, width: float,
-                   num_classes: int) -> Dict[str, float]:
+                   num_classes: int, precision: str = "off") -> Dict[str, float]:
     """Peak resident memory (VmHWM) of a child process that builds one network and runs two
-    steps, and its growth over the same process just before the first step (MiB; Linux); on a
-    GPU also the device memory in use after the steps (MXNet's pool keeps the step's peak)."""
-    code = ("import json; from icd import bench; from icd.devices import parse_context;"
-            f"ctx = parse_context({ctx!r});"
+    steps in `precision` (icd.amp), and its growth over the same process just before the first
+    step (MiB; Linux); on a GPU also the device memory in use after the steps (MXNet's pool
+    keeps the step's peak)."""
+    code = ("import json; from icd import amp, bench; from icd.devices import parse_context;"
+            f"ctx = parse_context({ctx!r}); amp.enable({precision!r}, [ctx]);"
             f"step = bench.build_step({name!r}, ctx, {size}, {infer_size}, "
             f"{batch}, {width}, {num_classes});"
             "before = bench.high_water_mb(); step(); step();"
@@ -298,24 +304,50 @@ def high_water_mb() -> float:
     raise OSError("VmHWM not in /proc/self/status (the memory figures need Linux)")
 
 
+def build_steps(ctx: mx.Context, size: int, infer_size: int, batch: int, width: float,
+                num_classes: int, precision: str = "off") -> Dict[str, Callable[[], None]]:
+    """Every network's step, run once (the warm-up); with a low `precision` also AMP_NETWORKS'
+    in it, named <network>_<precision>.
+
+    One process times both precisions, interleaved: amp.init (icd.amp.enable) changes only the
+    graphs traced after it, so the float32 networks are built and run once before it (a
+    hybridized network keeps the graph of its first call) and the low-precision ones after.
+    """
+    steps = {name: build_step(name, ctx, size, infer_size, batch, width, num_classes)
+             for name in NETWORKS}
+    if precision != "off":
+        for step in steps.values():
+            step()
+        amp.enable(precision, [ctx])
+        steps.update({f"{name}_{precision}": build_step(name, ctx, size, infer_size, batch,
+                                                         width, num_classes)
+                      for name in AMP_NETWORKS})
+    return steps
+
+
 def run(ctx: mx.Context, ctx_text: str, size: int = 321, infer_size: int = 513, batch: int = 2,
         width: float = 1.0, num_classes: int = 20, repeats: int = 5,
         memory: bool = True, loader_workers: Optional[int] = None,
-        loader_size: int = 400) -> Dict[str, object]:
-    """The whole benchmark; returns the JSON-ready report."""
-    steps = {name: build_step(name, ctx, size, infer_size, batch, width, num_classes)
-             for name in NETWORKS}
+        loader_size: int = 400, precision: str = "off") -> Dict[str, object]:
+    """The whole benchmark; returns the JSON-ready report. `precision` bf16 / fp16 adds the
+    ICD training step and inference in it (icd.amp), with their ratios to float32's."""
+    steps = build_steps(ctx, size, infer_size, batch, width, num_classes, precision)
     times = time_steps(steps, repeats)
     report = {"context": ctx_text, "size": size, "infer_size": infer_size, "batch": batch,
-              "width": width, "num_classes": num_classes, "repeats": repeats, "networks": {}}
+              "width": width, "num_classes": num_classes, "repeats": repeats, "amp": precision,
+              "networks": {}}
     for name, samples in times.items():
-        images = 1 if name == "infer" else batch
+        network = name.split("_")[0]
+        images = 1 if network == "infer" else batch
         report["networks"][name] = {
             "step_seconds_median": statistics.median(samples), "step_seconds": samples,
             "images_per_s": images / statistics.median(samples),
-            "macs_per_image": graph_macs(name, infer_size if name == "infer" else size,
+            "macs_per_image": graph_macs(network, infer_size if network == "infer" else size,
                                          num_classes, width)}
     net = report["networks"]
+    for name in AMP_NETWORKS if precision != "off" else ():
+        report[f"{name}_float32_over_{precision}_time"] = net[name]["step_seconds_median"] / \
+            net[f"{name}_{precision}"]["step_seconds_median"]
     report["icd_over_cam_time"] = net["icd"]["step_seconds_median"] / \
         net["cam"]["step_seconds_median"]
     report["icd_over_cam_macs"] = net["icd"]["macs_per_image"] / net["cam"]["macs_per_image"]
@@ -331,7 +363,8 @@ def run(ctx: mx.Context, ctx_text: str, size: int = 321, infer_size: int = 513, 
     report["loader_over_icd_step"] = report["loader"]["images_per_s"] / \
         net["icd"]["images_per_s"]
     if memory:
-        for name in NETWORKS:
-            net[name].update(peak_memory_mb(name, ctx_text, size, infer_size, batch, width,
-                                            num_classes))
+        for name in net:
+            network, _, low = name.partition("_")
+            net[name].update(peak_memory_mb(network, ctx_text, size, infer_size, batch, width,
+                                            num_classes, low or "off"))
     return report

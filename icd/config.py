@@ -51,6 +51,7 @@ class Config:
     gpus: str = ""
     cpus: int = 0
     kvstore: str = "device"               # dist_device_sync: several machines (icd-launch)
+    amp: str = "off"                      # mixed precision (icd.amp): off = float32 (parity)
     num_workers: int = os.cpu_count() or 1   # loader processes: one per core
     seed: int = 0
     snapshot: str = "./snapshot/icd"
@@ -133,6 +134,8 @@ HELP = {
     "kvstore": "gradient aggregation: device (the release's) or local on one machine; "
                "dist_device_sync / dist_sync_device (the same) or dist_sync on several, started "
                "by icd-launch (README: Training on several machines)",
+    "amp": "mixed precision: off = float32 (the release's; parity), bf16 on CPUs with "
+           "avx512_bf16 or AMX, fp16 on GPUs (README: Mixed precision)",
     "num_workers": "data-loader processes, 0 = load in the main process (default: one per "
                    "core)",
     "seed": "random seed of initialisation, shuffling and augmentation",

@@ -28,6 +28,7 @@ import mxnet as mx
 import numpy as np
 from tqdm import tqdm
 
+from . import amp
 from .checkpoint import load_checkpoint
 from .config import Config
 from .data.dataset import infer_loader
@@ -55,7 +56,7 @@ def infer_settings(cfg: Config, params: str) -> Dict[str, object]:
             "checkpoint": file_identity(params), "epoch": int(epoch.group(1)) if epoch else None,
             "infer_size": cfg.infer_size, "image_root": os.path.abspath(cfg.image_root),
             "superpixel_root": os.path.abspath(cfg.superpixel_root),
-            "classes": list(cfg.class_names)}
+            "classes": list(cfg.class_names), "amp": cfg.amp}
 
 
 def infer(cfg: Config, params: str, out_dir: str, contexts: Sequence[mx.Context],
@@ -68,6 +69,7 @@ def infer(cfg: Config, params: str, out_dir: str, contexts: Sequence[mx.Context]
     another class list than cfg's; a failure leaves the folders marked failed.
     """
     require_checkpoint_classes(params, cfg.class_names)   # its scores' class order
+    amp.enable(cfg.amp, contexts)
     net = build_model(cfg.model, **cfg.model_options)
     load_checkpoint(net, params, contexts)
     net.hybridize(static_alloc=True)
@@ -92,7 +94,9 @@ def _queue(net, batch, contexts: Sequence[mx.Context]) -> Tuple[list, List[dict]
     parts = split_batch({"data": data, "superpixel": superpixel, "label": label}, contexts)
     for part in parts:
         part["warm"] = mx.nd.ones((1,), ctx=part["data"].context)
-    outputs = [dict(zip(net.output_names, net(*[part[n] for n in net.input_names])))
+    # float32 score maps whatever the precision (--amp: a convolution's output is low precision)
+    outputs = [{name: out.astype("float32", copy=False) for name, out in
+                zip(net.output_names, net(*[part[n] for n in net.input_names]))}
                for part in parts]
     return batch, outputs
 

@@ -287,4 +287,4 @@ def segment_settings(cfg: Config, params: str) -> Dict[str, object]:
     return {"model": cfg.model, "model_options": cfg.model_options,
             "checkpoint": file_identity(params), "scales": list(cfg.scales), "flip": cfg.flip,
             "crf": cfg.crf, "infer_size": cfg.infer_size, "classes": list(cfg.class_names),
-            "image_root": os.path.abspath(cfg.image_root)}
+            "image_root": os.path.abspath(cfg.image_root), "amp": cfg.amp}

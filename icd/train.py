@@ -54,7 +54,7 @@ import numpy as np
 from mxnet import autograd, gluon
 from tqdm import tqdm
 
-from . import distributed as dist
+from . import amp, distributed as dist
 from .checkpoint import initialize, load_checkpoint, load_states, save_checkpoint, save_states
 from .devices import parse_devices, split_batch
 from .config import Config
@@ -214,6 +214,7 @@ RESUME_FREE = (
     "pretrained",                           # initialises epoch 0 only; a resume loads the
                                             # checkpoint
     "classes",                              # the file's path; its names are compared apart
+    "amp",                                  # precision may change between epochs (icd.amp)
     "gpus", "cpus", "batch_size", "kvstore",   # compared for the whole job as `devices`
                                             # (kind and number: the batch split follows it) and
                                             # `batch` (x the workers): one machine with two
@@ -696,6 +697,7 @@ def _train(cfg: Config, task: Task, contexts: List[mx.Context],
     log_every = cfg.log_frequency or max(num_images // (batch_size * 20), 5)
     num_devices = len(contexts) * workers.num_workers   # of the job
 
+    amp.enable(cfg.amp, contexts)   # before the network is built (amp.init)
     net = build_model(cfg.model, **cfg.model_options)
     run = start_run(cfg, workers.num_workers) if workers.rank == 0 else None
     workers.barrier()   # the others read the folder once rank 0 has checked and cleaned it
@@ -707,8 +709,9 @@ def _train(cfg: Config, task: Task, contexts: List[mx.Context],
     else:
         task.initialize(net, contexts)
     net.hybridize(static_alloc=True, static_shape=True)
-    trainer = make_trainer(net, cfg.learning_rate, cfg.momentum, cfg.wd, cfg.optimizer,
-                           workers.trainer_kvstore)
+    trainer = amp.prepare_trainer(make_trainer(net, cfg.learning_rate, cfg.momentum, cfg.wd,
+                                               cfg.optimizer, workers.trainer_kvstore),
+                                  cfg.amp, run["record"])
     if cfg.begin_epoch > 0:
         load_states(trainer, checkpoint_path(cfg, cfg.begin_epoch - 1, "states"))
     saved_epoch = cfg.begin_epoch - 1
@@ -738,7 +741,7 @@ def _train(cfg: Config, task: Task, contexts: List[mx.Context],
                 inputs = task.inputs(batch, contexts, iteration)
                 with autograd.record():
                     outputs = [task.forward(net, device) for device in inputs]
-                autograd.backward([out["loss"] for out in outputs])
+                amp.backward([out["loss"] for out in outputs], trainer)
                 trainer.step(batch_size)
                 task.after_step()
                 batch_figures = Figures(task, contexts[0])
@@ -749,7 +752,8 @@ def _train(cfg: Config, task: Task, contexts: List[mx.Context],
                     dist.reduce_figures(workers, figures)
                     now = _stop_if_diverged(task, figures.read(), epoch, iteration, cfg)
                     log.info("epoch %d batch %d lr %.3g %s", epoch, i + 1, lr, " ".join(
-                        f"{k} {v:.4g}" for k, v in {**task.schedule(), **now}.items()
+                        f"{k} {v:.4g}" for k, v in {**task.schedule(), **now,
+                                                    **amp.trainer_state(trainer)}.items()
                         if v is not None))
                     bar.set_postfix({k: f"{now[k]:.3g}" for k in task.sums + ("images_per_s",)})
                     figures.reset()
@@ -757,7 +761,8 @@ def _train(cfg: Config, task: Task, contexts: List[mx.Context],
             dist.reduce_figures(workers, epoch_figures)
             done = _stop_if_diverged(task, epoch_figures.read(), epoch, iteration, cfg)
             records.append(dict(epoch=epoch, run=run["run"], lr=epoch_lr, **task.schedule(),
-                                seconds=time.time() - started, **done))
+                                seconds=time.time() - started, **done, amp=cfg.amp,
+                                **amp.trainer_state(trainer)))
             with deferred_interrupt():   # the checkpoint's files, rotation and log go together
                 if workers.rank == 0:
                     write_image(_demo_path(cfg, epoch), task.picture(inputs[0], outputs[0]))
@@ -771,6 +776,7 @@ def _train(cfg: Config, task: Task, contexts: List[mx.Context],
                         run=run["run"], epoch=epoch, seed=cfg.seed,
                         generators="reseeded at each epoch start from (seed, epoch)",
                         **task.run_record(), device_states=states,
+                        amp=amp.trainer_state(trainer) or None,
                         classes=list(cfg.class_names), previous_run=run.get("previous_run"),
                         workers=workers.num_workers,
                         config=dataclasses.asdict(cfg)))

@@ -3,6 +3,7 @@ r"""Benchmark a training step (ICD, CAM-only, the release's graph) and inference
 Examples:
   icd-bench --out bench_step.json            (full width, 321 crops, batch 2)
   icd-bench --ctx gpu(0)
+  icd-bench --amp bf16                       (adds the ICD step and inference in bfloat16)
 A benchmark, not a test: quote the ratios, which hold across machines better than the seconds.
 """
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 from typing import Optional, Sequence
 
+from ..amp import PRECISIONS, supported_precisions
 from ..bench import run as bench_run
 from ..devices import parse_context
 from ..io import write_json
@@ -33,14 +35,22 @@ def build_parser() -> Parser:
                         help="side of the synthetic JPEGs the loader decodes (VOC: ~500x375)")
     parser.add_argument("--no-memory", action="store_true",
                         help="skip the per-network child processes that measure peak memory")
+    parser.add_argument("--amp", choices=PRECISIONS, default="off",
+                        help="also time the ICD training step and inference in this precision "
+                             "(icd.amp); which ones the device supports is printed first")
     parser.add_argument("--out", default="bench_step.json", help="JSON report")
     return parser
 
 
 def _bench(args: argparse.Namespace) -> int:
-    report = bench_run(parse_context(args.ctx), args.ctx, args.size, args.infer_size, args.batch,
+    ctx = parse_context(args.ctx)
+    for precision, reason in supported_precisions([ctx]).items():
+        print(f"--amp {precision}: " + (f"not supported: {reason}" if reason else
+                                        f"supported on {args.ctx}"))
+    report = bench_run(ctx, args.ctx, args.size, args.infer_size, args.batch,
                        args.width, repeats=args.repeats, memory=not args.no_memory,
-                       loader_workers=args.loader_workers, loader_size=args.loader_size)
+                       loader_workers=args.loader_workers, loader_size=args.loader_size,
+                       precision=args.amp)
     for name, figures in report["networks"].items():
         print(f"{name:>10s}: {figures['step_seconds_median']:.3f} s/step "
               f"{figures['images_per_s']:.2f} img/s {figures['macs_per_image'] / 1e9:.1f} GMAC/img"
@@ -54,6 +64,9 @@ def _bench(args: argparse.Namespace) -> int:
           f"{report['reference_custom_and_loss_share']:.3f})")
     print(f"DeepLab-LargeFOV/CAM time {report['deeplab_over_cam_time']:.3f} vs MACs "
           f"{report['deeplab_over_cam_macs']:.3f}")
+    for name in ("icd", "infer") if args.amp != "off" else ():
+        print(f"{name} float32/{args.amp} time "
+              f"{report[f'{name}_float32_over_{args.amp}_time']:.2f}x")
     loader = report["loader"]
     print(f"loader: {loader['images_per_s']:.1f} img/s with {loader['workers']} workers "
           f"({loader['bytes_per_batch'] / 2 ** 20:.2f} MiB per batch), "

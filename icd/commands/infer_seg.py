@@ -18,6 +18,7 @@ import logging
 import os
 from typing import Optional, Sequence
 
+from .. import amp
 from ..checkpoint import load_checkpoint
 from ..data.classes import dataset_classes
 from ..model import build_model, model_spec
@@ -76,6 +77,7 @@ def _infer_seg(args: argparse.Namespace) -> int:
     require_checkpoint_classes(params, cfg.class_names)
     if args.canvas_step == 0:   # one input shape per image size: no autotune for each of them
         os.environ.setdefault("MXNET_CUDNN_AUTOTUNE_DEFAULT", "0")
+    amp.enable(cfg.amp, contexts)
     net = build_model(cfg.model, **cfg.model_options)
     load_checkpoint(net, params, contexts)
     net.hybridize(static_alloc=True)

@@ -7,6 +7,7 @@ from typing import Any, Callable, List, Mapping, Optional, Sequence
 
 import mxnet as mx
 
+from ..amp import PRECISIONS
 from ..config import FIELDS, Config, add_arguments, find_config, load_config
 from ..data.classes import dataset_classes
 from ..devices import parse_devices
@@ -19,7 +20,7 @@ from ..train import OPTIMIZERS
 
 CHOICES = {"model": tuple(MODELS), "bottom_up_features": FEATURES,
            "bottom_up_loss": BOTTOM_UP_VARIANTS, "top_down": TOP_DOWN, "optimizer": OPTIMIZERS,
-           "kvstore": KVSTORES}
+           "kvstore": KVSTORES, "amp": PRECISIONS}
 
 
 # The Config fields each command uses (its --help lists only these; a YAML may hold the rest).
@@ -32,11 +33,11 @@ COMMAND_FIELDS = {
                    + ("label_root",)),
     "infer": ("image_root", "annotation_root", "superpixel_root", "data_list", "classes",
               "model", "num_cls", "width", "bottom_up_features", "bottom_up_loss", "top_down",
-              "gpus", "cpus", "num_workers", "snapshot", "overwrite") + INFERENCE,
+              "gpus", "cpus", "amp", "num_workers", "snapshot", "overwrite") + INFERENCE,
     "train_seg": tuple(f for f in FIELDS if f not in INFERENCE + SEGMENTATION_INFERENCE
                        + ICD_ONLY),
     "infer_seg": ("image_root", "data_list", "classes", "model", "num_cls", "width", "gpus",
-                  "cpus", "num_workers", "snapshot") + INFERENCE + SEGMENTATION_INFERENCE,
+                  "cpus", "amp", "num_workers", "snapshot") + INFERENCE + SEGMENTATION_INFERENCE,
 }
 
 

@@ -1,0 +1,233 @@
+"""Mixed precision (icd.amp, --amp): the refusals, fp16's dynamic loss scaling, and bf16 training
+and inference where the CPU has native bfloat16.
+
+amp.init changes the whole process, so everything that enables a precision runs in a child
+process; this one stays float32.
+"""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import mxnet as mx
+import numpy as np
+import pytest
+
+from icd import amp
+from icd.commands.train import main as train_main
+from icd.train import train
+
+NATIVE_BF16 = amp.unsupported_reason("bf16", [mx.cpu()])
+needs_bf16 = pytest.mark.skipif(NATIVE_BF16 is not None,
+                                reason=f"bfloat16 cannot run here: {NATIVE_BF16}")
+
+
+def run_python(code: str, timeout: int = 600) -> str:
+    """Run `code` in a new Python process; its stdout (the test fails with its stderr)."""
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                            text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def train_command(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", "import sys; from icd.commands.train import "
+                           "main; sys.exit(main(sys.argv[1:]))", *args],
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_each_precision_is_refused_where_it_cannot_run(monkeypatch):
+    cpus, gpus = [mx.cpu(0), mx.cpu(1)], [mx.gpu(0)]
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    monkeypatch.setattr(amp, "cpu_flags", lambda: frozenset({"avx2", "avx512f"}))
+    assert amp.unsupported_reason("off", cpus) is None
+    assert "no native bfloat16" in amp.unsupported_reason("bf16", cpus)
+    assert "needs GPUs" in amp.unsupported_reason("fp16", cpus)
+    assert amp.unsupported_reason("fp16", gpus) is None
+    assert "only on CPUs" in amp.unsupported_reason("bf16", gpus)
+    assert "needs GPUs" in amp.unsupported_reason("fp16", [mx.gpu(0), mx.cpu(0)])
+    monkeypatch.setattr(amp, "cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
+    assert amp.unsupported_reason("bf16", cpus) is None
+    assert amp.supported_precisions(cpus) == {
+        "off": None, "bf16": None, "fp16": amp.unsupported_reason("fp16", cpus)}
+    monkeypatch.setenv("DNNL_MAX_CPU_ISA", "avx2")   # the cap makes oneDNN emulate bfloat16
+    assert "DNNL_MAX_CPU_ISA=AVX2" in amp.unsupported_reason("bf16", cpus)
+    with pytest.raises(ValueError, match="--amp bf16: DNNL_MAX_CPU_ISA=AVX2"):
+        amp.enable("bf16", cpus)
+    amp.enable("off", cpus)                         # float32 needs nothing
+    assert amp.enabled() == "off"
+
+
+def test_the_flags_are_read_from_the_real_cpuinfo_format(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse avx512f avx512_bf16\n\n"
+                       "processor\t: 1\nflags\t\t: fpu sse avx512f avx512_bf16\n")
+    assert amp.cpu_flags(str(cpuinfo)) == {"fpu", "sse", "avx512f", "avx512_bf16"}
+    assert amp.cpu_flags(str(tmp_path / "missing")) == frozenset()
+
+
+def test_training_refuses_fp16_on_cpus_before_writing_anything(tiny_config, capsys):
+    cfg = tiny_config()
+    status = train_main(["--image-root", cfg.image_root, "--annotation-root",
+                         cfg.annotation_root, "--superpixel-root", cfg.superpixel_root,
+                         "--data-list", cfg.data_list, "--width", "0.0625", "--image-size",
+                         "32", "--batch-size", "4", "--num-workers", "0", "--snapshot",
+                         cfg.snapshot, "--amp", "fp16"])
+    assert status == 1
+    assert "--amp fp16: float16 needs GPUs" in capsys.readouterr().err
+    assert not os.path.exists(cfg.snapshot) or not [
+        f for f in os.listdir(cfg.snapshot) if f.endswith((".params", ".json"))]
+    assert amp.enabled() == "off"
+
+
+def test_fp16_loss_scaling_skips_overflowing_steps_and_resumes_its_scale():
+    """The fp16 path's own logic on CPU: AMP initialised for float16 around a network of
+    float32-only operators (CPUs have no float16 dense/convolution kernels)."""
+    out = run_python("""
+        import json
+        import mxnet as mx
+        from mxnet import autograd, gluon
+        from mxnet.contrib import amp as mx_amp
+        from icd import amp
+        mx_amp.init(target_dtype="float16")
+
+        class Scale(gluon.HybridBlock):
+            def __init__(self):
+                super().__init__()
+                self.w = self.params.get("w", shape=(4,), init=mx.init.Constant(0.5))
+            def hybrid_forward(self, F, x, w):
+                return F.broadcast_mul(x, w)
+
+        net = Scale(); net.initialize(); net.hybridize()
+        trainer = amp.prepare_trainer(gluon.Trainer(net.collect_params(), "sgd",
+                                                    {"learning_rate": 0.1}), "fp16",
+                                      {"amp": {"loss_scale": 8.0, "next_loss_scale": 8.0,
+                                               "unskipped": 3, "skipped_steps": 2}})
+        x = mx.nd.ones((2, 4))
+        rows = []
+        for factor in (1.0, 1e38, 1.0):
+            with autograd.record():
+                loss = (net(x) * factor).sum()
+            before = net.w.data().copy()
+            amp.backward([loss], trainer)
+            scaled_grad = net.w.grad().asnumpy().tolist()
+            trainer.step(2)
+            rows.append(dict(grad=scaled_grad, change=(net.w.data() - before).asnumpy().tolist(),
+                             **amp.trainer_state(trainer)))
+        print(json.dumps(rows))
+    """)
+    clean, overflow, after = json.loads(out.strip().splitlines()[-1])
+    # the gradient is scaled by the resumed scale (8: 2 images x 1 x 8) and unscaled by the step
+    assert clean["grad"] == [16.0] * 4
+    assert np.allclose(clean["change"], -0.1, atol=1e-6)
+    assert clean["loss_scale"] == 8.0 and clean["unskipped"] == 4 and clean["skipped_steps"] == 2
+    # an infinite gradient: the step is skipped, the count goes up, the scale halves from the
+    # step after next (MXNet's scaler chooses one step ahead)
+    assert overflow["change"] == [0.0] * 4 and overflow["skipped_steps"] == 3
+    assert overflow["loss_scale"] == 8.0 and overflow["next_loss_scale"] == 4.0
+    assert after["grad"] == [16.0] * 4 and np.allclose(after["change"], -0.1, atol=1e-6)
+    assert after["loss_scale"] == 4.0 and after["skipped_steps"] == 3
+
+
+@needs_bf16
+def test_bf16_runs_convolutions_in_bfloat16_and_leaves_earlier_graphs_float32():
+    """What icd-bench relies on (a network traced before amp.init keeps float32) and what
+    --amp bf16 does: the convolutions' outputs (the CAM) in bfloat16, the outputs of the custom
+    operators and the losses in float32, all near float32's but not equal."""
+    out = run_python("""
+        import json
+        import mxnet as mx
+        import numpy as np
+        from icd import amp, bench
+        from icd.checkpoint import initialize
+        from icd.model import build_model
+        ctx = mx.cpu()
+        batch = bench.make_batch(2, 64, 20, ctx)
+        args = [batch["data"], batch["superpixel"], batch["label"], mx.nd.ones((1,), ctx=ctx)]
+
+        def network():
+            net = build_model("vgg16_icd", num_classes=20, width=0.125)
+            mx.random.seed(0)
+            initialize(net, [ctx])
+            net.hybridize(static_alloc=True, static_shape=True)
+            return net
+
+        first = network()
+        before = [o.asnumpy() for o in first(*args)]
+        amp.enable("bf16", [ctx])
+        again = [o.asnumpy() for o in first(*args)]
+        second = network()
+        outputs = second(*args)
+        low = [o.astype("float32").asnumpy() for o in outputs]
+        print(json.dumps(dict(
+            same=all(np.array_equal(a, b) for a, b in zip(before, again)),
+            rel=[float(np.abs(a - b).max() / (np.abs(a).max() + 1e-12))
+                 for a, b in zip(before, low)],
+            before=sorted({o.dtype.name for o in before}),
+            dtypes={n: np.dtype(o.dtype).names[0] if np.dtype(o.dtype).names
+                    else np.dtype(o.dtype).name for n, o in zip(second.output_names, outputs)})))
+    """)
+    found = json.loads(out.strip().splitlines()[-1])
+    assert found["same"]
+    assert found["before"] == ["float32"]
+    dtypes = found["dtypes"]
+    assert dtypes["cam"] == "bfloat16" and dtypes["loss"] == "float32", dtypes
+    assert all(0 < r < 0.1 for r in found["rel"]), found["rel"]
+
+
+@needs_bf16
+def test_bf16_training_resumes_bit_exactly_and_keeps_float32_checkpoints(tiny_config, tmp_path):
+    cfg = tiny_config()
+    data = ["--image-root", cfg.image_root, "--annotation-root", cfg.annotation_root,
+            "--superpixel-root", cfg.superpixel_root, "--data-list", cfg.data_list,
+            "--width", "0.0625", "--image-size", "32", "--batch-size", "4", "--num-workers",
+            "0", "--dropout", "0", "--log-frequency", "1", "--amp", "bf16"]
+    whole, parts = str(tmp_path / "whole"), str(tmp_path / "parts")
+    for args in (["--snapshot", whole, "--num-epoch", "2"],
+                 ["--snapshot", parts, "--num-epoch", "1"],
+                 ["--snapshot", parts, "--num-epoch", "2", "--resume", "auto"]):
+        result = train_command(*data, *args)
+        assert result.returncode == 0, result.stderr[-2000:]
+    a = mx.nd.load(os.path.join(whole, "vgg16_icd-0001.params"))
+    b = mx.nd.load(os.path.join(parts, "vgg16_icd-0001.params"))
+    assert sorted(a) == sorted(b) and all(v.dtype == np.float32 for v in a.values())
+    assert all(np.array_equal(a[k].asnumpy(), b[k].asnumpy()) for k in a)
+    with open(os.path.join(whole, "vgg16_icd-log.json")) as f:
+        log = json.load(f)
+    assert [r["amp"] for r in log] == ["bf16", "bf16"]
+    assert all(np.isfinite(r["cam_loss"]) and np.isfinite(r["td_loss"]) for r in log)
+    # a float32 checkpoint continues in bf16 and back: precision is free on resume; the NaN
+    # stop still stops a diverging bf16 run
+    switched = train_command(*data[:-1], "off", "--snapshot", whole, "--num-epoch", "3",
+                             "--resume", "auto")
+    assert switched.returncode == 0, switched.stderr[-2000:]
+    diverged = train_command(*data, "--snapshot", whole, "--num-epoch", "4", "--begin-epoch",
+                             "3", "--learning-rate", "1e30", "--allow-changes")
+    assert diverged.returncode == 3 and "loss became NaN or infinite" in diverged.stderr
+    assert not os.path.exists(os.path.join(whole, "vgg16_icd-0003.params"))
+
+
+@needs_bf16
+def test_bf16_inference_writes_float32_scores_and_records_its_precision(tiny_config, tiny_voc,
+                                                                        tmp_path):
+    cfg = tiny_config(num_epoch=1)
+    train(cfg)
+    flags = ["--image-root", cfg.image_root, "--annotation-root", cfg.annotation_root,
+             "--superpixel-root", cfg.superpixel_root, "--data-list", cfg.data_list,
+             "--width", "0.0625", "--num-workers", "0", "--infer-size", "64",
+             "--infer-batch-size", "2", "--snapshot", cfg.snapshot, "--epoch", "0",
+             "--out", str(tmp_path / "scores")]
+    infer = ["import sys; from icd.commands.infer import main; sys.exit(main(sys.argv[1:]))"]
+    low = subprocess.run([sys.executable, "-c", *infer, *flags, "--amp", "bf16"],
+                         capture_output=True, text=True, timeout=600)
+    assert low.returncode == 0, low.stderr[-2000:]
+    folder = tmp_path / "scores" / "scores_icd"
+    names = sorted(os.listdir(folder))
+    assert names and all(np.load(folder / n).dtype == np.float32 for n in names)
+    with open(str(folder) + ".provenance.json") as f:
+        assert json.load(f)["settings"]["amp"] == "bf16"
+    # float32 scores are other results: refused into the bf16 folder, naming the change
+    again = subprocess.run([sys.executable, "-c", *infer, *flags], capture_output=True,
+                           text=True, timeout=600)
+    assert again.returncode == 1 and "amp" in again.stderr
