@@ -39,6 +39,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from PIL import Image
 
+from .amp import PRECISIONS
 from .checkpoint import load_checkpoint, write_imagenet_part
 from .devices import parse_devices
 from .config import Config, load_config
@@ -108,6 +109,7 @@ class DemoSettings:
     cpus: int = 2
     gpus: str = ""
     workers: int = 2                    # superpixel / seed / evaluation processes
+    amp: str = "off"                    # precision of training and inference (icd.amp)
     loader_workers: Optional[int] = None  # training data loader processes (None: the YAML's)
     # running
     steps: Sequence[str] = STEPS
@@ -138,7 +140,7 @@ def quick_settings(**overrides) -> DemoSettings:
 TRAINING_FIELDS = ("model", "pretrained", "width", "dropout", "optimizer",
                    "bottom_up_features",
                    "bottom_up_loss", "top_down", "image_size", "batch_size", "learning_rate",
-                   "momentum", "wd", "num_epoch", "warmup_epochs", "seed")
+                   "momentum", "wd", "num_epoch", "warmup_epochs", "seed", "amp")
 ICD_ONLY = ("bottom_up_features", "bottom_up_loss", "top_down", "warmup_epochs")
 
 
@@ -175,7 +177,7 @@ def training_config(settings: DemoSettings, which: str, data_classes: bool = Tru
         snapshot=settings.folder(f"snapshot_{which}"), pretrained=pretrained,
         width=settings.width, image_size=settings.crop, batch_size=settings.batch_size,
         learning_rate=settings.learning_rate, num_epoch=epochs,
-        num_workers=settings.loader_workers)
+        num_workers=settings.loader_workers, amp=settings.amp)
     if data_classes:
         overrides.update(classes=class_list(settings))
     if settings.gpus:
@@ -201,7 +203,7 @@ def segmentation_config(settings: DemoSettings, source: str,
                        label_root=labels, snapshot=settings.folder(f"snapshot_segment_{source}"),
                        pretrained=icd.pretrained, width=icd.width, image_size=icd.image_size,
                        num_epoch=settings.segment_epochs, num_workers=settings.loader_workers,
-                       gpus=icd.gpus, cpus=icd.cpus,
+                       gpus=icd.gpus, cpus=icd.cpus, amp=icd.amp,
                        classes=class_list(settings) if data_classes else None)
 
 
@@ -492,6 +494,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--workers", type=int, default=None,
                         help=f"processes for superpixels, seeds, evaluation "
                              f"(default {defaults.workers})")
+    parser.add_argument("--amp", choices=PRECISIONS, default=None,
+                        help="mixed precision of every training and inference: bf16 on CPUs "
+                             "with avx512_bf16 or AMX, fp16 on GPUs (default: off, float32)")
     parser.add_argument("--loader-workers", type=int, default=None,
                         help="training data-loader processes (default: the YAML's num_workers)")
     sizes = parser.add_argument_group("sizes (override the defaults / --quick)")
