@@ -6,19 +6,22 @@ except BatchNorm's statistics, which Gluon calls running_* and the release movin
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import glob
 import importlib
 import io
 import logging
 import os
 import pickle
 import re
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import mxnet as mx
 import numpy as np
 
-from .io import atomic_path, require_finite
+from .config import Config
+from .io import atomic_path, read_json, require_finite
 
 log = logging.getLogger(__name__)
 INPUT_SCALE = 64.0  # rough std of RGB - 127 inputs; see random_imagenet_params
@@ -382,3 +385,64 @@ def load_states(trainer: mx.gluon.Trainer, path: str) -> None:
         updater.optimizer = optimizer
     trainer._optimizer = optimizer
     optimizer.param_dict = dict(enumerate(trainer._params))
+
+
+# ---------------------------------------------------------------------------------------------
+# A training run's files in cfg.snapshot: <model>-<epoch:04d>.params/.states/.json, the log
+
+CHECKPOINT_SUFFIXES = ("params", "states", "json")   # weights, optimizer, run record
+
+
+def checkpoint_path(cfg: Config, epoch: int, suffix: str = "params") -> str:
+    return os.path.join(cfg.snapshot, f"{cfg.model}-{epoch:04d}.{suffix}")
+
+
+def checkpoint_files(cfg: Config) -> Dict[int, List[str]]:
+    """Epoch -> the model's checkpoint files (.params, .states, run record) in cfg.snapshot."""
+    pattern = re.compile(re.escape(cfg.model) + r"-(\d{4})\.(" + "|".join(CHECKPOINT_SUFFIXES)
+                         + r")$")
+    found: Dict[int, List[str]] = {}
+    for path in sorted(glob.glob(os.path.join(glob.escape(cfg.snapshot), f"{cfg.model}-*"))):
+        match = pattern.search(os.path.basename(path))
+        if match:
+            found.setdefault(int(match.group(1)), []).append(path)
+    return found
+
+
+def complete_checkpoints(cfg: Config) -> List[int]:
+    """The epochs of cfg.snapshot whose checkpoint can be resumed: .params and .states present
+    (the loop writes .states and the run record first and the .params last, each atomically, so
+    a run killed between them leaves no .params; the release's checkpoints have no run record)."""
+    return sorted(epoch for epoch, paths in checkpoint_files(cfg).items()
+                  if {checkpoint_path(cfg, epoch, s) for s in ("params", "states")} <= set(paths))
+
+
+def last_complete_epoch(cfg: Config) -> Optional[int]:
+    """The epoch of the newest resumable checkpoint (`complete_checkpoints`), None without one:
+    `--begin-epoch last_complete_epoch + 1` resumes the run."""
+    epochs = complete_checkpoints(cfg)
+    return epochs[-1] if epochs else None
+
+
+def read_run_record(cfg: Config, epoch: int) -> Optional[dict]:
+    """The run record of checkpoint `epoch`, or None for a checkpoint without one (the release's)."""
+    path = checkpoint_path(cfg, epoch, "json")
+    return read_json(path) if os.path.isfile(path) else None
+
+
+def rotate_checkpoints(cfg: Config, run: str) -> None:
+    """Keep the newest `num_save` checkpoints of run `run` (release: 5); other runs' checkpoints
+    and checkpoints without a run record are never removed."""
+    ours = sorted(epoch for epoch in checkpoint_files(cfg)
+                  if (read_run_record(cfg, epoch) or {}).get("run") == run)
+    for epoch in ours[:-cfg.num_save] if cfg.num_save > 0 else []:
+        # the .params first (the checkpoint stops being resumable), the run record last: it
+        # names the owner
+        for suffix in ("params", "states", "json"):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(checkpoint_path(cfg, epoch, suffix))
+
+
+def log_path(cfg: Config) -> str:
+    """The JSON log of the run's epochs, `<model>-log.json` beside the checkpoints."""
+    return os.path.join(cfg.snapshot, f"{cfg.model}-log.json")

@@ -40,7 +40,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from PIL import Image
 
 from .amp import PRECISIONS
-from .checkpoint import load_checkpoint, write_imagenet_part
+from .checkpoint import checkpoint_path, load_checkpoint, write_imagenet_part
 from .devices import parse_devices
 from .config import Config, load_config
 from .data.classes import read_classes
@@ -56,7 +56,6 @@ from .pipeline import Run, Step, select_steps
 from .report import CAM_SEEDS, SPLITS, TABLE3, ReportInputs, write_report
 from .seeds import make_seeds
 from .segment import evaluate_predictions, segment
-from .train import checkpoint_path
 
 log = logging.getLogger(__name__)
 

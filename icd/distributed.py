@@ -151,9 +151,10 @@ def failures_end_the_process(workers: Workers, statuses: Dict[type, int]) -> Ite
 # Running figures, BatchNorm statistics, checkpoints
 # ---------------------------------------------------------------------------------------------
 
-def reduce_figures(workers: Workers, figures) -> None:
-    """Make an icd.train.Figures hold the sums over all workers (images, the task's sums) and the
-    ranges over all workers, in place; every worker then reads the same numbers (collective)."""
+def reduce_metrics(workers: Workers, figures) -> None:
+    """Make an icd.train.RunningMetrics hold the sums over all workers (images, the task's sums)
+    and the ranges over all workers, in place; every worker then reads the same numbers
+    (collective)."""
     if workers.num_workers == 1:
         return
     k, m = figures.sums.shape[0], figures.low.shape[0]

@@ -77,7 +77,7 @@ def infer(cfg: Config, params: str, out_dir: str, contexts: Sequence[mx.Context]
                           cfg.data_list, image_size=cfg.infer_size,
                           batch_size=cfg.infer_batch_size, num_workers=cfg.num_workers,
                           shard=shard, classes=cfg.class_names)
-    names = loader._dataset.names
+    names = loader.dataset.names
     folders = [os.path.join(out_dir, OUTPUT_FOLDERS[k]) for k in net.output_names
                if k in OUTPUT_FOLDERS]
     with producing(folders, "infer", infer_settings(cfg, params), cfg.overwrite,

@@ -42,7 +42,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import yaml
 
-from .checkpoint import load_checkpoint
+from .checkpoint import checkpoint_path, complete_checkpoints, load_checkpoint, read_run_record
 from .config import FIELDS, Config, find_config, load_config
 from .features import make_feature_factory
 from .data.superpixels import make_superpixels
@@ -56,8 +56,7 @@ from .pipeline import Run, Step
 from .segment import evaluate_predictions, segment
 from .seeds import make_seeds
 from .stats import compare_runs
-from .train import (checkpoint_path, complete_checkpoints, read_run_record, resume_changes,
-                    train)
+from .train import resume_changes, train
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +102,7 @@ def _plain(value: Any) -> Any:
 
 def resume_auto(cfg: Config, workers: int = 1) -> Config:
     """`cfg` to continue from the last complete checkpoint below num_epoch of the same run
-    (icd.train.complete_checkpoints), or to start fresh (begin_epoch 0) when there is none or
+    (icd.checkpoint.complete_checkpoints), or to start fresh (begin_epoch 0) when there is none or
     `cfg.overwrite`; begin_epoch == num_epoch means the run is finished. A checkpoint whose run
     had other settings (icd.train.resume_changes: another run) is refused with FileExistsError
     naming its run record and the settings that differ."""

@@ -4,9 +4,12 @@ of devices.
 
 The loop (`train`) is written once: devices, the Trainer with the model's lr_mult / wd_mult, the
 poly LR, run records, checkpoints and their rotation, exact resume, the NaN stop, Ctrl-C, the
-progress bar, the JSON log and a picture per epoch. A task (`Task`) supplies what differs: its
-loader, how its model is initialised, one batch's forward and loss, its log figures and its
-picture; a model's registration names its task (`TASKS`), and a model without one is refused.
+progress bar, the JSON log and an image per epoch; what it does besides the step is a hook
+(`LogHook`, `EpochRecordHook`, `CheckpointHook`: detectron2's HookBase). A task (`Task`)
+supplies what differs: its loader, how its model is initialised, one batch's forward and loss,
+its running metrics and its epoch image; a model's registration names its task (`TASKS`), and a
+model without one is refused. The checkpoint files' names, rotation and run records are
+icd.checkpoint's.
 
 Release semantics (docs/release.md section 4): SGD momentum 0.9, wd 5e-4, gradients summed
 over devices and rescaled by 1/batch_size, lr_mult/wd_mult set by the model, poly LR per epoch
@@ -38,12 +41,10 @@ from __future__ import annotations
 import abc
 import contextlib
 import dataclasses
-import glob
 import json
 import logging
 import math
 import os
-import re
 import time
 import uuid
 from typing import Dict, List, Optional, Sequence, Tuple, Type
@@ -55,7 +56,9 @@ from mxnet import autograd, gluon
 from tqdm import tqdm
 
 from . import amp, distributed as dist
-from .checkpoint import initialize, load_checkpoint, load_states, save_checkpoint, save_states
+from .checkpoint import (checkpoint_files, checkpoint_path, complete_checkpoints, initialize,
+                         load_checkpoint, load_states, log_path, read_run_record,
+                         rotate_checkpoints, save_checkpoint, save_states)
 from .devices import parse_devices, split_batch
 from .config import Config
 from .data.classes import require_classes
@@ -89,59 +92,6 @@ def poly_lr(base_lr: float, step: int, num_steps: int, power: float = 0.9) -> fl
     """Poly learning rate of 0-based `step` of `num_steps`: base (1 - step / num_steps)^power
     (steps are epochs for ICD, as the release; iterations for DeepLab)."""
     return base_lr * (1.0 - step / num_steps) ** power
-
-
-CHECKPOINT_SUFFIXES = ("params", "states", "json")   # weights, optimizer, run record
-
-
-def checkpoint_path(cfg: Config, epoch: int, suffix: str = "params") -> str:
-    return os.path.join(cfg.snapshot, f"{cfg.model}-{epoch:04d}.{suffix}")
-
-
-def checkpoint_files(cfg: Config) -> Dict[int, List[str]]:
-    """Epoch -> the model's checkpoint files (.params, .states, run record) in cfg.snapshot."""
-    pattern = re.compile(re.escape(cfg.model) + r"-(\d{4})\.(" + "|".join(CHECKPOINT_SUFFIXES)
-                         + r")$")
-    found: Dict[int, List[str]] = {}
-    for path in sorted(glob.glob(os.path.join(glob.escape(cfg.snapshot), f"{cfg.model}-*"))):
-        match = pattern.search(os.path.basename(path))
-        if match:
-            found.setdefault(int(match.group(1)), []).append(path)
-    return found
-
-
-def complete_checkpoints(cfg: Config) -> List[int]:
-    """The epochs of cfg.snapshot whose checkpoint can be resumed: .params and .states present
-    (the loop writes .states and the run record first and the .params last, each atomically, so
-    a run killed between them leaves no .params; the release's checkpoints have no run record)."""
-    return sorted(epoch for epoch, paths in checkpoint_files(cfg).items()
-                  if {checkpoint_path(cfg, epoch, s) for s in ("params", "states")} <= set(paths))
-
-
-def last_complete_epoch(cfg: Config) -> Optional[int]:
-    """The epoch of the newest resumable checkpoint (`complete_checkpoints`), None without one:
-    `--begin-epoch last_complete_epoch + 1` resumes the run."""
-    epochs = complete_checkpoints(cfg)
-    return epochs[-1] if epochs else None
-
-
-def read_run_record(cfg: Config, epoch: int) -> Optional[dict]:
-    """The run record of checkpoint `epoch`, or None for a checkpoint without one (the release's)."""
-    path = checkpoint_path(cfg, epoch, "json")
-    return read_json(path) if os.path.isfile(path) else None
-
-
-def rotate_checkpoints(cfg: Config, run: str) -> None:
-    """Keep the newest `num_save` checkpoints of run `run` (release: 5); other runs' checkpoints
-    and checkpoints without a run record are never removed."""
-    ours = sorted(epoch for epoch in checkpoint_files(cfg)
-                  if (read_run_record(cfg, epoch) or {}).get("run") == run)
-    for epoch in ours[:-cfg.num_save] if cfg.num_save > 0 else []:
-        # the .params first (the checkpoint stops being resumable), the run record last: it
-        # names the owner
-        for suffix in ("params", "states", "json"):
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(checkpoint_path(cfg, epoch, suffix))
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -183,15 +133,11 @@ def restore_device_states(net: gluon.Block, saved: Optional[Dict[str, list]],
             target[:] = mx.nd.array(value, dtype=target.dtype)
 
 
-def _log_path(cfg: Config) -> str:
-    return os.path.join(cfg.snapshot, f"{cfg.model}-log.json")
-
-
 def _remove_run_files(cfg: Config, epochs) -> None:
     """Remove the model's checkpoints of `epochs` and their demo pictures."""
     files = checkpoint_files(cfg)
     for epoch in epochs:
-        for path in files.get(epoch, []) + [_demo_path(cfg, epoch)]:
+        for path in files.get(epoch, []) + [_epoch_image_path(cfg, epoch)]:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(path)
 
@@ -320,13 +266,13 @@ def start_run(cfg: Config, workers: int = 1) -> Dict[str, object]:
     _remove_run_files(cfg, later)
     if cfg.begin_epoch == 0:
         with contextlib.suppress(FileNotFoundError):
-            os.remove(_log_path(cfg))
+            os.remove(log_path(cfg))
         return {"run": _new_run_id(), "records": [], "record": None, "previous_run": None}
     if record is None:
         log.warning("%s: no run record; the shared sign-flip store is taken from the checkpoint "
                     "and the run's earlier log is not kept", checkpoint_path(cfg, cfg.begin_epoch - 1))
         return {"run": _new_run_id(), "records": [], "record": None, "previous_run": None}
-    logged = read_json(_log_path(cfg)) if os.path.isfile(_log_path(cfg)) else []
+    logged = read_json(log_path(cfg)) if os.path.isfile(log_path(cfg)) else []
     records = [r for r in logged if r.get("run") == record["run"] and r["epoch"] < cfg.begin_epoch]
     if changes:   # allowed by cfg.allow_changes (_check_resume)
         run = _new_run_id()
@@ -369,7 +315,7 @@ def make_trainer(net: gluon.Block, learning_rate: float, momentum: float, wd: fl
                          update_on_kvstore=False if distributed else None)
 
 
-class Figures:
+class RunningMetrics:
     """A task's running log figures on `ctx`: per-image sums (`task.sums`, read as means over
     the images) and ranges (`task.ranges`, read as <name>_min / <name>_max), accumulated on the
     device and read only when logged (one sync). A batch's figures are computed once (the task's
@@ -386,7 +332,7 @@ class Figures:
         self.images = 0
         self.started = time.time()
 
-    def add(self, other: "Figures") -> None:
+    def add(self, other: "RunningMetrics") -> None:
         self.sums += other.sums
         if self.task.ranges:
             self.low = mx.nd.minimum(self.low, other.low)
@@ -419,8 +365,8 @@ class Task(abc.ABC):
     Ctrl-C, the progress bar and the JSON log.
 
     Class attributes: `input_names`, the loader's arrays in order; `sums` and `ranges`, the
-    figures (see `Figures`); `losses`, the sums that must stay finite; `lr_per_iteration`, poly
-    LR set per iteration instead of per epoch.
+    figures (see `RunningMetrics`); `losses`, the sums that must stay finite; `lr_per_iteration`,
+    poly LR set per iteration instead of per epoch.
     """
     input_names: Tuple[str, ...] = ()
     sums: Tuple[str, ...] = ()
@@ -476,12 +422,12 @@ class Task(abc.ABC):
         """One device's outputs, "loss" among them (recorded by autograd; summed over images)."""
 
     @abc.abstractmethod
-    def measure(self, figures: Figures, outputs: List[Outputs],
+    def update_metrics(self, metrics: RunningMetrics, outputs: List[Outputs],
                 inputs: List[Dict[str, mx.nd.NDArray]]) -> None:
-        """Add one batch's figures (all devices) to `figures`, on the device."""
+        """Add one batch's figures (all devices) to `metrics`, on the device."""
 
     @abc.abstractmethod
-    def picture(self, inputs: Dict[str, mx.nd.NDArray], outputs: Outputs) -> np.ndarray:
+    def epoch_image(self, inputs: Dict[str, mx.nd.NDArray], outputs: Outputs) -> np.ndarray:
         """The per-epoch picture (H, W', 3) uint8 RGB of the first image of device 0."""
 
 
@@ -497,7 +443,7 @@ def label_recall(prob, label):
 class ICDTask(Task):
     """ICD, the CAM-only baseline and every ablation (release sections 4-5): image-level labels
     and superpixels; the top-down warm-up over the first `warmup_epochs`; with several devices
-    one sign-flip moving mean in a store shared by them. Figures: the release's L_cam, L_td,
+    one sign-flip moving mean in a store shared by them. RunningMetrics: the release's L_cam, L_td,
     label recall and the range of the bottom-up scores S."""
     input_names = ("data", "superpixel", "label")
     losses = ("cam_loss", "td_loss")   # by the networks' loss names (model.named_losses)
@@ -518,7 +464,7 @@ class ICDTask(Task):
                               batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                               seed=cfg.seed, shard=shard, classes=cfg.class_names)
         # release: W = 2 N // B, B the global batch
-        self.warmup_iters = cfg.warmup_epochs * len(loader._dataset) // (cfg.batch_size
+        self.warmup_iters = cfg.warmup_epochs * len(loader.dataset) // (cfg.batch_size
                                                                          * shard[1])
         return loader
 
@@ -561,8 +507,8 @@ class ICDTask(Task):
         out["losses"] = named_losses(net, out["loss"])
         return out
 
-    def measure(self, figures, outputs, inputs):
-        ctx = figures.ctx
+    def update_metrics(self, metrics, outputs, inputs):
+        ctx = metrics.ctx
         for out, device in zip(outputs, inputs):
             label = device["label"]
             prob = mx.nd.sigmoid(out["cam"].mean(axis=(2, 3))).as_in_context(ctx)  # (n, C)
@@ -570,14 +516,14 @@ class ICDTask(Task):
             # a loss the network does not have (L_td of the CAM-only baseline) counts as 0
             losses = [out["losses"][name].as_in_context(ctx) if name in out["losses"]
                       else mx.nd.zeros((1,), ctx=ctx) for name in self.losses]
-            figures.sums += mx.nd.concat(*losses, recall, dim=0)
+            metrics.sums += mx.nd.concat(*losses, recall, dim=0)
             if "icd_bu" in out:   # reduced on its own device, only two numbers move
                 s = out["icd_bu"]
-                figures.low = mx.nd.minimum(figures.low, s.min().as_in_context(ctx))
-                figures.high = mx.nd.maximum(figures.high, s.max().as_in_context(ctx))
-            figures.images += label.shape[0]
+                metrics.low = mx.nd.minimum(metrics.low, s.min().as_in_context(ctx))
+                metrics.high = mx.nd.maximum(metrics.high, s.max().as_in_context(ctx))
+            metrics.images += label.shape[0]
 
-    def picture(self, inputs, outputs):
+    def epoch_image(self, inputs, outputs):
         """Image, +/- bottom-up score, +/- top-down score of its first class (release)."""
         image = inputs["data"][0].asnumpy().transpose(1, 2, 0)
         c = int(np.argmax(inputs["label"][0].asnumpy()))
@@ -588,7 +534,7 @@ class ICDTask(Task):
 class SegmentationTask(Task):
     """DeepLab trained on seeds or ground-truth masks (paper Sec. 5.6, Tables 7-8): the label
     maps of `cfg.label_root`, DeepLab-LargeFOV's augmentation (`icd.data.segmentation`) and
-    softmax cross-entropy with 255 ignored (`segmentation_loss`). Figures: the loss and the pixel
+    softmax cross-entropy with 255 ignored (`segmentation_loss`). RunningMetrics: the loss and the pixel
     accuracy on the non-ignored pixels of the labels shrunk to the score map.
 
     LR: poly (power 0.9) per iteration, base (1 - i / (E * iterations per epoch))^0.9: DeepLab's
@@ -615,18 +561,18 @@ class SegmentationTask(Task):
         score = net(inputs["data"])
         return {"score": score, "loss": segmentation_loss(mx.nd, score, inputs["label"])}
 
-    def measure(self, figures, outputs, inputs):
-        ctx = figures.ctx
+    def update_metrics(self, metrics, outputs, inputs):
+        ctx = metrics.ctx
         for out, device in zip(outputs, inputs):
             score = out["score"]
             target = nearest_label(mx.nd, device["label"], score)
             valid = target != IGNORE_LABEL
             right = (score.argmax(axis=1) == target) * valid
             accuracy = right.sum(axis=(1, 2)) / mx.nd.maximum(valid.sum(axis=(1, 2)), 1)
-            figures.sums += mx.nd.concat(out["loss"], accuracy.sum(), dim=0).as_in_context(ctx)
-            figures.images += score.shape[0]
+            metrics.sums += mx.nd.concat(out["loss"], accuracy.sum(), dim=0).as_in_context(ctx)
+            metrics.images += score.shape[0]
 
-    def picture(self, inputs, outputs):
+    def epoch_image(self, inputs, outputs):
         """Image, its training labels and the prediction (argmax, nearest-upsampled), in the
         class list's colours over the image."""
         image = inputs["data"][0].asnumpy().transpose(1, 2, 0).astype(np.uint8)
@@ -652,7 +598,7 @@ def task_for(cfg: Config) -> Task:
     return TASKS[task](cfg)
 
 
-def _demo_path(cfg: Config, epoch: int) -> str:
+def _epoch_image_path(cfg: Config, epoch: int) -> str:
     return os.path.join(cfg.snapshot, "demo", f"{cfg.model}-{epoch:04d}.jpg")
 
 
@@ -685,25 +631,170 @@ def snapshot_lock(cfg: Config):
                           f"{cfg.snapshot} ({cfg.model})")
 
 
+@dataclasses.dataclass
+class Loop:
+    """The training loop's state, which its hooks read: the run, the network and Trainer, the
+    schedule's sizes, and where the loop is (epoch, iteration, the last batch)."""
+    cfg: Config
+    task: Task
+    contexts: List[mx.Context]
+    workers: dist.Workers
+    net: gluon.HybridBlock
+    trainer: gluon.Trainer
+    run: Dict[str, object]                  # start_run's: run id, records, resumed record
+    batch_size: int                         # the global batch (per worker x workers)
+    iters_per_epoch: int
+    num_iters: int
+    log_every: int
+    loader: TrainLoader
+    epoch: int = 0
+    iteration: int = 0
+    lr: float = 0.0
+    epoch_lr: float = 0.0
+    epoch_started: float = 0.0
+    saved_epoch: int = -1
+    bar: Optional[tqdm] = None              # the epoch's progress bar
+    inputs: List[Dict[str, mx.nd.NDArray]] = dataclasses.field(default_factory=list)
+    outputs: List[Outputs] = dataclasses.field(default_factory=list)
+
+    @property
+    def records(self) -> List[dict]:
+        return self.run["records"]
+
+
+class Hook:
+    """Something the loop does besides the step (detectron2's HookBase): the loop calls
+    `after_step` after every optimizer step with the batch's metrics, `after_epoch` at the end
+    of every epoch, in the order of its hooks."""
+
+    def before_epoch(self, loop: Loop) -> None:
+        pass
+
+    def after_step(self, loop: Loop, index: int, metrics: RunningMetrics) -> None:
+        pass
+
+    def after_epoch(self, loop: Loop) -> None:
+        pass
+
+
+class LogHook(Hook):
+    """Every `log_every` batches: the running window's metrics reduced over the workers, the NaN
+    stop, a log line and the progress bar's figures."""
+
+    def before_epoch(self, loop: Loop) -> None:
+        self.window = RunningMetrics(loop.task, loop.contexts[0])
+
+    def after_step(self, loop: Loop, index: int, metrics: RunningMetrics) -> None:
+        self.window.add(metrics)
+        if (index + 1) % loop.log_every:
+            return
+        dist.reduce_metrics(loop.workers, self.window)
+        now = _stop_if_diverged(loop.task, self.window.read(), loop.epoch, loop.iteration,
+                                loop.cfg)
+        log.info("epoch %d batch %d lr %.3g %s", loop.epoch, index + 1, loop.lr, " ".join(
+            f"{k} {v:.4g}" for k, v in {**loop.task.schedule(), **now,
+                                        **amp.trainer_state(loop.trainer)}.items()
+            if v is not None))
+        loop.bar.set_postfix({k: f"{now[k]:.3g}" for k in loop.task.sums + ("images_per_s",)})
+        self.window.reset()
+
+
+class EpochRecordHook(Hook):
+    """At the end of an epoch: its metrics reduced over the workers, the NaN stop, and the
+    epoch's record (lr, schedule, seconds, metrics, precision) appended to the run's log."""
+
+    def before_epoch(self, loop: Loop) -> None:
+        self.epoch_metrics = RunningMetrics(loop.task, loop.contexts[0])
+
+    def after_step(self, loop: Loop, index: int, metrics: RunningMetrics) -> None:
+        self.epoch_metrics.add(metrics)
+
+    def after_epoch(self, loop: Loop) -> None:
+        dist.reduce_metrics(loop.workers, self.epoch_metrics)
+        done = _stop_if_diverged(loop.task, self.epoch_metrics.read(), loop.epoch,
+                                 loop.iteration, loop.cfg)
+        loop.records.append(dict(
+            epoch=loop.epoch, run=loop.run["run"], lr=loop.epoch_lr, **loop.task.schedule(),
+            seconds=time.time() - loop.epoch_started, **done, amp=loop.cfg.amp,
+            **amp.trainer_state(loop.trainer)))
+
+
+class CheckpointHook(Hook):
+    """At the end of an epoch, together or not at all under Ctrl-C: the epoch image, the
+    checkpoint (.states and run record first, .params last: a checkpoint is complete or not
+    resumable, complete_checkpoints), the rotation and the JSON log. Rank 0 writes; the
+    collectives (device states, a dist checkpoint) run on every worker in the same order."""
+
+    def after_epoch(self, loop: Loop) -> None:
+        cfg, workers, epoch = loop.cfg, loop.workers, loop.epoch
+        with deferred_interrupt():
+            if workers.rank == 0:
+                write_image(_epoch_image_path(cfg, epoch),
+                            loop.task.epoch_image(loop.inputs[0], loop.outputs[0]))
+            states = dist.all_device_states(workers, device_states(loop.net)) \
+                if len(loop.contexts) * workers.num_workers > 1 else None
+            if workers.rank == 0:
+                save_states(loop.trainer, checkpoint_path(cfg, epoch, "states"))
+                write_json(checkpoint_path(cfg, epoch, "json"), self.run_record(loop, states))
+            if workers.num_workers == 1:
+                save_checkpoint(loop.net, checkpoint_path(cfg, epoch))
+            else:
+                dist.save_checkpoint(workers, loop.net, checkpoint_path(cfg, epoch))
+            if workers.rank == 0:
+                rotate_checkpoints(cfg, loop.run["run"])
+                write_json(log_path(cfg), loop.records)
+            loop.saved_epoch = epoch
+
+    @staticmethod
+    def run_record(loop: Loop, states: Optional[Dict[str, list]]) -> Dict[str, object]:
+        """The checkpoint's run record: the run, the seed, the task's shared state, every
+        device's states, the class list, the loss scaler's state (fp16) and the config."""
+        cfg = loop.cfg
+        return dict(run=loop.run["run"], epoch=loop.epoch, seed=cfg.seed,
+                    generators="reseeded at each epoch start from (seed, epoch)",
+                    **loop.task.run_record(), device_states=states,
+                    amp=amp.trainer_state(loop.trainer) or None,
+                    classes=list(cfg.class_names), previous_run=loop.run.get("previous_run"),
+                    workers=loop.workers.num_workers, config=dataclasses.asdict(cfg))
+
+
 def _train(cfg: Config, task: Task, contexts: List[mx.Context],
            workers: dist.Workers) -> Dict[str, object]:
+    loop = _start(cfg, task, contexts, workers)
+    hooks = (LogHook(), EpochRecordHook(), CheckpointHook())
+    try:
+        task.start(loop.net, contexts, loop.run["record"], workers)
+        if len(contexts) * workers.num_workers > 1 and loop.run["record"]:
+            restore_device_states(loop.net, dist.local_device_states(
+                workers, loop.run["record"].get("device_states"), len(contexts)), contexts,
+                checkpoint_path(cfg, cfg.begin_epoch - 1, "json"))
+        for loop.epoch in range(cfg.begin_epoch, cfg.num_epoch):
+            _run_epoch(loop, hooks)
+            for hook in hooks:
+                hook.after_epoch(loop)
+            log.info("epoch %d done: %s", loop.epoch, json.dumps(loop.records[-1]))
+    except KeyboardInterrupt:
+        raise TrainingInterrupted(_interrupted_message(cfg, loop.epoch, loop.saved_epoch)) \
+            from None
+    finally:
+        task.stop(loop.net)
+    return {"records": loop.records, "net": loop.net}
+
+
+def _start(cfg: Config, task: Task, contexts: List[mx.Context],
+           workers: dist.Workers) -> Loop:
+    """Seed, loader, network (fresh or from the resumed checkpoint), run and Trainer."""
     mx.random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     loader = task.loader(workers.shard)
-    num_images = len(loader._dataset)
     batch_size = cfg.batch_size * workers.num_workers   # the global batch
-    iters_per_epoch = num_images // batch_size
-    num_iters = cfg.num_epoch * iters_per_epoch
-    log_every = cfg.log_frequency or max(num_images // (batch_size * 20), 5)
-    num_devices = len(contexts) * workers.num_workers   # of the job
-
+    iters_per_epoch = len(loader.dataset) // batch_size
     amp.enable(cfg.amp, contexts)   # before the network is built (amp.init)
     net = build_model(cfg.model, **cfg.model_options)
     run = start_run(cfg, workers.num_workers) if workers.rank == 0 else None
     workers.barrier()   # the others read the folder once rank 0 has checked and cleaned it
     run = run or {"run": None, "records": [], "record": read_run_record(
         cfg, cfg.begin_epoch - 1) if cfg.begin_epoch > 0 else None}
-    records = run["records"]
     if cfg.begin_epoch > 0:
         load_checkpoint(net, checkpoint_path(cfg, cfg.begin_epoch - 1), contexts)
     else:
@@ -714,86 +805,50 @@ def _train(cfg: Config, task: Task, contexts: List[mx.Context],
                                   cfg.amp, run["record"])
     if cfg.begin_epoch > 0:
         load_states(trainer, checkpoint_path(cfg, cfg.begin_epoch - 1, "states"))
-    saved_epoch = cfg.begin_epoch - 1
-    epoch = cfg.begin_epoch
-    try:
-        task.start(net, contexts, run["record"], workers)
-        if num_devices > 1 and run["record"]:
-            restore_device_states(net, dist.local_device_states(
-                workers, run["record"].get("device_states"), len(contexts)), contexts,
-                checkpoint_path(cfg, cfg.begin_epoch - 1, "json"))
-        figures = Figures(task, contexts[0])
-        for epoch in range(cfg.begin_epoch, cfg.num_epoch):
-            reseed(dist.worker_seed(cfg.seed, workers.rank), epoch)
-            epoch_lr = lr = poly_lr(cfg.learning_rate, epoch * iters_per_epoch, num_iters) \
-                if task.lr_per_iteration else poly_lr(cfg.learning_rate, epoch, cfg.num_epoch)
-            trainer.set_learning_rate(lr)
-            loader.set_epoch(epoch)
-            epoch_figures = Figures(task, contexts[0])
-            started = time.time()
-            bar = tqdm(loader, total=iters_per_epoch, desc=f"epoch {epoch}", leave=False,
-                       disable=None)
-            for i, batch in enumerate(bar):
-                iteration = epoch * iters_per_epoch + i
-                if task.lr_per_iteration:
-                    lr = poly_lr(cfg.learning_rate, iteration, num_iters)
-                    trainer.set_learning_rate(lr)
-                inputs = task.inputs(batch, contexts, iteration)
-                with autograd.record():
-                    outputs = [task.forward(net, device) for device in inputs]
-                amp.backward([out["loss"] for out in outputs], trainer)
-                trainer.step(batch_size)
-                task.after_step()
-                batch_figures = Figures(task, contexts[0])
-                task.measure(batch_figures, outputs, inputs)
-                figures.add(batch_figures)
-                epoch_figures.add(batch_figures)
-                if (i + 1) % log_every == 0:
-                    dist.reduce_figures(workers, figures)
-                    now = _stop_if_diverged(task, figures.read(), epoch, iteration, cfg)
-                    log.info("epoch %d batch %d lr %.3g %s", epoch, i + 1, lr, " ".join(
-                        f"{k} {v:.4g}" for k, v in {**task.schedule(), **now,
-                                                    **amp.trainer_state(trainer)}.items()
-                        if v is not None))
-                    bar.set_postfix({k: f"{now[k]:.3g}" for k in task.sums + ("images_per_s",)})
-                    figures.reset()
-            bar.close()
-            dist.reduce_figures(workers, epoch_figures)
-            done = _stop_if_diverged(task, epoch_figures.read(), epoch, iteration, cfg)
-            records.append(dict(epoch=epoch, run=run["run"], lr=epoch_lr, **task.schedule(),
-                                seconds=time.time() - started, **done, amp=cfg.amp,
-                                **amp.trainer_state(trainer)))
-            with deferred_interrupt():   # the checkpoint's files, rotation and log go together
-                if workers.rank == 0:
-                    write_image(_demo_path(cfg, epoch), task.picture(inputs[0], outputs[0]))
-                # collective with several workers: every device's states, their average
-                states = dist.all_device_states(workers, device_states(net)) \
-                    if num_devices > 1 else None
-                if workers.rank == 0:   # .states and run record first, .params last: a
-                    # checkpoint is complete or not resumable (complete_checkpoints)
-                    save_states(trainer, checkpoint_path(cfg, epoch, "states"))
-                    write_json(checkpoint_path(cfg, epoch, "json"), dict(
-                        run=run["run"], epoch=epoch, seed=cfg.seed,
-                        generators="reseeded at each epoch start from (seed, epoch)",
-                        **task.run_record(), device_states=states,
-                        amp=amp.trainer_state(trainer) or None,
-                        classes=list(cfg.class_names), previous_run=run.get("previous_run"),
-                        workers=workers.num_workers,
-                        config=dataclasses.asdict(cfg)))
-                if workers.num_workers == 1:
-                    save_checkpoint(net, checkpoint_path(cfg, epoch))
-                else:
-                    dist.save_checkpoint(workers, net, checkpoint_path(cfg, epoch))
-                if workers.rank == 0:
-                    rotate_checkpoints(cfg, run["run"])
-                    write_json(_log_path(cfg), records)
-                saved_epoch = epoch
-            log.info("epoch %d done: %s", epoch, json.dumps(records[-1]))
-    except KeyboardInterrupt:
-        raise TrainingInterrupted(_interrupted_message(cfg, epoch, saved_epoch)) from None
-    finally:
-        task.stop(net)
-    return {"records": records, "net": net}
+    return Loop(cfg, task, contexts, workers, net, trainer, run, batch_size, iters_per_epoch,
+                cfg.num_epoch * iters_per_epoch,
+                cfg.log_frequency or max(len(loader.dataset) // (batch_size * 20), 5), loader,
+                saved_epoch=cfg.begin_epoch - 1)
+
+
+def _run_epoch(loop: Loop, hooks: Sequence[Hook]) -> None:
+    """One epoch: the generators reseeded from (seed, epoch), the poly LR (per epoch, or per
+    iteration for a task that asks), the steps and the hooks after each."""
+    cfg, task, trainer = loop.cfg, loop.task, loop.trainer
+    reseed(dist.worker_seed(cfg.seed, loop.workers.rank), loop.epoch)
+    loop.epoch_lr = loop.lr = poly_lr(cfg.learning_rate, loop.epoch * loop.iters_per_epoch,
+                                      loop.num_iters) \
+        if task.lr_per_iteration else poly_lr(cfg.learning_rate, loop.epoch, cfg.num_epoch)
+    trainer.set_learning_rate(loop.lr)
+    loop.loader.set_epoch(loop.epoch)
+    loop.epoch_started = time.time()
+    for hook in hooks:
+        hook.before_epoch(loop)
+    loop.bar = tqdm(loop.loader, total=loop.iters_per_epoch, desc=f"epoch {loop.epoch}",
+                    leave=False, disable=None)
+    for i, batch in enumerate(loop.bar):
+        loop.iteration = loop.epoch * loop.iters_per_epoch + i
+        if task.lr_per_iteration:
+            loop.lr = poly_lr(cfg.learning_rate, loop.iteration, loop.num_iters)
+            trainer.set_learning_rate(loop.lr)
+        metrics = _step(loop, batch)
+        for hook in hooks:
+            hook.after_step(loop, i, metrics)
+    loop.bar.close()
+
+
+def _step(loop: Loop, batch: Sequence[mx.nd.NDArray]) -> RunningMetrics:
+    """One optimizer step over every device; the batch's metrics, on the first device."""
+    task = loop.task
+    loop.inputs = task.inputs(batch, loop.contexts, loop.iteration)
+    with autograd.record():
+        loop.outputs = [task.forward(loop.net, device) for device in loop.inputs]
+    amp.backward([out["loss"] for out in loop.outputs], loop.trainer)
+    loop.trainer.step(loop.batch_size)
+    task.after_step()
+    metrics = RunningMetrics(task, loop.contexts[0])
+    task.update_metrics(metrics, loop.outputs, loop.inputs)
+    return metrics
 
 
 def _interrupted_message(cfg: Config, epoch: int, saved_epoch: int) -> str:

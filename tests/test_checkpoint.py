@@ -3,11 +3,11 @@ import mxnet as mx
 import numpy as np
 import pytest
 
-from icd.checkpoint import (PRETRAINED_COPIES, gather, initialize, is_imagenet_key,
-                            load_checkpoint, read_params, save_checkpoint)
+from icd.checkpoint import (PRETRAINED_COPIES, checkpoint_path, gather, initialize,
+                            is_imagenet_key, load_checkpoint, read_params, save_checkpoint)
 from icd.features import conv5_feature_extractor, load_backbone
 from icd.model import ICDNet, build_model
-from icd.train import checkpoint_path, train
+from icd.train import train
 
 
 def make_net():

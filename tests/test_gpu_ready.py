@@ -30,7 +30,7 @@ from icd.model import build_model
 from icd.model.icd_net import ICDNet
 from icd.segment import (canvas_side, predict_labels, predict_probabilities, segment,
                          write_label_map)
-from icd.train import Figures, ICDTask, make_trainer
+from icd.train import ICDTask, RunningMetrics, make_trainer
 
 DEVICES = [mx.cpu(1), mx.cpu(2)]
 
@@ -57,8 +57,8 @@ def _icd_step(tiny_config, contexts):
         autograd.backward([out["loss"] for out in outputs])
         trainer.step(cfg.batch_size)
         task.after_step()
-        batch_figures = Figures(task, contexts[0])
-        task.measure(batch_figures, outputs, inputs)
+        batch_figures = RunningMetrics(task, contexts[0])
+        task.update_metrics(batch_figures, outputs, inputs)
         figures.add(batch_figures)
         return inputs, outputs
     return task, net, trainer, loader, step
@@ -68,7 +68,7 @@ def test_training_step_keeps_every_array_on_its_device(tiny_config):
     task, net, _, loader, step = _icd_step(tiny_config, DEVICES)
     try:
         batch = next(iter(loader))
-        figures = Figures(task, DEVICES[0])
+        figures = RunningMetrics(task, DEVICES[0])
         inputs, outputs = step(batch, figures)
         for ctx, device_inputs, device_outputs in zip(DEVICES, inputs, outputs):
             losses = device_outputs.pop("losses")
@@ -125,7 +125,7 @@ def test_no_host_synchronisation_inside_a_training_step(tiny_config):
     figures queue work only; a step reads nothing back to the host."""
     task, net, _, loader, step = _icd_step(tiny_config, DEVICES)
     try:
-        figures = Figures(task, DEVICES[0])
+        figures = RunningMetrics(task, DEVICES[0])
         batches = iter(loader)
         for _ in range(2):
             batch = next(batches)

@@ -17,14 +17,14 @@ from mxnet import autograd, gluon
 
 import icd.io
 import icd.train
-from icd.checkpoint import read_params, read_states, load_states, save_states
+from icd.checkpoint import (checkpoint_path, complete_checkpoints, last_complete_epoch, load_states,
+                            read_params, read_states, save_states)
 from icd.commands.train import check_resume
 from icd.infer import infer
 from icd.io import FolderInUse, exclusive_lock, write_json
 from icd.provenance import ProvenanceError, lock_path, producing
 from icd.seeds import make_seeds
-from icd.train import (checkpoint_path, complete_checkpoints, last_complete_epoch, snapshot_lock,
-                       train)
+from icd.train import snapshot_lock, train
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,13 +12,12 @@ import mxnet as mx
 import numpy as np
 import pytest
 
-from icd.checkpoint import read_params
+from icd.checkpoint import checkpoint_path, read_params
 from icd.data.synthetic import DEFAULT_CLASSES
 from icd.devices import parse_devices
 from icd.infer import OUTPUT_FOLDERS, infer
 from icd.model import MODELS, CAMNet, register
-from icd.train import (TrainingDiverged, TrainingInterrupted, checkpoint_path, poly_lr, task_for,
-                       train)
+from icd.train import TrainingDiverged, TrainingInterrupted, poly_lr, task_for, train
 
 from conftest import REPO
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import icd.train
-from icd.checkpoint import read_params
+from icd.checkpoint import checkpoint_path, read_params
 from icd.config import load_config
 from icd.data.synthetic import make_synthetic_voc
 from icd.data.voc import read_list, read_mask
@@ -19,7 +19,7 @@ from icd.evaluate import confusion_matrix, evaluate_seeds
 from icd.io import write_json
 from icd.provenance import record_path
 from icd.segment import segment
-from icd.train import TrainingDiverged, checkpoint_path, poly_lr, train
+from icd.train import TrainingDiverged, poly_lr, train
 
 from conftest import REPO
 

@@ -13,7 +13,7 @@ import os
 from typing import Optional, Sequence
 
 from ..infer import infer
-from ..train import checkpoint_path
+from ..checkpoint import checkpoint_path
 from .options import add_config_arguments, config_from, devices_for
 from .runner import Parser, non_negative_int, run, shard
 

@@ -19,12 +19,11 @@ import os
 from typing import Optional, Sequence
 
 from .. import amp
-from ..checkpoint import load_checkpoint
+from ..checkpoint import checkpoint_path, load_checkpoint
 from ..data.classes import dataset_classes
 from ..model import build_model, model_spec
 from ..provenance import producing, require_checkpoint_classes
 from ..segment import CANVAS_STEP, evaluate_predictions, segment, segment_settings
-from ..train import checkpoint_path
 from .options import add_config_arguments, config_from, devices_for
 from .runner import Parser, non_negative_int, positive_int, run, shard
 

@@ -18,10 +18,10 @@ import argparse
 import os
 from typing import Optional, Sequence
 
-from ..checkpoint import read_states
+from ..checkpoint import checkpoint_path, read_states
 from ..config import Config
 from ..paper import resume_auto
-from ..train import EXIT_STATUSES, TrainingDiverged, checkpoint_path, train
+from ..train import EXIT_STATUSES, TrainingDiverged, train
 from .options import add_config_arguments, config_from, devices_for
 from .runner import Parser, run
 

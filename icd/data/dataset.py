@@ -146,6 +146,7 @@ class TrainLoader(gluon.data.DataLoader):
 
     def __init__(self, dataset: TrainDataset, batch_size: int, num_workers: int = 0,
                  shard: Tuple[int, int] = (0, 1), pin_memory: Optional[bool] = None):
+        self.dataset = dataset
         self.epoch_sampler = EpochShuffleSampler(len(dataset), dataset.seed, shard, batch_size)
         # release: drop the last partial batch
         super().__init__(dataset, num_workers=num_workers, pin_memory=_pin(pin_memory),
@@ -219,6 +220,8 @@ def infer_loader(image_root: str, superpixel_root: str, annotation_root: str, da
     dataset = InferDataset(image_root, superpixel_root, annotation_root, data_list,
                            image_size=image_size, batch_size=batch_size, shard=shard,
                            classes=classes)
-    return gluon.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
-                                 last_batch="keep", num_workers=num_workers,
-                                 pin_memory=_pin(pin_memory))
+    loader = gluon.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
+                                   last_batch="keep", num_workers=num_workers,
+                                   pin_memory=_pin(pin_memory))
+    loader.dataset = dataset   # public, as TrainLoader's (Gluon keeps it private)
+    return loader
