@@ -1,5 +1,6 @@
 """Evaluation of seeds and score maps: seed mIoU (Table 3), threshold study (Table 2),
-pixel-level AP (Table 1, Fig. 5), with JSON, markdown and figure reports.
+pixel-level AP (Table 1, Fig. 5) of result folders, with JSON and markdown reports; the
+numbers on arrays are icd.metrics', the figures icd.plots'.
 
 Definitions (docs/release.md section 8 and the paper, Sec. 5.4):
 
@@ -35,50 +36,25 @@ from PIL import Image
 from tqdm import tqdm
 
 from .data.classes import segmentation_classes
-from .data.voc import IGNORE_LABEL, VOC_CLASSES, read_image, read_image_labels, read_list, \
+from .data.voc import IGNORE_LABEL, VOC_CLASSES, read_image_labels, read_list, \
     read_mask
 from .io import atomic_path, write_json
+from .metrics import average_precision, class_iou, confusion_matrix, mean_iou, percent
+from .plots import METHOD_NAMES, plot_class_ap, plot_seed_overlays, plot_threshold_study
 from .provenance import require_complete, require_folder_classes, score_infer_size
 from .pool import map_images
-from .visualize import overlay
 from .seeds import INFER_SIZE, load_image_scores, load_scores, resize_scores, \
     seed_from_scores
 
 SEG_CLASSES = segmentation_classes(VOC_CLASSES)   # VOC's 21 label names, the default
 NUM_SEG_CLASSES = len(SEG_CLASSES)
-IOU_EPS = 1e-10                     # release: IoU = diag / (row + col - diag + 1e-10)
 THRESHOLDS = (0.0, 0.1, 0.3, 0.5)   # Table 2
 # method of Tables 1-2 -> the score folder its seeds and AP come from
 METHOD_SCORE_FOLDERS = {"cam": "scores_cam", "icd": "scores_icd"}
-METHOD_NAMES = {"cam": "CAM", "icd": "Ours (ICD)"}
 
 
 # ---------------------------------------------------------------------------------------------
 # Seed mIoU
-
-def confusion_matrix(gt: np.ndarray, seed: np.ndarray,
-                     num_classes: int = NUM_SEG_CLASSES) -> np.ndarray:
-    """(num_classes, num_classes) int64 counts, rows gt, columns seed, over the pixels where both
-    gt and seed are < num_classes (release rule). gt, seed: (H, W) integer label maps."""
-    if gt.shape != seed.shape:
-        raise ValueError(f"ground truth {gt.shape} and seed {seed.shape} differ in shape")
-    gt = gt.astype(np.int64).ravel()
-    seed = seed.astype(np.int64).ravel()
-    keep = (gt < num_classes) & (seed < num_classes)
-    return np.bincount(gt[keep] * num_classes + seed[keep],
-                       minlength=num_classes ** 2).reshape(num_classes, num_classes)
-
-
-def class_iou(confusion: np.ndarray) -> np.ndarray:
-    """(K,) IoU per class from a (K, K) confusion matrix: diag / (row + col − diag + 1e-10)."""
-    diag = np.diag(confusion).astype(np.float64)
-    return diag / (confusion.sum(axis=0) + confusion.sum(axis=1) - diag + IOU_EPS)
-
-
-def mean_iou(confusion: np.ndarray) -> float:
-    """Release mIoU: the mean of `class_iou` over all classes."""
-    return float(class_iou(confusion).mean())
-
 
 def _map_sum(func: Callable[[str], Tuple[np.ndarray, ...]], names: Sequence[str],
              workers: int, desc: str) -> Tuple[np.ndarray, ...]:
@@ -167,30 +143,6 @@ def threshold_study(results_dir: str, gt_root: str, annotation_root: str, names:
 # ---------------------------------------------------------------------------------------------
 # Pixel-level AP (Table 1, Fig. 5)
 
-def average_precision(positive_scores: np.ndarray, negative_scores: np.ndarray) -> float:
-    """Step-wise AP = Σ_k (R_k − R_{k−1}) P_k over distinct thresholds, decreasing.
-
-    Recall only moves at thresholds equal to a positive score, so the sum runs over the distinct
-    positive scores t: TP(t) = #positives ≥ t, FP(t) = #negatives ≥ t (ties form one threshold).
-    Both arrays are sorted IN PLACE (no index arrays: 4 bytes per pixel in all).
-
-    Args: positive_scores (P,), negative_scores (N,) float arrays (1-D, writable).
-    Returns: AP in [0, 1]; nan when there is no positive.
-    """
-    if positive_scores.size == 0:
-        return float("nan")
-    positive_scores.sort()
-    negative_scores.sort()
-    distinct = np.ones(positive_scores.size, bool)
-    distinct[:-1] = positive_scores[1:] != positive_scores[:-1]
-    thresholds = positive_scores[distinct][::-1]                     # decreasing
-    tp = positive_scores.size - np.searchsorted(positive_scores, thresholds, side="left")
-    fp = negative_scores.size - np.searchsorted(negative_scores, thresholds, side="left")
-    precision = tp / (tp + fp).astype(np.float64)
-    recall_step = np.diff(tp, prepend=0) / float(positive_scores.size)
-    return float(np.sum(recall_step * precision))
-
-
 def _image_size(path: str) -> Tuple[int, int]:
     """(H, W) of a PNG from its header (no decoding)."""
     if not os.path.isfile(path):
@@ -258,11 +210,6 @@ def pixel_ap(results_dir: str, gt_root: str, annotation_root: str, names: Sequen
 # ---------------------------------------------------------------------------------------------
 # Reports
 
-def percent(value: Optional[float]) -> str:
-    """A fraction as a percentage with one decimal; "–" for a missing value."""
-    return "–" if value is None else f"{100 * value:.1f}"
-
-
 def markdown_report(report: Mapping[str, object]) -> str:
     """The evaluation as markdown tables laid out like the paper's (values in %); the per-class
     tables list the classes the report's results name."""
@@ -299,77 +246,6 @@ def markdown_report(report: Mapping[str, object]) -> str:
                          f"{percent(cam['recall'])} | {percent(icd['recall'])} |")
         lines.append("")
     return "\n".join(lines)
-
-
-def pyplot():
-    """matplotlib.pyplot on the Agg backend (imported on first use: no side effect on import)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def save_figure(fig, path: str) -> None:
-    """Write a figure as PNG atomically and release it."""
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
-    pyplot().close(fig)
-
-
-def plot_threshold_study(study: Mapping[str, Mapping[str, Mapping[str, float]]],
-                         path: str) -> None:
-    """Table 2 as curves: mIoU and recall (%) against T, CAM vs ICD."""
-    plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-    for ax, metric in zip(axes, ("miou", "recall")):
-        for kind, curve in study.items():
-            ax.plot([float(t) for t in curve], [100 * v[metric] for v in curve.values()],
-                    marker="o", label=METHOD_NAMES.get(kind, kind))
-        ax.set_xlabel("threshold T")
-        ax.set_ylabel(("mIoU" if metric == "miou" else "recall") + " (%)")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    save_figure(fig, path)
-
-
-def plot_class_ap(ap: Mapping[str, Mapping[str, object]], path: str) -> None:
-    """Fig. 5: per-class AP bars (%), one bar group per class of the results, CAM vs ICD."""
-    plt = pyplot()
-    classes = list(next(iter(ap.values()))["ap"])
-    fig, ax = plt.subplots(figsize=(max(12.0, 0.3 * len(classes)), 3.5))
-    width = 0.8 / max(len(ap), 1)
-    x = np.arange(len(classes))
-    for i, (kind, r) in enumerate(ap.items()):
-        ax.bar(x + (i - (len(ap) - 1) / 2) * width,
-               [np.nan if r["ap"][c] is None else 100 * r["ap"][c] for c in classes],
-               width, label=f"{METHOD_NAMES.get(kind, kind)} (mAP {percent(r['map'])})")
-    ax.set_xticks(x)
-    ax.set_xticklabels(classes, rotation=45, ha="right")
-    ax.set_ylabel("AP (%)")
-    ax.legend()
-    save_figure(fig, path)
-
-
-def plot_seed_overlays(image_root: str, gt_root: str, seed_dirs: Mapping[str, str],
-                       names: Sequence[str], path: str,
-                       classes: Sequence[str] = VOC_CLASSES) -> None:
-    """One row per image: the image, each seed folder's overlay, the ground truth overlay."""
-    plt = pyplot()
-    columns = ["image", *seed_dirs, "ground truth"]
-    fig, axes = plt.subplots(len(names), len(columns), squeeze=False,
-                             figsize=(2.6 * len(columns), 2.2 * len(names)))
-    for row, name in zip(axes, names):
-        image = read_image(os.path.join(image_root, name + ".jpg"))
-        panels = [image] + [overlay(image, read_mask(os.path.join(d, name + ".png")),
-                                    classes=classes) for d in seed_dirs.values()]
-        panels.append(overlay(image, read_mask(os.path.join(gt_root, name + ".png")),
-                              classes=classes))
-        for ax, panel, title in zip(row, panels, columns):
-            ax.imshow(panel)
-            ax.set_title(f"{name}: {title}" if title == "image" else title, fontsize=8)
-            ax.axis("off")
-    save_figure(fig, path)
 
 
 def evaluate(results_dir: str, gt_root: str, data_list: str,

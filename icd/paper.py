@@ -48,7 +48,8 @@ from .features import make_feature_factory
 from .data.superpixels import make_superpixels
 from .data.voc import read_list
 from .devices import parse_devices
-from .evaluate import THRESHOLDS, evaluate, image_confusions, percent
+from .evaluate import THRESHOLDS, evaluate, image_confusions
+from .metrics import percent
 from .infer import infer
 from .io import atomic_path, read_json, write_json
 from .model import build_model

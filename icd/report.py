@@ -36,10 +36,12 @@ from .constants import MAX_REGIONS
 from .data.synthetic import MARKER_AREA
 from .data.transforms import SCALES
 from .data.voc import read_image_labels, read_list, read_mask
-from .evaluate import image_confusions, image_statistics, percent, plot_seed_overlays, \
-    pyplot, save_figure
+from .evaluate import image_confusions, image_statistics
+from .metrics import percent
 from .io import atomic_path, read_json, write_json
+from .model import model_spec
 from .pipeline import Run
+from .plots import plot_seed_overlays, pyplot, save_figure
 from .seeds import EPS, INFER_SIZE
 from .stats import AP_BINS, BOOTSTRAP_SEED, LEVEL, RESAMPLES, VERDICTS, class_histograms, \
     compare, map_statistic, miou_statistic, resample_weights
@@ -596,8 +598,8 @@ def _plot_training(trainings: Mapping[str, Config], path: str) -> List[str]:
             continue
         epochs = [r["epoch"] + 1 for r in records]
         for ax, key in zip(axes, ("cam_loss", "td_loss", "recall")):
-            if key == "td_loss" and cfg.model != "vgg16_icd":
-                continue
+            if key.endswith("_loss") and key not in model_spec(cfg.model).losses:
+                continue   # a loss the model does not compute (CAM-only: L_td)
             ax.plot(epochs, [r[key] for r in records], marker=".", label=which)
         shown.append(which)
     for ax, key in zip(axes, ("L_cam (per image)", "L_td (per image)",
@@ -624,11 +626,36 @@ def write_report(inputs: ReportInputs, run: Run) -> str:
     returns the path of report.md. `run` gives the step times and this invocation's clock."""
     started = run.elapsed()
     report_dir = os.path.join(inputs.out, "report")
-    figures = os.path.join(report_dir, "figures")
     tables = {split: split_tables(inputs, split) for split in SPLITS}
     samples = {split: split_samples(inputs, split, tables[split]) for split in SPLITS}
     claims = {split: check_claims(samples[split]) for split in SPLITS}
     binning = max(binning_error(tables[s], samples[s]) for s in SPLITS)
+    trained, pictures = _write_figures(inputs, tables, os.path.join(report_dir, "figures"))
+    timing, total = _timing_lines(run, run.current or "report")
+    segmentation_rows, segmentation_claims, segmentation = segmentation_results(inputs)
+    lines = (_run_lines(inputs, tables, trained, timing, total, run, started)
+             + _claims_lines(claims, samples, binning)
+             + _segmentation_lines(inputs, segmentation_rows, segmentation_claims))
+    for split in SPLITS:
+        lines += _split_lines(tables[split], split)
+    lines += _picture_lines(pictures, report_dir) + _files_lines(tables)
+    path = os.path.join(report_dir, "report.md")
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines))
+    write_json(os.path.join(report_dir, "report.json"),
+               {"tables": tables, "claims": claims, "segmentation": segmentation,
+                "steps_seconds": total,
+                "positive_share": {s: samples[s]["positive_share"] for s in SPLITS},
+                "bootstrap": {"resamples": RESAMPLES, "level": LEVEL, "seed": BOOTSTRAP_SEED,
+                              "ap_bins": AP_BINS, "ap_binning_error": binning}})
+    return path
+
+
+def _write_figures(inputs: ReportInputs, tables: Mapping, figures: str
+                   ) -> Tuple[List[str], Dict[str, Dict[str, List[str]]]]:
+    """The report's figures: per split the threshold curves, per-class AP and seed overlays;
+    the training curves; copies of the training and inference pictures. Returns the models
+    with training curves and {"train_demo" | "infer_demo": {model: copied pictures}}."""
     for split in SPLITS:
         _plot_thresholds(tables[split], os.path.join(figures, f"threshold_study_{split}.png"),
                          f"Table 2 as curves, {split} split")
@@ -644,21 +671,23 @@ def write_report(inputs: ReportInputs, run: Run) -> str:
                            read_list(inputs.lists[split])[:4],
                            os.path.join(figures, f"seed_overlays_{split}.png"), inputs.classes)
     trained = _plot_training(inputs.trainings, os.path.join(figures, "training_curves.png"))
-    demo_images = {}
+    pictures: Dict[str, Dict[str, List[str]]] = {"train_demo": {}, "infer_demo": {}}
     for which in trained:
         for src in sorted(glob.glob(os.path.join(inputs.trainings[which].snapshot, "demo",
                                                  "*.jpg"))):
             dst = os.path.join(figures, "train_demo", which, os.path.basename(src))
-            demo_images.setdefault(which, []).append(_copy(src, dst))
-    sheets = {}
+            pictures["train_demo"].setdefault(which, []).append(_copy(src, dst))
     for model, results in inputs.results.items():
         for src in sorted(glob.glob(os.path.join(results["train"], "scores_demo", "*.jpg"))):
             dst = os.path.join(figures, "infer_demo", model, os.path.basename(src))
-            sheets.setdefault(model, []).append(_copy(src, dst))
+            pictures["infer_demo"].setdefault(model, []).append(_copy(src, dst))
+    return trained, pictures
 
-    rel = lambda p: os.path.relpath(p, report_dir)  # noqa: E731
-    report_step = run.current or "report"
-    timing, total = _timing_lines(run, report_step)
+
+def _run_lines(inputs: ReportInputs, tables: Mapping, trained: Sequence[str],
+               timing: List[str], total: float, run: Run, started: float) -> List[str]:
+    """The report's head: what was run (data, superpixels, sizes, settings, initialisation),
+    the training figures and the time per step."""
     data = inputs.dataset
     classes = tables["train"]["present"][1:]
     lines = ["# ICD on the synthetic dataset: CAM vs ICD, measured", "",
@@ -696,38 +725,44 @@ def write_report(inputs: ReportInputs, run: Run) -> str:
                  f"and had taken {started:.0f} s when it started the report"
                  if len(run.executed) > 1 else "")
               + ". The wall time of `time python tools/demo.py` adds the interpreter start-up "
-              "and this report.", "",
-              "## Claims (train split, as in the paper), for this trained model", "",
-              "**What a verdict covers.** The intervals below come from resampling the images "
-              "of one trained CAM baseline and one trained ICD model: they say how sure each "
-              "difference is for these two models, not for the method. Training again with "
-              "another seed moves the numbers by more: on the demo's data and settings, from "
-              "the same stand-in and with only the training seed changed, ICD seeds + CRF "
-              "ranged from {} to {}% mIoU over {} training seeds (the authors' release on the "
-              "same data and start: {} to {}% over {}; measured once for issue #23, not by "
-              "this run). `icd-run --repeat N` and `icd-compare` with several runs per side "
-              "resample the training seeds as well.".format(
-                  *[percent(v) for v in TRAINING_SEED_SPREAD["ours"][:2]],
-                  TRAINING_SEED_SPREAD["ours"][2],
-                  *[percent(v) for v in TRAINING_SEED_SPREAD["release"][:2]],
-                  TRAINING_SEED_SPREAD["release"][2]), "",
-              "Checked on the train split because the paper evaluates seeds on the VOC12 "
-              "training set (seeds are made for training images); mIoU over the classes "
-              "present in the ground truth. The held-out val split is checked the same way "
-              "below for information only. Nothing was tuned on these numbers.", "",
-              f"**How a claim is judged.** Each claim compares two sets of scores or seeds on "
-              f"the same images. Its uncertainty comes from a bootstrap over images: "
-              f"{RESAMPLES} resamples of the split's images with replacement (seed "
-              f"{BOOTSTRAP_SEED}, the same resamples for every claim of a split), each "
-              "recomputing both values as the evaluation does (mIoU from the summed per-image "
-              "confusion matrices; pixel mAP from the pooled pixels of the resampled images); "
-              f"the {LEVEL:.0%} interval runs from the {50 * (1 - LEVEL):g}th to the "
-              f"{50 * (1 + LEVEL):g}th percentile of the differences. **PASS**: the whole "
-              "interval lies above 0; **FAIL**: it lies below 0 (the opposite holds); "
-              "**UNCLEAR**: it contains 0, so no difference cannot be ruled out. A claim over "
-              "every threshold passes only if every threshold passes, and fails if one fails. "
-              f"The resampled AP ranks pixels in {AP_BINS} score bins per class, which moves "
-              f"the mAP by at most {100 * binning:.2f} points from Table 1's exact values.", ""]
+              "and this report.", ""]
+    return lines
+
+
+def _claims_lines(claims: Mapping, samples: Mapping, binning: float) -> List[str]:
+    """What a verdict covers and how it is judged, the train split's claims and the val
+    split's."""
+    lines = ["## Claims (train split, as in the paper), for this trained model", "",
+             "**What a verdict covers.** The intervals below come from resampling the images "
+             "of one trained CAM baseline and one trained ICD model: they say how sure each "
+             "difference is for these two models, not for the method. Training again with "
+             "another seed moves the numbers by more: on the demo's data and settings, from "
+             "the same stand-in and with only the training seed changed, ICD seeds + CRF "
+             "ranged from {} to {}% mIoU over {} training seeds (the authors' release on the "
+             "same data and start: {} to {}% over {}; measured once for issue #23, not by "
+             "this run). `icd-run --repeat N` and `icd-compare` with several runs per side "
+             "resample the training seeds as well.".format(
+                 *[percent(v) for v in TRAINING_SEED_SPREAD["ours"][:2]],
+                 TRAINING_SEED_SPREAD["ours"][2],
+                 *[percent(v) for v in TRAINING_SEED_SPREAD["release"][:2]],
+                 TRAINING_SEED_SPREAD["release"][2]), "",
+             "Checked on the train split because the paper evaluates seeds on the VOC12 "
+             "training set (seeds are made for training images); mIoU over the classes "
+             "present in the ground truth. The held-out val split is checked the same way "
+             "below for information only. Nothing was tuned on these numbers.", "",
+             f"**How a claim is judged.** Each claim compares two sets of scores or seeds on "
+             f"the same images. Its uncertainty comes from a bootstrap over images: "
+             f"{RESAMPLES} resamples of the split's images with replacement (seed "
+             f"{BOOTSTRAP_SEED}, the same resamples for every claim of a split), each "
+             "recomputing both values as the evaluation does (mIoU from the summed per-image "
+             "confusion matrices; pixel mAP from the pooled pixels of the resampled images); "
+             f"the {LEVEL:.0%} interval runs from the {50 * (1 - LEVEL):g}th to the "
+             f"{50 * (1 + LEVEL):g}th percentile of the differences. **PASS**: the whole "
+             "interval lies above 0; **FAIL**: it lies below 0 (the opposite holds); "
+             "**UNCLEAR**: it contains 0, so no difference cannot be ruled out. A claim over "
+             "every threshold passes only if every threshold passes, and fails if one fails. "
+             f"The resampled AP ranks pixels in {AP_BINS} score bins per class, which moves "
+             f"the mAP by at most {100 * binning:.2f} points from Table 1's exact values.", ""]
     lines += _claims_table(claims["train"], bold=True)
     lines += _positive_share_lines(samples["train"]["positive_share"])
     counts = {v: sum(c["verdict"] == v for c in claims["train"]) for v in VERDICTS}
@@ -735,53 +770,63 @@ def write_report(inputs: ReportInputs, run: Run) -> str:
               f"{counts['UNCLEAR']} unclear, {counts['FAIL']} fail.", "",
               "Val split (held out, information only):", ""]
     lines += _claims_table(claims["val"], bold=False)
-    segmentation_rows, segmentation_claims, segmentation = segmentation_results(inputs)
-    if segmentation_rows:
-        lines += ["## Segmentation on the seeds (the paper's Tables 7-8, measured here)", "",
-                  "DeepLab-LargeFOV trained on each label source of the train split (from the "
-                  "same stand-in initialisation as CAM and ICD), predicted and evaluated on the "
-                  "held-out val split: the use the seeds are made for. The ground-truth row is "
-                  "the fully-supervised upper bound.", ""]
-        lines += _md_table(["Labels (train split)", "Network", "val mIoU (present classes)",
-                            f"val mIoU (all {len(inputs.classes) + 1} labels)"],
-                           segmentation_rows)
-        lines += [""] + _claims_table(segmentation_claims, bold=False)
-    for split in SPLITS:
-        lines += _split_markdown(tables[split], split, split == "train")
-        lines += [f"![threshold study {split}](figures/threshold_study_{split}.png)", "",
-                  f"![per-class AP {split}](figures/class_ap_{split}.png)", "",
-                  f"Seeds of the first images of the {split} list (CAM baseline, CAM baseline + "
-                  "CRF, then the Table 3 rows, then the ground truth; black = background, "
-                  "cream = undefined):", "",
-                  f"![seed overlays {split}](figures/seed_overlays_{split}.png)", ""]
-    lines += ["## Training", "", "![training curves](figures/training_curves.png)", "",
-              "Per-epoch training pictures (image, then red = positive / blue = negative "
-              "score of the first label: CAM for CAM-only models; bottom-up S and top-down S'' "
-              "for ICD), the last epoch of each model shown; every epoch under "
-              "`figures/train_demo/`:", ""]
-    for which, paths in demo_images.items():
+    return lines
+
+
+def _segmentation_lines(inputs: ReportInputs, rows: List[List[str]],
+                        claims: List[Dict]) -> List[str]:
+    """Tables 7-8 measured: DeepLab on each label source (nothing when it was not run)."""
+    if not rows:
+        return []
+    lines = ["## Segmentation on the seeds (the paper's Tables 7-8, measured here)", "",
+             "DeepLab-LargeFOV trained on each label source of the train split (from the "
+             "same stand-in initialisation as CAM and ICD), predicted and evaluated on the "
+             "held-out val split: the use the seeds are made for. The ground-truth row is "
+             "the fully-supervised upper bound.", ""]
+    lines += _md_table(["Labels (train split)", "Network", "val mIoU (present classes)",
+                        f"val mIoU (all {len(inputs.classes) + 1} labels)"],
+                       rows)
+    lines += [""] + _claims_table(claims, bold=False)
+    return lines
+
+
+def _split_lines(tables: Mapping, split: str) -> List[str]:
+    """A split's tables (Tables 1-3 measured) with its figures."""
+    return _split_markdown(tables, split, split == "train") + [
+        f"![threshold study {split}](figures/threshold_study_{split}.png)", "",
+        f"![per-class AP {split}](figures/class_ap_{split}.png)", "",
+        f"Seeds of the first images of the {split} list (CAM baseline, CAM baseline + CRF, then "
+        "the Table 3 rows, then the ground truth; black = background, cream = undefined):", "",
+        f"![seed overlays {split}](figures/seed_overlays_{split}.png)", ""]
+
+
+def _picture_lines(pictures: Mapping[str, Mapping[str, List[str]]],
+                   report_dir: str) -> List[str]:
+    """The training curves, the last epoch image of each model and the inference sheets."""
+    rel = lambda p: os.path.relpath(p, report_dir)  # noqa: E731
+    lines = ["## Training", "", "![training curves](figures/training_curves.png)", "",
+             "Per-epoch training pictures (image, then red = positive / blue = negative "
+             "score of the first label: CAM for CAM-only models; bottom-up S and top-down S'' "
+             "for ICD), the last epoch of each model shown; every epoch under "
+             "`figures/train_demo/`:", ""]
+    for which, paths in pictures["train_demo"].items():
         lines += [f"- {which}: ![{which} last epoch]({rel(paths[-1])})"]
     lines += ["", "## Inference demo sheets (train split)", "",
               "Rows: images of the class; columns: image, CAM, ICD S'' (ICD model) or image, "
               "CAM (CAM baseline). All under `figures/infer_demo/`.", ""]
-    for model, paths in sheets.items():
+    for model, paths in pictures["infer_demo"].items():
         lines.append(f"**{'ICD model' if model == 'icd' else 'CAM baseline'}:** "
                      + " ".join(f"![{model} {os.path.basename(p)}]({rel(p)})" for p in paths))
         lines.append("")
-    lines += ["## Files", "",
-              "- `report.json`: every number of this report (fractions), the claims with their "
-              "intervals.",
-              "- `results_*/<split>/eval/eval.{json,md}`: the evaluation's own reports "
-              f"({tables['train']['num_labels']}-label rule).",
-              "- `results_*/<split>/seeds/*`: seed PNGs; `scores_*`: score maps (release layout).",
-              ""]
-    path = os.path.join(report_dir, "report.md")
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        f.write("\n".join(lines))
-    write_json(os.path.join(report_dir, "report.json"),
-               {"tables": tables, "claims": claims, "segmentation": segmentation,
-                "steps_seconds": total,
-                "positive_share": {s: samples[s]["positive_share"] for s in SPLITS},
-                "bootstrap": {"resamples": RESAMPLES, "level": LEVEL, "seed": BOOTSTRAP_SEED,
-                              "ap_bins": AP_BINS, "ap_binning_error": binning}})
-    return path
+    return lines
+
+
+def _files_lines(tables: Mapping) -> List[str]:
+    """Where the report's numbers and the results are."""
+    return ["## Files", "",
+            "- `report.json`: every number of this report (fractions), the claims with their "
+            "intervals.",
+            "- `results_*/<split>/eval/eval.{json,md}`: the evaluation's own reports "
+            f"({tables['train']['num_labels']}-label rule).",
+            "- `results_*/<split>/seeds/*`: seed PNGs; `scores_*`: score maps (release layout).",
+            ""]

@@ -17,7 +17,7 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .evaluate import IOU_EPS
+from .metrics import IOU_EPS
 
 RESAMPLES = 1000         # bootstrap resamples of the image set
 LEVEL = 0.95             # two-sided percentile interval of the bootstrap differences

@@ -17,8 +17,8 @@ from icd.checkpoint import read_params
 from icd.data.classes import read_classes
 from icd.data.synthetic import DEFAULT_CLASSES
 from icd.data.voc import read_image_labels, read_mask
-from icd.evaluate import NUM_SEG_CLASSES, average_precision, class_iou, confusion_matrix, \
-    image_statistics, mean_iou
+from icd.evaluate import NUM_SEG_CLASSES, image_statistics
+from icd.metrics import average_precision, class_iou, confusion_matrix, mean_iou
 from icd.io import read_json
 
 
@@ -292,7 +292,7 @@ def image_confusions(rng, num_images, error_rate):
     for i in range(num_images):
         gt = rng.choice([0, 3], size=(20, 20))
         flip = rng.random(gt.shape) < error_rate
-        out[i] = confusion_matrix(gt, np.where(flip, 3 - gt, gt))
+        out[i] = confusion_matrix(gt, np.where(flip, 3 - gt, gt), NUM_SEG_CLASSES)
     return out
 
 

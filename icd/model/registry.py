@@ -9,7 +9,7 @@ constructor takes beyond the common ones; `build_model` serves them all.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from mxnet.gluon import HybridBlock
 
@@ -24,6 +24,12 @@ class ModelSpec:
     constructor: Callable[..., HybridBlock]
     task: Optional[str] = None
     options: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def losses(self) -> Tuple[str, ...]:
+        """The loss terms the model computes (its class's `loss_names`); () when it names none."""
+        constructor = getattr(self.constructor, "func", self.constructor)   # functools.partial
+        return tuple(getattr(constructor, "loss_names", ()))
 
 
 MODELS: Dict[str, ModelSpec] = {}
