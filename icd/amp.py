@@ -31,7 +31,8 @@ from mxnet.contrib import amp as mx_amp
 from mxnet.contrib.amp import amp as mx_amp_lists
 from mxnet.contrib.amp.loss_scaler import LossScaler
 
-PRECISIONS = ("off", "bf16", "fp16")
+from .constants import PRECISIONS
+
 DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
 
 # Operators kept in float32 beyond MXNet's own list: BatchNorm (which AMP lets follow its input),

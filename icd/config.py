@@ -13,61 +13,183 @@ import math
 import os
 import typing
 from dataclasses import dataclass
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import yaml
 
+from .constants import BOTTOM_UP_VARIANTS, FEATURES, KVSTORES, OPTIMIZERS, PRECISIONS, TOP_DOWN
 from .data.classes import read_classes
+
+
+# The commands that read a field (icd.commands.options: each command's --help lists its fields)
+ALL = ("train", "infer", "train_seg", "infer_seg")
+TRAINING = ("train", "train_seg")
+ICD = ("train", "infer")
+INFERENCE = ("infer", "infer_seg")
+RANGES = ("positive", "non_negative", "fraction")   # > 0, >= 0, [0, 1)
+REGISTERED_MODELS = "registered models"   # the model registry's names (icd.model: loads MXNet)
+
+
+def option(default: Any, help: str, used_by: Sequence[str],
+           choices: Union[Sequence[str], str, None] = None, range: Optional[str] = None,
+           flag_min: Optional[int] = None) -> Any:
+    """A Config field defined once: its default, its --help text (the default is appended
+    unless the text states it), the commands that read it, its allowed values (`choices`, or
+    REGISTERED_MODELS), its range (RANGES; checked for the YAML file and the flags alike;
+    floats are always finite) and `flag_min`, a lower bound for the flag alone (cpus: 0 is the
+    field's "not set", not a choice)."""
+    if range is not None and range not in RANGES:
+        raise ValueError(f"range {range!r}: one of {RANGES}")
+    return dataclasses.field(default=default, metadata=dict(
+        help=help, used_by=tuple(used_by), choices=choices, range=range, flag_min=flag_min))
 
 
 @dataclass
 class Config:
-    # data (release flags)
-    image_root: str = "./data/VOC2012/JPEGImages"
-    annotation_root: str = "./data/VOC2012/Annotations"
-    superpixel_root: str = "./data/superpixels"
-    data_list: str = "./data/VOC2012/ImageSets/Segmentation/train_aug.txt"
-    classes: Optional[str] = None         # class-list file (icd.data.classes); None = VOC's 20
+    # data (the release's flags)
+    image_root: str = option("./data/VOC2012/JPEGImages",
+        "folder of <name>.jpg",
+        used_by=ALL)
+    annotation_root: str = option("./data/VOC2012/Annotations",
+        "folder of <name>.xml (image-level labels)",
+        used_by=TRAINING + ("infer",))
+    superpixel_root: str = option("./data/superpixels",
+        "folder of <name>.png superpixels",
+        used_by=ICD)
+    data_list: str = option("./data/VOC2012/ImageSets/Segmentation/train_aug.txt",
+        "list file, one image name per line",
+        used_by=ALL)
+    classes: Optional[str] = option(None,
+        "class-list file: one foreground class name per line in label order, background implicit "
+        "as label 0 (e.g. the classes.txt of icd-coco-to-voc); '' = VOC's 20 (default: PASCAL "
+        "VOC's 20 classes)",
+        used_by=ALL)
+
     # model
-    model: str = "vgg16_icd"              # vgg16_icd | vgg16_cam (the CAM-only baseline)
-    pretrained: Optional[str] = None      # vgg16_20M.params; None = random init (demo, tests)
-    num_cls: int = 20                     # follows `classes` (load_config checks it)
-    width: float = 1.0                    # channel multiplier; 1.0 = the paper's VGG16
-    dropout: float = 0.5
-    bottom_up_features: str = "conv5"     # Table 5: conv4 | conv5 | fc6 | concat
-    bottom_up_loss: str = "bu"            # Table 4: bu (L_bu) | abs (L_abs) | sig (L_sig)
-    top_down: str = "c"                   # Table 6: a | b | c | d
+    model: str = option("vgg16_icd",
+        "vgg16_icd, vgg16_cam (the CAM-only baseline), or vgg16_bn_cam (with BatchNorm: the "
+        "demo's stand-in pre-training)",
+        choices=REGISTERED_MODELS, used_by=ALL)
+    pretrained: Optional[str] = option(None,
+        "ImageNet initialisation file (the release's VGG16 weights, not shipped); '' = random "
+        "init (default: random init)",
+        used_by=TRAINING)
+    num_cls: int = option(20,
+        "number of foreground classes; follows --classes, a different value is an error (default: "
+        "the class list's length, 20 for VOC)",
+        range="positive", used_by=ALL)
+    width: float = option(1.0,
+        "channel multiplier of VGG16; 1.0 = the paper's network",
+        range="positive", used_by=ALL)
+    dropout: float = option(0.5,
+        "dropout of fc6/fc7, in [0, 1)",
+        range="fraction", used_by=TRAINING)
+
+    # ICD's variants (Tables 4-6) and its top-down warm-up
+    bottom_up_features: str = option("conv5",
+        "features of the bottom-up estimation (Table 5)",
+        choices=FEATURES, used_by=ICD)
+    bottom_up_loss: str = option("bu",
+        "bottom-up loss: bu = L_bu, abs = L_abs, sig = L_sig (Table 4)",
+        choices=BOTTOM_UP_VARIANTS, used_by=ICD)
+    top_down: str = option("c",
+        "structure of the top-down branch (Table 6)",
+        choices=TOP_DOWN, used_by=ICD)
+    warmup_epochs: int = option(2,
+        "top-down warm-up in epochs",
+        range="non_negative", used_by=("train",))
+
     # optimisation (release section 4)
-    optimizer: str = "sgd"                # the release's; "adam" only for stand-in pre-training
-    image_size: int = 321
-    batch_size: int = 32
-    learning_rate: float = 1e-3
-    momentum: float = 0.9
-    wd: float = 5e-4
-    num_epoch: int = 20
-    begin_epoch: int = 0
-    warmup_epochs: int = 2                # release: W = 2 * num_images // batch_size
-    # devices, bookkeeping
-    gpus: str = ""
-    cpus: int = 0
-    kvstore: str = "device"               # dist_device_sync: several machines (icd-launch)
-    amp: str = "off"                      # mixed precision (icd.amp): off = float32 (parity)
-    num_workers: int = os.cpu_count() or 1   # loader processes: one per core
-    seed: int = 0
-    snapshot: str = "./snapshot/icd"
-    num_save: int = 5
-    overwrite: bool = False               # a fresh run replaces the model's checkpoints and log;
-                                          # inference replaces score folders of other settings
-    allow_changes: bool = False           # a resume with other settings starts a chained run
-    log_frequency: Optional[int] = None   # None: release's max(num_images // (B * 20), 5)
+    optimizer: str = option("sgd",
+        "sgd (the release's); adam only to pre-train a stand-in for ImageNet weights",
+        choices=OPTIMIZERS, used_by=TRAINING)
+    image_size: int = option(321,
+        "training crop side in pixels",
+        range="positive", used_by=TRAINING)
+    batch_size: int = option(32,
+        "images per step, split over the devices",
+        range="positive", used_by=TRAINING)
+    learning_rate: float = option(0.001,
+        "base learning rate (poly decay per epoch)",
+        range="positive", used_by=TRAINING)
+    momentum: float = option(0.9,
+        "SGD momentum, in [0, 1)",
+        range="fraction", used_by=TRAINING)
+    wd: float = option(0.0005,
+        "weight decay",
+        range="non_negative", used_by=TRAINING)
+    num_epoch: int = option(20,
+        "epochs to train to; inference: the checkpoint num_epoch-1 is the default --epoch",
+        range="positive", used_by=ALL)
+    begin_epoch: int = option(0,
+        "resume: start at this epoch from checkpoint begin_epoch-1 and its .states",
+        range="non_negative", used_by=TRAINING)
+    seed: int = option(0,
+        "random seed of initialisation, shuffling and augmentation",
+        range="non_negative", used_by=TRAINING)
+
+    # devices and precision
+    gpus: str = option("",
+        "GPU ids, e.g. 0,1",
+        used_by=ALL)
+    cpus: int = option(0,
+        "CPU contexts when --gpus is not given, at least 1 (default: one)",
+        range="non_negative", flag_min=1, used_by=ALL)
+    amp: str = option("off",
+        "mixed precision: off = float32 (the release's; parity), bf16 on CPUs with avx512_bf16 or "
+        "AMX, fp16 on GPUs (README: Mixed precision)",
+        choices=PRECISIONS, used_by=ALL)
+    kvstore: str = option("device",
+        "gradient aggregation: device (the release's) or local on one machine; dist_device_sync / "
+        "dist_sync_device (the same) or dist_sync on several, started by icd-launch (README: "
+        "Training on several machines)",
+        choices=KVSTORES, used_by=TRAINING)
+    num_workers: int = option(os.cpu_count() or 1,
+        "data-loader processes, 0 = load in the main process (default: one per core)",
+        range="non_negative", used_by=ALL)
+
+    # checkpoints and runs
+    snapshot: str = option("./snapshot/icd",
+        "checkpoint folder",
+        used_by=ALL)
+    num_save: int = option(5,
+        "checkpoints kept (0 = all)",
+        range="non_negative", used_by=TRAINING)
+    overwrite: bool = option(False,
+        "training: replace the model's checkpoints and log in --snapshot (a fresh run refuses "
+        "them otherwise); inference: clear result folders of other settings",
+        used_by=ALL)
+    allow_changes: bool = option(False,
+        "resume (--begin-epoch) with settings other than the run's: start a new run from the "
+        "checkpoint whose records name the old one (previous_run); without it such a resume is "
+        "refused",
+        used_by=TRAINING)
+    log_frequency: Optional[int] = option(None,
+        "log every N batches (default: the release's max(images // (20 batch), 5); '' restores "
+        "it)",
+        range="positive", used_by=TRAINING)
+
     # inference (release section 5)
-    infer_size: int = 513
-    infer_batch_size: int = 4
+    infer_size: int = option(513,
+        "inference input side (images are padded to it)",
+        range="positive", used_by=INFERENCE)
+    infer_batch_size: int = option(4,
+        "inference images per step",
+        range="positive", used_by=INFERENCE)
+
     # DeepLab on the seeds (icd.train.SegmentationTask, icd.segment)
-    label_root: str = "./snapshot/icd/results/seeds/crf"  # training label maps: seeds or GT
-    scales: tuple[float, ...] = (1.0,)    # inference scales; (0.75, 1.0, 1.25) multi-scale
-    flip: bool = False                    # inference: also average the mirrored image
-    crf: bool = False                     # inference: DeepLab-LargeFOV's dense CRF
+    label_root: str = option("./snapshot/icd/results/seeds/crf",
+        "segmentation training: folder of label maps <name>.png (seeds or ground truth)",
+        used_by=("train_seg",))
+    scales: tuple[float, ...] = option((1.0,),
+        "segmentation inference: scales averaged, e.g. 0.75 1 1.25",
+        used_by=("infer_seg",))
+    flip: bool = option(False,
+        "segmentation inference: also average the mirrored image",
+        used_by=("infer_seg",))
+    crf: bool = option(False,
+        "segmentation inference: dense CRF with DeepLab-LargeFOV's parameters",
+        used_by=("infer_seg",))
 
     @property
     def class_names(self) -> Tuple[str, ...]:
@@ -100,72 +222,22 @@ def _field_type(hint) -> Tuple[type, bool]:
 
 _TYPES = {name: _field_type(hint) for name, hint in typing.get_type_hints(Config).items()}
 
-# What each flag means, shown by --help with the field's default unless the text states it.
-HELP = {
-    "image_root": "folder of <name>.jpg",
-    "annotation_root": "folder of <name>.xml (image-level labels)",
-    "superpixel_root": "folder of <name>.png superpixels",
-    "data_list": "list file, one image name per line",
-    "classes": "class-list file: one foreground class name per line in label order, background "
-               "implicit as label 0 (e.g. the classes.txt of icd-coco-to-voc); '' = VOC's 20 "
-               "(default: PASCAL VOC's 20 classes)",
-    "model": "vgg16_icd, vgg16_cam (the CAM-only baseline), or vgg16_bn_cam (with BatchNorm: "
-             "the demo's stand-in pre-training)",
-    "pretrained": "ImageNet initialisation file (the release's VGG16 weights, not shipped); "
-                  "'' = random init (default: random init)",
-    "num_cls": "number of foreground classes; follows --classes, a different value is an "
-               "error (default: the class list's length, 20 for VOC)",
-    "width": "channel multiplier of VGG16; 1.0 = the paper's network",
-    "dropout": "dropout of fc6/fc7, in [0, 1)",
-    "bottom_up_features": "features of the bottom-up estimation (Table 5)",
-    "bottom_up_loss": "bottom-up loss: bu = L_bu, abs = L_abs, sig = L_sig (Table 4)",
-    "top_down": "structure of the top-down branch (Table 6)",
-    "optimizer": "sgd (the release's); adam only to pre-train a stand-in for ImageNet weights",
-    "image_size": "training crop side in pixels",
-    "batch_size": "images per step, split over the devices",
-    "learning_rate": "base learning rate (poly decay per epoch)",
-    "momentum": "SGD momentum, in [0, 1)",
-    "wd": "weight decay",
-    "num_epoch": "epochs to train to",
-    "begin_epoch": "resume: start at this epoch from checkpoint begin_epoch-1 and its .states",
-    "warmup_epochs": "top-down warm-up in epochs",
-    "gpus": "GPU ids, e.g. 0,1",
-    "cpus": "CPU contexts when --gpus is not given, at least 1 (default: one)",
-    "kvstore": "gradient aggregation: device (the release's) or local on one machine; "
-               "dist_device_sync / dist_sync_device (the same) or dist_sync on several, started "
-               "by icd-launch (README: Training on several machines)",
-    "amp": "mixed precision: off = float32 (the release's; parity), bf16 on CPUs with "
-           "avx512_bf16 or AMX, fp16 on GPUs (README: Mixed precision)",
-    "num_workers": "data-loader processes, 0 = load in the main process (default: one per "
-                   "core)",
-    "seed": "random seed of initialisation, shuffling and augmentation",
-    "snapshot": "checkpoint folder",
-    "num_save": "checkpoints kept (0 = all)",
-    "log_frequency": "log every N batches (default: the release's max(images // (20 batch), "
-                     "5); '' restores it)",
-    "infer_size": "inference input side (images are padded to it)",
-    "infer_batch_size": "inference images per step",
-    "label_root": "segmentation training: folder of label maps <name>.png (seeds or ground "
-                  "truth)",
-    "scales": "segmentation inference: scales averaged, e.g. 0.75 1 1.25",
-    "flip": "segmentation inference: also average the mirrored image",
-    "crf": "segmentation inference: dense CRF with DeepLab-LargeFOV's parameters",
-    "overwrite": "training: replace the model's checkpoints and log in --snapshot (a fresh run "
-                 "refuses them otherwise); inference: clear result folders of other settings",
-    "allow_changes": "resume (--begin-epoch) with settings other than the run's: start a new "
-                     "run from the checkpoint whose records name the old one (previous_run); "
-                     "without it such a resume is refused",
-}
 
-# Ranges, checked for the YAML file and the flags alike; a field not listed takes any value of
-# its type (floats must always be finite).
-POSITIVE = ("num_cls", "width", "image_size", "batch_size", "learning_rate", "num_epoch",
-            "log_frequency", "infer_size", "infer_batch_size")
-NON_NEGATIVE = ("wd", "begin_epoch", "warmup_epochs", "cpus", "num_workers", "seed", "num_save")
-FRACTIONS = ("dropout", "momentum")   # [0, 1)
+def _fields_where(key: str, value: Any) -> Tuple[str, ...]:
+    return tuple(name for name, f in FIELDS.items() if f.metadata[key] == value)
+
+
+# What each flag means, shown by --help with the field's default unless the text states it
+HELP = {name: f.metadata["help"] for name, f in FIELDS.items()}
+POSITIVE = _fields_where("range", "positive")
+NON_NEGATIVE = _fields_where("range", "non_negative")
+FRACTIONS = _fields_where("range", "fraction")
 SEED_LIMIT = 2 ** 32   # seeds must be < 2**32: numpy.random.seed refuses larger ones
-# As flags these must be >= 1: 0 is the field's "not set" (cpus 0 = one CPU), not a choice.
-POSITIVE_FLAGS = ("cpus",)
+
+
+def command_fields(command: str) -> Tuple[str, ...]:
+    """The fields `command` (one of ALL) reads, in definition order."""
+    return tuple(name for name, f in FIELDS.items() if command in f.metadata["used_by"])
 
 
 def find_config(path: str) -> str:
@@ -319,8 +391,9 @@ def _flag_type(name: str):
             value = _as_field_type(name, value)
         except ValueError as e:
             raise argparse.ArgumentTypeError(str(e)) from None
-        if name in POSITIVE_FLAGS and value < 1:
-            raise argparse.ArgumentTypeError(f"must be at least 1, got {text!r}")
+        minimum = FIELDS[name].metadata["flag_min"]
+        if minimum is not None and value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {text!r}")
         return value
     parse.__name__ = kind.__name__
     return parse

@@ -45,6 +45,7 @@ import mxnet as mx
 import numpy as np
 
 from .checkpoint import gather, release_key
+from .constants import KVSTORES
 from .io import atomic_path
 from .model.ops import SharedMovingMean, moving_mean_update
 
@@ -52,7 +53,6 @@ log = logging.getLogger(__name__)
 # MXNet 1.9's names (mx.kv.create): one machine (device: the release's, aggregation on the
 # devices; local: on the CPU), or the parameter server, synchronous (dist_device_sync aggregates
 # on the devices; dist_sync_device is the same store by MXNet's substring rule)
-KVSTORES = ("device", "local", "dist_sync", "dist_device_sync", "dist_sync_device")
 EXCHANGE_KEY = 1 << 30   # our exchanges' keys, far above the Trainer's parameter indices
 LAUNCHER_VARIABLES = ("DMLC_ROLE", "DMLC_PS_ROOT_URI", "DMLC_PS_ROOT_PORT", "DMLC_NUM_SERVER",
                       "DMLC_NUM_WORKER")

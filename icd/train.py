@@ -61,6 +61,7 @@ from .checkpoint import (checkpoint_files, checkpoint_path, complete_checkpoints
                          rotate_checkpoints, save_checkpoint, save_states)
 from .devices import parse_devices, split_batch
 from .config import Config
+from .constants import OPTIMIZERS
 from .data.classes import require_classes
 from .data.dataset import TrainLoader, train_loader
 from .data.segmentation import segmentation_loader
@@ -285,7 +286,6 @@ def start_run(cfg: Config, workers: int = 1) -> Dict[str, object]:
             "previous_run": record.get("previous_run")}
 
 
-OPTIMIZERS = ("sgd", "adam")
 
 
 def make_trainer(net: gluon.Block, learning_rate: float, momentum: float, wd: float,

@@ -1,6 +1,7 @@
 """The command-line tools: one-line errors and statuses, argument checks, --help, config flags,
 and a prompt exit after an error (icd.commands, icd.config, icd.devices)."""
 import argparse
+import dataclasses
 import glob
 import os
 import re
@@ -14,7 +15,7 @@ import pytest
 from conftest import REPO
 from icd.commands import bench, evaluate, infer, parity, seeds, superpixels, synthetic, train
 from icd.commands.runner import EXIT_USAGE
-from icd.config import FIELDS, _TYPES, find_config, load_config
+from icd.config import FIELDS, _TYPES, _as_field_type, find_config, load_config, option
 from icd.data.classes import read_classes
 from icd.data.superpixels import make_superpixels
 from icd.data.synthetic import make_synthetic_voc
@@ -237,6 +238,29 @@ def test_help_documents_every_flag(command, capsys):
     for token in re.findall(r"[\w./-]+\.(?:py|yaml|md)\b", text):
         if token not in ("eval.md",):   # an output
             assert os.path.exists(os.path.join(REPO, token)), token
+
+
+@pytest.mark.parametrize("command", ["train", "infer", "train_seg", "infer_seg"])
+def test_each_config_field_is_defined_once_and_listed_by_the_commands_that_read_it(command):
+    """icd.config.option: every field has help text, a default within its range and choices,
+    and a command's --help lists exactly the fields whose `used_by` names it."""
+    from icd.commands import infer_seg, train_seg
+    from icd.commands.options import CHOICES
+    module = {"train": train, "infer": infer, "train_seg": train_seg,
+              "infer_seg": infer_seg}[command]
+    listed_dests = {action.dest for action in module.build_parser()._actions
+                    if action.help != argparse.SUPPRESS}
+    for name, f in FIELDS.items():
+        assert f.metadata["help"].strip(), name
+        default = f.default if f.default is not dataclasses.MISSING else None
+        assert _as_field_type(name, default) == default or default is None, name
+        if name in CHOICES:
+            assert default in CHOICES[name], name
+        assert (name in listed_dests) == (command in f.metadata["used_by"]), (command, name)
+    assert set(CHOICES) == {"model", "bottom_up_features", "bottom_up_loss", "top_down",
+                            "optimizer", "kvstore", "amp"}
+    with pytest.raises(ValueError, match="range 'huge'"):
+        option(1, "a number", ("train",), range="huge")
 
 
 # ---------------------------------------------------------------------------------------------

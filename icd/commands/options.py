@@ -7,38 +7,18 @@ from typing import Any, Callable, List, Mapping, Optional, Sequence
 
 import mxnet as mx
 
-from ..amp import PRECISIONS
-from ..config import FIELDS, Config, add_arguments, find_config, load_config
+from ..config import (ALL, FIELDS, REGISTERED_MODELS, Config, add_arguments, command_fields,
+                      find_config, load_config)
 from ..data.classes import dataset_classes
 from ..devices import parse_devices
-from ..distributed import KVSTORES
 from ..model import MODELS
-from ..model.icd_net import FEATURES, TOP_DOWN
-from ..model.losses import BOTTOM_UP_VARIANTS
 from ..paper import read_pipeline_section
-from ..train import OPTIMIZERS
 
-CHOICES = {"model": tuple(MODELS), "bottom_up_features": FEATURES,
-           "bottom_up_loss": BOTTOM_UP_VARIANTS, "top_down": TOP_DOWN, "optimizer": OPTIMIZERS,
-           "kvstore": KVSTORES, "amp": PRECISIONS}
-
-
-# The Config fields each command uses (its --help lists only these; a YAML may hold the rest).
-INFERENCE = ("infer_size", "infer_batch_size")
-SEGMENTATION_INFERENCE = ("scales", "flip", "crf")
-ICD_ONLY = ("superpixel_root", "bottom_up_features", "bottom_up_loss", "top_down",
-            "warmup_epochs")
-COMMAND_FIELDS = {
-    "train": tuple(f for f in FIELDS if f not in INFERENCE + SEGMENTATION_INFERENCE
-                   + ("label_root",)),
-    "infer": ("image_root", "annotation_root", "superpixel_root", "data_list", "classes",
-              "model", "num_cls", "width", "bottom_up_features", "bottom_up_loss", "top_down",
-              "gpus", "cpus", "amp", "num_workers", "snapshot", "overwrite") + INFERENCE,
-    "train_seg": tuple(f for f in FIELDS if f not in INFERENCE + SEGMENTATION_INFERENCE
-                       + ICD_ONLY),
-    "infer_seg": ("image_root", "data_list", "classes", "model", "num_cls", "width", "gpus",
-                  "cpus", "amp", "num_workers", "snapshot") + INFERENCE + SEGMENTATION_INFERENCE,
-}
+# Each field's allowed values (icd.config.option), the model registry's names for `model`
+CHOICES = {name: tuple(MODELS) if f.metadata["choices"] == REGISTERED_MODELS
+           else f.metadata["choices"] for name, f in FIELDS.items() if f.metadata["choices"]}
+# The Config fields each command uses (its --help lists only these; a YAML may hold the rest)
+COMMAND_FIELDS = {command: command_fields(command) for command in ALL}
 
 
 def add_config_arguments(parser: argparse.ArgumentParser,

@@ -13,14 +13,12 @@ import mxnet as mx
 from mxnet import init
 from mxnet.gluon import HybridBlock, nn
 
-from ..constants import NUM_SUPERPIXEL_IDS
+from ..constants import BOTTOM_UP_VARIANTS, FEATURES, NUM_SUPERPIXEL_IDS, TOP_DOWN
 from . import ops  # noqa: F401  (registers the custom operators)
 from .backbone import VGG16DeepLab, pool5, scaled
-from .losses import BOTTOM_UP_VARIANTS, bottom_up_loss, multi_sigmoid_loss, top_down_loss
+from .losses import bottom_up_loss, multi_sigmoid_loss, top_down_loss
 from .registry import register
 
-FEATURES = ("conv4", "conv5", "fc6", "concat")   # Table 5: features for the bottom-up estimation
-TOP_DOWN = ("a", "b", "c", "d")                   # Table 6: structures of the top-down branch
 LR_MULT_10 = ("fc8_weight", "fc8_bias", "conv_ft_weight")  # release: new classifier layers
 _share_keys = itertools.count()
 

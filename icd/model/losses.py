@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import math
 
-from ..constants import IGNORE_LABEL
+from ..constants import BOTTOM_UP_VARIANTS, IGNORE_LABEL
 
 BOTTOM_UP_SCALE = 10.0    # release: ICD_BottomUp grad_scale
 SINGLE_CLASS_MAX = 1.001  # release: rows whose label sum >= 1.001 are multi-class
 NORM_EPS = 1e-5           # release: epsilons of the L2-normalisation backward
 TOP_DOWN_MARGIN = 0.2     # release: pixels with |normalised S'| <= 0.2 are ignored
-BOTTOM_UP_VARIANTS = ("bu", "abs", "sig")
 
 
 def sigmoid_cross_entropy(F, logits, target):
