@@ -22,6 +22,7 @@ import numpy as np
 
 from .config import Config
 from .io import atomic_path, read_json, require_finite
+from .model.backbone import new_parameter
 
 log = logging.getLogger(__name__)
 INPUT_SCALE = 64.0  # rough std of RGB - 127 inputs; see random_imagenet_params
@@ -29,7 +30,6 @@ AUX_SUFFIXES = ("moving_mean", "moving_var")   # MXNet: auxiliary states, never 
 _GLUON_TO_RELEASE = {"running_mean": "moving_mean", "running_var": "moving_var"}
 BACKBONE_BN = re.compile(r"conv\d+_\d+_bn_")   # vgg16_bn_cam's backbone BatchNorms
 BN_EPSILON = 1e-5                              # Gluon BatchNorm's default
-NEW_LAYER_STD = 0.01   # release: parameters missing from the ImageNet file, mx.init.Normal(0.01)
 # release: fc6_ft / fc7_ft start from the ImageNet fc6 / fc7 (section 2)
 PRETRAINED_COPIES = {"fc6_ft_weight": "fc6_weight", "fc6_ft_bias": "fc6_bias",
                      "fc7_ft_weight": "fc7_weight", "fc7_ft_bias": "fc7_bias"}
@@ -191,15 +191,6 @@ def random_imagenet_params(net: mx.gluon.Block) -> Dict[str, mx.nd.NDArray]:
             scale = INPUT_SCALE if name == "conv1_1_weight" else 1.0
             values[key] = mx.nd.random.normal(0, np.sqrt(2.0 / fan_in) / scale, shape=shape)
     return values
-
-
-def new_parameter(name: str, shape: tuple) -> mx.nd.NDArray:
-    """The release's value of a parameter missing from `vgg16_20M.params` (section 2), on the CPU:
-    `mx.init.Normal(0.01)` called with an `InitDesc` of its name, which MXNet's `Initializer`
-    dispatches by suffix: `*_weight` ~ N(0, 0.01), `*_bias` = 0, `*_gamma` = 1, `*_beta` = 0."""
-    value = mx.nd.zeros(shape)
-    mx.init.Normal(NEW_LAYER_STD)(mx.init.InitDesc(name), value)
-    return value
 
 
 def initialize(net: mx.gluon.Block, contexts: Sequence[mx.Context],

@@ -196,15 +196,6 @@ class Config:
         """The foreground classes in label order: the `classes` file's, else VOC's 20."""
         return read_classes(self.classes)
 
-    @property
-    def model_options(self) -> Dict[str, Any]:
-        """Keyword arguments of the model constructor: the fields its registration names
-        (icd.model.registry.model_options)."""
-        # imported here: the models register themselves when icd.model loads MXNet, which
-        # reading a config must not need
-        from .model.registry import model_options
-        return model_options(self.model, self)
-
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 

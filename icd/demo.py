@@ -50,7 +50,7 @@ from .data.synthetic import make_synthetic_voc
 from .data.voc import read_list
 from .evaluate import THRESHOLDS, evaluate
 from .infer import infer
-from .model import build_model
+from .model import model_from_config
 from .paper import train_to_the_end
 from .pipeline import Run, Step, select_steps
 from .report import CAM_SEEDS, SPLITS, TABLE3, ReportInputs, write_report
@@ -286,7 +286,7 @@ def step_pretrain(settings: DemoSettings, run: Run) -> Dict:
         return {"skipped": "no pretrain config: CAM and ICD start from a random He init"}
     result = _train(settings, "pretrain")
     # like the release's ImageNet file: no classifier, so fc8 starts as a new layer (weight
-    # N(0, 0.01), bias 0: checkpoint.new_parameter)
+    # N(0, 0.01), bias 0: icd.model.backbone.new_parameter)
     write_imagenet_part(result["checkpoint"], stand_in_weights(settings))
     return dict(result, stand_in=stand_in_weights(settings))
 
@@ -382,7 +382,7 @@ def step_segment(settings: DemoSettings, run: Run) -> Dict:
         log.info("segmentation on %s", label)
         train_to_the_end(cfg)
         contexts = parse_devices(cfg.gpus, cfg.cpus)
-        net = build_model(cfg.model, **cfg.model_options)
+        net = model_from_config(cfg)
         load_checkpoint(net, final_checkpoint(cfg), contexts)
         net.hybridize(static_alloc=True)
         out = segmentation_dir(settings, source)

@@ -34,7 +34,7 @@ from .config import Config
 from .data.dataset import infer_loader
 from .data.transforms import infer_window
 from .io import atomic_path, require_finite
-from .model import build_model
+from .model import model_from_config, model_options
 from .data.voc import write_image
 from .devices import split_batch
 from .provenance import file_identity, producing, require_checkpoint_classes
@@ -52,7 +52,7 @@ WRITE_THREADS = 2   # .npy writers running beside the devices
 def infer_settings(cfg: Config, params: str) -> Dict[str, object]:
     """What the score folders' provenance records (and compares): model, checkpoint, size, roots."""
     epoch = re.search(r"-(\d{4})\.params$", params)
-    return {"model": cfg.model, "model_options": cfg.model_options,
+    return {"model": cfg.model, "model_options": model_options(cfg.model, cfg),
             "checkpoint": file_identity(params), "epoch": int(epoch.group(1)) if epoch else None,
             "infer_size": cfg.infer_size, "image_root": os.path.abspath(cfg.image_root),
             "superpixel_root": os.path.abspath(cfg.superpixel_root),
@@ -70,7 +70,7 @@ def infer(cfg: Config, params: str, out_dir: str, contexts: Sequence[mx.Context]
     """
     require_checkpoint_classes(params, cfg.class_names)   # its scores' class order
     amp.enable(cfg.amp, contexts)
-    net = build_model(cfg.model, **cfg.model_options)
+    net = model_from_config(cfg)
     load_checkpoint(net, params, contexts)
     net.hybridize(static_alloc=True)
     loader = infer_loader(cfg.image_root, cfg.superpixel_root, cfg.annotation_root,

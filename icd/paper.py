@@ -52,7 +52,7 @@ from .evaluate import THRESHOLDS, evaluate, image_confusions
 from .metrics import percent
 from .infer import infer
 from .io import atomic_path, read_json, write_json
-from .model import build_model
+from .model import model_from_config
 from .pipeline import Run, Step
 from .segment import evaluate_predictions, segment
 from .seeds import make_seeds
@@ -383,7 +383,7 @@ def step_segment(s: PaperSettings, seed: int, run: Run) -> Dict:
                          f"and a gt_root")
     final = train_to_the_end(cfg)
     contexts = parse_devices(cfg.gpus, cfg.cpus)
-    net = build_model(cfg.model, **cfg.model_options)
+    net = model_from_config(cfg)
     load_checkpoint(net, final, contexts)
     net.hybridize(static_alloc=True)
     out = os.path.join(s.root(seed), "segmentation")

@@ -40,6 +40,7 @@ from .devices import shard_names
 from .evaluate import evaluate_seeds
 from .visualize import overlay
 from .io import atomic_path, write_json
+from .model import model_options
 from .provenance import file_identity
 
 # With `canvas_step` 64, canvas sides above the inference size come in steps of 64 (513, 577,
@@ -284,7 +285,7 @@ def segment_settings(cfg: Config, params: str) -> Dict[str, object]:
     the model, the checkpoint `params` (path, size, mtime), the inference settings (scales,
     flip, CRF, size), the class list and the image root; not the list, so that several lists
     may be predicted into one folder."""
-    return {"model": cfg.model, "model_options": cfg.model_options,
+    return {"model": cfg.model, "model_options": model_options(cfg.model, cfg),
             "checkpoint": file_identity(params), "scales": list(cfg.scales), "flip": cfg.flip,
             "crf": cfg.crf, "infer_size": cfg.infer_size, "classes": list(cfg.class_names),
             "image_root": os.path.abspath(cfg.image_root), "amp": cfg.amp}

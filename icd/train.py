@@ -68,7 +68,7 @@ from .data.segmentation import segmentation_loader
 from .data.voc import IGNORE_LABEL, write_image
 from .io import (deferred_interrupt, exclusive_lock, read_json, remove_stale_temporaries,
                  write_json)
-from .model import ICDNet, build_model, model_spec, models_of, named_losses, ops
+from .model import ICDNet, model_from_config, model_spec, models_of, named_losses, ops
 from .model.losses import nearest_label, segmentation_loss, top_down_warmup
 from .provenance import given_classes, require_complete, require_folder_classes
 from .visualize import overlay, score_panel
@@ -790,7 +790,7 @@ def _start(cfg: Config, task: Task, contexts: List[mx.Context],
     batch_size = cfg.batch_size * workers.num_workers   # the global batch
     iters_per_epoch = len(loader.dataset) // batch_size
     amp.enable(cfg.amp, contexts)   # before the network is built (amp.init)
-    net = build_model(cfg.model, **cfg.model_options)
+    net = model_from_config(cfg)
     run = start_run(cfg, workers.num_workers) if workers.rank == 0 else None
     workers.barrier()   # the others read the folder once rank 0 has checked and cleaned it
     run = run or {"run": None, "records": [], "record": read_run_record(

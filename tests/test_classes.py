@@ -17,6 +17,7 @@ from icd.data.superpixels import make_superpixels
 from icd.data.synthetic import make_synthetic_voc
 from icd.data.voc import read_image_labels, read_list, read_mask, write_annotation, write_mask
 from icd.evaluate import evaluate, evaluate_seeds
+from icd.model import model_options
 from icd.seeds import crf_refine, make_seeds
 
 THREE = ("kettle", "traffic light", "zebra")
@@ -72,7 +73,7 @@ def test_palettes():
 def test_config_num_cls_follows_the_class_list(tmp_path):
     path = class_file(tmp_path, "kettle\ntraffic light\nzebra\n")
     cfg = load_config(classes=path)
-    assert cfg.num_cls == 3 and cfg.class_names == THREE and cfg.model_options["num_classes"] == 3
+    assert cfg.num_cls == 3 and cfg.class_names == THREE and model_options(cfg.model, cfg)["num_classes"] == 3
     assert load_config(classes=path, num_cls=3).num_cls == 3
     assert load_config().num_cls == 20 and load_config().class_names == VOC_CLASSES
     with pytest.raises(ValueError, match=f"--num-cls: 5 contradicts the 3 classes of {path}"):

@@ -26,7 +26,7 @@ from icd.features import cell_shares, conv5_feature_extractor
 from icd.data.voc import read_image, read_list, write_image
 from icd.visualize import overlay
 from icd.infer import OUTPUT_FOLDERS, infer
-from icd.model import build_model
+from icd.model import build_model, model_from_config
 from icd.model.icd_net import ICDNet
 from icd.segment import (canvas_side, predict_labels, predict_probabilities, segment,
                          write_label_map)
@@ -44,7 +44,7 @@ def _icd_step(tiny_config, contexts):
     cfg = tiny_config(batch_size=4)
     task = ICDTask(cfg)
     loader = task.loader()
-    net = build_model(cfg.model, **cfg.model_options)
+    net = model_from_config(cfg)
     task.initialize(net, contexts)
     net.hybridize(static_alloc=True, static_shape=True)
     trainer = make_trainer(net, cfg.learning_rate, cfg.momentum, cfg.wd, cfg.optimizer, "device")
@@ -301,7 +301,7 @@ def test_pipelined_segmentation_names_a_bad_image_and_leaves_no_partial_file(tin
 def test_pipelined_score_maps_equal_the_serial_loops(tiny_config, tiny_voc, tmp_path):
     """icd.infer's files hold exactly what the network returns for the loader's batches."""
     cfg = tiny_config(infer_batch_size=3, num_workers=0)
-    net = build_model(cfg.model, **cfg.model_options)
+    net = model_from_config(cfg)
     initialize(net, [mx.cpu(0)])
     params = str(tmp_path / "model.params")
     save_checkpoint(net, params)
@@ -309,7 +309,7 @@ def test_pipelined_score_maps_equal_the_serial_loops(tiny_config, tiny_voc, tmp_
     names = infer(cfg, params, out, [mx.cpu(1), mx.cpu(2)])
     assert names == read_list(cfg.data_list)
 
-    reference = build_model(cfg.model, **cfg.model_options)
+    reference = model_from_config(cfg)
     load_checkpoint(reference, params, [mx.cpu(1), mx.cpu(2)])
     reference.hybridize(static_alloc=True)
     loader = infer_loader(cfg.image_root, cfg.superpixel_root, cfg.annotation_root,

@@ -16,7 +16,7 @@ from icd.checkpoint import checkpoint_path, read_params
 from icd.data.synthetic import DEFAULT_CLASSES
 from icd.devices import parse_devices
 from icd.infer import OUTPUT_FOLDERS, infer
-from icd.model import MODELS, CAMNet, register
+from icd.model import MODELS, CAMNet, model_options, register
 from icd.train import TrainingDiverged, TrainingInterrupted, poly_lr, task_for, train
 
 from conftest import REPO
@@ -147,7 +147,7 @@ def test_a_model_registered_in_one_call_is_trained_by_name(tiny_config):
     register("toy_cam_test_net", toy, task="icd", options=dict(drop_rate="dropout"))
     try:
         cfg = tiny_config(model="toy_cam_test_net", num_epoch=1, dropout=0.25)
-        assert cfg.model_options == dict(num_classes=cfg.num_cls, width=cfg.width,
+        assert model_options(cfg.model, cfg) == dict(num_classes=cfg.num_cls, width=cfg.width,
                                           dropout=0.25, drop_rate=0.25)
         records = train(cfg)["records"]
         assert made == [0.25] and len(records) == 1 and np.isfinite(records[0]["cam_loss"])

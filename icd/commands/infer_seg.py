@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 from .. import amp
 from ..checkpoint import checkpoint_path, load_checkpoint
 from ..data.classes import dataset_classes
-from ..model import build_model, model_spec
+from ..model import model_from_config, model_spec
 from ..provenance import producing, require_checkpoint_classes
 from ..segment import CANVAS_STEP, evaluate_predictions, segment, segment_settings
 from .options import add_config_arguments, config_from, devices_for
@@ -77,7 +77,7 @@ def _infer_seg(args: argparse.Namespace) -> int:
     if args.canvas_step == 0:   # one input shape per image size: no autotune for each of them
         os.environ.setdefault("MXNET_CUDNN_AUTOTUNE_DEFAULT", "0")
     amp.enable(cfg.amp, contexts)
-    net = build_model(cfg.model, **cfg.model_options)
+    net = model_from_config(cfg)
     load_checkpoint(net, params, contexts)
     net.hybridize(static_alloc=True)
     folders = [os.path.join(out, "pred"), os.path.join(out, "overlay")]

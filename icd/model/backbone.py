@@ -10,12 +10,24 @@ minutes; `icd.checkpoint.fold_batch_norm` turns it into the plain VGG16 the rele
 """
 from __future__ import annotations
 
+import mxnet as mx
 from mxnet.gluon import HybridBlock, nn
 
 from ..constants import MEAN_VALUE
 
+NEW_LAYER_STD = 0.01   # release: parameters missing from the ImageNet file, mx.init.Normal(0.01)
+
 # (block, number of convs, base channels, dilation) of vgg16_deeplab
 VGG16_BLOCKS = ((1, 2, 64, 1), (2, 2, 128, 1), (3, 3, 256, 1), (4, 3, 512, 1), (5, 3, 512, 2))
+
+
+def new_parameter(name: str, shape: tuple) -> mx.nd.NDArray:
+    """The release's value of a parameter missing from `vgg16_20M.params` (section 2), on the CPU:
+    `mx.init.Normal(0.01)` called with an `InitDesc` of its name, which MXNet's `Initializer`
+    dispatches by suffix: `*_weight` ~ N(0, 0.01), `*_bias` = 0, `*_gamma` = 1, `*_beta` = 0."""
+    value = mx.nd.zeros(shape)
+    mx.init.Normal(NEW_LAYER_STD)(mx.init.InitDesc(name), value)
+    return value
 
 
 def scaled(channels: int, width: float) -> int:

@@ -21,8 +21,7 @@ from gluoncv.model_zoo.model_store import get_model_file
 from mxnet import init
 from mxnet.gluon import HybridBlock, nn
 
-from ..checkpoint import new_parameter
-from .backbone import VGG16DeepLab, pool5, scaled
+from .backbone import VGG16DeepLab, new_parameter, pool5, scaled
 from .registry import register
 
 LARGEFOV_DILATION = 12                 # release: fc6 3x3 dilation 12, pad 12
@@ -188,7 +187,7 @@ class ResNet101LargeFOV(HybridBlock):
                             pretrained: Union[bool, str] = False,
                             root: str = "~/.mxnet/models") -> None:
         """Initialise for training: the head by name as the release's new layers
-        (`icd.checkpoint.new_parameter`: weights ~ N(0, 0.01), biases 0); the trunk from
+        (`icd.model.backbone.new_parameter`: weights ~ N(0, 0.01), biases 0); the trunk from
         gluoncv's ImageNet `resnet101_v1b` weights.
 
         pretrained: True fetches them from gluoncv's model store (internet, or a `root` that

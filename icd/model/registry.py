@@ -67,3 +67,9 @@ def model_options(name: str, settings: Any) -> Dict[str, Any]:
 def build_model(name: str = "vgg16_icd", **kwargs) -> HybridBlock:
     """Construct a registered model by the release's name (`--model`)."""
     return model_spec(name).constructor(**kwargs)
+
+
+def model_from_config(settings: Any) -> HybridBlock:
+    """The model a Config names (`settings.model`), built with the options it gives
+    (`model_options`)."""
+    return build_model(settings.model, **model_options(settings.model, settings))
