@@ -22,13 +22,12 @@ import numpy as np
 
 from .config import Config
 from .io import atomic_path, read_json, require_finite
-from .model.backbone import new_parameter
+from .model.backbone import BACKBONE_BN, is_imagenet_key, new_parameter
 
 log = logging.getLogger(__name__)
 INPUT_SCALE = 64.0  # rough std of RGB - 127 inputs; see random_imagenet_params
 AUX_SUFFIXES = ("moving_mean", "moving_var")   # MXNet: auxiliary states, never trained
 _GLUON_TO_RELEASE = {"running_mean": "moving_mean", "running_var": "moving_var"}
-BACKBONE_BN = re.compile(r"conv\d+_\d+_bn_")   # vgg16_bn_cam's backbone BatchNorms
 BN_EPSILON = 1e-5                              # Gluon BatchNorm's default
 # release: fc6_ft / fc7_ft start from the ImageNet fc6 / fc7 (section 2)
 PRETRAINED_COPIES = {"fc6_ft_weight": "fc6_weight", "fc6_ft_bias": "fc6_bias",
@@ -129,16 +128,6 @@ def load_checkpoint(net: mx.gluon.Block, path: str,
     """Load a full checkpoint (ours or the release's `vgg16_icd-0019.params`) into `net`;
     NaN or infinite values are refused (`require_finite_params`)."""
     assign(net, require_finite_params(read_params(path), path), path, contexts)
-
-
-def is_imagenet_key(key: str) -> bool:
-    """Whether a checkpoint key belongs to what `vgg16_20M.params` provides: the backbone convs,
-    fc6 and fc7 (not the classifier fc8, the ICD layers, nor the ASPP branches `fc6_aspp*`,
-    `fc7_aspp*` of `vgg16_aspp`, which the file does not name)."""
-    name = key[4:]
-    return key.startswith("arg:") and name.startswith(("conv", "fc6_", "fc7_")) and \
-        not name.startswith(("conv_ft", "fc6_ft", "fc7_ft", "fc6_aspp", "fc7_aspp")) and \
-        not BACKBONE_BN.match(name)
 
 
 def fold_batch_norm(values: Dict[str, mx.nd.NDArray]) -> Dict[str, mx.nd.NDArray]:

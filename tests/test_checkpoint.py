@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from icd.checkpoint import (PRETRAINED_COPIES, checkpoint_path, gather, initialize,
-                            is_imagenet_key, load_checkpoint, read_params, save_checkpoint)
+                            load_checkpoint, read_params, save_checkpoint)
+from icd.model.backbone import is_imagenet_key
 from icd.features import conv5_feature_extractor, load_backbone
 from icd.model import ICDNet, build_model
 from icd.train import train

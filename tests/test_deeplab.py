@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 from mxnet import autograd
 
-from icd.checkpoint import initialize, is_imagenet_key, load_checkpoint, \
-    random_imagenet_params, read_params, release_key, release_keys, save_checkpoint
+from icd.checkpoint import initialize, load_checkpoint, random_imagenet_params, read_params, \
+    release_key, release_keys, save_checkpoint
 from icd.crf import dense_crf
+from icd.model.backbone import is_imagenet_key
 from icd.data.segmentation import SegmentationDataset, segmentation_loader, \
     segmentation_transform
 from icd.data.voc import read_list, write_mask

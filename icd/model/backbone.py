@@ -10,15 +10,29 @@ minutes; `icd.checkpoint.fold_batch_norm` turns it into the plain VGG16 the rele
 """
 from __future__ import annotations
 
+import re
+
 import mxnet as mx
 from mxnet.gluon import HybridBlock, nn
 
 from ..constants import MEAN_VALUE
 
 NEW_LAYER_STD = 0.01   # release: parameters missing from the ImageNet file, mx.init.Normal(0.01)
+BACKBONE_BN = re.compile(r"conv\d+_\d+_bn_")   # vgg16_bn_cam's backbone BatchNorms
 
 # (block, number of convs, base channels, dilation) of vgg16_deeplab
 VGG16_BLOCKS = ((1, 2, 64, 1), (2, 2, 128, 1), (3, 3, 256, 1), (4, 3, 512, 1), (5, 3, 512, 2))
+
+
+def is_imagenet_key(key: str) -> bool:
+    """Whether a checkpoint key belongs to what the VGG16 ImageNet file `vgg16_20M.params`
+    provides (icd.checkpoint.initialize reads it for every VGG16-based model): the backbone convs,
+    fc6 and fc7 (not the classifier fc8, the ICD layers, nor the ASPP branches `fc6_aspp*`,
+    `fc7_aspp*` of `vgg16_aspp`, which the file does not name)."""
+    name = key[4:]
+    return key.startswith("arg:") and name.startswith(("conv", "fc6_", "fc7_")) and \
+        not name.startswith(("conv_ft", "fc6_ft", "fc7_ft", "fc6_aspp", "fc7_aspp")) and \
+        not BACKBONE_BN.match(name)
 
 
 def new_parameter(name: str, shape: tuple) -> mx.nd.NDArray:
