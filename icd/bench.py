@@ -28,6 +28,7 @@ from mxnet import autograd
 from . import amp
 from .checkpoint import gather, initialize
 from .config import Config
+from .data.classes import read_classes
 from .data.dataset import default_workers, train_loader
 from .data.superpixels import make_superpixels
 from .data.synthetic import make_synthetic_voc
@@ -253,7 +254,8 @@ def loader_throughput(size: int, batch: int, workers: Optional[int] = None,
         make_superpixels(images, data_list, os.path.join(root, "sp"))
         loader = train_loader(images, os.path.join(root, "sp"), os.path.join(root, "voc",
                               "Annotations"), data_list, image_size=size, batch_size=batch,
-                              num_workers=workers)
+                              num_workers=workers,
+                              classes=read_classes(os.path.join(root, "voc", "classes.txt")))
         batches_seen, started, nbytes = -1, 0.0, 0
         for data, superpixel, label in loader:
             batches_seen += 1

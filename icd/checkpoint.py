@@ -117,7 +117,7 @@ def assign(net: mx.gluon.Block, values: Dict[str, mx.nd.NDArray], source: str,
         raise ValueError(f"{source}: does not match the model; " + "; ".join(problems))
     for key, param in expected.items():
         if key in values:
-            if param._data is None:
+            if param._data is None:   # not allocated yet (Gluon has no public test for it)
                 param.initialize(ctx=contexts, force_reinit=True)
             param.set_data(values[key])
     return missing
@@ -293,6 +293,14 @@ def read_states(path: str) -> Tuple[Dict[int, object], Optional[mx.optimizer.Opt
     return states, optimizer
 
 
+# MXNet 1.9.1's Trainer has no public access to its parameters in index order, its updaters or
+# its lazy set-up, which the release-format .states need (indices, momentum per parameter): the
+# private attributes are read in these two helpers only.
+def trainer_params(trainer: mx.gluon.Trainer) -> list:
+    """`trainer`'s parameters in the order of their indices in a .states file."""
+    return trainer._params
+
+
 def _updaters(trainer: mx.gluon.Trainer) -> list:
     """The updaters that hold `trainer`'s optimizer states, after Gluon's lazy set-up: the
     kvstore's one with update_on_kvstore (kvstore=device, several devices), else one per device
@@ -352,7 +360,7 @@ def load_states(trainer: mx.gluon.Trainer, path: str) -> None:
     update_on_kvstore."""
     states, optimizer = read_states(path)
     updaters = _updaters(trainer)
-    _check_fits(states, trainer._params, path)
+    _check_fits(states, trainer_params(trainer), path)
     if optimizer is None:   # a states-only file: the trainer's optimizer stays
         optimizer = updaters[0].optimizer
     else:
@@ -364,7 +372,7 @@ def load_states(trainer: mx.gluon.Trainer, path: str) -> None:
         updater.states_synced = dict.fromkeys(updater.states, False)
         updater.optimizer = optimizer
     trainer._optimizer = optimizer
-    optimizer.param_dict = dict(enumerate(trainer._params))
+    optimizer.param_dict = dict(enumerate(trainer_params(trainer)))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from .data.classes import segmentation_classes
+from .data.classes import classes_of_data, segmentation_classes
 from .data.voc import IGNORE_LABEL, VOC_CLASSES, read_image_labels, read_list, \
     read_mask
 from .io import atomic_path, write_json
@@ -77,12 +77,13 @@ def _seed_confusion(name: str, seed_dir: str, gt_root: str,
 
 
 def evaluate_seeds(seed_dir: str, gt_root: str, names: Sequence[str],
-                   workers: int = 1, classes: Sequence[str] = VOC_CLASSES) -> Dict[str, object]:
+                   workers: int = 1, classes: Optional[Sequence[str]] = None) -> Dict[str, object]:
     """Seed mIoU of `<seed_dir>/<name>.png` against `<gt_root>/<name>.png` (release rule).
 
     Returns {"miou": float, "iou": {class name: float} (background + the C `classes`),
     "num_images": int}, values as fractions.
     """
+    classes = classes_of_data(classes, gt_root)
     seg_classes = segmentation_classes(classes)
     (confusion,) = _map_sum(functools.partial(_seed_confusion, seed_dir=seed_dir,
                                               gt_root=gt_root, num_labels=len(seg_classes)),
@@ -125,9 +126,10 @@ def _threshold_counts(name: str, results_dir: str, gt_root: str, annotation_root
 def threshold_study(results_dir: str, gt_root: str, annotation_root: str, names: Sequence[str],
                     thresholds: Sequence[float] = THRESHOLDS, infer_size: int = INFER_SIZE,
                     folders: Mapping[str, str] = METHOD_SCORE_FOLDERS, workers: int = 1,
-                    classes: Sequence[str] = VOC_CLASSES
+                    classes: Optional[Sequence[str]] = None
                     ) -> Dict[str, Dict[str, Dict[str, float]]]:
     """Table 2: {"cam"|"icd": {str(T): {"miou": .., "recall": ..}}}, fractions (module doc)."""
+    classes = classes_of_data(classes, gt_root, annotation_root)
     confusion, (valid,) = _map_sum(
         functools.partial(_threshold_counts, results_dir=results_dir, gt_root=gt_root,
                           annotation_root=annotation_root, thresholds=tuple(thresholds),
@@ -182,7 +184,7 @@ def class_pixel_scores(results_dir: str, folder: str, gt_root: str, names: Seque
 def pixel_ap(results_dir: str, gt_root: str, annotation_root: str, names: Sequence[str],
              infer_size: int = INFER_SIZE,
              folders: Mapping[str, str] = METHOD_SCORE_FOLDERS,
-             classes: Sequence[str] = VOC_CLASSES) -> Dict[str, Dict[str, object]]:
+             classes: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, object]]:
     """Table 1 / Fig. 5: per-class pixel-level AP and mAP of each score folder, over `classes`.
 
     Exact (every pixel ranked). Cost: one pass per (class, folder) over the images containing the
@@ -190,6 +192,7 @@ def pixel_ap(results_dir: str, gt_root: str, annotation_root: str, names: Sequen
     ~4k images × ~190k pixels ≈ 3 GB), released before the next class.
     Returns {kind: {"map": float, "ap": {class name: float, None without positive pixels}}}.
     """
+    classes = classes_of_data(classes, gt_root, annotation_root)
     labels = {n: read_image_labels(os.path.join(annotation_root, n + ".xml"), classes)
               for n in names}
     report = {}
@@ -253,7 +256,7 @@ def evaluate(results_dir: str, gt_root: str, data_list: str,
              image_root: Optional[str] = None, out_dir: Optional[str] = None,
              infer_size: Optional[int] = None, thresholds: Sequence[float] = THRESHOLDS,
              folders: Mapping[str, str] = METHOD_SCORE_FOLDERS, workers: int = 1,
-             num_overlays: int = 4, classes: Sequence[str] = VOC_CLASSES) -> Dict[str, object]:
+             num_overlays: int = 4, classes: Optional[Sequence[str]] = None) -> Dict[str, object]:
     """Run every evaluation whose inputs are given and write the reports, over the dataset's
     class list `classes` (label ids: 0 background, class index + 1).
 
@@ -268,6 +271,7 @@ def evaluate(results_dir: str, gt_root: str, data_list: str,
     Inputs are checked first (icd.provenance): seed and score folders must be complete, the score
     folders from one inference run; `infer_size` None takes the size the scores were made at.
     """
+    classes = classes_of_data(classes, gt_root, annotation_root)
     names = read_list(data_list)
     out_dir = out_dir or os.path.join(results_dir, "eval")
     if seed_dirs is None:
@@ -333,7 +337,7 @@ def _image_statistics(name: str, results_dir: str, gt_root: str, annotation_root
 def image_statistics(results_dir: str, gt_root: str, annotation_root: str, names: Sequence[str],
                      seed_dirs: Sequence[str] = (), thresholds: Sequence[float] = THRESHOLDS,
                      infer_size: int = INFER_SIZE, folders: Mapping[str, str] = METHOD_SCORE_FOLDERS,
-                     workers: int = 1, classes: Sequence[str] = VOC_CLASSES) -> Dict[str, object]:
+                     workers: int = 1, classes: Optional[Sequence[str]] = None) -> Dict[str, object]:
     """The evaluation's statistics per image, in the order of `names` (N images), K = C + 1
     labels of the C `classes`.
 
@@ -344,6 +348,7 @@ def image_statistics(results_dir: str, gt_root: str, annotation_root: str, names
     Summed over the images the confusions are `evaluate_seeds`' and `threshold_study`'s; pooled,
     the scores are the pixels `pixel_ap` ranks (same selection: valid gt, positives gt == c + 1).
     """
+    classes = classes_of_data(classes, gt_root, annotation_root)
     order = {name: i for i, name in enumerate(names)}
     per_image: List[Optional[Dict[str, object]]] = [None] * len(names)
     job = functools.partial(_image_statistics, results_dir=results_dir, gt_root=gt_root,
@@ -366,9 +371,10 @@ def image_statistics(results_dir: str, gt_root: str, annotation_root: str, names
 
 
 def image_confusions(label_dir: str, gt_root: str, names: Sequence[str], workers: int = 1,
-                     classes: Sequence[str] = VOC_CLASSES) -> np.ndarray:
+                     classes: Optional[Sequence[str]] = None) -> np.ndarray:
     """(N, C+1, C+1) int64 confusion matrices of `<label_dir>/<name>.png` (seeds or predictions)
     against the ground truth, in the order of `names`; summed they are `evaluate_seeds`'."""
+    classes = classes_of_data(classes, gt_root)
     num_labels = len(classes) + 1
     order = {name: i for i, name in enumerate(names)}
     confusions = np.zeros((len(names), num_labels, num_labels), np.int64)

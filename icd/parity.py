@@ -52,7 +52,7 @@ import numpy as np
 from mxnet import autograd, gluon
 from mxnet.gluon import nn
 
-from .checkpoint import assign, gather, read_params, release_key
+from .checkpoint import assign, gather, read_params, release_key, trainer_params
 from .devices import split_batch
 from .io import read_json
 from .model import ICDNet
@@ -316,7 +316,7 @@ def load_momentum(trainer: gluon.Trainer, momentum: Dict[str, np.ndarray]) -> No
     """Start `trainer`'s SGD from `momentum` ('arg:NAME' -> array) through Trainer.load_states,
     in the format Trainer.save_states writes: {index of the parameter in the Trainer: momentum}."""
     states = {i: mx.nd.array(momentum[release_key(param.name)])
-              for i, param in enumerate(trainer._params)}
+              for i, param in enumerate(trainer_params(trainer))}
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "momentum.states")
         with open(path, "wb") as f:

@@ -25,6 +25,7 @@ import cv2
 import numpy as np
 
 from .crf import dense_crf
+from .data.classes import classes_of_data
 from .data.voc import IGNORE_LABEL, NUM_CLASSES, VOC_CLASSES, check_exif_turn, read_image, \
     read_image_labels, read_list, write_mask
 from .data.transforms import INFER_SIZE
@@ -270,7 +271,7 @@ def make_seeds(results_dir: str, image_root: str, annotation_root: str, data_lis
                icd_folder: str = "scores_icd", cam_folder: str = "scores_cam",
                out_dir: Optional[str] = None,
                shard: Tuple[int, int] = (0, 1),
-               classes: Sequence[str] = VOC_CLASSES) -> Dict[str, object]:
+               classes: Optional[Sequence[str]] = None) -> Dict[str, object]:
     """Seeds for every image of `data_list` as single-channel 8-bit label PNGs (`write_mask`):
     class index in `classes` + 1, 0 background, 255 undefined.
 
@@ -291,6 +292,7 @@ def make_seeds(results_dir: str, image_root: str, annotation_root: str, data_lis
     Returns:
         {"written": n, "skipped": m, "out_dir": out_dir}.
     """
+    classes = classes_of_data(classes, image_root, annotation_root)
     variant = "sal" if saliency_root is not None else ("crf" if crf else "nocrf")
     out_dir = out_dir or default_seed_dir(results_dir, variant, icd_folder)
     names = shard_names(read_list(data_list), shard)

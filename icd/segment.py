@@ -35,6 +35,7 @@ from tqdm import tqdm
 from .config import Config
 from .crf import dense_crf
 from .data.transforms import INFER_SIZE, PAD_VALUE
+from .data.classes import classes_of_data
 from .data.voc import VOC_CLASSES, read_image, read_list, write_image
 from .devices import shard_names
 from .evaluate import evaluate_seeds
@@ -178,7 +179,7 @@ def segment(net: mx.gluon.Block, image_root: str, data_list: str, out_dir: str,
             flip: bool = False, crf: bool = False, infer_size: int = INFER_SIZE,
             batch_size: int = 4, overwrite: bool = False,
             shard: Tuple[int, int] = (0, 1),
-            classes: Sequence[str] = VOC_CLASSES, canvas_step: int = 0,
+            classes: Optional[Sequence[str]] = None, canvas_step: int = 0,
             host_workers: int = min(4, os.cpu_count() or 1)) -> List[str]:
     """Predict every image `<image_root>/<name>.jpg` of `data_list` (Config fields `scales`,
     `flip`, `crf`: see the module doc).
@@ -193,6 +194,7 @@ def segment(net: mx.gluon.Block, image_root: str, data_list: str, out_dir: str,
     module doc). Returns the names of the list (of shard (I, N)
     of it: icd.devices.shard_names).
     """
+    classes = classes_of_data(classes, image_root)
     scales = tuple(float(s) for s in scales)
     if not scales or min(scales) <= 0:
         raise ValueError(f"scales must be positive numbers, got {scales}")

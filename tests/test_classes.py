@@ -215,3 +215,24 @@ def test_train_infer_seeds_eval_on_any_class_list(tmp_path, num_classes):
                for c in read_image_labels(str(root / "Annotations" / f"{n}.xml"), classes)}
     assert {c for c, v in written["pixel_ap"]["icd"]["ap"].items() if v is not None} == \
         {classes[c] for c in present}
+
+
+def test_library_functions_refuse_to_read_a_dataset_with_its_own_list_as_voc(tmp_path):
+    """Forgetting `classes` is an error where the data has its own list, never silently VOC
+    (icd.data.classes.classes_of_data): the loaders, the seeds' and the evaluation's entry
+    points; with the list given, or on data without one, they run."""
+    root = tmp_path / "mine"
+    names = make_synthetic_voc(str(root), num_train=4, num_val=0, size=40, seed=1)["train"]
+    gt_root = str(root / "SegmentationClass")
+    with pytest.raises(ValueError, match=r"classes: not given, but the data has a class list, "
+                                         r".*mine/classes.txt \(6 classes"):
+        evaluate_seeds(gt_root, gt_root, names)
+    own = read_classes(str(root / "classes.txt"))
+    result = evaluate_seeds(gt_root, gt_root, names, classes=own)   # the masks against themselves
+    assert list(result["iou"])[1:] == list(own)
+    assert result["iou"]["background"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="classes: not given"):
+        train_loader(str(root / "JPEGImages"), str(tmp_path), str(root / "Annotations"),
+                     str(root / "ImageSets" / "Segmentation" / "train.txt"), batch_size=2)
+    os.remove(root / "classes.txt")   # now it reads as VOC data
+    assert list(evaluate_seeds(gt_root, gt_root, names)["iou"])[1:] == list(VOC_CLASSES)

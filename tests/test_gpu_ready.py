@@ -411,7 +411,7 @@ def test_superpixels_command_on_two_devices_writes_the_single_device_maps(backbo
 def test_bench_measures_the_loaders_throughput_in_uint8_batches():
     figures = loader_throughput(32, 2, workers=0, batches=2, image_size=48)
     assert figures["images"] == 4 and figures["images_per_s"] > 0 and figures["workers"] == 0
-    num_classes = 20   # labels over VOC's 20 classes (the synthetic set uses their names)
+    num_classes = 6    # labels over the synthetic set's own 6 classes (its classes.txt)
     assert figures["bytes_per_batch"] == 2 * (3 * 32 * 32 + 32 * 32) + 2 * num_classes * 4
 
 

@@ -4,6 +4,8 @@ import shutil
 
 import numpy as np
 import pytest
+
+from icd.data.classes import read_classes
 from scipy import ndimage
 
 from icd.data import transforms as T
@@ -116,6 +118,11 @@ def tiny_voc(tmp_path_factory):
     return root
 
 
+def voc_classes(root):
+    """The synthetic set's own class list (its classes.txt): the loaders require it."""
+    return read_classes(str(root / "classes.txt"))
+
+
 def voc_args(root, data_list="ImageSets/Segmentation/train.txt"):
     return (str(root / "JPEGImages"), str(root / "Superpixels"), str(root / "Annotations"),
             str(root / data_list))
@@ -127,13 +134,13 @@ def collect(loader, epochs):
 
 def test_train_loader_batches_and_seeding(tiny_voc):
     serial = train_loader(*voc_args(tiny_voc), image_size=48, batch_size=4, num_workers=0,
-                          seed=3)
+                          seed=3, classes=voc_classes(tiny_voc))
     assert len(serial) == 2  # 10 images, batch 4: the last partial batch is dropped
     epochs = collect(serial, 2)
     data, superpixels, labels = epochs[0][0]
     assert data.shape == (4, 3, 48, 48) and data.dtype == np.uint8   # cast on the device
     assert superpixels.shape == (4, 48, 48) and superpixels.dtype == np.uint8
-    assert labels.shape == (4, 20) and labels.dtype == np.float32
+    assert labels.shape == (4, 6) and labels.dtype == np.float32   # the set's own 6 classes
     assert 0 <= data.min() and data.max() <= 255 and data.max() > 1
     assert superpixels.min() >= 0 and superpixels.max() < NUM_SUPERPIXEL_IDS
     assert (superpixels == np.round(superpixels)).all()
@@ -141,7 +148,7 @@ def test_train_loader_batches_and_seeding(tiny_voc):
     assert not np.array_equal(epochs[0][0][0], epochs[1][0][0])  # reshuffled and re-augmented
 
     parallel = train_loader(*voc_args(tiny_voc), image_size=48, batch_size=4, num_workers=2,
-                            seed=3)
+                            seed=3, classes=voc_classes(tiny_voc))
     for serial_epoch, parallel_epoch in zip(epochs, collect(parallel, 2)):
         for a, b in zip(serial_epoch, parallel_epoch):
             for x, y in zip(a, b):
@@ -154,7 +161,7 @@ def test_train_loader_batches_and_seeding(tiny_voc):
 def test_infer_loader_pads_list_with_its_head(tiny_voc):
     dataset = InferDataset(*voc_args(tiny_voc), image_size=80, batch_size=4)
     assert len(dataset) == 12 and dataset.order == list(range(10)) + [0, 1]
-    batches = list(infer_loader(*voc_args(tiny_voc), image_size=80, batch_size=4))
+    batches = list(infer_loader(*voc_args(tiny_voc), image_size=80, batch_size=4, classes=voc_classes(tiny_voc)))
     assert len(batches) == 3
     data, superpixels, labels, index, hw = (x.asnumpy() for x in batches[2])
     assert data.shape == (4, 3, 80, 80) and superpixels.shape == (4, 80, 80)
@@ -172,7 +179,7 @@ def test_dataset_bad_input(tiny_voc, tmp_path):
     shutil.copytree(tiny_voc, root)
     name = "train_00000"
     os.remove(root / "Superpixels" / f"{name}.png")
-    loader = train_loader(*voc_args(root), image_size=48, batch_size=10, num_workers=0)
+    loader = train_loader(*voc_args(root), image_size=48, batch_size=10, num_workers=0, classes=voc_classes(root))
     with pytest.raises(FileNotFoundError, match=f"{name}.png.*not found"):
         next(iter(loader))
     write_superpixels(str(root / "Superpixels" / f"{name}.png"), np.zeros((5, 5), int))
@@ -191,9 +198,9 @@ def test_dataset_bad_input(tiny_voc, tmp_path):
         next(iter(loader))
     os.remove(root / "Annotations" / f"{name}.xml")
     with pytest.raises(FileNotFoundError, match=f"{name}.xml.*not found"):
-        train_loader(*voc_args(root), num_workers=0)
+        train_loader(*voc_args(root), num_workers=0, classes=voc_classes(root))
     (root / "empty.txt").write_text("")
     with pytest.raises(ValueError, match="empty.txt.*empty"):
-        train_loader(*voc_args(root, "empty.txt"), num_workers=0)
+        train_loader(*voc_args(root, "empty.txt"), num_workers=0, classes=voc_classes(root))
     with pytest.raises(ValueError, match="train.txt.*cannot fill one batch"):
-        train_loader(*voc_args(tiny_voc), batch_size=32, num_workers=0)
+        train_loader(*voc_args(tiny_voc), batch_size=32, num_workers=0, classes=voc_classes(tiny_voc))

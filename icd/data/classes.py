@@ -192,3 +192,17 @@ def dataset_classes(path: Optional[str], *roots: Optional[str],
     require_classes(read_classes(found), classes, found, "the data's class list has",
                     f"{flag} {path}", f"pass {flag} {found}")
     return classes
+
+
+def classes_of_data(classes: Optional[Sequence[str]], *roots: Optional[str]) -> Tuple[str, ...]:
+    """The class list of a library function over the data folders `roots`: `classes` as given,
+    or, left out (None), PASCAL VOC's 20, unless the data has its own classes.txt: then leaving
+    it out is an error naming the file (`dataset_classes`), never silently VOC."""
+    if classes is not None:
+        return tuple(classes)
+    found = dataset_class_file(*roots)
+    if found is not None:
+        raise ValueError(f"classes: not given, but the data has a class list, {found} "
+                         f"({show_classes(read_classes(found))}); pass "
+                         f"classes=read_classes({found!r}) (left out, they are PASCAL VOC's 20)")
+    return VOC_CLASSES

@@ -25,6 +25,7 @@ from ..devices import shard_names
 from ..constants import MAX_REGIONS
 from .superpixels import read_superpixels
 from .transforms import INFER_SIZE, TRAIN_SIZE, infer_transform, train_transform
+from .classes import classes_of_data
 from .voc import VOC_CLASSES, check_exif_turn, multi_hot, read_image, read_image_labels, \
     read_list
 
@@ -162,7 +163,7 @@ def train_loader(image_root: str, superpixel_root: str, annotation_root: str, da
                  image_size: int = TRAIN_SIZE, batch_size: int = 32,
                  num_workers: Optional[int] = None, seed: int = 0,
                  shard: Tuple[int, int] = (0, 1),
-                 classes: Sequence[str] = VOC_CLASSES,
+                 classes: Optional[Sequence[str]] = None,
                  pin_memory: Optional[bool] = None) -> TrainLoader:
     """Training batches (data (B,3,S,S) uint8, superpixels (B,S,S) uint8, labels (B,C) float32).
 
@@ -171,6 +172,7 @@ def train_loader(image_root: str, superpixel_root: str, annotation_root: str, da
     `shard` (I, N): worker I of N, B per worker (EpochShuffleSampler). `num_workers` None: one
     per core; `pin_memory` None: pinned on a machine with GPUs (module doc).
     """
+    classes = classes_of_data(classes, image_root, annotation_root)
     dataset = TrainDataset(image_root, superpixel_root, annotation_root, data_list,
                            image_size=image_size, seed=seed, classes=classes)
     if len(dataset) < batch_size * shard[1]:
@@ -213,10 +215,11 @@ def infer_loader(image_root: str, superpixel_root: str, annotation_root: str, da
                  image_size: int = INFER_SIZE, batch_size: int = 4,
                  num_workers: int = 0,
                  shard: Tuple[int, int] = (0, 1),
-                 classes: Sequence[str] = VOC_CLASSES,
+                 classes: Optional[Sequence[str]] = None,
                  pin_memory: Optional[bool] = None) -> gluon.data.DataLoader:
     """Inference batches in list order (data, superpixels, labels over `classes`, name indices,
     (h, w)) of shard (I, N) of the list; `pin_memory` as train_loader's."""
+    classes = classes_of_data(classes, image_root, annotation_root)
     dataset = InferDataset(image_root, superpixel_root, annotation_root, data_list,
                            image_size=image_size, batch_size=batch_size, shard=shard,
                            classes=classes)

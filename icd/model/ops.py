@@ -50,6 +50,10 @@ class SharedMovingMean:
             return self.master.as_in_context(ctx)
 
 
+# MXNet builds a custom operator from string attributes only, so the sign-flip operators of a
+# network's devices cannot be handed a Python object: they find their common store here by the
+# key the network passes as an attribute (ICDNet's share key); the training task registers the
+# store when it starts (share_moving_mean) and removes it when it stops (unshare_moving_mean).
 _SHARED: Dict[str, SharedMovingMean] = {}
 
 
