@@ -263,6 +263,19 @@ def test_each_config_field_is_defined_once_and_listed_by_the_commands_that_read_
         option(1, "a number", ("train",), range="huge")
 
 
+def test_reading_a_config_loads_neither_mxnet_nor_the_training_loop():
+    """The fields, their choices and ranges live in icd.config and icd.constants (a low floor):
+    a YAML file is read and checked without MXNet."""
+    code = ("import sys; from icd.config import load_config, command_fields; "
+            "cfg = load_config('synthetic_demo', amp='bf16', kvstore='local'); "
+            "assert command_fields('infer_seg'); "
+            "print(sorted(m for m in ('mxnet', 'icd.train', 'icd.model') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
 # ---------------------------------------------------------------------------------------------
 # Config: types from the annotations, flags given vs not given, shipped configs by name
 
