@@ -243,12 +243,17 @@ class PaperSettings:
         """The folder of one training seed's steps (the run folder when repeat is 1)."""
         return self.out if len(self.seeds) == 1 else os.path.join(self.out, f"seed{seed}")
 
+    def config_file(self, which: str) -> str:
+        """The YAML file of "icd" or "cam" (the run config when `cam:` is a mapping)."""
+        cam = self.top["cam"]
+        return self.config if which == "icd" or isinstance(cam, dict) else find_config(
+            os.path.join(os.path.dirname(self.config), cam))
+
     def training(self, which: str, seed: Optional[int] = None) -> Config:
         """Config of "icd" or "cam": its YAML, the ICD config's data paths (the baseline's
         too), `--set train.*` and `--set <which>.*`, the devices, the run's folders."""
         cam = self.top["cam"]
-        path = self.config if which == "icd" or isinstance(cam, dict) else find_config(
-            os.path.join(os.path.dirname(self.config), cam))
+        path = self.config_file(which)
         overrides = {**dict(self.sets.get("train", {})), **dict(self.sets.get(which, {})),
                      **{k: v for k, v in self.devices.items() if v is not None}}
         if which == "cam":
