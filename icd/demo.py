@@ -1,7 +1,11 @@
 """The end-to-end demo on the built-in synthetic dataset: one small step per stage (IRN-style).
 
-    data -> superpixels -> pretrain -> train_cam, train_icd -> infer -> seeds -> evaluate
+    data -> superpixels -> pretrain -> train_icd, train_cam -> infer -> seeds -> evaluate
          -> segment -> report
+
+The demo is `icd-run` (icd.paper) on experiments/synthetic_demo.yaml: its steps superpixels,
+train_icd, train_cam, infer, seeds, evaluate and segment, with what only the demo has around
+them: `data` (the synthetic dataset), `pretrain` (the ImageNet stand-in) and `report`.
 
     python tools/demo.py                        # everything, about 11 minutes on 2 CPU cores
     python tools/demo.py --quick --out /tmp/q   # the reduced run of the test (numbers meaningless)
@@ -35,44 +39,35 @@ import functools
 import logging
 import os
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 from PIL import Image
 
-from .amp import PRECISIONS
-from .checkpoint import checkpoint_path, load_checkpoint, write_imagenet_part
-from .devices import parse_devices
+from .checkpoint import write_imagenet_part
+from .constants import PRECISIONS
 from .config import Config, load_config
 from .data.classes import read_classes
-from .features import make_feature_factory
-from .data.superpixels import make_superpixels
 from .data.synthetic import make_synthetic_voc
 from .data.voc import read_list
-from .evaluate import THRESHOLDS, evaluate
-from .infer import infer
-from .model import model_from_config
-from .paper import train_to_the_end
+from .evaluate import THRESHOLDS
+from .paper import PaperSettings, paper_steps, train_to_the_end, training_settings
 from .pipeline import Run, Step, select_steps
-from .report import CAM_SEEDS, SPLITS, TABLE3, ReportInputs, write_report
-from .seeds import make_seeds
-from .segment import evaluate_predictions, segment
+from .report import SPLITS, ReportInputs, write_report
 
 log = logging.getLogger(__name__)
 
 EXPERIMENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                            "experiments")
-STEPS = ("data", "superpixels", "pretrain", "train_cam", "train_icd", "infer", "seeds",
+STEPS = ("data", "superpixels", "pretrain", "train_icd", "train_cam", "infer", "seeds",
          "evaluate", "segment", "report")
+DEMO_ONLY = ("data", "pretrain", "report")   # the others are icd-run's (icd.paper)
 COMPARED = ("cam", "icd")   # the CAM-only baseline and ICD, whose scores and seeds are compared
 # --quick: the reduced run of the test (about 20 s on 2 cores); numbers are meaningless
 QUICK = dict(num_train=24, num_val=8, size=56, width=0.125, crop=48, batch_size=8, epochs=2,
              pretrain_epochs=2, segment_epochs=2)
-# The segmentation step (Tables 7-8 analogue): DeepLab-LargeFOV trained on each label source of
-# the train split, evaluated on the val split. (name, label, folder under results_<model>/train/
-# seeds, or None for the ground-truth masks: the fully-supervised upper bound)
-SEGMENTATION_SOURCES = (("icd", "ICD seeds + CRF", TABLE3[-1][1]),
-                        ("cam", "CAM-baseline seeds + CRF", CAM_SEEDS[-1][1]),
-                        ("gt", "ground-truth masks (upper bound)", None))
+# The report's name of each DeepLab of the segment step (synthetic_demo.yaml's segment.labels)
+SEGMENTATION_LABELS = {"icd": "ICD seeds + CRF", "cam": "CAM-baseline seeds + CRF",
+                       "gt": "ground-truth masks (upper bound)"}
 # Expected seconds per step on 2 CPU cores until a finished run's markers give real times.
 # quick: measured (one --quick run). full: the step times of the README's run A
 # (DNNL_MAX_CPU_ISA=AVX2 on this 2-core machine, otherwise idle).
@@ -92,11 +87,13 @@ class DemoSettings:
     num_val: int = 40
     size: int = 160
     data_seed: int = 0
-    # training configs (experiments/*.yaml); the flags below override all three
+    # the run config (icd-run's, with its pipeline: section) and the pre-training's; the
+    # baseline's and DeepLab's default to the run config's pipeline: cam and segment.config
     icd_config: str = os.path.join(EXPERIMENTS, "synthetic_demo.yaml")
-    cam_config: str = os.path.join(EXPERIMENTS, "synthetic_demo_cam.yaml")
+    cam_config: Optional[str] = None
     pretrain_config: Optional[str] = os.path.join(EXPERIMENTS, "synthetic_pretrain.yaml")
-    segment_config: str = os.path.join(EXPERIMENTS, "synthetic_deeplab.yaml")
+    segment_config: Optional[str] = None
+    # the flags below override the training configs (width and crop DeepLab's too)
     width: Optional[float] = None
     crop: Optional[int] = None          # Config.image_size
     batch_size: Optional[int] = None
@@ -133,25 +130,15 @@ def quick_settings(**overrides) -> DemoSettings:
     return DemoSettings(**values)
 
 
+def _given(**values) -> Dict:
+    return {k: v for k, v in values.items() if v is not None}
+
+
 # ---------------------------------------------------------------------------------------------
-# Training configurations
+# The data's folders
 
-TRAINING_FIELDS = ("model", "pretrained", "width", "dropout", "optimizer",
-                   "bottom_up_features",
-                   "bottom_up_loss", "top_down", "image_size", "batch_size", "learning_rate",
-                   "momentum", "wd", "num_epoch", "warmup_epochs", "seed", "amp")
-ICD_ONLY = ("bottom_up_features", "bottom_up_loss", "top_down", "warmup_epochs")
-
-
-def config_file(settings: DemoSettings, which: str) -> Optional[str]:
-    """The YAML file of "pretrain", "cam" or "icd" (None: no pre-training)."""
-    return {"pretrain": settings.pretrain_config, "cam": settings.cam_config,
-            "icd": settings.icd_config}[which]
-
-
-def trained_models(settings: DemoSettings) -> List[str]:
-    """The models the demo trains, in order."""
-    return (["pretrain"] if settings.pretrain_config is not None else []) + list(COMPARED)
+def _list(settings: DemoSettings, split: str) -> str:
+    return settings.folder("data", "ImageSets", "Segmentation", f"{split}.txt")
 
 
 def class_list(settings: DemoSettings) -> str:
@@ -159,144 +146,9 @@ def class_list(settings: DemoSettings) -> str:
     return settings.folder("data", "classes.txt")
 
 
-def training_config(settings: DemoSettings, which: str, data_classes: bool = True) -> Config:
-    """Config of "pretrain", "cam" or "icd": the YAML, the demo's paths and size flags, over the
-    data's class list (`data_classes` False: the YAML's own, for the fingerprint taken before
-    the data step writes the list)."""
-    data = settings.folder("data")
-    epochs = settings.pretrain_epochs if which == "pretrain" else settings.epochs
-    pretrained = None
-    if which != "pretrain" and settings.pretrain_config is not None:
-        pretrained = stand_in_weights(settings)
-    overrides = dict(
-        image_root=os.path.join(data, "JPEGImages"),
-        annotation_root=os.path.join(data, "Annotations"),
-        superpixel_root=settings.folder("superpixels"),
-        data_list=os.path.join(data, "ImageSets", "Segmentation", "train.txt"),
-        snapshot=settings.folder(f"snapshot_{which}"), pretrained=pretrained,
-        width=settings.width, image_size=settings.crop, batch_size=settings.batch_size,
-        learning_rate=settings.learning_rate, num_epoch=epochs,
-        num_workers=settings.loader_workers, amp=settings.amp)
-    if data_classes:
-        overrides.update(classes=class_list(settings))
-    if settings.gpus:
-        overrides.update(gpus=settings.gpus, cpus=0)
-    else:
-        overrides.update(cpus=settings.cpus, gpus="")
-    return load_config(config_file(settings, which), **overrides)
-
-
-def segmentation_config(settings: DemoSettings, source: str,
-                        data_classes: bool = True) -> Config:
-    """Config of the DeepLab trained on `source` ("icd", "cam" or "gt", SEGMENTATION_SOURCES):
-    the segment YAML, the demo's paths, and the ICD model's width, crop, class list and
-    initialisation (the stand-in for vgg16_20M.params gives backbone, fc6 and fc7, as ImageNet
-    weights would); `data_classes` as for `training_config`."""
-    data = settings.folder("data")
-    icd = training_config(settings, "icd", data_classes)
-    folder = dict((name, seeds) for name, _, seeds in SEGMENTATION_SOURCES)[source]
-    labels = (os.path.join(data, "SegmentationClass") if folder is None else
-              os.path.join(results_dir(settings, source, "train"), "seeds", folder))
-    return load_config(settings.segment_config, image_root=icd.image_root,
-                       annotation_root=icd.annotation_root, data_list=icd.data_list,
-                       label_root=labels, snapshot=settings.folder(f"snapshot_segment_{source}"),
-                       pretrained=icd.pretrained, width=icd.width, image_size=icd.image_size,
-                       num_epoch=settings.segment_epochs, num_workers=settings.loader_workers,
-                       gpus=icd.gpus, cpus=icd.cpus, amp=icd.amp,
-                       classes=class_list(settings) if data_classes else None)
-
-
-def final_checkpoint(cfg: Config) -> str:
-    return checkpoint_path(cfg, cfg.num_epoch - 1)
-
-
-def stand_in_weights(settings: DemoSettings) -> str:
-    """The pre-trained stand-in in the shape of `vgg16_20M.params` (backbone, fc6, fc7 only)."""
-    return settings.folder("snapshot_pretrain", "vgg16_stand_in.params")
-
-
-def step_settings(settings: DemoSettings, step: str) -> Dict:
-    """The settings a step's outputs depend on (devices and process counts excluded)."""
-    if step == "data":
-        return dict(num_train=settings.num_train, num_val=settings.num_val, size=settings.size,
-                    seed=settings.data_seed)
-    if step == "superpixels":
-        return dict(features="colour")
-    if step in ("pretrain", "train_cam", "train_icd"):
-        which = {"pretrain": "pretrain", "train_cam": "cam", "train_icd": "icd"}[step]
-        if which == "pretrain" and settings.pretrain_config is None:
-            return dict(skipped=True)
-        # the class list is the data step's (an input of every training step, through the
-        # superpixels), not in the fingerprint: classes.txt does not exist before it runs
-        cfg = training_config(settings, which, data_classes=False)
-        values = {k: getattr(cfg, k) for k in TRAINING_FIELDS}
-        if which == "pretrain":
-            values["export"] = "backbone, fc6, fc7"   # stand_in_weights
-        if values["pretrained"]:
-            values["pretrained"] = os.path.relpath(values["pretrained"], settings.out)
-        return values
-    if step == "evaluate":
-        return dict(thresholds=[float(t) for t in settings.thresholds])
-    if step == "segment":
-        configs = {s: segmentation_config(settings, s, data_classes=False)
-                   for s, _, _ in SEGMENTATION_SOURCES}
-        return {s: dict({k: getattr(cfg, k) for k in TRAINING_FIELDS if k not in ICD_ONLY},
-                        label_root=os.path.relpath(cfg.label_root, settings.out),
-                        pretrained=cfg.pretrained and os.path.relpath(cfg.pretrained, settings.out),
-                        scales=list(cfg.scales), flip=cfg.flip, crf=cfg.crf)
-                for s, cfg in configs.items()}
-    return {}
-
-
-# ---------------------------------------------------------------------------------------------
-# Steps: step_<name>(settings, run) -> a JSON-able summary kept in the step's marker
-
-def _list(settings: DemoSettings, split: str) -> str:
-    return settings.folder("data", "ImageSets", "Segmentation", f"{split}.txt")
-
-
 def results_dir(settings: DemoSettings, model: str, split: str) -> str:
+    """icd-run's results folder of one model and split (one training seed: the run folder's)."""
     return settings.folder(f"results_{model}", split)
-
-
-def step_data(settings: DemoSettings, run: Run) -> Dict:
-    names = make_synthetic_voc(settings.folder("data"), num_train=settings.num_train,
-                               num_val=settings.num_val, size=settings.size,
-                               seed=settings.data_seed)
-    return {split: len(v) for split, v in names.items()}
-
-
-def step_superpixels(settings: DemoSettings, run: Run) -> Dict:
-    written = 0
-    for split in SPLITS:
-        written += len(make_superpixels(settings.folder("data", "JPEGImages"),
-                                        _list(settings, split), settings.folder("superpixels"),
-                                        feature_factory=make_feature_factory(None),
-                                        workers=settings.workers if settings.workers > 1 else 0))
-    return {"written": written}
-
-
-def _train(settings: DemoSettings, which: str) -> Dict:
-    """Train "pretrain", "cam" or "icd" to the end, continuing its run (icd.paper)."""
-    return {"checkpoint": train_to_the_end(training_config(settings, which))}
-
-
-def step_pretrain(settings: DemoSettings, run: Run) -> Dict:
-    if settings.pretrain_config is None:
-        return {"skipped": "no pretrain config: CAM and ICD start from a random He init"}
-    result = _train(settings, "pretrain")
-    # like the release's ImageNet file: no classifier, so fc8 starts as a new layer (weight
-    # N(0, 0.01), bias 0: icd.model.backbone.new_parameter)
-    write_imagenet_part(result["checkpoint"], stand_in_weights(settings))
-    return dict(result, stand_in=stand_in_weights(settings))
-
-
-def step_train_cam(settings: DemoSettings, run: Run) -> Dict:
-    return _train(settings, "cam")
-
-
-def step_train_icd(settings: DemoSettings, run: Run) -> Dict:
-    return _train(settings, "icd")
 
 
 def infer_size_for(image_root: str, names: Sequence[str]) -> int:
@@ -313,157 +165,158 @@ def demo_infer_size(settings: DemoSettings) -> int:
     return infer_size_for(settings.folder("data", "JPEGImages"), names)
 
 
-def step_infer(settings: DemoSettings, run: Run) -> Dict:
-    size = demo_infer_size(settings)
-    counts = {}
-    for model in COMPARED:
-        cfg = training_config(settings, model)
-        contexts = parse_devices(cfg.gpus, cfg.cpus)
-        for split in SPLITS:
-            cfg_split = dataclasses.replace(cfg, data_list=_list(settings, split),
-                                            infer_size=size)
-            log.info("infer %s model on the %s split (infer_size %d)", model, split, size)
-            counts[f"{model}/{split}"] = len(infer(cfg_split, final_checkpoint(cfg),
-                                                   results_dir(settings, model, split),
-                                                   contexts))
-    return {"infer_size": size, "images": counts}
+# ---------------------------------------------------------------------------------------------
+# Configurations: icd-run's on the demo's data, and the pre-training's
+
+def _devices(settings: DemoSettings) -> Dict:
+    """The devices and the precision of every training and inference."""
+    devices = dict(gpus=settings.gpus, cpus=0) if settings.gpus else dict(cpus=settings.cpus,
+                                                                             gpus="")
+    return dict(devices, amp=settings.amp)
 
 
-def step_seeds(settings: DemoSettings, run: Run) -> Dict:
-    size = demo_infer_size(settings)
+def paper_settings(settings: DemoSettings) -> PaperSettings:
+    """icd-run on the run config, its paths set to the demo's data (which must exist: the class
+    list and the inference size are the data's) and its sizes to the demo's flags."""
+    if not os.path.isfile(class_list(settings)):
+        raise RuntimeError(f"{class_list(settings)}: no data; run the demo's data step first "
+                           f"(--steps data ...)")
+    data, size = settings.folder("data"), demo_infer_size(settings)
+    lists = {split: _list(settings, split) for split in SPLITS}
+    train = _given(image_root=os.path.join(data, "JPEGImages"),
+                   annotation_root=os.path.join(data, "Annotations"), data_list=lists["train"],
+                   classes=class_list(settings), infer_size=size, width=settings.width,
+                   image_size=settings.crop, batch_size=settings.batch_size,
+                   learning_rate=settings.learning_rate, num_epoch=settings.epochs,
+                   pretrained=stand_in_weights(settings) if settings.pretrain_config else None)
+    segment = _given(config=settings.segment_config, list=lists["val"], infer_size=size,
+                     width=settings.width, image_size=settings.crop,
+                     num_epoch=settings.segment_epochs)
+    sets = {"train": train, "segment": segment,
+            "run": _given(cam=settings.cam_config, splits=lists,
+                          gt_root=os.path.join(data, "SegmentationClass")),
+            "evaluate": {"thresholds": [float(t) for t in settings.thresholds]}}
+    return PaperSettings(settings.icd_config, settings.out, sets=sets,
+                         devices=dict(_devices(settings), num_workers=settings.loader_workers),
+                         workers=settings.workers)
+
+
+def pretrain_config(settings: DemoSettings) -> Config:
+    """The stand-in's training: the pretrain YAML on the demo's train split, its size flags."""
     data = settings.folder("data")
-    common = dict(image_root=os.path.join(data, "JPEGImages"),
-                  annotation_root=os.path.join(data, "Annotations"), infer_size=size,
-                  workers=settings.workers, classes=read_classes(class_list(settings)))
-    for split in SPLITS:
-        icd_results = results_dir(settings, "icd", split)
-        for _, folder, scores, crf in TABLE3:
-            make_seeds(icd_results, data_list=_list(settings, split), crf=crf, icd_folder=scores,
-                       out_dir=os.path.join(icd_results, "seeds", folder), **common)
-        cam_results = results_dir(settings, "cam", split)
-        for _, folder, crf in CAM_SEEDS:
-            make_seeds(cam_results, data_list=_list(settings, split), crf=crf,
-                       icd_folder="scores_cam", cam_folder="scores_cam",
-                       out_dir=os.path.join(cam_results, "seeds", folder), **common)
-    return {}
+    return load_config(settings.pretrain_config, image_root=os.path.join(data, "JPEGImages"),
+                       annotation_root=os.path.join(data, "Annotations"),
+                       superpixel_root=settings.folder("superpixels"),
+                       data_list=_list(settings, "train"), classes=class_list(settings),
+                       snapshot=settings.folder("snapshot_pretrain"),
+                       **_given(width=settings.width, image_size=settings.crop,
+                                batch_size=settings.batch_size,
+                                learning_rate=settings.learning_rate,
+                                num_epoch=settings.pretrain_epochs,
+                                num_workers=settings.loader_workers),
+                       **_devices(settings))
 
 
-def step_evaluate(settings: DemoSettings, run: Run) -> Dict:
-    size = demo_infer_size(settings)
-    data = settings.folder("data")
-    for split in SPLITS:
-        common = dict(gt_root=os.path.join(data, "SegmentationClass"),
-                      data_list=_list(settings, split),
-                      annotation_root=os.path.join(data, "Annotations"),
-                      image_root=os.path.join(data, "JPEGImages"), infer_size=size,
-                      thresholds=tuple(settings.thresholds), workers=settings.workers,
-                      classes=read_classes(class_list(settings)))
-        evaluate(results_dir(settings, "icd", split),
-                 seed_dirs=[os.path.join("seeds", f) for _, f, _, _ in TABLE3],
-                 folders={"cam": "scores_cam", "icd": "scores_icd"}, **common)
-        # the CAM baseline: its CAM maps are both inputs (the "CAM" column of Table 2)
-        evaluate(results_dir(settings, "cam", split),
-                 seed_dirs=[os.path.join("seeds", f) for _, f, _ in CAM_SEEDS],
-                 folders={"cam": "scores_cam", "icd": "scores_cam"}, **common)
-    return {}
+def stand_in_weights(settings: DemoSettings) -> str:
+    """The pre-trained stand-in in the shape of `vgg16_20M.params` (backbone, fc6, fc7 only)."""
+    return settings.folder("snapshot_pretrain", "vgg16_stand_in.params")
 
 
-def segmentation_dir(settings: DemoSettings, source: str) -> str:
-    return settings.folder("segmentation", source)
+# ---------------------------------------------------------------------------------------------
+# The demo's own steps: step_<name>(settings, run) -> a JSON-able summary kept in its marker
+
+def step_data(settings: DemoSettings, run: Run) -> Dict:
+    names = make_synthetic_voc(settings.folder("data"), num_train=settings.num_train,
+                               num_val=settings.num_val, size=settings.size,
+                               seed=settings.data_seed)
+    return {split: len(v) for split, v in names.items()}
 
 
-def step_segment(settings: DemoSettings, run: Run) -> Dict:
-    """DeepLab-LargeFOV on each label source of the train split, predicted and evaluated on the
-    val split (single scale, no flip or CRF unless the segment YAML says so)."""
-    data = settings.folder("data")
-    summary = {}
-    for source, label, _ in SEGMENTATION_SOURCES:
-        cfg = segmentation_config(settings, source)
-        log.info("segmentation on %s", label)
-        train_to_the_end(cfg)
-        contexts = parse_devices(cfg.gpus, cfg.cpus)
-        net = model_from_config(cfg)
-        load_checkpoint(net, final_checkpoint(cfg), contexts)
-        net.hybridize(static_alloc=True)
-        out = segmentation_dir(settings, source)
-        segment(net, cfg.image_root, _list(settings, "val"), out, contexts, cfg.scales, cfg.flip,
-                cfg.crf, demo_infer_size(settings), cfg.infer_batch_size, overwrite=True,
-                classes=cfg.class_names)
-        result = evaluate_predictions(out, os.path.join(data, "SegmentationClass"),
-                                      _list(settings, "val"), cfg.model, workers=settings.workers,
-                                      classes=cfg.class_names)
-        summary[source] = {"miou": result["miou"]}
-    return summary
+def step_pretrain(settings: DemoSettings, run: Run) -> Dict:
+    if settings.pretrain_config is None:
+        return {"skipped": "no pretrain config: CAM and ICD start from a random He init"}
+    checkpoint = train_to_the_end(pretrain_config(settings))
+    # like the release's ImageNet file: no classifier, so fc8 starts as a new layer (weight
+    # N(0, 0.01), bias 0: checkpoint.new_parameter)
+    write_imagenet_part(checkpoint, stand_in_weights(settings))
+    return dict(checkpoint=checkpoint, stand_in=stand_in_weights(settings))
 
 
-def report_inputs(settings: DemoSettings) -> ReportInputs:
+def report_inputs(settings: DemoSettings, s: PaperSettings) -> ReportInputs:
     """The report's view of this demo: its folders and the settings actually used."""
+    seed = s.seeds[0]
+    trainings = {"cam": s.cam, "icd": s.icd}
+    config_files = {w: s.config_file(w) for w in COMPARED}
+    if settings.pretrain_config is not None:
+        trainings = {"pretrain": pretrain_config(settings), **trainings}
+        config_files = {"pretrain": settings.pretrain_config, **config_files}
     return ReportInputs(
         out=settings.out, data=settings.folder("data"),
         classes=read_classes(class_list(settings)),
         lists={split: _list(settings, split) for split in SPLITS},
-        results={m: {split: results_dir(settings, m, split) for split in SPLITS}
-                 for m in COMPARED},
-        trainings={w: training_config(settings, w) for w in trained_models(settings)},
-        config_files={w: config_file(settings, w) for w in trained_models(settings)},
+        results={m: {split: s.results(seed, m, split) for split in SPLITS} for m in COMPARED},
+        trainings=trainings, config_files=config_files,
         dataset=dict(num_train=settings.num_train, num_val=settings.num_val,
                      size=settings.size, seed=settings.data_seed),
-        infer_size=demo_infer_size(settings), workers=settings.workers,
-        segmentation={label: (segmentation_dir(settings, source),
-                              segmentation_config(settings, source))
-                      for source, label, _ in SEGMENTATION_SOURCES})
+        infer_size=s.icd.infer_size, workers=settings.workers,
+        segmentation={SEGMENTATION_LABELS[label]: (s.segmentation_dirs(seed, label)[1],
+                                                   s.segmentation(seed, label))
+                      for label in s.stage["segment"]["labels"]})
 
 
-def step_report(settings: DemoSettings, run: Run) -> Dict:
-    return {"report": write_report(report_inputs(settings), run)}
+def step_report(settings: DemoSettings, s: PaperSettings, run: Run) -> Dict:
+    return {"report": write_report(report_inputs(settings, s), run)}
 
 
-STEP_FUNCTIONS = {"data": step_data, "superpixels": step_superpixels, "pretrain": step_pretrain,
-                  "train_cam": step_train_cam, "train_icd": step_train_icd, "infer": step_infer,
-                  "seeds": step_seeds, "evaluate": step_evaluate, "segment": step_segment,
-                  "report": step_report}
+# ---------------------------------------------------------------------------------------------
+# The steps in order
 
-
-def step_inputs(settings: DemoSettings, step: str) -> Tuple[str, ...]:
-    """The steps whose outputs `step` reads (its marker fingerprint holds their finish times)."""
-    trained_from = ("pretrain",) if settings.pretrain_config is not None else ("superpixels",)
-    return {"data": (), "superpixels": ("data",), "pretrain": ("superpixels",),
-            "train_cam": trained_from, "train_icd": trained_from,
-            "infer": ("train_cam", "train_icd"), "seeds": ("infer",), "evaluate": ("seeds",),
-            "segment": ("seeds",), "report": ("evaluate", "segment")}[step]
-
-
-def step_folders(settings: DemoSettings, step: str) -> List[str]:
-    """The folders a step owns (cleared before a rerun)."""
-    return {"data": [settings.folder("data")],
-            "superpixels": [settings.folder("superpixels")],
-            "pretrain": [settings.folder("snapshot_pretrain")],
-            "train_cam": [settings.folder("snapshot_cam")],
-            "train_icd": [settings.folder("snapshot_icd")],
-            "infer": [settings.folder(f"results_{m}") for m in COMPARED],
-            "seeds": [os.path.join(results_dir(settings, m, s), "seeds")
-                      for m in COMPARED for s in SPLITS],
-            "evaluate": [os.path.join(results_dir(settings, m, s), "eval")
-                         for m in COMPARED for s in SPLITS],
-            "segment": [settings.folder("segmentation")]
-            + [settings.folder(f"snapshot_segment_{s}") for s, _, _ in SEGMENTATION_SOURCES],
-            "report": [settings.folder("report")]}[step]
+def data_step(settings: DemoSettings) -> Step:
+    return Step("data", functools.partial(step_data, settings), folders=(settings.folder("data"),),
+                settings=dict(num_train=settings.num_train, num_val=settings.num_val,
+                              size=settings.size, seed=settings.data_seed),
+                estimate=ESTIMATES["quick" if settings.quick else "full"]["data"])
 
 
 def demo_steps(settings: DemoSettings) -> List[Step]:
-    """The demo as pipeline steps (the report reruns every time)."""
+    """The demo as pipeline steps: data, icd-run's steps (superpixels reading the data, the
+    trainings the stand-in) with pretrain among them, and the report (rerun every time). The
+    data must exist (`paper_settings`)."""
+    s = paper_settings(settings)
+    paper = {step.name: step for step in paper_steps(s)}
+    pretrained = settings.pretrain_config is not None
+    pretrain = Step("pretrain", functools.partial(step_pretrain, settings),
+                    inputs=("superpixels",), folders=(settings.folder("snapshot_pretrain"),),
+                    settings=dict(training_settings(pretrain_config(settings)),
+                                  export="backbone, fc6, fc7") if pretrained
+                    else dict(skipped=True))
+    report = Step("report", functools.partial(step_report, settings, s),
+                  inputs=("evaluate", "segment"), folders=(settings.folder("report"),),
+                  always=True)
+    extra = {"superpixels": ("data",), "train_icd": ("pretrain",) if pretrained else (),
+             "train_cam": ("pretrain",) if pretrained else ()}
     estimates = ESTIMATES["quick" if settings.quick else "full"]
-    return [Step(name, functools.partial(STEP_FUNCTIONS[name], settings),
-                 inputs=step_inputs(settings, name), folders=tuple(step_folders(settings, name)),
-                 settings=step_settings(settings, name), estimate=estimates[name],
-                 always=name == "report")
-            for name in STEPS]
+    steps = [data_step(settings)]
+    for name in STEPS[1:]:
+        step = {"pretrain": pretrain, "report": report}.get(name) or paper[name]
+        steps.append(dataclasses.replace(step, inputs=step.inputs + extra.get(name, ()),
+                                         estimate=estimates[name]))
+    return steps
 
 
 def run(settings: DemoSettings) -> Dict[str, Dict]:
-    """Run the selected steps in order; returns {step: {"action", "seconds", ...}}."""
-    return Run(demo_steps(settings), settings.folder("steps"), selected=settings.steps,
-               overwrite=settings.overwrite, progress_every=settings.progress_every).execute()
+    """Run the selected steps in order; returns {step: {"action", "seconds", ...}}. The data
+    step runs on its own first: the other steps' settings read the data it makes."""
+    summary: Dict[str, Dict] = {}
+    options = dict(overwrite=settings.overwrite, progress_every=settings.progress_every)
+    if "data" in settings.steps:
+        summary.update(Run([data_step(settings)], settings.folder("steps"), selected=["data"],
+                           **options).execute())
+    rest = [name for name in settings.steps if name != "data"]
+    if rest:
+        summary.update(Run(demo_steps(settings), settings.folder("steps"), selected=rest,
+                           **options).execute())
+    return summary
 
 
 # ---------------------------------------------------------------------------------------------
@@ -505,10 +358,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                        ("segment-epochs", int)):
         sizes.add_argument("--" + flag, type=kind, default=None)
     configs = parser.add_argument_group("training configs")
-    configs.add_argument("--icd-config", default=None, help=f"default {defaults.icd_config}")
-    configs.add_argument("--cam-config", default=None, help=f"default {defaults.cam_config}")
+    configs.add_argument("--icd-config", default=None,
+                         help=f"icd-run's config (training YAML with a pipeline: section; "
+                              f"default {defaults.icd_config})")
+    configs.add_argument("--cam-config", default=None,
+                         help="the baseline's YAML (default: the run config's pipeline: cam)")
     configs.add_argument("--segment-config", default=None,
-                         help=f"default {defaults.segment_config}")
+                         help="DeepLab's YAML (default: the run config's segment.config)")
     configs.add_argument("--pretrain-config", default=None,
                          help=f"default {defaults.pretrain_config}; 'none': no pre-training "
                               "(CAM and ICD from a random He init)")

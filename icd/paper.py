@@ -14,6 +14,8 @@ devices) with a `pipeline:` section for the other stages, e.g. experiments/voc_v
       seeds: {rows: [bu, bu_sp, nocrf, crf]}       # Table 3 rows made (crf: what DeepLab uses)
       evaluate: {list: null, thresholds: [...]}   # list: evaluate a subset of the split
       segment: {config: deeplab_largefov_vgg16.yaml, list: ./data/.../val.txt}
+                                         # labels: [icd, cam, gt] also trains DeepLab on the
+                                         # baseline's seeds + CRF and on gt_root's masks
 
 `--set stage.key=value` overrides a key of a stage (`train.learning_rate=1e-3` a training
 field of ICD and the baseline, `icd.*` / `cam.*` one of them; `seeds.rows=[crf]`; `segment.*`
@@ -22,6 +24,7 @@ Folders under the run folder `--out`:
 
     superpixels/  snapshot_icd/  snapshot_cam/  results_{icd,cam}/<split>/{scores_*,seeds,eval}
     snapshot_segment/  segmentation/pred, eval.json  tables/tables.{md,json}  steps/<step>.json
+    (several segment.labels: snapshot_segment_<label>/ and segmentation/<label>/ each)
 
 `repeat` N > 1 trains N training seeds (seed, seed + 1, ...): the steps after superpixels run
 per seed into seed<k>/ (step names `<step>.s<k>`), and a `compare` step bootstraps ICD against
@@ -72,13 +75,18 @@ SEED_ROWS = {"bu": ("scores_icd_bu", False, "nocrf_icd_bu"),
 ROW_NAMES = {"bu": "bottom-up (S)", "bu_sp": "+ superpixel refinement (S')",
              "nocrf": "+ top-down (S'')", "crf": "+ CRF"}
 CAM_ROWS = {"nocrf": ("nocrf_cam", False), "crf": ("crf_cam", True)}
+# What DeepLab trains on (segment.labels): the ICD seeds of row segment.seeds, the CAM
+# baseline's seeds + CRF, or gt_root's masks (the fully-supervised upper bound; Tables 7-8)
+SEGMENT_LABELS = {"icd": "ICD seeds", "cam": "CAM-baseline seeds + CRF",
+                  "gt": "ground-truth masks (upper bound)"}
 # The keys of each stage's part of the pipeline: section and their defaults.
 STAGES: Dict[str, Dict[str, Any]] = {
     "superpixels": {"features": "pretrained"},
     "infer": {},
     "seeds": {"rows": ["bu", "bu_sp", "nocrf", "crf"], "saliency_root": None},
     "evaluate": {"list": None, "thresholds": list(THRESHOLDS)},
-    "segment": {"config": None, "list": None, "gt_root": None, "seeds": "crf"},
+    "segment": {"config": None, "list": None, "gt_root": None, "seeds": "crf",
+                "labels": ["icd"]},
     "tables": {},
 }
 TOP_KEYS = {"cam": None, "gt_root": None, "splits": None, "repeat": 1}
@@ -87,7 +95,7 @@ TOP_KEYS = {"cam": None, "gt_root": None, "splits": None, "repeat": 1}
 RUN_FIELDS = ("image_root", "annotation_root", "superpixel_root", "data_list", "classes", "model",
               "pretrained", "num_cls", "width", "dropout", "bottom_up_features", "bottom_up_loss",
               "top_down", "optimizer", "image_size", "batch_size", "learning_rate", "momentum",
-              "wd", "num_epoch", "warmup_epochs", "seed", "label_root")
+              "wd", "num_epoch", "warmup_epochs", "seed", "label_root", "amp")
 # Expected seconds per step before a finished run's markers give real times (rough, per image
 # on 2 CPU cores at width 1/8; only the first run's ETA depends on them).
 ESTIMATES = dict(superpixels=5, train_icd=60, train_cam=40, infer=10, seeds=20, evaluate=20,
@@ -178,7 +186,7 @@ class PaperSettings:
     config: str
     out: str
     sets: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
-    devices: Mapping[str, Any] = field(default_factory=dict)   # gpus/cpus/kvstore/num_workers
+    devices: Mapping[str, Any] = field(default_factory=dict)   # gpus/cpus/kvstore/num_workers/amp
     repeat: Optional[int] = None
     workers: int = 1                   # superpixel, seed and evaluation processes
     shard: Tuple[int, int] = (0, 1)    # per-image steps only (several machines)
@@ -218,6 +226,11 @@ class PaperSettings:
         rows = self.stage["seeds"]["rows"]
         if not rows or set(rows) - set(SEED_ROWS):
             raise ValueError(f"seeds.rows: choose from {', '.join(SEED_ROWS)}, got {rows!r}")
+        labels = self.stage["segment"]["labels"]
+        if not labels or set(labels) - set(SEGMENT_LABELS) or \
+                ("cam" in labels and (self.cam is None or "crf" not in rows)):
+            raise ValueError(f"segment.labels: choose from {', '.join(SEGMENT_LABELS)} (cam "
+                             f"needs the baseline and the crf seeds), got {labels!r}")
 
     # configs -----------------------------------------------------------------------------
 
@@ -230,12 +243,17 @@ class PaperSettings:
         """The folder of one training seed's steps (the run folder when repeat is 1)."""
         return self.out if len(self.seeds) == 1 else os.path.join(self.out, f"seed{seed}")
 
+    def config_file(self, which: str) -> str:
+        """The YAML file of "icd" or "cam" (the run config when `cam:` is a mapping)."""
+        cam = self.top["cam"]
+        return self.config if which == "icd" or isinstance(cam, dict) else find_config(
+            os.path.join(os.path.dirname(self.config), cam))
+
     def training(self, which: str, seed: Optional[int] = None) -> Config:
         """Config of "icd" or "cam": its YAML, the ICD config's data paths (the baseline's
         too), `--set train.*` and `--set <which>.*`, the devices, the run's folders."""
         cam = self.top["cam"]
-        path = self.config if which == "icd" or isinstance(cam, dict) else find_config(
-            os.path.join(os.path.dirname(self.config), cam))
+        path = self.config_file(which)
         overrides = {**dict(self.sets.get("train", {})), **dict(self.sets.get(which, {})),
                      **{k: v for k, v in self.devices.items() if v is not None}}
         if which == "cam":
@@ -248,23 +266,34 @@ class PaperSettings:
         return dataclasses.replace(cfg, seed=seed, superpixel_root=self.folder("superpixels"),
                                    snapshot=os.path.join(self.root(seed), f"snapshot_{which}"))
 
-    def segmentation(self, seed: int) -> Optional[Config]:
-        """The DeepLab config (None without `segment.config`): trained on the ICD seeds of the
-        first split, from the ICD model's ImageNet file, on the same devices."""
+    def segmentation(self, seed: int, label: str = "icd") -> Optional[Config]:
+        """The DeepLab config (None without `segment.config`) trained on `label`
+        (SEGMENT_LABELS) of the first split, from the ICD model's ImageNet file, on the same
+        devices."""
         stage = self.stage["segment"]
         if not stage["config"]:
             return None
         path = find_config(os.path.join(os.path.dirname(self.config), stage["config"]))
         icd = self.training("icd", seed)
-        labels = os.path.join(self.results(seed, "icd", self.first_split), "seeds",
-                              SEED_ROWS[stage["seeds"]][2])
+        seeds = {"icd": ("icd", SEED_ROWS[stage["seeds"]][2]), "cam": ("cam", CAM_ROWS["crf"][0])}
+        labels = os.path.join(self.results(seed, seeds[label][0], self.first_split), "seeds",
+                              seeds[label][1]) if label in seeds else self.gt_root
         return load_config(path, image_root=icd.image_root, annotation_root=icd.annotation_root,
                            data_list=icd.data_list, classes=icd.classes,
                            num_cls=icd.num_cls, label_root=labels,
                            pretrained=icd.pretrained, seed=seed,
-                           snapshot=os.path.join(self.root(seed), "snapshot_segment"),
+                           snapshot=self.segmentation_dirs(seed, label)[0],
                            **{**{k: v for k, v in stage.items() if k in FIELDS},
                               **{k: v for k, v in self.devices.items() if v is not None}})
+
+    def segmentation_dirs(self, seed: int, label: str) -> Tuple[str, str]:
+        """(snapshot, predictions) folders of the DeepLab on `label`: snapshot_segment/ and
+        segmentation/, or snapshot_segment_<label>/ and segmentation/<label>/ with several."""
+        if len(self.stage["segment"]["labels"]) == 1:
+            return (os.path.join(self.root(seed), "snapshot_segment"),
+                    os.path.join(self.root(seed), "segmentation"))
+        return (os.path.join(self.root(seed), f"snapshot_segment_{label}"),
+                os.path.join(self.root(seed), "segmentation", label))
 
     @property
     def first_split(self) -> str:
@@ -298,10 +327,19 @@ def step_superpixels(s: PaperSettings, seed: int, run: Run) -> Dict:
     if features == "pretrained" and not pretrained:
         raise ValueError(f"{s.config}: superpixels.features pretrained needs the config's "
                          f"`pretrained:` file (or --set superpixels.features=colour)")
-    written = make_superpixels(s.icd.image_root, s.icd.data_list, s.folder("superpixels"),
-                               feature_factory=make_feature_factory(pretrained),
-                               workers=s.workers if s.workers > 1 else 0, shard=s.shard)
-    return {"written": len(written)}
+    written = 0
+    for data_list in superpixel_lists(s):
+        written += len(make_superpixels(s.icd.image_root, data_list, s.folder("superpixels"),
+                                        feature_factory=make_feature_factory(pretrained),
+                                        workers=s.workers if s.workers > 1 else 0,
+                                        shard=s.shard))
+    return {"written": written}
+
+
+def superpixel_lists(s: PaperSettings) -> List[str]:
+    """The lists whose images need superpixels: training's, then every split's (inference
+    refines the bottom-up scores by them, S' of Table 3)."""
+    return list(dict.fromkeys([s.icd.data_list, *s.splits.values()]))
 
 
 def step_train(which: str, s: PaperSettings, seed: int, run: Run) -> Dict:
@@ -372,25 +410,30 @@ def step_evaluate(s: PaperSettings, seed: int, run: Run) -> Dict:
 
 
 def step_segment(s: PaperSettings, seed: int, run: Run) -> Dict:
-    """DeepLab on the ICD seeds (Tables 7-8): trained, predicted on segment.list, evaluated."""
-    cfg = s.segmentation(seed)
-    if cfg is None:
+    """DeepLab on each of segment.labels (Tables 7-8): trained, predicted on segment.list,
+    evaluated; {"miou": {label: mIoU}}."""
+    if s.segmentation(seed) is None:
         return {"skipped": "no segment.config"}
     stage = s.stage["segment"]
     data_list, gt_root = stage["list"], stage["gt_root"] or s.gt_root
     if not data_list or not gt_root:
         raise ValueError(f"{s.config}: pipeline: segment: needs `list` (the images to predict) "
                          f"and a gt_root")
-    final = train_to_the_end(cfg)
-    contexts = parse_devices(cfg.gpus, cfg.cpus)
-    net = model_from_config(cfg)
-    load_checkpoint(net, final, contexts)
-    net.hybridize(static_alloc=True)
-    out = os.path.join(s.root(seed), "segmentation")
-    segment(net, cfg.image_root, data_list, out, contexts, cfg.scales, cfg.flip, cfg.crf,
-            cfg.infer_size, cfg.infer_batch_size, overwrite=True, classes=cfg.class_names)
-    return {"miou": evaluate_predictions(out, gt_root, data_list, cfg.model,
-                                         workers=s.workers, classes=cfg.class_names)["miou"]}
+    miou = {}
+    for label in stage["labels"]:
+        cfg = s.segmentation(seed, label)
+        log.info("segmentation on the %s", SEGMENT_LABELS[label])
+        final = train_to_the_end(cfg)
+        contexts = parse_devices(cfg.gpus, cfg.cpus)
+        net = model_from_config(cfg)
+        load_checkpoint(net, final, contexts)
+        net.hybridize(static_alloc=True)
+        out = s.segmentation_dirs(seed, label)[1]
+        segment(net, cfg.image_root, data_list, out, contexts, cfg.scales, cfg.flip, cfg.crf,
+                cfg.infer_size, cfg.infer_batch_size, overwrite=True, classes=cfg.class_names)
+        miou[label] = evaluate_predictions(out, gt_root, data_list, cfg.model,
+                                           workers=s.workers, classes=cfg.class_names)["miou"]
+    return {"miou": miou}
 
 
 def _md_table(header: Sequence[str], rows: Sequence[Sequence]) -> List[str]:
@@ -449,13 +492,16 @@ def step_tables(s: PaperSettings, seed: int, run: Run) -> Dict:
                       f"{percent(test['high'])}] (95% bootstrap over the images: "
                       f"{test['verdict']}; one trained model, not the method's spread over "
                       f"training seeds: `--repeat N`)", ""]
-    segmentation = os.path.join(s.root(seed), "segmentation", "eval.json")
-    if os.path.isfile(segmentation):
-        result = read_json(segmentation)
-        numbers["segmentation"] = result
-        lines += ["### Tables 7-8. DeepLab trained on the ICD seeds", ""]
-        lines += _md_table(["Network", "mIoU (%)"],
-                           [[s.segmentation(seed).model, percent(result["miou"])]])
+    rows = []
+    for label in s.stage["segment"]["labels"]:
+        segmentation = os.path.join(s.segmentation_dirs(seed, label)[1], "eval.json")
+        if os.path.isfile(segmentation):
+            numbers.setdefault("segmentation", {})[label] = read_json(segmentation)
+            rows.append([s.segmentation(seed, label).model, SEGMENT_LABELS[label],
+                         percent(numbers["segmentation"][label]["miou"])])
+    if rows:
+        lines += ["### Tables 7-8. DeepLab trained on the seeds", ""]
+        lines += _md_table(["Network", "Trained on", "mIoU (%)"], rows)
     path = os.path.join(s.root(seed), "tables", "tables.md")
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.write("\n".join(lines))
@@ -500,22 +546,27 @@ def step_name(base: str, seed: int, s: PaperSettings) -> str:
         f"{base}.s{seed}"
 
 
+def training_settings(cfg: Config) -> Dict:
+    """What a training's checkpoints depend on (RUN_FIELDS but the superpixel folder)."""
+    return {k: _plain(getattr(cfg, k)) for k in RUN_FIELDS if k != "superpixel_root"}
+
+
 def step_settings(s: PaperSettings, base: str, seed: int) -> Dict:
     """What a step's outputs depend on (devices, processes and shards left out)."""
-    def training(cfg: Config) -> Dict:
-        return {k: _plain(getattr(cfg, k)) for k in RUN_FIELDS if k != "superpixel_root"}
     if base == "superpixels":
         return dict(s.stage["superpixels"], image_root=s.icd.image_root,
-                    data_list=s.icd.data_list, pretrained=s.icd.pretrained)
+                    data_lists=superpixel_lists(s), pretrained=s.icd.pretrained)
     if base in ("train_icd", "train_cam"):
-        cfg = s.training(base[6:], seed)
-        return training(cfg) if cfg is not None else {}
+        return training_settings(s.training(base[6:], seed))
     if base == "infer":
         return dict(splits=s.splits, infer_size=s.icd.infer_size)
     if base == "segment":
-        cfg = s.segmentation(seed)
-        return dict(s.stage["segment"], **(training(cfg) if cfg else {}),
-                    scales=list(cfg.scales) if cfg else None) if cfg else {}
+        if s.segmentation(seed) is None:
+            return {}
+        return dict(s.stage["segment"], **{label: dict(
+            training_settings(cfg), scales=list(cfg.scales), flip=cfg.flip, crf=cfg.crf,
+            infer_size=cfg.infer_size) for label, cfg in (
+                (label, s.segmentation(seed, label)) for label in s.stage["segment"]["labels"])})
     if base == "seeds":
         return dict(s.stage["seeds"], classes=list(s.icd.class_names))
     if base == "evaluate":
@@ -541,8 +592,8 @@ def step_folders(s: PaperSettings, base: str, seed: int) -> Tuple[str, ...]:
                            for split in s.splits),
             "evaluate": tuple(os.path.join(r, split, "eval") for r in results
                               for split in s.splits),
-            "segment": (os.path.join(root, "snapshot_segment"),
-                        os.path.join(root, "segmentation")),
+            "segment": tuple(sorted({os.path.join(root, "segmentation")} | {
+                s.segmentation_dirs(seed, label)[0] for label in s.stage["segment"]["labels"]})),
             "tables": (os.path.join(root, "tables"),),
             "compare": (s.folder("compare"),)}[base]
 

@@ -20,6 +20,7 @@ from icd.data.voc import read_image_labels, read_mask
 from icd.evaluate import NUM_SEG_CLASSES, image_statistics
 from icd.metrics import average_precision, class_iou, confusion_matrix, mean_iou
 from icd.io import read_json
+from icd.paper import paper_steps
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,13 +216,25 @@ def test_unknown_steps_are_rejected():
         demo.DemoSettings(steps=["data", "trian"])
 
 
-def test_demo_steps_read_what_they_need_and_rerun_on_changed_data(tmp_path):
-    settings = demo.quick_settings(out=str(tmp_path / "out"), steps=["data", "superpixels"])
+def test_demo_steps_are_icd_runs_around_the_demos_own_and_rerun_on_changed_data(tmp_path):
+    settings = demo.quick_settings(out=str(tmp_path / "out"), steps=["superpixels"])
+    with pytest.raises(RuntimeError, match="data step"):
+        demo.demo_steps(settings)                     # the settings read the data's files
+    assert list(demo.run(demo.quick_settings(out=settings.out, steps=["data"]))) == ["data"]
     steps = {s.name: s for s in demo.demo_steps(settings)}
     assert list(steps) == list(demo.STEPS) and [s.always for s in steps.values()].count(True) == 1
-    assert steps["train_cam"].inputs == ("pretrain",) and steps["report"].always
+    # icd-run's steps (icd.paper) on the demo's config, the demo's own around them
+    paper = {s.name: s for s in paper_steps(demo.paper_settings(settings))}
+    for name in set(demo.STEPS) - set(demo.DEMO_ONLY):
+        assert steps[name].settings == paper[name].settings, name
+        assert steps[name].folders == paper[name].folders, name
+    assert steps["superpixels"].inputs == ("data",)
+    assert steps["train_cam"].inputs == ("superpixels", "pretrain") and steps["report"].always
     assert steps["data"].estimate == demo.ESTIMATES["quick"]["data"]
     assert steps["train_icd"].settings["num_epoch"] == demo.QUICK["epochs"]
+    assert steps["train_icd"].settings["pretrained"] == demo.stand_in_weights(settings)
+    assert steps["segment"].settings["gt"]["width"] == demo.QUICK["width"]
+    assert steps["segment"].settings["gt"]["infer_size"] == demo.demo_infer_size(settings) == 65
     unpretrained = {s.name: s for s in demo.demo_steps(
         demo.quick_settings(out=settings.out, pretrain_config="none"))}
     assert unpretrained["train_icd"].inputs == ("superpixels",)
@@ -241,14 +254,14 @@ def test_demo_steps_read_what_they_need_and_rerun_on_changed_data(tmp_path):
                             progress_every=0).execute()
 
     execute(settings)
-    assert calls == ["data", "superpixels"]
+    assert calls == ["superpixels"]
     assert {s["action"] for s in execute(settings).values()} == {"skip"}
     # other data settings: data reruns, and superpixels (which reads data) reruns after it
-    summary = execute(demo.quick_settings(out=settings.out, steps=["data", "superpixels"],
-                                          num_train=30))
-    assert calls[2:] == ["data", "superpixels"]
-    assert [s["action"] for s in summary.values()] == ["rerun", "rerun"]
-    with pytest.raises(RuntimeError, match="'train_cam'"):
+    assert demo.run(demo.quick_settings(out=settings.out, steps=["data"], num_train=30)
+                    )["data"]["action"] == "rerun"
+    assert [s["action"] for s in execute(settings).values()] == ["rerun"]
+    assert calls[1:] == ["superpixels"]
+    with pytest.raises(RuntimeError, match="'train_icd'"):
         execute(demo.quick_settings(out=settings.out, steps=["infer"]))
 
 

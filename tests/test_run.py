@@ -115,6 +115,34 @@ def test_repeat_runs_the_steps_after_superpixels_per_training_seed(tiny_voc, tmp
         ["train_icd.s0", "train_cam.s0", "train_icd.s1", "train_cam.s1"]
 
 
+def test_segment_labels_train_deeplab_on_each_source_in_its_own_folders(tiny_voc, tmp_path):
+    config = _config(tmp_path, tiny_voc, 2)
+    val = tiny_voc["data_list"].replace("train.txt", "val.txt")
+    sets = ["segment.config=synthetic_deeplab.yaml", f"segment.list={val}",
+            f"run.splits={{train: {tiny_voc['data_list']}, val: {val}}}"]
+    one = paper.PaperSettings(config, str(tmp_path / "one"), sets=paper.parse_sets(sets))
+    assert one.segmentation_dirs(0, "icd") == (str(tmp_path / "one" / "snapshot_segment"),
+                                               str(tmp_path / "one" / "segmentation"))
+    assert one.segmentation(0).label_root == os.path.join(one.results(0, "icd", "train"),
+                                                          "seeds", "crf")
+    # superpixels for the training list and every split's (val's scores are refined by them)
+    assert paper.superpixel_lists(one) == [tiny_voc["data_list"], val]
+    three = paper.PaperSettings(config, str(tmp_path / "three"), sets=paper.parse_sets(
+        sets + ["segment.labels=[icd, cam, gt]", "segment.width=0.25"]))
+    out = str(tmp_path / "three")
+    assert three.segmentation(0, "cam").label_root == os.path.join(
+        three.results(0, "cam", "train"), "seeds", "crf_cam")
+    assert three.segmentation(0, "gt").label_root == tiny_voc["gt_root"]
+    assert three.segmentation(0, "gt").snapshot == os.path.join(out, "snapshot_segment_gt")
+    assert three.segmentation(0, "gt").width == 0.25
+    assert three.segmentation_dirs(0, "cam")[1] == os.path.join(out, "segmentation", "cam")
+    segment = {s.name: s for s in paper.paper_steps(three)}["segment"]
+    assert set(segment.settings) >= {"icd", "cam", "gt"} and len(segment.folders) == 4
+    with pytest.raises(ValueError, match="segment.labels: choose from icd, cam, gt"):
+        paper.PaperSettings(config, out, sets=paper.parse_sets(
+            sets + ["segment.labels=[cam]", "run.cam=null"]))
+
+
 def test_each_command_lists_only_the_flags_it_uses(capsys):
     for command, absent, present in ((train_command, ("--crf", "--flip", "--scales",
                                                       "--infer-size"), ("--learning-rate",)),

@@ -14,7 +14,7 @@ import icd.train
 from icd.checkpoint import checkpoint_path, read_params
 from icd.config import load_config
 from icd.data.synthetic import make_synthetic_voc
-from icd.data.voc import read_list, read_mask
+from icd.data.voc import VOC_CLASSES, read_list, read_mask
 from icd.evaluate import evaluate_seeds
 from icd.metrics import confusion_matrix
 from icd.io import write_json
@@ -133,9 +133,10 @@ def test_short_training_on_masks_beats_chance_on_val(one_class_voc, tmp_path):
     net = train(cfg)["net"]
     val = os.path.join(voc, "ImageSets", "Segmentation", "val.txt")
     out = str(tmp_path / "seg")
-    segment(net, cfg.image_root, val, out, [mx.cpu()], infer_size=80)
+    # read as VOC data (the model has VOC's 21 outputs): its one class, aeroplane, is VOC's id 1
+    segment(net, cfg.image_root, val, out, [mx.cpu()], infer_size=80, classes=VOC_CLASSES)
     result = evaluate_seeds(os.path.join(out, "pred"), os.path.join(voc, "SegmentationClass"),
-                            read_list(val))
+                            read_list(val), classes=VOC_CLASSES)
     gt = [read_mask(os.path.join(voc, "SegmentationClass", f"{n}.png")) for n in read_list(val)]
     counts = sum(confusion_matrix(g, np.zeros_like(g), 21) for g in gt).sum(axis=1)
     chance = counts.max() / counts.sum() / len(counts)   # every pixel the most frequent class

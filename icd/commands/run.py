@@ -21,7 +21,7 @@ import argparse
 import os
 from typing import Optional, Sequence
 
-from ..distributed import KVSTORES
+from ..constants import KVSTORES, PRECISIONS
 from ..paper import PaperSettings, parse_sets, run_paper
 from .runner import Parser, non_negative_int, positive_int, run, shard
 
@@ -49,6 +49,10 @@ def build_parser() -> Parser:
     parser.add_argument("--kvstore", choices=KVSTORES, default=None,
                         help="training's gradient aggregation; dist_* under icd-launch "
                              "(default: the config's)")
+    parser.add_argument("--amp", choices=PRECISIONS, default=None,
+                        help="mixed precision of every training and inference step: bf16 on "
+                             "CPUs with avx512_bf16 or AMX, fp16 on GPUs (default: the "
+                             "config's amp, off)")
     parser.add_argument("--loader-workers", type=non_negative_int, default=None,
                         help="data-loader processes (default: the config's num_workers)")
     parser.add_argument("--workers", type=positive_int, default=min(32, os.cpu_count() or 1),
@@ -66,7 +70,8 @@ def build_parser() -> Parser:
 
 
 def _run(args: argparse.Namespace) -> int:
-    devices = dict(gpus=args.gpus, kvstore=args.kvstore, num_workers=args.loader_workers)
+    devices = dict(gpus=args.gpus, kvstore=args.kvstore, num_workers=args.loader_workers,
+                   amp=args.amp)
     if args.gpus:
         devices["cpus"] = 0
     elif args.cpus:
