@@ -455,7 +455,7 @@ class ICDTask(Task):
         self.store = None
         self.exchange = None
         self.warmup_iters = 0
-        self.warm = 0.0
+        self.top_down_weight = 0.0   # L_td's weight this iteration: the exponential warm-up
 
     def loader(self, shard=(0, 1)):
         cfg = self.cfg
@@ -493,14 +493,14 @@ class ICDTask(Task):
                 self.store.master.asnumpy().tolist()}
 
     def inputs(self, batch, contexts, iteration):
-        self.warm = top_down_warmup(iteration, self.warmup_iters)
+        self.top_down_weight = top_down_warmup(iteration, self.warmup_iters)
         inputs = super().inputs(batch, contexts, iteration)
-        for device, ctx in zip(inputs, contexts):
-            device["warm"] = mx.nd.full((1,), self.warm, ctx=ctx)
+        for device, ctx in zip(inputs, contexts):   # the network's input `warm` (the release's)
+            device["warm"] = mx.nd.full((1,), self.top_down_weight, ctx=ctx)
         return inputs
 
     def schedule(self):
-        return {"warm": self.warm}
+        return {"warm": self.top_down_weight}   # the log's `warm`: the top-down warm-up weight
 
     def forward(self, net, inputs):
         out = dict(zip(net.output_names, net(*[inputs[n] for n in net.input_names])))
