@@ -3,10 +3,12 @@
 Per image: for every scale s (default 1 only) and, with `flip`, the mirrored image too, the image
 is resized by s (bilinear, size int(h s + 0.5)), padded bottom/right with the mean 127 to a square
 of side P = max(513, its sides) (with `canvas_step` k: P rounded up to 513 + a multiple of k, see
-`canvas_side`), and the network's softmax probabilities are upsampled
-(bilinear, half-pixel centres as cv2) to P x P, cropped to the scaled image, resized to the image
-and mirrored back; the probabilities are averaged over scales and flips. The prediction is their
-argmax, or, with `crf`, the argmax of a dense CRF with DeepLab-LargeFOV's parameters.
+`canvas_side`), and the network's softmax probabilities are upsampled to P x P so that
+score cell i lands on pixel 8i, the centre of its receptive field (`upsample_scores`, as the
+training labels are read by `icd.model.losses.nearest_label`), cropped to the scaled image,
+resized to the image (bilinear, half-pixel centres as cv2 scaled it) and mirrored back; the
+probabilities are averaged over scales and flips. The prediction is their argmax, or, with
+`crf`, the argmax of a dense CRF with DeepLab-LargeFOV's parameters.
 
 Pipelining (`segment`): the images of batch t+1 are read by a thread pool and their forward is
 queued on the devices before the probabilities of batch t are copied back; the PNG/JPEG writes
@@ -42,6 +44,7 @@ from .evaluate import evaluate_seeds
 from .visualize import overlay
 from .io import atomic_path, write_json
 from .model import model_options
+from .model.losses import OUTPUT_STRIDE
 from .provenance import file_identity
 
 # With `canvas_step` 64, canvas sides above the inference size come in steps of 64 (513, 577,
@@ -103,6 +106,21 @@ def _resize(prob: mx.nd.NDArray, height: int, width: int) -> mx.nd.NDArray:
     return mx.nd.contrib.BilinearResize2D(prob, height=height, width=width, align_corners=False)
 
 
+def upsample_scores(prob: mx.nd.NDArray, side: int, stride: int = OUTPUT_STRIDE
+                    ) -> mx.nd.NDArray:
+    """(N, K, h, w) score maps of a side x side input -> (N, K, side, side): cell i lands on
+    input pixel stride i, the centre of its receptive field (as `nearest_label` reads the
+    labels; DeepLab's bilinear upsampling of its stride-8 maps, corner-aligned on
+    stride (h - 1) + 1 pixels). The last < stride rows and columns repeat the edge."""
+    h, w = prob.shape[2:]
+    up = mx.nd.contrib.BilinearResize2D(prob, height=stride * (h - 1) + 1,
+                                        width=stride * (w - 1) + 1, align_corners=True)
+    extra_h, extra_w = side - up.shape[2], side - up.shape[3]
+    if extra_h or extra_w:
+        up = mx.nd.pad(up, mode="edge", pad_width=(0, 0, 0, 0, 0, extra_h, 0, extra_w))
+    return up
+
+
 def queue_probabilities(net: mx.gluon.Block, images: Sequence[np.ndarray],
                         contexts: Sequence[mx.Context], infer_size: int = INFER_SIZE,
                         scales: Sequence[float] = (1.0,), flip: bool = False,
@@ -131,7 +149,7 @@ def queue_probabilities(net: mx.gluon.Block, images: Sequence[np.ndarray],
         side = batch.shape[2]
         for ctx, shard in zip(contexts, shards):
             prob = mx.nd.softmax(net(mx.nd.array(batch[shard], ctx=ctx)), axis=1)
-            prob = _resize(prob, side, side)
+            prob = upsample_scores(prob, side)
             for k, j in enumerate(shard[shard < len(images)]):
                 (h, w), (height, width) = inputs[j].shape[:2], images[j].shape[:2]
                 view = _resize(prob[k:k + 1, :, :h, :w], height, width)

@@ -8,21 +8,21 @@ import cv2
 import mxnet as mx
 import numpy as np
 import pytest
-from mxnet import autograd
+from mxnet import autograd, init
 
 from icd.checkpoint import initialize, load_checkpoint, random_imagenet_params, read_params, \
     release_key, release_keys, save_checkpoint
 from icd.crf import dense_crf
-from icd.model.backbone import is_imagenet_key
+from icd.model.backbone import is_imagenet_key, pool5
 from icd.data.segmentation import SegmentationDataset, segmentation_loader, \
     segmentation_transform
 from icd.data.voc import read_list, write_mask
 from icd.evaluate import SEG_CLASSES, evaluate_seeds
 from icd.model import MODELS, build_model
-from icd.model.deeplab import DilatedResNet101
+from icd.model.deeplab import DilatedResNet101, vgg16_largefov
 from icd.model.losses import nearest_label, segmentation_loss
 from icd.segment import CRF_BILATERAL, CRF_GAUSSIAN, CRF_ITERATIONS, markdown_table, \
-    predict_labels, predict_probabilities
+    predict_labels, predict_probabilities, upsample_scores
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -280,12 +280,43 @@ def test_resnet101_checkpoint_loads_into_a_fresh_model(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Loss
 
-def test_labels_shrink_by_nearest_to_the_feature_centres():
-    label = mx.nd.array(np.tile(np.arange(321), (1, 321, 1)))
-    shrunk = nearest_label(mx.nd, label, mx.nd.zeros((1, 2, 41, 41)))
-    np.testing.assert_array_equal(shrunk[0, 0].asnumpy(), np.arange(0, 321, 8))
-    shrunk = nearest_label(mx.nd, label.transpose((0, 2, 1)), mx.nd.zeros((1, 2, 41, 41)))
-    np.testing.assert_array_equal(shrunk[0, :, 0].asnumpy(), np.arange(0, 321, 8))
+def receptive_field_middle(net, side: int, cell: int) -> float:
+    """The middle of the input rows that score row `cell` of `net`'s stride-8 map depends on
+    (the span of the gradient, on positive weights and inputs so that no ReLU cuts it)."""
+    for param in net.collect_params().values():
+        param.set_data(param.data().abs() + 1e-3)
+    x = mx.nd.random.uniform(128, 255, shape=(1, 3, side, side))
+    x.attach_grad()
+    with mx.autograd.record():
+        _, conv5 = net.backbone(x)
+        score = pool5(mx.nd, conv5)[0, :, cell, :].sum()
+    score.backward()
+    rows = np.nonzero(x.grad[0].abs().sum(axis=(0, 2)).asnumpy())[0]
+    return (rows.min() + rows.max()) / 2
+
+
+def test_score_cell_i_is_centred_on_input_pixel_8i():
+    """What the label shrink and the upsampling below rely on: the three stride-2 poolings with
+    the release's padding put cell i's receptive field around pixel 8i (not 8i + 3.5)."""
+    net = vgg16_largefov(num_classes=1, width=1 / 16)
+    net.initialize(init.Uniform(0.02))
+    for cell in (16, 17, 18):   # receptive fields of 243 px, inside the 289 px input
+        assert receptive_field_middle(net, 289, cell) == 8 * cell
+
+
+@pytest.mark.parametrize("side", [96, 97, 100, 321])
+def test_labels_shrink_to_the_pixel_at_each_cell_centre(side):
+    """Each score cell takes the label of input pixel 8i (the last cell at most the last row):
+    the corner-aligned rule round(i (H - 1) / (h - 1)) agrees only for sides 8k + 1 and drifts
+    to pixel 95 instead of 88 for the last cell of a 96 px crop."""
+    cells = (side + 7) // 8
+    label = mx.nd.array(np.tile(np.arange(side), (1, side, 1)))
+    shrunk = nearest_label(mx.nd, label, mx.nd.zeros((1, 2, cells, cells)))
+    np.testing.assert_array_equal(shrunk[0, 0].asnumpy(),
+                                  np.minimum(8 * np.arange(cells), side - 1))
+    shrunk = nearest_label(mx.nd, label.transpose((0, 2, 1)), mx.nd.zeros((1, 2, cells, cells)))
+    np.testing.assert_array_equal(shrunk[0, :, 0].asnumpy(),
+                                  np.minimum(8 * np.arange(cells), side - 1))
 
 
 def reference_loss(logits, label):
@@ -309,11 +340,14 @@ def test_segmentation_loss_ignores_255_in_value_and_gradient():
     label[1, :, 3] = 255
     label[1, 4, 4] = 255
 
+    crop = rng.integers(0, 4, size=(2, 33, 33)).astype(np.float32)   # 33 px -> 5 x 5 cells
+    crop[:, ::8, ::8] = label                                          # the cells' centres
+
     def run(z):
         z = mx.nd.array(z)
         z.attach_grad()
         with autograd.record():
-            loss = segmentation_loss(mx.nd, z, mx.nd.array(label))
+            loss = segmentation_loss(mx.nd, z, mx.nd.array(crop))
         loss.backward()
         return loss.asnumpy()[0], z.grad.asnumpy()
 
@@ -327,20 +361,21 @@ def test_segmentation_loss_ignores_255_in_value_and_gradient():
     loss2, grad2 = run(changed)
     assert loss2 == pytest.approx(loss, rel=1e-6)
     np.testing.assert_allclose(grad2[~ignored], grad[~ignored], rtol=1e-5, atol=1e-7)
-    all_ignored = np.full_like(label, 255)
+    all_ignored = np.full_like(crop, 255)
     z = mx.nd.array(logits)
     assert segmentation_loss(mx.nd, z, mx.nd.array(all_ignored)).asnumpy()[0] == 0
 
 
 def test_segmentation_loss_hybridizes_and_matches_on_a_shrunk_label():
-    """Symbolic graph; 16x16 labels on 3x3 logits pick rows/columns 0, 8, 15 (round(7.5 i))."""
+    """Symbolic graph; 20x20 labels on 3x3 logits pick rows/columns 0, 8, 16 (the cells'
+    centres; not round(9.5 i) = 0, 10, 19)."""
     rng = np.random.default_rng(1)
     logits = rng.normal(size=(1, 3, 3, 3)).astype(np.float32)
-    label = rng.integers(0, 3, size=(1, 16, 16)).astype(np.float32)
+    label = rng.integers(0, 3, size=(1, 20, 20)).astype(np.float32)
     label[0, 8] = 255
     z, y = mx.sym.var("z"), mx.sym.var("y")
     out = segmentation_loss(mx.sym, z, y).eval(z=mx.nd.array(logits), y=mx.nd.array(label))
-    picked = label[:, [0, 8, 15]][:, :, [0, 8, 15]]
+    picked = label[:, [0, 8, 16]][:, :, [0, 8, 16]]
     assert out[0].asnumpy()[0] == pytest.approx(reference_loss(logits, picked.astype(int)),
                                                 rel=1e-5)
 
@@ -417,11 +452,13 @@ def test_dataset_errors_name_the_label_file(tiny_voc, tmp_path):
 
 class ColourNet(mx.gluon.HybridBlock):
     """A deterministic stand-in for a DeepLab model (forward(data RGB 0..255) -> logits at
-    stride 8): the colour means of 8x8 cells as 3 class logits, so the probabilities vary
-    with the image and the tests of the averaging do not hang on a random initialisation."""
+    stride 8, cell i centred on pixel 8i as theirs): the colour means of the 9 x 9 windows
+    around every eighth pixel as 3 class logits, so the probabilities vary with the image and
+    the tests of the averaging do not hang on a random initialisation."""
 
     def hybrid_forward(self, F, x):
-        return F.Pooling(x - 127, kernel=(8, 8), stride=(8, 8), pool_type="avg") / 16
+        return F.Pooling(x - 127, kernel=(9, 9), stride=(8, 8), pad=(4, 4),
+                         pool_type="avg") / 16
 
 
 @pytest.fixture(scope="module")
@@ -437,19 +474,42 @@ def images(seed=0):
             for shape in ((40, 56, 3), (64, 30, 3), (23, 23, 3))]
 
 
+def upsample_reference(scores: np.ndarray, side: int) -> np.ndarray:
+    """NumPy: (K, h, w) -> (K, side, side), linear between the cells, cell i at pixel 8i, the
+    pixels past the last cell equal to it."""
+    def along(a, axis):
+        cells = a.shape[axis]
+        position = np.minimum(np.arange(side) / 8, cells - 1)
+        return np.apply_along_axis(lambda v: np.interp(position, np.arange(cells), v), axis, a)
+    return along(along(scores, 1), 2)
+
+
 def test_single_scale_equals_the_padded_forward_upsampled(small_net):
-    """One scale, no flip: pad to 64 with 127, softmax, cv2 bilinear to 64x64, crop (as the
-    release maps score maps onto images)."""
-    probs = predict_probabilities(small_net, images(), [mx.cpu()], infer_size=64)
+    """One scale, no flip: pad to 65 with 127, softmax, upsample (cell i on pixel 8i), crop."""
+    probs = predict_probabilities(small_net, images(), [mx.cpu()], infer_size=65)
     for image, prob in zip(images(), probs):
         h, w = image.shape[:2]
-        padded = np.full((64, 64, 3), 127, np.float32)
+        padded = np.full((65, 65, 3), 127, np.float32)
         padded[:h, :w] = image
         logits = small_net(mx.nd.array(padded.transpose(2, 0, 1)[None]))
         soft = mx.nd.softmax(logits, axis=1)[0].asnumpy()
-        up = np.stack([cv2.resize(c, (64, 64), interpolation=cv2.INTER_LINEAR) for c in soft])
+        up = upsample_reference(soft, 65)
         np.testing.assert_allclose(prob, up[:, :h, :w], rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(prob.sum(axis=0), 1, atol=1e-5)
+
+
+@pytest.mark.parametrize("side", [64, 65, 70])
+def test_each_score_cell_lands_on_its_centre_pixel(side):
+    """A cell's score peaks at pixel (8i, 8j) of the prediction, on canvases of any side
+    (8k + 1 or not), as the training labels are read (`nearest_label`); half-pixel centres
+    put it at 8i + 3.5."""
+    cells = (side + 7) // 8
+    scores = np.zeros((1, 1, cells, cells), np.float32)
+    scores[0, 0, 3, 5] = 1
+    up = upsample_scores(mx.nd.array(scores), side).asnumpy()[0, 0]
+    assert up.shape == (side, side)
+    assert np.unravel_index(up.argmax(), up.shape) == (24, 40)
+    np.testing.assert_allclose(up, upsample_reference(scores[0], side)[0], atol=1e-6)
 
 
 def test_multi_scale_is_the_mean_of_single_scales(small_net):
