@@ -9,13 +9,14 @@ from __future__ import annotations
 import contextlib
 import copy
 import glob
+import hashlib
 import importlib
 import io
 import logging
 import os
 import pickle
 import re
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import mxnet as mx
 import numpy as np
@@ -73,8 +74,28 @@ def gather(net: mx.gluon.Block) -> Dict[str, mx.nd.NDArray]:
 
 def save_checkpoint(net: mx.gluon.Block, path: str) -> None:
     """Write `net`'s parameters in the release's format, atomically."""
+    with staged_params(gather(net), path):
+        pass
+
+
+@contextlib.contextmanager
+def staged_params(values: Dict[str, mx.nd.NDArray], path: str) -> Iterator[str]:
+    """Write checkpoint `values` under a temporary name beside `path` and yield the file's
+    digest (`file_digest`); the file takes the name `path` when the block succeeds. A run's
+    checkpoint writes its .states and run record inside the block: the .params comes last
+    (`complete_checkpoints`), yet the record names its digest (`check_checkpoint_files`)."""
     with atomic_path(path) as tmp:
-        mx.nd.save(tmp, gather(net))
+        mx.nd.save(tmp, values)
+        yield file_digest(tmp)
+
+
+def file_digest(path: str) -> str:
+    """`sha256:<hex>` of the bytes of `path`."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return "sha256:" + digest.hexdigest()
 
 
 def read_params(path: str) -> Dict[str, mx.nd.NDArray]:
@@ -467,6 +488,31 @@ def read_run_record(cfg: Config, epoch: int) -> Optional[dict]:
     """The run record of checkpoint `epoch`, or None for a checkpoint without one (the release's)."""
     path = checkpoint_path(cfg, epoch, "json")
     return read_json(path) if os.path.isfile(path) else None
+
+
+def check_checkpoint_files(cfg: Config, epoch: int, record: dict) -> None:
+    """The .params and .states of checkpoint `epoch` are the files its run record `record` was
+    written with (the digests it holds, `staged_params`): ValueError naming both files and the
+    record otherwise, since a .states (or .params) from another run or edited by hand would
+    continue this run with other optimizer states (or weights) under its id. A record written
+    before records held digests is accepted with a warning."""
+    source = checkpoint_path(cfg, epoch, "json")
+    paths = {suffix: checkpoint_path(cfg, epoch, suffix) for suffix in ("params", "states")}
+    digests = record.get("digests")
+    if not digests:
+        log.warning("%s: the run record holds no digests of %s and %s (an older version wrote "
+                    "it); they are taken as the run's own", source, paths["params"],
+                    paths["states"])
+        return
+    changed = [path for suffix, path in paths.items()
+               if file_digest(path) != digests.get(suffix)]
+    if changed:
+        raise ValueError(
+            f"{paths['states']}, {paths['params']}: not the files run {record.get('run')} wrote "
+            f"at epoch {epoch}: {' and '.join(changed)} "
+            f"{'differ from their digests' if len(changed) > 1 else 'differs from its digest'} "
+            f"in {source} (a file copied from another run, or edited). Resume from a checkpoint "
+            f"whose .params, .states and run record were written together, or start a new run")
 
 
 def rotate_checkpoints(cfg: Config, run: str) -> None:

@@ -1,13 +1,20 @@
-"""Optimizer states on resume: the run's own optimizer settings with the file's arrays only
-(issue #30.7), the per-parameter update counts of a multi-device run (issue #31.6)."""
+"""Optimizer states on resume: the run's own optimizer settings with the file's arrays only, the
+.states tied to its .params and run record (issue #30.7), the per-parameter update counts of a
+multi-device run (issue #31.6)."""
+import json
+import os
 import pickle
+import re
+import shutil
 
 import mxnet as mx
 import numpy as np
 import pytest
 from mxnet import autograd, gluon
 
-from icd.checkpoint import _updaters, load_states, save_states, trainer_params, update_counts
+from icd.checkpoint import (_updaters, checkpoint_path, file_digest, load_states, save_states,
+                            trainer_params, update_counts)
+from icd.train import train
 
 FLOAT32_NOISE = 8 * np.finfo(np.float32).eps   # a few roundings of a value of size 1
 
@@ -196,3 +203,45 @@ def test_release_states_only_files_resume_with_the_runs_optimizer(tmp_path):
     for i, state in _updaters(trainer)[0].states.items():
         np.testing.assert_array_equal(_updaters(resumed)[0].states[i].asnumpy(),
                                       state.asnumpy())
+
+
+def test_resume_refuses_files_not_written_with_the_run_record(tiny_config, tmp_path, caplog):
+    """Another run's .states (momentum 0.5, seed 7) copied into this run's checkpoint, this
+    run's .states edited (momentum 0, wd 0.5, lr 123), or another run's .params: refused on
+    resume naming the .states, the .params and the record; the checkpoint as written resumes, and
+    so does one whose record an older version wrote (no digests: a warning)."""
+    ours = tiny_config(num_epoch=1, model="vgg16_cam")
+    other = tiny_config(num_epoch=1, model="vgg16_cam", momentum=0.5, seed=7)
+    other.snapshot += "_other"
+    train(ours)
+    train(other)
+    states, params = checkpoint_path(ours, 0, "states"), checkpoint_path(ours, 0)
+    record_file = checkpoint_path(ours, 0, "json")
+    record = json.load(open(record_file))
+    assert record["digests"] == {"params": file_digest(params), "states": file_digest(states)}
+    for path in (states, params):
+        shutil.copy(path, tmp_path)
+    resume = tiny_config(num_epoch=2, model="vgg16_cam", begin_epoch=1)
+
+    def refused(changed):
+        return re.escape(f"{states}, {params}: not the files run {record['run']} wrote at epoch "
+                         f"0: {changed} differs from its digest in {record_file}")
+
+    shutil.copy(checkpoint_path(other, 0, "states"), states)
+    with pytest.raises(ValueError, match=refused(states)):
+        train(resume)
+    shutil.copy(tmp_path / os.path.basename(states), states)
+    edit_optimizer(states, momentum=0.0, wd=0.5, lr=123.0)
+    with pytest.raises(ValueError, match=refused(states)):
+        train(resume)
+    shutil.copy(tmp_path / os.path.basename(states), states)
+    shutil.copy(checkpoint_path(other, 0), params)
+    with pytest.raises(ValueError, match=refused(params)):
+        train(resume)
+    shutil.copy(tmp_path / os.path.basename(params), params)
+    assert [r["epoch"] for r in train(resume)["records"]] == [0, 1]
+
+    del record["digests"]
+    json.dump(record, open(record_file, "w"))
+    train(tiny_config(num_epoch=2, model="vgg16_cam", begin_epoch=1, overwrite=True))
+    assert f"{record_file}: the run record holds no digests" in caplog.text
