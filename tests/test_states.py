@@ -77,7 +77,7 @@ def kvstore_step(net, trainer, contexts, seed, placement):
                 weight.copyto(copy)
 
 
-def adam_trainer(net, contexts):
+def adam_trainer(net):
     return gluon.Trainer(net.collect_params(), "adam", {"learning_rate": 0.01, "wd": 5e-4},
                          kvstore="device")
 
@@ -91,7 +91,7 @@ def test_adam_counts_of_two_devices_survive_a_resume(tmp_path, devices):
     counts were saved and Adam's bias correction restarted for the other half."""
     saved_on = [mx.cpu(1), mx.cpu(2)]
     net = small_net(saved_on)
-    trainer = adam_trainer(net, saved_on)
+    trainer = adam_trainer(net)
     placement = [saved_on[i % 2] for i in range(4)]
     for seed in range(3):
         kvstore_step(net, trainer, saved_on, seed, placement)
@@ -106,7 +106,7 @@ def test_adam_counts_of_two_devices_survive_a_resume(tmp_path, devices):
 
     resumed = small_net(devices)
     resumed.load_parameters(params, ctx=devices)
-    resumed_trainer = adam_trainer(resumed, devices)
+    resumed_trainer = adam_trainer(resumed)
     load_states(resumed_trainer, states)
     optimizer = resumed_trainer.optimizer
     for device in {0} | {ctx.device_id for ctx in devices}:
@@ -181,7 +181,7 @@ def test_states_of_another_optimizer_are_refused(tmp_path):
                                          r"holds \('float32', \(5,\)\), but the run's optimizer "
                                          r"\(Adam\) keeps \(\('float32', \(5,\)\), "
                                          r"\('float32', \(5,\)\)\).*another optimizer"):
-        load_states(adam_trainer(net, ctx), states)
+        load_states(adam_trainer(net), states)
     with pytest.raises(ValueError, match=rf"{states}: the state of parameter 0 .* keeps None"):
         load_states(sgd_trainer(net, momentum=0.0), states)
 
