@@ -9,13 +9,14 @@ from __future__ import annotations
 import contextlib
 import copy
 import glob
+import hashlib
 import importlib
 import io
 import logging
 import os
 import pickle
 import re
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import mxnet as mx
 import numpy as np
@@ -73,8 +74,28 @@ def gather(net: mx.gluon.Block) -> Dict[str, mx.nd.NDArray]:
 
 def save_checkpoint(net: mx.gluon.Block, path: str) -> None:
     """Write `net`'s parameters in the release's format, atomically."""
+    with staged_params(gather(net), path):
+        pass
+
+
+@contextlib.contextmanager
+def staged_params(values: Dict[str, mx.nd.NDArray], path: str) -> Iterator[str]:
+    """Write checkpoint `values` under a temporary name beside `path` and yield the file's
+    digest (`file_digest`); the file takes the name `path` when the block succeeds. A run's
+    checkpoint writes its .states and run record inside the block: the .params comes last
+    (`complete_checkpoints`), yet the record names its digest (`check_checkpoint_files`)."""
     with atomic_path(path) as tmp:
-        mx.nd.save(tmp, gather(net))
+        mx.nd.save(tmp, values)
+        yield file_digest(tmp)
+
+
+def file_digest(path: str) -> str:
+    """`sha256:<hex>` of the bytes of `path`."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return "sha256:" + digest.hexdigest()
 
 
 def read_params(path: str) -> Dict[str, mx.nd.NDArray]:
@@ -295,7 +316,9 @@ def read_states(path: str) -> Tuple[Dict[int, object], Optional[mx.optimizer.Opt
 
 # MXNet 1.9.1's Trainer has no public access to its parameters in index order, its updaters or
 # its lazy set-up, which the release-format .states need (indices, momentum per parameter): the
-# private attributes are read in these two helpers only.
+# private attributes are read in these two helpers only. Nor has its Optimizer to the update
+# counts per device (`_all_index_update_counts`): read by `update_counts`, set by `save_states`
+# and `load_states`.
 def trainer_params(trainer: mx.gluon.Trainer) -> list:
     """`trainer`'s parameters in the order of their indices in a .states file."""
     return trainer._params
@@ -312,25 +335,44 @@ def _updaters(trainer: mx.gluon.Trainer) -> list:
     return [trainer._kvstore._updater] if trainer._update_on_kvstore else trainer._updaters
 
 
-def _check_fits(states: Dict[int, object], params: Sequence[mx.gluon.Parameter],
-                path: str) -> None:
-    """Every state belongs to a parameter of the trainer and has its shape (MXNet's built-in
-    optimizers keep per-parameter arrays of the weight's shape); ValueError naming `path`."""
-    def arrays(state):
-        if isinstance(state, (tuple, list)):
-            return [a for s in state for a in arrays(s)]
-        return [] if state is None else [state]
+def _arrays(state) -> list:
+    if isinstance(state, (tuple, list)):
+        return [a for s in state for a in _arrays(s)]
+    return [] if state is None else [state]
 
+
+def _layout(state):
+    """What an optimizer state holds: None, (dtype, shape) of an array, or a tuple of layouts."""
+    if isinstance(state, (tuple, list)):
+        return tuple(_layout(s) for s in state)
+    return None if state is None else (np.dtype(state.dtype).name, tuple(state.shape))
+
+
+def _check_fits(states: Dict[int, object], optimizer: mx.optimizer.Optimizer,
+                params: Sequence[mx.gluon.Parameter], path: str) -> None:
+    """Every state belongs to a parameter of the trainer, has its shape and holds what the run's
+    `optimizer` keeps for that parameter (SGD with momentum: one array; Adam: two; SGD without
+    momentum: none), so that the file's arrays are the run's optimizer's state; ValueError
+    naming `path`, another model before another optimizer."""
     for index, state in sorted(states.items()):
         if not 0 <= index < len(params):
             raise ValueError(f"{path}: holds a state of parameter {index}, but the model trains "
                              f"{len(params)} parameters: the file belongs to another model")
-        for array in arrays(state):
+        for array in _arrays(state):
             if tuple(array.shape) != tuple(params[index].shape):
                 raise ValueError(
                     f"{path}: the state of parameter {index} ({params[index].name}) has shape "
-                    f"{tuple(array.shape)}, the parameter {tuple(params[index].shape)}: the file "
-                    f"belongs to another model")
+                    f"{tuple(array.shape)}, the parameter {tuple(params[index].shape)}: the "
+                    f"file belongs to another model")
+    for index, state in sorted(states.items()):
+        param = params[index]
+        own = _layout(optimizer.create_state_multi_precision(
+            index, mx.nd.zeros(param.shape, mx.cpu(), dtype=param.dtype)))
+        if _layout(state) != own:
+            raise ValueError(
+                f"{path}: the state of parameter {index} ({param.name}) holds {_layout(state)}, "
+                f"but the run's optimizer ({type(optimizer).__name__}) keeps {own} (None: "
+                f"nothing; (dtype, shape) per array): the file was written by another optimizer")
 
 
 def _on_cpu(state):
@@ -339,14 +381,41 @@ def _on_cpu(state):
     return state.copyto(mx.cpu()) if isinstance(state, mx.nd.NDArray) else state
 
 
+def update_counts(optimizer: mx.optimizer.Optimizer) -> Dict[int, int]:
+    """How many updates each parameter index has had, whatever device made them. MXNet counts
+    per device id (`Optimizer._all_index_update_counts`; Adam's bias correction reads the count),
+    and a kvstore on several GPUs updates each parameter on one of them only, so a parameter's
+    count is its largest over the devices."""
+    counts: Dict[int, int] = {}
+    for device_counts in optimizer._all_index_update_counts.values():
+        for index, count in device_counts.items():
+            counts[index] = max(count, counts.get(index, 0))
+    return counts
+
+
+def _saved_counts(optimizer: mx.optimizer.Optimizer, num_params: int, path: str
+                  ) -> Dict[int, int]:
+    """`update_counts` of the optimizer object of a .states file, after checking they are
+    counts of the model's parameters; ValueError naming `path`."""
+    per_device = getattr(optimizer, "_all_index_update_counts", None)
+    if not isinstance(per_device, dict) or not all(
+            isinstance(counts, dict) and all(
+                type(index) is int and 0 <= index < num_params and type(count) is int
+                and count >= 0 for index, count in counts.items())
+            for counts in per_device.values()):
+        raise ValueError(f"{path}: its optimizer's update counts are not {{device: {{parameter "
+                         f"index: count}}}} for the model's {num_params} parameters")
+    return update_counts(optimizer)
+
+
 def save_states(trainer: mx.gluon.Trainer, path: str) -> None:
     """Write `trainer`'s optimizer states as `Trainer.save_states` does ((states, optimizer)
-    pickled), but device-free: every array on mx.cpu() and the optimizer's per-device update
-    counts kept for one device; atomically."""
+    pickled), but device-free: every array on mx.cpu(), and the optimizer's update counts per
+    parameter whatever device made them (`update_counts`), kept as device 0's; atomically."""
     updater = _updaters(trainer)[0]
     states = {index: _on_cpu(state) for index, state in updater.states.items()}
     optimizer = copy.copy(updater.optimizer)   # its __getstate__ leaves param_dict out
-    counts = dict(optimizer._index_update_count)
+    counts = update_counts(updater.optimizer)
     optimizer._all_index_update_counts = {0: counts}
     optimizer._index_update_count = counts
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
@@ -354,25 +423,28 @@ def save_states(trainer: mx.gluon.Trainer, path: str) -> None:
 
 
 def load_states(trainer: mx.gluon.Trainer, path: str) -> None:
-    """Start `trainer` from the optimizer states of `path` (`read_states`: restricted, checked)
-    on its own devices, whatever devices wrote them: each updater gets its own copy, which MXNet
-    moves to the weight's device at the first update (`Updater.sync_state_context`), also with
-    update_on_kvstore."""
-    states, optimizer = read_states(path)
+    """Start `trainer` from the optimizer state arrays and per-parameter update counts of `path`
+    (`read_states`: restricted, checked), on its own devices whatever devices wrote them.
+
+    The trainer keeps its own optimizer, whose settings are the run's (learning rate, momentum,
+    weight decay, ...): a file's optimizer object only gives the update counts, and the release's
+    states-only files (docs/release.md section 4) none. Each updater gets its own copy of the
+    arrays, which MXNet moves to the weight's device at the first update
+    (`Updater.sync_state_context`), also with update_on_kvstore; the counts go to every device id
+    the optimizer may count under, so whichever device updates a parameter continues its count.
+    """
+    states, saved = read_states(path)
     updaters = _updaters(trainer)
-    _check_fits(states, trainer_params(trainer), path)
-    if optimizer is None:   # a states-only file: the trainer's optimizer stays
-        optimizer = updaters[0].optimizer
-    else:
-        counts = optimizer._index_update_count
-        devices = {ctx.device_id for ctx in trainer._contexts} | {0}
-        optimizer._all_index_update_counts = {d: dict(counts) for d in devices}
+    optimizer, params = trainer.optimizer, trainer_params(trainer)
+    _check_fits(states, optimizer, params, path)
+    counts = {} if saved is None else _saved_counts(saved, len(params), path)
     for updater in updaters:
         updater.states = {index: _on_cpu(state) for index, state in states.items()}
         updater.states_synced = dict.fromkeys(updater.states, False)
-        updater.optimizer = optimizer
-    trainer._optimizer = optimizer
-    optimizer.param_dict = dict(enumerate(trainer_params(trainer)))
+    devices = {0} | {ctx.device_id for param in params for ctx in param.list_ctx()}
+    optimizer._all_index_update_counts = {device: dict(counts) for device in devices}
+    optimizer._index_update_count = optimizer._all_index_update_counts[0]
+    optimizer.num_update = max([optimizer.num_update, *counts.values()])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -416,6 +488,31 @@ def read_run_record(cfg: Config, epoch: int) -> Optional[dict]:
     """The run record of checkpoint `epoch`, or None for a checkpoint without one (the release's)."""
     path = checkpoint_path(cfg, epoch, "json")
     return read_json(path) if os.path.isfile(path) else None
+
+
+def check_checkpoint_files(cfg: Config, epoch: int, record: dict) -> None:
+    """The .params and .states of checkpoint `epoch` are the files its run record `record` was
+    written with (the digests it holds, `staged_params`): ValueError naming both files and the
+    record otherwise, since a .states (or .params) from another run or edited by hand would
+    continue this run with other optimizer states (or weights) under its id. A record written
+    before records held digests is accepted with a warning."""
+    source = checkpoint_path(cfg, epoch, "json")
+    paths = {suffix: checkpoint_path(cfg, epoch, suffix) for suffix in ("params", "states")}
+    digests = record.get("digests")
+    if not digests:
+        log.warning("%s: the run record holds no digests of %s and %s (an older version wrote "
+                    "it); they are taken as the run's own", source, paths["params"],
+                    paths["states"])
+        return
+    changed = [path for suffix, path in paths.items()
+               if file_digest(path) != digests.get(suffix)]
+    if changed:
+        raise ValueError(
+            f"{paths['states']}, {paths['params']}: not the files run {record.get('run')} wrote "
+            f"at epoch {epoch}: {' and '.join(changed)} "
+            f"{'differ from their digests' if len(changed) > 1 else 'differs from its digest'} "
+            f"in {source} (a file copied from another run, or edited). Resume from a checkpoint "
+            f"whose .params, .states and run record were written together, or start a new run")
 
 
 def rotate_checkpoints(cfg: Config, run: str) -> None:

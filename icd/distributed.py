@@ -46,7 +46,6 @@ import numpy as np
 
 from .checkpoint import gather, release_key
 from .constants import KVSTORES
-from .io import atomic_path
 from .model.ops import SharedMovingMean, moving_mean_update
 
 log = logging.getLogger(__name__)
@@ -169,11 +168,13 @@ def reduce_metrics(workers: Workers, figures) -> None:
     figures.images = int(rows[:, k + 2 * m].sum().asscalar())
 
 
-def save_checkpoint(workers: Workers, net: mx.gluon.Block, path: str) -> None:
-    """`icd.checkpoint.save_checkpoint` over the job: every aux state (BatchNorm statistics, the
+def checkpoint_values(workers: Workers, net: mx.gluon.Block) -> Dict[str, mx.nd.NDArray]:
+    """`icd.checkpoint.gather` over the job: every aux state (BatchNorm statistics, the
     sign-flip means) averaged over every device of every worker, as `gather` averages one
-    machine's devices; collective (several workers), rank 0 writes."""
+    machine's devices; collective (several workers)."""
     values = gather(net)
+    if workers.num_workers == 1:
+        return values
     for name, param in net.collect_params().items():
         if param.grad_req != "null":
             continue   # trained weights are the same on every device of every worker
@@ -181,9 +182,7 @@ def save_checkpoint(workers: Workers, net: mx.gluon.Block, path: str) -> None:
         local = mx.nd.add_n(*[c.copyto(mx.cpu()) for c in copies])
         values[release_key(name)] = workers.allgather("state:" + name, local).sum(axis=0) / \
             (len(copies) * workers.num_workers)
-    if workers.rank == 0:
-        with atomic_path(path) as tmp:
-            mx.nd.save(tmp, values)
+    return values
 
 
 def all_device_states(workers: Workers, local: Dict[str, list]) -> Dict[str, list]:

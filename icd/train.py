@@ -56,9 +56,10 @@ from mxnet import autograd, gluon
 from tqdm import tqdm
 
 from . import amp, distributed as dist
-from .checkpoint import (checkpoint_files, checkpoint_path, complete_checkpoints, initialize,
-                         load_checkpoint, load_states, log_path, read_run_record,
-                         rotate_checkpoints, save_checkpoint, save_states)
+from .checkpoint import (check_checkpoint_files, checkpoint_files, checkpoint_path,
+                         complete_checkpoints, file_digest, initialize, load_checkpoint,
+                         load_states, log_path, read_run_record, rotate_checkpoints, save_states,
+                         staged_params)
 from .devices import parse_devices, split_batch
 from .config import Config
 from .constants import OPTIMIZERS
@@ -202,12 +203,14 @@ def resume_changes(cfg: Config, record: dict, workers: int = 1
 def _check_resume(cfg: Config, workers: int = 1
                   ) -> Tuple[Optional[dict], Dict[str, Tuple[object, object]]]:
     """The run record of checkpoint begin_epoch - 1 (None without one) and the settings that
-    differ from it (`resume_changes`), after the checks of a resume: the class list must be the
+    differ from it (`resume_changes`), after the checks of a resume: the .params and .states must
+    be the files the record was written with (`check_checkpoint_files`) and the class list the
     run's (names and order, always); other settings need cfg.allow_changes (ValueError naming
     each)."""
     record = read_run_record(cfg, cfg.begin_epoch - 1)
     if record is None:
         return None, {}
+    check_checkpoint_files(cfg, cfg.begin_epoch - 1, record)
     source = checkpoint_path(cfg, cfg.begin_epoch - 1, "json")
     if record.get("classes") is not None:
         require_classes(record["classes"], cfg.class_names, source, "the run was trained on",
@@ -722,8 +725,9 @@ class EpochRecordHook(Hook):
 class CheckpointHook(Hook):
     """At the end of an epoch, together or not at all under Ctrl-C: the epoch image, the
     checkpoint (.states and run record first, .params last: a checkpoint is complete or not
-    resumable, complete_checkpoints), the rotation and the JSON log. Rank 0 writes; the
-    collectives (device states, a dist checkpoint) run on every worker in the same order."""
+    resumable, complete_checkpoints; the record holds the digests of the .params and .states,
+    which a resume checks), the rotation and the JSON log. Rank 0 writes; the collectives
+    (device states, a dist checkpoint's values) run on every worker in the same order."""
 
     def after_epoch(self, loop: Loop) -> None:
         cfg, workers, epoch = loop.cfg, loop.workers, loop.epoch
@@ -733,24 +737,26 @@ class CheckpointHook(Hook):
                             loop.task.epoch_image(loop.inputs[0], loop.outputs[0]))
             states = dist.all_device_states(workers, device_states(loop.net)) \
                 if len(loop.contexts) * workers.num_workers > 1 else None
+            values = dist.checkpoint_values(workers, loop.net)
             if workers.rank == 0:
-                save_states(loop.trainer, checkpoint_path(cfg, epoch, "states"))
-                write_json(checkpoint_path(cfg, epoch, "json"), self.run_record(loop, states))
-            if workers.num_workers == 1:
-                save_checkpoint(loop.net, checkpoint_path(cfg, epoch))
-            else:
-                dist.save_checkpoint(workers, loop.net, checkpoint_path(cfg, epoch))
-            if workers.rank == 0:
+                states_file = checkpoint_path(cfg, epoch, "states")
+                with staged_params(values, checkpoint_path(cfg, epoch)) as params:
+                    save_states(loop.trainer, states_file)
+                    digests = {"params": params, "states": file_digest(states_file)}
+                    write_json(checkpoint_path(cfg, epoch, "json"),
+                               self.run_record(loop, states, digests))
                 rotate_checkpoints(cfg, loop.run["run"])
                 write_json(log_path(cfg), loop.records)
             loop.saved_epoch = epoch
 
     @staticmethod
-    def run_record(loop: Loop, states: Optional[Dict[str, list]]) -> Dict[str, object]:
-        """The checkpoint's run record: the run, the seed, the task's shared state, every
-        device's states, the class list, the loss scaler's state (fp16) and the config."""
+    def run_record(loop: Loop, states: Optional[Dict[str, list]],
+                   digests: Dict[str, str]) -> Dict[str, object]:
+        """The checkpoint's run record: the run, the seed, the digests of the checkpoint's
+        .params and .states, the task's shared state, every device's states, the class list,
+        the loss scaler's state (fp16) and the config."""
         cfg = loop.cfg
-        return dict(run=loop.run["run"], epoch=loop.epoch, seed=cfg.seed,
+        return dict(run=loop.run["run"], epoch=loop.epoch, seed=cfg.seed, digests=digests,
                     generators="reseeded at each epoch start from (seed, epoch)",
                     **loop.task.run_record(), device_states=states,
                     amp=amp.trainer_state(loop.trainer) or None,

@@ -219,17 +219,17 @@ def test_a_checkpoint_interrupted_before_its_params_is_not_resumable(tiny_config
     """Disk full (or SIGKILL) while checkpoint 1 is written leaves no .params of it; the fresh-run
     error advises the --begin-epoch of the last complete checkpoint, and that resume works."""
     cfg = tiny_config(num_epoch=3, model="vgg16_cam")
-    save = icd.train.save_checkpoint
+    save = icd.train.staged_params
 
-    def disk_full_at_epoch_1(net, path):
+    def disk_full_at_epoch_1(values, path):
         if path.endswith("0001.params"):
             raise OSError(errno.ENOSPC, "No space left on device")
-        save(net, path)
+        return save(values, path)
 
-    monkeypatch.setattr(icd.train, "save_checkpoint", disk_full_at_epoch_1)
+    monkeypatch.setattr(icd.train, "staged_params", disk_full_at_epoch_1)
     with pytest.raises(OSError):
         train(cfg)
-    monkeypatch.setattr(icd.train, "save_checkpoint", save)
+    monkeypatch.setattr(icd.train, "staged_params", save)
     assert not os.path.exists(checkpoint_path(cfg, 1))
     assert complete_checkpoints(cfg) == [0] and last_complete_epoch(cfg) == 0
     with pytest.raises(FileExistsError, match=r"Resume with --begin-epoch 1,"):

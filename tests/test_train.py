@@ -271,13 +271,13 @@ def test_ctrl_c_stops_after_the_checkpoint_being_written(tiny_config, monkeypatc
     import icd.train
 
     cfg = tiny_config(num_epoch=4, model="vgg16_cam")
-    save = icd.train.save_checkpoint
+    save = icd.train.staged_params
 
-    def save_then_ctrl_c(net, path):
+    def save_then_ctrl_c(values, path):
         if path.endswith("0001.params"):
             os.kill(os.getpid(), signal.SIGINT)
-        save(net, path)
-    monkeypatch.setattr(icd.train, "save_checkpoint", save_then_ctrl_c)
+        return save(values, path)
+    monkeypatch.setattr(icd.train, "staged_params", save_then_ctrl_c)
     with pytest.raises(TrainingInterrupted) as stopped:
         train(cfg)
     assert str(stopped.value) == (f"interrupted in epoch 1; last checkpoint "
