@@ -20,7 +20,7 @@ import icd.io
 import icd.train
 from icd.checkpoint import (checkpoint_path, complete_checkpoints, last_complete_epoch, load_states,
                             read_params, read_states, save_states)
-from icd.commands import seeds, superpixels
+from icd.commands import infer_seg, seeds, superpixels
 from icd.commands.train import check_resume
 from icd.data.voc import read_list, read_mask
 from icd.infer import infer
@@ -399,6 +399,13 @@ def test_an_output_folder_that_is_an_input_is_refused(trained, tmp_path, capsys)
     assert open(scores + ".provenance.json").read() == record
     assert seeds.main(argv + ["--out", trained.image_root]) == 1
     assert "reads as --image-root" in capsys.readouterr().err
+    gt = tmp_path / "segmentation" / "pred"   # predictions over the ground truth they are scored on
+    assert infer_seg.main(["--model", "vgg16_largefov", "--image-root", trained.image_root,
+                           "--data-list", trained.data_list, "--params", "none.params",
+                           "--gt-root", str(gt), "--out", str(gt.parent)]) == 1
+    assert capsys.readouterr().err.strip() == (
+        f"error: --out/pred {gt}: is the folder the stage reads as --gt-root {gt}; a stage never "
+        f"writes into its input, choose another --out")
     out = str(tmp_path / "sp")
     assert superpixels.main(["--image-root", out, "--data-list", trained.data_list, "--out",
                              out, "--features", "colour"]) == 1
