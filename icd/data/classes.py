@@ -57,8 +57,8 @@ def read_classes(path: Optional[str] = None) -> Tuple[str, ...]:
 def check_classes(names: Sequence[str], source: str = "classes",
                   entry: str = "line") -> Tuple[str, ...]:
     """`names` stripped of surrounding spaces, checked to be a class list: at least one, each a
-    line of a class-list file (`class_name_problem`), no duplicates, no `background` (implicit, id 0), at most 254. Errors read
-    `<source>: <entry> <k>: <problem>` (k from 1)."""
+    line of a class-list file (`class_name_problem`), no duplicates, no `background` (implicit,
+    id 0), at most 254. Errors read `<source>: <entry> <k>: <problem>` (k from 1)."""
     names = tuple(str(name).strip() for name in names)
     if not names:
         raise ValueError(f"{source}: no classes given")
