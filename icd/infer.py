@@ -80,8 +80,8 @@ def infer(cfg: Config, params: str, out_dir: str, contexts: Sequence[mx.Context]
     names = loader.dataset.names
     folders = [os.path.join(out_dir, OUTPUT_FOLDERS[k]) for k in net.output_names
                if k in OUTPUT_FOLDERS]
-    with producing(folders, "infer", infer_settings(cfg, params), cfg.overwrite,
-                   shard) as notes:
+    with producing(folders, "infer", infer_settings(cfg, params), cfg.overwrite, shard,
+                   names) as notes:
         with ThreadPoolExecutor(WRITE_THREADS, thread_name_prefix="infer") as pool:
             written = _write_scores(net, loader, names, out_dir, contexts, cfg.infer_size,
                                     notes.setdefault("cropped", {}), pool)

@@ -8,10 +8,12 @@ the folder holds only what a segmentation trainer or the release's tools expect)
    "fingerprint": <hash of the settings>, "notes": {...}, "error": <why it failed>}
 
 `producing` writes it: "running" before the first file, "complete" or "failed" at the end (a
-killed run stays "running"). A run with the settings of the record continues in the folder
-(resumable stages keep their files); a run with other settings, or into a folder of files without
-a record, refuses unless `overwrite`, which clears the folder first: only the files the stage
-itself writes there (`STAGE_OUTPUTS`: its extensions; other files stay). `require_complete`
+killed run stays "running"). The record lists the image ids the run writes ("names"). A run
+with the settings of the record continues in the folder (resumable stages keep their files); a
+run with other settings, or into a folder holding files of its ids without a record, refuses
+unless `overwrite`, which clears the folder first: only the files the stage itself writes there,
+`<id><ext>` for its extensions (`STAGE_OUTPUTS`) and the ids of this run and of the records;
+every other file stays, and a log line names them. `require_complete`
 is what a reading stage calls: a running or failed record is an error naming the folder; a folder
 without a record (e.g. the release's files) is accepted with a warning, as nothing can be checked.
 Results hold class indices, so a record names its class list (settings "classes") and a reader
@@ -47,9 +49,10 @@ from .io import exclusive_lock, read_json, remove_stale_temporaries, write_json
 
 log = logging.getLogger(__name__)
 RECORD_SUFFIX = ".provenance.json"
-# the extensions of the files each stage writes into its folders: what `overwrite` clears
-STAGE_OUTPUTS = {"infer": (".npy",), "seeds": (".png",)}
-DEFAULT_OUTPUTS = (".npy", ".png", ".jpg")   # a stage not listed: per-image results
+# the extensions of the files `<id><ext>` each stage writes into its folders: what `overwrite`
+# clears (infer-seg: pred/<id>.png, overlay/<id>.jpg)
+STAGE_OUTPUTS = {"infer": (".npy",), "seeds": (".png",), "infer-seg": (".png", ".jpg")}
+SHOWN = 5   # names a message shows of a longer list
 
 
 class ProvenanceError(ValueError):
@@ -68,17 +71,24 @@ def fingerprint(settings: Mapping[str, object]) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
+def _named(folder: str) -> str:
+    """`folder` by a path that ends in its name (`.` -> its absolute path): records lie beside
+    the folder whichever way it is given."""
+    path = os.path.normpath(folder)
+    return os.path.abspath(path) if os.path.basename(path) in (".", "..") else path
+
+
 def record_path(folder: str, shard: Tuple[int, int] = (0, 1)) -> str:
     """`<folder>.provenance.json`, the record of `folder`, or
     `<folder>.provenance.shard-I-of-N.json`, that of shard (I, N) of a sharded run."""
     if shard[1] == 1:
-        return os.path.normpath(folder) + RECORD_SUFFIX
-    return os.path.normpath(folder) + f".provenance.shard-{shard[0]}-of-{shard[1]}.json"
+        return _named(folder) + RECORD_SUFFIX
+    return _named(folder) + f".provenance.shard-{shard[0]}-of-{shard[1]}.json"
 
 
 def _records(folder: str) -> Dict[Tuple[int, int], dict]:
     """Every record of `folder`: (I, N) -> record, (0, 1) for the unsharded one."""
-    parent, name = os.path.split(os.path.normpath(folder))
+    parent, name = os.path.split(_named(folder))
     pattern = re.compile(re.escape(name) + r"\.provenance\.shard-(\d+)-of-(\d+)\.json")
     found = {}
     if os.path.isfile(record_path(folder)):
@@ -121,13 +131,30 @@ def read_record(folder: str) -> Optional[dict]:
     return merged
 
 
-def _result_files(folder: str, stage: str) -> List[str]:
-    """The files of `folder` that `stage` writes (by extension, `STAGE_OUTPUTS`)."""
-    if not os.path.isdir(folder):
-        return []
-    extensions = STAGE_OUTPUTS.get(stage, DEFAULT_OUTPUTS)
-    return sorted(os.path.join(folder, name) for name in os.listdir(folder)
-                  if name.endswith(extensions) and os.path.isfile(os.path.join(folder, name)))
+def _result_files(folder: str, stage: str, names: Sequence[str]) -> List[str]:
+    """The files of `folder` that `stage` writes for the image ids `names` and that exist:
+    `<id><ext>` for its extensions (`STAGE_OUTPUTS`)."""
+    paths = (os.path.join(folder, name + ext) for name in dict.fromkeys(names)
+             for ext in STAGE_OUTPUTS[stage])
+    return sorted(path for path in paths if os.path.isfile(path))
+
+
+def _shown(names: Sequence[str]) -> str:
+    """The first SHOWN of `names`, then how many more."""
+    more = f", ... {len(names) - SHOWN} more" if len(names) > SHOWN else ""
+    return ", ".join(names[:SHOWN]) + more
+
+
+def require_outputs_apart(outputs: Mapping[str, str], inputs: Mapping[str, Optional[str]]) -> None:
+    """ValueError naming both flags when a folder a command writes (`outputs`: flag -> path) is
+    one it reads (`inputs`: flag -> path, None when not given): the stage would write into,
+    clear, or replace the provenance record of its own input."""
+    for out_flag, out in outputs.items():
+        for in_flag, path in inputs.items():
+            if path is not None and os.path.realpath(out) == os.path.realpath(path):
+                raise ValueError(f"{out_flag} {out}: is the folder the stage reads as {in_flag} "
+                                 f"{path}; a stage never writes into its input, choose another "
+                                 f"{out_flag.split('/')[0]}")
 
 
 def _check_not_linked_out(folder: str) -> None:
@@ -147,20 +174,23 @@ def _differences(old: Mapping[str, object], new: Mapping[str, object]) -> str:
     return ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in keys)
 
 
-def _claim(folder: str, stage: str, settings: Mapping[str, object], overwrite: bool) -> dict:
-    """Check that `stage` with `settings` may write `folder` (its merged record); clear it if
-    `overwrite` must."""
+def _claim(folder: str, stage: str, settings: Mapping[str, object], names: Sequence[str],
+           overwrite: bool) -> dict:
+    """Check that `stage` with `settings` may write the files of the ids `names` into `folder`
+    (its merged record); clear what the stage wrote there if `overwrite` must."""
+    records = _records(folder)
     record = read_record(folder)
-    files = _result_files(folder, stage)
+    written = [name for other in records.values() for name in other.get("names", ())]
+    files = _result_files(folder, stage, [*names, *written])
     same = record is not None and record.get("fingerprint") == fingerprint(settings)
     if same and not overwrite:
-        return record
+        return dict(record, names=list(dict.fromkeys(written)))
     if files and not overwrite:
         if record is None:
             raise ProvenanceError(
-                f"{folder}: holds {len(files)} files of unknown origin (no {record_path(folder)}); "
-                f"pass "
-                f"--overwrite to clear it, or choose another output folder")
+                f"{folder}: holds {len(files)} files of unknown origin under names this run "
+                f"writes (no {record_path(folder)}); pass --overwrite to replace them, or choose "
+                f"another output folder")
         raise ProvenanceError(
             f"{folder}: holds results of another {record.get('stage')} run (changed: "
             f"{_differences(record.get('settings', {}), settings)}); pass --overwrite to clear "
@@ -169,6 +199,11 @@ def _claim(folder: str, stage: str, settings: Mapping[str, object], overwrite: b
         os.remove(path)
     if files:
         log.info("%s: removed %d %s files of an earlier run", folder, len(files), stage)
+    kept = sorted(entry + ("/" if os.path.isdir(os.path.join(folder, entry)) else "")
+                  for entry in (os.listdir(folder) if overwrite and os.path.isdir(folder) else ()))
+    if kept:
+        log.info("%s: kept %d files the %s stage did not write: %s", folder, len(kept), stage,
+                 _shown(kept))
     return {}
 
 
@@ -179,10 +214,12 @@ def lock_path(folder: str, shard: Tuple[int, int] = (0, 1)) -> str:
 
 @contextlib.contextmanager
 def producing(folders: Sequence[str], stage: str, settings: Mapping[str, object],
-              overwrite: bool = False, shard: Tuple[int, int] = (0, 1)) -> Iterator[dict]:
-    """Write `folders` as one run of `stage` with `settings` (shard (I, N) of it: its own record,
-    see the module doc); yields the record's `notes` dict, which the stage may fill (e.g. images
-    it had to crop) and which is saved with the record.
+              overwrite: bool = False, shard: Tuple[int, int] = (0, 1),
+              names: Sequence[str] = ()) -> Iterator[dict]:
+    """Write `folders` as one run of `stage` with `settings` writing the files of the image ids
+    `names` (shard (I, N) of it: its own record, see the module doc); yields the record's
+    `notes` dict, which the stage may fill (e.g. images it had to crop) and which is saved with
+    the record.
 
     Raises ProvenanceError (before anything is written) when a folder holds other results, or
     for `overwrite` with a shard.
@@ -197,21 +234,24 @@ def producing(folders: Sequence[str], stage: str, settings: Mapping[str, object]
         for folder in folders:
             _check_not_linked_out(folder)
             locks.enter_context(exclusive_lock(lock_path(folder, shard), folder))
-        with _produce(folders, stage, settings, overwrite, shard) as notes:
+        with _produce(folders, stage, settings, names, overwrite, shard) as notes:
             yield notes
 
 
 @contextlib.contextmanager
-def _produce(folders: Sequence[str], stage: str, settings: dict, overwrite: bool,
-             shard: Tuple[int, int]) -> Iterator[dict]:
+def _produce(folders: Sequence[str], stage: str, settings: dict, names: Sequence[str],
+             overwrite: bool, shard: Tuple[int, int]) -> Iterator[dict]:
     """`producing` once its folders are locked."""
-    earlier = [_claim(folder, stage, settings, overwrite) for folder in folders]
+    earlier = [_claim(folder, stage, settings, names, overwrite) for folder in folders]
     notes: dict = {}
+    # a continued run's record keeps the ids of the earlier runs it continues (module doc)
+    names = list(dict.fromkeys([n for record in earlier for n in record.get("names", ())]
+                               + list(names)))
     for record in earlier:       # a continued run keeps what the earlier one noted
         for key, value in record.get("notes", {}).items():
             notes.setdefault(key, {}).update(value)
     record = {"stage": stage, "state": "running", "settings": settings,
-              "fingerprint": fingerprint(settings), "notes": notes,
+              "fingerprint": fingerprint(settings), "notes": notes, "names": names,
               "host": socket.gethostname(), "pid": os.getpid(),
               "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
 

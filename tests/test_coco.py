@@ -1,5 +1,6 @@
 """COCO instances -> VOC layout: hand-made polygons and RLEs give exact label maps and XMLs."""
 import os
+import re
 
 import cv2
 import numpy as np
@@ -261,3 +262,71 @@ def test_a_name_another_split_holds_for_another_image_is_refused(tmp_path):
     # the same images under another split name are fine (e.g. a minival list)
     coco_to_voc(str(tmp_path / "coco"), "instances_train2014.json", str(out), split="minival")
     assert read_list(str(out / "ImageSets" / "Segmentation" / "minival.txt")) == ["x"]
+
+
+def test_dotted_names_are_ids_every_stage_reads_back(tmp_path):
+    """Issue 30: `photo.jpg` and `photo.v2.jpg` became `photo` and `photo.v2`, which the list
+    reader then cut to one name listed twice; a name ending in an image extension is no id."""
+    coco_with(tmp_path / "coco", [(1, "photo.jpg", 4, 5), (2, "photo.v2.jpg", 6, 5),
+                                  (3, "scan.png.jpg", 4, 4)])
+    out = tmp_path / "voc"
+    summary = coco_to_voc(str(tmp_path / "coco"), "instances_train2014.json", str(out))
+    assert read_list(summary["list"]) == ["photo", "photo.v2", "image_3"]
+    for name, shape in (("photo", (4, 5)), ("photo.v2", (6, 5)), ("image_3", (4, 4))):
+        assert read_image(str(out / "JPEGImages" / f"{name}.jpg")).shape[:2] == shape
+        assert read_mask(str(out / "SegmentationClass" / f"{name}.png")).shape == shape
+        assert read_image_labels(str(out / "Annotations" / f"{name}.xml"), ["cat"]) == [0]
+
+
+@pytest.mark.parametrize("name, problem", [
+    ("bi\ncycle", r"holds the control or invisible character U\+000A"),
+    ("cat\t", r"has blanks at its start or end"),
+    (" cat", r"has blanks at its start or end"),
+    ("ca\u200bt", r"holds the control or invisible character U\+200B"),
+])
+def test_a_class_name_that_would_not_read_back_names_the_category(tmp_path, capsys, name,
+                                                                  problem):
+    coco_with(tmp_path / "coco", [(1, "x.jpg", 4, 5)])
+    path = tmp_path / "coco" / "annotations" / "instances_train2014.json"
+    instances = read_json(str(path))
+    instances["categories"] = [dict(id=1, name="dog"), dict(id=4, name=name)]
+    write_json(str(path), instances)
+    out = tmp_path / "voc"
+    assert main(["--coco-root", str(tmp_path / "coco"), "--annotations",
+                 "instances_train2014.json", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert re.search(rf"^error: {path}: category 4: name {re.escape(repr(name))} {problem}; it "
+                     rf"would not read back from classes\.txt as written", err), err
+    assert not out.exists()
+
+
+def test_odd_polygons_and_instances_outside_the_image_are_left_out_and_counted(tmp_path, capsys,
+                                                                               caplog):
+    cat = dict(category_id=1, iscrowd=0)
+    coco_with(tmp_path / "coco", [(1, "a.jpg", 8, 10), (2, "b.jpg", 6, 6)], annotations=[
+        dict(cat, id=11, image_id=1, bbox=[1, 1, 4, 4], segmentation=rect(1, 1, 5, 5)),
+        dict(cat, id=12, image_id=1, bbox=[5, 5, 3, 3],
+             segmentation=[[5, 5, 8, 5, 8, 8, 5]]),                  # 7 numbers: y missing
+        dict(cat, id=13, image_id=1, bbox=[10, 2, 4, 4],
+             segmentation=rect(10, 2, 14, 6)),                       # right of the 10 columns
+        dict(cat, id=21, image_id=2, bbox=[-5, 0, 5, 3],
+             segmentation=rect(-5, 0, 0, 3)),                        # left of column 0
+    ])
+    out = tmp_path / "voc"
+    with caplog.at_level("WARNING", logger="icd.data.coco"):
+        assert main(["--coco-root", str(tmp_path / "coco"), "--annotations",
+                     "instances_train2014.json", "--out", str(out), "--workers", "1"]) == 0
+    path = tmp_path / "coco" / "annotations" / "instances_train2014.json"
+    assert (f"{path}: annotation 12: polygon 1 has 7 coordinates, an odd number (x, y pairs); "
+            f"the instance is left out") in caplog.text
+    assert (f"{path}: annotation 13: box [10, 2, 4, 4] lies wholly outside its 10x8 image 1; "
+            f"the instance is left out") in caplog.text
+    assert "annotation 21: box [-5, 0, 5, 3] lies wholly outside its 6x6 image 2" in caplog.text
+    assert ("1 written, 0 kept, 1 without instances left out, 3 instances left out (1 with a "
+            "polygon of an odd number of coordinates, 2 wholly outside their image)"
+            ) in capsys.readouterr().out
+    expected = np.zeros((8, 10), np.uint8)
+    expected[1:5, 1:5] = 1
+    np.testing.assert_array_equal(read_mask(str(out / "SegmentationClass" / "a.png")), expected)
+    assert (out / "Annotations" / "a.xml").read_text().count("<object>") == 1
+    assert read_list(str(out / "ImageSets" / "Segmentation" / "train.txt")) == ["a"]

@@ -125,25 +125,35 @@ def test_read_mask_takes_palette_and_grey_pngs_and_rejects_colour(tmp_path):
 
 
 def test_a_list_is_a_set_of_ids_checked_whole(tmp_path):
-    """Release forms are read; anything a stage could not round-trip is one error naming the
-    list file and its line, before any image is read."""
+    """An id is the whole line (a dot is part of it) or the release's image-mask pair; anything a
+    stage could not round-trip is one error naming the list file and its line, before any image
+    is read."""
     good = tmp_path / "good.txt"
-    good.write_bytes("\ufeffa\r\n\n/JPEGImages/b.jpg /SegmentationClassAug/b.png\nc.jpg 3 7\n"
-                     "d_é-1\n".encode("utf-8"))
-    assert voc.read_list(str(good)) == ["a", "b", "c", "d_é-1"]
+    good.write_bytes("\ufeffa\r\n\n/JPEGImages/b.v2.jpg /SegmentationClassAug/b.v2.png\n"
+                     "train_00003.flipped\n shot.v2 \nd_é-1\n".encode("utf-8"))
+    assert voc.read_list(str(good)) == ["a", "b.v2", "train_00003.flipped", "shot.v2", "d_é-1"]
+    not_one = r"is not one image id: an id is the whole line and holds no blanks"
     cases = {
         b"a\n\xff\xfeb\n": r"line 2: not UTF-8 text \(byte 0xff at column 1\)",
         b"a\n# the train split\nb\n": r"line 2: '# the train split' looks like a comment",
-        b"a\nmy image.jpg\n": r"line 2: 'my image.jpg' names another file after 'my': a name "
-                             r"with whitespace inside",
-        b"a\nb.jpg c.png\n": r"line 2: 'b.jpg c.png' names another file after 'b'",
+        b"a\nmy image.jpg\n": rf"line 2: 'my image.jpg' {not_one}",
+        b"a\nmy pic\n": rf"line 2: 'my pic' {not_one}",
+        b"a\ntrain_00004 extra\n": rf"line 2: 'train_00004 extra' {not_one}",
+        b"a\nc 3 7\n": rf"line 2: 'c 3 7' {not_one}",
+        b"a\nb.jpg c.png\n": rf"line 2: 'b.jpg c.png' {not_one}",
+        b"a\nx.jpg x.png x.png\n": rf"line 2: 'x.jpg x.png x.png' {not_one}",
+        b"a\nx.png x.jpg\n": rf"line 2: 'x.png x.jpg' {not_one}",
+        b"a\nb.jpg\n": r"line 2: image name 'b.jpg' ends in a file extension \(.jpg\): a list "
+                        r"names image ids, the stages add the extension \(write 'b'\)",
+        b"a\n/JPEGImages/b.jpg\n": r"line 2: image name '/JPEGImages/b.jpg' holds the path",
         b"a\nb\x07c\n": r"line 2: holds the control character U\+0007",
         b"a\rb\rc\n": r"line 1: holds the control character U\+000D; save the list with one",
         b"a\nb\\c\n": r"line 2: image name 'b\\\\c' holds the path separator",
         b"a\n..\n": r"line 2: image name '..' starts with '.'",
-        b"a\n.b.abcdefgh.tmp.jpg\n": r"line 2: image name '.b.abcdefgh.tmp' starts with '.'",
+        b"a\n.b.abcdefgh.tmp.jpg\n": r"line 2: image name '.b.abcdefgh.tmp.jpg' starts with '.'",
         b"a\nzero\xe2\x80\x8bwidth\n": r"line 2: image name .* U\+200B",
-        b"a\nb\na.jpg\n": r"line 3: image 'a' is listed again \(first on line 1\)",
+        b"a\nb\nJPEGImages/a.jpg SegmentationClass/a.png\n":
+            r"line 3: image 'a' is listed again \(first on line 1\)",
     }
     for i, (content, message) in enumerate(cases.items()):
         path = tmp_path / f"bad{i}.txt"

@@ -179,7 +179,7 @@ def test_shard_records_merge_states_and_notes(tmp_path):
         "size": [80, 70]}}}   # each shard its own record
     open(os.path.join(folder, "a.npy"), "wb").close()
     with pytest.raises(ProvenanceError, match="changed: infer_size 64 -> 32"):
-        with producing([folder], "infer", {"infer_size": 32}, shard=(0, 2)):
+        with producing([folder], "infer", {"infer_size": 32}, shard=(0, 2), names=["a"]):
             pass
 
 
@@ -191,7 +191,7 @@ def test_overwrite_is_refused_for_a_shard_and_splits_replace_each_other(tmp_path
         with producing([str(folder)], "seeds", {"crf": True}, overwrite=True, shard=(1, 2)):
             pass
     assert os.listdir(folder) == ["a.png"] and read_record(str(folder)) is None
-    with producing([str(folder)], "seeds", {"crf": True}, overwrite=True):
+    with producing([str(folder)], "seeds", {"crf": True}, overwrite=True, names=["a"]):
         pass   # an unsharded --overwrite clears the folder
     assert os.listdir(folder) == []
     other = folder / ".b.abcdefgh.tmp.png"   # another shard's write in progress

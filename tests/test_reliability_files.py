@@ -4,6 +4,7 @@ it deletes (--overwrite), who writes a folder (locks), checkpoints that are comp
 import dataclasses
 import errno
 import json
+import logging
 import os
 import pickle
 import signal
@@ -19,7 +20,9 @@ import icd.io
 import icd.train
 from icd.checkpoint import (checkpoint_path, complete_checkpoints, last_complete_epoch, load_states,
                             read_params, read_states, save_states)
+from icd.commands import infer_seg, seeds, superpixels
 from icd.commands.train import check_resume
+from icd.data.voc import read_list, read_mask
 from icd.infer import infer
 from icd.io import FolderInUse, exclusive_lock, write_json
 from icd.provenance import ProvenanceError, lock_path, producing
@@ -345,23 +348,70 @@ def test_overwrite_never_follows_a_link_out_of_the_results(trained, tmp_path):
     assert (user / "thesis.npy").read_bytes() == b"mine"
 
 
-def test_overwrite_keeps_files_the_stage_does_not_write(trained, tmp_path):
+def test_overwrite_keeps_files_the_stage_does_not_write(trained, tmp_path, monkeypatch, caplog):
+    """Issue 30 item 1: `icd-seeds --out . --overwrite` deleted the user's holiday.png (not in
+    the list, never written by a stage). Only `<id>.png` of this run's ids and of the ids its
+    record lists are removed, and a log line names what was kept."""
     results = str(tmp_path / "results")
     infer(trained, checkpoint_path(trained, 0), results, [mx.cpu()])
-    out = tmp_path / "seeds"
+    out = tmp_path / "mine"
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
     (out / "scores.npy").write_bytes(b"keep me too")
-    seeds = dict(crf=False, out_dir=str(out))
-    make_seeds(results, trained.image_root, trained.annotation_root, trained.data_list, **seeds)
-    (out / "stray.png").write_bytes(b"an old seed")
-    make_seeds(results, trained.image_root, trained.annotation_root, trained.data_list,
-               overwrite=True, **seeds)
+    (out / "holiday.png").write_bytes(b"my photo")
+    (out / "extra").mkdir()
+    monkeypatch.chdir(out)
+    argv = ["--results", results, "--image-root", trained.image_root, "--annotation-root",
+            trained.annotation_root, "--data-list", trained.data_list, "--no-crf", "--out", ".",
+            "--workers", "1"]
+    names = read_list(trained.data_list)
+    (out / f"{names[0]}.png").write_bytes(b"an old seed")
+    with caplog.at_level(logging.INFO, logger="icd.provenance"):
+        assert seeds.main(argv + ["--overwrite"]) == 0
     assert (out / "notes.txt").read_text() == "keep me"
     assert (out / "scores.npy").read_bytes() == b"keep me too"
-    assert not (out / "stray.png").exists()
-    record = out.parent / "seeds.provenance.json"
-    assert json.loads(record.read_text())["state"] == "complete"
+    assert (out / "holiday.png").read_bytes() == b"my photo" and (out / "extra").is_dir()
+    assert read_mask(str(out / f"{names[0]}.png")).ndim == 2   # rewritten
+    assert ("kept 4 files the seeds stage did not write: extra/, holiday.png, notes.txt, "
+            "scores.npy") in caplog.text
+    assert json.loads((tmp_path / "mine.provenance.json").read_text())["state"] == "complete"
+    # files of the ids the record lists are the stage's, even when the list no longer names them
+    shorter = tmp_path / "shorter.txt"
+    shorter.write_text(names[1] + "\n")
+    assert seeds.main(argv[:-6] + [str(shorter), "--no-crf", "--out", ".", "--overwrite"]) == 0
+    assert set(os.listdir(out)) == {"extra", "holiday.png", f"{names[1]}.png", "notes.txt",
+                                    "scores.npy"}
+
+
+def test_an_output_folder_that_is_an_input_is_refused(trained, tmp_path, capsys):
+    """Issue 30: `icd-seeds --out` equal to the scores folder it reads replaced that folder's
+    provenance record; now an error naming both flags, before anything is written."""
+    results = str(tmp_path / "results")
+    infer(trained, checkpoint_path(trained, 0), results, [mx.cpu()])
+    scores = os.path.join(results, "scores_icd")
+    record = open(scores + ".provenance.json").read()
+    argv = ["--results", results, "--image-root", trained.image_root, "--annotation-root",
+            trained.annotation_root, "--data-list", trained.data_list, "--no-crf"]
+    assert seeds.main(argv + ["--out", scores + "/"]) == 1
+    assert capsys.readouterr().err.strip() == (
+        f"error: --out {scores}/: is the folder the stage reads as --results/--icd-scores "
+        f"{scores}; a stage never writes into its input, choose another --out")
+    assert open(scores + ".provenance.json").read() == record
+    assert seeds.main(argv + ["--out", trained.image_root]) == 1
+    assert "reads as --image-root" in capsys.readouterr().err
+    gt = tmp_path / "segmentation" / "pred"   # predictions over the ground truth they are scored on
+    assert infer_seg.main(["--model", "vgg16_largefov", "--image-root", trained.image_root,
+                           "--data-list", trained.data_list, "--params", "none.params",
+                           "--gt-root", str(gt), "--out", str(gt.parent)]) == 1
+    assert capsys.readouterr().err.strip() == (
+        f"error: --out/pred {gt}: is the folder the stage reads as --gt-root {gt}; a stage never "
+        f"writes into its input, choose another --out")
+    out = str(tmp_path / "sp")
+    assert superpixels.main(["--image-root", out, "--data-list", trained.data_list, "--out",
+                             out, "--features", "colour"]) == 1
+    assert capsys.readouterr().err.strip() == (
+        f"error: --out {out}: is the folder the stage reads as --image-root {out}; a stage never "
+        f"writes into its input, choose another --out")
 
 
 # ---------------------------------------------------------------------------------------------

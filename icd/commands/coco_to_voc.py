@@ -46,9 +46,12 @@ def _convert(args: argparse.Namespace) -> int:
     summary = coco_to_voc(args.coco_root, args.annotations, args.out, split=args.split,
                           image_dir=args.image_dir, images=args.images, workers=args.workers,
                           overwrite=args.overwrite)
+    left_out = summary["left_out"]
     print(f"{summary['written']} written, {summary['kept']} kept, "
-          f"{summary['without_instances']} without instances left out -> {summary['list']} "
-          f"(classes: {summary['classes']})")
+          f"{summary['without_instances']} without instances left out, "
+          f"{sum(left_out.values())} instances left out ({left_out['odd_polygon']} with a "
+          f"polygon of an odd number of coordinates, {left_out['outside_image']} wholly outside "
+          f"their image) -> {summary['list']} (classes: {summary['classes']})")
     return 0
 
 

@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 
 from ..infer import infer
 from ..checkpoint import checkpoint_path
+from ..provenance import require_outputs_apart
 from .options import add_config_arguments, config_from, devices_for
 from .runner import Parser, non_negative_int, run, shard
 
@@ -39,6 +40,9 @@ def _infer(args: argparse.Namespace) -> int:
     params = args.params or checkpoint_path(
         cfg, cfg.num_epoch - 1 if args.epoch is None else args.epoch)
     out = args.out or os.path.join(cfg.snapshot, "results")
+    require_outputs_apart({"--out": out}, {"--image-root": cfg.image_root,
+                                            "--superpixel-root": cfg.superpixel_root,
+                                            "--annotation-root": cfg.annotation_root})
     names = infer(cfg, params, out, contexts, args.shard)
     logging.info("wrote score maps of %d images to %s", len(names), out)
     return 0

@@ -21,8 +21,10 @@ from typing import Optional, Sequence
 from .. import amp
 from ..checkpoint import checkpoint_path, load_checkpoint
 from ..data.classes import dataset_classes
+from ..data.voc import read_list
+from ..devices import shard_names
 from ..model import model_from_config, model_spec
-from ..provenance import producing, require_checkpoint_classes
+from ..provenance import producing, require_checkpoint_classes, require_outputs_apart
 from ..segment import CANVAS_STEP, evaluate_predictions, segment, segment_settings
 from .options import add_config_arguments, config_from, devices_for
 from .runner import Parser, non_negative_int, positive_int, run, shard
@@ -72,6 +74,9 @@ def _infer_seg(args: argparse.Namespace) -> int:
     params = args.params or checkpoint_path(
         cfg, cfg.num_epoch - 1 if args.epoch is None else args.epoch)
     out = args.out or os.path.join(cfg.snapshot, "results", "segmentation")
+    require_outputs_apart({"--out": out, "--out/pred": os.path.join(out, "pred"),
+                           "--out/overlay": os.path.join(out, "overlay")},
+                          {"--image-root": cfg.image_root, "--gt-root": args.gt_root})
     contexts = devices_for(cfg, cfg.infer_batch_size, "--infer-batch-size")
     require_checkpoint_classes(params, cfg.class_names)
     if args.canvas_step == 0:   # one input shape per image size: no autotune for each of them
@@ -82,7 +87,8 @@ def _infer_seg(args: argparse.Namespace) -> int:
     net.hybridize(static_alloc=True)
     folders = [os.path.join(out, "pred"), os.path.join(out, "overlay")]
     settings = dict(segment_settings(cfg, params), canvas_step=args.canvas_step)
-    with producing(folders, "infer-seg", settings, cfg.overwrite, args.shard):
+    with producing(folders, "infer-seg", settings, cfg.overwrite, args.shard,
+                   shard_names(read_list(cfg.data_list), args.shard)):
         names = segment(net, cfg.image_root, cfg.data_list, out, contexts, cfg.scales, cfg.flip,
                         cfg.crf, cfg.infer_size, cfg.infer_batch_size,
                         overwrite=not args.skip_existing, shard=args.shard,

@@ -20,6 +20,7 @@ from ..features import make_feature_factory
 from ..config import load_config
 from .options import add_config_file, fill_from_config
 from ..devices import parse_devices
+from ..provenance import require_outputs_apart
 from .runner import Parser, non_negative_int, run, shard
 
 
@@ -85,6 +86,7 @@ def _superpixels(args: argparse.Namespace) -> int:
     if args.features is None and args.pretrained is None:
         raise ValueError("--pretrained: one of --pretrained, --features is required (the "
                          "config names no pretrained file)")
+    require_outputs_apart({"--out": args.out}, {"--image-root": args.image_root})
     devices = [str(ctx) for ctx in parse_devices(args.gpus, args.cpus)]
     written = make_superpixels(args.image_root, args.data_list, args.out,
                                feature_factory=make_feature_factory(args.pretrained, devices),

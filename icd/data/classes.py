@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import colorsys
 import os
+import unicodedata
 from typing import Optional, Sequence, Tuple
 
 import numpy as np
@@ -55,9 +56,9 @@ def read_classes(path: Optional[str] = None) -> Tuple[str, ...]:
 
 def check_classes(names: Sequence[str], source: str = "classes",
                   entry: str = "line") -> Tuple[str, ...]:
-    """`names` stripped of surrounding spaces, checked to be a class list: at least one, none
-    empty, no duplicates, no `background` (implicit, id 0), at most 254. Errors read
-    `<source>: <entry> <k>: <problem>` (k from 1)."""
+    """`names` stripped of surrounding spaces, checked to be a class list: at least one, each a
+    line of a class-list file (`class_name_problem`), no duplicates, no `background` (implicit,
+    id 0), at most 254. Errors read `<source>: <entry> <k>: <problem>` (k from 1)."""
     names = tuple(str(name).strip() for name in names)
     if not names:
         raise ValueError(f"{source}: no classes given")
@@ -65,6 +66,9 @@ def check_classes(names: Sequence[str], source: str = "classes",
     for number, name in enumerate(names, 1):
         if not name:
             raise ValueError(f"{source}: {entry} {number}: empty class name")
+        problem = class_name_problem(name)
+        if problem:
+            raise ValueError(f"{source}: {entry} {number}: class name {name!r} {problem}")
         if name.lower() == BACKGROUND:
             raise ValueError(f"{source}: {entry} {number}: {name!r} must not be listed: the "
                              f"background is implicit (label 0), the list holds foreground "
@@ -77,6 +81,20 @@ def check_classes(names: Sequence[str], source: str = "classes",
         raise ValueError(f"{source}: {len(names)} classes, at most {MAX_CLASSES} fit an 8-bit "
                          f"label map (ids 1..{MAX_CLASSES}, {IGNORE_LABEL} = ignore)")
     return names
+
+
+def class_name_problem(name: str) -> str:
+    """Why `name` cannot be one line of a class-list file that reads back as `name`, or "" when
+    it can: not empty, no blanks at either end (`read_classes` drops them), no control or
+    invisible character (a newline would make two classes of one)."""
+    if not name.strip():
+        return "is empty"
+    if name != name.strip():
+        return "has blanks at its start or end"
+    for char in name:
+        if unicodedata.category(char).startswith("C"):
+            return f"holds the control or invisible character U+{ord(char):04X}"
+    return ""
 
 
 def write_classes(path: str, classes: Sequence[str]) -> None:

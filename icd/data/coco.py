@@ -15,19 +15,25 @@
 
 - `coco_images_<split>.json`: which COCO image each `<name>` is ({name: {"id", "file_name"}}).
 
-Images without any instance (about 1% of COCO 2014) have no image-level label, so they are left
-out (counted in the summary). Resumable: an image whose three files exist is kept unless
-`overwrite`. `<name>` is the file name without folder and extension
-(`COCO_train2014_000000000009`) with every character other than letters, digits, `.`, `_`, `-`
-replaced by `_` (a name with a space would be split by the other stages), `image_<image id>`
-for a name starting with `.`; names that would then be equal (the same file name in two
-folders, or equal but for case) get `_<image id>` appended.
+An instance whose polygon has an odd number of coordinates, or whose box lies wholly outside its
+image, is left out with a warning naming the annotation (counted in the summary by kind,
+`LEFT_OUT`). Images without any (remaining) instance (about 1% of COCO 2014) have no image-level
+label, so they are left out (counted in the summary). Resumable: an image whose three files
+exist is kept unless `overwrite`. `<name>` is the file name without folder and extension
+(`COCO_train2014_000000000009`, `photo.v2`: an image id is the whole list line, dots included)
+with every character other than letters, digits, `.`, `_`, `-` replaced by `_` (a name with a
+space would be split by the other stages), `image_<image id>` for a name that is no image id
+(`icd.data.voc.name_problem`: starting with `.`, ending in `.jpg`); names that would then be
+equal (the same file name in two folders, or equal but for case) get `_<image id>` appended.
 A `file_name` that leaves the image folder (absolute, or through `..`) is refused, and so is an
-image or annotation with a missing or ill-typed field: the error names the file and its id.
+image or annotation with a missing or ill-typed field, and a category name that would not read
+back from `classes.txt` as written (`class_name_problem`: a newline, blanks at its ends): the
+error names the file and its id.
 """
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import os
 import re
@@ -40,7 +46,7 @@ from pycocotools import mask as coco_mask
 
 from ..io import atomic_path, read_json, write_json
 from ..pool import map_images
-from .classes import IGNORE_LABEL, check_classes, read_classes, write_classes
+from .classes import IGNORE_LABEL, check_classes, class_name_problem, read_classes, write_classes
 from .voc import name_problem, write_annotation, write_mask
 
 IMAGE_MODES = ("symlink", "copy")
@@ -50,6 +56,9 @@ ANNOTATION_NAME = re.compile(r"^instances_(?P<folder>(?P<split>[a-z]+)\d{4})\.js
 # (name, source image path, height, width, the image's instances)
 Record = Tuple[str, str, int, int, List[Dict[str, object]]]
 UNSAFE = re.compile(r"[^A-Za-z0-9._-]")   # characters replaced by "_" in names
+# why an instance is left out of the conversion (with a warning naming it, counted in the summary)
+LEFT_OUT = ("odd_polygon", "outside_image")
+log = logging.getLogger(__name__)
 
 
 def read_instances(path: str) -> Dict[str, list]:
@@ -70,6 +79,11 @@ def read_instances(path: str) -> Dict[str, list]:
             raise ValueError(f"{path}: category {category['id']}: "
                              + ("the id is given twice" if category["id"] in seen else
                                 f"'name' must be a string, got {category.get('name')!r}"))
+        problem = class_name_problem(category["name"])
+        if problem:   # classes.txt holds one name per line and must read back as written
+            raise ValueError(f"{path}: category {category['id']}: name {category['name']!r} "
+                             f"{problem}; it would not read back from classes.txt as written: "
+                             f"rename the category in the file")
         seen.add(category["id"])
     return instances
 
@@ -211,6 +225,23 @@ def check_annotation(ann: object, path: str, class_of: Mapping[int, int],
         raise ValueError(f"{where}: 'iscrowd' must be 0 or 1, got {ann.get('iscrowd')!r}")
 
 
+def instance_problem(ann: Mapping[str, object], image: Mapping[str, object]) -> Tuple[str, str]:
+    """(kind in LEFT_OUT, why) when a checked annotation cannot be converted as given, else
+    ("", ""): a polygon of an odd number of coordinates (one is missing, so its outline is
+    unknown) or a box wholly outside its image (the instance shows nothing of it)."""
+    polygons = ann["segmentation"] if isinstance(ann["segmentation"], list) else []
+    odd = [k for k, polygon in enumerate(polygons, 1)
+           if isinstance(polygon, list) and len(polygon) % 2]
+    if odd:
+        return "odd_polygon", (f"polygon {odd[0]} has {len(polygons[odd[0] - 1])} coordinates, "
+                               f"an odd number (x, y pairs)")
+    x, y, w, h = ann["bbox"]
+    if x >= image["width"] or y >= image["height"] or x + w <= 0 or y + h <= 0:
+        return "outside_image", (f"box {ann['bbox']} lies wholly outside its "
+                                 f"{image['width']}x{image['height']} image {image['id']}")
+    return "", ""
+
+
 def image_source(image_dir: str, image: Mapping[str, object], path: str) -> str:
     """The absolute path of an image's file, refused when its file_name leaves `image_dir`
     (absolute, or climbing out through `..`): the converter links only the split's images."""
@@ -274,7 +305,8 @@ def coco_to_voc(coco_root: str, annotations: str, out: str, split: Optional[str]
         images: "symlink" (absolute links, default) or "copy".
         workers: processes; <= 1 converts in this process.
     Returns:
-        {"split", "list", "written", "kept", "without_instances", "classes", "mapping"}.
+        {"split", "list", "written", "kept", "without_instances", "left_out" ({kind: number
+        of instances left out}, `instance_problem`), "classes", "mapping"}.
     """
     if images not in IMAGE_MODES:
         raise ValueError(f"images must be one of {', '.join(IMAGE_MODES)}, got {images!r}")
@@ -304,8 +336,15 @@ def coco_to_voc(coco_root: str, annotations: str, out: str, split: Optional[str]
             raise ValueError(f"{annotations}: image {image['id']}: the id is given twice")
         image_ids[image["id"]] = image
     by_image: Dict[int, List[Dict[str, object]]] = {}
+    left_out = dict.fromkeys(LEFT_OUT, 0)
     for ann in instances["annotations"]:
         check_annotation(ann, annotations, class_of, image_ids)
+        kind, problem = instance_problem(ann, image_ids[ann["image_id"]])
+        if kind:
+            log.warning("%s: annotation %s: %s; the instance is left out", annotations,
+                        ann["id"], problem)
+            left_out[kind] += 1
+            continue
         by_image.setdefault(ann["image_id"], []).append(ann)
     annotated = [image for image in instances["images"] if image["id"] in by_image]
     names = image_names(annotated)
@@ -330,4 +369,4 @@ def coco_to_voc(coco_root: str, annotations: str, out: str, split: Optional[str]
     return {"split": split, "list": list_file, "written": len(todo),
             "kept": len(records) - len(todo),
             "without_instances": len(instances["images"]) - len(records),
-            "classes": class_file, "mapping": mapping}
+            "left_out": left_out, "classes": class_file, "mapping": mapping}

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import unicodedata
 import xml.etree.ElementTree as ET
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import cv2
 import numpy as np
@@ -27,20 +27,23 @@ from .classes import IGNORE_LABEL, VOC_CLASSES, voc_palette  # noqa: F401 (VOC's
 NUM_CLASSES = len(VOC_CLASSES)
 
 
-LIST_FILE_EXTENSIONS = (".jpg", ".jpeg", ".png")   # columns of a list naming image or mask files
+FILE_EXTENSIONS = (".jpg", ".jpeg", ".png")   # a list line ending so names a file, not an id
 
 
 def read_list(path: str) -> List[str]:
-    """Image names of a list file (`train_aug.txt` style), checked whole before any stage runs.
+    """Image ids of a list file (`train_aug.txt` style), checked whole before any stage runs.
 
-    A list is a set of image ids. Each non-blank line is a name (``2007_000032``) or the release's
-    pair ``/JPEGImages/x.jpg /SegmentationClassAug/x.png``, which gives ``x``: the base name of
-    the first token without its extension; further columns are ignored. A UTF-8 byte-order mark
-    (written by some Windows editors) is not part of the first name. An error names the list
-    file and the line, before any image is read, for: text that is not UTF-8, a comment line
-    (``#``), a later column naming an image or mask file of another name (``my photo.jpg``: a
-    name with whitespace inside, which the stages would split), a name a stage cannot write back
-    as ``<name>.png`` (`name_problem`), and a name listed twice.
+    A list is a set of image ids; every stage reads and writes `<id>.jpg`, `<id>.npy`,
+    `<id>.png` with the whole id. Each non-blank line is an id, the whole line without its
+    surrounding blanks (``2007_000032``, ``shot.v2``: a dot is part of the id), or the release's
+    pair ``/JPEGImages/x.jpg /SegmentationClassAug/x.png`` (the image file, then the mask file of
+    the same image; docs/release.md section 1), which gives ``x``: the base name of the image
+    path without its ``.jpg``. A UTF-8 byte-order mark (written by some Windows editors) is not
+    part of the first id. Anything else is an error naming the list file and the line, before
+    any image is read: text that is not UTF-8, a comment line (``#``), a line of several words
+    that is not that pair (``train_00004 extra``, ``my pic``: the stages cannot name files with
+    blanks), an id a stage cannot write back as ``<id>.png`` (`name_problem`: ``x.jpg`` is a
+    file name, not an id), and an id listed twice.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: data list not found")
@@ -55,23 +58,22 @@ def read_list(path: str) -> List[str]:
         except UnicodeDecodeError as e:
             raise ValueError(f"{path}: line {number}: not UTF-8 text (byte 0x{raw[e.start]:02x} "
                              f"at column {e.start + 1}); save the list as UTF-8") from None
-        tokens = line.split()
-        if not tokens:
+        if not line.strip():
             continue
         where = f"{path}: line {number}"
         controls = [c for c in line.rstrip("\r") if unicodedata.category(c) == "Cc" and c != "\t"]
         if controls:   # a lone CR (old Mac line ends) or a form feed would split a line silently
             raise ValueError(f"{where}: holds the control character U+{ord(controls[0]):04X}; "
                              f"save the list with one name per line (LF or CRLF line ends)")
-        if tokens[0].startswith("#"):
+        if line.strip().startswith("#"):
             raise ValueError(f"{where}: {line.strip()!r} looks like a comment; a list holds image "
                              f"names only, remove the line")
-        name = os.path.splitext(os.path.basename(tokens[0]))[0]
-        if any(os.path.splitext(token)[1].lower() in LIST_FILE_EXTENSIONS
-               and os.path.splitext(os.path.basename(token))[0] != name for token in tokens[1:]):
-            raise ValueError(f"{where}: {line.strip()!r} names another file after {name!r}: a "
-                             f"name with whitespace inside (the stages split at whitespace), or "
-                             f"an 'image mask' pair of two images")
+        name = _line_id(line.split())
+        if name is None:
+            raise ValueError(f"{where}: {line.strip()!r} is not one image id: an id is the whole "
+                             f"line and holds no blanks (the stages name files <id>.jpg, "
+                             f"<id>.png), and the one line of two words is the release's pair "
+                             f"'JPEGImages/<id>.jpg SegmentationClass/<id>.png'")
         problem = name_problem(name)
         if problem:
             raise ValueError(f"{where}: image name {name!r} {problem}")
@@ -85,11 +87,23 @@ def read_list(path: str) -> List[str]:
     return names
 
 
+def _line_id(words: Sequence[str]) -> Optional[str]:
+    """The image id of a list line's words: the one word, or the `x` of the release's pair
+    `<folder>/x.jpg <folder>/x.png`; None for anything else."""
+    if len(words) == 1:
+        return words[0]
+    if len(words) != 2 or not (words[0].endswith(".jpg") and words[1].endswith(".png")):
+        return None
+    image, mask = (os.path.basename(word)[:-len(".jpg")] for word in words)
+    return image if image == mask else None
+
+
 def name_problem(name: str) -> str:
     """Why `name` cannot be an image id that every stage writes and reads back as `<name>.png`
     and lists one per line, or "" when it can: no whitespace, control or format characters,
-    no path separator (``/``, ``\\``), not empty, and no leading ``.`` (``..``, hidden files and
-    the temporaries of `icd.io.atomic_path`, which a stage deletes when it starts)."""
+    no path separator (``/``, ``\\``), not empty, no leading ``.`` (``..``, hidden files and
+    the temporaries of `icd.io.atomic_path`, which a stage deletes when it starts), and no image
+    file extension at its end (``x.jpg`` names a file: its id is ``x``)."""
     if not name:
         return "is empty"
     if name.startswith("."):
@@ -99,6 +113,9 @@ def name_problem(name: str) -> str:
             return f"holds the path separator {char!r}"
         if char.isspace() or unicodedata.category(char).startswith("C"):
             return f"holds the control or blank character U+{ord(char):04X}"
+    if name.lower().endswith(FILE_EXTENSIONS):
+        return (f"ends in a file extension ({os.path.splitext(name)[1]}): a list names image "
+                f"ids, the stages add the extension (write {os.path.splitext(name)[0]!r})")
     return ""
 
 
