@@ -180,6 +180,17 @@ def test_out_is_never_one_of_the_inputs(data, capsys, target, named):
     assert open(data["data_list"], "rb").read() == before
 
 
+def test_out_is_never_a_file_of_a_compared_folder(data, capsys):
+    label = os.path.join(data["poor"], read_list(data["data_list"])[0] + ".png")
+    before = open(label, "rb").read()
+    assert compare_command.main([data["good"], data["poor"]] + flags(
+        data, "--classes", data["classes"], "--out", label)) == 1
+    assert error_line(capsys) == (
+        f"error: --out {label}: inside the label folder of B ({data['poor']}), whose files are "
+        f"compared; icd-compare never writes over its inputs: choose another file")
+    assert open(label, "rb").read() == before
+
+
 def test_out_a_folder_is_an_error_naming_it(data, tmp_path, capsys):
     folder = str(tmp_path / "reports")
     os.makedirs(folder)

@@ -110,12 +110,13 @@ def _compare(args: argparse.Namespace) -> int:
     sides = [label_folders(side, args.split, args.seeds) for side in (args.better, args.worse)]
     check_label_folders(sides[0] + sides[1], classes)
     if args.out:
-        inputs = [(given["data_list"], data_list), (given["gt_root"], gt_root),
-                  (given["classes"], classes_file), ("--config", config)]
+        inputs = [(given["data_list"], data_list), (given["classes"], classes_file),
+                  ("--config", config)]
+        read = [(given["gt_root"], gt_root)]
         for name, side, folders in (("A", args.better, sides[0]), ("B", args.worse, sides[1])):
             inputs += [(f"folder {name}", f) for f in side.split(",") if f]
-            inputs += [(f"the label folder of {name}", f) for f in folders]
-        _check_out(args.out, inputs)
+            read += [(f"the label folder of {name}", f) for f in folders]
+        _check_out(args.out, inputs, read)
     names = read_list(data_list)
     confusions, unknown = [], {}
     for folders in sides:
@@ -139,13 +140,20 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_out(out: str, inputs: Sequence[Tuple[str, Optional[str]]]) -> None:
-    """--out must name a file to write that is none of the comparison's `inputs` [(what, path)]:
-    the JSON would replace it."""
-    for name, path in inputs:
-        if path and os.path.realpath(path) == os.path.realpath(out):
+def _check_out(out: str, inputs: Sequence[Tuple[str, Optional[str]]],
+               read: Sequence[Tuple[str, str]]) -> None:
+    """--out must name a file to write that is none of the comparison's `inputs` [(what, path)]
+    and lies outside the folders whose files it `read` (ground truth, label maps): the JSON
+    would replace it, or one of their files."""
+    target = os.path.realpath(out)
+    for name, path in list(inputs) + list(read):
+        if path and os.path.realpath(path) == target:
             raise ValueError(f"--out {out}: the same path as {name} ({path}); icd-compare never "
                              f"writes over its inputs: choose another file")
+    for name, path in read:
+        if os.path.commonpath([os.path.realpath(path), target]) == os.path.realpath(path):
+            raise ValueError(f"--out {out}: inside {name} ({path}), whose files are compared; "
+                             f"icd-compare never writes over its inputs: choose another file")
     if os.path.isdir(out):
         raise ValueError(f"--out {out}: is a folder; give the JSON file to write, e.g. "
                          f"--out {os.path.join(out, 'compare.json')}")
