@@ -157,10 +157,9 @@ def test_labels_outside_the_class_list_are_refused_unless_ignored(data, tmp_path
     assert "- ground truth: label 7: 6 pixels in 1 image, label 40: 1 pixels in 1 image" in \
         capsys.readouterr().out
     # left out like 255
-    mask = read_mask(os.path.join(gt, names[2] + ".png"))
-    write_mask(os.path.join(gt, names[2] + ".png"), np.where(mask > 6, 255, mask).astype(np.uint8))
-    mask = read_mask(os.path.join(poor, names[4] + ".png"))
-    write_mask(os.path.join(poor, names[4] + ".png"), np.where(mask > 6, 255, mask).astype(np.uint8))
+    for path in (os.path.join(gt, names[2] + ".png"), os.path.join(poor, names[4] + ".png")):
+        mask = read_mask(path)
+        write_mask(path, np.where(mask > 6, 255, mask).astype(np.uint8))
     assert compare_command.main(argv + ["--out", str(tmp_path / "d.json")]) == 0
     reference = json.load(open(tmp_path / "d.json"))
     for key in ("value", "reference", "low", "high"):

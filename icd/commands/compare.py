@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import glob
 import os
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..data.classes import dataset_classes
 from ..data.voc import read_list
@@ -86,37 +86,43 @@ def _labels(folder: str, split: str, seeds: str) -> str:
                             f"label PNGs in it")
 
 
-def _compare(args: argparse.Namespace) -> int:
-    gt_root, data_list, classes_file = args.gt_root, args.data_list, args.classes
-    given = {"gt_root": "--gt-root", "data_list": "--data-list", "classes": "--classes"}
-    config = None
+def _inputs(args: argparse.Namespace) -> Dict[str, Tuple[str, Optional[str]]]:
+    """The data of the comparison, {"gt_root" | "data_list" | "classes" | "config": (where it was
+    given, path)}: the flags, else --config's."""
+    inputs = {"gt_root": ("--gt-root", args.gt_root), "data_list": ("--data-list", args.data_list),
+              "classes": ("--classes", args.classes), "config": ("--config", None)}
     if args.config:
         settings = PaperSettings(args.config, out=".")
         config = settings.config
         if args.split not in settings.splits:
             raise ValueError(f"--split: {args.split!r} is not a split of {config} "
                              f"({', '.join(settings.splits)})")
-        if not gt_root:
-            gt_root, given["gt_root"] = settings.gt_root, f"{config}: pipeline: gt_root"
-        if not data_list:
-            data_list, given["data_list"] = (settings.eval_list(args.split),
-                                             f"{config}: the list of split {args.split}")
-        if classes_file is None and settings.icd.classes:
-            classes_file, given["classes"] = settings.icd.classes, f"{config}: classes"
-    for flag, value in (("--gt-root", gt_root), ("--data-list", data_list)):
-        if not value:
+        inputs["config"] = ("--config", config)
+        for key, value in (("gt_root", (f"{config}: pipeline: gt_root", settings.gt_root)),
+                           ("data_list", (f"{config}: the list of split {args.split}",
+                                          settings.eval_list(args.split))),
+                           ("classes", (f"{config}: classes", settings.icd.classes))):
+            if not inputs[key][1] and value[1]:
+                inputs[key] = value
+    for key, flag in (("gt_root", "--gt-root"), ("data_list", "--data-list")):
+        if not inputs[key][1]:
             raise ValueError(f"{flag}: required (or --config)")
-    classes = dataset_classes(classes_file, gt_root, flag=given["classes"])
+    return inputs
+
+
+def _compare(args: argparse.Namespace) -> int:
+    inputs = _inputs(args)
+    gt_root, data_list = inputs["gt_root"][1], inputs["data_list"][1]
+    classes = dataset_classes(inputs["classes"][1], gt_root, flag=inputs["classes"][0])
     sides = [label_folders(side, args.split, args.seeds) for side in (args.better, args.worse)]
     check_label_folders(sides[0] + sides[1], classes)
     if args.out:
-        inputs = [(given["data_list"], data_list), (given["classes"], classes_file),
-                  ("--config", config)]
-        read = [(given["gt_root"], gt_root)]
-        for name, side, folders in (("A", args.better, sides[0]), ("B", args.worse, sides[1])):
-            inputs += [(f"folder {name}", f) for f in side.split(",") if f]
-            read += [(f"the label folder of {name}", f) for f in folders]
-        _check_out(args.out, inputs, read)
+        given = [inputs[key] for key in ("data_list", "classes", "config")]
+        given += [(f"folder {name}", f) for name, side in zip("AB", (args.better, args.worse))
+                  for f in side.split(",") if f]
+        read = [inputs["gt_root"]] + [(f"the label folder of {name}", f)
+                                      for name, folders in zip("AB", sides) for f in folders]
+        _check_out(args.out, given, read)
     names = read_list(data_list)
     confusions, unknown = [], {}
     for folders in sides:
@@ -125,8 +131,7 @@ def _compare(args: argparse.Namespace) -> int:
             matrices, found = label_confusions(folder, gt_root, names, args.workers, classes,
                                                args.ignore_unknown_labels)
             confusions[-1].append(matrices)
-            unknown.setdefault("ground truth", found["ground truth"])
-            unknown[folder] = found["labels"]
+            unknown.update({"ground truth": found["ground truth"], folder: found["labels"]})
     result = compare_runs(confusions[0], confusions[1], list(range(len(classes) + 1)),
                           args.resamples, BOOTSTRAP_SEED, LEVEL)
     print(f"A = {args.better}\nB = {args.worse}\n{len(names)} images of {data_list}, mIoU over "
