@@ -24,6 +24,12 @@ label ids, background 0 and class index + 1 (VOC: K = 21).
   `icd.seeds.resize_scores`); positives are gt == c + 1. AP = Σ_k (R_k − R_{k−1}) P_k over the
   distinct score thresholds in decreasing order (equal scores form one threshold), which equals
   sklearn's `average_precision_score`. mAP = mean over the classes that have positives.
+
+Label maps are read against the class list (`read_labels`): a value K..254 in a ground truth,
+seed or prediction is the label of no class (255 is the ignore label). Left out silently it
+would change or keep the numbers without a word, so it is an error naming the file and the
+value; with `ignore_unknown` such pixels are left out like 255 and counted in the report. The
+folders of label maps an evaluation reads are checked first (`check_label_folders`).
 """
 from __future__ import annotations
 
@@ -39,9 +45,11 @@ from .data.classes import classes_of_data, segmentation_classes
 from .data.voc import IGNORE_LABEL, VOC_CLASSES, read_image_labels, read_list, \
     read_mask
 from .io import atomic_path, write_json
-from .metrics import average_precision, class_iou, confusion_matrix, mean_iou, percent
+from .metrics import average_precision, class_iou, confusion_matrix, mean_iou, percent, \
+    unknown_labels
 from .plots import METHOD_NAMES, plot_class_ap, plot_seed_overlays, plot_threshold_study
-from .provenance import require_complete, require_folder_classes, score_infer_size
+from .provenance import read_record, require_complete, require_folder_classes, \
+    score_infer_size
 from .pool import map_images
 from .seeds import INFER_SIZE, load_image_scores, load_scores, resize_scores, \
     seed_from_scores
@@ -51,6 +59,74 @@ NUM_SEG_CLASSES = len(SEG_CLASSES)
 THRESHOLDS = (0.0, 0.1, 0.3, 0.5)   # Table 2
 # method of Tables 1-2 -> the score folder its seeds and AP come from
 METHOD_SCORE_FOLDERS = {"cam": "scores_cam", "icd": "scores_icd"}
+# what writes a folder of label maps, by the stage its provenance record names (for messages)
+WRITERS = {"seeds": "make_seeds.py", "infer-seg": "infer_seg.py"}
+UNKNOWN_SIDES = ("ground truth", "labels")   # the rows of a worker's unknown-label counts
+
+
+# ---------------------------------------------------------------------------------------------
+# Label maps and their folders
+
+def read_labels(path: str, num_labels: int,
+                ignore_unknown: bool = False) -> Tuple[np.ndarray, np.ndarray]:
+    """A label map (`read_mask`) checked against the num_labels = C + 1 labels of a class list.
+
+    Values num_labels..254 are labels of no class (255 is the ignore label): an error naming the
+    file, each value and its pixels, unless `ignore_unknown`, which sets them to 255 (left out
+    like it). Returns (mask (H, W) uint8, (256,) int64 pixels of each such value).
+    """
+    mask = read_mask(path)
+    counts = unknown_labels(mask, num_labels)
+    if counts.any():
+        if not ignore_unknown:
+            shown = ", ".join(f"{v} ({counts[v]} pixels)" for v in np.flatnonzero(counts))
+            raise ValueError(
+                f"{path}: holds labels outside the class list of {num_labels - 1} classes "
+                f"(labels 0..{num_labels - 1}, {IGNORE_LABEL} = ignore): {shown}; fix the file "
+                f"or give the class list it was made with (icd-eval and icd-compare leave such "
+                f"pixels out with --ignore-unknown-labels)")
+        mask = np.where(counts[mask] > 0, np.uint8(IGNORE_LABEL), mask)
+    return mask, counts
+
+
+def unknown_report(counts: np.ndarray) -> Dict[str, Dict[str, Dict[str, int]]]:
+    """The unknown labels of (2, 2, 256) counts ([ground truth | labels][pixels | images][value],
+    summed `_seed_confusion`s) for a report: {"ground truth" | "labels": {value: {"images",
+    "pixels"}}}, the values found only."""
+    return {side: {str(v): {"images": int(counts[k, 1, v]), "pixels": int(counts[k, 0, v])}
+                   for v in np.flatnonzero(counts[k, 0])}
+            for k, side in enumerate(UNKNOWN_SIDES)}
+
+
+def unknown_lines(found: Mapping[str, Mapping[str, Mapping[str, int]]]) -> List[str]:
+    """Markdown lines naming the labels outside the class list that were left out, from
+    {where (ground truth, a folder): {value: {"images", "pixels"}}}; none when there were none."""
+    lines = [f"- {where}: " + ", ".join(f"label {v}: {c['pixels']} pixels in {c['images']} "
+                                        f"image{'s' * (c['images'] != 1)}"
+                                        for v, c in values.items())
+             for where, values in found.items() if values]
+    return ["Labels outside the class list, left out (--ignore-unknown-labels):", ""] + lines \
+        + [""] if lines else []
+
+
+def check_label_folders(folders: Sequence[str], classes: Sequence[str]) -> None:
+    """What every reader of folders of label maps (seeds, predictions) checks before reading them
+    (icd-eval, icd-compare): each folder given once (by its real path: one folder is one set of
+    labels, never two trained models), its provenance record complete (`require_complete`) and
+    made with `classes` (`require_folder_classes`). Folders without a record pass with a warning.
+    """
+    seen: Dict[str, str] = {}
+    for folder in folders:
+        real = os.path.realpath(folder)
+        if real in seen:
+            also = "" if seen[real] == folder else f" (also as {seen[real]})"
+            raise ValueError(f"{folder}: given twice{also}; a folder of label maps is one set "
+                             f"of results (one trained model): give it once")
+        seen[real] = folder
+    for folder in folders:
+        stage = (read_record(folder) or {}).get("stage")
+        require_folder_classes(folder, require_complete(
+            folder, WRITERS.get(stage, f"the {stage} stage")), classes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -65,32 +141,38 @@ def _map_sum(func: Callable[[str], Tuple[np.ndarray, ...]], names: Sequence[str]
     return total
 
 
-def _seed_confusion(name: str, seed_dir: str, gt_root: str,
-                    num_labels: int = NUM_SEG_CLASSES) -> Tuple[np.ndarray]:
-    """Worker: ((K, K) confusion of `<seed_dir>/<name>.png` against the ground truth,)."""
+def _seed_confusion(name: str, seed_dir: str, gt_root: str, num_labels: int = NUM_SEG_CLASSES,
+                    ignore_unknown: bool = False) -> Tuple[np.ndarray, np.ndarray]:
+    """Worker: ((K, K) confusion of `<seed_dir>/<name>.png` against the ground truth, (2, 2, 256)
+    counts of their unknown labels: [ground truth | labels][pixels | images][value])."""
     seed_path = os.path.join(seed_dir, name + ".png")
     gt_path = os.path.join(gt_root, name + ".png")
-    seed, gt = read_mask(seed_path), read_mask(gt_path)
+    seed, seed_unknown = read_labels(seed_path, num_labels, ignore_unknown)
+    gt, gt_unknown = read_labels(gt_path, num_labels, ignore_unknown)
     if seed.shape != gt.shape:
         raise ValueError(f"{seed_path}: shape {seed.shape} differs from {gt_path} {gt.shape}")
-    return (confusion_matrix(gt, seed, num_labels),)
+    pixels = np.stack([gt_unknown, seed_unknown])
+    return confusion_matrix(gt, seed, num_labels), np.stack([pixels, pixels > 0], axis=1)
 
 
 def evaluate_seeds(seed_dir: str, gt_root: str, names: Sequence[str],
-                   workers: int = 1, classes: Optional[Sequence[str]] = None) -> Dict[str, object]:
-    """Seed mIoU of `<seed_dir>/<name>.png` against `<gt_root>/<name>.png` (release rule).
+                   workers: int = 1, classes: Optional[Sequence[str]] = None,
+                   ignore_unknown: bool = False) -> Dict[str, object]:
+    """Seed mIoU of `<seed_dir>/<name>.png` against `<gt_root>/<name>.png` (release rule);
+    labels outside `classes` are refused, or left out with `ignore_unknown` (`read_labels`).
 
     Returns {"miou": float, "iou": {class name: float} (background + the C `classes`),
-    "num_images": int}, values as fractions.
+    "num_images": int, "unknown_labels": `unknown_report`}, values as fractions.
     """
     classes = classes_of_data(classes, gt_root)
     seg_classes = segmentation_classes(classes)
-    (confusion,) = _map_sum(functools.partial(_seed_confusion, seed_dir=seed_dir,
-                                              gt_root=gt_root, num_labels=len(seg_classes)),
-                            names, workers, f"mIoU {os.path.basename(seed_dir)}")
+    confusion, unknown = _map_sum(
+        functools.partial(_seed_confusion, seed_dir=seed_dir, gt_root=gt_root,
+                          num_labels=len(seg_classes), ignore_unknown=ignore_unknown),
+        names, workers, f"mIoU {os.path.basename(seed_dir)}")
     iou = class_iou(confusion)
     return {"miou": float(iou.mean()), "iou": dict(zip(seg_classes, iou.tolist())),
-            "num_images": len(names)}
+            "num_images": len(names), "unknown_labels": unknown_report(unknown)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,15 +191,15 @@ def threshold_seeds(cam: np.ndarray, icd: np.ndarray, labels: Sequence[int],
 
 def _threshold_counts(name: str, results_dir: str, gt_root: str, annotation_root: str,
                       thresholds: Sequence[float], infer_size: int,
-                      folders: Mapping[str, str],
-                      classes: Sequence[str] = VOC_CLASSES) -> Tuple[np.ndarray, np.ndarray]:
+                      folders: Mapping[str, str], classes: Sequence[str] = VOC_CLASSES,
+                      ignore_unknown: bool = False) -> Tuple[np.ndarray, np.ndarray]:
     """Worker: ((2, nT, K, K) confusions for (cam, icd), (1,) valid gt pixel count)."""
-    gt = read_mask(os.path.join(gt_root, name + ".png"))
+    num_labels = len(classes) + 1
+    gt, _ = read_labels(os.path.join(gt_root, name + ".png"), num_labels, ignore_unknown)
     labels, scores = load_image_scores(results_dir, annotation_root, name,
                                        (folders["cam"], folders["icd"]), classes)
     cam, icd = (resize_scores(s, gt.shape, infer_size) for s in scores)
     seeds = threshold_seeds(cam, icd, labels, thresholds)
-    num_labels = len(classes) + 1
     confusion = np.stack([np.stack([confusion_matrix(gt, s, num_labels) for s in seeds[kind]])
                           for kind in ("cam", "icd")])
     return confusion, np.array([np.count_nonzero(gt < num_labels)], np.int64)
@@ -126,7 +208,7 @@ def _threshold_counts(name: str, results_dir: str, gt_root: str, annotation_root
 def threshold_study(results_dir: str, gt_root: str, annotation_root: str, names: Sequence[str],
                     thresholds: Sequence[float] = THRESHOLDS, infer_size: int = INFER_SIZE,
                     folders: Mapping[str, str] = METHOD_SCORE_FOLDERS, workers: int = 1,
-                    classes: Optional[Sequence[str]] = None
+                    classes: Optional[Sequence[str]] = None, ignore_unknown: bool = False
                     ) -> Dict[str, Dict[str, Dict[str, float]]]:
     """Table 2: {"cam"|"icd": {str(T): {"miou": .., "recall": ..}}}, fractions (module doc)."""
     classes = classes_of_data(classes, gt_root, annotation_root)
@@ -134,7 +216,7 @@ def threshold_study(results_dir: str, gt_root: str, annotation_root: str, names:
         functools.partial(_threshold_counts, results_dir=results_dir, gt_root=gt_root,
                           annotation_root=annotation_root, thresholds=tuple(thresholds),
                           infer_size=infer_size, folders=dict(folders),
-                          classes=tuple(classes)),
+                          classes=tuple(classes), ignore_unknown=ignore_unknown),
         names, workers, "threshold study")
     return {kind: {str(float(t)): {"miou": mean_iou(confusion[k, i]),
                                    "recall": float(confusion[k, i].sum() / max(valid, 1))}
@@ -155,8 +237,10 @@ def _image_size(path: str) -> Tuple[int, int]:
 
 def class_pixel_scores(results_dir: str, folder: str, gt_root: str, names: Sequence[str],
                        labels: Mapping[str, Sequence[int]], cls: int,
-                       infer_size: int = INFER_SIZE) -> Tuple[np.ndarray, np.ndarray]:
-    """Scores of class `cls` on the valid pixels of the images containing it, split by gt.
+                       infer_size: int = INFER_SIZE, num_labels: int = NUM_SEG_CLASSES,
+                       ignore_unknown: bool = False) -> Tuple[np.ndarray, np.ndarray]:
+    """Scores of class `cls` on the valid pixels of the images containing it, split by gt (of
+    num_labels labels, `read_labels`).
 
     One float32 buffer of Σ H·W over those images holds the positives (gt == cls + 1) from the
     front and the negatives from the back: 4 bytes per pixel, no concatenation copy.
@@ -167,7 +251,7 @@ def class_pixel_scores(results_dir: str, folder: str, gt_root: str, names: Seque
     buffer = np.empty(sum(int(np.prod(_image_size(p))) for p in gt_paths.values()), np.float32)
     head, tail = 0, buffer.size
     for name in images:
-        gt = read_mask(gt_paths[name])
+        gt, _ = read_labels(gt_paths[name], num_labels, ignore_unknown)
         path = os.path.join(results_dir, folder, name + ".npy")
         channel = list(labels[name]).index(cls)
         scores = load_scores(path, labels[name])[channel:channel + 1]
@@ -184,7 +268,8 @@ def class_pixel_scores(results_dir: str, folder: str, gt_root: str, names: Seque
 def pixel_ap(results_dir: str, gt_root: str, annotation_root: str, names: Sequence[str],
              infer_size: int = INFER_SIZE,
              folders: Mapping[str, str] = METHOD_SCORE_FOLDERS,
-             classes: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, object]]:
+             classes: Optional[Sequence[str]] = None,
+             ignore_unknown: bool = False) -> Dict[str, Dict[str, object]]:
     """Table 1 / Fig. 5: per-class pixel-level AP and mAP of each score folder, over `classes`.
 
     Exact (every pixel ranked). Cost: one pass per (class, folder) over the images containing the
@@ -200,7 +285,8 @@ def pixel_ap(results_dir: str, gt_root: str, annotation_root: str, names: Sequen
         ap = []
         for cls in tqdm(range(len(classes)), desc=f"pixel AP {kind}", unit="class"):
             positive, negative = class_pixel_scores(results_dir, folder, gt_root, names, labels,
-                                                    cls, infer_size)
+                                                    cls, infer_size, len(classes) + 1,
+                                                    ignore_unknown)
             ap.append(average_precision(positive, negative))
             del positive, negative
         scored = [v for v in ap if not np.isnan(v)]
@@ -227,7 +313,9 @@ def markdown_report(report: Mapping[str, object]) -> str:
                   "|---|" + "---|" * len(seg_classes)]
         lines += [f"| {name} | " + " | ".join(percent(r["iou"][c]) for c in seg_classes) + " |"
                   for name, r in seeds.items()]
-        lines.append("")
+        lines += [""] + unknown_lines({
+            "ground truth": next(iter(seeds.values()))["unknown_labels"]["ground truth"],
+            **{name: r["unknown_labels"]["labels"] for name, r in seeds.items()}})
     ap = report.get("pixel_ap")
     if ap:
         lines += ["## Table 1. Pixel-level mAP", "", "| Method | mAP (%) |", "|---|---|"]
@@ -256,9 +344,11 @@ def evaluate(results_dir: str, gt_root: str, data_list: str,
              image_root: Optional[str] = None, out_dir: Optional[str] = None,
              infer_size: Optional[int] = None, thresholds: Sequence[float] = THRESHOLDS,
              folders: Mapping[str, str] = METHOD_SCORE_FOLDERS, workers: int = 1,
-             num_overlays: int = 4, classes: Optional[Sequence[str]] = None) -> Dict[str, object]:
+             num_overlays: int = 4, classes: Optional[Sequence[str]] = None,
+             ignore_unknown: bool = False) -> Dict[str, object]:
     """Run every evaluation whose inputs are given and write the reports, over the dataset's
-    class list `classes` (label ids: 0 background, class index + 1).
+    class list `classes` (label ids: 0 background, class index + 1; other labels are refused,
+    or left out and counted with `ignore_unknown`, `read_labels`).
 
     - seed mIoU of each folder of `seed_dirs` (relative to results_dir unless absolute; default:
       every existing folder under `<results_dir>/seeds`);
@@ -269,7 +359,9 @@ def evaluate(results_dir: str, gt_root: str, data_list: str,
     Returns the report written to eval.json.
 
     Inputs are checked first (icd.provenance): seed and score folders must be complete, the score
-    folders from one inference run; `infer_size` None takes the size the scores were made at.
+    folders from one inference run (`check_label_folders`, `score_infer_size`); `infer_size` None
+    takes the size the scores were made at. With nothing to evaluate (no seed folder, no
+    `annotation_root`) it is an error naming `results_dir`, and nothing is written.
     """
     classes = classes_of_data(classes, gt_root, annotation_root)
     names = read_list(data_list)
@@ -279,22 +371,23 @@ def evaluate(results_dir: str, gt_root: str, data_list: str,
         seed_dirs = sorted(os.path.join("seeds", d) for d in os.listdir(root)
                            if os.path.isdir(os.path.join(root, d))) if os.path.isdir(root) else []
     seed_paths = {d: d if os.path.isabs(d) else os.path.join(results_dir, d) for d in seed_dirs}
-    for path in seed_paths.values():   # seeds hold class ids: made with this list
-        require_folder_classes(path, require_complete(path, "make_seeds.py"), classes)
+    if not seed_paths and annotation_root is None:
+        _nothing_to_evaluate(results_dir, folders)
+    check_label_folders(list(seed_paths.values()), classes)
     if annotation_root is not None:
         infer_size = score_infer_size(results_dir, list(folders.values()), names, infer_size,
                                       INFER_SIZE, classes)
     report: Dict[str, object] = {"data_list": os.path.abspath(data_list),
                                  "num_images": len(names), "classes": list(classes)}
-    report["seeds"] = {d: evaluate_seeds(p, gt_root, names, workers, classes)
+    report["seeds"] = {d: evaluate_seeds(p, gt_root, names, workers, classes, ignore_unknown)
                        for d, p in seed_paths.items()}
     os.makedirs(out_dir, exist_ok=True)
     if annotation_root is not None:
         report["threshold_study"] = threshold_study(results_dir, gt_root, annotation_root, names,
                                                     thresholds, infer_size, folders, workers,
-                                                    classes)
+                                                    classes, ignore_unknown)
         report["pixel_ap"] = pixel_ap(results_dir, gt_root, annotation_root, names, infer_size,
-                                      folders, classes)
+                                      folders, classes, ignore_unknown)
         plot_threshold_study(report["threshold_study"], os.path.join(out_dir,
                                                                      "threshold_study.png"))
         plot_class_ap(report["pixel_ap"], os.path.join(out_dir, "class_ap.png"))
@@ -308,6 +401,19 @@ def evaluate(results_dir: str, gt_root: str, data_list: str,
     return report
 
 
+def _nothing_to_evaluate(results_dir: str, folders: Mapping[str, str]) -> None:
+    """The error of an evaluation without inputs: the score folders' own when their inference
+    run is running or failed (`require_complete`), else one naming `results_dir`."""
+    if not os.path.isdir(results_dir):
+        raise FileNotFoundError(f"{results_dir}: no such results folder, nothing to evaluate")
+    for folder in dict.fromkeys(folders.values()):
+        require_complete(os.path.join(results_dir, folder), "infer_scores.py")
+    raise ValueError(f"{results_dir}: nothing to evaluate: no seed folder in "
+                     f"{os.path.join(results_dir, 'seeds')} (or given as --seeds), and no "
+                     f"annotation root (--annotation-root), which the threshold study and "
+                     f"pixel AP of its score maps need")
+
+
 # ---------------------------------------------------------------------------------------------
 # Per-image statistics (for resampling the image set, e.g. a bootstrap)
 
@@ -316,7 +422,7 @@ def _image_statistics(name: str, results_dir: str, gt_root: str, annotation_root
                       folders: Mapping[str, str],
                       classes: Sequence[str]) -> Tuple[str, Dict[str, object]]:
     """Worker: (name, this image's statistics as `image_statistics` lists them)."""
-    gt = read_mask(os.path.join(gt_root, name + ".png"))
+    gt, _ = read_labels(os.path.join(gt_root, name + ".png"), len(classes) + 1)
     study, _ = _threshold_counts(name, results_dir, gt_root, annotation_root, thresholds,
                                  infer_size, folders, classes)
     score_folders = sorted(set(folders.values()))
@@ -370,22 +476,33 @@ def image_statistics(results_dir: str, gt_root: str, annotation_root: str, names
             "pixel_scores": pixel_scores}
 
 
-def image_confusions(label_dir: str, gt_root: str, names: Sequence[str], workers: int = 1,
-                     classes: Optional[Sequence[str]] = None) -> np.ndarray:
+def label_confusions(label_dir: str, gt_root: str, names: Sequence[str], workers: int = 1,
+                     classes: Optional[Sequence[str]] = None, ignore_unknown: bool = False
+                     ) -> Tuple[np.ndarray, Dict[str, Dict[str, Dict[str, int]]]]:
     """(N, C+1, C+1) int64 confusion matrices of `<label_dir>/<name>.png` (seeds or predictions)
-    against the ground truth, in the order of `names`; summed they are `evaluate_seeds`'."""
+    against the ground truth, in the order of `names` (summed they are `evaluate_seeds`'), and
+    the labels outside `classes` that `ignore_unknown` left out (`unknown_report`)."""
     classes = classes_of_data(classes, gt_root)
     num_labels = len(classes) + 1
     order = {name: i for i, name in enumerate(names)}
     confusions = np.zeros((len(names), num_labels, num_labels), np.int64)
+    unknown = np.zeros((len(UNKNOWN_SIDES), 2, 256), np.int64)
     job = functools.partial(_named_confusion, seed_dir=label_dir, gt_root=gt_root,
-                            num_labels=num_labels)
-    for name, (confusion,) in map_images(job, names, workers, "per-image confusions"):
+                            num_labels=num_labels, ignore_unknown=ignore_unknown)
+    for name, (confusion, counts) in map_images(job, names, workers, "per-image confusions"):
         confusions[order[name]] = confusion
-    return confusions
+        unknown += counts
+    return confusions, unknown_report(unknown)
 
 
-def _named_confusion(name: str, seed_dir: str, gt_root: str,
-                     num_labels: int) -> Tuple[str, Tuple[np.ndarray]]:
-    """Worker of `image_confusions`: (name, (confusion,)), since a pool's results come unordered."""
-    return name, _seed_confusion(name, seed_dir, gt_root, num_labels)
+def image_confusions(label_dir: str, gt_root: str, names: Sequence[str], workers: int = 1,
+                     classes: Optional[Sequence[str]] = None) -> np.ndarray:
+    """`label_confusions`' matrices, labels outside `classes` refused."""
+    return label_confusions(label_dir, gt_root, names, workers, classes)[0]
+
+
+def _named_confusion(name: str, seed_dir: str, gt_root: str, num_labels: int,
+                     ignore_unknown: bool) -> Tuple[str, Tuple[np.ndarray, np.ndarray]]:
+    """Worker of `label_confusions`: (name, `_seed_confusion`), since a pool's results come
+    unordered."""
+    return name, _seed_confusion(name, seed_dir, gt_root, num_labels, ignore_unknown)

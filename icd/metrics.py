@@ -1,11 +1,14 @@
 """The numbers of the evaluation, on arrays: confusion matrices, IoU and mIoU by the release's
-rule, step-wise average precision, and a fraction shown as a percentage (icd.evaluate applies
-them to result folders; the definitions are in its module doc and docs/release.md section 8)."""
+rule, the values of a label map outside the class list, step-wise average precision, and a
+fraction shown as a percentage (icd.evaluate applies them to result folders; the definitions are
+in its module doc and docs/release.md section 8)."""
 from __future__ import annotations
 
 from typing import Optional
 
 import numpy as np
+
+from .constants import IGNORE_LABEL
 
 IOU_EPS = 1e-10                     # release: IoU = diag / (row + col - diag + 1e-10)
 
@@ -21,6 +24,15 @@ def confusion_matrix(gt: np.ndarray, seed: np.ndarray,
     keep = (gt < num_classes) & (seed < num_classes)
     return np.bincount(gt[keep] * num_classes + seed[keep],
                        minlength=num_classes ** 2).reshape(num_classes, num_classes)
+
+
+def unknown_labels(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """(256,) int64 pixel counts of the values of an (H, W) uint8 label map that are no label of a
+    list of num_classes labels: num_classes..254 (255, the ignore label, is no unknown label)."""
+    counts = np.bincount(labels.ravel(), minlength=256).astype(np.int64)
+    counts[:num_classes] = 0
+    counts[IGNORE_LABEL] = 0
+    return counts
 
 
 def class_iou(confusion: np.ndarray) -> np.ndarray:

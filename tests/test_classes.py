@@ -121,7 +121,12 @@ def test_evaluation_counts_c_plus_one_classes(tmp_path):
     seed = np.array([[0, 1, 1, 3], [3, 255, 2, 4]], np.uint8)  # 4: outside a 3-class list
     for folder, mask in (("gt", gt), ("seeds", seed)):
         write_mask(str(tmp_path / folder / "a.png"), mask)
-    result = evaluate_seeds(str(tmp_path / "seeds"), str(tmp_path / "gt"), ["a"], classes=THREE)
+    with pytest.raises(ValueError, match=r"a.png: holds labels outside the class list of 3 "
+                                         r"classes \(labels 0..3, 255 = ignore\): 4 \(1 pixels\)"):
+        evaluate_seeds(str(tmp_path / "seeds"), str(tmp_path / "gt"), ["a"], classes=THREE)
+    result = evaluate_seeds(str(tmp_path / "seeds"), str(tmp_path / "gt"), ["a"], classes=THREE,
+                            ignore_unknown=True)
+    assert result["unknown_labels"]["labels"] == {"4": {"images": 1, "pixels": 1}}
     assert list(result["iou"]) == ["background", *THREE]
     # confusion over labels 0..3 where both < 4: (0,0) (1,1) (2,1) (3,3) (3,3)
     expected = {"background": 1.0, "kettle": 1 / 2, "traffic light": 0.0, "zebra": 1.0}

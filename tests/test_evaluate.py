@@ -1,6 +1,8 @@
 """Evaluation: seed mIoU, threshold study, pixel AP against hand-computed values; reports, tool."""
 import json
 import os
+import re
+import shutil
 
 import cv2
 import numpy as np
@@ -11,6 +13,7 @@ from icd.commands import evaluate as evaluate_command
 from icd.data.voc import VOC_CLASSES, read_mask, voc_palette, write_mask
 from icd.evaluate import evaluate, evaluate_seeds, pixel_ap, threshold_study
 from icd.metrics import average_precision, class_iou, confusion_matrix, mean_iou
+from icd.provenance import producing
 from icd.seeds import make_seeds
 from test_seeds import S, build_results
 
@@ -200,3 +203,102 @@ def test_eval_seeds_tool(tiny, tmp_path, capsys):
     assert list(report["seeds"]) == ["seeds/nocrf"]
     assert set(report["threshold_study"]["icd"]) == {"0.0", "0.1", "0.3", "0.5"}
     assert report["pixel_ap"]["icd"]["map"] > 0.5
+
+
+# ---------------------------------------------------------------------------------------------
+# Labels outside the class list (255 is the ignore label, anything else above C is no label)
+
+def _with_label(src, dst, name, value, where=(slice(0, 2), slice(0, 3))):
+    """A copy of the label folder `src` in `dst` where `name` holds `value` on `where`."""
+    shutil.copytree(src, dst)
+    mask = read_mask(os.path.join(dst, name + ".png"))
+    mask[where] = value
+    write_mask(os.path.join(dst, name + ".png"), mask)
+    return str(dst)
+
+
+def test_labels_outside_the_class_list_are_refused_or_left_out_and_counted(tiny, tmp_path):
+    names = ["img_a", "img_b", "img_c"]
+    seeds = os.path.join(tiny["results"], "seeds", "nocrf")
+    gt_30 = _with_label(tiny["gt"], tmp_path / "gt_30", "img_b", 30)            # VOC: 0..20
+    gt_255 = _with_label(tiny["gt"], tmp_path / "gt_255", "img_b", 255)
+    seeds_50 = _with_label(seeds, tmp_path / "seeds_50", "img_c", 50)
+    with pytest.raises(ValueError, match=re.escape(
+            f"{os.path.join(gt_30, 'img_b.png')}: holds labels outside the class list of 20 "
+            f"classes (labels 0..20, 255 = ignore): 30 (6 pixels)")):
+        evaluate_seeds(seeds, gt_30, names)
+    with pytest.raises(ValueError, match=re.escape(
+            f"{os.path.join(seeds_50, 'img_c.png')}: holds labels outside the class list of 20 "
+            f"classes (labels 0..20, 255 = ignore): 50 (6 pixels)")):
+        evaluate_seeds(seeds_50, tiny["gt"], names)
+    # ignored: left out exactly like the ignore label, and counted
+    ignored = evaluate_seeds(seeds, gt_30, names, ignore_unknown=True)
+    assert ignored["miou"] == evaluate_seeds(seeds, gt_255, names)["miou"]
+    assert ignored["miou"] != evaluate_seeds(seeds, tiny["gt"], names)["miou"]
+    assert ignored["unknown_labels"] == {"ground truth": {"30": {"images": 1, "pixels": 6}},
+                                         "labels": {}}
+    assert evaluate_seeds(seeds_50, tiny["gt"], names, ignore_unknown=True)["unknown_labels"] \
+        == {"ground truth": {}, "labels": {"50": {"images": 1, "pixels": 6}}}
+    assert evaluate_seeds(seeds, gt_255, names)["unknown_labels"] == {"ground truth": {},
+                                                                      "labels": {}}
+
+
+def test_pixel_ap_refuses_a_ground_truth_label_outside_the_list(tmp_path):
+    """gt 40 on a column: counted as a negative of every class it would lower the AP; refused,
+    or left out like 255."""
+    icd = [5, 0.9, 0.2, 0.5, 0.5, 0.7, 0.1, 0.6]
+    p = _one_image(str(tmp_path / "ignore"), icd, icd, [255, 3, 3, 0, 3, 0, 0, 3])
+    expected = pixel_ap(p["results"], p["gt"], p["ann"], ["x"], infer_size=8)
+    p = _one_image(str(tmp_path / "unknown"), icd, icd, [40, 3, 3, 0, 3, 0, 0, 3])
+    with pytest.raises(ValueError, match=re.escape(
+            f"{os.path.join(p['gt'], 'x.png')}: holds labels outside the class list of 20 classes "
+            f"(labels 0..20, 255 = ignore): 40 (8 pixels)")):
+        pixel_ap(p["results"], p["gt"], p["ann"], ["x"], infer_size=8)
+    with pytest.raises(ValueError, match="x.png: holds labels outside"):
+        threshold_study(p["results"], p["gt"], p["ann"], ["x"], infer_size=8)
+    assert pixel_ap(p["results"], p["gt"], p["ann"], ["x"], infer_size=8,
+                    ignore_unknown=True) == expected
+
+
+def test_eval_tool_refuses_or_reports_labels_outside_the_list(tiny, tmp_path, capsys):
+    gt = _with_label(tiny["gt"], tmp_path / "gt_30", "img_a", 30)
+    out = str(tmp_path / "report")
+    flags = ["--results", tiny["results"], "--gt-root", gt, "--data-list", tiny["list"],
+             "--seeds", "seeds/nocrf", "--workers", "1", "--out", out]
+    assert evaluate_command.main(flags) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"error: {os.path.join(gt, 'img_a.png')}: holds labels outside the "
+                          f"class list of 20 classes (labels 0..20, 255 = ignore): 30 (6 pixels)")
+    assert not os.path.exists(os.path.join(out, "eval.json"))
+    assert evaluate_command.main(flags + ["--ignore-unknown-labels"]) == 0
+    report = json.load(open(os.path.join(out, "eval.json")))
+    assert report["seeds"]["seeds/nocrf"]["unknown_labels"]["ground truth"] == {
+        "30": {"images": 1, "pixels": 6}}
+    assert "- ground truth: label 30: 6 pixels in 1 image" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------
+# Nothing to evaluate
+
+def test_eval_with_nothing_to_evaluate_is_an_error_naming_the_folder(tiny, tmp_path, capsys):
+    empty = str(tmp_path / "empty")
+    os.makedirs(empty)
+    flags = ["--gt-root", tiny["gt"], "--data-list", tiny["list"], "--workers", "1"]
+    assert evaluate_command.main(["--results", empty] + flags) == 1
+    assert capsys.readouterr().err.strip() == (
+        f"error: {empty}: nothing to evaluate: no seed folder in {os.path.join(empty, 'seeds')} "
+        f"(or given as --seeds), and no annotation root (--annotation-root), which the threshold "
+        f"study and pixel AP of its score maps need")
+    assert os.listdir(empty) == []                                   # no empty report
+    # a results folder whose inference failed: its record says why there is nothing
+    failed = str(tmp_path / "failed")
+    with pytest.raises(RuntimeError):
+        with producing([os.path.join(failed, "scores_icd")], "infer", {"model": "x"}):
+            shutil.copy(os.path.join(tiny["results"], "scores_icd", "img_a.npy"),
+                        os.path.join(failed, "scores_icd"))
+            raise RuntimeError("img_b: superpixels not found")
+    assert evaluate_command.main(["--results", failed] + flags) == 1
+    assert capsys.readouterr().err.strip().startswith(
+        f"error: {os.path.join(failed, 'scores_icd')}: the infer run that writes it is failed "
+        f"(RuntimeError: img_b: superpixels not found)")
+    assert not os.path.exists(os.path.join(failed, "eval"))

@@ -22,6 +22,16 @@ from .options import add_config_file, fill_from_config
 from .runner import Parser, add_classes_argument, fraction, non_negative_int, positive_int, run
 
 
+def add_unknown_labels_argument(parser: argparse.ArgumentParser) -> None:
+    """`--ignore-unknown-labels` (icd-eval, icd-compare): leave out, and count, the labels outside
+    the class list instead of refusing them (icd.evaluate.read_labels)."""
+    parser.add_argument("--ignore-unknown-labels", action="store_true",
+                        help="leave out the pixels whose label (ground truth, seed or "
+                             "prediction) is in no class of the list and not 255, and count "
+                             "them in the report (default: such a label is an error naming the "
+                             "image and the value)")
+
+
 def build_parser() -> Parser:
     parser = Parser(__doc__, prog="icd-eval")
     add_config_file(parser)
@@ -33,6 +43,7 @@ def build_parser() -> Parser:
     parser.add_argument("--data-list", default=None,
                         help="list file, one image name per line (required, or --config's)")
     add_classes_argument(parser)
+    add_unknown_labels_argument(parser)
     parser.add_argument("--seeds", nargs="*", default=None, metavar="FOLDER",
                         help="seed folders, relative to --results unless absolute "
                              "(default: every folder under <results>/seeds)")
@@ -77,7 +88,8 @@ def _evaluate(args: argparse.Namespace) -> int:
                  folders={"cam": args.cam_scores, "icd": args.icd_scores},
                  workers=args.workers, num_overlays=args.overlays,
                  classes=dataset_classes(args.classes, args.gt_root,
-                                         args.annotation_root, args.image_root))
+                                         args.annotation_root, args.image_root),
+                 ignore_unknown=args.ignore_unknown_labels)
     with open(os.path.join(out, "eval.md"), encoding="utf-8") as f:
         print(f.read())
     return 0
