@@ -138,7 +138,7 @@ def test_segment_labels_train_deeplab_on_each_source_in_its_own_folders(tiny_voc
     assert three.segmentation_dirs(0, "cam")[1] == os.path.join(out, "segmentation", "cam")
     segment = {s.name: s for s in paper.paper_steps(three)}["segment"]
     assert set(segment.settings) >= {"icd", "cam", "gt"} and len(segment.folders) == 4
-    with pytest.raises(ValueError, match="segment.labels: choose from icd, cam, gt"):
+    with pytest.raises(ValueError, match="--set segment.labels: cam needs the baseline"):
         paper.PaperSettings(config, out, sets=paper.parse_sets(
             sets + ["segment.labels=[cam]", "run.cam=null"]))
 
