@@ -336,25 +336,25 @@ class PaperSettings:
         if reason:
             raise ValueError(f"{where('amp')}: {cfg.amp} cannot run on these devices: {reason}")
 
-    def check_paths(self, steps: Sequence[str]) -> None:
-        """The files and folders the selected `steps` (base names) read exist, before the
-        first step; a missing one is an error naming the setting that gave it."""
-        needed: Dict[str, Tuple[str, Optional[str]]] = {}   # path -> (where, what)
-        train_sources = read_config_sources(self.config)[1]
+    def inputs(self, steps: Sequence[str]) -> Dict[str, str]:
+        """{path: the setting that gave it} of the files and folders the `steps` (base names)
+        read."""
+        needed: Dict[str, str] = {self.config: "--config"}
+        given = read_config_sources(self.config)[1]
         labels = self.labels("icd")
 
         def field(name: str) -> None:
             value = getattr(self.icd, name)
             if value:
-                needed.setdefault(value, (labels.get(name) or
-                                          f"{train_sources.get(name, self.config)}: {name}",
-                                          name))
+                needed.setdefault(value, labels.get(name) or
+                                  f"{given.get(name, self.config)}: {name}")
 
         def setting(name: str, value: Optional[str]) -> None:
             if value:
-                needed.setdefault(value, (self.where(name), name))
+                needed.setdefault(value, self.where(name))
 
         bases = set(steps)
+        field("classes")
         if bases & {"superpixels", "train_icd", "train_cam", "infer", "seeds"}:
             field("image_root")
             field("data_list")
@@ -368,18 +368,41 @@ class PaperSettings:
         if "seeds" in bases:
             setting("seeds.saliency_root", self.stage["seeds"]["saliency_root"])
         if bases & {"evaluate", "segment", "tables", "compare"}:
-            if not self.gt_root:
-                raise ValueError(f"{self.config}: pipeline: gt_root: the ground-truth folder is "
-                                 f"needed to evaluate (or leave the evaluate step out with "
-                                 f"--steps)")
             setting("gt_root", self.gt_root)
             setting("evaluate.list", self.stage["evaluate"]["list"])
         if "segment" in bases and self.stage["segment"]["config"]:
             for key in ("list", "gt_root"):
                 setting(f"segment.{key}", self.stage["segment"][key])
-        for path, (where, _) in needed.items():
+        return needed
+
+    def check_paths(self, steps: Sequence[str]) -> None:
+        """The files and folders the selected `steps` (base names) read exist, before the
+        first step; a missing one is an error naming the setting that gave it."""
+        if set(steps) & {"evaluate", "segment", "tables", "compare"} and not self.gt_root:
+            raise ValueError(f"{self.config}: pipeline: gt_root: the ground-truth folder is "
+                             f"needed to evaluate (or leave the evaluate step out with --steps)")
+        for path, where in self.inputs(steps).items():
             if not os.path.exists(path):
                 raise FileNotFoundError(f"{where}: {path}: not found")
+
+    def check_out(self, steps: Sequence[Step]) -> None:
+        """`--out` is refused where the run would write over one of its inputs: a file, or a
+        folder holding an input in a folder that a step writes (docs: README, When something
+        goes wrong)."""
+        if os.path.isfile(self.out):
+            raise ValueError(f"--out {self.out}: is a file; the run folder must be a folder of "
+                             f"its own")
+        written = {st.name: st.folders for st in steps}
+        written["the step runner"] = (self.folder("steps"),)
+        for path, where in self.inputs(BASE_STEPS).items():
+            real = os.path.realpath(path)
+            for name, folders in written.items():
+                for folder in map(os.path.realpath, folders):
+                    if real == folder or real.startswith(folder + os.sep):
+                        raise ValueError(
+                            f"--out {self.out}: {where} {path} lies in {folder}, which "
+                            f"{'' if ' ' in name else 'step '}{name} writes; choose another "
+                            f"--out")
 
     # configs -----------------------------------------------------------------------------
 
@@ -813,6 +836,7 @@ def run_paper(s: PaperSettings, steps: Optional[Sequence[str]] = None, overwrite
     all_steps = paper_steps(s)
     selected = select(all_steps, steps)
     s.check_paths({name.split(".")[0] for name in selected or [st.name for st in all_steps]})
+    s.check_out(all_steps)
     marker_dir = s.folder("steps")
     if s.shard != (0, 1):
         names = selected or [st.name for st in all_steps]
@@ -821,6 +845,11 @@ def run_paper(s: PaperSettings, steps: Optional[Sequence[str]] = None, overwrite
             raise ValueError(f"--shard: only the per-image steps ({', '.join(PER_IMAGE)}) run "
                              f"in shards; leave out {other} with --steps")
         marker_dir = s.folder("steps", f"shard{s.shard[0]}of{s.shard[1]}")
-    return Run(all_steps, marker_dir, selected=selected, overwrite=overwrite,
-               progress_every=progress_every).execute()
-
+    run = Run(all_steps, marker_dir, selected=selected, overwrite=overwrite,
+              progress_every=progress_every, root=s.out)
+    with run.lock():
+        if s.shard == (0, 1):
+            names = {st.name for st in all_steps}
+            run.forget([n for n in run.marker_names()
+                        if n.split(".")[0] in BASE_STEPS and n not in names])
+        return run.execute()
