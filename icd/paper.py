@@ -441,7 +441,8 @@ class PaperSettings:
                        (cam if which == "cam" and isinstance(cam, dict) else ())})
         labels.update({k: f"--set train.{k}" for k in self.sets.get("train", {})})
         labels.update({k: f"--set {which}.{k}" for k in self.sets.get(which, {})})
-        labels.update({k: DEVICE_FLAGS[k] for k, v in self.devices.items() if v is not None})
+        labels.update({k: DEVICE_FLAGS.get(k, "--" + k) for k, v in self.devices.items()
+                       if v is not None})
         return labels
 
     def training(self, which: str, seed: Optional[int] = None) -> Config:
@@ -459,7 +460,8 @@ class PaperSettings:
     def segment_labels(self) -> Dict[str, str]:
         """Where the DeepLab options given by the segment: stage and the devices were given."""
         return {**{k: self.where(f"segment.{k}") for k in self.stage["segment"] if k in FIELDS},
-                **{k: DEVICE_FLAGS[k] for k, v in self.devices.items() if v is not None}}
+                **{k: DEVICE_FLAGS.get(k, "--" + k) for k, v in self.devices.items()
+                   if v is not None}}
 
     def segmentation(self, seed: int, label: str = "icd") -> Optional[Config]:
         """The DeepLab config (None without `segment.config`) trained on `label`

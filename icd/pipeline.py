@@ -4,10 +4,10 @@ outputs of the steps it reads, run in order by one `Run`.
 Every step leaves a marker `<marker_dir>/<step>.json`:
   {"status": "running" | "failed" | "done", "fingerprint", "seconds", "finished", "result",
    "folders", "kept", "wrote"}.
-The fingerprint holds the step's own settings, the content (size and SHA-256, cached by size and
-modification time in `<marker_dir>/input-digests.cache`) of every input file its settings name, and the
-finish times of the steps whose outputs it reads (its inputs); paths inside the run folder
-`root` are held relative to it (`<out>/...`), so a moved run folder is the same run. A step whose
+The fingerprint holds the step's own settings, the content (size and SHA-256, cached by size
+and modification time in `<marker_dir>/input-digests.cache`) of every input file its settings
+name, and the finish times of the steps whose outputs it reads (its inputs); paths inside the
+run folder `root` are held relative to it (`<out>/...`), so a moved run folder is the same run. A step whose
 done marker has this fingerprint is skipped while every file it wrote still exists (else it
 resumes, remaking what is missing); a step that was interrupted or failed with this fingerprint
 resumes (its partial outputs are kept: steps write each file atomically and skip finished ones);
@@ -163,7 +163,8 @@ class Run:
             os.path.abspath(marker_dir)))
         self.digests: Dict[str, Dict] = {}
         with contextlib.suppress(FileNotFoundError, ValueError):
-            self.digests = dict(read_json(self.digest_path))
+            cached = read_json(self.digest_path)
+            self.digests = cached if isinstance(cached, dict) else {}
         self.overwrite = overwrite
         self.progress_every = progress_every
         self.timer = timer
@@ -405,6 +406,12 @@ class Run:
                      name, ", ".join(marker["folders"]))
             self.remove_outputs(name, marker, [self.full(f) for f in marker["folders"]])
             os.remove(self.marker_path(name))
+            for folder in marker["folders"]:   # and the emptied folders above (seed<k>/)
+                parent = os.path.dirname(self.full(folder))
+                while parent.startswith(self.root + os.sep) and os.path.isdir(parent) \
+                        and not os.listdir(parent):
+                    os.rmdir(parent)
+                    parent = os.path.dirname(parent)
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:

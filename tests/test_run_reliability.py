@@ -202,6 +202,7 @@ def test_files_the_settings_name_count_by_content_and_run_paths_are_relative(tmp
 def _done_marker(out, name, folder, files):
     os.makedirs(os.path.join(out, folder), exist_ok=True)
     for rel in files:
+        os.makedirs(os.path.dirname(os.path.join(out, folder, rel)), exist_ok=True)
         open(os.path.join(out, folder, rel), "w").close()
     os.makedirs(os.path.join(out, "steps"), exist_ok=True)
     with open(os.path.join(out, "steps", name + ".json"), "w") as f:
@@ -221,6 +222,10 @@ def test_a_smaller_repeat_removes_what_the_dropped_seeds_wrote(voc_copy, tmp_pat
         paper.run_paper(settings, ["superpixels"], progress_every=0)
     assert not os.path.exists(os.path.join(out, "compare"))
     assert os.listdir(os.path.join(out, "seed1", "snapshot_icd")) == ["notes.txt"]
+    os.remove(os.path.join(out, "seed1", "snapshot_icd", "notes.txt"))
+    _done_marker(out, "infer.s2", os.path.join("seed2", "results_icd"), ["train/a.npy"])
+    paper.run_paper(settings, ["superpixels"], progress_every=0)
+    assert not os.path.exists(os.path.join(out, "seed2"))     # emptied: gone with its parents
     assert sorted(os.listdir(os.path.join(out, "steps"))) == ["input-digests.cache",
                                                              "superpixels.json"]
     assert "step compare is no longer in this run: removing the files it wrote in compare" \
