@@ -418,8 +418,17 @@ class PaperSettings:
     def config_file(self, which: str) -> str:
         """The YAML file of "icd" or "cam" (the run config when `cam:` is a mapping)."""
         cam = self.top["cam"]
-        return self.config if which == "icd" or isinstance(cam, dict) else find_config(
-            os.path.join(os.path.dirname(self.config), cam))
+        if which == "icd" or isinstance(cam, dict):
+            return self.config
+        return self.beside_config(cam, "cam")
+
+    def beside_config(self, name: str, setting: str) -> str:
+        """The YAML `name` (relative to the run config, or a shipped one) that the pipeline
+        setting `setting` names; not found: an error naming the setting."""
+        try:
+            return find_config(os.path.join(os.path.dirname(self.config), name))
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"{self.where(setting)}: {e}") from None
 
     def overrides(self, which: str) -> Dict[str, Any]:
         """The options over the YAML of "icd" or "cam": the ICD config's data paths (the
@@ -454,8 +463,7 @@ class PaperSettings:
                                    snapshot=os.path.join(self.root(seed), f"snapshot_{which}"))
 
     def segment_config_file(self) -> str:
-        return find_config(os.path.join(os.path.dirname(self.config),
-                                        self.stage["segment"]["config"]))
+        return self.beside_config(self.stage["segment"]["config"], "segment.config")
 
     def segment_labels(self) -> Dict[str, str]:
         """Where the DeepLab options given by the segment: stage and the devices were given."""

@@ -132,3 +132,15 @@ def test_fp16_on_cpus_is_refused_before_the_superpixels(tiny_voc, tmp_path, caps
     assert error.startswith("error: --amp: fp16 cannot run on these devices: float16 needs "
                             "GPUs"), error
     assert not os.path.exists(os.path.join(out, "superpixels"))
+
+
+@pytest.mark.parametrize("old, new, key", [
+    ("  segment: {config: null}\n", "  segment: {config: nowhere.yaml}\n", "segment: config"),
+    ("pipeline:\n", "pipeline:\n  cam: nowhere.yaml\n", "cam")])
+def test_a_missing_stage_config_names_the_setting(tiny_voc, tmp_path, capsys, old, new, key):
+    config = _config(tmp_path, tiny_voc, 1)
+    text = open(config).read()
+    with open(config, "w") as f:
+        f.write(text.replace(old, new, 1))
+    assert _run(config, str(tmp_path / "out")) == 1
+    assert _error(capsys).startswith(f"error: {config}: pipeline: {key}: ")
