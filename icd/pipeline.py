@@ -7,13 +7,13 @@ Every step leaves a marker `<marker_dir>/<step>.json`:
 The fingerprint holds the step's own settings, the content (size and SHA-256, cached by size
 and modification time in `<marker_dir>/input-digests.cache`) of every input file its settings
 name, and the finish times of the steps whose outputs it reads (its inputs); paths inside the
-run folder `root` are held relative to it (`<out>/...`), so a moved run folder is the same run. A step whose
-done marker has this fingerprint is skipped while every file it wrote still exists (else it
-resumes, remaking what is missing); a step that was interrupted or failed with this fingerprint
-resumes (its partial outputs are kept: steps write each file atomically and skip finished ones);
-a step whose settings or inputs changed, any step with `overwrite`, and an `always` step clear
-their outputs and run afresh. A failed step never leaves a done marker, so nothing downstream
-mistakes it for finished.
+run folder `root` are held relative to it (`<out>/...`), so a moved run folder is the same run.
+A step whose done marker has this fingerprint is skipped while every file it wrote still exists
+(else it resumes, remaking what is missing); a step that was interrupted or failed with this
+fingerprint resumes (its partial outputs are kept: steps write each file atomically and skip
+finished ones); a step whose settings or inputs changed, any step with `overwrite`, and an
+`always` step clear their outputs and run afresh. A failed step never leaves a done marker, so
+nothing downstream mistakes it for finished.
 
 What a step owns: the files it wrote in its folders, never the others there (a user's notes,
 their own maps when `--out` is their data folder; issue 30). Its marker lists the files that were
