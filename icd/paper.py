@@ -855,8 +855,10 @@ def run_paper(s: PaperSettings, steps: Optional[Sequence[str]] = None, overwrite
             raise ValueError(f"--shard: only the per-image steps ({', '.join(PER_IMAGE)}) run "
                              f"in shards; leave out {other} with --steps")
         marker_dir = s.folder("steps", f"shard{s.shard[0]}of{s.shard[1]}")
+    # the workers of a training job on several machines (icd-launch) run every step together
     run = Run(all_steps, marker_dir, selected=selected, overwrite=overwrite,
-              progress_every=progress_every, root=s.out)
+              progress_every=progress_every, root=s.out,
+              exclusive=not s.icd.kvstore.startswith("dist"))
     with run.lock():
         if s.shard == (0, 1):
             names = {st.name for st in all_steps}

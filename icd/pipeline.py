@@ -148,17 +148,20 @@ class Run:
 
     The step functions receive it (a report reads `executed`, `elapsed()` and `seconds()`).
     `root`: the run folder, whose paths markers hold relative to it (default: the marker
-    folder's parent). `timer` is the clock in seconds (injectable for tests).
+    folder's parent). `exclusive`: one process runs the marker folder at a time (False for the
+    workers of one distributed job, which run every step together). `timer` is the clock in
+    seconds (injectable for tests).
     """
 
     def __init__(self, steps: Sequence[Step], marker_dir: str,
                  selected: Optional[Sequence[str]] = None, overwrite: bool = False,
                  progress_every: float = 30.0, timer: Callable[[], float] = time.monotonic,
-                 root: Optional[str] = None):
+                 root: Optional[str] = None, exclusive: bool = True):
         self.steps: Dict[str, Step] = {s.name: s for s in steps}
         self.selected = select_steps(list(self.steps), list(self.steps) if selected is None
                                      else selected)
         self.marker_dir = marker_dir
+        self.exclusive = exclusive
         self.root = os.path.abspath(root if root is not None else os.path.dirname(
             os.path.abspath(marker_dir)))
         self.digests: Dict[str, Dict] = {}
@@ -405,19 +408,22 @@ class Run:
             log.info("step %s is no longer in this run: removing the files it wrote in %s",
                      name, ", ".join(marker["folders"]))
             self.remove_outputs(name, marker, [self.full(f) for f in marker["folders"]])
-            os.remove(self.marker_path(name))
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.marker_path(name))
             for folder in marker["folders"]:   # and the emptied folders above (seed<k>/)
                 parent = os.path.dirname(self.full(folder))
-                while parent.startswith(self.root + os.sep) and os.path.isdir(parent) \
-                        and not os.listdir(parent):
-                    os.rmdir(parent)
-                    parent = os.path.dirname(parent)
+                with contextlib.suppress(OSError):   # not empty, or gone
+                    while parent.startswith(self.root + os.sep):
+                        os.rmdir(parent)
+                        parent = os.path.dirname(parent)
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
-        """One run of this marker folder at a time (icd.io.exclusive_lock; re-entrant)."""
+        """One run of this marker folder at a time (icd.io.exclusive_lock; re-entrant), unless
+        not `exclusive`."""
         os.makedirs(self.marker_dir, exist_ok=True)
-        with exclusive_lock(os.path.join(self.marker_dir, "run.lock"), self.root):
+        with exclusive_lock(os.path.join(self.marker_dir, "run.lock"), self.root) \
+                if self.exclusive else contextlib.nullcontext():
             yield
 
     # running -----------------------------------------------------------------------------------

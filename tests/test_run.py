@@ -268,7 +268,8 @@ def test_icd_run_resumes_a_killed_training_and_reruns_only_what_a_seed_setting_c
     # killed during the ICD training, once its first checkpoint is complete
     process = subprocess.Popen(_icd_run(config, killed), stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
-    record = os.path.join(killed, "snapshot_icd", "vgg16_icd-0000.json")
+    # the .params is written last (README: a checkpoint is complete or absent)
+    record = os.path.join(killed, "snapshot_icd", "vgg16_icd-0000.params")
     deadline = time.time() + 300
     while not os.path.isfile(record) and process.poll() is None and time.time() < deadline:
         time.sleep(0.02)
