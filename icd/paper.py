@@ -301,10 +301,11 @@ class PaperSettings:
               "a mapping of split: list file")
         check("repeat", isinstance(top["repeat"], int) and not isinstance(top["repeat"], bool)
               and top["repeat"] >= 1, "a positive integer")
-        check("superpixels.features", stage["superpixels"]["features"] in FEATURE_SOURCES,
+        check("superpixels.features", str(stage["superpixels"]["features"]) in FEATURE_SOURCES,
               " or ".join(FEATURE_SOURCES))
         rows = stage["seeds"]["rows"]
-        check("seeds.rows", isinstance(rows, list) and rows and set(rows) <= set(SEED_ROWS),
+        check("seeds.rows", isinstance(rows, list) and rows and
+              all(r in SEED_ROWS for r in map(str, rows)),
               f"a list of {', '.join(SEED_ROWS)}")
         check("seeds.saliency_root", path(stage["seeds"]["saliency_root"]), "a folder")
         check("evaluate.list", path(stage["evaluate"]["list"]), "a list file")
@@ -314,11 +315,12 @@ class PaperSettings:
             for t in thresholds), "a list of numbers in [0, 1]")
         for key in ("config", "list", "gt_root"):
             check(f"segment.{key}", path(stage["segment"][key]), "a file or folder")
-        check("segment.seeds", stage["segment"]["seeds"] in SEED_ROWS,
+        check("segment.seeds", str(stage["segment"]["seeds"]) in SEED_ROWS,
               f"one of {', '.join(SEED_ROWS)}")
         labels = stage["segment"]["labels"]
         check("segment.labels", isinstance(labels, list) and labels and
-              set(labels) <= set(SEGMENT_LABELS), f"a list of {', '.join(SEGMENT_LABELS)}")
+              all(label in SEGMENT_LABELS for label in map(str, labels)),
+              f"a list of {', '.join(SEGMENT_LABELS)}")
 
     @staticmethod
     def check_training(cfg: Config, path: str, labels: Mapping[str, str]) -> None:
