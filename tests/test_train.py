@@ -39,7 +39,7 @@ def test_optimizer_choice(tiny_config):
     with pytest.raises(ValueError, match="--optimizer: must be one of sgd, adam, got 'rmsprop'"):
         tiny_config(optimizer="rmsprop")                        # load_config checks choices
     with pytest.raises(ValueError, match="unknown optimizer 'rmsprop'"):
-        train(dataclasses.replace(cfg, optimizer="rmsprop"))    # and so does the loop
+        train(dataclasses.replace(tiny_config(), optimizer="rmsprop"))   # and the loop
 
 
 def params_of(path):
