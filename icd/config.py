@@ -13,7 +13,7 @@ import math
 import os
 import typing
 from dataclasses import dataclass
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import yaml
 
@@ -247,8 +247,28 @@ def find_config(path: str) -> str:
     raise FileNotFoundError(f"{path}: config file not found (nor a shipped config {name})")
 
 
-def read_config_file(path: str, _including: Tuple[str, ...] = ()) -> Dict[str, Any]:
-    """Options of a YAML file; a `base: other.yaml` key (relative to the file) is read first.
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that refuses a key given twice in one mapping (PyYAML keeps the
+    later value without a word), naming the file, the key and both lines."""
+
+    def construct_mapping(self, node, deep=False):
+        lines: Dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, typing.Hashable) and key in lines:
+                raise ValueError(f"{key_node.start_mark.name}: {key}: given twice, on lines "
+                                 f"{lines[key]} and {line}; keep one")
+            lines[key] = line
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml_chain(path: str, _including: Tuple[str, ...] = ()) -> List[Tuple[str, Dict]]:
+    """[(file, its mapping without `base`)] of a YAML file and the files its `base: other.yaml`
+    key (relative to the file) leads to, the deepest base first: the one reader of configs and
+    their `base:` chains (training options here, the pipeline: section in icd.paper).
 
     `_including`: the real paths of the files whose `base:` chain led here; a file that is its
     own base, directly or through others, is an error naming it (not Python's recursion limit).
@@ -257,7 +277,7 @@ def read_config_file(path: str, _including: Tuple[str, ...] = ()) -> Dict[str, A
         raise FileNotFoundError(f"{path}: config file not found")
     try:
         with open(path, encoding="utf-8-sig") as f:
-            loaded = yaml.safe_load(f) or {}
+            loaded = yaml.load(f, Loader=_UniqueKeyLoader) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not a readable YAML file ({' '.join(str(e).split())})") from None
     if not isinstance(loaded, dict):
@@ -266,20 +286,38 @@ def read_config_file(path: str, _including: Tuple[str, ...] = ()) -> Dict[str, A
     if base is not None and (not isinstance(base, str) or not base):
         raise ValueError(f"{path}: base must be the name of another YAML file, got {base!r}")
     including = _including + (os.path.realpath(path),)
-    loaded.pop("pipeline", None)   # the other stages' settings: icd.paper reads them
-    values = {}
+    chain: List[Tuple[str, Dict]] = []
     if base:
         base_path = os.path.join(os.path.dirname(path), base)
         if os.path.realpath(base_path) in including:
             raise ValueError(f"{path}: base {base!r} includes {os.path.normpath(base_path)} "
                              f"again (a cycle of base: keys); a file cannot be its own base")
-        values = read_config_file(base_path, including)
-    for key, value in loaded.items():
-        name = str(key).replace("-", "_")
-        if name not in FIELDS:
-            raise ValueError(f"{path}: unknown option {key!r}")
-        values[name] = value
-    return values
+        chain = read_yaml_chain(base_path, including)
+    return chain + [(path, loaded)]
+
+
+def read_config_sources(path: str) -> Tuple[Dict[str, Any], Dict[str, str]]:
+    """(options, {option: the file that gave it}) of a YAML file and its `base:` chain (the
+    `pipeline:` section left out: icd.paper reads it)."""
+    values: Dict[str, Any] = {}
+    sources: Dict[str, str] = {}
+    for file, loaded in read_yaml_chain(path):
+        for key, value in loaded.items():
+            if key == "pipeline":
+                continue
+            name = str(key).replace("-", "_")
+            if name not in FIELDS:
+                raise ValueError(f"{file}: unknown option {key!r}")
+            values[name], sources[name] = value, file
+    return values, sources
+
+
+def _float_text(value: Any) -> bool:
+    """Whether `value` is text that reads as a number (YAML 1.1 takes `1e-3` for a string)."""
+    try:
+        return isinstance(value, str) and math.isfinite(float(value))
+    except ValueError:
+        return False
 
 
 def _as_field_type(name: str, value: Any) -> Any:
@@ -305,7 +343,7 @@ def _as_field_type(name: str, value: Any) -> Any:
                              f"got {value!r}")
         return value
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        hint = " (YAML reads 1e-3 as text: write 1.0e-3)" if isinstance(value, str) else ""
+        hint = " (YAML reads 1e-3 as text: write 1.0e-3)" if _float_text(value) else ""
         raise ValueError(f"must be a number, got {value!r}{hint}")
     if not math.isfinite(value):
         raise ValueError(f"must be finite, got {value!r}")
@@ -327,31 +365,39 @@ def _as_field_type(name: str, value: Any) -> Any:
     return value
 
 
-def load_config(path: Optional[str] = None, **overrides: Any) -> Config:
+def load_config(path: Optional[str] = None, *, labels: Mapping[str, str] = {},
+                **overrides: Any) -> Config:
     """Config from a YAML file (optional; see `find_config`) with `overrides` on top.
 
     An override given is applied, None included where the field allows None (e.g.
     `pretrained=None` clears the file's ImageNet file); None for a field that cannot be None
-    means "not given" (callers may pass every keyword). Types and ranges are checked; errors
-    name the file (for its values) or the flag `--name` (for overrides). The class-list file
-    `classes` is read (its errors name it and the line) and `num_cls` set to its length; an
-    explicit num_cls that differs is an error.
+    means "not given" (callers may pass every keyword). Types, ranges and choices (but the
+    model's, which the registry in icd.model knows) are checked; errors name the file and key
+    (for its values, the file of its `base:` chain that gave it) or the flag: `labels[name]`
+    (e.g. `--set train.width`), else `--name`. The class-list file `classes` is read (its
+    errors name it and the line) and `num_cls` set to its length; an explicit num_cls that
+    differs is an error.
     """
     path = find_config(path) if path else None
-    values = read_config_file(path) if path else {}
-    sources = dict.fromkeys(values, path)
+    values, sources = read_config_sources(path) if path else ({}, {})
     unknown = set(overrides) - set(FIELDS)
     if unknown:
         raise ValueError(f"unknown options: {', '.join(sorted(unknown))}")
+    flags = {}
     for name, value in overrides.items():
         if value is not None or _TYPES[name][1]:
-            values[name], sources[name] = value, None
+            values[name] = value
+            flags[name] = labels.get(name) or "--" + name.replace("_", "-")
+
     def where(name: str) -> str:
-        return f"{sources[name]}: {name}" if sources[name] else "--" + name.replace("_", "-")
+        return flags[name] if name in flags else f"{sources[name]}: {name}"
 
     for name, value in values.items():
         try:
             values[name] = _as_field_type(name, value)
+            allowed = FIELDS[name].metadata["choices"]
+            if isinstance(allowed, tuple) and values[name] not in allowed:
+                raise ValueError(f"must be one of {', '.join(allowed)}, got {values[name]!r}")
         except ValueError as e:
             raise ValueError(f"{where(name)}: {e}") from None
     num_classes = len(read_classes(values.get("classes")))

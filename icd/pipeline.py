@@ -2,13 +2,26 @@
 outputs of the steps it reads, run in order by one `Run`.
 
 Every step leaves a marker `<marker_dir>/<step>.json`:
-  {"status": "running" | "failed" | "done", "fingerprint", "seconds", "finished", "result"}.
-The fingerprint holds the step's own settings and the finish times of the steps whose outputs it
-reads (its inputs). A step whose done marker has this fingerprint is skipped; a step that was
-interrupted or failed with this fingerprint resumes (its partial outputs are kept: steps write
-each file atomically and skip finished ones); a step whose settings or inputs changed, any step
-with `overwrite`, and an `always` step clear their folders and run afresh. A failed step never
-leaves a done marker, so nothing downstream mistakes it for finished.
+  {"status": "running" | "failed" | "done", "fingerprint", "seconds", "finished", "result",
+   "folders", "kept", "wrote"}.
+The fingerprint holds the step's own settings, the content (size and SHA-256, cached by size
+and modification time in `<marker_dir>/input-digests.cache`) of every input file its settings
+name, and the finish times of the steps whose outputs it reads (its inputs); paths inside the
+run folder `root` are held relative to it (`<out>/...`), so a moved run folder is the same run.
+A step whose done marker has this fingerprint is skipped while every file it wrote still exists
+(else it resumes, remaking what is missing); a step that was interrupted or failed with this
+fingerprint resumes (its partial outputs are kept: steps write each file atomically and skip
+finished ones); a step whose settings or inputs changed, any step with `overwrite`, and an
+`always` step clear their outputs and run afresh. A failed step never leaves a done marker, so
+nothing downstream mistakes it for finished.
+
+What a step owns: the files it wrote in its folders, never the others there (a user's notes,
+their own maps when `--out` is their data folder; issue 30). Its marker lists the files that were
+in its folders when it started (`kept`, with size and modification time) and, once done, the
+files it wrote (`wrote`); clearing removes only the latter (for an interrupted step: what is there
+beyond `kept`) and the folders that emptied, and logs the files it kept. A folder of another step
+inside a step's folder (seeds/ in the results of inference) is that step's. One process runs a
+marker folder at a time (`lock`: icd.io.exclusive_lock, a stale lock is taken over).
 
 Progress: each step's expected duration is the previous run's time from its done marker when
 its settings are unchanged, otherwise the step's `estimate`; the console shows the step's and the
@@ -19,16 +32,16 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import hashlib
 import json
 import logging
 import os
-import shutil
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
-from .io import read_json, write_json
+from .io import exclusive_lock, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -85,30 +98,76 @@ def clock(seconds: float) -> str:
     return f"{int(seconds // 60):02d}:{seconds % 60:04.1f}"
 
 
-def clear_step_folder(folder: str) -> None:
-    """Remove a step's own folder before it reruns (everything in it is the step's output). A
-    folder that is a symbolic link (e.g. to a user's data) is refused, never followed."""
-    if os.path.islink(folder):
+def refuse_linked_folder(folder: str) -> None:
+    """A step's folder that is a symbolic link (e.g. to a user's data) is refused, never
+    followed."""
+    if os.path.islink(os.path.normpath(folder)):
         raise ValueError(f"{folder}: is a symbolic link to {os.path.realpath(folder)}; a step "
                          f"reruns only into a folder of its own: remove the link")
-    if os.path.isdir(folder):
-        shutil.rmtree(folder)
+
+
+def inventory(folder: str, skip: Sequence[str] = ()) -> Dict[str, List[int]]:
+    """{path: [size, mtime_ns]} of the files under `folder` and {path + "/": [0, 0]} of its
+    folders, itself included (links are entries, never followed); the folders `skip` (other
+    steps') and what is in them are left out."""
+    found: Dict[str, List[int]] = {}
+    if not os.path.isdir(folder) or os.path.islink(folder):
+        return found
+    skipped = {os.path.normpath(p) for p in skip}
+    for parent, dirs, files in os.walk(folder):
+        found[os.path.normpath(parent) + "/"] = [0, 0]
+        links = [d for d in dirs if os.path.islink(os.path.join(parent, d))]
+        dirs[:] = [d for d in dirs if d not in links and
+                   os.path.normpath(os.path.join(parent, d)) not in skipped]
+        for name in files + links:
+            path = os.path.normpath(os.path.join(parent, name))
+            stat = os.lstat(path)
+            found[path] = [stat.st_size, stat.st_mtime_ns]
+    return found
+
+
+def file_digest(path: str, cache: Dict[str, Dict]) -> str:
+    """"<size>:<sha256>" of the file `path`; `cache` ({real path: {"size", "mtime_ns",
+    "digest"}}) keeps it while the file's size and modification time stay."""
+    stat = os.stat(path)
+    key = os.path.realpath(path)
+    known = cache.get(key)
+    if known and known["size"] == stat.st_size and known["mtime_ns"] == stat.st_mtime_ns:
+        return known["digest"]
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            sha.update(block)
+    digest = f"{stat.st_size}:{sha.hexdigest()}"
+    cache[key] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "digest": digest}
+    return digest
 
 
 class Run:
     """One invocation of a pipeline: which steps run, their markers, the clock and the ETA.
 
     The step functions receive it (a report reads `executed`, `elapsed()` and `seconds()`).
-    `timer` is the clock in seconds (injectable for tests).
+    `root`: the run folder, whose paths markers hold relative to it (default: the marker
+    folder's parent). `exclusive`: one process runs the marker folder at a time (False for the
+    workers of one distributed job, which run every step together). `timer` is the clock in
+    seconds (injectable for tests).
     """
 
     def __init__(self, steps: Sequence[Step], marker_dir: str,
                  selected: Optional[Sequence[str]] = None, overwrite: bool = False,
-                 progress_every: float = 30.0, timer: Callable[[], float] = time.monotonic):
+                 progress_every: float = 30.0, timer: Callable[[], float] = time.monotonic,
+                 root: Optional[str] = None, exclusive: bool = True):
         self.steps: Dict[str, Step] = {s.name: s for s in steps}
         self.selected = select_steps(list(self.steps), list(self.steps) if selected is None
                                      else selected)
         self.marker_dir = marker_dir
+        self.exclusive = exclusive
+        self.root = os.path.abspath(root if root is not None else os.path.dirname(
+            os.path.abspath(marker_dir)))
+        self.digests: Dict[str, Dict] = {}
+        with contextlib.suppress(FileNotFoundError, ValueError):
+            cached = read_json(self.digest_path)
+            self.digests = cached if isinstance(cached, dict) else {}
         self.overwrite = overwrite
         self.progress_every = progress_every
         self.timer = timer
@@ -135,13 +194,42 @@ class Run:
         marker = self.marker(step)
         return marker if marker and marker.get("status") == "done" else None
 
+    @property
+    def digest_path(self) -> str:
+        return os.path.join(self.marker_dir, "input-digests.cache")
+
+    def portable(self, value):
+        """`value` (JSON-able) with every path inside the run folder as `<out>/<relative>`."""
+        if isinstance(value, dict):
+            return {k: self.portable(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [self.portable(v) for v in value]
+        if isinstance(value, str) and value and (os.sep in value or os.path.exists(value)):
+            full = os.path.abspath(value)
+            if full == self.root or full.startswith(self.root + os.sep):
+                return "<out>" + full[len(self.root):]
+        return value
+
+    def input_files(self, value) -> Dict[str, str]:
+        """{portable path: file_digest} of every existing file `value` (settings) names."""
+        if isinstance(value, dict):
+            value = list(value.values())
+        if isinstance(value, (list, tuple)):
+            return {k: v for item in value for k, v in self.input_files(item).items()}
+        if isinstance(value, str) and value and os.path.isfile(value):
+            return {self.portable(value): file_digest(value, self.digests)}
+        return {}
+
     def fingerprint(self, step: str) -> Dict:
-        """The step's own settings and the finish times of the steps whose outputs it reads."""
+        """The step's own settings (paths in the run folder relative to it), the content of
+        the files they name and the finish times of the steps whose outputs it reads."""
         inputs = {}
         for dep in self.steps[step].inputs:
             marker = self.done(dep)
             inputs[dep] = marker.get("finished") if marker else None
-        return {"settings": _plain(self.steps[step].settings), "inputs": inputs}
+        settings = _plain(self.steps[step].settings)
+        return {"settings": self.portable(settings), "files": self.input_files(settings),
+                "inputs": inputs}
 
     def seconds(self) -> Dict[str, Optional[float]]:
         """Each step's duration from its done marker (None: not done)."""
@@ -159,14 +247,15 @@ class Run:
                                               for d in self.steps[step].inputs):
                 planned[step] = "rerun" if marker else "run"
             else:
-                planned[step] = step_action(marker, self.fingerprint(step), self.overwrite)
+                planned[step] = self.action(step, marker, self.fingerprint(step))
         return planned
 
     def estimate(self, step: str) -> float:
         """Expected seconds of a step: its previous time if done with the same settings."""
         marker = self.done(step)
-        if marker and _plain((marker.get("fingerprint") or {}).get("settings")) == \
-                _plain(self.steps[step].settings) and marker.get("seconds") is not None:
+        if marker and (marker.get("fingerprint") or {}).get("settings") == \
+                self.portable(_plain(self.steps[step].settings)) and \
+                marker.get("seconds") is not None:
             return float(marker["seconds"])
         return float(self.steps[step].estimate)
 
@@ -219,6 +308,124 @@ class Run:
             stop.set()
             thread.join()
 
+    # outputs: what a step wrote, what it keeps -----------------------------------------------
+
+    def rel(self, path: str) -> str:
+        """`path` relative to the run folder (a folder's keeps its trailing /)."""
+        return os.path.relpath(os.path.abspath(path.rstrip("/")), self.root) + \
+            ("/" if path.endswith("/") else "")
+
+    def full(self, rel: str) -> str:
+        return os.path.join(self.root, rel)
+
+    def nested(self, step: str) -> List[str]:
+        """The other steps' folders inside `step`'s (theirs, not its: seeds/ in the results of
+        inference)."""
+        own = [os.path.abspath(f) for f in self.steps[step].folders]
+        return [os.path.abspath(f) for other in self.steps.values() if other.name != step
+                for f in other.folders
+                if any(os.path.abspath(f).startswith(o + os.sep) for o in own)]
+
+    def contents(self, folders: Sequence[str], skip: Sequence[str] = ()) -> Dict[str, List[int]]:
+        """`inventory` of `folders`, paths relative to the run folder."""
+        found: Dict[str, List[int]] = {}
+        for folder in folders:
+            found.update({self.rel(p): v for p, v in
+                          inventory(os.path.abspath(folder), skip).items()})
+        return found
+
+    @staticmethod
+    def step_files(marker: Mapping, current: Mapping[str, List[int]]) -> Optional[List[str]]:
+        """The files of `current` that the step of `marker` wrote: its `wrote` list once done,
+        else what is there beyond its `kept` files; None for a marker that lists neither (of an
+        earlier version)."""
+        if marker.get("status") == "done" and "wrote" in marker:
+            return [p for p in marker["wrote"] if p in current]
+        if "kept" in marker:
+            return [p for p, v in current.items()
+                    if not p.endswith("/") and marker["kept"].get(p) != v]
+        return None
+
+    def remove_outputs(self, name: str, marker: Optional[Mapping], folders: Sequence[str],
+                       skip: Sequence[str] = ()) -> Dict[str, List[int]]:
+        """Remove the files the step of `marker` wrote in `folders` and the folders that
+        emptied (not those that were there before it); log the files kept. Returns what is
+        left: the files and folders the step did not write."""
+        for folder in folders:
+            refuse_linked_folder(folder)
+        current = self.contents(folders, skip)
+        files = self.step_files(marker, current) if marker else []
+        if files is None:
+            log.warning("step %s: its marker %s lists no files it wrote (an earlier version); "
+                        "its folders are left as they are", name, self.marker_path(name))
+            files = []
+        for rel in files:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.full(rel))
+        before = marker.get("kept", current) if marker else current
+        for rel in sorted((p for p in current if p.endswith("/") and p not in before),
+                          key=lambda p: -p.count("/")):
+            with contextlib.suppress(OSError):
+                os.rmdir(self.full(rel))
+        left = self.contents(folders, skip)
+        kept = sorted(p for p in left if not p.endswith("/"))
+        if kept:
+            log.info("step %s: kept %d files it did not write: %s%s", name, len(kept),
+                     ", ".join(kept[:5]), ", ..." if len(kept) > 5 else "")
+        return left
+
+    def missing(self, marker: Mapping) -> List[str]:
+        """The files a done step wrote that are gone."""
+        return [p for p in marker.get("wrote", []) if not os.path.lexists(self.full(p))]
+
+    def action(self, name: str, marker: Optional[Mapping], fingerprint: Mapping) -> str:
+        """`step_action`, but a done step whose files are missing resumes (remaking them) and
+        an `always` step reruns."""
+        if self.steps[name].always:
+            return "rerun"
+        action = step_action(marker, fingerprint, self.overwrite)
+        return "resume" if action == "skip" and self.missing(marker) else action
+
+    def marker_names(self) -> List[str]:
+        """The steps with a marker in the marker folder, this pipeline's or not."""
+        if not os.path.isdir(self.marker_dir):
+            return []
+        return sorted(n[:-len(".json")] for n in os.listdir(self.marker_dir)
+                      if n.endswith(".json") and os.path.isfile(os.path.join(self.marker_dir, n)))
+
+    def forget(self, names: Sequence[str]) -> None:
+        """Remove the outputs (only the files they wrote) and markers of steps no longer in
+        the pipeline (e.g. the seeds of a larger --repeat); a marker that does not name its
+        folders (an earlier version) is left, with a warning."""
+        for name in names:
+            marker = self.marker(name)
+            if marker is None:
+                continue
+            if "folders" not in marker:
+                log.warning("step %s is no longer in this run, but its marker %s does not name "
+                            "its folders; remove them by hand", name, self.marker_path(name))
+                continue
+            log.info("step %s is no longer in this run: removing the files it wrote in %s",
+                     name, ", ".join(marker["folders"]))
+            self.remove_outputs(name, marker, [self.full(f) for f in marker["folders"]])
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.marker_path(name))
+            for folder in marker["folders"]:   # and the emptied folders above (seed<k>/)
+                parent = os.path.dirname(self.full(folder))
+                with contextlib.suppress(OSError):   # not empty, or gone
+                    while parent.startswith(self.root + os.sep):
+                        os.rmdir(parent)
+                        parent = os.path.dirname(parent)
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """One run of this marker folder at a time (icd.io.exclusive_lock; re-entrant), unless
+        not `exclusive`."""
+        os.makedirs(self.marker_dir, exist_ok=True)
+        with exclusive_lock(os.path.join(self.marker_dir, "run.lock"), self.root) \
+                if self.exclusive else contextlib.nullcontext():
+            yield
+
     # running -----------------------------------------------------------------------------------
 
     def _check_inputs(self, step: str) -> None:
@@ -229,48 +436,64 @@ class Run:
 
     def execute(self) -> Dict[str, Dict]:
         """Run the selected steps in order; returns {step: {"action", "seconds", **result}}."""
-        os.makedirs(self.marker_dir, exist_ok=True)
-        summary: Dict[str, Dict] = {}
-        for name in self.selected:
-            step = self.steps[name]
-            self._check_inputs(name)
-            fingerprint = self.fingerprint(name)
-            marker = self.marker(name)
-            action = "rerun" if step.always else step_action(marker, fingerprint, self.overwrite)
-            if action == "skip":
-                self.finished.append(name)
-                summary[name] = {"action": action, "seconds": marker.get("seconds")}
-                log.info("%s done before (%s), skipped; %s", self.prefix(name),
-                         clock(marker.get("seconds") or 0.0), self.progress())
-                continue
-            if action == "rerun":
-                for folder in step.folders:
-                    clear_step_folder(folder)
-            previous = (marker.get("seconds") or 0.0) if action == "resume" else 0.0
-            write_json(self.marker_path(name), {"status": "running", "fingerprint": fingerprint,
-                                                "seconds": previous})
-            self.current, self.current_started = name, self.timer()
-            self.executed.append(name)
-            log.info("%s %s (expected ~%s); %s", self.prefix(name), ACTIONS[action],
-                     clock(self.expected[name]), self.progress(with_step=False))
+        with self.lock():
             try:
-                with self._progress_thread():
-                    result = dict(step.func(self))
-            except BaseException as error:
-                # the time spent counts when the step resumes; no done marker
-                write_json(self.marker_path(name), {
-                    "status": "failed", "fingerprint": fingerprint,
-                    "seconds": previous + self.timer() - self.current_started,
-                    "error": f"{type(error).__name__}: {error}"})
-                self.current = None
-                raise
-            seconds = previous + self.timer() - self.current_started
-            write_json(self.marker_path(name), {
-                "status": "done", "fingerprint": fingerprint, "seconds": seconds,
-                "finished": datetime.datetime.now().isoformat(), "result": result})
-            self.current = None
-            self.finished.append(name)
-            summary[name] = {"action": action, "seconds": seconds, **result}
-            log.info("%s finished in %s; %s", self.prefix(name), clock(seconds), self.progress())
+                summary = {name: self._execute(name) for name in self.selected}
+            finally:
+                write_json(self.digest_path, self.digests)
         log.info("finished in %s -> %s", clock(self.elapsed()), self.marker_dir)
         return summary
+
+    def _execute(self, name: str) -> Dict:
+        """Run, resume or skip one step; its summary."""
+        step = self.steps[name]
+        self._check_inputs(name)
+        fingerprint = self.fingerprint(name)
+        marker = self.marker(name)
+        action = self.action(name, marker, fingerprint)
+        if action == "skip":
+            self.finished.append(name)
+            log.info("%s done before (%s), skipped; %s", self.prefix(name),
+                     clock(marker.get("seconds") or 0.0), self.progress())
+            return {"action": action, "seconds": marker.get("seconds")}
+        skip = self.nested(name)
+        if action == "rerun":
+            kept = self.remove_outputs(name, marker, step.folders, skip)
+        else:
+            for folder in step.folders:
+                refuse_linked_folder(folder)
+            current = self.contents(step.folders, skip)
+            kept = {p: v for p, v in (marker or {}).get("kept", current).items() if p in current}
+            gone = self.missing(marker) if marker and marker.get("status") == "done" else []
+            if gone:
+                log.info("%s %d files it wrote are missing (%s%s): remaking them",
+                         self.prefix(name), len(gone), ", ".join(gone[:5]),
+                         ", ..." if len(gone) > 5 else "")
+        previous = (marker.get("seconds") or 0.0) if action == "resume" else 0.0
+        record = {"fingerprint": fingerprint, "folders": [self.rel(f) for f in step.folders],
+                  "kept": kept}
+        write_json(self.marker_path(name), {"status": "running", "seconds": previous, **record})
+        self.current, self.current_started = name, self.timer()
+        self.executed.append(name)
+        log.info("%s %s (expected ~%s); %s", self.prefix(name), ACTIONS[action],
+                 clock(self.expected[name]), self.progress(with_step=False))
+        try:
+            with self._progress_thread():
+                result = dict(step.func(self))
+        except BaseException as error:
+            # the time spent counts when the step resumes; no done marker
+            write_json(self.marker_path(name), {
+                "status": "failed", "seconds": previous + self.timer() - self.current_started,
+                "error": f"{type(error).__name__}: {error}", **record})
+            self.current = None
+            raise
+        seconds = previous + self.timer() - self.current_started
+        wrote = self.step_files(record, self.contents(step.folders, skip))
+        write_json(self.marker_path(name), {
+            "status": "done", "seconds": seconds,
+            "finished": datetime.datetime.now().isoformat(), "result": result,
+            "wrote": sorted(wrote), **record})
+        self.current = None
+        self.finished.append(name)
+        log.info("%s finished in %s; %s", self.prefix(name), clock(seconds), self.progress())
+        return {"action": action, "seconds": seconds, **result}

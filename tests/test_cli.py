@@ -421,7 +421,7 @@ def test_a_yaml_base_cycle_and_a_seed_above_2_32_are_named(tmp_path, capsys):
                                          rf"again"):
         load_config(str(one))
     two.write_text(f"seed: {2 ** 32}\n")
-    with pytest.raises(ValueError, match=rf"^{one}: seed: must be < 2\*\*32"):
+    with pytest.raises(ValueError, match=rf"^{two}: seed: must be < 2\*\*32"):
         load_config(str(one))
     assert load_config(seed=2 ** 32 - 1).seed == 2 ** 32 - 1
     assert train.main(["--seed", str(2 ** 32)]) == EXIT_USAGE

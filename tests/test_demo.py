@@ -91,11 +91,12 @@ def test_runner_skips_reruns_and_runs_subsets(tmp_path):
     assert calls[3:] == ["b"] and list(summary) == ["b"] and summary["b"]["action"] == "rerun"
     summary = execute()                                            # c reads b, which reran
     assert calls[4:] == ["c"] and summary["c"]["action"] == "rerun"
-    # a changed setting reruns the step (its folder cleared) and what reads it
-    stale = os.path.join(root, "a", "stale.txt")
-    open(stale, "w").close()
+    # a changed setting reruns the step (the files it wrote removed; a file it did not write
+    # is kept: tests/test_run_reliability.py) and what reads it
+    mine = os.path.join(root, "a", "mine.txt")
+    open(mine, "w").close()
     summary = execute(settings={"a": {"n": 2}})
-    assert calls[5:] == ["a", "b", "c"] and not os.path.exists(stale)
+    assert calls[5:] == ["a", "b", "c"] and os.path.exists(mine)
     assert [summary[s]["action"] for s in "abc"] == ["rerun"] * 3
     # a step whose inputs are neither selected nor finished is an error naming them
     os.remove(os.path.join(markers, "b.json"))

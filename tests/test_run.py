@@ -138,7 +138,7 @@ def test_segment_labels_train_deeplab_on_each_source_in_its_own_folders(tiny_voc
     assert three.segmentation_dirs(0, "cam")[1] == os.path.join(out, "segmentation", "cam")
     segment = {s.name: s for s in paper.paper_steps(three)}["segment"]
     assert set(segment.settings) >= {"icd", "cam", "gt"} and len(segment.folders) == 4
-    with pytest.raises(ValueError, match="segment.labels: choose from icd, cam, gt"):
+    with pytest.raises(ValueError, match="--set segment.labels: cam needs the baseline"):
         paper.PaperSettings(config, out, sets=paper.parse_sets(
             sets + ["segment.labels=[cam]", "run.cam=null"]))
 
@@ -268,7 +268,8 @@ def test_icd_run_resumes_a_killed_training_and_reruns_only_what_a_seed_setting_c
     # killed during the ICD training, once its first checkpoint is complete
     process = subprocess.Popen(_icd_run(config, killed), stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
-    record = os.path.join(killed, "snapshot_icd", "vgg16_icd-0000.json")
+    # the .params is written last (README: a checkpoint is complete or absent)
+    record = os.path.join(killed, "snapshot_icd", "vgg16_icd-0000.params")
     deadline = time.time() + 300
     while not os.path.isfile(record) and process.poll() is None and time.time() < deadline:
         time.sleep(0.02)

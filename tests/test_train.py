@@ -1,4 +1,5 @@
 """The training loop: LR and warm-up schedules, resume, checkpoint rotation, NaN stop, devices."""
+import dataclasses
 import glob
 import json
 import os
@@ -35,8 +36,10 @@ def test_poly_lr_per_epoch():
 def test_optimizer_choice(tiny_config):
     cfg = tiny_config(num_epoch=1, optimizer="adam", model="vgg16_cam")
     assert np.isfinite(train(cfg)["records"][0]["cam_loss"])
+    with pytest.raises(ValueError, match="--optimizer: must be one of sgd, adam, got 'rmsprop'"):
+        tiny_config(optimizer="rmsprop")                        # load_config checks choices
     with pytest.raises(ValueError, match="unknown optimizer 'rmsprop'"):
-        train(tiny_config(optimizer="rmsprop"))
+        train(dataclasses.replace(tiny_config(), optimizer="rmsprop"))   # and the loop
 
 
 def params_of(path):

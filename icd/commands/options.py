@@ -56,14 +56,14 @@ def fill_from_config(args: argparse.Namespace,
 def config_from(args: argparse.Namespace,
                 data: Sequence[str] = ("image_root", "annotation_root")) -> Config:
     """The Config of `--config` with the flags given on top; file values outside CHOICES are
-    errors naming the file (flags are checked by argparse). The class list is checked against
-    the data's own classes.txt beside the folders of the fields `data` (the ones the command
-    reads): without --classes, or with another list, such data is an error (`dataset_classes`)."""
+    errors naming the file (load_config; the model's here, by the registry). The class list is
+    checked against the data's own classes.txt beside the folders of the fields `data` (the
+    ones the command reads): without --classes, or with another list, such data is an error
+    (`dataset_classes`)."""
     cfg = load_config(args.config, **{k: v for k, v in vars(args).items() if k in FIELDS})
-    for name, allowed in CHOICES.items():
-        if getattr(cfg, name) not in allowed:
-            raise ValueError(f"{args.config}: {name}: must be one of {', '.join(allowed)}, "
-                             f"got {getattr(cfg, name)!r}")
+    if cfg.model not in CHOICES["model"]:   # load_config checks the other choices
+        raise ValueError(f"{args.config}: model: must be one of {', '.join(CHOICES['model'])}, "
+                         f"got {cfg.model!r}")
     dataset_classes(cfg.classes, *(getattr(cfg, name) for name in data))
     return cfg
 

@@ -11,8 +11,10 @@ Examples:
   icd-run ... --steps seeds --shard 0/4          one of 4 machines making seeds (shared --out)
 Rerunning the same command continues: finished steps are skipped, an interrupted training
 resumes from its last complete checkpoint, a step whose settings or inputs changed reruns with
-everything after it. Steps: superpixels train_icd train_cam (both: train) infer seeds evaluate
-segment tables compare. The paper's tables go to <out>/tables/ (<out>/seed<k>/tables/ per
+everything after it; a rerun removes only the files a step wrote (it logs those it kept).
+The whole configuration is checked before the first step; one icd-run at a time per --out.
+Steps: superpixels train_icd train_cam (both: train) infer seeds evaluate segment tables
+compare. The paper's tables go to <out>/tables/ (<out>/seed<k>/tables/ per
 seed with --repeat).
 """
 from __future__ import annotations
