@@ -14,9 +14,11 @@ import icd.train
 from icd.checkpoint import checkpoint_path, read_params
 from icd.config import load_config
 from icd.data.synthetic import make_synthetic_voc
-from icd.data.voc import VOC_CLASSES, read_list, read_mask
+from icd.commands import train_seg
+from icd.data.voc import VOC_CLASSES, read_list, read_mask, write_mask
 from icd.evaluate import evaluate_seeds
 from icd.metrics import confusion_matrix
+from icd.model import MODELS, register
 from icd.io import write_json
 from icd.provenance import record_path
 from icd.segment import segment
@@ -142,6 +144,100 @@ def test_short_training_on_masks_beats_chance_on_val(one_class_voc, tmp_path):
     chance = counts.max() / counts.sum() / len(counts)   # every pixel the most frequent class
     assert result["miou"] > 1.25 * chance
     assert result["iou"]["aeroplane"] > 0.25
+
+
+# ---------------------------------------------------------------------------------------------
+# A trainer that can be trusted (issue 29): it overfits a handful of images, and the labels the
+# loss sees line up with the image
+
+def test_icd_train_seg_overfits_a_handful_of_images(tmp_path):
+    """icd-train-seg on the ground truth of 4 synthetic images (width 1/8, 64 px crops, no
+    dropout) fits them: >= 95% pixel accuracy on its training crops over the last 20 of 400
+    steps (measured: 96.9%; the augmentation still rescales and mirrors every crop)."""
+    data = str(tmp_path / "voc")
+    make_synthetic_voc(data, num_train=4, num_val=2, size=64, seed=3)
+    snapshot = str(tmp_path / "deeplab")
+    argv = ["--config", os.path.join(REPO, "experiments", "synthetic_deeplab.yaml"),
+            "--image-root", os.path.join(data, "JPEGImages"),
+            "--data-list", os.path.join(data, "ImageSets", "Segmentation", "train.txt"),
+            "--classes", os.path.join(data, "classes.txt"),
+            "--seeds", os.path.join(data, "SegmentationClass"), "--pretrained", "",
+            "--width", "0.125", "--image-size", "64", "--batch-size", "4", "--dropout", "0",
+            "--optimizer", "adam", "--learning-rate", "0.001", "--num-epoch", "400",
+            "--num-workers", "0", "--num-save", "1", "--log-frequency", "1000", "--cpus", "1",
+            "--snapshot", snapshot]
+    assert train_seg.main(argv) == 0
+    with open(os.path.join(snapshot, "vgg16_largefov-log.json")) as f:
+        records = json.load(f)
+    assert records[0]["pixel_accuracy"] < 0.8
+    assert np.mean([r["pixel_accuracy"] for r in records[-20:]]) >= 0.95
+
+
+class Stride8Net(mx.gluon.HybridBlock):
+    """A small network with the DeepLab networks' geometry (score cell i centred on pixel 8i:
+    three 3x3 stride-2 poolings with padding 1) that learns in seconds (BatchNorm)."""
+
+    def __init__(self, num_classes=20, width=1.0, dropout=0.0, **kwargs):
+        super().__init__(**kwargs)
+        with self.name_scope():
+            self.body = mx.gluon.nn.HybridSequential()
+            for i in range(4):
+                self.body.add(mx.gluon.nn.Conv2D(32, 3, padding=1, in_channels=3 if i == 0 else 32),
+                              mx.gluon.nn.BatchNorm(in_channels=32),
+                              mx.gluon.nn.Activation("relu"))
+                if i < 3:
+                    self.body.add(mx.gluon.nn.MaxPool2D(3, 2, 1))
+            self.head = mx.gluon.nn.Conv2D(num_classes + 1, 1, in_channels=32)
+
+    def hybrid_forward(self, F, x):
+        return self.head(self.body((x - 127) / 64))
+
+
+def colour_blocks(root, count=8, side=64, seed=0):
+    """Images of overlapping 8-19 px rectangles in three colours whose label maps are the
+    colours (0 dark, 1 red, 2 green): labels drawn from the image itself."""
+    rng = np.random.default_rng(seed)
+    colours = np.array([[40, 40, 40], [230, 60, 60], [60, 200, 60]], np.uint8)
+    for folder in ("JPEGImages", "SegmentationClass"):
+        os.makedirs(os.path.join(root, folder), exist_ok=True)
+    names = [f"blocks_{k}" for k in range(count)]
+    for name in names:
+        label = np.zeros((side, side), np.uint8)
+        for _ in range(30):
+            (h, w), (y, x) = rng.integers(8, 20, 2), rng.integers(0, side, 2)
+            label[y:y + h, x:x + w] = rng.integers(0, 3)
+        cv2.imwrite(os.path.join(root, "JPEGImages", f"{name}.jpg"), colours[label][:, :, ::-1],
+                    [cv2.IMWRITE_JPEG_QUALITY, 98])
+        write_mask(os.path.join(root, "SegmentationClass", f"{name}.png"), label)
+    with open(os.path.join(root, "train.txt"), "w") as f:
+        f.write("\n".join(names) + "\n")
+    with open(os.path.join(root, "classes.txt"), "w") as f:
+        f.write("red\ngreen\n")
+
+
+@pytest.fixture
+def stride8_net():
+    register("stride8_test_net", Stride8Net, task="segmentation")
+    yield "stride8_test_net"
+    MODELS.pop("stride8_test_net")
+
+
+def test_labels_drawn_from_the_image_are_learned(stride8_net, tmp_path):
+    """The label of every score cell is the colour at its centre pixel, so a network that sees
+    the image learns them nearly all (200 steps: 94.7% over the last 20 against 88.8% when the
+    labels are shrunk by the corner-aligned rule, which reads pixel 9i instead of 8i on these
+    64 px crops); the augmentation's scale, mirror and crop move image and labels together."""
+    data = str(tmp_path / "blocks")
+    colour_blocks(data)
+    cfg = load_config(None, model=stride8_net, image_root=os.path.join(data, "JPEGImages"),
+                      data_list=os.path.join(data, "train.txt"),
+                      label_root=os.path.join(data, "SegmentationClass"),
+                      classes=os.path.join(data, "classes.txt"), pretrained="", image_size=64,
+                      batch_size=8, num_epoch=200, optimizer="adam", learning_rate=0.01,
+                      dropout=0.0, num_workers=0, num_save=1, log_frequency=1000,
+                      snapshot=str(tmp_path / "snapshot"))
+    records = train(cfg)["records"]
+    assert np.mean([r["pixel_accuracy"] for r in records[-20:]]) >= 0.93
 
 
 def load_tool(name):
