@@ -48,8 +48,7 @@ import yaml
 from .checkpoint import checkpoint_path, complete_checkpoints, load_checkpoint, read_run_record
 from .config import (FIELDS, Config, find_config, load_config, read_config_sources,
                      read_yaml_chain)
-from .features import make_feature_factory
-from .data.superpixels import make_superpixels
+from .features import superpixels_on_devices
 from .data.voc import read_list
 from .amp import unsupported_reason
 from .devices import parse_devices
@@ -532,12 +531,12 @@ def step_superpixels(s: PaperSettings, seed: int, run: Run) -> Dict:
     if features == "pretrained" and not pretrained:
         raise ValueError(f"{s.config}: superpixels.features pretrained needs the config's "
                          f"`pretrained:` file (or --set superpixels.features=colour)")
+    devices = [str(ctx) for ctx in parse_devices(s.icd.gpus, s.icd.cpus)]
     written = 0
     for data_list in superpixel_lists(s):
-        written += len(make_superpixels(s.icd.image_root, data_list, s.folder("superpixels"),
-                                        feature_factory=make_feature_factory(pretrained),
-                                        workers=s.workers if s.workers > 1 else 0,
-                                        shard=s.shard))
+        written += len(superpixels_on_devices(s.icd.image_root, data_list,
+                                              s.folder("superpixels"), pretrained, devices,
+                                              s.workers, shard=s.shard))
     return {"written": written}
 
 
