@@ -165,12 +165,11 @@ PROCESSES_PER_GPU = 2
 def worker_plan(workers: int, devices: Sequence[str], pretrained: Optional[str],
                 cores: Optional[int] = None) -> Tuple[int, int]:
     """(processes, threads of each) for `workers` requested: at most PROCESSES_PER_GPU per GPU
-    of `devices` when the network `pretrained` runs on GPUs, at most `cores` (default: this
-    machine's) otherwise; threads = cores // processes, so processes x threads <= cores."""
+    of `devices` when the network `pretrained` runs on GPUs, and at most `cores` (default: this
+    machine's); threads = cores // processes, so processes x threads <= cores."""
     cores = cores or os.cpu_count() or 1
     gpus = sum(str(d).startswith("gpu") for d in devices)
-    cap = PROCESSES_PER_GPU * gpus if pretrained and gpus else cores
-    processes = min(workers, cap)
+    processes = min(workers, cores, PROCESSES_PER_GPU * gpus if pretrained and gpus else cores)
     return processes, max(1, cores // max(processes, 1))
 
 

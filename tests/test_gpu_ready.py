@@ -455,10 +455,10 @@ def test_icd_run_builds_the_superpixel_features_on_the_runs_devices(backbone_fil
     processes, each spawned capped at cores // processes threads (the pool is simulated in
     this process: worker k is the process whose multiprocessing identity is (k,))."""
     import multiprocessing
+    from conftest import REPO
     from icd import features, paper
     config = tmp_path / "run.yaml"
-    config.write_text(f"""base: {os.path.join(os.path.dirname(__file__), "..", "experiments",
-                                               "synthetic_run.yaml")}
+    config.write_text(f"""base: {os.path.join(REPO, "experiments", "synthetic_run.yaml")}
 image_root: {tiny_voc["image_root"]}
 annotation_root: {tiny_voc["annotation_root"]}
 data_list: {tiny_voc["data_list"]}

@@ -454,6 +454,7 @@ def test_spawned_superpixel_workers_run_with_the_thread_caps(small_images, monke
     (32, ["cpu(0)"], "vgg16.params", 8, (8, 1)),               # CPU: at most a process per core
     (2, ["cpu(1)", "cpu(2)"], "vgg16.params", 8, (2, 4)),
     (32, ["gpu(0)"], None, 16, (16, 1)),                       # colour features: no network
+    (32, ["gpu(0)", "gpu(1)"], "vgg16.params", 3, (3, 1)),     # never more than the cores
     (0, ["cpu(0)"], None, 8, (0, 8))])                         # in this process
 def test_superpixel_workers_are_capped_per_gpu_and_threads_per_core(workers, devices,
                                                                    pretrained, cores, plan):
