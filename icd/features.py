@@ -4,7 +4,9 @@ release: region features are the ImageNet VGG16's conv5_3_relu at 513 input (sec
 colour/position features (`icd.data.superpixels.colour_position_features`) are ours, for
 users without weights. A feature source is built by a
 picklable zero-argument factory (`make_feature_factory`), once per worker process, on the run's
-devices (worker k of the pool on device k mod D).
+devices (worker k of the pool on device k mod D). `superpixels_on_devices` is the one call of
+icd-superpixels and icd-run: it caps the processes (a network copy each) per GPU and the
+threads of each process, so that processes x threads <= the machine's cores.
 
 On a device, the merge's region means come from conv5_3 itself (`Conv5Features.region_means`):
 upsampling is linear, so the sum of the upsampled map over a region is conv5_3 (D, h5 w5) times
@@ -17,7 +19,8 @@ from __future__ import annotations
 
 import functools
 import multiprocessing
-from typing import Callable, Optional, Sequence, Tuple
+import os
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import mxnet as mx
 import numpy as np
@@ -25,7 +28,7 @@ import scipy.sparse
 
 from .checkpoint import assign, read_params
 from .constants import MEAN_VALUE
-from .data.superpixels import FeatureFn, colour_position_features
+from .data.superpixels import FeatureFn, colour_position_features, make_superpixels
 from .devices import parse_context
 from .model.backbone import VGG16DeepLab
 
@@ -151,3 +154,38 @@ def make_feature_factory(pretrained: Optional[str] = None, devices: Sequence[str
     """A picklable zero-argument factory of build_feature_fn(pretrained), one call per worker;
     `devices` (e.g. "gpu(0)", "gpu(1)"): worker k builds it on device k mod D."""
     return functools.partial(_build_on_worker_device, pretrained, tuple(devices))
+
+
+# Processes holding a network on one GPU (each a CUDA context and a copy of VGG16 at 513 px):
+# two, so that the host work of one (Felzenszwalb, the merge) overlaps the forward of the other
+# (README: Running on GPUs; not measured on a GPU).
+PROCESSES_PER_GPU = 2
+
+
+def worker_plan(workers: int, devices: Sequence[str], pretrained: Optional[str],
+                cores: Optional[int] = None) -> Tuple[int, int]:
+    """(processes, threads of each) for `workers` requested: at most PROCESSES_PER_GPU per GPU
+    of `devices` when the network `pretrained` runs on GPUs, and at most `cores` (default: this
+    machine's); threads = cores // processes, so processes x threads <= cores."""
+    cores = cores or os.cpu_count() or 1
+    gpus = sum(str(d).startswith("gpu") for d in devices)
+    processes = min(workers, cores, PROCESSES_PER_GPU * gpus if pretrained and gpus else cores)
+    return processes, max(1, cores // max(processes, 1))
+
+
+def thread_env(threads: int) -> Dict[str, str]:
+    """The environment that caps a spawned process at `threads` threads: OpenMP's (MXNet's
+    operators, OpenBLAS) and one MXNet engine thread per device."""
+    return {"OMP_NUM_THREADS": str(threads), "MXNET_CPU_WORKER_NTHREADS": "1"}
+
+
+def superpixels_on_devices(image_root: str, data_list: str, out: str, pretrained: Optional[str],
+                           devices: Sequence[str], workers: int, **options) -> List[str]:
+    """icd.data.superpixels.make_superpixels with the conv5_3 features of `pretrained` (None:
+    colour/position) on `devices` (e.g. "gpu(0)", "gpu(1)"), in at most `workers` processes as
+    `worker_plan` caps them, each capped at its share of the cores (`thread_env`); `options`:
+    make_superpixels'. Returns the paths written."""
+    processes, threads = worker_plan(workers, devices, pretrained)
+    return make_superpixels(image_root, data_list, out,
+                            feature_factory=make_feature_factory(pretrained, devices),
+                            workers=processes, worker_env=thread_env(threads), **options)

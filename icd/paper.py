@@ -45,11 +45,10 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import yaml
 
-from .checkpoint import checkpoint_path, complete_checkpoints, load_checkpoint, read_run_record
+from .checkpoint import checkpoint_path, complete_checkpoints, read_run_record
 from .config import (FIELDS, Config, find_config, load_config, read_config_sources,
                      read_yaml_chain)
-from .features import make_feature_factory
-from .data.superpixels import make_superpixels
+from .features import superpixels_on_devices
 from .data.voc import read_list
 from .amp import unsupported_reason
 from .devices import parse_devices
@@ -57,9 +56,9 @@ from .evaluate import THRESHOLDS, evaluate, image_confusions
 from .metrics import percent
 from .infer import infer
 from .io import atomic_path, read_json, write_json
-from .model import MODELS, model_from_config
+from .model import MODELS
 from .pipeline import Run, Step
-from .segment import evaluate_predictions, segment
+from .segment import AUTOTUNE, evaluate_predictions, infer_segmentation
 from .seeds import make_seeds
 from .stats import compare_runs
 from .train import resume_changes, train
@@ -532,12 +531,12 @@ def step_superpixels(s: PaperSettings, seed: int, run: Run) -> Dict:
     if features == "pretrained" and not pretrained:
         raise ValueError(f"{s.config}: superpixels.features pretrained needs the config's "
                          f"`pretrained:` file (or --set superpixels.features=colour)")
+    devices = [str(ctx) for ctx in parse_devices(s.icd.gpus, s.icd.cpus)]
     written = 0
     for data_list in superpixel_lists(s):
-        written += len(make_superpixels(s.icd.image_root, data_list, s.folder("superpixels"),
-                                        feature_factory=make_feature_factory(pretrained),
-                                        workers=s.workers if s.workers > 1 else 0,
-                                        shard=s.shard))
+        written += len(superpixels_on_devices(s.icd.image_root, data_list,
+                                              s.folder("superpixels"), pretrained, devices,
+                                              s.workers, shard=s.shard))
     return {"written": written}
 
 
@@ -629,16 +628,23 @@ def step_segment(s: PaperSettings, seed: int, run: Run) -> Dict:
         cfg = s.segmentation(seed, label)
         log.info("segmentation on the %s", SEGMENT_LABELS[label])
         final = train_to_the_end(cfg)
-        contexts = parse_devices(cfg.gpus, cfg.cpus)
-        net = model_from_config(cfg)
-        load_checkpoint(net, final, contexts)
-        net.hybridize(static_alloc=True)
         out = s.segmentation_dirs(seed, label)[1]
-        segment(net, cfg.image_root, data_list, out, contexts, cfg.scales, cfg.flip, cfg.crf,
-                cfg.infer_size, cfg.infer_batch_size, overwrite=True, classes=cfg.class_names)
+        predict_segmentation(dataclasses.replace(cfg, data_list=data_list), final, out,
+                             s.workers)
         miou[label] = evaluate_predictions(out, gt_root, data_list, cfg.model,
                                            workers=s.workers, classes=cfg.class_names)["miou"]
     return {"miou": miou}
+
+
+def predict_segmentation(cfg: Config, params: str, out: str, workers: int) -> None:
+    """icd-infer-seg's inference (icd.segment.infer_segmentation) in icd-run's process, which
+    trains after it: cuDNN autotune is left as it was before (icd-infer-seg's process ends)."""
+    autotune = os.environ.get(AUTOTUNE)
+    try:
+        infer_segmentation(cfg, params, out, parse_devices(cfg.gpus, cfg.cpus), workers)
+    finally:
+        if autotune is None:
+            os.environ.pop(AUTOTUNE, None)
 
 
 def _md_table(header: Sequence[str], rows: Sequence[Sequence]) -> List[str]:

@@ -27,13 +27,16 @@ import contextlib
 import multiprocessing
 import os
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
-from typing import Deque, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import (Callable, ContextManager, Deque, Dict, List, Mapping, Optional, Sequence,
+                    Tuple)
 
 import cv2
 import mxnet as mx
 import numpy as np
 from tqdm import tqdm
 
+from . import amp
+from .checkpoint import load_checkpoint
 from .config import Config
 from .crf import dense_crf
 from .data.transforms import INFER_SIZE, PAD_VALUE
@@ -43,7 +46,7 @@ from .devices import shard_names
 from .evaluate import evaluate_seeds
 from .visualize import overlay
 from .io import atomic_path, write_json
-from .model import model_options
+from .model import model_from_config, model_options
 from .model.losses import OUTPUT_STRIDE
 from .provenance import file_identity
 
@@ -54,6 +57,7 @@ from .provenance import file_identity
 # default: a larger canvas changes the probabilities inside the image (measured: README, Running
 # on GPUs), through the convolutions' zero padding at the canvas border and the upsampling ratio.
 CANVAS_STEP = 64
+AUTOTUNE = "MXNET_CUDNN_AUTOTUNE_DEFAULT"
 # Dense CRF of DeepLab-LargeFOV (Chen et al., "Semantic Image Segmentation with Deep
 # Convolutional Nets and Fully Connected CRFs", ICLR 2015, Sec. 4 and the authors' released
 # DeepLab-LargeFOV setting): Gaussian kernel w2 = 3, theta_gamma = 3; bilateral kernel w1 = 4,
@@ -256,6 +260,31 @@ def segment(net: mx.gluon.Block, image_root: str, data_list: str, out_dir: str,
         for write in writes:
             write.result()
     return names
+
+
+def infer_segmentation(cfg: Config, params: str, out_dir: str, contexts: Sequence[mx.Context],
+                       workers: int, overwrite: bool = True, shard: Tuple[int, int] = (0, 1),
+                       canvas_step: int = 0,
+                       record: Optional[Callable[[], ContextManager]] = None) -> List[str]:
+    """The DeepLab inference of icd-infer-seg and icd-run: the network of `cfg` from checkpoint
+    `params` on `contexts`, in `cfg.amp` precision (enabled here too, for a process that did
+    not train it), predicting `cfg.data_list` into `out_dir` with `segment` (cfg's scales,
+    flip, CRF, inference size and batch; `workers` writer threads and CRF processes). With
+    `canvas_step` 0 every image size is an input shape of its own: cuDNN autotune is turned
+    off for the process (AUTOTUNE=0) unless the user set it. `record`: the context of the
+    writes (icd-infer-seg's provenance record, icd.provenance.producing), entered once the
+    checkpoint is loaded. Returns the names of the list."""
+    if canvas_step == 0:
+        os.environ.setdefault(AUTOTUNE, "0")
+    amp.enable(cfg.amp, contexts)
+    net = model_from_config(cfg)
+    load_checkpoint(net, params, contexts)
+    net.hybridize(static_alloc=True)
+    with record() if record else contextlib.nullcontext():
+        return segment(net, cfg.image_root, cfg.data_list, out_dir, contexts, cfg.scales,
+                       cfg.flip, cfg.crf, cfg.infer_size, cfg.infer_batch_size,
+                       overwrite=overwrite, shard=shard, classes=cfg.class_names,
+                       canvas_step=canvas_step, host_workers=workers)
 
 
 def backbone_of(model: str) -> str:

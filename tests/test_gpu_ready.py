@@ -446,3 +446,53 @@ def test_pinned_batches_reach_the_devices_as_float32(tiny_voc):
     parts = devices_module.split_batch({"data": data, "label": label}, DEVICES)
     assert [p["data"].context for p in parts] == DEVICES
     assert all(p["data"].dtype == np.float32 for p in parts)
+
+
+def test_icd_run_builds_the_superpixel_features_on_the_runs_devices(backbone_file, tiny_voc,
+                                                                    tmp_path, monkeypatch):
+    """icd-run's superpixel step on the run's devices (cpu(1), cpu(2)): pool worker k builds
+    its conv5_3 extractor, weights included, on device k mod 2; the pool has worker_plan's
+    processes, each spawned capped at cores // processes threads (the pool is simulated in
+    this process: worker k is the process whose multiprocessing identity is (k,))."""
+    import multiprocessing
+    from conftest import REPO
+    from icd import features, paper
+    config = tmp_path / "run.yaml"
+    config.write_text(f"""base: {os.path.join(REPO, "experiments", "synthetic_run.yaml")}
+image_root: {tiny_voc["image_root"]}
+annotation_root: {tiny_voc["annotation_root"]}
+data_list: {tiny_voc["data_list"]}
+classes: {tiny_voc["classes"]}
+pretrained: {backbone_file}
+width: 0.0625
+pipeline:
+  cam: null
+  splits: {{train: {tiny_voc["data_list"]}}}
+  superpixels: {{features: pretrained}}
+  segment: {{config: null}}
+""")
+    monkeypatch.setattr(paper, "parse_devices", lambda gpus="", cpus=0: list(DEVICES))
+    monkeypatch.setattr(os, "cpu_count", lambda: 6)
+    built, pools = [], []
+    build = features.build_feature_fn
+    monkeypatch.setattr(features, "build_feature_fn",
+                        lambda pretrained, ctx: built.append(build(pretrained, ctx)) or built[-1])
+    process = multiprocessing.current_process()
+
+    def pool(func, items, workers, desc, initializer=None, initargs=(), ordered=False,
+             env=None):
+        pools.append((workers, env))
+        for k in range(1, workers + 1):
+            monkeypatch.setattr(process, "_identity", (k,))
+            initializer(*initargs)
+        monkeypatch.setattr(process, "_identity", ())
+        return iter([])
+    monkeypatch.setattr(sp, "map_images", pool)
+    settings = paper.PaperSettings(str(config), str(tmp_path / "run"),
+                                   devices=dict(cpus=2, gpus=""), workers=4)
+    paper.step_superpixels(settings, settings.seeds[0], None)
+    assert pools == [(4, {"OMP_NUM_THREADS": "1", "MXNET_CPU_WORKER_NTHREADS": "1"})]
+    assert [extractor.ctx for extractor in built] == DEVICES * 2
+    for extractor in built:
+        assert {ctx for p in extractor.net.collect_params().values()
+                for ctx in p.list_ctx()} == {extractor.ctx}

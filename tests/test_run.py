@@ -342,3 +342,58 @@ def test_icd_run_trains_on_two_workers_on_one_machine(tiny_voc, tmp_path):
     assert record["config"]["kvstore"] == "dist_device_sync" and len(
         next(iter(record["device_states"].values()))) == 2           # one device per worker
     assert _actions(out) == {"superpixels": "done", "train_icd": "done"}
+
+
+def test_icd_run_segments_as_icd_infer_seg_after_a_training_of_another_process(
+        tiny_voc, tmp_path, monkeypatch):
+    """icd-run's segment step, its DeepLab trained by an earlier process: the precision of the
+    run is enabled on the run's devices before the network is built, cuDNN autotune is off
+    while it infers (and as before after it: the process trains on), and the CRF runs in
+    --workers processes, as icd-infer-seg's for the same settings (the CRF pool is a thread
+    pool here; bf16 itself needs a CPU with avx512_bf16: icd.amp.enable records its call)."""
+    import concurrent.futures
+    import mxnet as mx
+    from icd import amp, segment as segment_module
+    from icd.checkpoint import initialize, save_checkpoint
+    from icd.commands import infer_seg
+    from icd.data.voc import read_list
+    from icd.model import model_from_config
+    monkeypatch.setattr(paper, "unsupported_reason", lambda precision, contexts: None)
+    events = []
+    monkeypatch.setattr(amp, "enable", lambda precision, contexts, flag="--amp": events.append(
+        ("amp", precision, [str(c) for c in contexts])))
+    val = tiny_voc["val_list"]
+    settings = paper.PaperSettings(_config(tmp_path, tiny_voc, 1), str(tmp_path / "run"),
+                                   sets=paper.parse_sets([
+                                       "segment.config=synthetic_deeplab.yaml",
+                                       f"segment.list={val}", "segment.width=0.0625",
+                                       "segment.infer_size=49", "segment.crf=true"]),
+                                   devices=dict(cpus=2, gpus="", amp="bf16"), workers=3)
+    net = model_from_config(settings.segmentation(0))
+    initialize(net, [mx.cpu()])
+    params = str(tmp_path / "deeplab.params")
+    save_checkpoint(net, params)
+    monkeypatch.setattr(paper, "train_to_the_end", lambda cfg: params)   # trained before
+    monkeypatch.delenv("MXNET_CUDNN_AUTOTUNE_DEFAULT", raising=False)
+
+    def crf_pool(max_workers, mp_context=None):
+        events.append(("crf", max_workers, os.environ.get("MXNET_CUDNN_AUTOTUNE_DEFAULT")))
+        return concurrent.futures.ThreadPoolExecutor(max_workers)
+    monkeypatch.setattr(segment_module, "ProcessPoolExecutor", crf_pool)
+    monkeypatch.setattr(segment_module, "model_from_config",
+                        lambda cfg: events.append(("build", cfg.model)) or model_from_config(cfg),
+                        raising=False)   # the inference's own network (icd-run built another)
+    paper.step_segment(settings, 0, None)
+    assert events == [("amp", "bf16", ["cpu(0)", "cpu(1)"]), ("build", "vgg16_largefov"),
+                      ("crf", 3, "0")]
+    assert "MXNET_CUDNN_AUTOTUNE_DEFAULT" not in os.environ
+    assert len(os.listdir(tmp_path / "run" / "segmentation" / "pred")) == len(read_list(val))
+    # icd-infer-seg, same settings
+    del events[:]
+    assert infer_seg.main(["--config", settings.segment_config_file(), "--classes",
+                           tiny_voc["classes"], "--image-root", tiny_voc["image_root"],
+                           "--data-list", val, "--width", "0.0625", "--infer-size", "49",
+                           "--crf", "--cpus", "2", "--amp", "bf16", "--params", params,
+                           "--out", str(tmp_path / "seg"), "--workers", "3"]) == 0
+    assert events == [("amp", "bf16", ["cpu(0)", "cpu(1)"]), ("build", "vgg16_largefov"),
+                      ("crf", 3, "0")]

@@ -18,14 +18,13 @@ import logging
 import os
 from typing import Optional, Sequence
 
-from .. import amp
-from ..checkpoint import checkpoint_path, load_checkpoint
+from ..checkpoint import checkpoint_path
 from ..data.classes import dataset_classes
 from ..data.voc import read_list
 from ..devices import shard_names
-from ..model import model_from_config, model_spec
+from ..model import model_spec
 from ..provenance import producing, require_checkpoint_classes, require_outputs_apart
-from ..segment import CANVAS_STEP, evaluate_predictions, segment, segment_settings
+from ..segment import CANVAS_STEP, evaluate_predictions, infer_segmentation, segment_settings
 from .options import add_config_arguments, config_from, devices_for
 from .runner import Parser, non_negative_int, positive_int, run, shard
 
@@ -45,7 +44,9 @@ def build_parser() -> Parser:
     parser.add_argument("--supervision", default="I.", choices=("I.", "I.+S."),
                         help="label of this run in the table: I. (CRF seeds) or I.+S. "
                              "(saliency seeds)")
-    parser.add_argument("--workers", type=positive_int, default=1, help="evaluation processes")
+    parser.add_argument("--workers", type=positive_int, default=min(32, os.cpu_count() or 1),
+                        help="CRF and evaluation processes, output writer threads (default: "
+                             "the number of CPUs, at most 32; as icd-run's --workers)")
     parser.add_argument("--canvas-step", type=non_negative_int, default=0,
                         help=f"canvases larger than --infer-size grow in steps of this many "
                              f"pixels (e.g. {CANVAS_STEP}), so that multi-scale and COCO runs "
@@ -79,20 +80,13 @@ def _infer_seg(args: argparse.Namespace) -> int:
                           {"--image-root": cfg.image_root, "--gt-root": args.gt_root})
     contexts = devices_for(cfg, cfg.infer_batch_size, "--infer-batch-size")
     require_checkpoint_classes(params, cfg.class_names)
-    if args.canvas_step == 0:   # one input shape per image size: no autotune for each of them
-        os.environ.setdefault("MXNET_CUDNN_AUTOTUNE_DEFAULT", "0")
-    amp.enable(cfg.amp, contexts)
-    net = model_from_config(cfg)
-    load_checkpoint(net, params, contexts)
-    net.hybridize(static_alloc=True)
     folders = [os.path.join(out, "pred"), os.path.join(out, "overlay")]
-    settings = dict(segment_settings(cfg, params), canvas_step=args.canvas_step)
-    with producing(folders, "infer-seg", settings, cfg.overwrite, args.shard,
-                   shard_names(read_list(cfg.data_list), args.shard)):
-        names = segment(net, cfg.image_root, cfg.data_list, out, contexts, cfg.scales, cfg.flip,
-                        cfg.crf, cfg.infer_size, cfg.infer_batch_size,
-                        overwrite=not args.skip_existing, shard=args.shard,
-                        classes=cfg.class_names, canvas_step=args.canvas_step)
+    names = infer_segmentation(
+        cfg, params, out, contexts, args.workers, overwrite=not args.skip_existing,
+        shard=args.shard, canvas_step=args.canvas_step, record=lambda: producing(
+            folders, "infer-seg", dict(segment_settings(cfg, params),
+                                       canvas_step=args.canvas_step),
+            cfg.overwrite, args.shard, shard_names(read_list(cfg.data_list), args.shard)))
     logging.info("wrote predictions of %d images to %s", len(names), out)
     if args.gt_root:
         report = evaluate_predictions(out, args.gt_root, cfg.data_list, cfg.model,

@@ -15,8 +15,8 @@ from __future__ import annotations
 import argparse
 from typing import Optional, Sequence
 
-from ..data.superpixels import MAX_PIXELS, make_superpixels
-from ..features import make_feature_factory
+from ..data.superpixels import MAX_PIXELS
+from ..features import superpixels_on_devices
 from ..config import load_config
 from .options import add_config_file, fill_from_config
 from ..devices import parse_devices
@@ -45,7 +45,9 @@ def build_parser() -> Parser:
     parser.add_argument("--out", default=None,
                         help="folder for <name>.png (required, or --config's superpixel_root)")
     parser.add_argument("--workers", type=non_negative_int, default=0,
-                        help="worker processes (0: this one)")
+                        help="worker processes (0: this one); at most 2 per GPU with "
+                             "--pretrained on --gpus, at most the number of CPUs otherwise, "
+                             "each with its share of the CPUs' threads")
     features = parser.add_mutually_exclusive_group()
     features.add_argument("--pretrained", metavar="PARAMS",
                           help="backbone checkpoint: merge on its conv5_3 features (the "
@@ -88,10 +90,10 @@ def _superpixels(args: argparse.Namespace) -> int:
                          "config names no pretrained file)")
     require_outputs_apart({"--out": args.out}, {"--image-root": args.image_root})
     devices = [str(ctx) for ctx in parse_devices(args.gpus, args.cpus)]
-    written = make_superpixels(args.image_root, args.data_list, args.out,
-                               feature_factory=make_feature_factory(args.pretrained, devices),
-                               workers=args.workers, overwrite=args.overwrite, shard=args.shard,
-                               max_pixels=args.max_pixels, downscale=args.downscale)
+    written = superpixels_on_devices(args.image_root, args.data_list, args.out, args.pretrained,
+                                     devices, args.workers, overwrite=args.overwrite,
+                                     shard=args.shard, max_pixels=args.max_pixels,
+                                     downscale=args.downscale)
     print(f"wrote {len(written)} superpixel maps to {args.out}")
     return 0
 

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, List, Mapping, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -328,14 +328,16 @@ def make_superpixels(image_root: str, data_list: str, out: str,
                      feature_factory: Optional[Callable[[], FeatureFn]] = None,
                      workers: int = 0, overwrite: bool = False,
                      shard: Tuple[int, int] = (0, 1), max_pixels: int = MAX_PIXELS,
-                     downscale: bool = False) -> List[str]:
+                     downscale: bool = False, worker_env: Optional[Mapping[str, str]] = None
+                     ) -> List[str]:
     """Write `<out>/<name>.png` for every `<image_root>/<name>.jpg` of the list.
 
     feature_factory: zero-argument picklable callable building the FeatureFn (default: colour
     features; see icd.features.make_feature_factory). It is called once in each worker process (or once in
     this process when workers=0) and must be picklable: workers are spawned, not forked. A
     network extractor is thus built per worker and each worker holds its own copy of the
-    network, so with a GPU extractor use workers=0 (or few).
+    network: icd.features.superpixels_on_devices caps them per device. `worker_env`: the
+    environment of the spawned workers (their thread counts).
     Images whose PNG already exists are skipped unless `overwrite`; writes are atomic, so an
     interrupted run resumes cleanly. Returns the paths written. `shard` (I, N): only shard I of N
     of the list (icd.devices.shard_names). An image of more than `max_pixels` pixels (0: no
@@ -352,4 +354,4 @@ def make_superpixels(image_root: str, data_list: str, out: str,
                          downscale))
     os.makedirs(out, exist_ok=True)
     return list(map_images(_process, jobs, workers, "superpixels", initializer=_init_worker,
-                           initargs=(feature_factory,), ordered=True))
+                           initargs=(feature_factory,), ordered=True, env=worker_env))
