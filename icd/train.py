@@ -289,7 +289,8 @@ def start_run(cfg: Config, workers: int = 1) -> Dict[str, object]:
 
 
 def make_trainer(net: gluon.Block, learning_rate: float, momentum: float, wd: float,
-                 optimizer: str = "sgd", kvstore="device") -> gluon.Trainer:
+                 optimizer: str = "sgd", kvstore="device", precision: str = "off",
+                 amp_state: Optional[dict] = None) -> gluon.Trainer:
     """SGD with the release's semantics (lr_mult / wd_mult are set by the model).
 
     `optimizer="adam"` (no momentum argument) exists only to produce a stand-in for the ImageNet
@@ -303,6 +304,10 @@ def make_trainer(net: gluon.Block, learning_rate: float, momentum: float, wd: fl
     release's Module keeps one set per device and averages them when saving).
     A dist `kvstore` (icd.distributed.Workers) only sums gradients: each worker applies the step
     to its own weights, so its optimizer states go into its .states file as on one machine.
+    fp16 (`precision`): icd.amp.LossScaledTrainer continuing a run record's `amp_state`; its
+    loss scaler checks the gradients before the step, so the step is never applied in the
+    kvstore (update_on_kvstore=False: Gluon would pick True for kvstore=device on several
+    devices, MXNet model.py _create_kvstore, and update inside the gradients' pushpull).
     """
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {optimizer!r}; one of {OPTIMIZERS}")
@@ -311,6 +316,9 @@ def make_trainer(net: gluon.Block, learning_rate: float, momentum: float, wd: fl
     if optimizer == "sgd":
         settings["momentum"] = momentum
     distributed = not isinstance(kvstore, str)
+    if precision == "fp16":
+        return amp.LossScaledTrainer(params, optimizer, settings, kvstore=kvstore,
+                                     update_on_kvstore=False, amp_state=amp_state)
     return gluon.Trainer(params, optimizer, settings, kvstore=kvstore,
                          update_on_kvstore=False if distributed else None)
 
@@ -800,9 +808,8 @@ def _start(cfg: Config, task: Task, contexts: List[mx.Context],
     else:
         task.initialize(net, contexts)
     net.hybridize(static_alloc=True, static_shape=True)
-    trainer = amp.prepare_trainer(make_trainer(net, cfg.learning_rate, cfg.momentum, cfg.wd,
-                                               cfg.optimizer, workers.trainer_kvstore),
-                                  cfg.amp, run["record"])
+    trainer = make_trainer(net, cfg.learning_rate, cfg.momentum, cfg.wd, cfg.optimizer,
+                           workers.trainer_kvstore, cfg.amp, (run["record"] or {}).get("amp"))
     if cfg.begin_epoch > 0:
         load_states(trainer, checkpoint_path(cfg, cfg.begin_epoch - 1, "states"))
     return Loop(cfg, task, contexts, workers, net, trainer, run, batch_size, iters_per_epoch,

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from mxnet import autograd
 
+from icd import amp
 from icd import devices as devices_module
 from icd import distributed as dist
 from icd.bench import loader_throughput
@@ -38,23 +39,25 @@ DEVICES = [mx.cpu(1), mx.cpu(2)]
 # ---------------------------------------------------------------------------------------------
 # A training step on cpu(1), cpu(2): every array stays on its device, no host synchronisation
 
-def _icd_step(tiny_config, contexts):
+def _icd_step(tiny_config, contexts, precision="off"):
     """An ICD task, network and trainer on `contexts`, as the training loop sets them up, and a
-    function running one step (forward, backward, optimizer, figures) on a batch."""
+    function running one step (forward, backward, optimizer, figures) on a batch; `precision`
+    fp16 gives the loss-scaled Trainer (its operators stay float32 here: no amp.init)."""
     cfg = tiny_config(batch_size=4)
     task = ICDTask(cfg)
     loader = task.loader()
     net = model_from_config(cfg)
     task.initialize(net, contexts)
     net.hybridize(static_alloc=True, static_shape=True)
-    trainer = make_trainer(net, cfg.learning_rate, cfg.momentum, cfg.wd, cfg.optimizer, "device")
+    trainer = make_trainer(net, cfg.learning_rate, cfg.momentum, cfg.wd, cfg.optimizer, "device",
+                           precision)
     task.start(net, contexts, None, dist.Workers("device"))
 
     def step(batch, figures):
         inputs = task.inputs(batch, contexts, 0)
         with autograd.record():
             outputs = [task.forward(net, device) for device in inputs]
-        autograd.backward([out["loss"] for out in outputs])
+        amp.backward([out["loss"] for out in outputs], trainer)
         trainer.step(cfg.batch_size)
         task.after_step()
         batch_figures = RunningMetrics(task, contexts[0])
@@ -120,10 +123,12 @@ def no_host_sync():
             setattr(owner, name, value)
 
 
-def test_no_host_synchronisation_inside_a_training_step(tiny_config):
-    """Forward, backward, the optimizer step (first and later: the kvstore's setup too) and the
-    figures queue work only; a step reads nothing back to the host."""
-    task, net, _, loader, step = _icd_step(tiny_config, DEVICES)
+@pytest.mark.parametrize("precision", ["off", "fp16"])
+def test_no_host_synchronisation_inside_a_training_step(tiny_config, precision):
+    """Forward, backward, the optimizer step (first and later: the kvstore's setup too), with
+    fp16 the loss scaling and its overflow check, and the figures queue work only; a step reads
+    nothing back to the host."""
+    task, net, trainer, loader, step = _icd_step(tiny_config, DEVICES, precision)
     try:
         figures = RunningMetrics(task, DEVICES[0])
         batches = iter(loader)
@@ -133,6 +138,8 @@ def test_no_host_synchronisation_inside_a_training_step(tiny_config):
                 step(batch, figures)
         mx.nd.waitall()
         assert np.isfinite(figures.read()["cam_loss"])
+        if precision == "fp16":
+            assert amp.trainer_state(trainer)["unskipped"] == 2
     finally:
         task.stop(net)
 
