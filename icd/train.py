@@ -157,6 +157,7 @@ RESUME_FREE = (
     "num_workers",                          # loader processes: augmentation is keyed by
                                             # (seed, epoch, index), not by the process
     "num_save", "log_frequency",            # bookkeeping: rotation, log lines
+    "pin_memory",                           # where the host keeps a batch, not what it holds
     "overwrite", "allow_changes",           # how this command treats the folder
     "pretrained",                           # initialises epoch 0 only; a resume loads the
                                             # checkpoint
@@ -470,7 +471,8 @@ class ICDTask(Task):
         loader = train_loader(cfg.image_root, cfg.superpixel_root, cfg.annotation_root,
                               cfg.data_list, image_size=cfg.image_size,
                               batch_size=cfg.batch_size, num_workers=cfg.num_workers,
-                              seed=cfg.seed, shard=shard, classes=cfg.class_names)
+                              seed=cfg.seed, shard=shard, classes=cfg.class_names,
+                              pin_memory=cfg.pin_memory)
         # release: W = 2 N // B, B the global batch
         self.warmup_iters = cfg.warmup_epochs * len(loader.dataset) // (cfg.batch_size
                                                                          * shard[1])
@@ -563,7 +565,7 @@ class SegmentationTask(Task):
         return segmentation_loader(cfg.image_root, cfg.label_root, cfg.data_list,
                                    crop_size=cfg.image_size, batch_size=cfg.batch_size,
                                    num_classes=cfg.num_cls, num_workers=cfg.num_workers,
-                                   seed=cfg.seed, shard=shard)
+                                   seed=cfg.seed, shard=shard, pin_memory=cfg.pin_memory)
 
     def forward(self, net, inputs):
         score = net(inputs["data"])

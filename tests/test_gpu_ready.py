@@ -22,7 +22,9 @@ from icd.bench import loader_throughput
 from icd.checkpoint import gather, initialize, load_checkpoint, save_checkpoint
 from icd.commands import superpixels as superpixels_command
 from icd.data import superpixels as sp
+from icd.config import Config, load_config
 from icd.data.dataset import InferDataset, infer_loader, train_loader
+from icd.data.segmentation import segmentation_loader
 from icd.features import cell_shares, conv5_feature_extractor
 from icd.data.voc import read_image, read_list, write_image
 from icd.visualize import overlay
@@ -362,6 +364,21 @@ def test_loader_ships_uint8_and_the_device_cast_is_exact(tiny_voc):
     assert item[0].dtype == np.uint8 and item[0].shape == (3, 48, 48)
 
 
+def test_deeplab_loader_ships_uint8_and_the_device_cast_is_exact(tiny_voc):
+    """The DeepLab loader as the ICD ones: image and label map as bytes, float32 on the device
+    (255, the ignore label, included)."""
+    data, label = next(iter(segmentation_loader(tiny_voc["image_root"], tiny_voc["gt_root"],
+                                                tiny_voc["data_list"], crop_size=32,
+                                                batch_size=4, num_workers=0)))
+    assert data.dtype == np.uint8 and label.dtype == np.uint8
+    assert (label.asnumpy() == 255).any()   # the crop's padding: ignore
+    parts = devices_module.split_batch({"data": data, "label": label}, DEVICES)
+    for name, host in (("data", data), ("label", label)):
+        device = np.concatenate([p[name].asnumpy() for p in parts])
+        assert all(p[name].dtype == np.float32 for p in parts)
+        np.testing.assert_array_equal(device, host.asnumpy().astype(np.float32))
+
+
 # ---------------------------------------------------------------------------------------------
 # Superpixel features on the run's devices, reduced per region there
 
@@ -442,9 +459,27 @@ def test_infer_seg_turns_autotune_off_only_for_the_exact_canvas(tiny_voc, tmp_pa
     assert len(os.listdir(out / "pred")) == len(read_list(tiny_voc["val_list"]))
 
 
+def test_batches_are_not_pinned_unless_asked_even_with_gpus(tiny_voc, monkeypatch):
+    """Pinned memory is opt-in (MXNet 1.9.1 allocates and frees it for every batch): by default
+    no loader pins, on a machine with GPUs too, and the config's pin_memory is off."""
+    monkeypatch.setattr(mx.context, "num_gpus", lambda: 2)
+    args = (tiny_voc["image_root"], tiny_voc["superpixel_root"], tiny_voc["annotation_root"],
+            tiny_voc["data_list"])
+    data = next(iter(train_loader(*args, image_size=32, batch_size=4, num_workers=0)))[0]
+    assert data.context == mx.cpu(0)
+    data = next(iter(infer_loader(*args, image_size=32, batch_size=2)))[0]
+    assert data.context == mx.cpu(0)
+    data = next(iter(segmentation_loader(tiny_voc["image_root"], tiny_voc["gt_root"],
+                                         tiny_voc["data_list"], crop_size=32, batch_size=4,
+                                         num_workers=0)))[0]
+    assert data.context == mx.cpu(0)
+    assert Config().pin_memory is False
+    assert load_config(None, pin_memory=True).pin_memory is True
+
+
 def test_pinned_batches_reach_the_devices_as_float32(tiny_voc):
-    """pin_memory (the default on a machine with GPUs) on a CPU build: batches in page-locked
-    host memory, split onto the devices and cast there."""
+    """pin_memory=True (opt-in) on a CPU build: batches in page-locked host memory, split onto
+    the devices and cast there."""
     args = (tiny_voc["image_root"], tiny_voc["superpixel_root"], tiny_voc["annotation_root"],
             tiny_voc["data_list"])
     data, superpixel, label = next(iter(train_loader(*args, image_size=32, batch_size=4,
