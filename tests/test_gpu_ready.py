@@ -7,6 +7,7 @@ inference's input shapes are counted; the pipelined inference loops are compared
 with serial ones.
 """
 import contextlib
+import multiprocessing
 import os
 
 import cv2
@@ -25,9 +26,11 @@ from icd.data import superpixels as sp
 from icd.config import Config, load_config
 from icd.data.dataset import InferDataset, infer_loader, train_loader
 from icd.data.segmentation import segmentation_loader
-from icd.features import cell_shares, conv5_feature_extractor
+from icd.features import cell_shares, conv5_feature_extractor, make_feature_factory
 from icd.data.voc import read_image, read_list, write_image
 from icd.visualize import overlay
+from icd import infer as infer_module
+from icd import segment as segment_module
 from icd.infer import OUTPUT_FOLDERS, infer
 from icd.model import build_model, model_from_config
 from icd.model.icd_net import ICDNet
@@ -307,6 +310,59 @@ def test_pipelined_segmentation_names_a_bad_image_and_leaves_no_partial_file(tin
         assert cv2.imread(str(out / key)) is not None, key
 
 
+class QueueOrder:
+    """Records, in order, each call of `module.name` (queueing batch t's forward: ("queue", t))
+    and each host read-back of an array it returned (("read", t))."""
+
+    def __init__(self, monkeypatch, module, name, arrays_of):
+        self.events, self.tags = [], {}
+        queue, read = getattr(module, name), mx.nd.NDArray.asnumpy
+
+        def queued(*args, **kwargs):
+            result = queue(*args, **kwargs)
+            t = sum(kind == "queue" for kind, _ in self.events)
+            self.events.append(("queue", t))
+            self.tags.update({id(a): (t, a) for a in arrays_of(result)})
+            return result
+
+        def asnumpy(array):
+            if id(array) in self.tags:
+                self.events.append(("read", self.tags[id(array)][0]))
+            return read(array)
+
+        monkeypatch.setattr(module, name, queued)
+        monkeypatch.setattr(mx.nd.NDArray, "asnumpy", asnumpy)
+
+    def assert_overlapped(self, batches):
+        """Batch t+1's forward was queued before anything of batch t was read back."""
+        assert [t for kind, t in self.events if kind == "queue"] == list(range(batches))
+        for t in range(batches - 1):
+            assert self.events.index(("queue", t + 1)) < self.events.index(("read", t)), \
+                self.events
+
+
+def test_inference_queues_the_next_batch_before_reading_one_back(tiny_config, tmp_path,
+                                                                monkeypatch):
+    cfg = tiny_config(infer_batch_size=2, num_workers=0)
+    net = model_from_config(cfg)
+    initialize(net, [mx.cpu(0)])
+    params = str(tmp_path / "model.params")
+    save_checkpoint(net, params)
+    order = QueueOrder(monkeypatch, infer_module, "_queue",
+                       lambda result: [a for device in result[1] for a in device.values()])
+    names = infer(cfg, params, str(tmp_path / "results"), DEVICES)
+    order.assert_overlapped(-(-len(names) // 2))
+
+
+def test_segmentation_queues_the_next_batch_before_reading_one_back(tiny_voc, tmp_path,
+                                                                   monkeypatch):
+    order = QueueOrder(monkeypatch, segment_module, "queue_probabilities", list)
+    names = segment(ShapeRecorder(), tiny_voc["image_root"], tiny_voc["data_list"],
+                    str(tmp_path / "out"), [mx.cpu(1)], infer_size=48, batch_size=2,
+                    classes=tuple(f"c{i}" for i in range(20)), host_workers=0)
+    order.assert_overlapped(-(-len(names) // 2))
+
+
 def test_pipelined_score_maps_equal_the_serial_loops(tiny_config, tiny_voc, tmp_path):
     """icd.infer's files hold exactly what the network returns for the loader's batches."""
     cfg = tiny_config(infer_batch_size=3, num_workers=0)
@@ -413,6 +469,21 @@ def test_region_means_on_the_device_equal_the_per_pixel_ones(backbone_file, size
     np.testing.assert_allclose(shares.sum(axis=1), sizes, rtol=1e-5)
     np.testing.assert_array_equal(sp.compute_superpixels(image, features(image), 8),
                                   sp.compute_superpixels(image, features, 8))
+
+
+def test_superpixel_features_run_on_the_devices_they_are_given(backbone_file, monkeypatch):
+    """The feature network and its conv5 live on the device passed; the
+    factory a worker calls builds on its device of the list (k mod D in pool worker k)."""
+    features = conv5_feature_extractor(backbone_file, mx.cpu(2), input_size=64)
+    assert {ctx for p in features.net.collect_params().values() for ctx in p.list_ctx()} == \
+        {mx.cpu(2)}
+    image = textured(40, 50, seed=1)
+    assert features._conv5(image)[0].context == mx.cpu(2)
+    devices = ["cpu(2)", "cpu(1)"]
+    assert make_feature_factory(backbone_file, devices)().ctx == mx.cpu(2)   # no pool worker
+    for worker, ctx in ((1, mx.cpu(2)), (2, mx.cpu(1)), (3, mx.cpu(2))):
+        monkeypatch.setattr(multiprocessing.current_process(), "_identity", (worker,))
+        assert make_feature_factory(backbone_file, devices)().ctx == ctx
 
 
 def test_superpixels_command_on_two_devices_writes_the_single_device_maps(backbone_file,
