@@ -187,6 +187,17 @@ def count_macs(sym: mx.sym.Symbol, input_shapes: Dict[str, tuple]) -> int:
     return macs
 
 
+def graph_casts(net) -> Dict[str, int]:
+    """In the graph `net` traces (symbolically: nothing runs), the casts AMP inserted
+    (amp_cast, amp_multicast), the BatchNorms, and the BatchNorms whose data is a cast."""
+    nodes = json.loads(mx.sym.Group(list(net(*[mx.sym.var(n) for n in net.input_names])))
+                       .tojson(remove_amp_cast=False))["nodes"]
+    casts = {i for i, node in enumerate(nodes) if node["op"] in ("amp_cast", "amp_multicast")}
+    norms = [node for node in nodes if node["op"] == "BatchNorm"]
+    return {"casts": len(casts), "batch_norms": len(norms),
+            "batch_norms_after_a_cast": sum(node["inputs"][0][0] in casts for node in norms)}
+
+
 def graph_macs(name: str, size: int, num_classes: int, width: float = 1.0) -> int:
     """MACs per image of a training step's forward graph (our networks or the reference)."""
     shapes = {"data": (1, 3, size, size), "superpixel": (1, size, size),
