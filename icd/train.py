@@ -55,7 +55,7 @@ import numpy as np
 from mxnet import autograd, gluon
 from tqdm import tqdm
 
-from . import amp, distributed as dist
+from . import amp, distributed as dist, memory
 from .checkpoint import (checkpoint_files, checkpoint_path, complete_checkpoints, initialize,
                          load_checkpoint, load_states, log_path, read_run_record,
                          rotate_checkpoints, save_checkpoint, save_states)
@@ -800,6 +800,7 @@ def _start(cfg: Config, task: Task, contexts: List[mx.Context],
     batch_size = cfg.batch_size * workers.num_workers   # the global batch
     iters_per_epoch = len(loader.dataset) // batch_size
     amp.enable(cfg.amp, contexts)   # before the network is built (amp.init)
+    memory.warn_if_short(cfg, contexts)
     net = model_from_config(cfg)
     run = start_run(cfg, workers.num_workers) if workers.rank == 0 else None
     workers.barrier()   # the others read the folder once rank 0 has checked and cleaned it
