@@ -3,7 +3,8 @@
 The release trains and infers in float32 (`off`, the default: parity mode, nothing here runs).
 `bf16` and `fp16` go through `mxnet.contrib.amp`, not hand-written casts: `amp.init` rewrites
 the operator functions so that convolutions and dense layers (fc6-fc8 are convolutions) take
-low-precision inputs and weights; BatchNorm, our custom operators (bottom-up, sign flip,
+low-precision inputs and weights; BatchNorm follows its input under fp16 (MXNet's fp16 list:
+float32 parameters) and stays float32 under bf16; our custom operators (bottom-up, sign flip,
 superpixel pooling, top-down: MXNet's AMP keeps `Custom` in float32), the losses, softmax and
 sigmoid, reductions and the Trainer's weights and optimizer states stay float32. Weights are
 float32 Parameters cast inside the graph, so checkpoints keep the release's float32 format and

@@ -20,8 +20,16 @@ import mxnet as mx
 log = logging.getLogger(__name__)
 
 MEASURED_SIZE = 321   # the crop side of MEASURED
-# icd-bench --memory-only on a 2-core AMD EPYC (CPU, float32, width 1.0, 321 px; 2026-12-06)
-MEASURED: Dict[str, Dict[str, float]] = {}
+# icd-bench --memory-only on a shared 2-core AMD EPYC (CPU, float32, width 1.0, 321 px;
+# 2026-12-06); MiB
+MEASURED: Dict[str, Dict[str, float]] = {
+    "resnet101_largefov": {"fixed_mb": 1342, "per_image_mb": 1025},
+    "vgg16_aspp": {"fixed_mb": 856, "per_image_mb": 603},
+    "vgg16_bn_cam": {"fixed_mb": 446, "per_image_mb": 409},
+    "vgg16_cam": {"fixed_mb": 486, "per_image_mb": 299},
+    "vgg16_icd": {"fixed_mb": 613, "per_image_mb": 365},
+    "vgg16_largefov": {"fixed_mb": 461, "per_image_mb": 350},
+}
 
 
 def estimate_mb(model: str, image_size: int, images: int, width: float = 1.0,

@@ -63,3 +63,11 @@ def test_training_estimates_its_memory_before_its_first_step(tiny_config, monkey
                         lambda loop, batch: events.append(("step",)) or step(loop, batch))
     train_module.train(tiny_config(num_epoch=1, cpus=2))
     assert events[0] == ("memory", 4, [mx.cpu(0), mx.cpu(1)]) and events[1] == ("step",)
+
+
+def test_every_full_width_shipped_config_has_an_estimate():
+    from icd.bench import shipped_configs
+    for name, cfg in shipped_configs().items():
+        estimate = memory.estimate_mb(cfg["model"], cfg["image_size"], cfg["batch_size"],
+                                      cfg["width"])
+        assert (estimate is not None) == (cfg["width"] == 1.0), name
