@@ -6,8 +6,8 @@ two steps, at one and at two images): `fixed_mb`, what a step holds whatever its
 (weights, gradients, optimizer states, workspaces), and `per_image_mb`, what each image adds
 (activations kept for the backward; scaled by the crop's area). A device's estimate is
 fixed + per-image x its images x (crop / 321)^2. Measured on a CPU, not on a GPU: cuDNN
-workspaces and MXNet's pool rounding come on top, float16 activations (--amp fp16) take about
-half; a variant of a model (Tables 4-6) uses the model's figures.
+workspaces and MXNet's pool rounding come on top; --amp fp16 was not measured; a variant of a
+model (Tables 4-6) uses the model's figures.
 """
 from __future__ import annotations
 
