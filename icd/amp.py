@@ -222,12 +222,12 @@ class LossScaledTrainer(gluon.Trainer):
         self.loss_scaler = DeviceLossScaler(self._contexts, amp_state)
 
     def _update(self, ignore_stale_grad=False):
-        params = [p for p in self._params if p.grad_req != "null"]
+        indices = [i for i, p in enumerate(self._params) if p.grad_req != "null"]
+        params = [self._params[i] for i in indices]
         finite = self.loss_scaler.finite(params)
         self.loss_scaler.unscale(params)
         kept = []
         for d, updater in enumerate(self._updaters):
-            indices = [i for i, p in enumerate(self._params) if p.grad_req != "null"]
             _ready_states(updater, indices, [self._params[i].list_data()[d] for i in indices])
             arrays = [self._params[i].list_data()[d] for i in indices] + [
                 a for i in indices for a in _arrays(updater.states[i])]
