@@ -81,6 +81,10 @@ def training_forward(net, late):
 
 
 def test_the_store_takes_the_devices_in_context_order_whichever_is_ready_first(network):
+    """The same store, device copies and signs with either device's input held back, in the
+    release's rule for the order (0, 1). On MXNet 1.9.1's CPU build the two devices' sign flips
+    were never seen out of issue order even without the dependency (on GPUs they race): the
+    next test is the one that fails without it."""
     first_late = training_forward(network, 0)
     second_late = training_forward(network, 1)
     for run in (first_late, second_late):
