@@ -12,28 +12,30 @@ of `loader_size` px images and compared with the ICD step's: below 1, the device
 """
 from __future__ import annotations
 
+import glob
 import json
+import math
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 import mxnet as mx
 import numpy as np
 from mxnet import autograd
 
-from . import amp
+from . import amp, memory
 from .checkpoint import gather, initialize
-from .config import Config
+from .config import Config, find_config, read_config_file
 from .data.classes import read_classes
 from .data.dataset import default_workers, train_loader
 from .data.superpixels import make_superpixels
 from .data.synthetic import make_synthetic_voc
 from .data.voc import IGNORE_LABEL
-from .model import build_model
+from .model import build_model, model_spec
 from .train import SegmentationTask, make_trainer
 
 NETWORKS = ("icd", "cam", "reference", "infer", "deeplab")
@@ -64,7 +66,8 @@ def make_batch(batch: int, size: int, num_classes: int, ctx: mx.Context):
 
 def gluon_step(model: str, batch: Dict[str, mx.nd.NDArray], ctx: mx.Context,
                width: float = 1.0) -> Callable[[], None]:
-    """One synchronous training step of our network (hybridized, static allocation)."""
+    """One synchronous training step of our network (hybridized, static allocation); the
+    network is the step's `net`."""
     net = build_model(model, num_classes=batch["label"].shape[1], width=width)
     initialize(net, [ctx])
     net.hybridize(static_alloc=True, static_shape=True)
@@ -78,18 +81,21 @@ def gluon_step(model: str, batch: Dict[str, mx.nd.NDArray], ctx: mx.Context,
         loss.backward()
         trainer.step(batch["data"].shape[0])
         mx.nd.waitall()
+    step.net = net
     return step
 
 
 def segmentation_step(batch: Dict[str, mx.nd.NDArray], ctx: mx.Context,
-                      width: float = 1.0) -> Callable[[], None]:
-    """One synchronous training step of DeepLab-LargeFOV as the training loop's segmentation
-    task runs it (forward, softmax loss with 255 ignored, backward, SGD)."""
-    net = build_model(MODELS["deeplab"], num_classes=batch["label"].shape[1], width=width)
+                      width: float = 1.0, model: str = MODELS["deeplab"]
+                      ) -> Callable[[], None]:
+    """One synchronous training step of a DeepLab (LargeFOV by default) as the training loop's
+    segmentation task runs it (forward, softmax loss with 255 ignored, backward, SGD); the
+    network is the step's `net`."""
+    net = build_model(model, num_classes=batch["label"].shape[1], width=width)
     initialize(net, [ctx])
     net.hybridize(static_alloc=True, static_shape=True)
     trainer = make_trainer(net, 1e-3, 0.9, 5e-4)
-    task = SegmentationTask(Config(model=MODELS["deeplab"]))
+    task = SegmentationTask(Config(model=model))
     inputs = {"data": batch["data"], "label": batch["mask"]}
 
     def step():
@@ -98,7 +104,17 @@ def segmentation_step(batch: Dict[str, mx.nd.NDArray], ctx: mx.Context,
         loss.backward()
         trainer.step(batch["data"].shape[0])
         mx.nd.waitall()
+    step.net = net
     return step
+
+
+def training_step(model: str, ctx: mx.Context, size: int, batch: int, width: float,
+                  num_classes: int) -> Callable[[], None]:
+    """The training step of any registered model, by its task (ICD or segmentation)."""
+    data = make_batch(batch, size, num_classes, ctx)
+    if model_spec(model).task == "segmentation":
+        return segmentation_step(data, ctx, width, model)
+    return gluon_step(model, data, ctx, width)
 
 
 def release_graph():
@@ -185,6 +201,17 @@ def count_macs(sym: mx.sym.Symbol, input_shapes: Dict[str, tuple]) -> int:
             macs += int(np.prod(shape_of[node["name"] + "_output"][1:])) * \
                 int(np.prod(shape_of[weight_name][1:]))
     return macs
+
+
+def graph_casts(net) -> Dict[str, int]:
+    """In the graph `net` traces (symbolically: nothing runs), the casts AMP inserted
+    (amp_cast, amp_multicast), the BatchNorms, and the BatchNorms whose data is a cast."""
+    nodes = json.loads(mx.sym.Group(list(net(*[mx.sym.var(n) for n in net.input_names])))
+                       .tojson(remove_amp_cast=False))["nodes"]
+    casts = {i for i, node in enumerate(nodes) if node["op"] in ("amp_cast", "amp_multicast")}
+    norms = [node for node in nodes if node["op"] == "BatchNorm"]
+    return {"casts": len(casts), "batch_norms": len(norms),
+            "batch_norms_after_a_cast": sum(node["inputs"][0][0] in casts for node in norms)}
 
 
 def graph_macs(name: str, size: int, num_classes: int, width: float = 1.0) -> int:
@@ -275,18 +302,83 @@ def peak_memory_mb(name: str, ctx: str, size: int, infer_size: int, batch: int, 
     steps in `precision` (icd.amp), and its growth over the same process just before the first
     step (MiB; Linux); on a GPU also the device memory in use after the steps (MXNet's pool
     keeps the step's peak)."""
-    code = ("import json; from icd import amp, bench; from icd.devices import parse_context;"
-            f"ctx = parse_context({ctx!r}); amp.enable({precision!r}, [ctx]);"
-            f"step = bench.build_step({name!r}, ctx, {size}, {infer_size}, "
-            f"{batch}, {width}, {num_classes});"
-            "before = bench.high_water_mb(); step(); step();"
-            "print(json.dumps([before, bench.high_water_mb(), bench.device_used_mb(ctx)]))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    before, after, device = json.loads(out.stdout.strip().splitlines()[-1])
+    before, after, device, _ = _child_memory(
+        ctx, precision, f"bench.build_step({name!r}, ctx, {size}, {infer_size}, {batch}, "
+                        f"{width}, {num_classes})")
     figures = {"peak_rss_mb": after, "step_growth_mb": after - before}
     if device is not None:
         figures["device_used_mb"] = device
     return figures
+
+
+def _child_memory(ctx: str, precision: str, step: str) -> List[Optional[float]]:
+    """[peak resident MiB before the first step, after two steps, device MiB in use (GPU) or
+    None, MiB of the network's parameters] of a child process building `step` (an expression
+    of `bench` and `ctx`) in `precision`."""
+    code = ("import json; from icd import amp, bench; from icd.devices import parse_context;"
+            f"ctx = parse_context({ctx!r}); amp.enable({precision!r}, [ctx]);"
+            f"step = {step}; before = bench.high_water_mb(); step(); step();"
+            "print(json.dumps([before, bench.high_water_mb(), bench.device_used_mb(ctx),"
+            "                  bench.params_mb(getattr(step, 'net', None))]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def params_mb(net) -> Optional[float]:
+    """MiB of `net`'s parameters (None without a network)."""
+    if net is None:
+        return None
+    return sum(p.data().size * np.dtype(p.data().dtype).itemsize
+               for p in net.collect_params().values()) / 2 ** 20
+
+
+def memory_per_image(model: str, ctx: str, size: int, width: float, num_classes: int
+                     ) -> Dict[str, float]:
+    """A training step's memory on a device, as icd.memory reads it, from the peak resident
+    memory of steps of one and of two images (child processes): `per_image_mb` is their
+    difference, `fixed_mb` the weights and gradients (held before the step) plus the first
+    step's growth less one image (optimizer states, workspaces)."""
+    runs = [_child_memory(ctx, "off", f"bench.training_step({model!r}, ctx, {size}, {batch}, "
+                                      f"{width}, {num_classes})") for batch in (1, 2)]
+    (before, one, _, weights), (_, two, _, _) = runs
+    per_image = max(two - one, 0.0)
+    return {"size": size, "width": width, "params_mb": weights, "per_image_mb": per_image,
+            "fixed_mb": 2 * weights + (one - before) - per_image}
+
+
+def shipped_configs() -> Dict[str, Dict[str, object]]:
+    """{name: model, image_size, batch_size, width} of every shipped experiments/*.yaml."""
+    defaults, configs = Config(), {}
+    for path in sorted(glob.glob(os.path.join(os.path.dirname(find_config("voc_vgg16")),
+                                              "*.yaml"))):
+        values = read_config_file(path)
+        configs[os.path.splitext(os.path.basename(path))[0]] = {
+            k: values.get(k, getattr(defaults, k))
+            for k in ("model", "image_size", "batch_size", "width")}
+    return configs
+
+
+def config_memory(figures: Dict[str, Dict[str, float]], devices: Sequence[int] = (1, 2)
+                  ) -> Dict[str, Dict[str, object]]:
+    """Each shipped config's estimated MiB per device (icd.memory.estimate_mb from `figures`,
+    measured at one width: None for a config of another width), its batch split over 1 and 2
+    devices."""
+    estimates = {}
+    for name, cfg in shipped_configs().items():
+        measured = figures.get(cfg["model"])
+        same_width = measured is not None and measured["width"] == cfg["width"]
+        estimates[name] = dict(cfg, per_device_mb={
+            str(d): memory.estimate_mb(cfg["model"], cfg["image_size"],
+                                       math.ceil(cfg["batch_size"] / d), cfg["width"], figures)
+            if same_width else None for d in devices})
+    return estimates
+
+
+def memory_report(ctx: str, size: int, width: float, num_classes: int) -> Dict[str, object]:
+    """`memory_per_image` of every model of a shipped config, and `config_memory` from them."""
+    models = sorted({cfg["model"] for cfg in shipped_configs().values()})
+    figures = {m: memory_per_image(m, ctx, size, width, num_classes) for m in models}
+    return {"models": figures, "configs": config_memory(figures)}
 
 
 def device_used_mb(ctx: mx.Context) -> Optional[float]:
@@ -369,4 +461,5 @@ def run(ctx: mx.Context, ctx_text: str, size: int = 321, infer_size: int = 513, 
             network, _, low = name.partition("_")
             net[name].update(peak_memory_mb(network, ctx_text, size, infer_size, batch, width,
                                             num_classes, low or "off"))
+        report["memory"] = memory_report(ctx_text, size, width, num_classes)
     return report

@@ -147,6 +147,10 @@ class Config:
     num_workers: int = option(os.cpu_count() or 1,
         "data-loader processes, 0 = load in the main process (default: one per core)",
         range="non_negative", used_by=ALL)
+    pin_memory: bool = option(False,
+        "training batches in page-locked host memory (MXNet 1.9.1 allocates and frees it for "
+        "every batch: README: Running on GPUs)",
+        used_by=TRAINING)
 
     # checkpoints and runs
     snapshot: str = option("./snapshot/icd",

@@ -55,7 +55,7 @@ import numpy as np
 from mxnet import autograd, gluon
 from tqdm import tqdm
 
-from . import amp, distributed as dist
+from . import amp, distributed as dist, memory
 from .checkpoint import (check_checkpoint_files, checkpoint_files, checkpoint_path,
                          complete_checkpoints, file_digest, initialize, load_checkpoint,
                          load_states, log_path, read_run_record, rotate_checkpoints, save_states,
@@ -158,6 +158,7 @@ RESUME_FREE = (
     "num_workers",                          # loader processes: augmentation is keyed by
                                             # (seed, epoch, index), not by the process
     "num_save", "log_frequency",            # bookkeeping: rotation, log lines
+    "pin_memory",                           # where the host keeps a batch, not what it holds
     "overwrite", "allow_changes",           # how this command treats the folder
     "pretrained",                           # initialises epoch 0 only; a resume loads the
                                             # checkpoint
@@ -292,7 +293,8 @@ def start_run(cfg: Config, workers: int = 1) -> Dict[str, object]:
 
 
 def make_trainer(net: gluon.Block, learning_rate: float, momentum: float, wd: float,
-                 optimizer: str = "sgd", kvstore="device") -> gluon.Trainer:
+                 optimizer: str = "sgd", kvstore="device", precision: str = "off",
+                 amp_state: Optional[dict] = None) -> gluon.Trainer:
     """SGD with the release's semantics (lr_mult / wd_mult are set by the model).
 
     `optimizer="adam"` (no momentum argument) exists only to produce a stand-in for the ImageNet
@@ -306,6 +308,10 @@ def make_trainer(net: gluon.Block, learning_rate: float, momentum: float, wd: fl
     release's Module keeps one set per device and averages them when saving).
     A dist `kvstore` (icd.distributed.Workers) only sums gradients: each worker applies the step
     to its own weights, so its optimizer states go into its .states file as on one machine.
+    fp16 (`precision`): icd.amp.LossScaledTrainer continuing a run record's `amp_state`; its
+    loss scaler checks the gradients before the step, so the step is never applied in the
+    kvstore (update_on_kvstore=False: Gluon would pick True for kvstore=device on several
+    devices, MXNet model.py _create_kvstore, and update inside the gradients' pushpull).
     """
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {optimizer!r}; one of {OPTIMIZERS}")
@@ -314,6 +320,9 @@ def make_trainer(net: gluon.Block, learning_rate: float, momentum: float, wd: fl
     if optimizer == "sgd":
         settings["momentum"] = momentum
     distributed = not isinstance(kvstore, str)
+    if precision == "fp16":
+        return amp.LossScaledTrainer(params, optimizer, settings, kvstore=kvstore,
+                                     update_on_kvstore=False, amp_state=amp_state)
     return gluon.Trainer(params, optimizer, settings, kvstore=kvstore,
                          update_on_kvstore=False if distributed else None)
 
@@ -465,7 +474,8 @@ class ICDTask(Task):
         loader = train_loader(cfg.image_root, cfg.superpixel_root, cfg.annotation_root,
                               cfg.data_list, image_size=cfg.image_size,
                               batch_size=cfg.batch_size, num_workers=cfg.num_workers,
-                              seed=cfg.seed, shard=shard, classes=cfg.class_names)
+                              seed=cfg.seed, shard=shard, classes=cfg.class_names,
+                              pin_memory=cfg.pin_memory)
         # release: W = 2 N // B, B the global batch
         self.warmup_iters = cfg.warmup_epochs * len(loader.dataset) // (cfg.batch_size
                                                                          * shard[1])
@@ -558,7 +568,7 @@ class SegmentationTask(Task):
         return segmentation_loader(cfg.image_root, cfg.label_root, cfg.data_list,
                                    crop_size=cfg.image_size, batch_size=cfg.batch_size,
                                    num_classes=cfg.num_cls, num_workers=cfg.num_workers,
-                                   seed=cfg.seed, shard=shard)
+                                   seed=cfg.seed, shard=shard, pin_memory=cfg.pin_memory)
 
     def forward(self, net, inputs):
         score = net(inputs["data"])
@@ -796,6 +806,7 @@ def _start(cfg: Config, task: Task, contexts: List[mx.Context],
     batch_size = cfg.batch_size * workers.num_workers   # the global batch
     iters_per_epoch = len(loader.dataset) // batch_size
     amp.enable(cfg.amp, contexts)   # before the network is built (amp.init)
+    memory.warn_if_short(cfg, contexts)
     net = model_from_config(cfg)
     run = start_run(cfg, workers.num_workers) if workers.rank == 0 else None
     workers.barrier()   # the others read the folder once rank 0 has checked and cleaned it
@@ -806,9 +817,8 @@ def _start(cfg: Config, task: Task, contexts: List[mx.Context],
     else:
         task.initialize(net, contexts)
     net.hybridize(static_alloc=True, static_shape=True)
-    trainer = amp.prepare_trainer(make_trainer(net, cfg.learning_rate, cfg.momentum, cfg.wd,
-                                               cfg.optimizer, workers.trainer_kvstore),
-                                  cfg.amp, run["record"])
+    trainer = make_trainer(net, cfg.learning_rate, cfg.momentum, cfg.wd, cfg.optimizer,
+                           workers.trainer_kvstore, cfg.amp, (run["record"] or {}).get("amp"))
     if cfg.begin_epoch > 0:
         load_states(trainer, checkpoint_path(cfg, cfg.begin_epoch - 1, "states"))
     return Loop(cfg, task, contexts, workers, net, trainer, run, batch_size, iters_per_epoch,

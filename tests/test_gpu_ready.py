@@ -7,6 +7,7 @@ inference's input shapes are counted; the pipelined inference loops are compared
 with serial ones.
 """
 import contextlib
+import multiprocessing
 import os
 
 import cv2
@@ -15,16 +16,21 @@ import numpy as np
 import pytest
 from mxnet import autograd
 
+from icd import amp
 from icd import devices as devices_module
 from icd import distributed as dist
 from icd.bench import loader_throughput
 from icd.checkpoint import gather, initialize, load_checkpoint, save_checkpoint
 from icd.commands import superpixels as superpixels_command
 from icd.data import superpixels as sp
+from icd.config import Config, load_config
 from icd.data.dataset import InferDataset, infer_loader, train_loader
-from icd.features import cell_shares, conv5_feature_extractor
+from icd.data.segmentation import segmentation_loader
+from icd.features import cell_shares, conv5_feature_extractor, make_feature_factory
 from icd.data.voc import read_image, read_list, write_image
 from icd.visualize import overlay
+from icd import infer as infer_module
+from icd import segment as segment_module
 from icd.infer import OUTPUT_FOLDERS, infer
 from icd.model import build_model, model_from_config
 from icd.model.icd_net import ICDNet
@@ -38,23 +44,25 @@ DEVICES = [mx.cpu(1), mx.cpu(2)]
 # ---------------------------------------------------------------------------------------------
 # A training step on cpu(1), cpu(2): every array stays on its device, no host synchronisation
 
-def _icd_step(tiny_config, contexts):
+def _icd_step(tiny_config, contexts, precision="off"):
     """An ICD task, network and trainer on `contexts`, as the training loop sets them up, and a
-    function running one step (forward, backward, optimizer, figures) on a batch."""
+    function running one step (forward, backward, optimizer, figures) on a batch; `precision`
+    fp16 gives the loss-scaled Trainer (its operators stay float32 here: no amp.init)."""
     cfg = tiny_config(batch_size=4)
     task = ICDTask(cfg)
     loader = task.loader()
     net = model_from_config(cfg)
     task.initialize(net, contexts)
     net.hybridize(static_alloc=True, static_shape=True)
-    trainer = make_trainer(net, cfg.learning_rate, cfg.momentum, cfg.wd, cfg.optimizer, "device")
+    trainer = make_trainer(net, cfg.learning_rate, cfg.momentum, cfg.wd, cfg.optimizer, "device",
+                           precision)
     task.start(net, contexts, None, dist.Workers("device"))
 
     def step(batch, figures):
         inputs = task.inputs(batch, contexts, 0)
         with autograd.record():
             outputs = [task.forward(net, device) for device in inputs]
-        autograd.backward([out["loss"] for out in outputs])
+        amp.backward([out["loss"] for out in outputs], trainer)
         trainer.step(cfg.batch_size)
         task.after_step()
         batch_figures = RunningMetrics(task, contexts[0])
@@ -120,10 +128,12 @@ def no_host_sync():
             setattr(owner, name, value)
 
 
-def test_no_host_synchronisation_inside_a_training_step(tiny_config):
-    """Forward, backward, the optimizer step (first and later: the kvstore's setup too) and the
-    figures queue work only; a step reads nothing back to the host."""
-    task, net, _, loader, step = _icd_step(tiny_config, DEVICES)
+@pytest.mark.parametrize("precision", ["off", "fp16"])
+def test_no_host_synchronisation_inside_a_training_step(tiny_config, precision):
+    """Forward, backward, the optimizer step (first and later: the kvstore's setup too), with
+    fp16 the loss scaling and its overflow check, and the figures queue work only; a step reads
+    nothing back to the host."""
+    task, net, trainer, loader, step = _icd_step(tiny_config, DEVICES, precision)
     try:
         figures = RunningMetrics(task, DEVICES[0])
         batches = iter(loader)
@@ -133,6 +143,8 @@ def test_no_host_synchronisation_inside_a_training_step(tiny_config):
                 step(batch, figures)
         mx.nd.waitall()
         assert np.isfinite(figures.read()["cam_loss"])
+        if precision == "fp16":
+            assert amp.trainer_state(trainer)["unskipped"] == 2
     finally:
         task.stop(net)
 
@@ -298,6 +310,59 @@ def test_pipelined_segmentation_names_a_bad_image_and_leaves_no_partial_file(tin
         assert cv2.imread(str(out / key)) is not None, key
 
 
+class QueueOrder:
+    """Records, in order, each call of `module.name` (queueing batch t's forward: ("queue", t))
+    and each host read-back of an array it returned (("read", t))."""
+
+    def __init__(self, monkeypatch, module, name, arrays_of):
+        self.events, self.tags = [], {}
+        queue, read = getattr(module, name), mx.nd.NDArray.asnumpy
+
+        def queued(*args, **kwargs):
+            result = queue(*args, **kwargs)
+            t = sum(kind == "queue" for kind, _ in self.events)
+            self.events.append(("queue", t))
+            self.tags.update({id(a): (t, a) for a in arrays_of(result)})
+            return result
+
+        def asnumpy(array):
+            if id(array) in self.tags:
+                self.events.append(("read", self.tags[id(array)][0]))
+            return read(array)
+
+        monkeypatch.setattr(module, name, queued)
+        monkeypatch.setattr(mx.nd.NDArray, "asnumpy", asnumpy)
+
+    def assert_overlapped(self, batches):
+        """Batch t+1's forward was queued before anything of batch t was read back."""
+        assert [t for kind, t in self.events if kind == "queue"] == list(range(batches))
+        for t in range(batches - 1):
+            assert self.events.index(("queue", t + 1)) < self.events.index(("read", t)), \
+                self.events
+
+
+def test_inference_queues_the_next_batch_before_reading_one_back(tiny_config, tmp_path,
+                                                                monkeypatch):
+    cfg = tiny_config(infer_batch_size=2, num_workers=0)
+    net = model_from_config(cfg)
+    initialize(net, [mx.cpu(0)])
+    params = str(tmp_path / "model.params")
+    save_checkpoint(net, params)
+    order = QueueOrder(monkeypatch, infer_module, "_queue",
+                       lambda result: [a for device in result[1] for a in device.values()])
+    names = infer(cfg, params, str(tmp_path / "results"), DEVICES)
+    order.assert_overlapped(-(-len(names) // 2))
+
+
+def test_segmentation_queues_the_next_batch_before_reading_one_back(tiny_voc, tmp_path,
+                                                                   monkeypatch):
+    order = QueueOrder(monkeypatch, segment_module, "queue_probabilities", list)
+    names = segment(ShapeRecorder(), tiny_voc["image_root"], tiny_voc["data_list"],
+                    str(tmp_path / "out"), [mx.cpu(1)], infer_size=48, batch_size=2,
+                    classes=tuple(f"c{i}" for i in range(20)), host_workers=0)
+    order.assert_overlapped(-(-len(names) // 2))
+
+
 def test_pipelined_score_maps_equal_the_serial_loops(tiny_config, tiny_voc, tmp_path):
     """icd.infer's files hold exactly what the network returns for the loader's batches."""
     cfg = tiny_config(infer_batch_size=3, num_workers=0)
@@ -355,6 +420,21 @@ def test_loader_ships_uint8_and_the_device_cast_is_exact(tiny_voc):
     assert item[0].dtype == np.uint8 and item[0].shape == (3, 48, 48)
 
 
+def test_deeplab_loader_ships_uint8_and_the_device_cast_is_exact(tiny_voc):
+    """The DeepLab loader as the ICD ones: image and label map as bytes, float32 on the device
+    (255, the ignore label, included)."""
+    data, label = next(iter(segmentation_loader(tiny_voc["image_root"], tiny_voc["gt_root"],
+                                                tiny_voc["data_list"], crop_size=32,
+                                                batch_size=4, num_workers=0)))
+    assert data.dtype == np.uint8 and label.dtype == np.uint8
+    assert (label.asnumpy() == 255).any()   # the crop's padding: ignore
+    parts = devices_module.split_batch({"data": data, "label": label}, DEVICES)
+    for name, host in (("data", data), ("label", label)):
+        device = np.concatenate([p[name].asnumpy() for p in parts])
+        assert all(p[name].dtype == np.float32 for p in parts)
+        np.testing.assert_array_equal(device, host.asnumpy().astype(np.float32))
+
+
 # ---------------------------------------------------------------------------------------------
 # Superpixel features on the run's devices, reduced per region there
 
@@ -389,6 +469,21 @@ def test_region_means_on_the_device_equal_the_per_pixel_ones(backbone_file, size
     np.testing.assert_allclose(shares.sum(axis=1), sizes, rtol=1e-5)
     np.testing.assert_array_equal(sp.compute_superpixels(image, features(image), 8),
                                   sp.compute_superpixels(image, features, 8))
+
+
+def test_superpixel_features_run_on_the_devices_they_are_given(backbone_file, monkeypatch):
+    """The feature network and its conv5 live on the device passed; the
+    factory a worker calls builds on its device of the list (k mod D in pool worker k)."""
+    features = conv5_feature_extractor(backbone_file, mx.cpu(2), input_size=64)
+    assert {ctx for p in features.net.collect_params().values() for ctx in p.list_ctx()} == \
+        {mx.cpu(2)}
+    image = textured(40, 50, seed=1)
+    assert features._conv5(image)[0].context == mx.cpu(2)
+    devices = ["cpu(2)", "cpu(1)"]
+    assert make_feature_factory(backbone_file, devices)().ctx == mx.cpu(2)   # no pool worker
+    for worker, ctx in ((1, mx.cpu(2)), (2, mx.cpu(1)), (3, mx.cpu(2))):
+        monkeypatch.setattr(multiprocessing.current_process(), "_identity", (worker,))
+        assert make_feature_factory(backbone_file, devices)().ctx == ctx
 
 
 def test_superpixels_command_on_two_devices_writes_the_single_device_maps(backbone_file,
@@ -435,9 +530,27 @@ def test_infer_seg_turns_autotune_off_only_for_the_exact_canvas(tiny_voc, tmp_pa
     assert len(os.listdir(out / "pred")) == len(read_list(tiny_voc["val_list"]))
 
 
+def test_batches_are_not_pinned_unless_asked_even_with_gpus(tiny_voc, monkeypatch):
+    """Pinned memory is opt-in (MXNet 1.9.1 allocates and frees it for every batch): by default
+    no loader pins, on a machine with GPUs too, and the config's pin_memory is off."""
+    monkeypatch.setattr(mx.context, "num_gpus", lambda: 2)
+    args = (tiny_voc["image_root"], tiny_voc["superpixel_root"], tiny_voc["annotation_root"],
+            tiny_voc["data_list"])
+    data = next(iter(train_loader(*args, image_size=32, batch_size=4, num_workers=0)))[0]
+    assert data.context == mx.cpu(0)
+    data = next(iter(infer_loader(*args, image_size=32, batch_size=2)))[0]
+    assert data.context == mx.cpu(0)
+    data = next(iter(segmentation_loader(tiny_voc["image_root"], tiny_voc["gt_root"],
+                                         tiny_voc["data_list"], crop_size=32, batch_size=4,
+                                         num_workers=0)))[0]
+    assert data.context == mx.cpu(0)
+    assert Config().pin_memory is False
+    assert load_config(None, pin_memory=True).pin_memory is True
+
+
 def test_pinned_batches_reach_the_devices_as_float32(tiny_voc):
-    """pin_memory (the default on a machine with GPUs) on a CPU build: batches in page-locked
-    host memory, split onto the devices and cast there."""
+    """pin_memory=True (opt-in) on a CPU build: batches in page-locked host memory, split onto
+    the devices and cast there."""
     args = (tiny_voc["image_root"], tiny_voc["superpixel_root"], tiny_voc["annotation_root"],
             tiny_voc["data_list"])
     data, superpixel, label = next(iter(train_loader(*args, image_size=32, batch_size=4,

@@ -1,11 +1,31 @@
 """Superpixel pooling without the full-resolution one-hot where the resize only samples pixels
 (issue 25): the same memberships A and the same S' as the resized one-hot, exactly."""
+import contextlib
+
 import mxnet as mx
 import numpy as np
 import pytest
 
 from icd.model import ops
 from icd.model.ops import sampling_stride, superpixel_memberships, superpixel_pool
+
+
+@contextlib.contextmanager
+def one_hot_inputs(monkeypatch):
+    """The shapes of every input mx.nd.one_hot receives meanwhile; a resize fails."""
+    seen, one_hot = [], mx.nd.one_hot
+
+    def recorded(indices, *args, **kwargs):
+        seen.append(tuple(indices.shape))
+        return one_hot(indices, *args, **kwargs)
+
+    def no_resize(*args, **kwargs):
+        raise AssertionError("the memberships were resized from the full resolution")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(mx.nd, "one_hot", recorded)
+        patch.setattr(mx.nd.contrib, "BilinearResize2D", no_resize)
+        yield seen
 
 
 def resized_memberships(superpixel, num_ids, like):
@@ -27,11 +47,14 @@ def test_sampled_one_hot_equals_the_resized_one_hot(size, feature, monkeypatch):
     score = mx.nd.array(rng.randn(2, num_cls, feature, feature))
     label = mx.nd.array([[1, 0, 1, 0], [0, 1, 0, 0]])
     assert sampling_stride(size, feature) == 8
-    ours = superpixel_memberships(superpixel, num_ids, score)
+    expected = resized_memberships(superpixel, num_ids, score).asnumpy()
+    with one_hot_inputs(monkeypatch) as seen:
+        ours = superpixel_memberships(superpixel, num_ids, score)
+        pooled = superpixel_pool(score, superpixel, label, num_ids).asnumpy()
+    # the one-hot only ever sees the sampled ids (N, h*w) (and pooling's (N, K) winners)
+    assert seen and all(np.prod(shape[1:]) <= feature * feature for shape in seen), seen
     assert ours.shape == (2, num_ids, feature * feature)
-    np.testing.assert_array_equal(ours.asnumpy(),
-                                  resized_memberships(superpixel, num_ids, score).asnumpy())
-    pooled = superpixel_pool(score, superpixel, label, num_ids).asnumpy()
+    np.testing.assert_array_equal(ours.asnumpy(), expected)
     monkeypatch.setattr(ops, "superpixel_memberships", resized_memberships)
     np.testing.assert_array_equal(pooled,
                                   superpixel_pool(score, superpixel, label, num_ids).asnumpy())

@@ -9,15 +9,15 @@ batches whatever the number of worker processes.
 Bytes: images and superpixel ids leave the loader as uint8 (a quarter of float32's bytes through
 the worker pipes and the host-to-device copy); `icd.devices.split_batch` casts them to float32 on
 the device, which is exact for 0..255, so the network sees the release's float RGB 0..255.
-Defaults: one worker process per core, and page-locked (pinned) batches on a machine with GPUs
-so that their copy to the device can run asynchronously.
+Defaults: one worker process per core; batches in ordinary host memory. `pin_memory` (opt-in)
+puts them in page-locked memory, whose copy to a GPU can run asynchronously, but MXNet 1.9.1 does
+not pool it: every batch is a cudaHostAlloc / cudaFreeHost pair (README: Running on GPUs).
 """
 from __future__ import annotations
 
 import os
 from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
-import mxnet as mx
 import numpy as np
 from mxnet import gluon
 
@@ -33,11 +33,6 @@ from .voc import VOC_CLASSES, check_exif_turn, multi_hot, read_image, read_image
 def default_workers() -> int:
     """Loader worker processes by default: the number of cores."""
     return os.cpu_count() or 1
-
-
-def _pin(pin_memory: Optional[bool]) -> bool:
-    """`pin_memory`, None meaning: pin when this machine has a GPU (a CPU build has none)."""
-    return mx.context.num_gpus() > 0 if pin_memory is None else pin_memory
 
 
 def _loader_arrays(image: np.ndarray, superpixels: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
@@ -146,11 +141,11 @@ class TrainLoader(gluon.data.DataLoader):
     """DataLoader over a TrainDataset: reshuffled every epoch, last partial batch dropped."""
 
     def __init__(self, dataset: TrainDataset, batch_size: int, num_workers: int = 0,
-                 shard: Tuple[int, int] = (0, 1), pin_memory: Optional[bool] = None):
+                 shard: Tuple[int, int] = (0, 1), pin_memory: bool = False):
         self.dataset = dataset
         self.epoch_sampler = EpochShuffleSampler(len(dataset), dataset.seed, shard, batch_size)
         # release: drop the last partial batch
-        super().__init__(dataset, num_workers=num_workers, pin_memory=_pin(pin_memory),
+        super().__init__(dataset, num_workers=num_workers, pin_memory=pin_memory,
                          batch_sampler=gluon.data.BatchSampler(
                              self.epoch_sampler, batch_size, last_batch="discard"))
 
@@ -164,13 +159,13 @@ def train_loader(image_root: str, superpixel_root: str, annotation_root: str, da
                  num_workers: Optional[int] = None, seed: int = 0,
                  shard: Tuple[int, int] = (0, 1),
                  classes: Optional[Sequence[str]] = None,
-                 pin_memory: Optional[bool] = None) -> TrainLoader:
+                 pin_memory: bool = False) -> TrainLoader:
     """Training batches (data (B,3,S,S) uint8, superpixels (B,S,S) uint8, labels (B,C) float32).
 
     Images are `<image_root>/<name>.jpg`, superpixels `<superpixel_root>/<name>.png`, labels
     from `<annotation_root>/<name>.xml` over the C `classes`, names from the `data_list` file.
     `shard` (I, N): worker I of N, B per worker (EpochShuffleSampler). `num_workers` None: one
-    per core; `pin_memory` None: pinned on a machine with GPUs (module doc).
+    per core; `pin_memory`: page-locked batches (module doc).
     """
     classes = classes_of_data(classes, image_root, annotation_root)
     dataset = TrainDataset(image_root, superpixel_root, annotation_root, data_list,
@@ -216,7 +211,7 @@ def infer_loader(image_root: str, superpixel_root: str, annotation_root: str, da
                  num_workers: int = 0,
                  shard: Tuple[int, int] = (0, 1),
                  classes: Optional[Sequence[str]] = None,
-                 pin_memory: Optional[bool] = None) -> gluon.data.DataLoader:
+                 pin_memory: bool = False) -> gluon.data.DataLoader:
     """Inference batches in list order (data, superpixels, labels over `classes`, name indices,
     (h, w)) of shard (I, N) of the list; `pin_memory` as train_loader's."""
     classes = classes_of_data(classes, image_root, annotation_root)
@@ -225,6 +220,6 @@ def infer_loader(image_root: str, superpixel_root: str, annotation_root: str, da
                            classes=classes)
     loader = gluon.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
                                    last_batch="keep", num_workers=num_workers,
-                                   pin_memory=_pin(pin_memory))
+                                   pin_memory=pin_memory)
     loader.dataset = dataset   # public, as TrainLoader's (Gluon keeps it private)
     return loader

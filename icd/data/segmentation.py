@@ -52,7 +52,9 @@ class SegmentationDataset(gluon.data.Dataset):
     """Augmented (image, label map) training items.
 
     ``dataset[(epoch, index)]`` (or ``dataset[index]`` for epoch 0) is
-    (data (3, S, S) float32 RGB 0..255, label (S, S) float32 ids 0..num_classes or 255).
+    (data (3, S, S) uint8 RGB, label (S, S) uint8 ids 0..num_classes or 255): bytes through
+    the loader, cast to float32 on the device (icd.devices.split_batch, exact) as the ICD
+    loaders' (icd.data.dataset module doc).
     """
 
     def __init__(self, image_root: str, label_root: str, data_list: str,
@@ -97,21 +99,23 @@ class SegmentationDataset(gluon.data.Dataset):
         image, label = self.load(index)
         rng = np.random.default_rng([self.seed, epoch, index])
         image, label = segmentation_transform(image, label, self.crop_size, rng, self.scale_range)
-        return image.transpose(2, 0, 1).astype(np.float32), label.astype(np.float32)
+        return np.ascontiguousarray(image.transpose(2, 0, 1)), label
 
 
 def segmentation_loader(image_root: str, label_root: str, data_list: str,
                         crop_size: int = TRAIN_SIZE, batch_size: int = 20,
                         num_classes: int = NUM_CLASSES,
                         num_workers: int = min(4, os.cpu_count() or 1),
-                        seed: int = 0, shard: Tuple[int, int] = (0, 1)) -> TrainLoader:
-    """Training batches (data (B, 3, S, S), label (B, S, S)), float32, reshuffled every epoch
+                        seed: int = 0, shard: Tuple[int, int] = (0, 1),
+                        pin_memory: bool = False) -> TrainLoader:
+    """Training batches (data (B, 3, S, S), label (B, S, S)), uint8, reshuffled every epoch
     (`set_epoch` chooses the epoch), last partial batch dropped. Default batch 20: DeepLab-
     LargeFOV's (Chen et al., ICLR 2015). A missing label map is an error naming it, up front.
-    `shard` (I, N): worker I of N, B per worker (EpochShuffleSampler)."""
+    `shard` (I, N): worker I of N, B per worker (EpochShuffleSampler); `pin_memory` as
+    train_loader's."""
     dataset = SegmentationDataset(image_root, label_root, data_list, crop_size, num_classes,
                                   seed)
     if len(dataset) < batch_size * shard[1]:
         raise ValueError(f"{data_list}: {len(dataset)} images cannot fill one batch of "
                          f"{batch_size * shard[1]} (the last partial batch is dropped)")
-    return TrainLoader(dataset, batch_size, num_workers, shard)
+    return TrainLoader(dataset, batch_size, num_workers, shard, pin_memory)

@@ -14,7 +14,7 @@ from mxnet import init
 from mxnet.gluon import HybridBlock, nn
 
 from ..constants import BOTTOM_UP_VARIANTS, FEATURES, NUM_SUPERPIXEL_IDS, TOP_DOWN
-from . import ops  # noqa: F401  (registers the custom operators)
+from . import ops  # registers the custom operators; the sign flip's order (issue_in_order)
 from .backbone import VGG16DeepLab, pool5, scaled
 from .losses import bottom_up_loss, multi_sigmoid_loss, top_down_loss
 from .registry import register
@@ -143,6 +143,13 @@ class ICDNet(CAMNet):
         if self.top_down_structure == "b":
             return self.conv_ft(fc7)
         return self.conv_ft(F.concat(feature, fc6, fc7, dim=1))
+
+    def forward(self, data, *args):
+        """Several devices: their sign flips update the shared store in the order of these
+        calls (ops.issue_in_order); a Symbol (tracing) has no device."""
+        if isinstance(data, mx.nd.NDArray):
+            ops.issue_in_order(self.share_key, self.icd_accum_resign_moving_mean, data.context)
+        return super().forward(data, *args)
 
     def hybrid_forward(self, F, data, superpixel, label, warm, icd_bu_weight,
                        icd_accum_resign_moving_mean):

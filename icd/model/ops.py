@@ -24,13 +24,16 @@ class SharedMovingMean:
     """One moving mean shared by all devices, like the release's key-value store.
 
     With k devices the stored value is updated k times per batch, once per device with that
-    device's slice, in the order the devices' operators run (as with the release's store, the
-    order is whichever device gets there first: a race); each device's sign is read right after
-    its own update. Every device pushes a value for every class: for a class absent from its
-    slice, its OWN copy of the mean (what it pulled last; release section 3.2), so with several
-    devices the store moves 10% toward that copy. The master copy lives on the first context;
-    `order` keeps the devices of the last k updates and `contributions` their pushed (C, 2)
-    values (icd.distributed exchanges them).
+    device's slice; each device's sign is read right after its own update. Every device pushes
+    a value for every class: for a class absent from its slice, its OWN copy of the mean (what
+    it pulled last; release section 3.2), so with several devices the store moves 10% toward
+    that copy. The master copy lives on the first context; `order` keeps the devices of the last
+    k updates and `contributions` their pushed (C, 2) values (icd.distributed exchanges them).
+
+    Order (ours): the release's store takes the updates in whichever order the devices'
+    operators run (a race); here in the order in which the devices' forwards are issued
+    (`follow`), the training loop's context order: device d's update after device d-1's, one
+    of the release's orders, so a seed gives one store on any number of devices.
     """
 
     def __init__(self, initial: mx.nd.NDArray, contexts: Sequence[mx.Context]):
@@ -39,6 +42,22 @@ class SharedMovingMean:
         self.order = collections.deque(maxlen=len(self.contexts))
         self.contributions = collections.deque(maxlen=len(self.contexts))
         self.lock = threading.Lock()
+        self.last: Optional[mx.nd.NDArray] = None   # the aux of the forward issued last
+
+    def follow(self, moving_mean: mx.nd.NDArray) -> None:
+        """Called as a device's forward is issued, with that device's sign-flip aux state:
+        its sign flip will start after that of the forward issued before it has finished.
+
+        An engine dependency, not a wait: a write to this aux that reads the previous device's
+        aux is queued between the two forwards, so MXNet runs this device's operator only once
+        the previous one has updated the store. No operator ever waits inside MXNet's custom-
+        operator threads (a waiting operator could hold the thread the other one needs)."""
+        previous, self.last = self.last, moving_mean
+        if previous is None or previous.context == moving_mean.context:
+            return
+        with mx.autograd.pause():
+            token = previous.copyto(moving_mean.context)
+            moving_mean[:] = mx.nd.where(mx.nd.zeros_like(token), token, moving_mean)
 
     def update(self, current: mx.nd.NDArray, ctx: mx.Context) -> mx.nd.NDArray:
         """Push the device `ctx`'s value (C, 2) for every class; returns the new store on `ctx`."""
@@ -71,6 +90,14 @@ def unshare_moving_mean(key: str) -> None:
 def shared_moving_mean(key: str):
     """The store registered for `key`, or None when each device keeps its own value."""
     return _SHARED.get(key)
+
+
+def issue_in_order(key: str, moving_mean: mx.gluon.Parameter, ctx: mx.Context) -> None:
+    """Before a network's forward on `ctx` is issued: with a store registered for `key`, queue
+    its sign flip after the one issued before it (`SharedMovingMean.follow`)."""
+    store = _SHARED.get(key)
+    if store is not None:
+        store.follow(moving_mean.data(ctx))
 
 
 def moving_mean_update(stored, current):
