@@ -29,7 +29,7 @@ from mxnet import autograd
 
 from . import amp, memory
 from .checkpoint import gather, initialize
-from .config import Config, find_config, read_config_file
+from .config import Config, find_config, read_config_sources
 from .data.classes import read_classes
 from .data.dataset import default_workers, train_loader
 from .data.superpixels import make_superpixels
@@ -351,7 +351,7 @@ def shipped_configs() -> Dict[str, Dict[str, object]]:
     defaults, configs = Config(), {}
     for path in sorted(glob.glob(os.path.join(os.path.dirname(find_config("voc_vgg16")),
                                               "*.yaml"))):
-        values = read_config_file(path)
+        values = read_config_sources(path)[0]
         configs[os.path.splitext(os.path.basename(path))[0]] = {
             k: values.get(k, getattr(defaults, k))
             for k in ("model", "image_size", "batch_size", "width")}
