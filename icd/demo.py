@@ -68,6 +68,7 @@ QUICK = dict(num_train=24, num_val=8, size=56, width=0.125, crop=48, batch_size=
 # The report's name of each DeepLab of the segment step (synthetic_demo.yaml's segment.labels)
 SEGMENTATION_LABELS = {"icd": "ICD seeds + CRF", "cam": "CAM-baseline seeds + CRF",
                        "gt": "ground-truth masks (upper bound)"}
+RANKING = ("gt", "icd", "cam")   # the order Tables 7-8 imply, best first (the report checks it)
 # Expected seconds per step on 2 CPU cores until a finished run's markers give real times.
 # quick: measured (one --quick run). full: the step times of the README's run A
 # (DNNL_MAX_CPU_ISA=AVX2 on this 2-core machine, otherwise idle).
@@ -113,6 +114,7 @@ class DemoSettings:
     thresholds: Sequence[float] = THRESHOLDS
     quick: bool = False                 # the QUICK sizes (picks the ESTIMATES of a first run)
     progress_every: float = 30.0        # seconds between progress lines while a step runs
+    repeat: int = 1                     # training seeds (icd-run's --repeat): CAM, ICD, DeepLab
 
     def __post_init__(self):
         if self.pretrain_config in ("", "none", "None"):
@@ -198,7 +200,7 @@ def paper_settings(settings: DemoSettings) -> PaperSettings:
             "evaluate": {"thresholds": [float(t) for t in settings.thresholds]}}
     return PaperSettings(settings.icd_config, settings.out, sets=sets,
                          devices=dict(_devices(settings), num_workers=settings.loader_workers),
-                         workers=settings.workers)
+                         repeat=settings.repeat, workers=settings.workers)
 
 
 def pretrain_config(settings: DemoSettings) -> Config:
@@ -259,9 +261,9 @@ def report_inputs(settings: DemoSettings, s: PaperSettings) -> ReportInputs:
         dataset=dict(num_train=settings.num_train, num_val=settings.num_val,
                      size=settings.size, seed=settings.data_seed),
         infer_size=s.icd.infer_size, workers=settings.workers,
-        segmentation={SEGMENTATION_LABELS[label]: (s.segmentation_dirs(seed, label)[1],
-                                                   s.segmentation(seed, label))
-                      for label in s.stage["segment"]["labels"]})
+        segmentation={SEGMENTATION_LABELS[label]: [(s.segmentation_dirs(k, label)[1],
+                                                    s.segmentation(k, label)) for k in s.seeds]
+                      for label in RANKING if label in s.stage["segment"]["labels"]})
 
 
 def step_report(settings: DemoSettings, s: PaperSettings, run: Run) -> Dict:
@@ -280,10 +282,11 @@ def data_step(settings: DemoSettings) -> Step:
 
 def demo_steps(settings: DemoSettings) -> List[Step]:
     """The demo as pipeline steps: data, icd-run's steps (superpixels reading the data, the
-    trainings the stand-in) with pretrain among them, and the report (rerun every time). The
-    data must exist (`paper_settings`)."""
+    trainings the stand-in; with `repeat` N every training seed's train_icd ... segment) with
+    pretrain among them, and the report (rerun every time). The data must exist
+    (`paper_settings`)."""
     s = paper_settings(settings)
-    paper = {step.name: step for step in paper_steps(s)}
+    paper = [step for step in paper_steps(s) if base_name(step.name) in STEPS]
     pretrained = settings.pretrain_config is not None
     pretrain = Step("pretrain", functools.partial(step_pretrain, settings),
                     inputs=("superpixels",), folders=(settings.folder("snapshot_pretrain"),),
@@ -291,17 +294,23 @@ def demo_steps(settings: DemoSettings) -> List[Step]:
                                   export="backbone, fc6, fc7") if pretrained
                     else dict(skipped=True))
     report = Step("report", functools.partial(step_report, settings, s),
-                  inputs=("evaluate", "segment"), folders=(settings.folder("report"),),
-                  always=True)
+                  inputs=tuple(st.name for st in paper
+                               if base_name(st.name) in ("evaluate", "segment")),
+                  folders=(settings.folder("report"),), always=True)
     extra = {"superpixels": ("data",), "train_icd": ("pretrain",) if pretrained else (),
              "train_cam": ("pretrain",) if pretrained else ()}
     estimates = ESTIMATES["quick" if settings.quick else "full"]
     steps = [data_step(settings)]
-    for name in STEPS[1:]:
-        step = {"pretrain": pretrain, "report": report}.get(name) or paper[name]
-        steps.append(dataclasses.replace(step, inputs=step.inputs + extra.get(name, ()),
-                                         estimate=estimates[name]))
+    for step in paper[:1] + [pretrain] + paper[1:] + [report]:
+        base = base_name(step.name)
+        steps.append(dataclasses.replace(step, inputs=step.inputs + extra.get(base, ()),
+                                         estimate=estimates[base]))
     return steps
+
+
+def base_name(step: str) -> str:
+    """The step's name without its training seed (icd-run's `train_icd.s1` -> `train_icd`)."""
+    return step.split(".")[0]
 
 
 def run(settings: DemoSettings) -> Dict[str, Dict]:
@@ -314,7 +323,9 @@ def run(settings: DemoSettings) -> Dict[str, Dict]:
                            **options).execute())
     rest = [name for name in settings.steps if name != "data"]
     if rest:
-        summary.update(Run(demo_steps(settings), settings.folder("steps"), selected=rest,
+        steps = demo_steps(settings)
+        selected = [st.name for st in steps if base_name(st.name) in rest]
+        summary.update(Run(steps, settings.folder("steps"), selected=selected,
                            **options).execute())
     return summary
 
@@ -336,6 +347,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="rerun the selected steps from scratch even if done")
     parser.add_argument("--quick", action="store_true",
                         help=f"reduced sizes for a smoke test: {QUICK}")
+    parser.add_argument("--repeat", type=int, default=None, metavar="N",
+                        help="train CAM, ICD and DeepLab with N training seeds (icd-run's "
+                             "--repeat): the Tables 7-8 ranking then resamples the seeds too "
+                             f"(default {defaults.repeat})")
     parser.add_argument("--progress-every", type=float, default=None, metavar="SECONDS",
                         help=f"a progress line every SECONDS while a step runs "
                              f"(default {defaults.progress_every:g}; 0: only between steps)")

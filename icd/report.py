@@ -44,7 +44,7 @@ from .pipeline import Run
 from .plots import plot_seed_overlays, pyplot, save_figure
 from .seeds import EPS, INFER_SIZE
 from .stats import AP_BINS, BOOTSTRAP_SEED, LEVEL, RESAMPLES, VERDICTS, class_histograms, \
-    compare, map_statistic, miou_statistic, resample_weights
+    compare, compare_runs, map_statistic, miou_statistic, resample_weights
 
 SPLITS = ("train", "val")
 # Table 3 rows: (name, seed folder under results_icd/<split>/seeds, icd score folder, CRF)
@@ -76,8 +76,9 @@ class ReportInputs:
     "cam"|"icd" -> split -> results folder (scores_*, seeds/, eval/); trainings: "pretrain"
     (absent without pre-training), "cam", "icd" -> the Config trained; config_files: the same
     keys -> the YAML file; dataset: num_train, num_val, size, seed of the synthetic set;
-    segmentation: label source -> (folder of its DeepLab's val predictions pred/ and eval.json,
-    the Config trained), in the order ICD seeds, CAM-baseline seeds, ground truth.
+    segmentation: label source -> [(folder of its DeepLab's val predictions pred/ and eval.json,
+    the Config trained) per training seed], in the ranking the paper implies, best first:
+    ground truth, ICD seeds, CAM-baseline seeds.
     """
     out: str
     data: str
@@ -89,7 +90,7 @@ class ReportInputs:
     dataset: Mapping[str, int]
     infer_size: int
     workers: int = 1
-    segmentation: Mapping[str, Tuple[str, Config]] = field(default_factory=dict)
+    segmentation: Mapping[str, Sequence[Tuple[str, Config]]] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,37 +302,55 @@ def _auc(positive: np.ndarray, negative: np.ndarray) -> float:
 
 
 def segmentation_results(inputs: ReportInputs) -> Tuple[List[List[str]], List[Dict], Dict]:
-    """The Tables 7-8 analogue: DeepLab trained on each label source, val-split mIoU (over the
-    present classes and the release's 21), and the claim that ICD seeds train a better segmenter
-    than CAM-baseline seeds (bootstrap over the val images). Empty without a segment step."""
-    done = {label: (folder, cfg) for label, (folder, cfg) in inputs.segmentation.items()
-            if os.path.isfile(os.path.join(folder, "eval.json"))}
+    """The Tables 7-8 analogue: DeepLab trained on each label source (one per training seed),
+    val-split mIoU (over the present classes and the release's 21), and the ranking the paper
+    implies, each source above the next in `inputs.segmentation`'s order (ground truth > ICD
+    seeds > CAM-baseline seeds): one claim per neighbouring pair, judged by a bootstrap over
+    the val images and the training seeds (`compare_runs`; with one seed the images only).
+    Empty without a segment step."""
+    done = {label: runs for label, runs in inputs.segmentation.items()
+            if runs and all(os.path.isfile(os.path.join(f, "eval.json")) for f, _ in runs)}
     if not done:
         return [], [], {}
     gt_root = os.path.join(inputs.data, "SegmentationClass")
     names = read_list(inputs.lists["val"])
-    num_labels = len(inputs.classes) + 1
-    present = present_classes(gt_root, names, num_labels)
-    confusions = {label: image_confusions(os.path.join(folder, "pred"), gt_root, names,
-                                          inputs.workers, inputs.classes)
-                  for label, (folder, _) in done.items()}
-    weights = resample_weights(len(names))
-    values = {label: float(miou_statistic(c, present)(np.ones((1, len(names))))[0])
-              for label, c in confusions.items()}
-    rows = [[label, f"{cfg.model}, width {cfg.width:g}, {cfg.num_epoch} epochs",
-             percent(values[label]),
-             percent(read_json(os.path.join(folder, "eval.json"))["miou"])]
-            for label, (folder, cfg) in done.items()]
-    claims = []
+    present = present_classes(gt_root, names, len(inputs.classes) + 1)
+    confusions = {label: [image_confusions(os.path.join(folder, "pred"), gt_root, names,
+                                           inputs.workers, inputs.classes)
+                          for folder, _ in runs] for label, runs in done.items()}
+    values = {label: [float(miou_statistic(c, present)(np.ones((1, len(names))))[0])
+                      for c in models] for label, models in confusions.items()}
+    rows = [[label, f"{cfg.model}, width {cfg.width:g}, crop {cfg.image_size}, "
+                    f"{cfg.num_epoch} epochs", _mean_of(values[label]),
+             _mean_of([read_json(os.path.join(f, "eval.json"))["miou"] for f, _ in runs])]
+            for label, runs in done.items() for cfg in [runs[0][1]]]
     labels = list(done)
-    if len(labels) >= 2:
-        test = compare(miou_statistic(confusions[labels[0]], present),
-                       miou_statistic(confusions[labels[1]], present), weights)
-        claims.append(_claim(f"Tables 7-8: a segmenter trained on {labels[0]} beats one "
-                             f"trained on {labels[1]} (val mIoU)", [test],
+    claims = []
+    for better, worse in zip(labels, labels[1:]):
+        test = compare_runs(confusions[better], confusions[worse], present)
+        claims.append(_claim(f"Tables 7-8: a segmenter trained on {better} beats one trained "
+                             f"on {worse} (val mIoU)", [test],
                              f"{percent(test['value'])} vs {percent(test['reference'])}: "
                              f"{_difference(test)}"))
-    return rows, claims, {"miou_present": values, "claims": claims}
+    return rows, claims, {"miou_present": values, "claims": claims,
+                          "ranking": _ranking(labels, claims), "training_seeds": len(
+                              next(iter(done.values())))}
+
+
+def _mean_of(values: Sequence[float]) -> str:
+    """"61.2" for one value; "61.2 (60.1, 62.3)": the mean, then each training seed's."""
+    text = percent(float(np.mean(values)))
+    return text if len(values) == 1 else f"{text} ({', '.join(percent(v) for v in values)})"
+
+
+def _ranking(labels: Sequence[str], claims: Sequence[Mapping]) -> str:
+    """The ranking's verdict in words: holds when every neighbouring pair passes, else which
+    pairs do not."""
+    order = " > ".join(labels)
+    failing = [f"{a} vs {b}: {c['verdict']}" for a, b, c in zip(labels, labels[1:], claims)
+               if c["verdict"] != "PASS"]
+    return f"{order}: holds" if not failing else \
+        f"{order}: does not hold ({'; '.join(failing)})"
 
 
 def binning_error(tables: Mapping, samples: Mapping) -> float:
@@ -635,7 +654,8 @@ def write_report(inputs: ReportInputs, run: Run) -> str:
     segmentation_rows, segmentation_claims, segmentation = segmentation_results(inputs)
     lines = (_run_lines(inputs, tables, trained, timing, total, run, started)
              + _claims_lines(claims, samples, binning)
-             + _segmentation_lines(inputs, segmentation_rows, segmentation_claims))
+             + _segmentation_lines(inputs, segmentation_rows, segmentation_claims,
+                                 segmentation))
     for split in SPLITS:
         lines += _split_lines(tables[split], split)
     lines += _picture_lines(pictures, report_dir) + _files_lines(tables)
@@ -773,20 +793,27 @@ def _claims_lines(claims: Mapping, samples: Mapping, binning: float) -> List[str
     return lines
 
 
-def _segmentation_lines(inputs: ReportInputs, rows: List[List[str]],
-                        claims: List[Dict]) -> List[str]:
-    """Tables 7-8 measured: DeepLab on each label source (nothing when it was not run)."""
+def _segmentation_lines(inputs: ReportInputs, rows: List[List[str]], claims: List[Dict],
+                        segmentation: Mapping) -> List[str]:
+    """Tables 7-8 measured: DeepLab on each label source and the ranking's verdict (nothing
+    when it was not run)."""
     if not rows:
         return []
+    seeds = segmentation["training_seeds"]
+    spread = ("the interval covers the val images only (one training seed each; `--repeat N` "
+              "trains N and resamples them too)" if seeds == 1 else
+              f"the interval resamples the val images and the {seeds} training seeds of each "
+              f"source (mean over the seeds, then each seed's value in brackets)")
     lines = ["## Segmentation on the seeds (the paper's Tables 7-8, measured here)", "",
              "DeepLab-LargeFOV trained on each label source of the train split (from the "
              "same stand-in initialisation as CAM and ICD), predicted and evaluated on the "
              "held-out val split: the use the seeds are made for. The ground-truth row is "
-             "the fully-supervised upper bound.", ""]
+             f"the fully-supervised upper bound; {spread}.", ""]
     lines += _md_table(["Labels (train split)", "Network", "val mIoU (present classes)",
                         f"val mIoU (all {len(inputs.classes) + 1} labels)"],
                        rows)
-    lines += [""] + _claims_table(claims, bold=False)
+    lines += [f"**Ranking {segmentation['ranking']}.**", ""]
+    lines += _claims_table(claims, bold=False)
     return lines
 
 

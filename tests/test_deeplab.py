@@ -281,18 +281,36 @@ def test_resnet101_checkpoint_loads_into_a_fresh_model(tmp_path):
 # Loss
 
 def receptive_field_middle(net, side: int, cell: int) -> float:
-    """The middle of the input rows that score row `cell` of `net`'s stride-8 map depends on
-    (the span of the gradient, on positive weights and inputs so that no ReLU cuts it)."""
+    """The middle of the input rows that score row `cell` of `net`'s stride-8 map depends on:
+    with positive weights on a uniform image, a brighter row raises every activation it
+    reaches, and each max pooling passes the raise on, so it changes the cell exactly when it
+    lies in the cell's field (the field's ends found by bisection)."""
     for param in net.collect_params().values():
         param.set_data(param.data().abs() + 1e-3)
-    x = mx.nd.random.uniform(128, 255, shape=(1, 3, side, side))
-    x.attach_grad()
-    with mx.autograd.record():
+    base = mx.nd.full((1, 3, side, side), 200)
+
+    def score(x):
         _, conv5 = net.backbone(x)
-        score = pool5(mx.nd, conv5)[0, :, cell, :].sum()
-    score.backward()
-    rows = np.nonzero(x.grad[0].abs().sum(axis=(0, 2)).asnumpy())[0]
-    return (rows.min() + rows.max()) / 2
+        return pool5(mx.nd, conv5)[0, :, cell, :].asnumpy()
+    reference = score(base)
+
+    def reaches(row):
+        x = base.copy()
+        x[:, :, row, :] = 255
+        return not np.array_equal(score(x), reference)
+
+    def first(low, high, inside_at_high):   # the first row of [low, high] on the inside side
+        while low < high:
+            middle = (low + high) // 2
+            if reaches(middle) == inside_at_high:
+                high = middle
+            else:
+                low = middle + 1
+        return low
+    centre = 8 * cell
+    top = first(0, centre, True)
+    bottom = first(centre, side - 1, False) - 1
+    return (top + bottom) / 2
 
 
 def test_score_cell_i_is_centred_on_input_pixel_8i():
