@@ -197,6 +197,10 @@ def test_a_bad_params_file_is_named_with_its_problem(tiny_voc, tiny_config, tmp_
         f.write(b"not a parameter file")
     capsys.readouterr()
     assert train.main(tiny_train_flags(tiny_voc, snapshot) + ["--begin-epoch", "1"]) == 1
+    line = error_line(capsys)   # the run record's digest finds it first
+    assert f"{params} differs from its digest" in line and "Traceback" not in line
+    os.remove(params[:-len(".params")] + ".json")   # no run record: a release checkpoint
+    assert train.main(tiny_train_flags(tiny_voc, snapshot) + ["--begin-epoch", "1"]) == 1
     line = error_line(capsys)
     assert line.startswith(f"error: {params}: not an MXNet parameter file")
     assert "Traceback" not in line and "Invalid NDArray file format" in line
