@@ -764,9 +764,11 @@ def training_settings(cfg: Config) -> Dict:
 
 def step_settings(s: PaperSettings, base: str, seed: int) -> Dict:
     """What a step's outputs depend on (devices, processes and shards left out)."""
-    if base == "superpixels":
-        return dict(s.stage["superpixels"], image_root=s.icd.image_root,
-                    data_lists=superpixel_lists(s), pretrained=s.icd.pretrained)
+    if base == "superpixels":   # the weights only where the features are the network's: a
+        # stand-in the run makes later (the demo's pretrain) must not count as a changed input
+        stage = s.stage["superpixels"]
+        weights = {"pretrained": s.icd.pretrained} if stage["features"] == "pretrained" else {}
+        return dict(stage, image_root=s.icd.image_root, data_lists=superpixel_lists(s), **weights)
     if base in ("train_icd", "train_cam"):
         return training_settings(s.training(base[6:], seed))
     if base == "infer":
