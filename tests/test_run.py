@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from icd import paper, stats
+from icd import paper, runs, stats
 from icd.commands import compare as compare_command
 from icd.commands import evaluate as eval_command
 from icd.commands import infer as infer_command
@@ -43,19 +43,19 @@ def _checkpoint(cfg, epoch, suffixes=("params", "states", "json"), **record):
 
 def test_resume_auto_starts_fresh_then_continues_the_last_complete_checkpoint(tiny_config):
     cfg = tiny_config(num_epoch=5)
-    assert paper.resume_auto(cfg).begin_epoch == 0                    # nothing there: fresh
+    assert runs.resume_auto(cfg).begin_epoch == 0                    # nothing there: fresh
     _checkpoint(cfg, 0)
     _checkpoint(cfg, 1)
     _checkpoint(cfg, 2, ("states", "json"))                           # no .params: incomplete
-    assert paper.resume_auto(cfg).begin_epoch == 2
-    assert paper.resume_auto(dataclasses.replace(cfg, overwrite=True)).begin_epoch == 0
+    assert runs.resume_auto(cfg).begin_epoch == 2
+    assert runs.resume_auto(dataclasses.replace(cfg, overwrite=True)).begin_epoch == 0
     # loader processes are not the run's identity; the devices are (they split the batch)
-    assert paper.resume_auto(dataclasses.replace(cfg, num_workers=3)).begin_epoch == 2
+    assert runs.resume_auto(dataclasses.replace(cfg, num_workers=3)).begin_epoch == 2
     with pytest.raises(FileExistsError, match="checkpoint of another run"):
-        paper.resume_auto(dataclasses.replace(cfg, cpus=2))
+        runs.resume_auto(dataclasses.replace(cfg, cpus=2))
     _checkpoint(cfg, 3, ("params", "states"))                         # the release's: no record
     with pytest.raises(FileExistsError, match="without a run record.*--begin-epoch 4"):
-        paper.resume_auto(cfg)
+        runs.resume_auto(cfg)
 
 
 def test_resume_auto_refuses_another_runs_checkpoint(tiny_config):
@@ -63,7 +63,7 @@ def test_resume_auto_refuses_another_runs_checkpoint(tiny_config):
     _checkpoint(cfg, 0, learning_rate=0.01)
     with pytest.raises(FileExistsError, match=r"vgg16_icd-0000\.json: checkpoint of another "
                                               r"run \(learning_rate 0\.01"):
-        paper.resume_auto(cfg)
+        runs.resume_auto(cfg)
 
 
 def test_icd_train_resume_auto_on_a_finished_run_trains_nothing(tiny_config, capsys):

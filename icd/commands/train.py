@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 
 from ..checkpoint import checkpoint_path, read_states
 from ..config import Config
-from ..paper import resume_auto
+from ..runs import resume_auto
 from ..train import EXIT_STATUSES, TrainingDiverged, train
 from .options import add_config_arguments, config_from, devices_for
 from .runner import Parser, run
@@ -62,7 +62,7 @@ def _train(args: argparse.Namespace) -> int:
 def checked_train(cfg: Config, resume: Optional[str] = None) -> int:
     """Train `cfg` after the checks a user's flags can fail: epochs to train, a batch that
     splits over the devices, a resumable checkpoint pair. `resume` "auto": from the last
-    complete checkpoint of the same run (icd.paper.resume_auto); nothing when it is the last."""
+    complete checkpoint of the same run (icd.runs.resume_auto); nothing when it is the last."""
     if resume == "auto":
         if cfg.begin_epoch > 0:
             raise ValueError("--resume: auto finds the epoch itself; leave out --begin-epoch")
