@@ -40,3 +40,13 @@ def test_help_shows_the_whole_first_paragraph_before_the_options(script, capsys)
     assert "options:" in text, command
     before = " ".join(text[:text.index("options:")].split())
     assert first_paragraph(module) in before, command
+
+
+def test_the_commands_package_lists_every_command_with_its_module_and_wrapper():
+    import icd.commands
+    rows = {line.split()[0]: line.split()[1:3] for line in icd.commands.__doc__.splitlines()
+            if line.strip().startswith("icd-")}
+    for command, module_name, _ in console_scripts():
+        module, wrapper = rows[command]
+        assert module_name.endswith("." + module), command
+        assert module_name in (SETUP.parent / wrapper).read_text(encoding="utf-8"), command
