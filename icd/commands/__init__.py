@@ -3,7 +3,7 @@
     command          module       checkout wrapper             what it does
     icd-run          run          tools/run_pipeline.py        the paper's pipeline from one config
     icd-demo         demo         tools/demo.py                the demo on the synthetic dataset
-    icd-pretrained   pretrained   tools/pretrained.py          vgg16_20M.params from a model zoo
+    icd-pretrained   pretrained   tools/make_pretrained.py     vgg16_20M.params from a model zoo
     icd-synthetic    synthetic    tools/make_synthetic_voc.py  the synthetic dataset (VOC layout)
     icd-coco-to-voc  coco_to_voc  tools/coco_to_voc.py         MS COCO instances to the VOC layout
     icd-superpixels  superpixels  tools/make_superpixels.py    Felzenszwalb + merge to 64 regions
