@@ -50,3 +50,13 @@ def test_the_commands_package_lists_every_command_with_its_module_and_wrapper():
         module, wrapper = rows[command]
         assert module_name.endswith("." + module), command
         assert module_name in (SETUP.parent / wrapper).read_text(encoding="utf-8"), command
+
+
+def test_icd_launch_shows_its_help_only_for_its_own_help_flag():
+    """`icd-launch -n 2 -- icd-train --help` starts the job (the command's help on every worker);
+    only a -h / --help among the launcher's options is the launcher's."""
+    from icd.commands.launch import _asks_help
+    assert _asks_help(["--help"]) and _asks_help(["-n", "2", "--launcher=local", "-h"])
+    assert not _asks_help(["-n", "2", "--", "icd-train", "--help"])
+    assert not _asks_help(["-n", "2", "icd-train", "--help"])
+    assert not _asks_help(["-H", "--help"])   # a host file named --help
