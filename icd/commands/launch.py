@@ -238,10 +238,37 @@ def _quiet_tracker_threads() -> None:
     threading.excepthook = hook
 
 
+def _asks_help(argv: Sequence[str]) -> bool:
+    """-h / --help among the launcher's own options (not the command's, after them)."""
+    words = iter(argv)
+    for word in words:
+        if word in ("-h", "--help"):
+            return True
+        if word == "--" or not word.startswith("-"):
+            return False
+        if word in _VALUED and "=" not in word:
+            next(words, None)
+    return False
+
+
+def _help() -> int:
+    """This module's description, then MXNet's launcher's usage and options."""
+    print(__doc__.strip() + "\n")
+    sys.argv = ["icd-launch", "--help"]
+    try:
+        _mxnet_launch().main()
+    except SystemExit as e:
+        return e.code or 0
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the job of `argv` (default sys.argv[1:]); returns its exit status (module doc)."""
     threading.Thread.isAlive = threading.Thread.is_alive   # dmlc_tracker/tracker.py calls it
-    argv = _argv(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if _asks_help(argv):
+        return _help()
+    argv = _argv(argv)
     command = argv[argv.index("--") + 1:] if "--" in argv else []
     local = "--launcher=local" in argv or (
         "--launcher" in argv and argv[argv.index("--launcher") + 1:][:1] == ["local"])

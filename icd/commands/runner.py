@@ -15,6 +15,7 @@ still run.
 from __future__ import annotations
 
 import argparse
+import inspect
 import logging
 import sys
 import traceback
@@ -29,12 +30,11 @@ class UsageError(Exception):
 
 class Parser(argparse.ArgumentParser):
     """ArgumentParser whose errors are raised (not printed and exited), with --debug, and help
-    that shows the module docstring's examples and every default."""
+    that shows the command's whole module docstring, laid out as written, before the options,
+    and every default."""
 
     def __init__(self, doc: str, **kwargs):
-        lines = doc.strip().splitlines()
-        super().__init__(description=lines[0], epilog="\n".join(lines[1:]).strip() or None,
-                         formatter_class=_Formatter, **kwargs)
+        super().__init__(description=inspect.cleandoc(doc), formatter_class=_Formatter, **kwargs)
         self.add_argument("--debug", action="store_true",
                           help="show the traceback of an error (default: one line)")
 
