@@ -24,7 +24,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import cv2
 import numpy as np
 
-from .crf import dense_crf
+from .crf import SEEDS_CRF, dense_crf
 from .data.classes import classes_of_data
 from .data.voc import IGNORE_LABEL, NUM_CLASSES, VOC_CLASSES, check_exif_turn, read_image, \
     read_image_labels, read_list, write_mask
@@ -37,11 +37,9 @@ from .provenance import producing, read_record, require_outputs_apart, score_inf
 
 SALIENCY_BG = 0.01        # release: saliency < 0.01 is background
 SALIENCY_MIN_FG = 0.01    # release: < 1% non-background pixels -> fall back to the ICD background
-# Dense CRF (release, section 7): C + 1 labels, the background and the C classes (VOC: 21)
+# Dense CRF (release, section 7): C + 1 labels, the background and the C classes (VOC: 21);
+# its kernels are icd.crf.SEEDS_CRF
 CRF_SEED_PROB = 0.5
-CRF_ITERATIONS = 10
-CRF_GAUSSIAN = dict(sxy=3, compat=3)
-CRF_BILATERAL = dict(sxy=80, srgb=13, compat=10)
 CRF_MIN_PROB = 0.1
 
 # Seed folders under <results>/seeds (release layout for crf and sal; nocrf is ours, Table 3).
@@ -132,8 +130,9 @@ def crf_refine(image_rgb: np.ndarray, seed: np.ndarray,
     undefined (255) pixels get 0.5/K on every label; every pixel's p is then divided by its sum
     over the K labels (our reading of "renormalised"). A per-pixel constant in the unary cancels
     in the mean-field normalisation, so any per-pixel renormalisation gives the same output.
-    Pairwise: Gaussian sxy 3 compat 3; bilateral sxy 80 srgb 13 compat 10 on the RGB image.
-    10 iterations; argmax; 255 where the largest marginal is below 0.1.
+    Pairwise kernels and iterations: `icd.crf.SEEDS_CRF` (Gaussian sxy 3 compat 3; bilateral
+    sxy 80 srgb 13 compat 10 on the RGB image; 10 iterations). Argmax; 255 where the largest
+    marginal is below 0.1.
 
     Args:
         image_rgb: (H, W, 3) uint8 RGB.
@@ -151,7 +150,7 @@ def crf_refine(image_rgb: np.ndarray, seed: np.ndarray,
     rows, cols = np.nonzero(labelled)
     prob[seed[labelled].astype(np.int64), rows, cols] = CRF_SEED_PROB
     prob /= prob.sum(axis=0, keepdims=True)
-    marginals = dense_crf(image_rgb, prob, CRF_GAUSSIAN, CRF_BILATERAL, CRF_ITERATIONS)
+    marginals = dense_crf(image_rgb, prob, SEEDS_CRF)
     refined = marginals.argmax(axis=0).astype(np.uint8)
     refined[marginals.max(axis=0) < CRF_MIN_PROB] = IGNORE_LABEL
     return refined

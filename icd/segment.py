@@ -8,7 +8,7 @@ score cell i lands on pixel 8i, the centre of its receptive field (`upsample_sco
 training labels are read by `icd.model.losses.nearest_label`), cropped to the scaled image,
 resized to the image (bilinear, half-pixel centres as cv2 scaled it) and mirrored back; the
 probabilities are averaged over scales and flips. The prediction is their argmax, or, with
-`crf`, the argmax of a dense CRF with DeepLab-LargeFOV's parameters.
+`crf`, the argmax of a dense CRF with DeepLab-LargeFOV's parameters (`icd.crf.DEEPLAB_CRF`).
 
 Pipelining (`segment`): the images of batch t+1 are read by a thread pool and their forward is
 queued on the devices before the probabilities of batch t are copied back; the PNG/JPEG writes
@@ -38,7 +38,7 @@ from tqdm import tqdm
 from . import amp
 from .checkpoint import load_checkpoint
 from .config import Config
-from .crf import dense_crf
+from .crf import DEEPLAB_CRF, dense_crf
 from .data.transforms import INFER_SIZE, PAD_VALUE
 from .data.classes import classes_of_data
 from .data.voc import VOC_CLASSES, read_image, read_list, write_image
@@ -58,13 +58,6 @@ from .provenance import file_identity
 # on GPUs), through the convolutions' zero padding at the canvas border and the upsampling ratio.
 CANVAS_STEP = 64
 AUTOTUNE = "MXNET_CUDNN_AUTOTUNE_DEFAULT"
-# Dense CRF of DeepLab-LargeFOV (Chen et al., "Semantic Image Segmentation with Deep
-# Convolutional Nets and Fully Connected CRFs", ICLR 2015, Sec. 4 and the authors' released
-# DeepLab-LargeFOV setting): Gaussian kernel w2 = 3, theta_gamma = 3; bilateral kernel w1 = 4,
-# theta_alpha (xy) = 121, theta_beta (rgb) = 5; 10 mean-field iterations.
-CRF_GAUSSIAN = dict(sxy=3, compat=3)
-CRF_BILATERAL = dict(sxy=121, srgb=5, compat=4)
-CRF_ITERATIONS = 10
 # Paper Tables 7 (VGG16) and 8 (ResNet-101): DeepLab-LargeFOV trained on ICD seeds, VOC 2012
 # mIoU (%) (val, test); I. = image-level labels, I.+S. = with saliency seeds.
 PAPER_RESULTS = {"VGG16": {"I.": (61.2, 60.9), "I.+S.": (64.0, 63.9)},
@@ -174,7 +167,7 @@ def predict_probabilities(net: mx.gluon.Block, images: Sequence[np.ndarray],
 def predict_labels(image_rgb: np.ndarray, prob: np.ndarray, crf: bool = False) -> np.ndarray:
     """(H, W) uint8 class ids: argmax of (K, H, W) `prob`, after a dense CRF with `crf`."""
     if crf:
-        prob = dense_crf(image_rgb, prob, CRF_GAUSSIAN, CRF_BILATERAL, CRF_ITERATIONS)
+        prob = dense_crf(image_rgb, prob, DEEPLAB_CRF)
     return prob.argmax(axis=0).astype(np.uint8)
 
 
