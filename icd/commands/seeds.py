@@ -15,8 +15,8 @@ from typing import Optional, Sequence
 
 from ..data.classes import dataset_classes
 from ..seeds import make_seeds
-from .options import add_config_file, fill_from_config
-from .runner import Parser, add_classes_argument, positive_int, run, shard
+from .options import add_config_file, add_shard_argument, fill_from_config
+from .runner import Parser, add_classes_argument, positive_int, run
 
 
 def build_parser() -> Parser:
@@ -48,10 +48,7 @@ def build_parser() -> Parser:
     parser.add_argument("--cam-scores", default="scores_cam", help="CAM score folder")
     parser.add_argument("--out", default=None,
                         help="output folder (default: seeds/<variant>, see --icd-scores)")
-    parser.add_argument("--shard", type=shard, default=(0, 1), metavar="I/N",
-                        help="only shard I of N of the list (every N-th name from the I-th); "
-                             "N machines running the N shards into one folder write what one "
-                             "run writes (default: the whole list)")
+    add_shard_argument(parser)
     return parser
 
 
