@@ -14,7 +14,8 @@ import os
 from typing import Optional, Sequence
 
 from ..data.classes import dataset_classes
-from ..seeds import make_seeds
+from ..data.dataset import DataPaths
+from ..seeds import SeedSettings, make_seeds
 from .options import add_config_file, add_shard_argument, fill_from_config
 from .runner import Parser, add_classes_argument, positive_int, run
 
@@ -61,13 +62,13 @@ CONFIG_PATHS = {"results": lambda cfg, section: os.path.join(cfg.snapshot, "resu
 
 def _seeds(args: argparse.Namespace) -> int:
     fill_from_config(args, CONFIG_PATHS, required=tuple(CONFIG_PATHS)[:4])
-    summary = make_seeds(args.results, args.image_root, args.annotation_root, args.data_list,
-                         saliency_root=args.saliency_root, infer_size=args.infer_size,
-                         workers=args.workers, crf=not args.no_crf, overwrite=args.overwrite,
-                         icd_folder=args.icd_scores, cam_folder=args.cam_scores,
-                         out_dir=args.out, shard=args.shard,
-                         classes=dataset_classes(args.classes, args.image_root,
-                                                 args.annotation_root))
+    data = DataPaths(args.image_root, args.annotation_root, args.data_list,
+                     dataset_classes(args.classes, args.image_root, args.annotation_root))
+    settings = SeedSettings(crf=not args.no_crf, saliency_root=args.saliency_root,
+                            infer_size=args.infer_size, icd_folder=args.icd_scores,
+                            cam_folder=args.cam_scores)
+    summary = make_seeds(args.results, data, settings, out_dir=args.out, workers=args.workers,
+                         overwrite=args.overwrite, shard=args.shard)
     print(f"{summary['written']} written, {summary['skipped']} kept -> {summary['out_dir']}")
     return 0
 
