@@ -208,11 +208,11 @@ def build_results(root):
     return paths
 
 
-def _make(paths, workers=1, out_dir=None, overwrite=False, **settings):
+def _make(paths, workers=1, out_dir=None, overwrite=False, shard=(0, 1), **settings):
     return make_seeds(paths["results"],
                       DataPaths(paths["images"], paths["annotations"], paths["list"]),
                       SeedSettings(infer_size=S, **settings), out_dir=out_dir, workers=workers,
-                      overwrite=overwrite)
+                      overwrite=overwrite, shard=shard)
 
 
 @pytest.fixture
