@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import functools
 import os
+from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
@@ -42,6 +43,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from .data.classes import classes_of_data, segmentation_classes
+from .data.dataset import DataPaths
 from .data.voc import IGNORE_LABEL, VOC_CLASSES, read_image_labels, read_list, \
     read_mask
 from .io import atomic_path, write_json
@@ -339,66 +341,102 @@ def markdown_report(report: Mapping[str, object]) -> str:
     return "\n".join(lines)
 
 
-def evaluate(results_dir: str, gt_root: str, data_list: str,
-             seed_dirs: Optional[Sequence[str]] = None, annotation_root: Optional[str] = None,
-             image_root: Optional[str] = None, out_dir: Optional[str] = None,
-             infer_size: Optional[int] = None, thresholds: Sequence[float] = THRESHOLDS,
-             folders: Mapping[str, str] = METHOD_SCORE_FOLDERS, workers: int = 1,
-             num_overlays: int = 4, classes: Optional[Sequence[str]] = None,
-             ignore_unknown: bool = False) -> Dict[str, object]:
-    """Run every evaluation whose inputs are given and write the reports, over the dataset's
-    class list `classes` (label ids: 0 background, class index + 1; other labels are refused,
-    or left out and counted with `ignore_unknown`, `read_labels`).
+@dataclass(frozen=True)
+class EvalSettings:
+    """What `evaluate` evaluates, and how.
 
-    - seed mIoU of each folder of `seed_dirs` (relative to results_dir unless absolute; default:
-      every existing folder under `<results_dir>/seeds`);
-    - with `annotation_root`: the threshold study and pixel-level AP of `folders`;
-    - with `image_root`: seed overlays of the first `num_overlays` images.
+    seed_dirs: seed folders, relative to the results folder unless absolute (None: every folder
+        under `<results_dir>/seeds`).
+    folders: {"cam", "icd"} -> the score folders of the threshold study and the pixel AP.
+    thresholds: the T of the threshold study (Table 2).
+    infer_size: the side the score maps were made at (None: their provenance record's).
+    num_overlays: images in seed_overlays.png.
+    ignore_unknown: leave out, and count, the labels outside the class list (`read_labels`).
+    """
+    seed_dirs: Optional[Tuple[str, ...]] = None
+    folders: Mapping[str, str] = field(default_factory=lambda: dict(METHOD_SCORE_FOLDERS))
+    thresholds: Tuple[float, ...] = THRESHOLDS
+    infer_size: Optional[int] = None
+    num_overlays: int = 4
+    ignore_unknown: bool = False
+
+    def __post_init__(self):
+        if self.seed_dirs is not None:
+            object.__setattr__(self, "seed_dirs", tuple(self.seed_dirs))
+        object.__setattr__(self, "thresholds", tuple(self.thresholds))
+        object.__setattr__(self, "folders", dict(self.folders))
+
+
+def evaluate(results_dir: str, gt_root: str, data: DataPaths,
+             settings: EvalSettings = EvalSettings(), out_dir: Optional[str] = None,
+             workers: int = 1) -> Dict[str, object]:
+    """Run every evaluation whose inputs are given and write the reports, over the dataset's
+    class list `data.classes` (label ids: 0 background, class index + 1; other labels are
+    refused, or left out and counted with `settings.ignore_unknown`, `read_labels`), on the
+    images of `data.data_list` against the ground truth `<gt_root>/<name>.png`.
+
+    - seed mIoU of each folder of `settings.seed_dirs`;
+    - with `data.annotation_root`: the threshold study and pixel-level AP of `settings.folders`;
+    - with `data.image_root`: seed overlays of the first `settings.num_overlays` images.
     Writes `<out_dir>/eval.json` (fractions), `eval.md` (%), `threshold_study.png`,
-    `class_ap.png`, `seed_overlays.png`; out_dir defaults to `<results_dir>/eval`.
-    Returns the report written to eval.json.
+    `class_ap.png`, `seed_overlays.png`; out_dir defaults to `<results_dir>/eval`. `workers`:
+    processes. Returns the report written to eval.json.
 
     Inputs are checked first (icd.provenance): seed and score folders must be complete, the score
     folders from one inference run (`check_label_folders`, `score_infer_size`); `infer_size` None
     takes the size the scores were made at. With nothing to evaluate (no seed folder, no
-    `annotation_root`) it is an error naming `results_dir`, and nothing is written.
+    annotation root) it is an error naming `results_dir`, and nothing is written.
     """
-    classes = classes_of_data(classes, gt_root, annotation_root)
-    names = read_list(data_list)
+    data = replace(data, classes=classes_of_data(data.classes, gt_root, data.annotation_root))
+    names = read_list(data.data_list)
     out_dir = out_dir or os.path.join(results_dir, "eval")
+    seed_dirs = settings.seed_dirs
     if seed_dirs is None:
         root = os.path.join(results_dir, "seeds")
         seed_dirs = sorted(os.path.join("seeds", d) for d in os.listdir(root)
                            if os.path.isdir(os.path.join(root, d))) if os.path.isdir(root) else []
     seed_paths = {d: d if os.path.isabs(d) else os.path.join(results_dir, d) for d in seed_dirs}
-    if not seed_paths and annotation_root is None:
-        _nothing_to_evaluate(results_dir, folders)
-    check_label_folders(list(seed_paths.values()), classes)
-    if annotation_root is not None:
-        infer_size = score_infer_size(results_dir, list(folders.values()), names, infer_size,
-                                      INFER_SIZE, classes)
-    report: Dict[str, object] = {"data_list": os.path.abspath(data_list),
-                                 "num_images": len(names), "classes": list(classes)}
-    report["seeds"] = {d: evaluate_seeds(p, gt_root, names, workers, classes, ignore_unknown)
+    if not seed_paths and data.annotation_root is None:
+        _nothing_to_evaluate(results_dir, settings.folders)
+    check_label_folders(list(seed_paths.values()), data.classes)
+    if data.annotation_root is not None:
+        settings = replace(settings, infer_size=score_infer_size(
+            results_dir, list(settings.folders.values()), names, settings.infer_size,
+            INFER_SIZE, data.classes))
+    report: Dict[str, object] = {"data_list": os.path.abspath(data.data_list),
+                                 "num_images": len(names), "classes": list(data.classes)}
+    report["seeds"] = {d: evaluate_seeds(p, gt_root, names, workers, data.classes,
+                                         settings.ignore_unknown)
                        for d, p in seed_paths.items()}
     os.makedirs(out_dir, exist_ok=True)
-    if annotation_root is not None:
-        report["threshold_study"] = threshold_study(results_dir, gt_root, annotation_root, names,
-                                                    thresholds, infer_size, folders, workers,
-                                                    classes, ignore_unknown)
-        report["pixel_ap"] = pixel_ap(results_dir, gt_root, annotation_root, names, infer_size,
-                                      folders, classes, ignore_unknown)
-        plot_threshold_study(report["threshold_study"], os.path.join(out_dir,
-                                                                     "threshold_study.png"))
-        plot_class_ap(report["pixel_ap"], os.path.join(out_dir, "class_ap.png"))
-    if image_root is not None and seed_paths and num_overlays > 0:
-        plot_seed_overlays(image_root, gt_root, seed_paths, names[:num_overlays],
-                           os.path.join(out_dir, "seed_overlays.png"), classes)
+    if data.annotation_root is not None:
+        report.update(_score_reports(results_dir, gt_root, data, names, settings, out_dir,
+                                     workers))
+    if data.image_root is not None and seed_paths and settings.num_overlays > 0:
+        plot_seed_overlays(data.image_root, gt_root, seed_paths, names[:settings.num_overlays],
+                           os.path.join(out_dir, "seed_overlays.png"), data.classes)
     write_json(os.path.join(out_dir, "eval.json"), report, indent=2)
     with atomic_path(os.path.join(out_dir, "eval.md")) as tmp:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(markdown_report(report))
     return report
+
+
+def _score_reports(results_dir: str, gt_root: str, data: DataPaths, names: Sequence[str],
+                   settings: EvalSettings, out_dir: str, workers: int) -> Dict[str, object]:
+    """The evaluations of the score maps, {"threshold_study", "pixel_ap"}, and their figures
+    `<out_dir>/threshold_study.png`, `class_ap.png`."""
+    reports = {
+        "threshold_study": threshold_study(
+            results_dir, gt_root, data.annotation_root, names, settings.thresholds,
+            settings.infer_size, settings.folders, workers, data.classes,
+            settings.ignore_unknown),
+        "pixel_ap": pixel_ap(results_dir, gt_root, data.annotation_root, names,
+                             settings.infer_size, settings.folders, data.classes,
+                             settings.ignore_unknown)}
+    plot_threshold_study(reports["threshold_study"], os.path.join(out_dir, "threshold_study.png"))
+    plot_class_ap(reports["pixel_ap"], os.path.join(out_dir, "class_ap.png"))
+    return reports
 
 
 def _nothing_to_evaluate(results_dir: str, folders: Mapping[str, str]) -> None:

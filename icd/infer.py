@@ -59,6 +59,18 @@ def infer_settings(cfg: Config, params: str) -> Dict[str, object]:
             "classes": list(cfg.class_names), "amp": cfg.amp}
 
 
+def inference_network(cfg: Config, params: str, contexts: Sequence[mx.Context]
+                      ) -> mx.gluon.HybridBlock:
+    """The network of `cfg` with the checkpoint `params` on `contexts`, ready for inference
+    (icd-infer, icd-infer-seg, icd-run): in `cfg.amp` precision (enabled here too, for a process
+    that did not train it), hybridized with static memory."""
+    amp.enable(cfg.amp, contexts)
+    net = model_from_config(cfg)
+    load_checkpoint(net, params, contexts)
+    net.hybridize(static_alloc=True)
+    return net
+
+
 def infer(cfg: Config, params: str, out_dir: str, contexts: Sequence[mx.Context],
           shard: Tuple[int, int] = (0, 1)) -> List[str]:
     """Write the score maps of every image of `cfg.data_list` (of its shard (I, N):
@@ -69,10 +81,7 @@ def infer(cfg: Config, params: str, out_dir: str, contexts: Sequence[mx.Context]
     another class list than cfg's; a failure leaves the folders marked failed.
     """
     require_checkpoint_classes(params, cfg.class_names)   # its scores' class order
-    amp.enable(cfg.amp, contexts)
-    net = model_from_config(cfg)
-    load_checkpoint(net, params, contexts)
-    net.hybridize(static_alloc=True)
+    net = inference_network(cfg, params, contexts)
     loader = infer_loader(cfg.image_root, cfg.superpixel_root, cfg.annotation_root,
                           cfg.data_list, image_size=cfg.infer_size,
                           batch_size=cfg.infer_batch_size, num_workers=cfg.num_workers,
@@ -92,11 +101,9 @@ def _queue(net, batch, contexts: Sequence[mx.Context]) -> Tuple[list, List[dict]
     """Queue one loader batch's forward on the devices: (the batch, outputs of each device)."""
     data, superpixel, label = batch[:3]
     parts = split_batch({"data": data, "superpixel": superpixel, "label": label}, contexts)
-    for part in parts:
-        part["warm"] = mx.nd.ones((1,), ctx=part["data"].context)
     # float32 score maps whatever the precision (--amp: a convolution's output is low precision)
     outputs = [{name: out.astype("float32", copy=False) for name, out in
-                zip(net.output_names, net(*[part[n] for n in net.input_names]))}
+                zip(net.output_names, net(*[part[n] for n in net.infer_input_names]))}
                for part in parts]
     return batch, outputs
 

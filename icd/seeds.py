@@ -8,9 +8,9 @@ The release's `_generate_seed` is split into pieces that the evaluation reuses:
   threshold study of Table 2);
 - `crf_refine`: the dense CRF post-processing;
 - `generate_seed`: the release's per-image function (resize, rule, CRF);
-- `make_seeds`: all images of a list, multi-process, resumable, atomic; it reads the score
-  folders' provenance (icd.provenance: complete, one inference run, the size they were made at)
-  and records its own in the seed folder.
+- `make_seeds`: all images of a list (`DataPaths`) with `SeedSettings`, multi-process,
+  resumable, atomic; it reads the score folders' provenance (icd.provenance: complete, one
+  inference run, the size they were made at) and records its own in the seed folder.
 
 Seed values: class index + 1 on the foreground (the index in the dataset's class list,
 `icd.data.classes`; VOC's by default), 0 on the background, 255 undefined.
@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import functools
 import os
+from dataclasses import dataclass, replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
 
-from .crf import dense_crf
+from .crf import SEEDS_CRF, dense_crf
 from .data.classes import classes_of_data
+from .data.dataset import DataPaths
 from .data.voc import IGNORE_LABEL, NUM_CLASSES, VOC_CLASSES, check_exif_turn, read_image, \
     read_image_labels, read_list, write_mask
 from .data.transforms import INFER_SIZE
@@ -37,11 +39,9 @@ from .provenance import producing, read_record, require_outputs_apart, score_inf
 
 SALIENCY_BG = 0.01        # release: saliency < 0.01 is background
 SALIENCY_MIN_FG = 0.01    # release: < 1% non-background pixels -> fall back to the ICD background
-# Dense CRF (release, section 7): C + 1 labels, the background and the C classes (VOC: 21)
+# Dense CRF (release, section 7): C + 1 labels, the background and the C classes (VOC: 21);
+# its kernels are icd.crf.SEEDS_CRF
 CRF_SEED_PROB = 0.5
-CRF_ITERATIONS = 10
-CRF_GAUSSIAN = dict(sxy=3, compat=3)
-CRF_BILATERAL = dict(sxy=80, srgb=13, compat=10)
 CRF_MIN_PROB = 0.1
 
 # Seed folders under <results>/seeds (release layout for crf and sal; nocrf is ours, Table 3).
@@ -132,8 +132,9 @@ def crf_refine(image_rgb: np.ndarray, seed: np.ndarray,
     undefined (255) pixels get 0.5/K on every label; every pixel's p is then divided by its sum
     over the K labels (our reading of "renormalised"). A per-pixel constant in the unary cancels
     in the mean-field normalisation, so any per-pixel renormalisation gives the same output.
-    Pairwise: Gaussian sxy 3 compat 3; bilateral sxy 80 srgb 13 compat 10 on the RGB image.
-    10 iterations; argmax; 255 where the largest marginal is below 0.1.
+    Pairwise kernels and iterations: `icd.crf.SEEDS_CRF` (Gaussian sxy 3 compat 3; bilateral
+    sxy 80 srgb 13 compat 10 on the RGB image; 10 iterations). Argmax; 255 where the largest
+    marginal is below 0.1.
 
     Args:
         image_rgb: (H, W, 3) uint8 RGB.
@@ -151,7 +152,7 @@ def crf_refine(image_rgb: np.ndarray, seed: np.ndarray,
     rows, cols = np.nonzero(labelled)
     prob[seed[labelled].astype(np.int64), rows, cols] = CRF_SEED_PROB
     prob /= prob.sum(axis=0, keepdims=True)
-    marginals = dense_crf(image_rgb, prob, CRF_GAUSSIAN, CRF_BILATERAL, CRF_ITERATIONS)
+    marginals = dense_crf(image_rgb, prob, SEEDS_CRF)
     refined = marginals.argmax(axis=0).astype(np.uint8)
     refined[marginals.max(axis=0) < CRF_MIN_PROB] = IGNORE_LABEL
     return refined
@@ -240,40 +241,58 @@ def default_seed_dir(results_dir: str, variant: str, icd_folder: str = "scores_i
     return os.path.join(results_dir, "seeds", folder)
 
 
-def _seed_one(name: str, results_dir: str, image_root: str, annotation_root: str,
-              saliency_root: Optional[str], infer_size: int, crf: bool, icd_folder: str,
-              cam_folder: str, out_dir: str, classes: Sequence[str]) -> str:
+@dataclass(frozen=True)
+class SeedSettings:
+    """How `make_seeds` makes seeds (docs/release.md section 7).
+
+    crf: a dense CRF after the rule (`crf_refine`, icd.crf.SEEDS_CRF); ignored with saliency.
+    saliency_root: folder of <name>.png saliency maps: the release's `sal` seeds, no CRF.
+    infer_size: the side the score maps were made at (None: the size their provenance record
+        names, INFER_SIZE without one; another value than the record's is an error).
+    icd_folder, cam_folder: the score folders under the results folder.
+    """
+    crf: bool = True
+    saliency_root: Optional[str] = None
+    infer_size: Optional[int] = None
+    icd_folder: str = "scores_icd"
+    cam_folder: str = "scores_cam"
+
+    @property
+    def variant(self) -> str:
+        """The seed folder's name for these settings (SEED_VARIANTS): sal, crf or nocrf."""
+        return "sal" if self.saliency_root is not None else ("crf" if self.crf else "nocrf")
+
+
+def _seed_one(name: str, results_dir: str, data: DataPaths, settings: SeedSettings,
+              out_dir: str) -> str:
     """Worker: write `<out_dir>/<name>.png`. Returns the name."""
-    labels, (cam, icd) = load_image_scores(results_dir, annotation_root, name,
-                                           (cam_folder, icd_folder), classes)
-    image_path = os.path.join(image_root, name + ".jpg")
+    labels, (cam, icd) = load_image_scores(results_dir, data.annotation_root, name,
+                                           (settings.cam_folder, settings.icd_folder),
+                                           data.classes)
+    image_path = os.path.join(data.image_root, name + ".jpg")
     image = read_image(image_path)
     saliency = None
-    if saliency_root is not None:
-        saliency = read_saliency(os.path.join(saliency_root, name + ".png"))
-        check_exif_turn(image_path, image.shape, os.path.join(saliency_root, name + ".png"),
-                        saliency.shape, "saliency map")
+    if settings.saliency_root is not None:
+        saliency_path = os.path.join(settings.saliency_root, name + ".png")
+        saliency = read_saliency(saliency_path)
+        check_exif_turn(image_path, image.shape, saliency_path, saliency.shape, "saliency map")
         if saliency.shape != image.shape[:2]:
-            raise ValueError(f"{os.path.join(saliency_root, name + '.png')}: saliency "
-                             f"{saliency.shape} does not match the image {image.shape[:2]}")
+            raise ValueError(f"{saliency_path}: saliency {saliency.shape} does not match the "
+                             f"image {image.shape[:2]}")
     try:
-        seed = generate_seed(image, cam, icd, labels, infer_size, saliency, use_crf=crf,
-                             num_classes=len(classes))
+        seed = generate_seed(image, cam, icd, labels, settings.infer_size, saliency,
+                             use_crf=settings.crf, num_classes=len(data.classes))
     except ValueError as e:
         raise ValueError(f"{image_path}: {e}") from None
     write_mask(os.path.join(out_dir, name + ".png"), seed)
     return name
 
 
-def make_seeds(results_dir: str, image_root: str, annotation_root: str, data_list: str,
-               saliency_root: Optional[str] = None, infer_size: Optional[int] = None,
-               workers: int = 1, crf: bool = True, overwrite: bool = False,
-               icd_folder: str = "scores_icd", cam_folder: str = "scores_cam",
-               out_dir: Optional[str] = None,
-               shard: Tuple[int, int] = (0, 1),
-               classes: Optional[Sequence[str]] = None) -> Dict[str, object]:
-    """Seeds for every image of `data_list` as single-channel 8-bit label PNGs (`write_mask`):
-    class index in `classes` + 1, 0 background, 255 undefined.
+def make_seeds(results_dir: str, data: DataPaths, settings: SeedSettings = SeedSettings(),
+               out_dir: Optional[str] = None, workers: int = 1, overwrite: bool = False,
+               shard: Tuple[int, int] = (0, 1)) -> Dict[str, object]:
+    """Seeds for every image of `data.data_list` as single-channel 8-bit label PNGs
+    (`write_mask`): class index in `data.classes` + 1, 0 background, 255 undefined.
 
     Reads `<results_dir>/<cam_folder>/<name>.npy`, `<results_dir>/<icd_folder>/<name>.npy`,
     `<image_root>/<name>.jpg`, `<annotation_root>/<name>.xml` (and `<saliency_root>/<name>.png`).
@@ -282,8 +301,9 @@ def make_seeds(results_dir: str, image_root: str, annotation_root: str, data_lis
     settings are kept unless `overwrite` (resumable); each PNG is written atomically.
 
     The score folders must be complete and from one inference run (icd.provenance);
-    `infer_size` None takes the size they were made at (INFER_SIZE without a record), an explicit
-    other value is an error. A seed folder of other settings is refused unless `overwrite`.
+    `settings.infer_size` None takes the size they were made at (INFER_SIZE without a record), an
+    explicit other value is an error. A seed folder of other settings is refused unless
+    `overwrite`.
 
     Args:
         workers: processes; <= 1 runs in this process.
@@ -292,29 +312,36 @@ def make_seeds(results_dir: str, image_root: str, annotation_root: str, data_lis
     Returns:
         {"written": n, "skipped": m, "out_dir": out_dir}.
     """
-    classes = classes_of_data(classes, image_root, annotation_root)
-    variant = "sal" if saliency_root is not None else ("crf" if crf else "nocrf")
-    out_dir = out_dir or default_seed_dir(results_dir, variant, icd_folder)
+    data = replace(data, classes=classes_of_data(data.classes, data.image_root,
+                                                 data.annotation_root))
+    folders = (settings.cam_folder, settings.icd_folder)
+    out_dir = out_dir or default_seed_dir(results_dir, settings.variant, settings.icd_folder)
     require_outputs_apart({"--out": out_dir}, {
-        "--results": results_dir, "--results/--cam-scores": os.path.join(results_dir, cam_folder),
-        "--results/--icd-scores": os.path.join(results_dir, icd_folder),
-        "--image-root": image_root, "--annotation-root": annotation_root,
-        "--saliency-root": saliency_root})
-    names = shard_names(read_list(data_list), shard)
-    infer_size = score_infer_size(results_dir, (cam_folder, icd_folder), names, infer_size,
-                                  INFER_SIZE, classes)
-    scores = {folder: (read_record(os.path.join(results_dir, folder)) or {}).get("fingerprint")
-              for folder in (cam_folder, icd_folder)}
-    settings = dict(scores=scores, infer_size=infer_size, crf=crf,
-                    saliency_root=saliency_root and os.path.abspath(saliency_root),
-                    image_root=os.path.abspath(image_root),
-                    annotation_root=os.path.abspath(annotation_root), classes=list(classes))
-    with producing([out_dir], "seeds", settings, overwrite, shard, names):
+        "--results": results_dir,
+        "--results/--cam-scores": os.path.join(results_dir, settings.cam_folder),
+        "--results/--icd-scores": os.path.join(results_dir, settings.icd_folder),
+        "--image-root": data.image_root, "--annotation-root": data.annotation_root,
+        "--saliency-root": settings.saliency_root})
+    names = shard_names(read_list(data.data_list), shard)
+    settings = replace(settings, infer_size=score_infer_size(
+        results_dir, folders, names, settings.infer_size, INFER_SIZE, data.classes))
+    with producing([out_dir], "seeds", _seed_record(results_dir, data, settings), overwrite,
+                   shard, names):
         todo = [n for n in names if not os.path.isfile(os.path.join(out_dir, n + ".png"))]
-        job = functools.partial(_seed_one, results_dir=results_dir, image_root=image_root,
-                                annotation_root=annotation_root, saliency_root=saliency_root,
-                                infer_size=infer_size, crf=crf, icd_folder=icd_folder,
-                                cam_folder=cam_folder, out_dir=out_dir, classes=tuple(classes))
+        job = functools.partial(_seed_one, results_dir=results_dir, data=data,
+                                settings=settings, out_dir=out_dir)
         for _ in map_images(job, todo, workers, f"seeds -> {out_dir}"):
             pass
     return {"written": len(todo), "skipped": len(names) - len(todo), "out_dir": out_dir}
+
+
+def _seed_record(results_dir: str, data: DataPaths, settings: SeedSettings) -> Dict[str, object]:
+    """What a seed folder's provenance record names and compares (icd.provenance): the score
+    folders' fingerprints, the settings, the roots and the class list."""
+    scores = {folder: (read_record(os.path.join(results_dir, folder)) or {}).get("fingerprint")
+              for folder in (settings.cam_folder, settings.icd_folder)}
+    return dict(scores=scores, infer_size=settings.infer_size, crf=settings.crf,
+                saliency_root=settings.saliency_root and os.path.abspath(settings.saliency_root),
+                image_root=os.path.abspath(data.image_root),
+                annotation_root=os.path.abspath(data.annotation_root),
+                classes=list(data.classes))

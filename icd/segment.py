@@ -8,7 +8,7 @@ score cell i lands on pixel 8i, the centre of its receptive field (`upsample_sco
 training labels are read by `icd.model.losses.nearest_label`), cropped to the scaled image,
 resized to the image (bilinear, half-pixel centres as cv2 scaled it) and mirrored back; the
 probabilities are averaged over scales and flips. The prediction is their argmax, or, with
-`crf`, the argmax of a dense CRF with DeepLab-LargeFOV's parameters.
+`crf`, the argmax of a dense CRF with DeepLab-LargeFOV's parameters (`icd.crf.DEEPLAB_CRF`).
 
 Pipelining (`segment`): the images of batch t+1 are read by a thread pool and their forward is
 queued on the devices before the probabilities of batch t are copied back; the PNG/JPEG writes
@@ -27,6 +27,7 @@ import contextlib
 import multiprocessing
 import os
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from typing import (Callable, ContextManager, Deque, Dict, List, Mapping, Optional, Sequence,
                     Tuple)
 
@@ -35,18 +36,18 @@ import mxnet as mx
 import numpy as np
 from tqdm import tqdm
 
-from . import amp
-from .checkpoint import load_checkpoint
 from .config import Config
-from .crf import dense_crf
+from .crf import DEEPLAB_CRF, dense_crf
 from .data.transforms import INFER_SIZE, PAD_VALUE
 from .data.classes import classes_of_data
+from .data.dataset import DataPaths
 from .data.voc import VOC_CLASSES, read_image, read_list, write_image
 from .devices import shard_names
 from .evaluate import evaluate_seeds
+from .infer import inference_network
 from .visualize import overlay
 from .io import atomic_path, write_json
-from .model import model_from_config, model_options
+from .model import model_options
 from .model.losses import OUTPUT_STRIDE
 from .provenance import file_identity
 
@@ -58,13 +59,6 @@ from .provenance import file_identity
 # on GPUs), through the convolutions' zero padding at the canvas border and the upsampling ratio.
 CANVAS_STEP = 64
 AUTOTUNE = "MXNET_CUDNN_AUTOTUNE_DEFAULT"
-# Dense CRF of DeepLab-LargeFOV (Chen et al., "Semantic Image Segmentation with Deep
-# Convolutional Nets and Fully Connected CRFs", ICLR 2015, Sec. 4 and the authors' released
-# DeepLab-LargeFOV setting): Gaussian kernel w2 = 3, theta_gamma = 3; bilateral kernel w1 = 4,
-# theta_alpha (xy) = 121, theta_beta (rgb) = 5; 10 mean-field iterations.
-CRF_GAUSSIAN = dict(sxy=3, compat=3)
-CRF_BILATERAL = dict(sxy=121, srgb=5, compat=4)
-CRF_ITERATIONS = 10
 # Paper Tables 7 (VGG16) and 8 (ResNet-101): DeepLab-LargeFOV trained on ICD seeds, VOC 2012
 # mIoU (%) (val, test); I. = image-level labels, I.+S. = with saliency seeds.
 PAPER_RESULTS = {"VGG16": {"I.": (61.2, 60.9), "I.+S.": (64.0, 63.9)},
@@ -174,7 +168,7 @@ def predict_probabilities(net: mx.gluon.Block, images: Sequence[np.ndarray],
 def predict_labels(image_rgb: np.ndarray, prob: np.ndarray, crf: bool = False) -> np.ndarray:
     """(H, W) uint8 class ids: argmax of (K, H, W) `prob`, after a dense CRF with `crf`."""
     if crf:
-        prob = dense_crf(image_rgb, prob, CRF_GAUSSIAN, CRF_BILATERAL, CRF_ITERATIONS)
+        prob = dense_crf(image_rgb, prob, DEEPLAB_CRF)
     return prob.argmax(axis=0).astype(np.uint8)
 
 
@@ -196,34 +190,62 @@ def _write_prediction(out_dir: str, name: str, image: np.ndarray, prob: np.ndarr
                 overlay(image, labels, classes=classes))
 
 
-def segment(net: mx.gluon.Block, image_root: str, data_list: str, out_dir: str,
-            contexts: Sequence[mx.Context], scales: Sequence[float] = (1.0,),
-            flip: bool = False, crf: bool = False, infer_size: int = INFER_SIZE,
-            batch_size: int = 4, overwrite: bool = False,
+@dataclass(frozen=True)
+class SegmentSettings:
+    """DeepLab's inference (module doc): the `scales` (positive) and `flip` averaged, the dense
+    CRF with `crf` (icd.crf.DEEPLAB_CRF), the inference size, `batch_size` canvases per forward
+    and `canvas_step` (`canvas_side`; 0: DeepLab's padding)."""
+    scales: Tuple[float, ...] = (1.0,)
+    flip: bool = False
+    crf: bool = False
+    infer_size: int = INFER_SIZE
+    batch_size: int = 4
+    canvas_step: int = 0
+
+    def __post_init__(self):
+        scales = tuple(float(s) for s in self.scales)
+        if not scales or min(scales) <= 0:
+            raise ValueError(f"scales must be positive numbers, got {scales}")
+        object.__setattr__(self, "scales", scales)
+
+    @classmethod
+    def of(cls, cfg: Config, canvas_step: int = 0) -> "SegmentSettings":
+        """The settings of a Config (its scales, flip, crf, infer_size, infer_batch_size)."""
+        return cls(cfg.scales, cfg.flip, cfg.crf, cfg.infer_size, cfg.infer_batch_size,
+                   canvas_step)
+
+
+def segment(net: mx.gluon.Block, data: DataPaths, out_dir: str, contexts: Sequence[mx.Context],
+            settings: SegmentSettings = SegmentSettings(), overwrite: bool = False,
             shard: Tuple[int, int] = (0, 1),
-            classes: Optional[Sequence[str]] = None, canvas_step: int = 0,
             host_workers: int = min(4, os.cpu_count() or 1)) -> List[str]:
-    """Predict every image `<image_root>/<name>.jpg` of `data_list` (Config fields `scales`,
-    `flip`, `crf`: see the module doc).
+    """Predict every image `<image_root>/<name>.jpg` of `data.data_list` with `settings` (the
+    module doc; `data.annotation_root` is not read).
 
     Writes `<out_dir>/pred/<name>.png` (ids) and `<out_dir>/overlay/<name>.jpg` (colours of the
-    class list `classes`, `icd.data.classes.class_palette`),
-    each atomically. Images whose prediction exists are skipped unless `overwrite` (resumable).
-    Every batch is fed as `batch_size` canvases of side `canvas_side(..., canvas_step)` (with
+    class list `data.classes`, `icd.data.classes.class_palette`), each atomically. Images whose
+    prediction exists are skipped unless `overwrite` (resumable). Every batch is fed as
+    `settings.batch_size` canvases of side `canvas_side(..., settings.canvas_step)` (with
     `canvas_step` CANVAS_STEP the network meets a few input shapes; 0: DeepLab's padding).
     While the devices work, two threads read images and `host_workers` threads write the
     outputs, with as many processes for the CRF (0: the CRF and the writes in one thread;
-    module doc). Returns the names of the list (of shard (I, N)
-    of it: icd.devices.shard_names).
+    module doc). Returns the names of the list (of shard (I, N) of it:
+    icd.devices.shard_names).
     """
-    classes = classes_of_data(classes, image_root)
-    scales = tuple(float(s) for s in scales)
-    if not scales or min(scales) <= 0:
-        raise ValueError(f"scales must be positive numbers, got {scales}")
-    names = shard_names(read_list(data_list), shard)
+    data = replace(data, classes=classes_of_data(data.classes, data.image_root))
+    names = shard_names(read_list(data.data_list), shard)
     todo = [n for n in names
             if overwrite or not os.path.isfile(os.path.join(out_dir, "pred", n + ".png"))]
-    batches = [todo[start:start + batch_size] for start in range(0, len(todo), batch_size)]
+    size = settings.batch_size
+    batches = [todo[start:start + size] for start in range(0, len(todo), size)]
+    _predict(net, batches, data, out_dir, contexts, settings, host_workers)
+    return names
+
+
+def _predict(net: mx.gluon.Block, batches: Sequence[Sequence[str]], data: DataPaths,
+             out_dir: str, contexts: Sequence[mx.Context], settings: SegmentSettings,
+             host_workers: int) -> None:
+    """`segment`'s pipelined loop over the `batches` of names (module doc)."""
     workers = max(host_workers, 1)
     with contextlib.ExitStack() as stack:
         reader = stack.enter_context(ThreadPoolExecutor(2, thread_name_prefix="segment-read"))
@@ -233,16 +255,17 @@ def segment(net: mx.gluon.Block, image_root: str, data_list: str, out_dir: str,
         # do not survive a fork)
         crf_pool = stack.enter_context(ProcessPoolExecutor(
             workers, mp_context=multiprocessing.get_context("spawn"))) \
-            if crf and host_workers > 0 else None
+            if settings.crf and host_workers > 0 else None
 
         def read(t: int) -> List[Future]:
-            return [reader.submit(read_image, os.path.join(image_root, n + ".jpg"))
+            return [reader.submit(read_image, os.path.join(data.image_root, n + ".jpg"))
                     for n in batches[t]] if t < len(batches) else []
 
         def queue(reads: List[Future]):
             images = [r.result() for r in reads]
-            return images, queue_probabilities(net, images, contexts, infer_size, scales, flip,
-                                               canvas_step, batch_size)
+            return images, queue_probabilities(net, images, contexts, settings.infer_size,
+                                               settings.scales, settings.flip,
+                                               settings.canvas_step, settings.batch_size)
 
         writes: Deque[Future] = collections.deque()
         reads = read(0)
@@ -254,12 +277,12 @@ def segment(net: mx.gluon.Block, image_root: str, data_list: str, out_dir: str,
             queued = queue(reads) if t + 1 < len(batches) else None   # before t's host copy
             for name, image, prob in zip(batches[t], images, probs):
                 writes.append(writer.submit(_write_prediction, out_dir, name, image,
-                                            prob.asnumpy(), crf, classes, crf_pool))
-            while len(writes) > 2 * batch_size:   # bounded host memory; errors surface here
+                                            prob.asnumpy(), settings.crf, data.classes,
+                                            crf_pool))
+            while len(writes) > 2 * settings.batch_size:   # bounded host memory; errors here
                 writes.popleft().result()
         for write in writes:
             write.result()
-    return names
 
 
 def infer_segmentation(cfg: Config, params: str, out_dir: str, contexts: Sequence[mx.Context],
@@ -267,24 +290,20 @@ def infer_segmentation(cfg: Config, params: str, out_dir: str, contexts: Sequenc
                        canvas_step: int = 0,
                        record: Optional[Callable[[], ContextManager]] = None) -> List[str]:
     """The DeepLab inference of icd-infer-seg and icd-run: the network of `cfg` from checkpoint
-    `params` on `contexts`, in `cfg.amp` precision (enabled here too, for a process that did
-    not train it), predicting `cfg.data_list` into `out_dir` with `segment` (cfg's scales,
-    flip, CRF, inference size and batch; `workers` writer threads and CRF processes). With
-    `canvas_step` 0 every image size is an input shape of its own: cuDNN autotune is turned
-    off for the process (AUTOTUNE=0) unless the user set it. `record`: the context of the
-    writes (icd-infer-seg's provenance record, icd.provenance.producing), entered once the
-    checkpoint is loaded. Returns the names of the list."""
+    `params` on `contexts` (icd.infer.inference_network), predicting `cfg.data_list` into
+    `out_dir` with `segment` (cfg's scales, flip, CRF, inference size and batch,
+    `SegmentSettings.of`; `workers` writer threads and CRF processes). With `canvas_step` 0
+    every image size is an input shape of its own: cuDNN autotune is turned off for the process
+    (AUTOTUNE=0) unless the user set it. `record`: the context of the writes (icd-infer-seg's
+    provenance record, icd.provenance.producing), entered once the checkpoint is loaded.
+    Returns the names of the list."""
     if canvas_step == 0:
         os.environ.setdefault(AUTOTUNE, "0")
-    amp.enable(cfg.amp, contexts)
-    net = model_from_config(cfg)
-    load_checkpoint(net, params, contexts)
-    net.hybridize(static_alloc=True)
+    net = inference_network(cfg, params, contexts)
     with record() if record else contextlib.nullcontext():
-        return segment(net, cfg.image_root, cfg.data_list, out_dir, contexts, cfg.scales,
-                       cfg.flip, cfg.crf, cfg.infer_size, cfg.infer_batch_size,
-                       overwrite=overwrite, shard=shard, classes=cfg.class_names,
-                       canvas_step=canvas_step, host_workers=workers)
+        return segment(net, DataPaths.of(cfg), out_dir, contexts,
+                       SegmentSettings.of(cfg, canvas_step), overwrite=overwrite, shard=shard,
+                       host_workers=workers)
 
 
 def backbone_of(model: str) -> str:

@@ -12,7 +12,7 @@ from icd.commands import train as train_command
 from icd.config import load_config
 from icd.data.classes import VOC_CLASSES, class_palette, read_classes, segmentation_classes, \
     voc_palette, write_classes
-from icd.data.dataset import train_loader
+from icd.data.dataset import DataPaths, train_loader
 from icd.data.superpixels import make_superpixels
 from icd.data.synthetic import make_synthetic_voc
 from icd.data.voc import read_image_labels, read_list, read_mask, write_annotation, write_mask
@@ -202,14 +202,14 @@ def test_train_infer_seeds_eval_on_any_class_list(tmp_path, num_classes):
     assert infer_command.main(common + ["--epoch", "0"]) == 0
     results = os.path.join(snapshot, "results")
     data_list = flags[-1]
-    make_seeds(results, str(root / "JPEGImages"), str(root / "Annotations"), data_list,
-               classes=classes)
+    data = DataPaths(str(root / "JPEGImages"), str(root / "Annotations"), data_list, classes)
+    make_seeds(results, data)
     for name in read_list(data_list):
         labels = read_image_labels(str(root / "Annotations" / f"{name}.xml"), classes)
         seed = read_mask(os.path.join(results, "seeds", "crf", f"{name}.png"))
         assert set(np.unique(seed)) <= {0, 255} | {c + 1 for c in labels}, name
-    report = evaluate(results, str(root / "SegmentationClass"), data_list,
-                      annotation_root=str(root / "Annotations"), classes=classes)
+    report = evaluate(results, str(root / "SegmentationClass"),
+                      DataPaths(None, str(root / "Annotations"), data_list, classes))
     with open(os.path.join(results, "eval", "eval.json"), encoding="utf-8") as f:
         written = json.load(f)
     assert written["classes"] == list(classes)

@@ -12,7 +12,7 @@ from mxnet import autograd, init
 
 from icd.checkpoint import initialize, load_checkpoint, random_imagenet_params, read_params, \
     release_key, release_keys, save_checkpoint
-from icd.crf import dense_crf
+from icd.crf import DEEPLAB_CRF, dense_crf
 from icd.model.backbone import is_imagenet_key, pool5
 from icd.data.segmentation import SegmentationDataset, segmentation_loader, \
     segmentation_transform
@@ -21,7 +21,7 @@ from icd.evaluate import SEG_CLASSES, evaluate_seeds
 from icd.model import MODELS, build_model
 from icd.model.deeplab import DilatedResNet101, vgg16_largefov
 from icd.model.losses import nearest_label, segmentation_loss
-from icd.segment import CRF_BILATERAL, CRF_GAUSSIAN, CRF_ITERATIONS, markdown_table, \
+from icd.segment import markdown_table, \
     predict_labels, predict_probabilities, upsample_scores
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -568,13 +568,13 @@ def test_crf_cleans_a_noisy_square():
     prob = prob.astype(np.float32)
     assert (predict_labels(image, prob) != truth).mean() > 0.15
     np.testing.assert_array_equal(predict_labels(image, prob, crf=True), truth)
-    marginals = dense_crf(image, prob, CRF_GAUSSIAN, CRF_BILATERAL, CRF_ITERATIONS)
+    marginals = dense_crf(image, prob, DEEPLAB_CRF)
     np.testing.assert_allclose(marginals.sum(axis=0), 1, atol=1e-4)
 
 
 def test_crf_parameters_are_deeplab_largefovs():
-    assert CRF_BILATERAL == dict(sxy=121, srgb=5, compat=4)
-    assert CRF_GAUSSIAN == dict(sxy=3, compat=3) and CRF_ITERATIONS == 10
+    assert DEEPLAB_CRF.bilateral == dict(sxy=121, srgb=5, compat=4)
+    assert DEEPLAB_CRF.gaussian == dict(sxy=3, compat=3) and DEEPLAB_CRF.iterations == 10
 
 
 def test_markdown_table_layout():

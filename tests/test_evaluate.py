@@ -11,10 +11,11 @@ from PIL import Image
 
 from icd.commands import evaluate as evaluate_command
 from icd.data.voc import VOC_CLASSES, read_mask, voc_palette, write_mask
-from icd.evaluate import evaluate, evaluate_seeds, pixel_ap, threshold_study
+from icd.data.dataset import DataPaths
+from icd.evaluate import EvalSettings, evaluate, evaluate_seeds, pixel_ap, threshold_study
 from icd.metrics import average_precision, class_iou, confusion_matrix, mean_iou
 from icd.provenance import producing
-from icd.seeds import make_seeds
+from icd.seeds import SeedSettings, make_seeds
 from test_seeds import S, build_results
 
 
@@ -131,8 +132,9 @@ def test_pixel_ap_by_hand(tmp_path):
 def tiny(tmp_path):
     paths = build_results(str(tmp_path))
     for crf in (False, True):
-        make_seeds(paths["results"], paths["images"], paths["annotations"], paths["list"],
-                   infer_size=S, crf=crf)
+        make_seeds(paths["results"],
+                   DataPaths(paths["images"], paths["annotations"], paths["list"]),
+                   SeedSettings(infer_size=S, crf=crf))
     return paths
 
 
@@ -175,9 +177,9 @@ def test_palette_and_grey_ground_truth_give_the_same_miou(tiny, tmp_path):
 
 def test_evaluate_writes_reports(tiny):
     out = os.path.join(tiny["results"], "eval")
-    report = evaluate(tiny["results"], tiny["gt"], tiny["list"],
-                      annotation_root=tiny["annotations"], image_root=tiny["images"],
-                      infer_size=S, workers=2, num_overlays=2)
+    report = evaluate(tiny["results"], tiny["gt"],
+                      DataPaths(tiny["images"], tiny["annotations"], tiny["list"]),
+                      EvalSettings(infer_size=S, num_overlays=2), workers=2)
     assert set(report["seeds"]) == {os.path.join("seeds", "crf"), os.path.join("seeds", "nocrf")}
     assert 0 < report["seeds"][os.path.join("seeds", "nocrf")]["miou"] <= 1
     with open(os.path.join(out, "eval.json")) as f:

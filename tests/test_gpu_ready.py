@@ -24,7 +24,7 @@ from icd.checkpoint import gather, initialize, load_checkpoint, save_checkpoint
 from icd.commands import superpixels as superpixels_command
 from icd.data import superpixels as sp
 from icd.config import Config, load_config
-from icd.data.dataset import InferDataset, infer_loader, train_loader
+from icd.data.dataset import DataPaths, InferDataset, infer_loader, train_loader
 from icd.data.segmentation import segmentation_loader
 from icd.features import cell_shares, conv5_feature_extractor, make_feature_factory
 from icd.data.voc import read_image, read_list, write_image
@@ -34,8 +34,8 @@ from icd import segment as segment_module
 from icd.infer import OUTPUT_FOLDERS, infer
 from icd.model import build_model, model_from_config
 from icd.model.icd_net import ICDNet
-from icd.segment import (canvas_side, predict_labels, predict_probabilities, segment,
-                         write_label_map)
+from icd.segment import (SegmentSettings, canvas_side, predict_labels, predict_probabilities,
+                         segment, write_label_map)
 from icd.train import ICDTask, RunningMetrics, make_trainer
 
 DEVICES = [mx.cpu(1), mx.cpu(2)]
@@ -278,12 +278,13 @@ def test_pipelined_segmentation_writes_the_serial_loops_files(tiny_voc, tmp_path
     initialize(net, [mx.cpu(1)])
     net.hybridize(static_alloc=True)
     names = read_list(tiny_voc["data_list"])
-    args = dict(scales=(1.0, 0.75), flip=True, crf=crf, infer_size=48, batch_size=3,
-                classes=tuple(f"c{i}" for i in range(20)))
+    args = dict(scales=(1.0, 0.75), flip=True, crf=crf, infer_size=48, batch_size=3)
+    classes = tuple(f"c{i}" for i in range(20))
     serial_segment(net, tiny_voc["image_root"], names, str(tmp_path / "serial"), [mx.cpu(1)],
-                   **args)
-    segment(net, tiny_voc["image_root"], tiny_voc["data_list"], str(tmp_path / "pipelined"),
-            [mx.cpu(1)], **args, host_workers=host_workers)
+                   **args, classes=classes)
+    segment(net, DataPaths(tiny_voc["image_root"], None, tiny_voc["data_list"], classes),
+            str(tmp_path / "pipelined"), [mx.cpu(1)], SegmentSettings(**args),
+            host_workers=host_workers)
     serial, pipelined = files_of(tmp_path / "serial"), files_of(tmp_path / "pipelined")
     assert len(serial) == 2 * len(names) and serial.keys() == pipelined.keys()
     for key in serial:
@@ -301,8 +302,9 @@ def test_pipelined_segmentation_names_a_bad_image_and_leaves_no_partial_file(tin
     net = ShapeRecorder()
     out = tmp_path / "out"
     with pytest.raises(FileNotFoundError, match=f"{names[4]}.jpg: image not found"):
-        segment(net, str(images), tiny_voc["data_list"], str(out), [mx.cpu(1)], infer_size=48,
-                batch_size=2, classes=tuple(f"c{i}" for i in range(20)))
+        segment(net, DataPaths(str(images), None, tiny_voc["data_list"],
+                               tuple(f"c{i}" for i in range(20))), str(out), [mx.cpu(1)],
+                SegmentSettings(infer_size=48, batch_size=2))
     written = files_of(out)
     assert all(k.endswith((".png", ".jpg")) and not os.path.basename(k).startswith(".")
                for k in written)
@@ -357,9 +359,11 @@ def test_inference_queues_the_next_batch_before_reading_one_back(tiny_config, tm
 def test_segmentation_queues_the_next_batch_before_reading_one_back(tiny_voc, tmp_path,
                                                                    monkeypatch):
     order = QueueOrder(monkeypatch, segment_module, "queue_probabilities", list)
-    names = segment(ShapeRecorder(), tiny_voc["image_root"], tiny_voc["data_list"],
-                    str(tmp_path / "out"), [mx.cpu(1)], infer_size=48, batch_size=2,
-                    classes=tuple(f"c{i}" for i in range(20)), host_workers=0)
+    names = segment(ShapeRecorder(), DataPaths(tiny_voc["image_root"], None,
+                                               tiny_voc["data_list"],
+                                               tuple(f"c{i}" for i in range(20))),
+                    str(tmp_path / "out"), [mx.cpu(1)],
+                    SegmentSettings(infer_size=48, batch_size=2), host_workers=0)
     order.assert_overlapped(-(-len(names) // 2))
 
 

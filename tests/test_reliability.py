@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 
 from icd.data.voc import read_image, read_list, read_mask
-from icd.evaluate import evaluate
+from icd.data.dataset import DataPaths
+from icd.evaluate import EvalSettings, evaluate
 from icd.infer import infer
 from icd.provenance import ProvenanceError, read_record, record_path
-from icd.seeds import make_seeds
+from icd.seeds import SeedSettings, make_seeds
 from icd.checkpoint import checkpoint_path
 from icd.train import train
 
@@ -50,9 +51,9 @@ def trained(tiny_config):
     return cfg
 
 
-def seeds_of(cfg, results, **options):
-    return make_seeds(results, cfg.image_root, cfg.annotation_root, cfg.data_list, crf=False,
-                      **options)
+def seeds_of(cfg, results, out_dir=None, **settings):
+    return make_seeds(results, DataPaths(cfg.image_root, cfg.annotation_root, cfg.data_list),
+                      SeedSettings(crf=False, **settings), out_dir=out_dir)
 
 
 def test_failed_inference_leaves_folders_later_stages_refuse(trained, tmp_path):
@@ -113,11 +114,12 @@ def test_seeds_take_the_inference_size_of_the_scores(trained, tmp_path):
     record = read_record(default["out_dir"])
     assert record["state"] == "complete" and record["settings"]["infer_size"] == 64
     report = evaluate(results, trained.image_root.replace("JPEGImages", "SegmentationClass"),
-                      trained.data_list, annotation_root=trained.annotation_root)
+                      DataPaths(None, trained.annotation_root, trained.data_list))
     assert set(report["seeds"]) == {"seeds/nocrf"} and "pixel_ap" in report
     with pytest.raises(ProvenanceError, match="made at inference size 64, not 65"):
         evaluate(results, trained.image_root.replace("JPEGImages", "SegmentationClass"),
-                 trained.data_list, annotation_root=trained.annotation_root, infer_size=65)
+                 DataPaths(None, trained.annotation_root, trained.data_list),
+                 EvalSettings(infer_size=65))
 
 
 def test_seed_folder_of_other_settings_is_refused_and_same_settings_resume(trained, tmp_path):
@@ -128,8 +130,8 @@ def test_seed_folder_of_other_settings_is_refused_and_same_settings_resume(train
     assert seeds_of(trained, results, out_dir=out) == {"written": 0, "skipped": 8, "out_dir": out}
     with pytest.raises(ProvenanceError, match=r"seeds: holds results of another seeds run "
                                               r"\(changed: crf False -> True\)"):
-        make_seeds(results, trained.image_root, trained.annotation_root, trained.data_list,
-                   out_dir=out)
+        make_seeds(results, DataPaths(trained.image_root, trained.annotation_root,
+                                      trained.data_list), out_dir=out)
     other = str(tmp_path / "results_epoch0")
     infer(trained, checkpoint_path(trained, 0), other, [mx.cpu()])
     shutil.rmtree(os.path.join(results, "scores_cam"))       # mix two inference runs

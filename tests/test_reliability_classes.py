@@ -29,7 +29,8 @@ from icd.data.voc import read_image_labels, read_list
 from icd.io import read_json
 from icd.model import build_model
 from icd.provenance import read_record
-from icd.seeds import make_seeds
+from icd.data.dataset import DataPaths
+from icd.seeds import SeedSettings, make_seeds
 
 SIX = DEFAULT_CLASSES                            # tiny_voc's names: aeroplane, bird, car, ...
 REORDERED = (SIX[1], SIX[0]) + SIX[2:]           # the same six, two swapped
@@ -110,8 +111,9 @@ def scores(tiny_voc, tmp_path_factory):
 
 def seeds_of(tiny_voc, results, out, classes, capsys):
     """Seeds (no CRF) of the hand-made scores into `out`, made with the class list `classes`."""
-    make_seeds(results, tiny_voc["image_root"], tiny_voc["annotation_root"],
-               tiny_voc["data_list"], infer_size=64, crf=False, out_dir=out, classes=classes)
+    make_seeds(results, DataPaths(tiny_voc["image_root"], tiny_voc["annotation_root"],
+                                  tiny_voc["data_list"], classes),
+               SeedSettings(infer_size=64, crf=False), out_dir=out)
     capsys.readouterr()   # its progress bar
     return out
 
@@ -163,8 +165,8 @@ def test_inference_checks_the_checkpoints_classes_and_records_them(trained, tiny
     with pytest.raises(ValueError, match=f"{os.path.join(out, 'scores_cam')}: its infer run used "
                                          rf"6 classes \[aeroplane, .*, but the default list \(no "
                                          rf"--classes: PASCAL VOC's\) gives 20 classes"):
-        make_seeds(out, tiny_voc["image_root"], tiny_voc["annotation_root"],
-                   tiny_voc["data_list"], crf=False)
+        make_seeds(out, DataPaths(tiny_voc["image_root"], tiny_voc["annotation_root"],
+                                  tiny_voc["data_list"]), SeedSettings(crf=False))
     assert not os.path.exists(os.path.join(out, "seeds"))
 
 

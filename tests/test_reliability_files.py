@@ -26,7 +26,8 @@ from icd.data.voc import read_list, read_mask
 from icd.infer import infer
 from icd.io import FolderInUse, exclusive_lock, write_json
 from icd.provenance import ProvenanceError, lock_path, producing
-from icd.seeds import make_seeds
+from icd.data.dataset import DataPaths
+from icd.seeds import SeedSettings, make_seeds
 from icd.train import snapshot_lock, train
 
 
@@ -313,8 +314,8 @@ def test_non_finite_weights_and_scores_are_refused(trained, tmp_path):
     array[0, 0, 0] = np.inf
     np.save(score, array)
     with pytest.raises(ValueError, match=rf"{score}: scores: 1 of \d+ values are NaN or inf"):
-        make_seeds(results, trained.image_root, trained.annotation_root, trained.data_list,
-                   crf=False)
+        make_seeds(results, DataPaths(trained.image_root, trained.annotation_root,
+                                      trained.data_list), SeedSettings(crf=False))
 
 
 def test_inference_refuses_non_finite_scores(trained, tmp_path):

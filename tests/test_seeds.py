@@ -7,8 +7,9 @@ import pytest
 
 from icd.commands import seeds as seeds_command
 from icd.data.voc import VOC_CLASSES, read_mask, write_mask
-from icd.seeds import crf_refine, default_seed_dir, generate_seed, make_seeds, resize_scores, \
-    seed_from_scores
+from icd.data.dataset import DataPaths
+from icd.seeds import SeedSettings, crf_refine, default_seed_dir, generate_seed, make_seeds, \
+    resize_scores, seed_from_scores
 
 U = 255  # undefined
 
@@ -207,9 +208,11 @@ def build_results(root):
     return paths
 
 
-def _make(paths, **kwargs):
-    return make_seeds(paths["results"], paths["images"], paths["annotations"], paths["list"],
-                      infer_size=S, **kwargs)
+def _make(paths, workers=1, out_dir=None, overwrite=False, shard=(0, 1), **settings):
+    return make_seeds(paths["results"],
+                      DataPaths(paths["images"], paths["annotations"], paths["list"]),
+                      SeedSettings(infer_size=S, **settings), out_dir=out_dir, workers=workers,
+                      overwrite=overwrite, shard=shard)
 
 
 @pytest.fixture

@@ -21,7 +21,8 @@ from icd.metrics import confusion_matrix
 from icd.model import MODELS, register
 from icd.io import write_json
 from icd.provenance import record_path
-from icd.segment import segment
+from icd.data.dataset import DataPaths
+from icd.segment import SegmentSettings, segment
 from icd.train import TrainingDiverged, poly_lr, train
 
 from conftest import REPO
@@ -136,7 +137,8 @@ def test_short_training_on_masks_beats_chance_on_val(one_class_voc, tmp_path):
     val = os.path.join(voc, "ImageSets", "Segmentation", "val.txt")
     out = str(tmp_path / "seg")
     # read as VOC data (the model has VOC's 21 outputs): its one class, aeroplane, is VOC's id 1
-    segment(net, cfg.image_root, val, out, [mx.cpu()], infer_size=80, classes=VOC_CLASSES)
+    segment(net, DataPaths(cfg.image_root, None, val, VOC_CLASSES), out, [mx.cpu()],
+            SegmentSettings(infer_size=80))
     result = evaluate_seeds(os.path.join(out, "pred"), os.path.join(voc, "SegmentationClass"),
                             read_list(val), classes=VOC_CLASSES)
     gt = [read_mask(os.path.join(voc, "SegmentationClass", f"{n}.png")) for n in read_list(val)]

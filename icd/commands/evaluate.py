@@ -15,7 +15,8 @@ import os
 from typing import Optional, Sequence
 
 from ..data.classes import dataset_classes
-from ..evaluate import THRESHOLDS, evaluate
+from ..data.dataset import DataPaths
+from ..evaluate import THRESHOLDS, EvalSettings, evaluate
 from ..io import exclusive_lock
 from ..provenance import lock_path
 from .options import add_config_file, fill_from_config
@@ -80,16 +81,16 @@ def _evaluate(args: argparse.Namespace) -> int:
     fill_from_config(args, CONFIG_PATHS, required=("results", "gt_root", "data_list"))
     if len(set(args.thresholds)) != len(args.thresholds):
         raise ValueError(f"--thresholds: repeated values in {args.thresholds}")
+    data = DataPaths(args.image_root, args.annotation_root, args.data_list,
+                     dataset_classes(args.classes, args.gt_root, args.annotation_root,
+                                     args.image_root))
+    settings = EvalSettings(seed_dirs=args.seeds,
+                            folders={"cam": args.cam_scores, "icd": args.icd_scores},
+                            thresholds=args.thresholds, infer_size=args.infer_size,
+                            num_overlays=args.overlays, ignore_unknown=args.ignore_unknown_labels)
     out = args.out or os.path.join(args.results, "eval")
     with exclusive_lock(lock_path(out), out):   # one evaluation writes a report folder at a time
-        evaluate(args.results, args.gt_root, args.data_list, seed_dirs=args.seeds,
-                 annotation_root=args.annotation_root, image_root=args.image_root, out_dir=out,
-                 infer_size=args.infer_size, thresholds=args.thresholds,
-                 folders={"cam": args.cam_scores, "icd": args.icd_scores},
-                 workers=args.workers, num_overlays=args.overlays,
-                 classes=dataset_classes(args.classes, args.gt_root,
-                                         args.annotation_root, args.image_root),
-                 ignore_unknown=args.ignore_unknown_labels)
+        evaluate(args.results, args.gt_root, data, settings, out_dir=out, workers=args.workers)
     with open(os.path.join(out, "eval.md"), encoding="utf-8") as f:
         print(f.read())
     return 0

@@ -15,8 +15,8 @@ from typing import Optional, Sequence
 from ..infer import infer
 from ..checkpoint import checkpoint_path
 from ..provenance import require_outputs_apart
-from .options import add_config_arguments, config_from, devices_for
-from .runner import Parser, non_negative_int, run, shard
+from .options import add_config_arguments, add_shard_argument, config_from, devices_for
+from .runner import Parser, non_negative_int, run
 
 
 def build_parser() -> Parser:
@@ -27,10 +27,7 @@ def build_parser() -> Parser:
     parser.add_argument("--params", default=None,
                         help="checkpoint file (default: <snapshot>/<model>-<epoch>.params)")
     parser.add_argument("--out", default=None, help="results folder (default: <snapshot>/results)")
-    parser.add_argument("--shard", type=shard, default=(0, 1), metavar="I/N",
-                        help="only shard I of N of the list (every N-th name from the I-th); "
-                             "N machines running the N shards into one folder write what one "
-                             "run writes (default: the whole list)")
+    add_shard_argument(parser)
     return parser
 
 

@@ -25,8 +25,8 @@ from ..devices import shard_names
 from ..model import model_spec
 from ..provenance import producing, require_checkpoint_classes, require_outputs_apart
 from ..segment import CANVAS_STEP, evaluate_predictions, infer_segmentation, segment_settings
-from .options import add_config_arguments, config_from, devices_for
-from .runner import Parser, non_negative_int, positive_int, run, shard
+from .options import add_config_arguments, add_shard_argument, config_from, devices_for
+from .runner import Parser, non_negative_int, positive_int, run
 
 
 def build_parser() -> Parser:
@@ -54,10 +54,7 @@ def build_parser() -> Parser:
                              f"slightly (README: Running on GPUs). 0 = DeepLab's max(513, "
                              f"sides), exact; cuDNN autotune is then off unless "
                              f"MXNET_CUDNN_AUTOTUNE_DEFAULT is set (default: 0)")
-    parser.add_argument("--shard", type=shard, default=(0, 1), metavar="I/N",
-                        help="only shard I of N of the list (every N-th name from the I-th); "
-                             "N machines running the N shards into one folder write what one "
-                             "run writes (default: the whole list)")
+    add_shard_argument(parser)
     return parser
 
 

@@ -1,5 +1,5 @@
 """The configuration flags of the commands: choices, the flags each command uses, --config for
-the commands that take paths, the Config, devices for a batch."""
+the commands that take paths, the Config, devices for a batch, --shard."""
 from __future__ import annotations
 
 import argparse
@@ -13,10 +13,13 @@ from ..data.classes import dataset_classes
 from ..devices import parse_devices
 from ..model import MODELS
 from ..paper import read_pipeline_section
+from .runner import shard
 
 # Each field's allowed values (icd.config.option), the model registry's names for `model`
 CHOICES = {name: tuple(MODELS) if f.metadata["choices"] == REGISTERED_MODELS
            else f.metadata["choices"] for name, f in FIELDS.items() if f.metadata["choices"]}
+SHARD_HELP = ("only shard I of N of the list (every N-th name from the I-th); N machines running "
+              "the N shards into one folder write what one run writes (default: the whole list)")
 # The Config fields each command uses (its --help lists only these; a YAML may hold the rest)
 COMMAND_FIELDS = {command: command_fields(command) for command in ALL}
 
@@ -75,3 +78,9 @@ def devices_for(cfg: Config, batch_size: int, flag: str) -> List[mx.Context]:
         raise ValueError(f"{flag}: a batch of {batch_size} cannot be split over "
                          f"{len(contexts)} devices (each needs at least one image)")
     return contexts
+
+
+def add_shard_argument(parser: argparse.ArgumentParser, text: str = SHARD_HELP) -> None:
+    """`--shard I/N` of the per-image commands, with help `text`: (I, N), default (0, 1), the
+    whole list (icd.devices.shard_names)."""
+    parser.add_argument("--shard", type=shard, default=(0, 1), metavar="I/N", help=text)

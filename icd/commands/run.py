@@ -25,7 +25,8 @@ from typing import Optional, Sequence
 
 from ..constants import KVSTORES, PRECISIONS
 from ..paper import PaperSettings, parse_sets, run_paper
-from .runner import Parser, non_negative_int, positive_int, run, shard
+from .options import add_shard_argument
+from .runner import Parser, non_negative_int, positive_int, run
 
 
 def build_parser() -> Parser:
@@ -60,9 +61,8 @@ def build_parser() -> Parser:
     parser.add_argument("--workers", type=positive_int, default=min(32, os.cpu_count() or 1),
                         help="processes for superpixels, seeds and evaluation "
                              "(default: the number of CPUs, at most 32)")
-    parser.add_argument("--shard", type=shard, default=(0, 1), metavar="I/N",
-                        help="per-image steps only (superpixels, infer, seeds): shard I of N "
-                             "of every list, N machines into one shared --out (default: all)")
+    add_shard_argument(parser, "per-image steps only (superpixels, infer, seeds): shard I of N "
+                               "of every list, N machines into one shared --out (default: all)")
     parser.add_argument("--overwrite", action="store_true",
                         help="rerun the selected steps from scratch even if done")
     parser.add_argument("--progress-every", type=float, default=30.0, metavar="SECONDS",

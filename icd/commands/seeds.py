@@ -14,9 +14,10 @@ import os
 from typing import Optional, Sequence
 
 from ..data.classes import dataset_classes
-from ..seeds import make_seeds
-from .options import add_config_file, fill_from_config
-from .runner import Parser, add_classes_argument, positive_int, run, shard
+from ..data.dataset import DataPaths
+from ..seeds import SeedSettings, make_seeds
+from .options import add_config_file, add_shard_argument, fill_from_config
+from .runner import Parser, add_classes_argument, positive_int, run
 
 
 def build_parser() -> Parser:
@@ -48,10 +49,7 @@ def build_parser() -> Parser:
     parser.add_argument("--cam-scores", default="scores_cam", help="CAM score folder")
     parser.add_argument("--out", default=None,
                         help="output folder (default: seeds/<variant>, see --icd-scores)")
-    parser.add_argument("--shard", type=shard, default=(0, 1), metavar="I/N",
-                        help="only shard I of N of the list (every N-th name from the I-th); "
-                             "N machines running the N shards into one folder write what one "
-                             "run writes (default: the whole list)")
+    add_shard_argument(parser)
     return parser
 
 
@@ -64,13 +62,13 @@ CONFIG_PATHS = {"results": lambda cfg, section: os.path.join(cfg.snapshot, "resu
 
 def _seeds(args: argparse.Namespace) -> int:
     fill_from_config(args, CONFIG_PATHS, required=tuple(CONFIG_PATHS)[:4])
-    summary = make_seeds(args.results, args.image_root, args.annotation_root, args.data_list,
-                         saliency_root=args.saliency_root, infer_size=args.infer_size,
-                         workers=args.workers, crf=not args.no_crf, overwrite=args.overwrite,
-                         icd_folder=args.icd_scores, cam_folder=args.cam_scores,
-                         out_dir=args.out, shard=args.shard,
-                         classes=dataset_classes(args.classes, args.image_root,
-                                                 args.annotation_root))
+    data = DataPaths(args.image_root, args.annotation_root, args.data_list,
+                     dataset_classes(args.classes, args.image_root, args.annotation_root))
+    settings = SeedSettings(crf=not args.no_crf, saliency_root=args.saliency_root,
+                            infer_size=args.infer_size, icd_folder=args.icd_scores,
+                            cam_folder=args.cam_scores)
+    summary = make_seeds(args.results, data, settings, out_dir=args.out, workers=args.workers,
+                         overwrite=args.overwrite, shard=args.shard)
     print(f"{summary['written']} written, {summary['skipped']} kept -> {summary['out_dir']}")
     return 0
 

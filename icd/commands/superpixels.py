@@ -18,10 +18,10 @@ from typing import Optional, Sequence
 from ..data.superpixels import MAX_PIXELS
 from ..features import superpixels_on_devices
 from ..config import load_config
-from .options import add_config_file, fill_from_config
+from .options import add_config_file, add_shard_argument, fill_from_config
 from ..devices import parse_devices
 from ..provenance import require_outputs_apart
-from .runner import Parser, non_negative_int, run, shard
+from .runner import Parser, non_negative_int, run
 
 
 class _Parser(Parser):
@@ -69,10 +69,7 @@ def build_parser() -> Parser:
                         help="instead of refusing an image above --max-pixels, compute its "
                              "superpixels on a copy scaled down to --max-pixels pixels and map "
                              "them back to its size (not the release)")
-    parser.add_argument("--shard", type=shard, default=(0, 1), metavar="I/N",
-                        help="only shard I of N of the list (every N-th name from the I-th); "
-                             "N machines running the N shards write what one run writes "
-                             "(default: the whole list)")
+    add_shard_argument(parser)
     return parser
 
 

@@ -16,7 +16,8 @@ not pool it: every batch is a cudaHostAlloc / cudaFreeHost pair (README: Running
 from __future__ import annotations
 
 import os
-from typing import Iterator, List, Optional, Sequence, Tuple, Union
+from dataclasses import dataclass
+from typing import Any, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from mxnet import gluon
@@ -28,6 +29,28 @@ from .transforms import INFER_SIZE, TRAIN_SIZE, infer_transform, train_transform
 from .classes import classes_of_data
 from .voc import VOC_CLASSES, check_exif_turn, multi_hot, read_image, read_image_labels, \
     read_list
+
+
+@dataclass(frozen=True)
+class DataPaths:
+    """The data that travels through every stage, as one value: images `<image_root>/<name>.jpg`,
+    image-level labels `<annotation_root>/<name>.xml`, the list file of the names, and the class
+    list in label order (None: PASCAL VOC's 20 unless the data has its own classes.txt,
+    `icd.data.classes.classes_of_data`). A stage that can do without a root says what None
+    means there (e.g. icd.evaluate.evaluate without annotations)."""
+    image_root: Optional[str]
+    annotation_root: Optional[str]
+    data_list: str
+    classes: Optional[Tuple[str, ...]] = None
+
+    def __post_init__(self):
+        if self.classes is not None:
+            object.__setattr__(self, "classes", tuple(self.classes))
+
+    @classmethod
+    def of(cls, cfg: Any) -> "DataPaths":
+        """The data of a Config: its roots, list and class list (`class_names`)."""
+        return cls(cfg.image_root, cfg.annotation_root, cfg.data_list, cfg.class_names)
 
 
 def default_workers() -> int:

@@ -31,6 +31,7 @@ class CAMNet(HybridBlock):
     BatchNorm after every convolution (`vgg16_bn_cam`, the demo's stand-in pre-training only).
     """
     input_names = ("data", "label")
+    infer_input_names = input_names   # the inputs of an inference forward (icd.infer)
     output_names = ("cam", "loss")
     loss_names = ("cam_loss",)   # the entries of the `loss` output, in order (`named_losses`)
 
@@ -74,10 +75,14 @@ class ICDNet(CAMNet):
     (x_cam, S, S_refined, S_adapted, losses): x_cam the CAM logits; S = S_hat * sign (Eqs. 3, 5);
     S_refined = S' (superpixel pooling); S_adapted = S'' (top-down logits), all (N, C, h, w);
     losses (3,) = [L_cam, L_bu surrogate, L_td] whose sum's gradient is the release's.
+    `warm`, the top-down warm-up weight of the training step (`top_down_warmup`), enters L_td
+    only: inference calls forward(data, superpixel, label) (`infer_input_names`) and gets
+    the four score maps, no losses.
     In training (autograd.record) BN uses batch statistics and the sign flip updates its moving
     mean; otherwise moving statistics and the stored mean are used (release inference).
     """
-    input_names = ("data", "superpixel", "label", "warm")
+    input_names = ("data", "superpixel", "label", "warm")   # a training step's
+    infer_input_names = ("data", "superpixel", "label")
     output_names = ("cam", "icd_bu", "icd_bu_sp", "icd_td", "loss")
     loss_names = ("cam_loss", "bu_loss", "td_loss")   # L_cam, L_bu surrogate, L_td
 
@@ -151,7 +156,7 @@ class ICDNet(CAMNet):
             ops.issue_in_order(self.share_key, self.icd_accum_resign_moving_mean, data.context)
         return super().forward(data, *args)
 
-    def hybrid_forward(self, F, data, superpixel, label, warm, icd_bu_weight,
+    def hybrid_forward(self, F, data, superpixel, label, warm=None, *, icd_bu_weight,
                        icd_accum_resign_moving_mean):
         conv4, conv5, fc6, x_cam = self.cam(F, data)
         feature = self.feat_bn(self.bottom_up_input(F, conv4, conv5, fc6))
@@ -164,6 +169,8 @@ class ICDNet(CAMNet):
         S_refined = F.Custom(S, superpixel, label, op_type="icd_superpixel_pool",
                              num_ids=str(self.num_superpixel_ids))
         S_adapted = self.top_down(F, feature)
+        if warm is None:   # inference: the score maps only
+            return x_cam, S, S_refined, S_adapted
         losses = F.concat(
             multi_sigmoid_loss(F, F.mean(x_cam, axis=(2, 3)), label),
             bottom_up_loss(F, icd_bu_weight, F.BlockGrad(feature), s_hat, label,
