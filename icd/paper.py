@@ -49,17 +49,18 @@ from .checkpoint import checkpoint_path
 from .config import (FIELDS, Config, find_config, load_config, read_config_sources,
                      read_yaml_chain)
 from .features import superpixels_on_devices
+from .data.dataset import DataPaths
 from .data.voc import read_list
 from .amp import unsupported_reason
 from .devices import parse_devices
-from .evaluate import THRESHOLDS, evaluate, image_confusions
+from .evaluate import THRESHOLDS, EvalSettings, evaluate, image_confusions
 from .metrics import percent
 from .infer import infer
 from .io import atomic_path, read_json, write_json
 from .model import MODELS
 from .pipeline import Run, Step
 from .segment import AUTOTUNE, evaluate_predictions, infer_segmentation
-from .seeds import make_seeds
+from .seeds import SeedSettings, make_seeds
 from .stats import compare_runs
 from .runs import resume_auto
 from .train import train
@@ -541,16 +542,16 @@ def step_infer(s: PaperSettings, seed: int, run: Run) -> Dict:
 
 def step_seeds(s: PaperSettings, seed: int, run: Run) -> Dict:
     icd = s.icd
-    common = dict(image_root=icd.image_root, annotation_root=icd.annotation_root,
-                  workers=s.workers, classes=icd.class_names, shard=s.shard,
-                  saliency_root=s.stage["seeds"]["saliency_root"])
+    saliency = SeedSettings(saliency_root=s.stage["seeds"]["saliency_root"])
+    common = dict(workers=s.workers, shard=s.shard)
     written = {}
     for split, data_list in s.splits.items():
+        data = DataPaths(icd.image_root, icd.annotation_root, data_list, icd.class_names)
         results = s.results(seed, "icd", split)
         for row in s.stage["seeds"]["rows"]:
             scores, crf, folder = SEED_ROWS[row]
             written[f"icd/{split}/{folder}"] = make_seeds(
-                results, data_list=data_list, crf=crf, icd_folder=scores,
+                results, data, dataclasses.replace(saliency, crf=crf, icd_folder=scores),
                 out_dir=os.path.join(results, "seeds", folder), **common)["written"]
         if s.cam is not None:
             results = s.results(seed, "cam", split)
@@ -558,9 +559,9 @@ def step_seeds(s: PaperSettings, seed: int, run: Run) -> Dict:
                 if row in s.stage["seeds"]["rows"]:
                     folder, crf = CAM_ROWS[row]
                     written[f"cam/{split}/{folder}"] = make_seeds(
-                        results, data_list=data_list, crf=crf, icd_folder="scores_cam",
-                        cam_folder="scores_cam", out_dir=os.path.join(results, "seeds", folder),
-                        **common)["written"]
+                        results, data, dataclasses.replace(
+                            saliency, crf=crf, icd_folder="scores_cam", cam_folder="scores_cam"),
+                        out_dir=os.path.join(results, "seeds", folder), **common)["written"]
     return {"written": written}
 
 
@@ -579,12 +580,14 @@ def step_evaluate(s: PaperSettings, seed: int, run: Run) -> Dict:
     for split in s.splits:
         for model in s.models:
             report = evaluate(
-                s.results(seed, model, split), s.gt_root, s.eval_list(split),
-                seed_dirs=_seed_dirs(s, model), annotation_root=s.icd.annotation_root,
-                image_root=s.icd.image_root,
-                thresholds=tuple(float(t) for t in s.stage["evaluate"]["thresholds"]),
-                folders={"cam": "scores_cam", "icd": "scores_icd" if model == "icd"
-                         else "scores_cam"}, workers=s.workers, classes=s.icd.class_names)
+                s.results(seed, model, split), s.gt_root,
+                DataPaths(s.icd.image_root, s.icd.annotation_root, s.eval_list(split),
+                          s.icd.class_names),
+                EvalSettings(seed_dirs=_seed_dirs(s, model),
+                             thresholds=tuple(float(t) for t in s.stage["evaluate"]["thresholds"]),
+                             folders={"cam": "scores_cam",
+                                      "icd": "scores_icd" if model == "icd" else "scores_cam"}),
+                workers=s.workers)
             summary[f"{model}/{split}"] = {d: r["miou"] for d, r in report["seeds"].items()}
     return summary
 
