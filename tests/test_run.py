@@ -353,7 +353,7 @@ def test_icd_run_segments_as_icd_infer_seg_after_a_training_of_another_process(
     pool here; bf16 itself needs a CPU with avx512_bf16: icd.amp.enable records its call)."""
     import concurrent.futures
     import mxnet as mx
-    from icd import amp, segment as segment_module
+    from icd import amp, infer as infer_module, segment as segment_module
     from icd.checkpoint import initialize, save_checkpoint
     from icd.commands import infer_seg
     from icd.data.voc import read_list
@@ -380,9 +380,9 @@ def test_icd_run_segments_as_icd_infer_seg_after_a_training_of_another_process(
         events.append(("crf", max_workers, os.environ.get("MXNET_CUDNN_AUTOTUNE_DEFAULT")))
         return concurrent.futures.ThreadPoolExecutor(max_workers)
     monkeypatch.setattr(segment_module, "ProcessPoolExecutor", crf_pool)
-    monkeypatch.setattr(segment_module, "model_from_config",
-                        lambda cfg: events.append(("build", cfg.model)) or model_from_config(cfg),
-                        raising=False)   # the inference's own network (icd-run built another)
+    monkeypatch.setattr(infer_module, "model_from_config",
+                        lambda cfg: events.append(("build", cfg.model)) or model_from_config(cfg)
+                        )   # the inference's own network (icd-run built another)
     paper.step_segment(settings, 0, None)
     assert events == [("amp", "bf16", ["cpu(0)", "cpu(1)"]), ("build", "vgg16_largefov"),
                       ("crf", 3, "0")]
