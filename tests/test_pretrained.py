@@ -22,24 +22,32 @@ from icd.model.pretrained import (IMAGENET_MEAN, IMAGENET_STD, RESNET101_V1B, VG
 SIZE = 232   # conv5_3 cells 14 and 15 see no zero padding of conv1_1's input (radius 105 px)
 
 
-def zoo_file(tmp_path_factory, constructor, name,
-             init=mx.init.Xavier(rnd_type="gaussian", factor_type="in", magnitude=2)):
-    """A model-zoo network `constructor()` with random He weights (or `init`), saved as the
-    model store does (`save_parameters`) under the store's file name in a fresh cache folder."""
+def zoo_file(tmp_path_factory, constructor, name, random=True):
+    """The parameters of model-zoo network `constructor()` (He-uniform weights and uniform
+    biases, or zeros), saved as the model store's files are (`save_parameters`: structural names)
+    under the store's file name in a fresh cache folder; returns (cache folder, file)."""
     net = constructor()
     net.infer_shape(mx.nd.zeros((1, 3, 224, 224)))
-    net.initialize(init)
+    rng = np.random.default_rng(0)
+    values = {}
+    for key, param in net._collect_params_with_prefix().items():
+        shape = param.shape
+        bound = np.sqrt(6.0 / np.prod(shape[1:])) if len(shape) > 1 else 0.1
+        values[key] = mx.nd.array(
+            (rng.random(shape, dtype=np.float32) * 2 - 1) * bound if random else np.zeros(shape))
     root = str(tmp_path_factory.mktemp("models"))
     path = os.path.join(root, f"{name}-{model_store.short_hash(name)}.params")
-    net.save_parameters(path)
-    return net, root, path
+    mx.nd.save(path, values)
+    return root, path
 
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
     """The random zoo VGG16 converted from the model store's cache (`modelzoo:vgg16 --root`)
     and from its path."""
-    zoo, root, path = zoo_file(tmp_path_factory, vision.vgg16, "vgg16")
+    root, path = zoo_file(tmp_path_factory, vision.vgg16, "vgg16")
+    zoo = vision.vgg16()
+    zoo.load_parameters(path)   # the file is the zoo network's
     out = str(tmp_path_factory.mktemp("data"))
     from_store, from_path = os.path.join(out, "store.params"), os.path.join(out, "path.params")
     assert pretrained_command.main(["--from", "modelzoo:vgg16", "--root", root,
@@ -177,7 +185,7 @@ def error_line(capsys):
                                                (vision.resnet18_v1, "resnet18_v1")])
 def test_another_architecture_is_refused_naming_the_file(constructor, name, tmp_path_factory,
                                                          tmp_path, capsys):
-    _, _, path = zoo_file(tmp_path_factory, constructor, name, mx.init.Zero())
+    _, path = zoo_file(tmp_path_factory, constructor, name, random=False)
     out = str(tmp_path / "vgg16_20M.params")
     assert pretrained_command.main(["--from", path, "--out", out]) == 1
     line = error_line(capsys)
