@@ -19,6 +19,8 @@ from icd.model.pretrained import (IMAGENET_MEAN, IMAGENET_STD, RESNET101_V1B, VG
                                   describe_pretrained, imagenet_file, initialize,
                                   release_layout, store_path, zoo_vgg16_names)
 
+from conftest import REPO
+
 SIZE = 232   # conv5_3 cells 14 and 15 see no zero padding of conv1_1's input (radius 105 px)
 
 
@@ -255,3 +257,31 @@ def test_describe_a_file_without_a_record(converted, tmp_path):
         json.dump({"made_from": "something", "sha256": "sha256:0"}, f)
     assert describe_pretrained(bare)["made_from"] == "unknown"
     assert describe_pretrained(converted["path"])["made_from"] == "unknown"   # not the store's
+
+
+@pytest.mark.slow
+def test_icd_run_starts_from_the_converted_file(converted, tiny_voc, tmp_path):
+    """Issue 33's end to end: the model-zoo file in the store's cache, `icd-pretrained`, then
+    the paper's pipeline (superpixels on its conv5_3, ICD, the CAM baseline, seeds, DeepLab)
+    at width 1.0 on tiny images (about 75 s on one CPU)."""
+    from icd.commands import run
+    data = os.path.dirname(tiny_voc["image_root"])
+    lists = os.path.join(data, "ImageSets", "Segmentation")
+    small = "width: 1.0\nimage_size: 32\nbatch_size: 4\nnum_epoch: 1\nnum_workers: 0\n" \
+            "infer_size: 64\ninfer_batch_size: 2\n"
+    (tmp_path / "seg.yaml").write_text(
+        f"base: {REPO}/experiments/synthetic_deeplab.yaml\n{small}"
+        f"image_root: {tiny_voc['image_root']}\nannotation_root: {tiny_voc['annotation_root']}\n"
+        f"classes: {tiny_voc['classes']}\n")
+    (tmp_path / "run.yaml").write_text(
+        f"base: {REPO}/experiments/synthetic_run.yaml\n{small}warmup_epochs: 0\n"
+        f"image_root: {tiny_voc['image_root']}\nannotation_root: {tiny_voc['annotation_root']}\n"
+        f"data_list: {tiny_voc['data_list']}\nclasses: {tiny_voc['classes']}\n"
+        f"pretrained: {converted['file']}\n"
+        f"pipeline:\n  gt_root: {tiny_voc['gt_root']}\n"
+        f"  splits: {{train: {tiny_voc['data_list']}}}\n"
+        f"  superpixels: {{features: pretrained}}\n  seeds: {{rows: [crf]}}\n"
+        f"  segment: {{config: {tmp_path / 'seg.yaml'}, list: {lists}/val.txt}}\n")
+    assert run.main(["--config", str(tmp_path / "run.yaml"), "--out", str(tmp_path / "run"),
+                     "--cpus", "1", "--workers", "1"]) == 0
+    assert os.path.isfile(tmp_path / "run" / "tables" / "tables.md")

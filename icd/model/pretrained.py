@@ -81,10 +81,11 @@ def store_file(entry: Pretrained, root: Optional[str] = None) -> str:
     try:
         return STORES[entry.store].get_model_file(entry.store_name, root=os.path.dirname(path))
     except Exception as e:   # the stores raise whatever their download raises
+        reason = (str(e).strip().splitlines() or [""])[-1]
         raise FileNotFoundError(
             f"{path}: {entry.store}'s {entry.store_name} is not in the model store's cache and "
-            f"could not be downloaded ({type(e).__name__}: {e}); without network, put the file "
-            f"there (or give --root its folder, or its path)") from None
+            f"could not be downloaded ({type(e).__name__}: {reason}); without network, put the "
+            f"file there (or give --root its folder, or its path)") from None
 
 
 def fetch_command(entry: Pretrained) -> str:
