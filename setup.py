@@ -64,5 +64,6 @@ setup(
         "icd-demo = icd.demo:main",
         "icd-run = icd.commands.run:main",
         "icd-compare = icd.commands.compare:main",
+        "icd-pretrained = icd.commands.pretrained:main",
     ]},
 )

@@ -28,7 +28,7 @@ import numpy as np
 from mxnet import autograd
 
 from . import amp, memory
-from .checkpoint import gather, initialize
+from .checkpoint import gather
 from .config import Config, find_config, read_config_sources
 from .data.classes import read_classes
 from .data.dataset import default_workers, train_loader
@@ -36,6 +36,7 @@ from .data.superpixels import make_superpixels
 from .data.synthetic import make_synthetic_voc
 from .data.voc import IGNORE_LABEL
 from .model import build_model, model_spec
+from .model.pretrained import initialize
 from .train import SegmentationTask, make_trainer
 
 NETWORKS = ("icd", "cam", "reference", "infer", "deeplab")

@@ -23,16 +23,12 @@ import numpy as np
 
 from .config import Config
 from .io import atomic_path, read_json, require_finite
-from .model.backbone import BACKBONE_BN, is_imagenet_key, new_parameter
+from .model.backbone import BACKBONE_BN
 
 log = logging.getLogger(__name__)
-INPUT_SCALE = 64.0  # rough std of RGB - 127 inputs; see random_imagenet_params
 AUX_SUFFIXES = ("moving_mean", "moving_var")   # MXNet: auxiliary states, never trained
 _GLUON_TO_RELEASE = {"running_mean": "moving_mean", "running_var": "moving_var"}
 BN_EPSILON = 1e-5                              # Gluon BatchNorm's default
-# release: fc6_ft / fc7_ft start from the ImageNet fc6 / fc7 (section 2)
-PRETRAINED_COPIES = {"fc6_ft_weight": "fc6_weight", "fc6_ft_bias": "fc6_bias",
-                     "fc7_ft_weight": "fc7_weight", "fc7_ft_bias": "fc7_bias"}
 
 
 def release_key(gluon_name: str) -> str:
@@ -171,68 +167,6 @@ def fold_batch_norm(values: Dict[str, mx.nd.NDArray]) -> Dict[str, mx.nd.NDArray
         out[f"arg:{conv}_bias"] = (values[f"arg:{conv}_bias"] - bn["moving_mean"]) * scale \
             + bn["beta"]
     return out
-
-
-def write_imagenet_part(source: str, path: str) -> None:
-    """Keep only the `vgg16_20M.params` part of checkpoint `source` (its backbone BatchNorms
-    folded into the convolutions, `fold_batch_norm`) and write it to `path`."""
-    values = {k: v for k, v in fold_batch_norm(read_params(source)).items()
-              if is_imagenet_key(k)}
-    with atomic_path(path) as tmp:
-        mx.nd.save(tmp, values)
-
-
-def random_imagenet_params(net: mx.gluon.Block) -> Dict[str, mx.nd.NDArray]:
-    """Stand-in for `vgg16_20M.params` when no weights are available (synthetic demo, tests).
-
-    He-normal weights and zero biases for the layers the ImageNet file would provide (conv*,
-    fc6, fc7). conv1_1 is divided by INPUT_SCALE because the input is RGB - 127 with no std
-    scaling (release), so the first activations keep unit scale as after ImageNet training.
-    """
-    values = {}
-    for key, shape in release_keys(net).items():
-        name = key[4:]
-        if not is_imagenet_key(key):
-            continue
-        if name.endswith("_bias"):
-            values[key] = mx.nd.zeros(shape)
-        else:
-            fan_in = int(np.prod(shape[1:]))
-            scale = INPUT_SCALE if name == "conv1_1_weight" else 1.0
-            values[key] = mx.nd.random.normal(0, np.sqrt(2.0 / fan_in) / scale, shape=shape)
-    return values
-
-
-def initialize(net: mx.gluon.Block, contexts: Sequence[mx.Context],
-               pretrained: Optional[str] = None) -> None:
-    """Initialise `net` for training (release section 2).
-
-    The ImageNet part comes from `pretrained` (the release's `vgg16_20M.params`: backbone, fc6,
-    fc7) or, without a file, from `random_imagenet_params`. fc6_ft/fc7_ft are copied from
-    fc6/fc7; every other parameter by its name's suffix (`new_parameter`: weights ~ N(0, 0.01),
-    biases and beta 0, gamma 1, so also the backbone BatchNorms of `vgg16_bn_cam`); aux states
-    start at BN defaults and a zero sign-flip mean.
-    """
-    source = pretrained or "random initialisation"
-    values = dict(read_params(pretrained)) if pretrained else random_imagenet_params(net)
-    expected = release_keys(net)
-    for dst, src in PRETRAINED_COPIES.items():
-        # (only where shapes agree: fc6_ft on fc6 or concat features is a new layer)
-        source_value = values.get(f"arg:{src}")
-        if source_value is not None and expected.get(f"arg:{dst}") == source_value.shape:
-            values[f"arg:{dst}"] = source_value.copy()
-    extra = sorted(set(values) - set(expected))
-    if extra:
-        log.info("%s: not used by the model: %s", source, ", ".join(extra))
-        values = {k: v for k, v in values.items() if k in expected}
-    net.initialize(ctx=list(contexts), force_reinit=True)   # aux states: BN defaults, mean 0
-    missing = assign(net, values, source, contexts, allow_missing=True)
-    params = {release_key(n): p for n, p in net.collect_params().items()}
-    new = [k for k in missing if k.startswith("arg:")]
-    for key in new:
-        params[key].set_data(new_parameter(key[4:], params[key].shape))
-    log.info("%s: initialised by name (weights N(0, 0.01), biases and beta 0, gamma 1): %s",
-             source, ", ".join(new))
 
 
 def require_finite_params(values: Dict[str, mx.nd.NDArray], source: str

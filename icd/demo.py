@@ -43,7 +43,7 @@ from typing import Dict, List, Optional, Sequence
 
 from PIL import Image
 
-from .checkpoint import write_imagenet_part
+from .model.pretrained import write_imagenet_part
 from .constants import PRECISIONS
 from .config import Config, load_config
 from .data.classes import read_classes

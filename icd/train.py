@@ -57,7 +57,7 @@ from tqdm import tqdm
 
 from . import amp, distributed as dist, memory
 from .checkpoint import (check_checkpoint_files, checkpoint_files, checkpoint_path,
-                         complete_checkpoints, file_digest, initialize, load_checkpoint,
+                         complete_checkpoints, file_digest, load_checkpoint,
                          load_states, log_path, read_run_record, rotate_checkpoints, save_states,
                          staged_params)
 from .devices import parse_devices, split_batch
@@ -71,6 +71,7 @@ from .io import (deferred_interrupt, exclusive_lock, read_json, remove_stale_tem
                  write_json)
 from .model import ICDNet, model_from_config, model_spec, models_of, named_losses, ops
 from .model.losses import nearest_label, segmentation_loss, top_down_warmup
+from .model.pretrained import initialize
 from .provenance import given_classes, require_complete, require_folder_classes
 from .visualize import overlay, score_panel
 

@@ -207,7 +207,7 @@ def test_bf16_runs_convolutions_in_bfloat16_and_leaves_earlier_graphs_float32():
         import mxnet as mx
         import numpy as np
         from icd import amp, bench
-        from icd.checkpoint import initialize
+        from icd.model.pretrained import initialize
         from icd.model import build_model
         ctx = mx.cpu()
         batch = bench.make_batch(2, 64, 20, ctx)

@@ -3,9 +3,10 @@ import mxnet as mx
 import numpy as np
 import pytest
 
-from icd.checkpoint import (PRETRAINED_COPIES, checkpoint_path, gather, initialize,
+from icd.checkpoint import (checkpoint_path, gather,
                             load_checkpoint, read_params, save_checkpoint)
 from icd.model.backbone import is_imagenet_key
+from icd.model.pretrained import PRETRAINED_COPIES, initialize
 from icd.features import conv5_feature_extractor, load_backbone
 from icd.model import ICDNet, build_model
 from icd.train import train
@@ -146,7 +147,7 @@ def test_batch_norm_stand_in_folds_into_the_plain_vgg16(tmp_path):
     """vgg16_bn_cam: BN starts at gamma 1 / beta 0; its export is a vgg16_20M-shaped file whose
     plain VGG16 computes what the BN network computes in inference mode."""
     from mxnet import autograd
-    from icd.checkpoint import write_imagenet_part
+    from icd.model.pretrained import write_imagenet_part
     from icd.model import build_model
     net = build_model("vgg16_bn_cam", num_classes=3, width=0.0625)
     initialize(net, [mx.cpu()])

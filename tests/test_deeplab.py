@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 from mxnet import autograd, init
 
-from icd.checkpoint import initialize, load_checkpoint, random_imagenet_params, read_params, \
+from icd.checkpoint import load_checkpoint, read_params, \
     release_key, release_keys, save_checkpoint
 from icd.crf import DEEPLAB_CRF, dense_crf
 from icd.model.backbone import is_imagenet_key, pool5
+from icd.model.pretrained import initialize, random_imagenet_params
 from icd.data.segmentation import SegmentationDataset, segmentation_loader, \
     segmentation_transform
 from icd.data.voc import read_list, write_mask

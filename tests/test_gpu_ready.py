@@ -20,7 +20,8 @@ from icd import amp
 from icd import devices as devices_module
 from icd import distributed as dist
 from icd.bench import loader_throughput
-from icd.checkpoint import gather, initialize, load_checkpoint, save_checkpoint
+from icd.checkpoint import gather, load_checkpoint, save_checkpoint
+from icd.model.pretrained import initialize
 from icd.commands import superpixels as superpixels_command
 from icd.data import superpixels as sp
 from icd.config import Config, load_config

@@ -354,7 +354,8 @@ def test_icd_run_segments_as_icd_infer_seg_after_a_training_of_another_process(
     import concurrent.futures
     import mxnet as mx
     from icd import amp, infer as infer_module, segment as segment_module
-    from icd.checkpoint import initialize, save_checkpoint
+    from icd.checkpoint import save_checkpoint
+    from icd.model.pretrained import initialize
     from icd.commands import infer_seg
     from icd.data.voc import read_list
     from icd.model import model_from_config

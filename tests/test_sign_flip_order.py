@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from mxnet import autograd
 
-from icd.checkpoint import initialize
+from icd.model.pretrained import initialize
 from icd.model import build_model, ops
 
 DEVICES = [mx.cpu(1), mx.cpu(2)]

@@ -26,9 +26,9 @@ VGG16_BLOCKS = ((1, 2, 64, 1), (2, 2, 128, 1), (3, 3, 256, 1), (4, 3, 512, 1), (
 
 def is_imagenet_key(key: str) -> bool:
     """Whether a checkpoint key belongs to what the VGG16 ImageNet file `vgg16_20M.params`
-    provides (icd.checkpoint.initialize reads it for every VGG16-based model): the backbone convs,
-    fc6 and fc7 (not the classifier fc8, the ICD layers, nor the ASPP branches `fc6_aspp*`,
-    `fc7_aspp*` of `vgg16_aspp`, which the file does not name)."""
+    provides (icd.model.pretrained.initialize reads it for every VGG16-based model): the backbone
+    convs, fc6 and fc7 (not the classifier fc8, the ICD layers, nor the ASPP branches
+    `fc6_aspp*`, `fc7_aspp*` of `vgg16_aspp`, which the file does not name)."""
     name = key[4:]
     return key.startswith("arg:") and name.startswith(("conv", "fc6_", "fc7_")) and \
         not name.startswith(("conv_ft", "fc6_ft", "fc7_ft", "fc6_aspp", "fc7_aspp")) and \

@@ -13,21 +13,19 @@ is `icd.model.losses.segmentation_loss`; inference is `icd.segment`.
 """
 from __future__ import annotations
 
-from typing import List, Sequence, Union
+from typing import List, Optional, Sequence, Union
 
 import mxnet as mx
 from gluoncv.model_zoo import resnetv1b
-from gluoncv.model_zoo.model_store import get_model_file
 from mxnet import init
 from mxnet.gluon import HybridBlock, nn
 
 from .backbone import VGG16DeepLab, new_parameter, pool5, scaled
+from .pretrained import IMAGENET_MEAN, IMAGENET_STD, RESNET101_V1B, VGG16_RELEASE, imagenet_file
 from .registry import register
 
 LARGEFOV_DILATION = 12                 # release: fc6 3x3 dilation 12, pad 12
 ASPP_DILATIONS = (6, 12, 18, 24)       # release: vgg16_aspp branches fc6_aspp{d}
-IMAGENET_MEAN = (0.485, 0.456, 0.406)  # gluoncv's ImageNet weights: RGB / 255, then
-IMAGENET_STD = (0.229, 0.224, 0.225)   # (x - mean) / std per channel
 
 
 def set_release_multipliers(net: HybridBlock) -> None:
@@ -99,7 +97,7 @@ def vgg16_largefov(num_classes: int = 20, width: float = 1.0,
     """DeepLab-LargeFOV on VGG16 (release `vgg16_largefov`): fc6 3x3 dilation 12 (1024),
     fc7 1x1 (1024), fc8 1x1 (num_classes + 1, lr_mult 10), Dropout 0.5 after fc6 and fc7.
 
-    `vgg16_20M.params` provides every key but fc8 (`icd.checkpoint.initialize`: fc8_weight
+    `vgg16_20M.params` provides every key but fc8 (`icd.model.pretrained.initialize`: fc8_weight
     ~ N(0, 0.01), fc8_bias 0, by name as the release). `width` scales every channel count
     (1.0 = the paper; tests use 1/8-1/16).
     """
@@ -112,7 +110,7 @@ def vgg16_aspp(num_classes: int = 20, width: float = 1.0, dropout: float = 0.5) 
     num_classes + 1, lr_mult 10), Dropout 0.5 after fc6/fc7; the four fc8 outputs summed.
 
     `vgg16_20M.params` provides only the backbone conv1_1..conv5_3: none of the branch layers
-    carries its names, so `icd.checkpoint.initialize` initialises all twelve branch layers by
+    carries its names, so `icd.model.pretrained.initialize` initialises all twelve branch layers by
     name (weights ~ N(0, 0.01), biases 0) and leaves the file's fc6/fc7 unused.
     """
     return DeepLabVGG16(num_classes, width, dropout, dilations=ASPP_DILATIONS)
@@ -184,17 +182,18 @@ class ResNet101LargeFOV(HybridBlock):
         return self.largefov(self.trunk(x))
 
     def initialize_imagenet(self, contexts: Sequence[mx.Context],
-                            pretrained: Union[bool, str] = False,
-                            root: str = "~/.mxnet/models") -> None:
+                            pretrained: Union[bool, str, None] = False,
+                            root: Optional[str] = None) -> None:
         """Initialise for training: the head by name as the release's new layers
         (`icd.model.backbone.new_parameter`: weights ~ N(0, 0.01), biases 0); the trunk from
-        gluoncv's ImageNet `resnet101_v1b` weights.
+        gluoncv's ImageNet `resnet101_v1b` weights, the file `icd.model.pretrained.imagenet_file`
+        resolves for `pretrained`.
 
-        pretrained: True fetches them from gluoncv's model store (internet, or a `root` that
-        already holds `resnet101_v1b-*.params`); a path loads a local gluoncv `.params` file
-        (e.g. saved with `resnet101_v1b(pretrained=True).save_parameters(path)`); False leaves
-        the trunk He-initialised with its residual branches at zero (tests, no weights; see
-        `DilatedResNet101.zero_residual_branches`).
+        pretrained: True or "modelzoo" takes them from gluoncv's model store (its cache folder
+        `root`, default ~/.mxnet/models, or downloaded there); a path loads a local gluoncv
+        `.params` file (e.g. saved with `resnet101_v1b(pretrained=True).save_parameters(path)`);
+        False, None or '' leaves the trunk He-initialised with its residual branches at zero
+        (tests, no weights; see `DilatedResNet101.zero_residual_branches`).
         """
         contexts = list(contexts)
         self.trunk.initialize(init.Xavier(rnd_type="gaussian", factor_type="in", magnitude=2),
@@ -202,9 +201,8 @@ class ResNet101LargeFOV(HybridBlock):
         for param in self.largefov.collect_params().values():
             param.initialize(ctx=contexts, force_reinit=True)
             param.set_data(new_parameter(param.name, param.shape))
-        if pretrained:
-            path = pretrained if isinstance(pretrained, str) else \
-                get_model_file("resnet101_v1b", root=root)
+        path = imagenet_file("resnet101_largefov", pretrained, root)
+        if path:
             self.trunk.load_parameters(path, ctx=contexts, ignore_extra=True)
         else:
             self.trunk.zero_residual_branches()
@@ -222,6 +220,6 @@ def resnet101_largefov(num_classes: int = 20, width: float = 1.0, dropout: float
     return ResNet101LargeFOV(num_classes, dropout, frozen_bn)
 
 
-register("vgg16_largefov", vgg16_largefov, task="segmentation")
-register("vgg16_aspp", vgg16_aspp, task="segmentation")
-register("resnet101_largefov", resnet101_largefov, task="segmentation")
+register("vgg16_largefov", vgg16_largefov, task="segmentation", pretrained=VGG16_RELEASE)
+register("vgg16_aspp", vgg16_aspp, task="segmentation", pretrained=VGG16_RELEASE)
+register("resnet101_largefov", resnet101_largefov, task="segmentation", pretrained=RESNET101_V1B)

@@ -17,6 +17,7 @@ from ..constants import BOTTOM_UP_VARIANTS, FEATURES, NUM_SUPERPIXEL_IDS, TOP_DO
 from . import ops  # registers the custom operators; the sign flip's order (issue_in_order)
 from .backbone import VGG16DeepLab, pool5, scaled
 from .losses import bottom_up_loss, multi_sigmoid_loss, top_down_loss
+from .pretrained import VGG16_RELEASE
 from .registry import register
 
 LR_MULT_10 = ("fc8_weight", "fc8_bias", "conv_ft_weight")  # release: new classifier layers
@@ -191,6 +192,7 @@ def named_losses(net: CAMNet, loss: mx.nd.NDArray) -> Dict[str, mx.nd.NDArray]:
 # the ablations of Tables 4-6 are options of vgg16_icd (constructor keyword -> Config field)
 register("vgg16_icd", ICDNet, task="icd", options=dict(
     bottom_up_features="bottom_up_features", bottom_up_variant="bottom_up_loss",
-    top_down_structure="top_down"))
-register("vgg16_cam", CAMNet, task="icd")
-register("vgg16_bn_cam", functools.partial(CAMNet, batch_norm=True), task="icd")
+    top_down_structure="top_down"), pretrained=VGG16_RELEASE)
+register("vgg16_cam", CAMNet, task="icd", pretrained=VGG16_RELEASE)
+register("vgg16_bn_cam", functools.partial(CAMNet, batch_norm=True), task="icd",
+         pretrained=VGG16_RELEASE)

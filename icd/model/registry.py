@@ -3,8 +3,10 @@
 Each family module registers its constructors (`icd_net`: vgg16_icd, vgg16_cam, vgg16_bn_cam;
 `deeplab`: vgg16_largefov, vgg16_aspp, resnet101_largefov) with what the rest of the project
 needs to know of them: the task that trains them (`icd.train.TASKS` by this name: "icd" for
-image-level labels, "segmentation" for DeepLab on label maps) and the Config fields their
-constructor takes beyond the common ones; `build_model` serves them all.
+image-level labels, "segmentation" for DeepLab on label maps), the Config fields their
+constructor takes beyond the common ones and the ImageNet weights they start from (`Pretrained`,
+timm's pretrained_cfg; `icd.model.pretrained` finds and loads them); `build_model` serves them
+all.
 """
 from __future__ import annotations
 
@@ -18,12 +20,32 @@ COMMON_OPTIONS = {"num_classes": "num_cls", "width": "width", "dropout": "dropou
 
 
 @dataclass(frozen=True)
+class Pretrained:
+    """Which ImageNet weights a registered network starts from (timm's pretrained_cfg).
+
+    `source` says what the file is; `file` is where the configs expect it (None: the model
+    store's cache); `store` and `store_name` name the model store that serves the ImageNet
+    network ("mxnet": `mxnet.gluon.model_zoo`, "gluoncv": `gluoncv.model_zoo`) and its model;
+    `convert`: the store's file is not loaded as it is but made into `file` by `icd-pretrained`
+    (VGG16: the release's layout, docs/release.md section 13). `icd.model.pretrained.imagenet_file`
+    resolves an entry to a local file.
+    """
+    source: str
+    store: str
+    store_name: str
+    file: Optional[str] = None
+    convert: bool = False
+
+
+@dataclass(frozen=True)
 class ModelSpec:
-    """A registered model: its constructor, the task that trains it (None: not trainable) and
-    its own options (constructor keyword -> Config field, beyond COMMON_OPTIONS)."""
+    """A registered model: its constructor, the task that trains it (None: not trainable), its
+    own options (constructor keyword -> Config field, beyond COMMON_OPTIONS) and its ImageNet
+    weights (None: it has none)."""
     constructor: Callable[..., HybridBlock]
     task: Optional[str] = None
     options: Mapping[str, str] = field(default_factory=dict)
+    pretrained: Optional[Pretrained] = None
 
     @property
     def losses(self) -> Tuple[str, ...]:
@@ -36,12 +58,14 @@ MODELS: Dict[str, ModelSpec] = {}
 
 
 def register(name: str, constructor: Callable[..., HybridBlock], task: Optional[str] = None,
-             options: Optional[Mapping[str, str]] = None) -> Callable[..., HybridBlock]:
+             options: Optional[Mapping[str, str]] = None,
+             pretrained: Optional[Pretrained] = None) -> Callable[..., HybridBlock]:
     """Make `constructor` available as `build_model(name, ...)`, trained by `task`, taking the
-    Config fields `options` (keyword -> field); a name is registered once."""
+    Config fields `options` (keyword -> field), starting from the ImageNet weights `pretrained`;
+    a name is registered once."""
     if name in MODELS:
         raise ValueError(f"model {name!r} is already registered")
-    MODELS[name] = ModelSpec(constructor, task, dict(options or {}))
+    MODELS[name] = ModelSpec(constructor, task, dict(options or {}), pretrained)
     return constructor
 
 
