@@ -8,7 +8,7 @@ float32 parameters) and stays float32 under bf16; our custom operators (bottom-u
 superpixel pooling, top-down: MXNet's AMP keeps `Custom` in float32), the losses, softmax and
 sigmoid, reductions and the Trainer's weights and optimizer states stay float32. Weights are
 float32 Parameters cast inside the graph, so checkpoints keep the release's float32 format and
-a run may change precision between epochs (`amp` is free on resume: icd.train.RESUME_FREE).
+a run may change precision between epochs (`amp` is free on resume: icd.runs.RESUME_FREE).
 
 - bf16: CPUs with native bfloat16 (avx512_bf16 or AMX); oneDNN runs the convolutions. MXNet
   1.9.1 has no bfloat16 kernels on GPUs. Its exponent is float32's: no loss scaling.
@@ -213,7 +213,7 @@ class LossScaledTrainer(gluon.Trainer):
     while the update runs). MXNet's own check (Trainer._update's `_amp_loss_scaler`) reads
     its flag back every step and sees only the first device's gradient; it is not used.
 
-    Needs update_on_kvstore=False (icd.train.make_trainer): with the optimizer inside the
+    Needs update_on_kvstore=False (icd.engine.make_trainer): with the optimizer inside the
     kvstore's pushpull, the weights would move before any check. The optimizer's update
     counts go on over a skipped step (they only matter to Adam's bias correction)."""
 

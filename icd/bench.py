@@ -1,14 +1,15 @@
 """Speed and memory of a training step and of inference (benchmark, not a test).
 
-Times, in one process and interleaved repetition by repetition, the training step of ICDNet, of
-the CAM-only network, of the release's graph from symbols/ and of DeepLab-LargeFOV (the
-segmentation task of the training loop) on the same images; reports the
-median seconds, images/s, the multiply-accumulate count of each graph, the share of the ICD step
-spent outside convolutions (custom operators and losses, from MXNet's profiler) and, from one
-child process per network, the peak resident memory of the step (and, on a GPU, the device
-memory MXNet holds after it). The training loader's throughput (images/s: JPEG decoding,
-augmentation, uint8 batches from its worker processes) is measured on a synthetic VOC-layout set
-of `loader_size` px images and compared with the ICD step's: below 1, the devices wait for data.
+Times, in one process and interleaved repetition by repetition, the training loop's step
+(icd.engine.loop.train_step with the task's forward and loss) of ICDNet, of the CAM-only network
+and of DeepLab-LargeFOV (the segmentation task), and the release's graph from symbols/, on the
+same images; reports the median seconds, images/s, the multiply-accumulate count of each graph,
+the share of the ICD step spent outside convolutions (custom operators and losses, from MXNet's
+profiler) and, from one child process per network, the peak resident memory of the step (and,
+on a GPU, the device memory MXNet holds after it). The training loader's throughput (images/s:
+JPEG decoding, augmentation, uint8 batches from its worker processes) is measured on a synthetic
+VOC-layout set of `loader_size` px images and compared with the ICD step's: below 1, the devices
+wait for data.
 """
 from __future__ import annotations
 
@@ -25,7 +26,6 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import mxnet as mx
 import numpy as np
-from mxnet import autograd
 
 from . import amp, memory
 from .checkpoint import gather
@@ -35,9 +35,10 @@ from .data.dataset import default_workers, train_loader
 from .data.superpixels import make_superpixels
 from .data.synthetic import make_synthetic_voc
 from .data.voc import IGNORE_LABEL
-from .model import build_model, model_spec
+from .engine import loop
+from .model import build_model
 from .model.pretrained import initialize
-from .train import SegmentationTask, make_trainer
+from .tasks import SegmentationTask, task_for
 
 NETWORKS = ("icd", "cam", "reference", "infer", "deeplab")
 AMP_NETWORKS = ("icd", "infer")   # timed again in the low precision of `run(amp=...)`
@@ -65,45 +66,22 @@ def make_batch(batch: int, size: int, num_classes: int, ctx: mx.Context):
              ("mask", mask.astype(np.float32)))}
 
 
-def gluon_step(model: str, batch: Dict[str, mx.nd.NDArray], ctx: mx.Context,
-               width: float = 1.0) -> Callable[[], None]:
-    """One synchronous training step of our network (hybridized, static allocation); the
-    network is the step's `net`."""
+def loop_step(model: str, batch: Dict[str, mx.nd.NDArray], ctx: mx.Context,
+              width: float = 1.0) -> Callable[[], None]:
+    """One synchronous training step of a registered model as the training loop runs it: the
+    engine's one step (icd.engine.loop.train_step, hybridized, static allocation) with the
+    forward and loss of the model's task (icd.tasks.task_for: ICD with the top-down term at full
+    weight, or segmentation on the label map `mask`); the network is the step's `net`."""
     net = build_model(model, num_classes=batch["label"].shape[1], width=width)
     initialize(net, [ctx])
     net.hybridize(static_alloc=True, static_shape=True)
-    trainer = make_trainer(net, 1e-3, 0.9, 5e-4)
-    inputs = dict(batch, warm=mx.nd.ones((1,), ctx=ctx))
-    args = [inputs[name] for name in net.input_names]
+    trainer = loop.make_trainer(net, 1e-3, 0.9, 5e-4)
+    task = task_for(Config(model=model))
+    inputs = {"data": batch["data"], "label": batch["mask"]} \
+        if isinstance(task, SegmentationTask) else dict(batch, warm=mx.nd.ones((1,), ctx=ctx))
 
     def step():
-        with autograd.record():
-            loss = net(*args)[-1]
-        loss.backward()
-        trainer.step(batch["data"].shape[0])
-        mx.nd.waitall()
-    step.net = net
-    return step
-
-
-def segmentation_step(batch: Dict[str, mx.nd.NDArray], ctx: mx.Context,
-                      width: float = 1.0, model: str = MODELS["deeplab"]
-                      ) -> Callable[[], None]:
-    """One synchronous training step of a DeepLab (LargeFOV by default) as the training loop's
-    segmentation task runs it (forward, softmax loss with 255 ignored, backward, SGD); the
-    network is the step's `net`."""
-    net = build_model(model, num_classes=batch["label"].shape[1], width=width)
-    initialize(net, [ctx])
-    net.hybridize(static_alloc=True, static_shape=True)
-    trainer = make_trainer(net, 1e-3, 0.9, 5e-4)
-    task = SegmentationTask(Config(model=model))
-    inputs = {"data": batch["data"], "label": batch["mask"]}
-
-    def step():
-        with autograd.record():
-            loss = task.forward(net, inputs)["loss"]
-        loss.backward()
-        trainer.step(batch["data"].shape[0])
+        loop.train_step(net, trainer, task.forward, [inputs], batch["data"].shape[0])
         mx.nd.waitall()
     step.net = net
     return step
@@ -111,11 +89,8 @@ def segmentation_step(batch: Dict[str, mx.nd.NDArray], ctx: mx.Context,
 
 def training_step(model: str, ctx: mx.Context, size: int, batch: int, width: float,
                   num_classes: int) -> Callable[[], None]:
-    """The training step of any registered model, by its task (ICD or segmentation)."""
-    data = make_batch(batch, size, num_classes, ctx)
-    if model_spec(model).task == "segmentation":
-        return segmentation_step(data, ctx, width, model)
-    return gluon_step(model, data, ctx, width)
+    """The training step of any registered model (`loop_step`) on a batch of `make_batch`."""
+    return loop_step(model, make_batch(batch, size, num_classes, ctx), ctx, width)
 
 
 def release_graph():
@@ -182,9 +157,7 @@ def build_step(name: str, ctx: mx.Context, size: int, infer_size: int, batch: in
     data = make_batch(batch, size, num_classes, ctx)
     if name == "reference":
         return reference_step(data, ctx, width)
-    if name == "deeplab":
-        return segmentation_step(data, ctx, width)
-    return gluon_step(MODELS[name], data, ctx, width)
+    return loop_step(MODELS[name], data, ctx, width)
 
 
 def count_macs(sym: mx.sym.Symbol, input_shapes: Dict[str, tuple]) -> int:

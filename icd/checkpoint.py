@@ -2,27 +2,26 @@
 
 A checkpoint is an `mx.nd.save` dict with `arg:<name>` for trainable parameters and `aux:<name>`
 for auxiliary states (docs/release.md section 2). Our parameter names equal the release's
-except BatchNorm's statistics, which Gluon calls running_* and the release moving_*.
+except BatchNorm's statistics, which Gluon calls running_* and the release moving_*. A Trainer's
+states go to a `.states` file read back without running anything in it (`read_states`). Where
+a run's checkpoints are named, listed, rotated and resumed is icd.runs'.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
-import glob
 import hashlib
 import importlib
 import io
 import logging
 import os
 import pickle
-import re
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, Optional, Sequence, Tuple
 
 import mxnet as mx
 import numpy as np
 
-from .config import Config
-from .io import atomic_path, read_json, require_finite
+from .io import atomic_path, require_finite
 from .model.backbone import BACKBONE_BN
 
 log = logging.getLogger(__name__)
@@ -79,7 +78,8 @@ def staged_params(values: Dict[str, mx.nd.NDArray], path: str) -> Iterator[str]:
     """Write checkpoint `values` under a temporary name beside `path` and yield the file's
     digest (`file_digest`); the file takes the name `path` when the block succeeds. A run's
     checkpoint writes its .states and run record inside the block: the .params comes last
-    (`complete_checkpoints`), yet the record names its digest (`check_checkpoint_files`)."""
+    (icd.runs.complete_checkpoints), yet the record names its digest
+    (icd.runs.check_checkpoint_files)."""
     with atomic_path(path) as tmp:
         mx.nd.save(tmp, values)
         yield file_digest(tmp)
@@ -379,89 +379,3 @@ def load_states(trainer: mx.gluon.Trainer, path: str) -> None:
     optimizer._all_index_update_counts = {device: dict(counts) for device in devices}
     optimizer._index_update_count = optimizer._all_index_update_counts[0]
     optimizer.num_update = max([optimizer.num_update, *counts.values()])
-
-
-# ---------------------------------------------------------------------------------------------
-# A training run's files in cfg.snapshot: <model>-<epoch:04d>.params/.states/.json, the log
-
-CHECKPOINT_SUFFIXES = ("params", "states", "json")   # weights, optimizer, run record
-
-
-def checkpoint_path(cfg: Config, epoch: int, suffix: str = "params") -> str:
-    return os.path.join(cfg.snapshot, f"{cfg.model}-{epoch:04d}.{suffix}")
-
-
-def checkpoint_files(cfg: Config) -> Dict[int, List[str]]:
-    """Epoch -> the model's checkpoint files (.params, .states, run record) in cfg.snapshot."""
-    pattern = re.compile(re.escape(cfg.model) + r"-(\d{4})\.(" + "|".join(CHECKPOINT_SUFFIXES)
-                         + r")$")
-    found: Dict[int, List[str]] = {}
-    for path in sorted(glob.glob(os.path.join(glob.escape(cfg.snapshot), f"{cfg.model}-*"))):
-        match = pattern.search(os.path.basename(path))
-        if match:
-            found.setdefault(int(match.group(1)), []).append(path)
-    return found
-
-
-def complete_checkpoints(cfg: Config) -> List[int]:
-    """The epochs of cfg.snapshot whose checkpoint can be resumed: .params and .states present
-    (the loop writes .states and the run record first and the .params last, each atomically, so
-    a run killed between them leaves no .params; the release's checkpoints have no run record)."""
-    return sorted(epoch for epoch, paths in checkpoint_files(cfg).items()
-                  if {checkpoint_path(cfg, epoch, s) for s in ("params", "states")} <= set(paths))
-
-
-def last_complete_epoch(cfg: Config) -> Optional[int]:
-    """The epoch of the newest resumable checkpoint (`complete_checkpoints`), None without one:
-    `--begin-epoch last_complete_epoch + 1` resumes the run."""
-    epochs = complete_checkpoints(cfg)
-    return epochs[-1] if epochs else None
-
-
-def read_run_record(cfg: Config, epoch: int) -> Optional[dict]:
-    """The run record of checkpoint `epoch`, or None for a checkpoint without one (the release's)."""
-    path = checkpoint_path(cfg, epoch, "json")
-    return read_json(path) if os.path.isfile(path) else None
-
-
-def check_checkpoint_files(cfg: Config, epoch: int, record: dict) -> None:
-    """The .params and .states of checkpoint `epoch` are the files its run record `record` was
-    written with (the digests it holds, `staged_params`): ValueError naming both files and the
-    record otherwise, since a .states (or .params) from another run or edited by hand would
-    continue this run with other optimizer states (or weights) under its id. A record written
-    before records held digests is accepted with a warning."""
-    source = checkpoint_path(cfg, epoch, "json")
-    paths = {suffix: checkpoint_path(cfg, epoch, suffix) for suffix in ("params", "states")}
-    digests = record.get("digests")
-    if not digests:
-        log.warning("%s: the run record holds no digests of %s and %s (an older version wrote "
-                    "it); they are taken as the run's own", source, paths["params"],
-                    paths["states"])
-        return
-    changed = [path for suffix, path in paths.items()
-               if file_digest(path) != digests.get(suffix)]
-    if changed:
-        raise ValueError(
-            f"{paths['states']}, {paths['params']}: not the files run {record.get('run')} wrote "
-            f"at epoch {epoch}: {' and '.join(changed)} "
-            f"{'differ from their digests' if len(changed) > 1 else 'differs from its digest'} "
-            f"in {source} (a file copied from another run, or edited). Resume from a checkpoint "
-            f"whose .params, .states and run record were written together, or start a new run")
-
-
-def rotate_checkpoints(cfg: Config, run: str) -> None:
-    """Keep the newest `num_save` checkpoints of run `run` (release: 5); other runs' checkpoints
-    and checkpoints without a run record are never removed."""
-    ours = sorted(epoch for epoch in checkpoint_files(cfg)
-                  if (read_run_record(cfg, epoch) or {}).get("run") == run)
-    for epoch in ours[:-cfg.num_save] if cfg.num_save > 0 else []:
-        # the .params first (the checkpoint stops being resumable), the run record last: it
-        # names the owner
-        for suffix in ("params", "states", "json"):
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(checkpoint_path(cfg, epoch, suffix))
-
-
-def log_path(cfg: Config) -> str:
-    """The JSON log of the run's epochs, `<model>-log.json` beside the checkpoints."""
-    return os.path.join(cfg.snapshot, f"{cfg.model}-log.json")

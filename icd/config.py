@@ -181,7 +181,7 @@ class Config:
         "inference images per step",
         range="positive", used_by=INFERENCE)
 
-    # DeepLab on the seeds (icd.train.SegmentationTask, icd.segment)
+    # DeepLab on the seeds (icd.tasks.SegmentationTask, icd.segment)
     label_root: str = option("./snapshot/icd/results/seeds/crf",
         "segmentation training: folder of label maps <name>.png (seeds or ground truth)",
         used_by=("train_seg",))

@@ -1,4 +1,4 @@
-"""Training beyond one machine on MXNet's parameter server (the hooks of icd.train's loop).
+"""Training beyond one machine on MXNet's parameter server (the hooks of icd.engine's loop).
 
 A job is started by `icd-launch` (icd.commands.launch, around MXNet's launcher): a scheduler,
 servers and workers find each other through DMLC_ROLE, DMLC_PS_ROOT_URI, DMLC_PS_ROOT_PORT,
@@ -151,7 +151,7 @@ def failures_end_the_process(workers: Workers, statuses: Dict[type, int]) -> Ite
 # ---------------------------------------------------------------------------------------------
 
 def reduce_metrics(workers: Workers, figures) -> None:
-    """Make an icd.train.RunningMetrics hold the sums over all workers (images, the task's sums)
+    """Make an icd.tasks.RunningMetrics hold the sums over all workers (images, the task's sums)
     and the ranges over all workers, in place; every worker then reads the same numbers
     (collective)."""
     if workers.num_workers == 1:
@@ -186,7 +186,7 @@ def checkpoint_values(workers: Workers, net: mx.gluon.Block) -> Dict[str, mx.nd.
 
 
 def all_device_states(workers: Workers, local: Dict[str, list]) -> Dict[str, list]:
-    """`icd.train.device_states` of every device of every worker, rank-major (collective)."""
+    """`icd.engine.hooks.device_states` of every device of every worker, rank-major (collective)."""
     if workers.num_workers == 1:
         return local
     return {name: workers.allgather("devices:" + name, mx.nd.array(copies)).reshape(

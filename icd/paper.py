@@ -45,7 +45,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import yaml
 
-from .checkpoint import checkpoint_path
+from .runs import checkpoint_path
 from .config import (FIELDS, Config, find_config, load_config, read_config_sources,
                      read_yaml_chain)
 from .features import superpixels_on_devices
@@ -63,7 +63,7 @@ from .segment import AUTOTUNE, evaluate_predictions, infer_segmentation
 from .seeds import SeedSettings, make_seeds
 from .stats import compare_runs
 from .runs import resume_auto
-from .train import train
+from .tasks import train
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ DEVICE_FLAGS = {"gpus": "--gpus", "cpus": "--cpus", "kvstore": "--kvstore",
 INHERITED = ("image_root", "annotation_root", "data_list", "classes", "num_cls", "pretrained",
              "infer_size")
 # Config fields a training step's fingerprint holds: not devices, processes, bookkeeping or
-# inference-only ones (whether a checkpoint may be resumed is icd.train.resume_changes').
+# inference-only ones (whether a checkpoint may be resumed is icd.runs.resume_changes').
 RUN_FIELDS = ("image_root", "annotation_root", "superpixel_root", "data_list", "classes", "model",
               "pretrained", "num_cls", "width", "dropout", "bottom_up_features", "bottom_up_loss",
               "top_down", "optimizer", "image_size", "batch_size", "learning_rate", "momentum",

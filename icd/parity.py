@@ -49,16 +49,17 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import mxnet as mx
 import numpy as np
-from mxnet import autograd, gluon
+from mxnet import gluon
 from mxnet.gluon import nn
 
 from .checkpoint import assign, gather, read_params, release_key, trainer_params
 from .devices import split_batch
+from .engine import loop
 from .io import read_json
 from .model import ICDNet
 from .model.losses import top_down_warmup
 from .model.ops import share_moving_mean, shared_moving_mean, unshare_moving_mean
-from .train import make_trainer
+from .tasks import ICDTask
 
 OUTPUT_TOLERANCE = 1e-4  # max|ours - ref| / max(max|ref|, 1e-6)
 PARAM_TOLERANCE = 1e-3   # the same on the change from the state before the step, with a floor:
@@ -324,31 +325,29 @@ def load_momentum(trainer: gluon.Trainer, momentum: Dict[str, np.ndarray]) -> No
         trainer.load_states(path)
 
 
-def train_step(net: ICDNet, trainer: gluon.Trainer, parts: List[Dict[str, mx.nd.NDArray]],
-               warm: float, contexts: Sequence[mx.Context],
-               order: Optional[Sequence[int]] = None) -> Dict[str, np.ndarray]:
-    """One training step on a batch split over `contexts` (`parts[d][name]` on device d).
+def replay_step(net: ICDNet, trainer: gluon.Trainer, parts: List[Dict[str, mx.nd.NDArray]],
+                warm: float, contexts: Sequence[mx.Context],
+                order: Optional[Sequence[int]] = None) -> Dict[str, np.ndarray]:
+    """One training step, the training loop's (icd.engine.loop.train_step with ICD's forward and
+    loss), on a batch split over `contexts` (`parts[d][name]` on device d) at warm-up weight
+    `warm`.
 
-    The devices' forwards run one after another in `order` (default context order), so the
-    shared sign-flip store takes their updates in that order, as symbols.bundle records the
-    reference (the release's store takes them in whichever order they arrive: a race). Returns
-    `cam_prob` (N, C), `icd_bu` and `icd_td_prob` (N, C, h, w) before the update, in context
-    order; the checkpoint (`arg:`/`aux:`, icd.checkpoint.gather) after it; with several devices
-    the shared store after it (`store:...`) and each device's copy (`devices:...`, (k, C, 2)).
+    The devices' forwards are issued in `order` (default context order), so the shared sign-flip
+    store takes their updates in that order, as symbols.bundle records the reference (the
+    release's store takes them in whichever order they arrive: a race). Returns `cam_prob`
+    (N, C), `icd_bu` and `icd_td_prob` (N, C, h, w) before the update, in context order; the
+    checkpoint (`arg:`/`aux:`, icd.checkpoint.gather) after it; with several devices the shared
+    store after it (`store:...`) and each device's copy (`devices:...`, (k, C, 2)).
     """
-    outputs: List = [None] * len(contexts)
-    with autograd.record():
-        for d in range(len(contexts)) if order is None else order:
-            outputs[d] = net(parts[d]["data"], parts[d]["superpixel"], parts[d]["label"],
-                             mx.nd.full((1,), warm, ctx=contexts[d]))
-            mx.nd.waitall()   # device d's sign flip has updated the store before the next starts
-    autograd.backward([out[-1] for out in outputs])
-    trainer.step(sum(part["data"].shape[0] for part in parts))
+    inputs = [dict(part, warm=mx.nd.full((1,), warm, ctx=ctx))
+              for part, ctx in zip(parts, contexts)]
+    outputs = loop.train_step(net, trainer, ICDTask.forward, inputs,
+                              sum(part["data"].shape[0] for part in parts), order)
     result = {
-        "cam_prob": np.concatenate([mx.nd.sigmoid(o[0].mean(axis=(2, 3))).asnumpy()
+        "cam_prob": np.concatenate([mx.nd.sigmoid(o["cam"].mean(axis=(2, 3))).asnumpy()
                                     for o in outputs]),
-        "icd_bu": np.concatenate([o[1].asnumpy() for o in outputs]),
-        "icd_td_prob": np.concatenate([mx.nd.sigmoid(o[3]).asnumpy() for o in outputs])}
+        "icd_bu": np.concatenate([o["icd_bu"].asnumpy() for o in outputs]),
+        "icd_td_prob": np.concatenate([mx.nd.sigmoid(o["icd_td"]).asnumpy() for o in outputs])}
     result.update({key: value.asnumpy() for key, value in gather(net).items()})
     store = shared_moving_mean(net.share_key)
     if store is not None:
@@ -390,7 +389,7 @@ def replay(bundle: Bundle, contexts: Sequence[mx.Context], free_running: bool = 
             if step == 0 or not free_running:
                 state, delta = perturbed(state_before(bundle, step), perturbation, rng, fixed)
                 assign(net, state, source, contexts)
-                trainer = make_trainer(net, float(meta["lr"]), float(meta["momentum"]),
+                trainer = loop.make_trainer(net, float(meta["lr"]), float(meta["momentum"]),
                                        float(meta["wd"]))
                 load_momentum(trainer, momentum_before(bundle, step, fixed))
                 if len(contexts) > 1:   # release: one store shared by the devices
@@ -400,7 +399,7 @@ def replay(bundle: Bundle, contexts: Sequence[mx.Context], free_running: bool = 
                                            devices_before(bundle, step)):
                         copy[:] = mx.nd.array(value, ctx=copy.context)
             warm = top_down_warmup(step, int(meta["warmup_iters"]))
-            for key, value in train_step(net, trainer, parts, warm, contexts,
+            for key, value in replay_step(net, trainer, parts, warm, contexts,
                                          bundle.device_order).items():
                 # float64: a change stays exactly our own, from the perturbed start
                 ours[f"train/step{step}/{key}"] = value - delta[key] if key in delta else value

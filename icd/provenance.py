@@ -367,7 +367,7 @@ def require_folder_classes(folder: str, record: Optional[dict], classes: Sequenc
 
 
 def checkpoint_record(params: str) -> Optional[dict]:
-    """The run record `<stem>.json` of the checkpoint `params` (icd.train writes one per
+    """The run record `<stem>.json` of the checkpoint `params` (icd.engine writes one per
     checkpoint), or None: the release's checkpoints and other weight files have none."""
     path = os.path.splitext(params)[0] + ".json"
     if not os.path.isfile(path):

@@ -16,7 +16,7 @@ import pytest
 
 from icd import amp
 from icd.commands.train import main as train_main
-from icd.train import train
+from icd.tasks import train
 
 NATIVE_BF16 = amp.unsupported_reason("bf16", [mx.cpu()])
 needs_bf16 = pytest.mark.skipif(NATIVE_BF16 is not None,
@@ -93,7 +93,7 @@ def test_fp16_loss_scaling_on_two_devices_skips_an_overflow_of_either_and_resume
         from mxnet import autograd, gluon
         from mxnet.contrib import amp as mx_amp
         from icd import amp
-        from icd.train import make_trainer
+        from icd.engine import make_trainer
         mx_amp.init(target_dtype="float16")
         contexts = [mx.cpu(1), mx.cpu(2)]
 

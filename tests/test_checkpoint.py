@@ -3,13 +3,13 @@ import mxnet as mx
 import numpy as np
 import pytest
 
-from icd.checkpoint import (checkpoint_path, gather,
-                            load_checkpoint, read_params, save_checkpoint)
+from icd.runs import checkpoint_path
+from icd.checkpoint import gather, load_checkpoint, read_params, save_checkpoint
 from icd.model.backbone import is_imagenet_key
 from icd.model.pretrained import PRETRAINED_COPIES, initialize
 from icd.features import conv5_feature_extractor, load_backbone
 from icd.model import ICDNet, build_model
-from icd.train import train
+from icd.tasks import train
 
 
 def make_net():

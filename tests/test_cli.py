@@ -167,7 +167,7 @@ def test_missing_image_is_one_line_and_debug_shows_the_traceback(tiny_voc, tmp_p
 
 def _checkpoint_pair(tiny_config, tmp_path):
     """A snapshot with the epoch-0 checkpoint pair of a 1-epoch training."""
-    from icd.train import train as train_loop
+    from icd.tasks import train as train_loop
     cfg = tiny_config(num_epoch=1, snapshot=str(tmp_path / "s"), dropout=0.5)   # the flags'
     train_loop(cfg)
     return cfg.snapshot, os.path.join(cfg.snapshot, "vgg16_icd-0000.params"), \
@@ -273,7 +273,7 @@ def test_reading_a_config_loads_neither_mxnet_nor_the_training_loop():
     code = ("import sys; from icd.config import load_config, command_fields; "
             "cfg = load_config('synthetic_demo', amp='bf16', kvstore='local'); "
             "assert command_fields('infer_seg'); "
-            "print(sorted(m for m in ('mxnet', 'icd.train', 'icd.model') if m in sys.modules))")
+            "print(sorted(m for m in ('mxnet', 'icd.engine', 'icd.model') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120, cwd=REPO)
     assert out.returncode == 0, out.stderr
@@ -402,7 +402,7 @@ def test_ctrl_c_during_training_is_one_line_naming_the_resume(tiny_voc, tmp_path
                                                               monkeypatch):
     """The training loop raises TrainingInterrupted with the resume hint (tested in
     test_train.py); the command prints exactly that line and exits 130."""
-    from icd.train import TrainingInterrupted
+    from icd.engine import TrainingInterrupted
 
     def interrupted(cfg):
         raise TrainingInterrupted("interrupted in epoch 1; last checkpoint X-0000.params; "

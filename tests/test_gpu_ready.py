@@ -37,7 +37,8 @@ from icd.model import build_model, model_from_config
 from icd.model.icd_net import ICDNet
 from icd.segment import (SegmentSettings, canvas_side, predict_labels, predict_probabilities,
                          segment, write_label_map)
-from icd.train import ICDTask, RunningMetrics, make_trainer
+from icd.engine import make_trainer
+from icd.tasks import ICDTask, RunningMetrics
 
 DEVICES = [mx.cpu(1), mx.cpu(2)]
 
@@ -65,7 +66,6 @@ def _icd_step(tiny_config, contexts, precision="off"):
             outputs = [task.forward(net, device) for device in inputs]
         amp.backward([out["loss"] for out in outputs], trainer)
         trainer.step(cfg.batch_size)
-        task.after_step()
         batch_figures = RunningMetrics(task, contexts[0])
         task.update_metrics(batch_figures, outputs, inputs)
         figures.add(batch_figures)

@@ -6,7 +6,8 @@ import mxnet as mx
 import pytest
 
 from icd import memory
-from icd import train as train_module
+from icd.engine import loop as train_module
+from icd.tasks import train
 from icd.config import Config
 
 FIGURES = {"vgg16_icd": {"fixed_mb": 1000.0, "per_image_mb": 500.0}}
@@ -61,7 +62,7 @@ def test_training_estimates_its_memory_before_its_first_step(tiny_config, monkey
                                                              contexts)) or warn(cfg, contexts))
     monkeypatch.setattr(train_module, "_step",
                         lambda loop, batch: events.append(("step",)) or step(loop, batch))
-    train_module.train(tiny_config(num_epoch=1, cpus=2))
+    train(tiny_config(num_epoch=1, cpus=2))
     assert events[0] == ("memory", 4, [mx.cpu(0), mx.cpu(1)]) and events[1] == ("step",)
 
 

@@ -10,14 +10,16 @@ import mxnet as mx
 import numpy as np
 import pytest
 
-from icd.checkpoint import checkpoint_path, gather, read_params
+from icd.checkpoint import gather, read_params
+from icd.runs import checkpoint_path
 from icd.devices import split_batch
 from icd.io import write_json
 from icd.parity import (NOISE_CAP, NOISE_FACTOR, build_from_params, check_bundle,
                         load_momentum, read_bundle, replay_infer, state_before, summary,
-                        train_step)
+                        replay_step)
 from icd.model.ops import share_moving_mean, unshare_moving_mean
-from icd.train import make_trainer, train
+from icd.engine import make_trainer
+from icd.tasks import train
 import symbols.ops
 from symbols.bundle import (make_batch, make_bundle, make_params, run_reference_infer,
                             write_bundle)
@@ -334,7 +336,7 @@ def test_an_absent_class_pushes_the_devices_own_copy(order):
     start = params[f"aux:{RESIGN}"]
     store = share_moving_mean(net.share_key, mx.nd.array(start), contexts)
     try:
-        train_step(net, trainer, parts, 1.0, contexts, order)
+        replay_step(net, trainer, parts, 1.0, contexts, order)
     finally:
         unshare_moving_mean(net.share_key)
     copies = [c.asnumpy() for c in net.icd_accum_resign_moving_mean.list_data()]
@@ -363,7 +365,7 @@ def test_momentum_is_loaded_into_the_trainer(small_bundle):
     load_momentum(trainer, momentum)
     before = {k: v.asnumpy() for k, v in gather(net).items()}
     parts = [{k: mx.nd.array(v) for k, v in bundle.batch.items()}]
-    train_step(net, trainer, parts, 1.0, [mx.cpu()])
+    replay_step(net, trainer, parts, 1.0, [mx.cpu()])
     after = {k: v.asnumpy() for k, v in gather(net).items()}
     for key in ("arg:icd_bu_weight", "arg:conv1_1_weight", "arg:fc8_bias"):
         np.testing.assert_allclose(after[key] - before[key], 0.9 * momentum[key], rtol=1e-4,

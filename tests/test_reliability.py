@@ -17,8 +17,8 @@ from icd.evaluate import EvalSettings, evaluate
 from icd.infer import infer
 from icd.provenance import ProvenanceError, read_record, record_path
 from icd.seeds import SeedSettings, make_seeds
-from icd.checkpoint import checkpoint_path
-from icd.train import train
+from icd.runs import checkpoint_path
+from icd.tasks import train
 
 
 def encoded_image(path, **params):

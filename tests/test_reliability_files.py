@@ -17,8 +17,11 @@ import pytest
 from mxnet import autograd, gluon
 
 import icd.io
-import icd.train
-from icd.checkpoint import (checkpoint_path, complete_checkpoints, last_complete_epoch, load_states,
+import icd.engine.hooks
+import icd.engine.loop
+import icd.tasks.segmentation
+from icd.runs import checkpoint_path, complete_checkpoints, last_complete_epoch
+from icd.checkpoint import (load_states,
                             read_params, read_states, save_states)
 from icd.commands import infer_seg, seeds, superpixels
 from icd.commands.train import check_resume
@@ -28,7 +31,8 @@ from icd.io import FolderInUse, exclusive_lock, write_json
 from icd.provenance import ProvenanceError, lock_path, producing
 from icd.data.dataset import DataPaths
 from icd.seeds import SeedSettings, make_seeds
-from icd.train import snapshot_lock, train
+from icd.runs import snapshot_lock
+from icd.tasks import train
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,12 +131,12 @@ def test_training_saved_on_cpu1_cpu2_resumes_on_cpu3_cpu4(tiny_config, monkeypat
     """Issue #25.1 through the training loop: ICD trained on cpu(1), cpu(2) (update_on_kvstore),
     stopped after epoch 1, resumes on cpu(3), cpu(4) to the uninterrupted run's epoch 2."""
     import shutil
-    monkeypatch.setattr(icd.train, "parse_devices", lambda gpus, cpus: [mx.cpu(1), mx.cpu(2)])
+    monkeypatch.setattr(icd.engine.loop, "parse_devices", lambda gpus, cpus: [mx.cpu(1), mx.cpu(2)])
     straight = tiny_config(num_epoch=3, cpus=2)
     straight.snapshot += "_straight"
     train(straight)
     assert set(saved_devices(checkpoint_path(straight, 1, "states"))) == {(1, 0)}
-    monkeypatch.setattr(icd.train, "parse_devices", lambda gpus, cpus: [mx.cpu(3), mx.cpu(4)])
+    monkeypatch.setattr(icd.engine.loop, "parse_devices", lambda gpus, cpus: [mx.cpu(3), mx.cpu(4)])
     resumed = tiny_config(num_epoch=3, cpus=2, begin_epoch=2)
     os.makedirs(resumed.snapshot)
     for suffix in ("params", "states", "json"):
@@ -223,17 +227,17 @@ def test_a_checkpoint_interrupted_before_its_params_is_not_resumable(tiny_config
     """Disk full (or SIGKILL) while checkpoint 1 is written leaves no .params of it; the fresh-run
     error advises the --begin-epoch of the last complete checkpoint, and that resume works."""
     cfg = tiny_config(num_epoch=3, model="vgg16_cam")
-    save = icd.train.staged_params
+    save = icd.engine.hooks.staged_params
 
     def disk_full_at_epoch_1(values, path):
         if path.endswith("0001.params"):
             raise OSError(errno.ENOSPC, "No space left on device")
         return save(values, path)
 
-    monkeypatch.setattr(icd.train, "staged_params", disk_full_at_epoch_1)
+    monkeypatch.setattr(icd.engine.hooks, "staged_params", disk_full_at_epoch_1)
     with pytest.raises(OSError):
         train(cfg)
-    monkeypatch.setattr(icd.train, "staged_params", save)
+    monkeypatch.setattr(icd.engine.hooks, "staged_params", save)
     assert not os.path.exists(checkpoint_path(cfg, 1))
     assert complete_checkpoints(cfg) == [0] and last_complete_epoch(cfg) == 0
     with pytest.raises(FileExistsError, match=r"Resume with --begin-epoch 1,"):

@@ -22,7 +22,7 @@ from icd.commands import superpixels as superpixels_command
 from icd.commands import train as train_command
 from icd.commands.options import fill_from_config
 from icd.io import write_json
-from icd.checkpoint import checkpoint_path, last_complete_epoch
+from icd.runs import checkpoint_path, last_complete_epoch
 
 from conftest import REPO
 

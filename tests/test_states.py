@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 from mxnet import autograd, gluon
 
-from icd.checkpoint import (_updaters, checkpoint_path, file_digest, load_states, save_states,
+from icd.runs import checkpoint_path
+from icd.checkpoint import (_updaters, file_digest, load_states, save_states,
                             trainer_params, update_counts)
-from icd.train import train
+from icd.tasks import train
 
 FLOAT32_NOISE = 8 * np.finfo(np.float32).eps   # a few roundings of a value of size 1
 

@@ -13,12 +13,14 @@ import mxnet as mx
 import numpy as np
 import pytest
 
-from icd.checkpoint import checkpoint_path, read_params
+from icd.checkpoint import read_params
+from icd.runs import checkpoint_path
 from icd.data.synthetic import DEFAULT_CLASSES
 from icd.devices import parse_devices
 from icd.infer import OUTPUT_FOLDERS, infer
 from icd.model import MODELS, CAMNet, model_options, register
-from icd.train import TrainingDiverged, TrainingInterrupted, poly_lr, task_for, train
+from icd.engine import TrainingDiverged, TrainingInterrupted, poly_lr
+from icd.tasks import task_for, train
 
 from conftest import REPO
 
@@ -271,16 +273,18 @@ def test_resume_with_dropout_is_bit_identical(tiny_config, cpus):
 def test_ctrl_c_stops_after_the_checkpoint_being_written(tiny_config, monkeypatch, python_sigint):
     """SIGINT while a checkpoint is written: its files are all completed, then training stops
     with one message naming it and the --begin-epoch that resumes it."""
-    import icd.train
+    import icd.engine.hooks
+    import icd.engine.loop
+    import icd.tasks.segmentation
 
     cfg = tiny_config(num_epoch=4, model="vgg16_cam")
-    save = icd.train.staged_params
+    save = icd.engine.hooks.staged_params
 
     def save_then_ctrl_c(values, path):
         if path.endswith("0001.params"):
             os.kill(os.getpid(), signal.SIGINT)
         return save(values, path)
-    monkeypatch.setattr(icd.train, "staged_params", save_then_ctrl_c)
+    monkeypatch.setattr(icd.engine.hooks, "staged_params", save_then_ctrl_c)
     with pytest.raises(TrainingInterrupted) as stopped:
         train(cfg)
     assert str(stopped.value) == (f"interrupted in epoch 1; last checkpoint "

@@ -1,4 +1,4 @@
-"""DeepLab trained on seeds or masks through the one training loop (icd.train.SegmentationTask)
+"""DeepLab trained on seeds or masks through the one training loop (icd.tasks.SegmentationTask)
 and the tools/train_seg.py -> tools/infer_seg.py path."""
 import importlib.util
 import json
@@ -10,8 +10,11 @@ import mxnet as mx
 import numpy as np
 import pytest
 
-import icd.train
-from icd.checkpoint import checkpoint_path, read_params
+import icd.engine.hooks
+import icd.engine.loop
+import icd.tasks.segmentation
+from icd.checkpoint import read_params
+from icd.runs import checkpoint_path
 from icd.config import load_config
 from icd.data.synthetic import make_synthetic_voc
 from icd.commands import train_seg
@@ -23,7 +26,8 @@ from icd.io import write_json
 from icd.provenance import record_path
 from icd.data.dataset import DataPaths
 from icd.segment import SegmentSettings, segment
-from icd.train import TrainingDiverged, poly_lr, train
+from icd.engine import TrainingDiverged, poly_lr
+from icd.tasks import train
 
 from conftest import REPO
 
@@ -99,8 +103,8 @@ def test_nan_loss_stops_naming_the_last_good_checkpoint(tiny_config, tiny_voc, m
     cfg = seg_config(tiny_config, tiny_voc, num_epoch=1)
     train(cfg)
     before = open(checkpoint_path(cfg, 0), "rb").read()
-    loss = icd.train.segmentation_loss
-    monkeypatch.setattr(icd.train, "segmentation_loss",
+    loss = icd.tasks.segmentation.segmentation_loss
+    monkeypatch.setattr(icd.tasks.segmentation, "segmentation_loss",
                         lambda F, logits, label: loss(F, logits, label) * np.nan)
     with pytest.raises(TrainingDiverged, match=r"epoch 1 by iteration 2 \(seg_loss nan\).*last "
                                                r"good checkpoint: .*vgg16_largefov-0000.params"):

@@ -13,7 +13,7 @@ import os
 from typing import Optional, Sequence
 
 from ..infer import infer
-from ..checkpoint import checkpoint_path
+from ..runs import checkpoint_path
 from ..provenance import require_outputs_apart
 from .options import add_config_arguments, add_shard_argument, config_from, devices_for
 from .runner import Parser, non_negative_int, run

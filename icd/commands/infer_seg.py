@@ -18,7 +18,7 @@ import logging
 import os
 from typing import Optional, Sequence
 
-from ..checkpoint import checkpoint_path
+from ..runs import checkpoint_path
 from ..data.classes import dataset_classes
 from ..data.voc import read_list
 from ..devices import shard_names

@@ -18,10 +18,11 @@ import argparse
 import os
 from typing import Optional, Sequence
 
-from ..checkpoint import checkpoint_path, read_states
+from ..checkpoint import read_states
 from ..config import Config
-from ..runs import resume_auto
-from ..train import EXIT_STATUSES, TrainingDiverged, train
+from ..engine import EXIT_STATUSES, TrainingDiverged
+from ..runs import checkpoint_path, resume_auto
+from ..tasks import train
 from .options import add_config_arguments, config_from, devices_for
 from .runner import Parser, run
 

@@ -4,7 +4,7 @@ Example:
   icd-train-seg --config deeplab_largefov_vgg16 --seeds snapshot/icd/results/seeds/crf --gpus 0,1
 --seeds is the folder of label maps <name>.png (ids 0..C, 255 ignored) for every image of
 --data-list: the seeds `results/seeds/crf` or `seeds/sal`, or `SegmentationClassAug`. A seeds
-folder whose make_seeds run is running or failed is refused. The loop is ICD's (icd/train.py):
+folder whose make_seeds run is running or failed is refused. The loop is ICD's (icd/engine):
 checkpoints <snapshot>/<model>-<epoch>.params/.states/.json, <model>-log.json, demo/ pictures
 (image | labels | prediction); --begin-epoch K resumes from checkpoint K-1 bit for bit;
 --overwrite replaces an earlier run's checkpoints.
@@ -15,8 +15,8 @@ from __future__ import annotations
 import argparse
 from typing import Optional, Sequence
 
+from ..engine import TrainingDiverged
 from ..model import model_spec, models_of
-from ..train import TrainingDiverged
 from .options import add_config_arguments, config_from
 from .runner import Parser, run
 from .train import EXIT_DIVERGED, add_resume_argument, checked_train

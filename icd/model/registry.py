@@ -2,7 +2,7 @@
 
 Each family module registers its constructors (`icd_net`: vgg16_icd, vgg16_cam, vgg16_bn_cam;
 `deeplab`: vgg16_largefov, vgg16_aspp, resnet101_largefov) with what the rest of the project
-needs to know of them: the task that trains them (`icd.train.TASKS` by this name: "icd" for
+needs to know of them: the task that trains them (`icd.tasks.TASKS` by this name: "icd" for
 image-level labels, "segmentation" for DeepLab on label maps), the Config fields their
 constructor takes beyond the common ones and the ImageNet weights they start from (`Pretrained`,
 timm's pretrained_cfg; `icd.model.pretrained` finds and loads them); `build_model` serves them
