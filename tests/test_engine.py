@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from icd import bench, parity
-from icd.checkpoint import initialize
+from icd.model.pretrained import initialize
 from icd.engine import (EpochRecordHook, Hook, LogHook, NanStopHook, TrainingDiverged,
                         default_hooks, loop, make_trainer)
 from icd.model import build_model

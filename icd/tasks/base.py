@@ -12,7 +12,7 @@ import numpy as np
 from mxnet import gluon
 
 from .. import distributed as dist
-from ..checkpoint import initialize
+from ..model.pretrained import initialize
 from ..config import Config
 from ..data.dataset import TrainLoader
 from ..devices import split_batch
