@@ -23,13 +23,12 @@ import numpy as np
 
 from .config import Config
 from .io import atomic_path, read_json, require_finite
-from .model.backbone import BACKBONE_BN, is_imagenet_key, new_parameter
+from .model.backbone import is_imagenet_key, new_parameter
 
 log = logging.getLogger(__name__)
 INPUT_SCALE = 64.0  # rough std of RGB - 127 inputs; see random_imagenet_params
 AUX_SUFFIXES = ("moving_mean", "moving_var")   # MXNet: auxiliary states, never trained
 _GLUON_TO_RELEASE = {"running_mean": "moving_mean", "running_var": "moving_var"}
-BN_EPSILON = 1e-5                              # Gluon BatchNorm's default
 # release: fc6_ft / fc7_ft start from the ImageNet fc6 / fc7 (section 2)
 PRETRAINED_COPIES = {"fc6_ft_weight": "fc6_weight", "fc6_ft_bias": "fc6_bias",
                      "fc7_ft_weight": "fc7_weight", "fc7_ft_bias": "fc7_bias"}
@@ -149,37 +148,6 @@ def load_checkpoint(net: mx.gluon.Block, path: str,
     """Load a full checkpoint (ours or the release's `vgg16_icd-0019.params`) into `net`;
     NaN or infinite values are refused (`require_finite_params`)."""
     assign(net, require_finite_params(read_params(path), path), path, contexts)
-
-
-def fold_batch_norm(values: Dict[str, mx.nd.NDArray]) -> Dict[str, mx.nd.NDArray]:
-    """A `vgg16_bn_cam` checkpoint as the plain VGG16 that computes the same in inference mode.
-
-    Each `convB_I` followed by BatchNorm `convB_I_bn` (moving statistics m, v; gamma, beta)
-    becomes one convolution: W' = W s, b' = (b - m) s + beta per output channel, with
-    s = gamma / sqrt(v + eps). The BatchNorm keys are dropped; other keys pass unchanged.
-    """
-    out = {k: v for k, v in values.items() if not BACKBONE_BN.match(k[4:])}
-    for key in values:
-        if not (key.startswith("arg:") and BACKBONE_BN.match(key[4:]) and key.endswith("_gamma")):
-            continue
-        conv = key[4:-len("_bn_gamma")]
-        bn = {part: values[f"{kind}:{conv}_bn_{part}"] for kind, part in (
-            ("arg", "gamma"), ("arg", "beta"), ("aux", "moving_mean"), ("aux", "moving_var"))}
-        scale = bn["gamma"] / mx.nd.sqrt(bn["moving_var"] + BN_EPSILON)
-        weight = values[f"arg:{conv}_weight"]
-        out[f"arg:{conv}_weight"] = weight * scale.reshape((-1,) + (1,) * (weight.ndim - 1))
-        out[f"arg:{conv}_bias"] = (values[f"arg:{conv}_bias"] - bn["moving_mean"]) * scale \
-            + bn["beta"]
-    return out
-
-
-def write_imagenet_part(source: str, path: str) -> None:
-    """Keep only the `vgg16_20M.params` part of checkpoint `source` (its backbone BatchNorms
-    folded into the convolutions, `fold_batch_norm`) and write it to `path`."""
-    values = {k: v for k, v in fold_batch_norm(read_params(source)).items()
-              if is_imagenet_key(k)}
-    with atomic_path(path) as tmp:
-        mx.nd.save(tmp, values)
 
 
 def random_imagenet_params(net: mx.gluon.Block) -> Dict[str, mx.nd.NDArray]:

@@ -272,7 +272,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 def read_yaml_chain(path: str, _including: Tuple[str, ...] = ()) -> List[Tuple[str, Dict]]:
     """[(file, its mapping without `base`)] of a YAML file and the files its `base: other.yaml`
     key (relative to the file) leads to, the deepest base first: the one reader of configs and
-    their `base:` chains (training options here, the pipeline: section in icd.paper).
+    their `base:` chains (training options here, the pipeline: section in icd.pipeline.settings).
 
     `_including`: the real paths of the files whose `base:` chain led here; a file that is its
     own base, directly or through others, is an error naming it (not Python's recursion limit).
@@ -302,7 +302,7 @@ def read_yaml_chain(path: str, _including: Tuple[str, ...] = ()) -> List[Tuple[s
 
 def read_config_sources(path: str) -> Tuple[Dict[str, Any], Dict[str, str]]:
     """(options, {option: the file that gave it}) of a YAML file and its `base:` chain (the
-    `pipeline:` section left out: icd.paper reads it)."""
+    `pipeline:` section left out: icd.pipeline.settings reads it)."""
     values: Dict[str, Any] = {}
     sources: Dict[str, str] = {}
     for file, loaded in read_yaml_chain(path):

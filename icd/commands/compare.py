@@ -27,7 +27,8 @@ from ..data.classes import dataset_classes
 from ..data.voc import read_list
 from ..evaluate import check_label_folders, label_confusions, unknown_lines
 from ..io import write_json
-from ..paper import PaperSettings, describe_comparison
+from ..pipeline.compare import describe_comparison
+from ..pipeline.settings import PaperSettings
 from ..stats import BOOTSTRAP_SEED, LEVEL, RESAMPLES, compare_runs
 from .evaluate import add_unknown_labels_argument
 from .runner import Parser, add_classes_argument, positive_int, run

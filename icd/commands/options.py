@@ -12,7 +12,7 @@ from ..config import (ALL, FIELDS, REGISTERED_MODELS, Config, add_arguments, com
 from ..data.classes import dataset_classes
 from ..devices import parse_devices
 from ..model import MODELS
-from ..paper import read_pipeline_section
+from ..pipeline.settings import read_pipeline_section
 
 # Each field's allowed values (icd.config.option), the model registry's names for `model`
 CHOICES = {name: tuple(MODELS) if f.metadata["choices"] == REGISTERED_MODELS

@@ -24,7 +24,8 @@ import os
 from typing import Optional, Sequence
 
 from ..constants import KVSTORES, PRECISIONS
-from ..paper import PaperSettings, parse_sets, run_paper
+from ..pipeline.paper import run_paper
+from ..pipeline.settings import PaperSettings, parse_sets
 from .runner import Parser, non_negative_int, positive_int, run, shard
 
 
