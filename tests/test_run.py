@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 from icd import runs, stats
-from icd.pipeline import paper, segment as segment_step, settings as pipeline_settings, \
-    superpixels as superpixel_step
+from icd.config import read_config_file
+from icd.pipeline import paper, sections as pipeline_sections, segment as segment_step, \
+    settings as pipeline_settings, superpixels as superpixel_step
 from icd.commands import compare as compare_command
 from icd.commands import evaluate as eval_command
 from icd.commands import infer as infer_command
@@ -86,23 +87,23 @@ def test_pipeline_section_merges_its_base_and_set_overrides(tmp_path):
                     "  seeds: {rows: [nocrf, crf]}\n  gt_root: gt\n")
     child = tmp_path / "child.yaml"
     child.write_text("base: base.yaml\nlearning_rate: 0.01\npipeline:\n  seeds: {rows: [crf]}\n")
-    section = pipeline_settings.read_pipeline_section(str(child))
+    section = read_config_file(str(child)).pipeline
     assert section == {"cam": {"model": "vgg16_cam"}, "seeds": {"rows": ["crf"]},
                        "gt_root": "gt"}
     settings = pipeline_settings.PaperSettings(str(child), str(tmp_path / "out"),
-                                   sets=pipeline_settings.parse_sets(["train.num_epoch=3",
+                                   sets=pipeline_sections.parse_sets(["train.num_epoch=3",
                                                           "cam.learning_rate=0.5",
                                                           "seeds.rows=[nocrf]"]))
     assert settings.icd.learning_rate == 0.01 and settings.icd.num_epoch == 3
     assert settings.cam.model == "vgg16_cam" and settings.cam.learning_rate == 0.5
-    assert settings.cam.num_epoch == 3 and settings.stage["seeds"]["rows"] == ["nocrf"]
+    assert settings.cam.num_epoch == 3 and settings.pipeline.seeds.rows == ("nocrf",)
     assert settings.icd.snapshot == str(tmp_path / "out" / "snapshot_icd")
     with pytest.raises(ValueError, match="--set: unknown stage 'sedes'"):
-        pipeline_settings.PaperSettings(str(child), "o", sets=pipeline_settings.parse_sets(["sedes.rows=[crf]"]))
+        pipeline_settings.PaperSettings(str(child), "o", sets=pipeline_sections.parse_sets(["sedes.rows=[crf]"]))
     with pytest.raises(ValueError, match=r"--set: seeds: unknown keys \['crf'\]"):
-        pipeline_settings.PaperSettings(str(child), "o", sets=pipeline_settings.parse_sets(["seeds.crf=false"]))
+        pipeline_settings.PaperSettings(str(child), "o", sets=pipeline_sections.parse_sets(["seeds.crf=false"]))
     with pytest.raises(ValueError, match="--set: expected stage.key=value"):
-        pipeline_settings.parse_sets(["rows=[crf]"])
+        pipeline_sections.parse_sets(["rows=[crf]"])
 
 
 def test_repeat_runs_the_steps_after_superpixels_per_training_seed(tiny_voc, tmp_path):
@@ -122,14 +123,14 @@ def test_segment_labels_train_deeplab_on_each_source_in_its_own_folders(tiny_voc
     val = tiny_voc["data_list"].replace("train.txt", "val.txt")
     sets = ["segment.config=synthetic_deeplab.yaml", f"segment.list={val}",
             f"run.splits={{train: {tiny_voc['data_list']}, val: {val}}}"]
-    one = pipeline_settings.PaperSettings(config, str(tmp_path / "one"), sets=pipeline_settings.parse_sets(sets))
+    one = pipeline_settings.PaperSettings(config, str(tmp_path / "one"), sets=pipeline_sections.parse_sets(sets))
     assert one.segmentation_dirs(0, "icd") == (str(tmp_path / "one" / "snapshot_segment"),
                                                str(tmp_path / "one" / "segmentation"))
     assert one.segmentation(0).label_root == os.path.join(one.results(0, "icd", "train"),
                                                           "seeds", "crf")
     # superpixels for the training list and every split's (val's scores are refined by them)
     assert superpixel_step.superpixel_lists(one) == [tiny_voc["data_list"], val]
-    three = pipeline_settings.PaperSettings(config, str(tmp_path / "three"), sets=pipeline_settings.parse_sets(
+    three = pipeline_settings.PaperSettings(config, str(tmp_path / "three"), sets=pipeline_sections.parse_sets(
         sets + ["segment.labels=[icd, cam, gt]", "segment.width=0.25"]))
     out = str(tmp_path / "three")
     assert three.segmentation(0, "cam").label_root == os.path.join(
@@ -141,7 +142,7 @@ def test_segment_labels_train_deeplab_on_each_source_in_its_own_folders(tiny_voc
     segment = {s.name: s for s in paper.paper_steps(three)}["segment"]
     assert set(segment.settings) >= {"icd", "cam", "gt"} and len(segment.folders) == 4
     with pytest.raises(ValueError, match="--set segment.labels: cam needs the baseline"):
-        pipeline_settings.PaperSettings(config, out, sets=pipeline_settings.parse_sets(
+        pipeline_settings.PaperSettings(config, out, sets=pipeline_sections.parse_sets(
             sets + ["segment.labels=[cam]", "run.cam=null"]))
 
 
@@ -302,7 +303,7 @@ def test_icd_run_resumes_a_killed_training_and_reruns_only_what_a_seed_setting_c
               for s in ("superpixels", "train_icd", "train_cam", "infer", "seeds", "evaluate")}
     capsys.readouterr()
     summary = paper.run_paper(pipeline_settings.PaperSettings(
-        config, clean, sets=pipeline_settings.parse_sets(["seeds.rows=[crf]"]),
+        config, clean, sets=pipeline_sections.parse_sets(["seeds.rows=[crf]"]),
         devices=dict(cpus=1, gpus="")), progress_every=0)
     assert {s: r["action"] for s, r in summary.items()} == dict(
         superpixels="skip", train_icd="skip", train_cam="skip", infer="skip", seeds="rerun",
@@ -366,7 +367,7 @@ def test_icd_run_segments_as_icd_infer_seg_after_a_training_of_another_process(
         ("amp", precision, [str(c) for c in contexts])))
     val = tiny_voc["val_list"]
     settings = pipeline_settings.PaperSettings(_config(tmp_path, tiny_voc, 1), str(tmp_path / "run"),
-                                   sets=pipeline_settings.parse_sets([
+                                   sets=pipeline_sections.parse_sets([
                                        "segment.config=synthetic_deeplab.yaml",
                                        f"segment.list={val}", "segment.width=0.0625",
                                        "segment.infer_size=49", "segment.crf=true"]),

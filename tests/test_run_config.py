@@ -7,7 +7,7 @@ import pytest
 
 from icd.pipeline import settings as pipeline_settings
 from icd.commands import run as run_command
-from icd.config import load_config
+from icd.config import load_config, read_config_file
 
 from test_run import _config
 
@@ -80,7 +80,7 @@ def test_a_key_given_twice_in_one_yaml_names_file_key_and_both_lines(tiny_voc, t
     nested = tmp_path / "nested.yaml"
     nested.write_text("pipeline:\n  seeds: {rows: [crf]}\n  gt_root: a\n  gt_root: b\n")
     with pytest.raises(ValueError, match=rf"^{nested}: gt_root: given twice, on lines 3 and 4"):
-        pipeline_settings.read_pipeline_section(str(nested))
+        read_config_file(str(nested)).pipeline
 
 
 def test_a_base_cycle_in_an_icd_run_config_is_named(tmp_path, capsys):

@@ -99,10 +99,10 @@ def _inputs(args: argparse.Namespace) -> Dict[str, Tuple[str, Optional[str]]]:
             raise ValueError(f"--split: {args.split!r} is not a split of {config} "
                              f"({', '.join(settings.splits)})")
         inputs["config"] = ("--config", config)
-        for key, value in (("gt_root", (f"{config}: pipeline: gt_root", settings.gt_root)),
+        for key, value in (("gt_root", (f"{config}: pipeline: gt_root", settings.data.gt_root)),
                            ("data_list", (f"{config}: the list of split {args.split}",
                                           settings.eval_list(args.split))),
-                           ("classes", (f"{config}: classes", settings.icd.classes))):
+                           ("classes", (f"{config}: classes", settings.data.classes))):
             if not inputs[key][1] and value[1]:
                 inputs[key] = value
     for key, flag in (("gt_root", "--gt-root"), ("data_list", "--data-list")):

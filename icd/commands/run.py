@@ -25,7 +25,8 @@ from typing import Optional, Sequence
 
 from ..constants import KVSTORES, PRECISIONS
 from ..pipeline.paper import run_paper
-from ..pipeline.settings import PaperSettings, parse_sets
+from ..pipeline.sections import parse_sets
+from ..pipeline.settings import PaperSettings
 from .runner import Parser, non_negative_int, positive_int, run, shard
 
 

@@ -4,7 +4,9 @@
     (-> compare over the training seeds of --repeat N)
 
 steps.py       the generic step runner: Step, Run, markers, fingerprints by content, the ETA
-settings.py    PaperSettings: the config file's `pipeline:` section, the overrides, the devices,
+sections.py    the typed `pipeline:` section, one dataclass per stage: a stage's new setting is a
+               field there (declared once with help, choices and range, checked at load)
+settings.py    PaperSettings: that section, the overrides, the devices, the dataset (DataPaths)
                and the training configs of ICD, the CAM baseline and DeepLab derived from them
 superpixels.py train.py infer.py seeds.py evaluate.py segment.py compare.py tables.py
                one file per stage: step_<stage>(settings, seed, run) -> a JSON-able summary;

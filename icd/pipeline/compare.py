@@ -21,16 +21,16 @@ def seed_comparison(s: PaperSettings, seeds: Sequence[int], split: str) -> Dict[
     """ICD seeds + CRF against the baseline's (mIoU over all labels, the release's rule) on
     the evaluation list of `split`: `compare_runs` over `seeds` (one model each)."""
     names = read_list(s.eval_list(split))
-    labels = list(range(len(s.icd.class_names) + 1))
+    labels = list(range(len(s.data.class_names) + 1))
     sides = [[image_confusions(os.path.join(s.results(k, model, split), "seeds", folder),
-                               s.gt_root, names, s.workers, s.icd.class_names) for k in seeds]
+                               s.data.gt_root, names, s.workers, s.data.class_names) for k in seeds]
              for model, folder in (("icd", "crf"), ("cam", "crf_cam"))]
     return compare_runs(sides[0], sides[1], labels)
 
 
 def step_compare(s: PaperSettings, seed: int, run: Run) -> Dict:
     """ICD vs the baseline over every training seed (two-level bootstrap) -> compare.md."""
-    if s.cam is None or "crf" not in s.stage["seeds"]["rows"]:
+    if s.cam is None or "crf" not in s.pipeline.seeds.rows:
         return {"skipped": "needs the CAM baseline and the crf seeds"}
     results = {split: seed_comparison(s, s.seeds, split) for split in s.splits}
     lines = [f"# ICD vs the CAM baseline over {len(s.seeds)} training seeds", ""]

@@ -278,7 +278,7 @@ def report_inputs(settings: DemoSettings, s: PaperSettings) -> ReportInputs:
         infer_size=s.icd.infer_size, workers=settings.workers,
         segmentation={SEGMENTATION_LABELS[label]: [(s.segmentation_dirs(k, label)[1],
                                                     s.segmentation(k, label)) for k in s.seeds]
-                      for label in RANKING if label in s.stage["segment"]["labels"]})
+                      for label in RANKING if label in s.pipeline.segment.labels})
 
 
 def step_report(settings: DemoSettings, s: PaperSettings, run: Run) -> Dict:

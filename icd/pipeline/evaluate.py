@@ -11,18 +11,18 @@ from .steps import Run
 
 
 def step_evaluate(s: PaperSettings, seed: int, run: Run) -> Dict:
-    if not s.gt_root:
+    if not s.data.gt_root:
         raise ValueError(f"{s.config}: pipeline: gt_root: the ground-truth folder is needed to "
                          f"evaluate (or leave the evaluate step out with --steps)")
     summary = {}
     for split in s.splits:
         for model in s.models:
             report = evaluate(
-                s.results(seed, model, split), s.gt_root, s.eval_list(split),
-                seed_dirs=seed_dirs(s, model), annotation_root=s.icd.annotation_root,
-                image_root=s.icd.image_root,
-                thresholds=tuple(float(t) for t in s.stage["evaluate"]["thresholds"]),
+                s.results(seed, model, split), s.data.gt_root, s.eval_list(split),
+                seed_dirs=seed_dirs(s, model), annotation_root=s.data.annotation_root,
+                image_root=s.data.image_root,
+                thresholds=s.pipeline.evaluate.thresholds,
                 folders={"cam": "scores_cam", "icd": "scores_icd" if model == "icd"
-                         else "scores_cam"}, workers=s.workers, classes=s.icd.class_names)
+                         else "scores_cam"}, workers=s.workers, classes=s.data.class_names)
             summary[f"{model}/{split}"] = {d: r["miou"] for d, r in report["seeds"].items()}
     return summary

@@ -18,6 +18,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from .compare import step_compare
 from .evaluate import step_evaluate
 from .infer import step_infer
+from .sections import section_settings
 from .seeds import step_seeds
 from .segment import step_segment
 from .settings import BASE_STEPS, PaperSettings
@@ -41,11 +42,13 @@ def step_name(base: str, seed: int, s: PaperSettings) -> str:
 
 def step_settings(s: PaperSettings, base: str, seed: int) -> Dict:
     """What a step's outputs depend on (devices, processes and shards left out)."""
+    stages = s.pipeline
     if base == "superpixels":   # the weights only where the features are the network's: a
         # stand-in the run makes later (the demo's pretrain) must not count as a changed input
-        stage = s.stage["superpixels"]
-        weights = {"pretrained": s.icd.pretrained} if stage["features"] == "pretrained" else {}
-        return dict(stage, image_root=s.icd.image_root, data_lists=superpixel_lists(s), **weights)
+        features = stages.superpixels.features
+        weights = {"pretrained": s.icd.pretrained} if features == "pretrained" else {}
+        return dict(section_settings(stages.superpixels), image_root=s.data.image_root,
+                    data_lists=superpixel_lists(s), **weights)
     if base in ("train_icd", "train_cam"):
         return training_settings(s.training(base[6:], seed))
     if base == "infer":
@@ -53,14 +56,14 @@ def step_settings(s: PaperSettings, base: str, seed: int) -> Dict:
     if base == "segment":
         if s.segmentation(seed) is None:
             return {}
-        return dict(s.stage["segment"], **{label: dict(
+        return dict(section_settings(stages.segment), **{label: dict(
             training_settings(cfg), scales=list(cfg.scales), flip=cfg.flip, crf=cfg.crf,
             infer_size=cfg.infer_size) for label, cfg in (
-                (label, s.segmentation(seed, label)) for label in s.stage["segment"]["labels"])})
+                (label, s.segmentation(seed, label)) for label in stages.segment.labels)})
     if base == "seeds":
-        return dict(s.stage["seeds"], classes=list(s.icd.class_names))
+        return dict(section_settings(stages.seeds), classes=list(s.data.class_names))
     if base == "evaluate":
-        return dict(s.stage["evaluate"], gt_root=s.gt_root)
+        return dict(section_settings(stages.evaluate), gt_root=s.data.gt_root)
     return dict(seeds=s.seeds) if base == "compare" else {}
 
 
@@ -83,7 +86,7 @@ def step_folders(s: PaperSettings, base: str, seed: int) -> Tuple[str, ...]:
             "evaluate": tuple(os.path.join(r, split, "eval") for r in results
                               for split in s.splits),
             "segment": tuple(sorted({os.path.join(root, "segmentation")} | {
-                s.segmentation_dirs(seed, label)[0] for label in s.stage["segment"]["labels"]})),
+                s.segmentation_dirs(seed, label)[0] for label in s.pipeline.segment.labels})),
             "tables": (os.path.join(root, "tables"),),
             "compare": (s.folder("compare"),)}[base]
 

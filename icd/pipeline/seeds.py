@@ -11,14 +11,14 @@ from .steps import Run
 from .tables import CAM_ROWS, SEED_ROWS
 
 def step_seeds(s: PaperSettings, seed: int, run: Run) -> Dict:
-    icd = s.icd
-    common = dict(image_root=icd.image_root, annotation_root=icd.annotation_root,
-                  workers=s.workers, classes=icd.class_names, shard=s.shard,
-                  saliency_root=s.stage["seeds"]["saliency_root"])
+    rows = s.pipeline.seeds.rows
+    common = dict(image_root=s.data.image_root, annotation_root=s.data.annotation_root,
+                  workers=s.workers, classes=s.data.class_names, shard=s.shard,
+                  saliency_root=s.pipeline.seeds.saliency_root)
     written = {}
     for split, data_list in s.splits.items():
         results = s.results(seed, "icd", split)
-        for row in s.stage["seeds"]["rows"]:
+        for row in rows:
             _, folder, scores, crf = SEED_ROWS[row]
             written[f"icd/{split}/{folder}"] = make_seeds(
                 results, data_list=data_list, crf=crf, icd_folder=scores,
@@ -26,7 +26,7 @@ def step_seeds(s: PaperSettings, seed: int, run: Run) -> Dict:
         if s.cam is not None:
             results = s.results(seed, "cam", split)
             for row in ("nocrf", "crf"):
-                if row in s.stage["seeds"]["rows"]:
+                if row in rows:
                     _, folder, crf = CAM_ROWS[row]
                     written[f"cam/{split}/{folder}"] = make_seeds(
                         results, data_list=data_list, crf=crf, icd_folder="scores_cam",
@@ -37,7 +37,7 @@ def step_seeds(s: PaperSettings, seed: int, run: Run) -> Dict:
 
 def seed_dirs(s: PaperSettings, model: str) -> List[str]:
     """The seed folders of `model` ("icd" or "cam") under its results, seeds.rows' order."""
-    rows = s.stage["seeds"]["rows"]
+    rows = s.pipeline.seeds.rows
     if model == "icd":
         return [os.path.join("seeds", SEED_ROWS[r].folder) for r in rows]
     return [os.path.join("seeds", CAM_ROWS[r].folder) for r in ("nocrf", "crf") if r in rows]

@@ -22,13 +22,13 @@ def step_segment(s: PaperSettings, seed: int, run: Run) -> Dict:
     evaluated; {"miou": {label: mIoU}}."""
     if s.segmentation(seed) is None:
         return {"skipped": "no segment.config"}
-    stage = s.stage["segment"]
-    data_list, gt_root = stage["list"], stage["gt_root"] or s.gt_root
+    stage = s.pipeline.segment
+    data_list, gt_root = stage.list, stage.gt_root or s.data.gt_root
     if not data_list or not gt_root:
         raise ValueError(f"{s.config}: pipeline: segment: needs `list` (the images to predict) "
                          f"and a gt_root")
     miou = {}
-    for label in stage["labels"]:
+    for label in stage.labels:
         cfg = s.segmentation(seed, label)
         log.info("segmentation on the %s", SEGMENT_LABELS[label])
         final = train_to_the_end(cfg)

@@ -10,32 +10,16 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-import yaml
-
 from ..amp import unsupported_reason
-from ..config import (FIELDS, Config, find_config, load_config, read_config_sources,
-                      read_yaml_chain)
+from ..config import Config, DataPaths, find_config, load_config, read_config_sources
 from ..devices import parse_devices
-from ..evaluate import THRESHOLDS
 from ..model import MODELS
+from .sections import load_pipeline
 from .steps import Step
-from .tables import CAM_ROWS, SEED_ROWS, SEGMENT_LABELS
+from .tables import CAM_ROWS, SEED_ROWS
 
 BASE_STEPS = ("superpixels", "train_icd", "train_cam", "infer", "seeds", "evaluate", "segment",
               "tables", "compare")
-# The keys of each stage's part of the pipeline: section and their defaults.
-STAGES: Dict[str, Dict[str, Any]] = {
-    "superpixels": {"features": "pretrained"},
-    "infer": {},
-    "seeds": {"rows": ["bu", "bu_sp", "nocrf", "crf"], "saliency_root": None},
-    "evaluate": {"list": None, "thresholds": list(THRESHOLDS)},
-    "segment": {"config": None, "list": None, "gt_root": None, "seeds": "crf",
-                "labels": ["icd"]},
-    "tables": {},
-}
-TOP_KEYS = {"cam": None, "gt_root": None, "splits": None, "repeat": 1}
-SET_STAGES = ("train", "icd", "cam", "run")    # --set stages besides STAGES' (run: TOP_KEYS)
-FEATURE_SOURCES = ("pretrained", "colour")     # superpixels.features
 # The flag of icd-run that gives each device setting (PaperSettings.devices)
 DEVICE_FLAGS = {"gpus": "--gpus", "cpus": "--cpus", "kvstore": "--kvstore",
                 "num_workers": "--loader-workers", "amp": "--amp"}
@@ -44,47 +28,13 @@ INHERITED = ("image_root", "annotation_root", "data_list", "classes", "num_cls",
              "infer_size")
 
 
-def read_pipeline(path: str) -> Tuple[Dict[str, Any], Dict[str, str]]:
-    """(the `pipeline:` mapping of a YAML file over those of its `base:` chain, merged per
-    stage; {"key" or "stage.key": the file that gave it}), read by icd.config.read_yaml_chain."""
-    section: Dict[str, Any] = {}
-    sources: Dict[str, str] = {}
-    for file, loaded in read_yaml_chain(path):
-        own = loaded.get("pipeline") or {}
-        if not isinstance(own, dict):
-            raise ValueError(f"{file}: pipeline: expected a mapping of stage: settings")
-        for key, value in own.items():
-            if isinstance(value, dict) and isinstance(section.get(key), dict):
-                section[key] = {**section[key], **value}
-            else:
-                section[key] = value
-            sources[key] = file
-            sources.update({f"{key}.{sub}": file for sub in
-                            (value if isinstance(value, dict) else ())})
-    return section, sources
-
-def read_pipeline_section(path: str) -> Dict[str, Any]:
-    """The `pipeline:` mapping of a YAML file, over that of its `base:` file (per stage)."""
-    return read_pipeline(path)[0]
-
-def parse_sets(items: Sequence[str]) -> Dict[str, Dict[str, Any]]:
-    """`--set stage.key=value` items -> {stage: {key: value}} (values read as YAML)."""
-    sets: Dict[str, Dict[str, Any]] = {}
-    for item in items:
-        name, eq, text = item.partition("=")
-        stage, dot, key = name.partition(".")
-        if not eq or not dot or not key:
-            raise ValueError(f"--set: expected stage.key=value, got {item!r}")
-        try:
-            value = yaml.safe_load(text)
-        except yaml.YAMLError:
-            raise ValueError(f"--set: {item!r}: not a YAML value") from None
-        sets.setdefault(stage, {})[key.replace("-", "_")] = value
-    return sets
-
 @dataclass
 class PaperSettings:
-    """A run of the paper's pipeline: the config file, the run folder and the overrides."""
+    """A run of the paper's pipeline: the config file, the run folder and the overrides.
+
+    After loading: `pipeline` the typed `pipeline:` section (icd.pipeline.sections; `origins`
+    says where each setting was given), `data` the dataset every stage reads (DataPaths),
+    `icd` and `cam` the training configs, `splits` {split: list file}."""
     config: str
     out: str
     sets: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
@@ -95,116 +45,31 @@ class PaperSettings:
 
     def __post_init__(self):
         self.config = find_config(self.config)
-        section, self.sources = read_pipeline(self.config)
-        for key in section:
-            if key not in STAGES and key not in TOP_KEYS:
-                raise ValueError(f"{self.where(key)}: unknown key; known: "
-                                 f"{', '.join(sorted(set(STAGES) | set(TOP_KEYS)))}")
-        for stage in STAGES:
-            if not isinstance(section.get(stage) or {}, dict):
-                raise ValueError(f"{self.where(stage)}: expected a mapping of key: value, got "
-                                 f"{section[stage]!r}")
-            for key in section.get(stage) or {}:
-                if key not in self.stage_keys(stage):
-                    raise ValueError(f"{self.where(f'{stage}.{key}')}: unknown key; known: "
-                                     f"{', '.join(sorted(self.stage_keys(stage)))}")
-        for stage, values in self.sets.items():
-            if stage not in SET_STAGES and stage not in STAGES:
-                raise ValueError(f"--set: unknown stage {stage!r}; one of "
-                                 f"{', '.join(sorted(set(STAGES) | set(SET_STAGES)))}")
-            known = FIELDS if stage in ("train", "icd", "cam") else \
-                TOP_KEYS if stage == "run" else self.stage_keys(stage)
-            bad = set(values) - set(known)
-            if bad:
-                raise ValueError(f"--set: {stage}: unknown keys {sorted(bad)}")
-        self.section = section
-        self.stage = {name: {**defaults, **(section.get(name) or {}),
-                             **dict(self.sets.get(name, {}))}
-                      for name, defaults in STAGES.items()}
-        self.top = {**TOP_KEYS, **{k: section[k] for k in TOP_KEYS if k in section},
-                    **dict(self.sets.get("run", {}))}
-        if self.repeat is not None:
-            self.top["repeat"] = self.repeat
-        self.check_values()
+        self.pipeline, self.origins = load_pipeline(self.config, self.sets, self.repeat)
         self.base_seed = load_config(self.config, labels=self.labels("icd"),
                                      **self.overrides("icd")).seed
         self.icd = self.training("icd")
-        self.cam = self.training("cam") if self.top["cam"] else None
-        self.gt_root = self.top["gt_root"]
-        self.splits = dict(self.top["splits"] or {"train": self.icd.data_list})
-        labels = self.stage["segment"]["labels"]
-        if "cam" in labels and (self.cam is None or "crf" not in self.stage["seeds"]["rows"]):
+        self.cam = self.training("cam") if self.pipeline.cam else None
+        self.data = DataPaths(self.icd.image_root, self.icd.annotation_root, self.icd.data_list,
+                              self.icd.classes, self.pipeline.gt_root)
+        self.splits = dict(self.pipeline.splits or {"train": self.icd.data_list})
+        segment = self.pipeline.segment
+        if "cam" in segment.labels and (self.cam is None or
+                                        "crf" not in self.pipeline.seeds.rows):
             raise ValueError(f"{self.where('segment.labels')}: cam needs the baseline (cam:) "
-                             f"and the crf seeds, got {labels!r}")
+                             f"and the crf seeds, got {list(segment.labels)!r}")
         for which, cfg in (("icd", self.icd), ("cam", self.cam)):
             if cfg is not None:
                 self.check_training(cfg, self.config_file(which), self.labels(which))
-        for label in labels if self.stage["segment"]["config"] else ():
+        for label in segment.labels if segment.config else ():
             self.check_training(self.segmentation(self.seeds[0], label),
                                 self.segment_config_file(), self.segment_labels())
 
     # checks ------------------------------------------------------------------------------
 
-    @staticmethod
-    def stage_keys(stage: str) -> Dict[str, Any]:
-        """The keys of a stage's part of the pipeline: section (segment: the DeepLab fields
-        too)."""
-        return {**STAGES[stage], **FIELDS} if stage == "segment" else STAGES[stage]
-
     def where(self, name: str) -> str:
-        """Where a pipeline setting (`gt_root`, `seeds.rows`) was given: `--set stage.key`,
-        `--repeat`, or `<file>: pipeline: stage: key`."""
-        stage, _, key = name.rpartition(".")
-        if key in self.sets.get(stage or "run", {}):
-            return f"--set {stage or 'run'}.{key}"
-        if stage in TOP_KEYS and stage in self.sets.get("run", {}):
-            return f"--set run.{stage}"
-        if name == "repeat" and self.repeat is not None:
-            return "--repeat"
-        file = self.sources.get(name) or self.sources.get(stage) or self.config
-        return f"{file}: pipeline: {': '.join(name.split('.'))}"
-
-    def check_values(self) -> None:
-        """Every pipeline setting's type and choices, each error naming its file and key."""
-        def check(name: str, ok: bool, expected: str) -> None:
-            if not ok:
-                stage, _, key = name.rpartition(".")
-                value = (self.stage[stage] if stage else self.top)[key]
-                raise ValueError(f"{self.where(name)}: expected {expected}, got {value!r}")
-
-        def path(value) -> bool:
-            return value is None or (isinstance(value, str) and value != "")
-
-        top, stage = self.top, self.stage
-        check("cam", top["cam"] is None or path(top["cam"]) or (
-            isinstance(top["cam"], dict) and set(top["cam"]) <= set(FIELDS)),
-            "a YAML file, a mapping of training options or null")
-        check("gt_root", path(top["gt_root"]), "a folder")
-        check("splits", top["splits"] is None or (isinstance(top["splits"], dict) and
-              top["splits"] and all(path(v) and v for v in top["splits"].values())),
-              "a mapping of split: list file")
-        check("repeat", isinstance(top["repeat"], int) and not isinstance(top["repeat"], bool)
-              and top["repeat"] >= 1, "a positive integer")
-        check("superpixels.features", str(stage["superpixels"]["features"]) in FEATURE_SOURCES,
-              " or ".join(FEATURE_SOURCES))
-        rows = stage["seeds"]["rows"]
-        check("seeds.rows", isinstance(rows, list) and rows and
-              all(r in SEED_ROWS for r in map(str, rows)),
-              f"a list of {', '.join(SEED_ROWS)}")
-        check("seeds.saliency_root", path(stage["seeds"]["saliency_root"]), "a folder")
-        check("evaluate.list", path(stage["evaluate"]["list"]), "a list file")
-        thresholds = stage["evaluate"]["thresholds"]
-        check("evaluate.thresholds", isinstance(thresholds, list) and thresholds and all(
-            isinstance(t, (int, float)) and not isinstance(t, bool) and 0 <= t <= 1
-            for t in thresholds), "a list of numbers in [0, 1]")
-        for key in ("config", "list", "gt_root"):
-            check(f"segment.{key}", path(stage["segment"][key]), "a file or folder")
-        check("segment.seeds", str(stage["segment"]["seeds"]) in SEED_ROWS,
-              f"one of {', '.join(SEED_ROWS)}")
-        labels = stage["segment"]["labels"]
-        check("segment.labels", isinstance(labels, list) and labels and
-              all(label in SEGMENT_LABELS for label in map(str, labels)),
-              f"a list of {', '.join(SEGMENT_LABELS)}")
+        """Where a pipeline setting (`gt_root`, `seeds.rows`) was given (`Origins.where`)."""
+        return self.origins.where(name)
 
     @staticmethod
     def check_training(cfg: Config, path: str, labels: Mapping[str, str]) -> None:
@@ -249,22 +114,22 @@ class PaperSettings:
         if bases & {"train_icd", "train_cam", "seeds", "evaluate"}:
             field("annotation_root")
         if bases & {"train_icd", "train_cam"} or (
-                "superpixels" in bases and self.stage["superpixels"]["features"] == "pretrained"):
+                "superpixels" in bases and self.pipeline.superpixels.features == "pretrained"):
             field("pretrained")
         if "seeds" in bases:
-            setting("seeds.saliency_root", self.stage["seeds"]["saliency_root"])
+            setting("seeds.saliency_root", self.pipeline.seeds.saliency_root)
         if bases & {"evaluate", "segment", "tables", "compare"}:
-            setting("gt_root", self.gt_root)
-            setting("evaluate.list", self.stage["evaluate"]["list"])
-        if "segment" in bases and self.stage["segment"]["config"]:
+            setting("gt_root", self.data.gt_root)
+            setting("evaluate.list", self.pipeline.evaluate.list)
+        if "segment" in bases and self.pipeline.segment.config:
             for key in ("list", "gt_root"):
-                setting(f"segment.{key}", self.stage["segment"][key])
+                setting(f"segment.{key}", getattr(self.pipeline.segment, key))
         return needed
 
     def check_paths(self, steps: Sequence[str]) -> None:
         """The files and folders the selected `steps` (base names) read exist, before the
         first step; a missing one is an error naming the setting that gave it."""
-        if set(steps) & {"evaluate", "segment", "tables", "compare"} and not self.gt_root:
+        if set(steps) & {"evaluate", "segment", "tables", "compare"} and not self.data.gt_root:
             raise ValueError(f"{self.config}: pipeline: gt_root: the ground-truth folder is "
                              f"needed to evaluate (or leave the evaluate step out with --steps)")
         for path, where in self.inputs(steps).items():
@@ -295,7 +160,7 @@ class PaperSettings:
     @property
     def seeds(self) -> List[int]:
         """The training seeds: cfg.seed, cfg.seed + 1, ... (`repeat` of them)."""
-        return [self.base_seed + k for k in range(int(self.top["repeat"]))]
+        return [self.base_seed + k for k in range(self.pipeline.repeat)]
 
     def root(self, seed: int) -> str:
         """The folder of one training seed's steps (the run folder when repeat is 1)."""
@@ -303,7 +168,7 @@ class PaperSettings:
 
     def config_file(self, which: str) -> str:
         """The YAML file of "icd" or "cam" (the run config when `cam:` is a mapping)."""
-        cam = self.top["cam"]
+        cam = self.pipeline.cam
         if which == "icd" or isinstance(cam, dict):
             return self.config
         return self.beside_config(cam, "cam")
@@ -319,7 +184,7 @@ class PaperSettings:
     def overrides(self, which: str) -> Dict[str, Any]:
         """The options over the YAML of "icd" or "cam": the ICD config's data paths (the
         baseline's too), `cam:`'s keys, `--set train.*` and `--set <which>.*`, the devices."""
-        cam = self.top["cam"]
+        cam = self.pipeline.cam
         overrides = {**dict(self.sets.get("train", {})), **dict(self.sets.get(which, {})),
                      **{k: v for k, v in self.devices.items() if v is not None}}
         if which == "cam":
@@ -330,7 +195,7 @@ class PaperSettings:
 
     def labels(self, which: str) -> Dict[str, str]:
         """Where each of `overrides(which)` was given, for its errors (load_config's labels)."""
-        cam = self.top["cam"]
+        cam = self.pipeline.cam
         labels = {k: f"{self.config}: {k}" for k in INHERITED} if which == "cam" else {}
         labels.update({k: f"{self.where('cam')}: {k}" for k in
                        (cam if which == "cam" and isinstance(cam, dict) else ())})
@@ -349,11 +214,11 @@ class PaperSettings:
                                    snapshot=os.path.join(self.root(seed), f"snapshot_{which}"))
 
     def segment_config_file(self) -> str:
-        return self.beside_config(self.stage["segment"]["config"], "segment.config")
+        return self.beside_config(self.pipeline.segment.config, "segment.config")
 
     def segment_labels(self) -> Dict[str, str]:
         """Where the DeepLab options given by the segment: stage and the devices were given."""
-        return {**{k: self.where(f"segment.{k}") for k in self.stage["segment"] if k in FIELDS},
+        return {**{k: self.where(f"segment.{k}") for k in self.pipeline.segment.deeplab},
                 **{k: DEVICE_FLAGS.get(k, "--" + k) for k, v in self.devices.items()
                    if v is not None}}
 
@@ -361,27 +226,27 @@ class PaperSettings:
         """The DeepLab config (None without `segment.config`) trained on `label`
         (SEGMENT_LABELS) of the first split, from the ICD model's ImageNet file, on the same
         devices."""
-        stage = self.stage["segment"]
-        if not stage["config"]:
+        stage = self.pipeline.segment
+        if not stage.config:
             return None
-        icd = self.training("icd", seed)
-        seeds = {"icd": ("icd", SEED_ROWS[stage["seeds"]].folder),
+        seeds = {"icd": ("icd", SEED_ROWS[stage.seeds].folder),
                  "cam": ("cam", CAM_ROWS["crf"].folder)}
         labels = os.path.join(self.results(seed, seeds[label][0], self.first_split), "seeds",
-                              seeds[label][1]) if label in seeds else self.gt_root
+                              seeds[label][1]) if label in seeds else self.data.gt_root
+        data = self.data
         return load_config(self.segment_config_file(), labels=self.segment_labels(),
-                           image_root=icd.image_root, annotation_root=icd.annotation_root,
-                           data_list=icd.data_list, classes=icd.classes,
-                           num_cls=icd.num_cls, label_root=labels,
-                           pretrained=icd.pretrained, seed=seed,
+                           image_root=data.image_root, annotation_root=data.annotation_root,
+                           data_list=data.data_list, classes=data.classes,
+                           num_cls=self.icd.num_cls, label_root=labels,
+                           pretrained=self.icd.pretrained, seed=seed,
                            snapshot=self.segmentation_dirs(seed, label)[0],
-                           **{**{k: v for k, v in stage.items() if k in FIELDS},
+                           **{**stage.deeplab,
                               **{k: v for k, v in self.devices.items() if v is not None}})
 
     def segmentation_dirs(self, seed: int, label: str) -> Tuple[str, str]:
         """(snapshot, predictions) folders of the DeepLab on `label`: snapshot_segment/ and
         segmentation/, or snapshot_segment_<label>/ and segmentation/<label>/ with several."""
-        if len(self.stage["segment"]["labels"]) == 1:
+        if len(self.pipeline.segment.labels) == 1:
             return (os.path.join(self.root(seed), "snapshot_segment"),
                     os.path.join(self.root(seed), "segmentation"))
         return (os.path.join(self.root(seed), f"snapshot_segment_{label}"),
@@ -404,5 +269,5 @@ class PaperSettings:
     def eval_list(self, split: str) -> str:
         """The list the seeds of `split` are evaluated on (evaluate.list for the first split:
         the paper's 1,464 train images of the 10,582 of train_aug)."""
-        chosen = self.stage["evaluate"]["list"]
+        chosen = self.pipeline.evaluate.list
         return chosen if chosen and split == self.first_split else self.splits[split]

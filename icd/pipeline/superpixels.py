@@ -12,7 +12,7 @@ from .steps import Run
 
 
 def step_superpixels(s: PaperSettings, seed: int, run: Run) -> Dict:
-    features = s.stage["superpixels"]["features"]
+    features = s.pipeline.superpixels.features
     pretrained = s.icd.pretrained if features == "pretrained" else None
     if features == "pretrained" and not pretrained:
         raise ValueError(f"{s.config}: superpixels.features pretrained needs the config's "
@@ -20,7 +20,7 @@ def step_superpixels(s: PaperSettings, seed: int, run: Run) -> Dict:
     devices = [str(ctx) for ctx in parse_devices(s.icd.gpus, s.icd.cpus)]
     written = 0
     for data_list in superpixel_lists(s):
-        written += len(superpixels_on_devices(s.icd.image_root, data_list,
+        written += len(superpixels_on_devices(s.data.image_root, data_list,
                                               s.folder("superpixels"), pretrained, devices,
                                               s.workers, shard=s.shard))
     return {"written": written}
@@ -29,4 +29,4 @@ def step_superpixels(s: PaperSettings, seed: int, run: Run) -> Dict:
 def superpixel_lists(s: PaperSettings) -> List[str]:
     """The lists whose images need superpixels: training's, then every split's (inference
     refines the bottom-up scores by them, S' of Table 3)."""
-    return list(dict.fromkeys([s.icd.data_list, *s.splits.values()]))
+    return list(dict.fromkeys([s.data.data_list, *s.splits.values()]))

@@ -152,8 +152,8 @@ def step_tables(s: PaperSettings, seed: int, run: Run) -> Dict:
                if s.cam is not None else None)
         numbers[split] = {"icd": icd, "cam": cam}
         lines += [f"## Split {split} ({icd['num_images']} images)", ""]
-        lines += run_split_lines(icd, cam, s.stage["seeds"]["rows"])
-        if cam is not None and "crf" in s.stage["seeds"]["rows"]:
+        lines += run_split_lines(icd, cam, s.pipeline.seeds.rows)
+        if cam is not None and "crf" in s.pipeline.seeds.rows:
             test = seed_comparison(s, [seed], split)
             numbers[split]["icd_vs_cam"] = test
             lines += [f"ICD seeds + CRF vs CAM-baseline seeds + CRF: {percent(test['value'])} "
@@ -163,7 +163,7 @@ def step_tables(s: PaperSettings, seed: int, run: Run) -> Dict:
                       f"{test['verdict']}; one trained model, not the method's spread over "
                       f"training seeds: `--repeat N`)", ""]
     rows = []
-    for label in s.stage["segment"]["labels"]:
+    for label in s.pipeline.segment.labels:
         segmentation = os.path.join(s.segmentation_dirs(seed, label)[1], "eval.json")
         if os.path.isfile(segmentation):
             numbers.setdefault("segmentation", {})[label] = read_json(segmentation)
