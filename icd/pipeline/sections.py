@@ -231,7 +231,7 @@ def _check_keys(section: Mapping[str, Any], origins: Origins) -> None:
 
 def _typed(cls: type, name: str, value: Any, label: str) -> Any:
     """`value` of the field `name` of `cls` checked (typed_value), errors naming `label`."""
-    spec = dataclasses.fields(cls)[[f.name for f in dataclasses.fields(cls)].index(name)]
+    spec = _own_fields(cls)[name]
     try:
         return typed_value(_HINTS[cls][name], value, spec.metadata.get("choices"),
                            spec.metadata.get("range"))
