@@ -61,7 +61,7 @@ setup(
         "icd-parity = icd.commands.parity:main",
         "icd-bench = icd.commands.bench:main",
         "icd-launch = icd.commands.launch:main",
-        "icd-demo = icd.demo:main",
+        "icd-demo = icd.commands.demo:main",
         "icd-run = icd.commands.run:main",
         "icd-compare = icd.commands.compare:main",
         "icd-pretrained = icd.commands.pretrained:main",

@@ -22,12 +22,10 @@ import mxnet as mx
 import numpy as np
 
 from .io import atomic_path, require_finite
-from .model.backbone import BACKBONE_BN
 
 log = logging.getLogger(__name__)
 AUX_SUFFIXES = ("moving_mean", "moving_var")   # MXNet: auxiliary states, never trained
 _GLUON_TO_RELEASE = {"running_mean": "moving_mean", "running_var": "moving_var"}
-BN_EPSILON = 1e-5                              # Gluon BatchNorm's default
 
 
 def release_key(gluon_name: str) -> str:
@@ -147,26 +145,6 @@ def load_checkpoint(net: mx.gluon.Block, path: str,
     assign(net, require_finite_params(read_params(path), path), path, contexts)
 
 
-def fold_batch_norm(values: Dict[str, mx.nd.NDArray]) -> Dict[str, mx.nd.NDArray]:
-    """A `vgg16_bn_cam` checkpoint as the plain VGG16 that computes the same in inference mode.
-
-    Each `convB_I` followed by BatchNorm `convB_I_bn` (moving statistics m, v; gamma, beta)
-    becomes one convolution: W' = W s, b' = (b - m) s + beta per output channel, with
-    s = gamma / sqrt(v + eps). The BatchNorm keys are dropped; other keys pass unchanged.
-    """
-    out = {k: v for k, v in values.items() if not BACKBONE_BN.match(k[4:])}
-    for key in values:
-        if not (key.startswith("arg:") and BACKBONE_BN.match(key[4:]) and key.endswith("_gamma")):
-            continue
-        conv = key[4:-len("_bn_gamma")]
-        bn = {part: values[f"{kind}:{conv}_bn_{part}"] for kind, part in (
-            ("arg", "gamma"), ("arg", "beta"), ("aux", "moving_mean"), ("aux", "moving_var"))}
-        scale = bn["gamma"] / mx.nd.sqrt(bn["moving_var"] + BN_EPSILON)
-        weight = values[f"arg:{conv}_weight"]
-        out[f"arg:{conv}_weight"] = weight * scale.reshape((-1,) + (1,) * (weight.ndim - 1))
-        out[f"arg:{conv}_bias"] = (values[f"arg:{conv}_bias"] - bn["moving_mean"]) * scale \
-            + bn["beta"]
-    return out
 
 
 def require_finite_params(values: Dict[str, mx.nd.NDArray], source: str

@@ -13,7 +13,7 @@ import math
 import os
 import typing
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import yaml
 
@@ -26,7 +26,11 @@ ALL = ("train", "infer", "train_seg", "infer_seg")
 TRAINING = ("train", "train_seg")
 ICD = ("train", "infer")
 INFERENCE = ("infer", "infer_seg")
-RANGES = ("positive", "non_negative", "fraction")   # > 0, >= 0, [0, 1)
+# A field's range: name -> (test, what the error says a value must be)
+RANGES = {"positive": (lambda v: v > 0, "positive"), "non_negative": (lambda v: v >= 0, ">= 0"),
+          "fraction": (lambda v: 0 <= v < 1, "in [0, 1)"),
+          "unit": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+          "non_empty": (lambda v: v != "", "non-empty")}   # text: a path
 REGISTERED_MODELS = "registered models"   # the model registry's names (icd.model: loads MXNet)
 
 
@@ -39,7 +43,7 @@ def option(default: Any, help: str, used_by: Sequence[str],
     floats are always finite) and `flag_min`, a lower bound for the flag alone (cpus: 0 is the
     field's "not set", not a choice)."""
     if range is not None and range not in RANGES:
-        raise ValueError(f"range {range!r}: one of {RANGES}")
+        raise ValueError(f"range {range!r}: one of {', '.join(RANGES)}")
     return dataclasses.field(default=default, metadata=dict(
         help=help, used_by=tuple(used_by), choices=choices, range=range, flag_min=flag_min))
 
@@ -224,9 +228,6 @@ def _fields_where(key: str, value: Any) -> Tuple[str, ...]:
 
 # What each flag means, shown by --help with the field's default unless the text states it
 HELP = {name: f.metadata["help"] for name, f in FIELDS.items()}
-POSITIVE = _fields_where("range", "positive")
-NON_NEGATIVE = _fields_where("range", "non_negative")
-FRACTIONS = _fields_where("range", "fraction")
 SEED_LIMIT = 2 ** 32   # seeds must be < 2**32: numpy.random.seed refuses larger ones
 
 
@@ -272,7 +273,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 def read_yaml_chain(path: str, _including: Tuple[str, ...] = ()) -> List[Tuple[str, Dict]]:
     """[(file, its mapping without `base`)] of a YAML file and the files its `base: other.yaml`
     key (relative to the file) leads to, the deepest base first: the one reader of configs and
-    their `base:` chains (training options here, the pipeline: section in icd.paper).
+    their `base:` chains (`read_config_file`: training options and the pipeline: section).
 
     `_including`: the real paths of the files whose `base:` chain led here; a file that is its
     own base, directly or through others, is an error naming it (not Python's recursion limit).
@@ -300,20 +301,57 @@ def read_yaml_chain(path: str, _including: Tuple[str, ...] = ()) -> List[Tuple[s
     return chain + [(path, loaded)]
 
 
-def read_config_sources(path: str) -> Tuple[Dict[str, Any], Dict[str, str]]:
-    """(options, {option: the file that gave it}) of a YAML file and its `base:` chain (the
-    `pipeline:` section left out: icd.paper reads it)."""
+class ConfigFile(NamedTuple):
+    """A YAML config read with its `base:` chain (`read_config_file`): the training options
+    and the file that gave each; the `pipeline:` section, each stage's keys over its base's, and
+    the file that gave each key ("gt_root", "seeds", "seeds.rows")."""
+    values: Dict[str, Any]
+    sources: Dict[str, str]
+    pipeline: Dict[str, Any]
+    pipeline_sources: Dict[str, str]
+
+
+def read_config_file(path: str) -> ConfigFile:
+    """The one reader of a YAML config and its `base:` chain (`read_yaml_chain`): training
+    options (an unknown one is an error naming the file) and the `pipeline:` section, whose
+    types icd.pipeline.sections checks."""
     values: Dict[str, Any] = {}
     sources: Dict[str, str] = {}
+    pipeline: Dict[str, Any] = {}
+    given: Dict[str, str] = {}
     for file, loaded in read_yaml_chain(path):
         for key, value in loaded.items():
             if key == "pipeline":
+                _merge_pipeline(file, value, pipeline, given)
                 continue
             name = str(key).replace("-", "_")
             if name not in FIELDS:
                 raise ValueError(f"{file}: unknown option {key!r}")
             values[name], sources[name] = value, file
-    return values, sources
+    return ConfigFile(values, sources, pipeline, given)
+
+
+def _merge_pipeline(file: str, own: Any, section: Dict[str, Any],
+                    sources: Dict[str, str]) -> None:
+    """`file`'s pipeline: mapping `own` over `section` (a stage's keys over the stage's keys of
+    its base), noting in `sources` which file gave each key."""
+    own = {} if own is None else own
+    if not isinstance(own, dict):
+        raise ValueError(f"{file}: pipeline: expected a mapping of stage: settings")
+    for key, value in own.items():
+        if isinstance(value, dict) and isinstance(section.get(key), dict):
+            section[key] = {**section[key], **value}
+        else:
+            section[key] = value
+        sources[key] = file
+        sources.update({f"{key}.{sub}": file for sub in
+                        (value if isinstance(value, dict) else ())})
+
+
+def read_config_sources(path: str) -> Tuple[Dict[str, Any], Dict[str, str]]:
+    """(options, {option: the file that gave it}) of a YAML file and its `base:` chain."""
+    config = read_config_file(path)
+    return config.values, config.sources
 
 
 def _float_text(value: Any) -> bool:
@@ -324,8 +362,29 @@ def _float_text(value: Any) -> bool:
         return False
 
 
+def _scalar(kind: type, value: Any, range: Optional[str] = None) -> Any:
+    """`value` as `kind` (bool, str, int or float; a finite number) within `range` (RANGES);
+    ValueError("<problem>") if it is not."""
+    if kind in (bool, str):
+        if not isinstance(value, kind):
+            raise ValueError(f"must be {'true or false' if kind is bool else 'a string'}, "
+                             f"got {value!r}")
+    else:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            hint = " (YAML reads 1e-3 as text: write 1.0e-3)" if _float_text(value) else ""
+            raise ValueError(f"must be a number, got {value!r}{hint}")
+        if not math.isfinite(value):
+            raise ValueError(f"must be finite, got {value!r}")
+        if kind is int and value != int(value):
+            raise ValueError(f"must be an integer, got {value!r}")
+        value = kind(value)
+    if range is not None and not RANGES[range][0](value):
+        raise ValueError(f"must be {RANGES[range][1]}, got {value!r}")
+    return value
+
+
 def _as_field_type(name: str, value: Any) -> Any:
-    """`value` converted to the field's type; ValueError("<problem>") if it cannot be."""
+    """`value` converted to the Config field's type; ValueError("<problem>") if it cannot be."""
     kind, optional = _TYPES[name]
     if value is None:
         if optional:
@@ -341,31 +400,51 @@ def _as_field_type(name: str, value: Any) -> Any:
                 raise ValueError(f"must be positive numbers, got {value!r}")
             items.append(float(item))
         return tuple(items)
-    if kind in (bool, str):
-        if not isinstance(value, kind):
-            raise ValueError(f"must be {'true or false' if kind is bool else 'a string'}, "
-                             f"got {value!r}")
-        return value
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        hint = " (YAML reads 1e-3 as text: write 1.0e-3)" if _float_text(value) else ""
-        raise ValueError(f"must be a number, got {value!r}{hint}")
-    if not math.isfinite(value):
-        raise ValueError(f"must be finite, got {value!r}")
-    if kind is int:
-        if value != int(value):
-            raise ValueError(f"must be an integer, got {value!r}")
-        value = int(value)
-    else:
-        value = float(value)
-    if name in POSITIVE and not value > 0:
-        raise ValueError(f"must be positive, got {value!r}")
-    if name in NON_NEGATIVE and value < 0:
-        raise ValueError(f"must be >= 0, got {value!r}")
+    value = _scalar(kind, value, FIELDS[name].metadata["range"])
     if name == "seed" and value >= SEED_LIMIT:
         raise ValueError(f"must be < 2**32 = {SEED_LIMIT} (numpy's and MXNet's seed range), "
                          f"got {value!r}")
-    if name in FRACTIONS and not 0 <= value < 1:
-        raise ValueError(f"must be in [0, 1), got {value!r}")
+    return value
+
+
+_KINDS = {bool: "true or false", str: "a string", int: "an integer", float: "a number",
+          tuple: "a list", dict: "a mapping"}
+
+
+def typed_value(hint: Any, value: Any, choices: Optional[Sequence[str]] = None,
+                range: Optional[str] = None) -> Any:
+    """`value` as the annotation `hint` of a section's field: a scalar type, Any, Optional or
+    Union of them, Tuple[X, ...] (a non-empty list) or Dict[str, X] (a non-empty mapping), each
+    scalar in `choices` and `range` (RANGES); ValueError("<problem>") if it is not."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return value
+    if origin is typing.Union:
+        if value is None and type(None) in args:
+            return None
+        kinds = [a for a in args if a is not type(None)]
+        for kind in kinds:
+            try:
+                return typed_value(kind, value, choices, range)
+            except ValueError as e:
+                problem = e
+        if len(kinds) == 1:
+            raise problem
+        raise ValueError(f"must be {' or '.join(_KINDS[typing.get_origin(k) or k] for k in kinds)}"
+                         f", got {value!r}")
+    if value is None:
+        raise ValueError("cannot be empty")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or not value:
+            raise ValueError(f"must be a list, got {value!r}")
+        return tuple(typed_value(args[0], item, choices, range) for item in value)
+    if origin is dict:
+        if not isinstance(value, dict) or not value:
+            raise ValueError(f"must be a mapping of key: value, got {value!r}")
+        return {str(k): typed_value(args[1], v, choices, range) for k, v in value.items()}
+    value = _scalar(hint, value, range)
+    if choices is not None and value not in choices:
+        raise ValueError(f"must be one of {', '.join(choices)}, got {value!r}")
     return value
 
 

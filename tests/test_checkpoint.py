@@ -147,7 +147,7 @@ def test_batch_norm_stand_in_folds_into_the_plain_vgg16(tmp_path):
     """vgg16_bn_cam: BN starts at gamma 1 / beta 0; its export is a vgg16_20M-shaped file whose
     plain VGG16 computes what the BN network computes in inference mode."""
     from mxnet import autograd
-    from icd.model.pretrained import write_imagenet_part
+    from icd.pipeline.demo import write_imagenet_part
     from icd.model import build_model
     net = build_model("vgg16_bn_cam", num_classes=3, width=0.0625)
     initialize(net, [mx.cpu()])

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from icd import demo, pipeline, report, stats
+from icd import stats
+from icd.pipeline import claims as report_claims, demo, report, steps as pipeline, tables
 from icd.checkpoint import read_params
 from icd.data.classes import read_classes
 from icd.data.synthetic import DEFAULT_CLASSES
@@ -20,7 +21,7 @@ from icd.data.voc import read_image_labels, read_mask
 from icd.evaluate import NUM_SEG_CLASSES, image_statistics
 from icd.metrics import average_precision, class_iou, confusion_matrix, mean_iou
 from icd.io import read_json
-from icd.paper import paper_steps
+from icd.pipeline.paper import paper_steps
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,10 +277,10 @@ def test_present_miou_equals_the_mean_over_classes_with_ground_truth():
     for num_labels in (13, NUM_SEG_CLASSES):                 # a 12-class list, VOC's 20
         confusion = confusion_matrix(gt, seed, num_labels)
         iou = class_iou(confusion)
-        assert report.present_miou(mean_iou(confusion), 3, num_labels) == \
+        assert tables.present_miou(mean_iou(confusion), 3, num_labels) == \
             pytest.approx(iou[[0, 3, 8]].mean())
     with pytest.raises(ValueError):
-        report.present_miou(0.5, 0, NUM_SEG_CLASSES)
+        tables.present_miou(0.5, 0, NUM_SEG_CLASSES)
     # the bootstrap's statistic with all weights 1 is the same number
     statistic = stats.miou_statistic(confusion[None], [0, 3, 8])
     assert statistic(np.ones((1, 1)))[0] == pytest.approx(iou[[0, 3, 8]].mean(), abs=1e-15)
@@ -288,8 +289,8 @@ def test_present_miou_equals_the_mean_over_classes_with_ground_truth():
 def test_present_classes_reads_the_ground_truth(tmp_path):
     for name, values in (("a", [0, 3, 255]), ("b", [0, 8])):
         Image.fromarray(np.array([values], np.uint8)).save(tmp_path / f"{name}.png")
-    assert report.present_classes(str(tmp_path), ["a", "b"], NUM_SEG_CLASSES) == [0, 3, 8]
-    assert report.present_classes(str(tmp_path), ["a", "b"], 7) == [0, 3]   # 6 classes: no 8
+    assert tables.present_classes(str(tmp_path), ["a", "b"], NUM_SEG_CLASSES) == [0, 3, 8]
+    assert tables.present_classes(str(tmp_path), ["a", "b"], 7) == [0, 3]   # 6 classes: no 8
 
 
 def test_resampling_is_seeded_and_draws_every_image_count_once_per_resample():
@@ -326,28 +327,28 @@ def verdicts(claims):
 
 
 def test_a_clear_difference_passes_a_tie_does_not_and_a_reversal_fails():
-    clear = report.check_claims(hand_made_samples(0.05, 0.3), resamples=200)
+    clear = report_claims.check_claims(hand_made_samples(0.05, 0.3), resamples=200)
     assert verdicts(clear) == {"Table 1": "FAIL", "Table 1 head": "FAIL",   # no AP numbers
                                "Table 2": "PASS", "Table 2 head": "PASS", "Table 3": "PASS",
                                "Seeds + CRF (what DeepLab trains on)": "PASS"}
     test = clear[2]["tests"][0]
     assert test["low"] > 0 and test["low"] <= test["difference"] <= test["high"]
     assert "[+" in clear[2]["numbers"] and clear[2]["passed"]
-    tie = report.check_claims(hand_made_samples(0.2, None), resamples=200)
+    tie = report_claims.check_claims(hand_made_samples(0.2, None), resamples=200)
     assert [c["verdict"] for c in tie[2:]] == ["UNCLEAR"] * 4
     assert tie[2]["tests"][0]["low"] == tie[2]["tests"][0]["high"] == 0.0
     assert not any(c["passed"] for c in tie)
-    reversed_ = report.check_claims(hand_made_samples(0.3, 0.05), resamples=200)
+    reversed_ = report_claims.check_claims(hand_made_samples(0.3, 0.05), resamples=200)
     assert [c["verdict"] for c in reversed_[2:]] == ["FAIL"] * 4
     # the same seed gives the same intervals (a deterministic report)
-    assert report.check_claims(hand_made_samples(0.05, 0.3), resamples=200) == clear
+    assert report_claims.check_claims(hand_made_samples(0.05, 0.3), resamples=200) == clear
 
 
 def test_one_unclear_threshold_keeps_an_every_threshold_claim_from_passing():
     samples = hand_made_samples(0.05, 0.3)
     tie = hand_made_samples(0.2, None)["thresholds"]["0.0"]
     samples["thresholds"]["0.5"] = tie
-    claims = report.check_claims(samples, resamples=200)
+    claims = report_claims.check_claims(samples, resamples=200)
     assert [t["verdict"] for t in claims[2]["tests"]] == ["PASS", "UNCLEAR"]
     assert claims[2]["verdict"] == "UNCLEAR"
 
@@ -386,13 +387,13 @@ def test_pixel_map_claims_follow_the_same_rule():
 
     good, poor = histograms(3.0), histograms(0.2)
     samples = {"num_images": 25, "ap": {"icd": good, "cam_baseline": poor, "cam_head": good}}
-    claims = report.check_claims(samples, resamples=200)
+    claims = report_claims.check_claims(samples, resamples=200)
     assert [c["verdict"] for c in claims[:2]] == ["PASS", "UNCLEAR"]
     assert claims[0]["numbers"].startswith("mAP ICD ")
 
 
 def test_missing_numbers_fail_instead_of_passing():
-    claims = report.check_claims({"num_images": 3, "ap": {"icd": [None], "cam_baseline": [None],
+    claims = report_claims.check_claims({"num_images": 3, "ap": {"icd": [None], "cam_baseline": [None],
                                                           "cam_head": [None]}})
     assert claims[0]["verdict"] == "FAIL" and "n/a" in claims[0]["numbers"]
     assert not any(c["passed"] for c in claims)
@@ -402,7 +403,7 @@ def test_step_lines_read_each_table3_step_off_the_positive_shares():
     shares = {"scores_icd_bu": dict(object=0.824, rest=0.336, auc=0.803),
               "scores_icd_bu_sp": dict(object=0.84, rest=0.245, auc=0.822),
               "scores_icd": dict(object=0.583, rest=0.093, auc=0.906)}
-    lines = report._positive_share_lines(shares)
+    lines = report_claims.positive_share_lines(shares)
     assert ("- refined S' vs bottom-up S: ranks the object better (AUC 82.2 vs 80.3) and covers "
             "more of the object and less of the rest (object 84.0 vs 82.4%, other 24.5 vs "
             "33.6%).") in lines
@@ -415,7 +416,7 @@ def test_positive_share_is_the_share_of_positive_scores_per_class():
     pixels = {3: [(0, np.array([2.0, -1.0]), np.array([-3.0, 1.0, -2.0, -4.0])),
                   (1, np.array([0.5]), np.array([-0.5]))],
               7: [(1, np.array([1.0, 2.0]), np.array([1.0]))]}
-    shares = report.positive_share(pixels)
+    shares = report_claims.positive_share(pixels)
     # class 3: 2 of 3 object pixels and 1 of 5 others positive; class 7: all of both
     assert shares["object"] == pytest.approx((2 / 3 + 1) / 2)
     assert shares["rest"] == pytest.approx((1 / 5 + 1) / 2)
@@ -470,9 +471,9 @@ def test_quick_demo_end_to_end(tmp_path):
         for folder in ("scores_cam", "scores_icd", "scores_icd_bu", "scores_icd_bu_sp"):
             assert len(glob.glob(os.path.join(icd, folder, "*.npy"))) == count, folder
         assert len(glob.glob(os.path.join(cam, "scores_cam", "*.npy"))) == count
-        for _, folder, _, _ in report.TABLE3:
+        for _, folder, _, _ in tables.SEED_ROWS.values():
             assert len(glob.glob(os.path.join(icd, "seeds", folder, "*.png"))) == count, folder
-        for _, folder, _ in report.CAM_SEEDS:
+        for _, folder, _ in tables.CAM_ROWS.values():
             assert len(glob.glob(os.path.join(cam, "seeds", folder, "*.png"))) == count, folder
     numbers = read_json(os.path.join(settings.out, "report", "report.json"))
     claims = numbers["claims"]["train"]
@@ -508,7 +509,7 @@ def test_quick_demo_end_to_end(tmp_path):
     background = mean_iou(sum(
         confusion_matrix(gt, np.zeros_like(gt), len(classes) + 1) for gt in
         (read_mask(os.path.join(data, "SegmentationClass", n + ".png")) for n in names)))
-    for _, folder, _, _ in report.TABLE3:
+    for _, folder, _, _ in tables.SEED_ROWS.values():
         assert evaluation["seeds"][os.path.join("seeds", folder)]["miou"] > background + 0.02, \
             (folder, background)
     # the per-image statistics add up to the evaluation's numbers
@@ -527,7 +528,7 @@ def test_quick_demo_end_to_end(tmp_path):
     assert np.nanmean(aps) == pytest.approx(evaluation["pixel_ap"]["icd"]["map"], abs=1e-12)
     assert numbers["bootstrap"]["ap_binning_error"] < 0.005
     # the sign table counts the same pixels as Table 1's AP (object = gt == class)
-    shares = report.positive_share(stats["pixel_scores"]["scores_icd"])
+    shares = report_claims.positive_share(stats["pixel_scores"]["scores_icd"])
     assert numbers["positive_share"]["train"]["scores_icd"] == pytest.approx(shares)
     # a second run skips every finished step and only rewrites the report
     again = demo.run(settings)

@@ -574,7 +574,8 @@ def test_icd_run_builds_the_superpixel_features_on_the_runs_devices(backbone_fil
     this process: worker k is the process whose multiprocessing identity is (k,))."""
     import multiprocessing
     from conftest import REPO
-    from icd import features, paper
+    from icd import features
+    from icd.pipeline import settings as pipeline_settings, superpixels as superpixel_step
     config = tmp_path / "run.yaml"
     config.write_text(f"""base: {os.path.join(REPO, "experiments", "synthetic_run.yaml")}
 image_root: {tiny_voc["image_root"]}
@@ -589,7 +590,7 @@ pipeline:
   superpixels: {{features: pretrained}}
   segment: {{config: null}}
 """)
-    monkeypatch.setattr(paper, "parse_devices", lambda gpus="", cpus=0: list(DEVICES))
+    monkeypatch.setattr(superpixel_step, "parse_devices", lambda gpus="", cpus=0: list(DEVICES))
     monkeypatch.setattr(os, "cpu_count", lambda: 6)
     built, pools = [], []
     build = features.build_feature_fn
@@ -606,9 +607,9 @@ pipeline:
         monkeypatch.setattr(process, "_identity", ())
         return iter([])
     monkeypatch.setattr(sp, "map_images", pool)
-    settings = paper.PaperSettings(str(config), str(tmp_path / "run"),
+    settings = pipeline_settings.PaperSettings(str(config), str(tmp_path / "run"),
                                    devices=dict(cpus=2, gpus=""), workers=4)
-    paper.step_superpixels(settings, settings.seeds[0], None)
+    superpixel_step.step_superpixels(settings, settings.seeds[0], None)
     assert pools == [(4, {"OMP_NUM_THREADS": "1", "MXNET_CPU_WORKER_NTHREADS": "1"})]
     assert [extractor.ctx for extractor in built] == DEVICES * 2
     for extractor in built:

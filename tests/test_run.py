@@ -12,7 +12,10 @@ import time
 import numpy as np
 import pytest
 
-from icd import paper, runs, stats
+from icd import runs, stats
+from icd.config import read_config_file
+from icd.pipeline import paper, sections as pipeline_sections, segment as segment_step, \
+    settings as pipeline_settings, superpixels as superpixel_step
 from icd.commands import compare as compare_command
 from icd.commands import evaluate as eval_command
 from icd.commands import infer as infer_command
@@ -84,27 +87,27 @@ def test_pipeline_section_merges_its_base_and_set_overrides(tmp_path):
                     "  seeds: {rows: [nocrf, crf]}\n  gt_root: gt\n")
     child = tmp_path / "child.yaml"
     child.write_text("base: base.yaml\nlearning_rate: 0.01\npipeline:\n  seeds: {rows: [crf]}\n")
-    section = paper.read_pipeline_section(str(child))
+    section = read_config_file(str(child)).pipeline
     assert section == {"cam": {"model": "vgg16_cam"}, "seeds": {"rows": ["crf"]},
                        "gt_root": "gt"}
-    settings = paper.PaperSettings(str(child), str(tmp_path / "out"),
-                                   sets=paper.parse_sets(["train.num_epoch=3",
+    settings = pipeline_settings.PaperSettings(str(child), str(tmp_path / "out"),
+                                   sets=pipeline_sections.parse_sets(["train.num_epoch=3",
                                                           "cam.learning_rate=0.5",
                                                           "seeds.rows=[nocrf]"]))
     assert settings.icd.learning_rate == 0.01 and settings.icd.num_epoch == 3
     assert settings.cam.model == "vgg16_cam" and settings.cam.learning_rate == 0.5
-    assert settings.cam.num_epoch == 3 and settings.stage["seeds"]["rows"] == ["nocrf"]
+    assert settings.cam.num_epoch == 3 and settings.pipeline.seeds.rows == ("nocrf",)
     assert settings.icd.snapshot == str(tmp_path / "out" / "snapshot_icd")
     with pytest.raises(ValueError, match="--set: unknown stage 'sedes'"):
-        paper.PaperSettings(str(child), "o", sets=paper.parse_sets(["sedes.rows=[crf]"]))
+        pipeline_settings.PaperSettings(str(child), "o", sets=pipeline_sections.parse_sets(["sedes.rows=[crf]"]))
     with pytest.raises(ValueError, match=r"--set: seeds: unknown keys \['crf'\]"):
-        paper.PaperSettings(str(child), "o", sets=paper.parse_sets(["seeds.crf=false"]))
+        pipeline_settings.PaperSettings(str(child), "o", sets=pipeline_sections.parse_sets(["seeds.crf=false"]))
     with pytest.raises(ValueError, match="--set: expected stage.key=value"):
-        paper.parse_sets(["rows=[crf]"])
+        pipeline_sections.parse_sets(["rows=[crf]"])
 
 
 def test_repeat_runs_the_steps_after_superpixels_per_training_seed(tiny_voc, tmp_path):
-    settings = paper.PaperSettings(_config(tmp_path, tiny_voc, 2), str(tmp_path), repeat=2)
+    settings = pipeline_settings.PaperSettings(_config(tmp_path, tiny_voc, 2), str(tmp_path), repeat=2)
     names = [s.name for s in paper.paper_steps(settings)]
     assert names == ["superpixels"] + [f"{b}.s{k}" for k in (0, 1) for b in (
         "train_icd", "train_cam", "infer", "seeds", "evaluate", "segment", "tables")] + \
@@ -120,14 +123,14 @@ def test_segment_labels_train_deeplab_on_each_source_in_its_own_folders(tiny_voc
     val = tiny_voc["data_list"].replace("train.txt", "val.txt")
     sets = ["segment.config=synthetic_deeplab.yaml", f"segment.list={val}",
             f"run.splits={{train: {tiny_voc['data_list']}, val: {val}}}"]
-    one = paper.PaperSettings(config, str(tmp_path / "one"), sets=paper.parse_sets(sets))
+    one = pipeline_settings.PaperSettings(config, str(tmp_path / "one"), sets=pipeline_sections.parse_sets(sets))
     assert one.segmentation_dirs(0, "icd") == (str(tmp_path / "one" / "snapshot_segment"),
                                                str(tmp_path / "one" / "segmentation"))
     assert one.segmentation(0).label_root == os.path.join(one.results(0, "icd", "train"),
                                                           "seeds", "crf")
     # superpixels for the training list and every split's (val's scores are refined by them)
-    assert paper.superpixel_lists(one) == [tiny_voc["data_list"], val]
-    three = paper.PaperSettings(config, str(tmp_path / "three"), sets=paper.parse_sets(
+    assert superpixel_step.superpixel_lists(one) == [tiny_voc["data_list"], val]
+    three = pipeline_settings.PaperSettings(config, str(tmp_path / "three"), sets=pipeline_sections.parse_sets(
         sets + ["segment.labels=[icd, cam, gt]", "segment.width=0.25"]))
     out = str(tmp_path / "three")
     assert three.segmentation(0, "cam").label_root == os.path.join(
@@ -139,7 +142,7 @@ def test_segment_labels_train_deeplab_on_each_source_in_its_own_folders(tiny_voc
     segment = {s.name: s for s in paper.paper_steps(three)}["segment"]
     assert set(segment.settings) >= {"icd", "cam", "gt"} and len(segment.folders) == 4
     with pytest.raises(ValueError, match="--set segment.labels: cam needs the baseline"):
-        paper.PaperSettings(config, out, sets=paper.parse_sets(
+        pipeline_settings.PaperSettings(config, out, sets=pipeline_sections.parse_sets(
             sets + ["segment.labels=[cam]", "run.cam=null"]))
 
 
@@ -275,7 +278,7 @@ def test_icd_run_resumes_a_killed_training_and_reruns_only_what_a_seed_setting_c
         time.sleep(0.02)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    cfg = paper.PaperSettings(config, killed).training("icd")
+    cfg = pipeline_settings.PaperSettings(config, killed).training("icd")
     done = last_complete_epoch(cfg)
     assert 0 <= done < epochs - 1, "killed too late to test the resume"
     assert _actions(killed)["train_icd"] == "running"
@@ -299,8 +302,8 @@ def test_icd_run_resumes_a_killed_training_and_reruns_only_what_a_seed_setting_c
     before = {s: json.load(open(os.path.join(clean, "steps", f"{s}.json")))["finished"]
               for s in ("superpixels", "train_icd", "train_cam", "infer", "seeds", "evaluate")}
     capsys.readouterr()
-    summary = paper.run_paper(paper.PaperSettings(
-        config, clean, sets=paper.parse_sets(["seeds.rows=[crf]"]),
+    summary = paper.run_paper(pipeline_settings.PaperSettings(
+        config, clean, sets=pipeline_sections.parse_sets(["seeds.rows=[crf]"]),
         devices=dict(cpus=1, gpus="")), progress_every=0)
     assert {s: r["action"] for s, r in summary.items()} == dict(
         superpixels="skip", train_icd="skip", train_cam="skip", infer="skip", seeds="rerun",
@@ -328,7 +331,7 @@ def test_icd_run_trains_on_two_workers_on_one_machine(tiny_voc, tmp_path):
     runs as a two-worker job, bounded in time, and leaves its checkpoint and done marker."""
     from test_distributed import environment, launch
     config, out = _config(tmp_path, tiny_voc, 1), str(tmp_path / "run")
-    paper.run_paper(paper.PaperSettings(config, out, devices=dict(cpus=1, gpus="")),
+    paper.run_paper(pipeline_settings.PaperSettings(config, out, devices=dict(cpus=1, gpus="")),
                     ["superpixels"], progress_every=0)
     script = tmp_path / "icd_run.py"   # the launcher passes the command through a shell
     script.write_text("import sys\nfrom icd.commands.run import main\nsys.exit(main())\n")
@@ -359,13 +362,13 @@ def test_icd_run_segments_as_icd_infer_seg_after_a_training_of_another_process(
     from icd.commands import infer_seg
     from icd.data.voc import read_list
     from icd.model import model_from_config
-    monkeypatch.setattr(paper, "unsupported_reason", lambda precision, contexts: None)
+    monkeypatch.setattr(pipeline_settings, "unsupported_reason", lambda precision, contexts: None)
     events = []
     monkeypatch.setattr(amp, "enable", lambda precision, contexts, flag="--amp": events.append(
         ("amp", precision, [str(c) for c in contexts])))
     val = tiny_voc["val_list"]
-    settings = paper.PaperSettings(_config(tmp_path, tiny_voc, 1), str(tmp_path / "run"),
-                                   sets=paper.parse_sets([
+    settings = pipeline_settings.PaperSettings(_config(tmp_path, tiny_voc, 1), str(tmp_path / "run"),
+                                   sets=pipeline_sections.parse_sets([
                                        "segment.config=synthetic_deeplab.yaml",
                                        f"segment.list={val}", "segment.width=0.0625",
                                        "segment.infer_size=49", "segment.crf=true"]),
@@ -374,7 +377,7 @@ def test_icd_run_segments_as_icd_infer_seg_after_a_training_of_another_process(
     initialize(net, [mx.cpu()])
     params = str(tmp_path / "deeplab.params")
     save_checkpoint(net, params)
-    monkeypatch.setattr(paper, "train_to_the_end", lambda cfg: params)   # trained before
+    monkeypatch.setattr(segment_step, "train_to_the_end", lambda cfg: params)   # trained before
     monkeypatch.delenv("MXNET_CUDNN_AUTOTUNE_DEFAULT", raising=False)
 
     def crf_pool(max_workers, mp_context=None):
@@ -384,7 +387,7 @@ def test_icd_run_segments_as_icd_infer_seg_after_a_training_of_another_process(
     monkeypatch.setattr(infer_module, "model_from_config",
                         lambda cfg: events.append(("build", cfg.model)) or model_from_config(cfg)
                         )   # the inference's own network (icd-run built another)
-    paper.step_segment(settings, 0, None)
+    segment_step.step_segment(settings, 0, None)
     assert events == [("amp", "bf16", ["cpu(0)", "cpu(1)"]), ("build", "vgg16_largefov"),
                       ("crf", 3, "0")]
     assert "MXNET_CUDNN_AUTOTUNE_DEFAULT" not in os.environ

@@ -5,9 +5,9 @@ import os
 
 import pytest
 
-from icd import paper
+from icd.pipeline import settings as pipeline_settings
 from icd.commands import run as run_command
-from icd.config import load_config
+from icd.config import load_config, read_config_file
 
 from test_run import _config
 
@@ -80,7 +80,7 @@ def test_a_key_given_twice_in_one_yaml_names_file_key_and_both_lines(tiny_voc, t
     nested = tmp_path / "nested.yaml"
     nested.write_text("pipeline:\n  seeds: {rows: [crf]}\n  gt_root: a\n  gt_root: b\n")
     with pytest.raises(ValueError, match=rf"^{nested}: gt_root: given twice, on lines 3 and 4"):
-        paper.read_pipeline_section(str(nested))
+        read_config_file(str(nested)).pipeline
 
 
 def test_a_base_cycle_in_an_icd_run_config_is_named(tmp_path, capsys):
@@ -119,7 +119,7 @@ def test_a_missing_gt_root_is_named_before_the_first_step(tiny_voc, tmp_path, ca
     assert _error(capsys) == f"error: {config}: pipeline: gt_root: {missing}: not found"
     assert not os.path.exists(os.path.join(out, "superpixels"))
     # a step that does not read it runs (the superpixels read only the images and lists)
-    settings = paper.PaperSettings(config, out)
+    settings = pipeline_settings.PaperSettings(config, out)
     settings.check_paths({"superpixels"})
     with pytest.raises(FileNotFoundError, match="pipeline: gt_root"):
         settings.check_paths({"evaluate"})

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from icd import paper, pipeline
+from icd.pipeline import paper, settings as pipeline_settings, steps as pipeline
 from icd.commands import run as run_command
 from icd.io import read_json
 
@@ -133,7 +133,7 @@ def test_an_out_that_holds_the_runs_inputs_is_refused(voc_copy, tmp_path, capsys
 
 def test_a_list_edited_in_place_reruns_the_step(voc_copy, tmp_path):
     config, out = _config(tmp_path, voc_copy, 1), str(tmp_path / "out")
-    settings = paper.PaperSettings(config, out, devices=dict(cpus=1, gpus=""))
+    settings = pipeline_settings.PaperSettings(config, out, devices=dict(cpus=1, gpus=""))
     assert paper.run_paper(settings, ["superpixels"], progress_every=0)[
         "superpixels"]["action"] == "run"
     assert paper.run_paper(settings, ["superpixels"], progress_every=0)[
@@ -149,7 +149,7 @@ def test_a_list_edited_in_place_reruns_the_step(voc_copy, tmp_path):
 
 def test_a_deleted_output_is_remade_not_skipped(voc_copy, tmp_path, caplog):
     config, out = _config(tmp_path, voc_copy, 1), str(tmp_path / "out")
-    settings = paper.PaperSettings(config, out, devices=dict(cpus=1, gpus=""))
+    settings = pipeline_settings.PaperSettings(config, out, devices=dict(cpus=1, gpus=""))
     paper.run_paper(settings, ["superpixels"], progress_every=0)
     folder = os.path.join(out, "superpixels")
     gone, other = sorted(os.listdir(folder))[:2]
@@ -217,7 +217,7 @@ def test_a_smaller_repeat_removes_what_the_dropped_seeds_wrote(voc_copy, tmp_pat
                  ["vgg16_icd-0000.params"])
     _done_marker(out, "compare", "compare", ["compare.md", "compare.json"])
     open(os.path.join(out, "seed1", "snapshot_icd", "notes.txt"), "w").close()   # the user's
-    settings = paper.PaperSettings(config, out, devices=dict(cpus=1, gpus=""), repeat=1)
+    settings = pipeline_settings.PaperSettings(config, out, devices=dict(cpus=1, gpus=""), repeat=1)
     with caplog.at_level(logging.INFO):
         paper.run_paper(settings, ["superpixels"], progress_every=0)
     assert not os.path.exists(os.path.join(out, "compare"))

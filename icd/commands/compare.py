@@ -27,7 +27,8 @@ from ..data.classes import dataset_classes
 from ..data.voc import read_list
 from ..evaluate import check_label_folders, label_confusions, unknown_lines
 from ..io import write_json
-from ..paper import PaperSettings, describe_comparison
+from ..pipeline.compare import describe_comparison
+from ..pipeline.settings import PaperSettings
 from ..stats import BOOTSTRAP_SEED, LEVEL, RESAMPLES, compare_runs
 from .evaluate import add_unknown_labels_argument
 from .runner import Parser, add_classes_argument, positive_int, run
@@ -98,10 +99,10 @@ def _inputs(args: argparse.Namespace) -> Dict[str, Tuple[str, Optional[str]]]:
             raise ValueError(f"--split: {args.split!r} is not a split of {config} "
                              f"({', '.join(settings.splits)})")
         inputs["config"] = ("--config", config)
-        for key, value in (("gt_root", (f"{config}: pipeline: gt_root", settings.gt_root)),
+        for key, value in (("gt_root", (f"{config}: pipeline: gt_root", settings.data.gt_root)),
                            ("data_list", (f"{config}: the list of split {args.split}",
                                           settings.eval_list(args.split))),
-                           ("classes", (f"{config}: classes", settings.icd.classes))):
+                           ("classes", (f"{config}: classes", settings.data.classes))):
             if not inputs[key][1] and value[1]:
                 inputs[key] = value
     for key, flag in (("gt_root", "--gt-root"), ("data_list", "--data-list")):

@@ -8,11 +8,10 @@ from typing import Any, Callable, List, Mapping, Optional, Sequence
 import mxnet as mx
 
 from ..config import (ALL, FIELDS, REGISTERED_MODELS, Config, add_arguments, command_fields,
-                      find_config, load_config)
+                      find_config, load_config, read_config_file)
 from ..data.classes import dataset_classes
 from ..devices import parse_devices
 from ..model import MODELS
-from ..paper import read_pipeline_section
 from .runner import shard
 
 # Each field's allowed values (icd.config.option), the model registry's names for `model`
@@ -46,7 +45,7 @@ def fill_from_config(args: argparse.Namespace,
     the file's pipeline: section); a `required` one still missing is an error naming it."""
     if args.config:
         cfg = load_config(args.config)
-        section = read_pipeline_section(find_config(args.config))
+        section = read_config_file(find_config(args.config)).pipeline
         for dest, value in defaults.items():
             if getattr(args, dest) is None:
                 setattr(args, dest, value(cfg, section))

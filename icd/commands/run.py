@@ -24,7 +24,9 @@ import os
 from typing import Optional, Sequence
 
 from ..constants import KVSTORES, PRECISIONS
-from ..paper import PaperSettings, parse_sets, run_paper
+from ..pipeline.paper import run_paper
+from ..pipeline.sections import parse_sets
+from ..pipeline.settings import PaperSettings
 from .options import add_shard_argument
 from .runner import Parser, non_negative_int, positive_int, run
 

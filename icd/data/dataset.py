@@ -24,6 +24,7 @@ from mxnet import gluon
 
 from ..devices import shard_names
 from ..constants import MAX_REGIONS
+from .classes import read_classes
 from .superpixels import read_superpixels
 from .transforms import INFER_SIZE, TRAIN_SIZE, infer_transform, train_transform
 from .classes import classes_of_data
@@ -36,16 +37,23 @@ class DataPaths:
     """The data that travels through every stage, as one value: images `<image_root>/<name>.jpg`,
     image-level labels `<annotation_root>/<name>.xml`, the list file of the names, and the class
     list in label order (None: PASCAL VOC's 20 unless the data has its own classes.txt,
-    `icd.data.classes.classes_of_data`). A stage that can do without a root says what None
-    means there (e.g. icd.evaluate.evaluate without annotations)."""
+    `icd.data.classes.classes_of_data`) and, for the stages that score against them, the
+    ground-truth masks `<gt_root>/<name>.png` (None: not given). A stage that can do without a
+    root says what None means there (e.g. icd.evaluate.evaluate without annotations)."""
     image_root: Optional[str]
     annotation_root: Optional[str]
     data_list: str
     classes: Optional[Tuple[str, ...]] = None
+    gt_root: Optional[str] = None
 
     def __post_init__(self):
         if self.classes is not None:
             object.__setattr__(self, "classes", tuple(self.classes))
+
+    @property
+    def class_names(self) -> Tuple[str, ...]:
+        """The foreground classes in label order (VOC's 20 when `classes` is None)."""
+        return self.classes if self.classes is not None else read_classes(None)
 
     @classmethod
     def of(cls, cfg: Any) -> "DataPaths":

@@ -6,7 +6,7 @@ Parameter names equal the release's checkpoint keys (`conv1_1_weight`, ...).
 
 `batch_norm=True` puts a BatchNorm (`conv1_1_bn_*`, ...) between every convolution and its ReLU:
 not the release's network, but a way to train the demo's ImageNet stand-in from a random init in
-minutes; `icd.checkpoint.fold_batch_norm` turns it into the plain VGG16 the release loads.
+minutes; `icd.pipeline.demo.fold_batch_norm` turns it into the plain VGG16 the release loads.
 """
 from __future__ import annotations
 

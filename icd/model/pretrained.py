@@ -23,11 +23,9 @@ from gluoncv.model_zoo import model_store as gluoncv_store
 from mxnet.gluon import nn
 from mxnet.gluon.model_zoo import model_store as mxnet_store, vision
 
-# a module, not its names: icd.checkpoint imports icd.model (fold_batch_norm's BACKBONE_BN), so
-# its names do not exist yet when icd.checkpoint is imported before icd.model
-from .. import checkpoint
+from ..checkpoint import assign, read_params, release_key, release_keys, staged_params
 from ..constants import MEAN_VALUE
-from ..io import atomic_path, read_json, write_json
+from ..io import read_json, write_json
 from .backbone import VGG16_BLOCKS, VGG16DeepLab, is_imagenet_key, new_parameter
 from .registry import MODELS, Pretrained, model_spec
 
@@ -125,7 +123,7 @@ def imagenet_file(model: str, choice: Union[None, bool, str],
 def release_layout() -> Dict[str, tuple]:
     """Key -> shape of the release's `vgg16_20M.params`: conv1_1..conv5_3, fc6 (1024, 512, 3,
     3), fc7 (1024, 1024, 1, 1), weights and biases, `arg:` keys."""
-    shapes = {checkpoint.release_key(n): p.shape
+    shapes = {release_key(n): p.shape
               for n, p in VGG16DeepLab(1.0, prefix="").collect_params().items()}
     shapes.update({"arg:fc6_weight": (LARGEFOV_FC, 512, 3, 3), "arg:fc6_bias": (LARGEFOV_FC,),
                    "arg:fc7_weight": (LARGEFOV_FC, LARGEFOV_FC, 1, 1),
@@ -274,7 +272,7 @@ def convert_vgg16(source: str, out: str) -> dict:
     if not record["source_is_model_store_file"]:
         log.warning("%s: its SHA-1 %s is not the model store's %s... (a file from elsewhere, or "
                     "edited); converted as it is", source, digests["sha1"], expected)
-    with checkpoint.staged_params(values, out) as digest:
+    with staged_params(values, out) as digest:
         record["sha256"] = digest
         write_json(metadata_path(out), record)
     return record
@@ -308,15 +306,6 @@ def describe_pretrained(path: str) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Initialisation of the VGG16-based networks from a release-layout file (section 2)
 
-def write_imagenet_part(source: str, path: str) -> None:
-    """Keep only the `vgg16_20M.params` part of checkpoint `source` (its backbone BatchNorms
-    folded into the convolutions, `fold_batch_norm`) and write it to `path`."""
-    values = {k: v for k, v in checkpoint.fold_batch_norm(checkpoint.read_params(source)).items()
-              if is_imagenet_key(k)}
-    with atomic_path(path) as tmp:
-        mx.nd.save(tmp, values)
-
-
 def random_imagenet_params(net: mx.gluon.Block) -> Dict[str, mx.nd.NDArray]:
     """Stand-in for `vgg16_20M.params` when no weights are available (synthetic demo, tests).
 
@@ -325,7 +314,7 @@ def random_imagenet_params(net: mx.gluon.Block) -> Dict[str, mx.nd.NDArray]:
     scaling (release), so the first activations keep unit scale as after ImageNet training.
     """
     values = {}
-    for key, shape in checkpoint.release_keys(net).items():
+    for key, shape in release_keys(net).items():
         name = key[4:]
         if not is_imagenet_key(key):
             continue
@@ -349,9 +338,9 @@ def initialize(net: mx.gluon.Block, contexts: Sequence[mx.Context],
     BatchNorms of `vgg16_bn_cam`); aux states start at BN defaults and a zero sign-flip mean.
     """
     source = pretrained or "random initialisation"
-    values = dict(checkpoint.read_params(pretrained)) if pretrained \
+    values = dict(read_params(pretrained)) if pretrained \
         else random_imagenet_params(net)
-    expected = checkpoint.release_keys(net)
+    expected = release_keys(net)
     for dst, src in PRETRAINED_COPIES.items():
         # (only where shapes agree: fc6_ft on fc6 or concat features is a new layer)
         source_value = values.get(f"arg:{src}")
@@ -362,8 +351,8 @@ def initialize(net: mx.gluon.Block, contexts: Sequence[mx.Context],
         log.info("%s: not used by the model: %s", source, ", ".join(extra))
         values = {k: v for k, v in values.items() if k in expected}
     net.initialize(ctx=list(contexts), force_reinit=True)   # aux states: BN defaults, mean 0
-    missing = checkpoint.assign(net, values, source, contexts, allow_missing=True)
-    params = {checkpoint.release_key(n): p for n, p in net.collect_params().items()}
+    missing = assign(net, values, source, contexts, allow_missing=True)
+    params = {release_key(n): p for n, p in net.collect_params().items()}
     new = [k for k in missing if k.startswith("arg:")]
     for key in new:
         params[key].set_data(new_parameter(key[4:], params[key].shape))

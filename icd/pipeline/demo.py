@@ -3,71 +3,49 @@
     data -> superpixels -> pretrain -> train_icd, train_cam -> infer -> seeds -> evaluate
          -> segment -> report
 
-The demo is `icd-run` (icd.paper) on experiments/synthetic_demo.yaml: its steps superpixels,
-train_icd, train_cam, infer, seeds, evaluate and segment, with what only the demo has around
-them: `data` (the synthetic dataset), `pretrain` (the ImageNet stand-in) and `report`.
-
-    python tools/demo.py                        # everything, about 11 minutes on 2 CPU cores
-    python tools/demo.py --quick --out /tmp/q   # the reduced run of the test (numbers meaningless)
-    python tools/demo.py --steps seeds evaluate report   # a subset; finished steps are skipped
-
-Every step writes named folders under the output folder (default ./demo_output) and a marker
-`steps/<step>.json` (icd.pipeline): a finished step with the same settings and inputs is skipped,
-an interrupted one resumes (superpixels and seeds skip finished files, training continues from
-its last checkpoint), a changed one or any with --overwrite clears its folders and reruns. The
-console shows each step's and the whole run's elapsed time and time left.
-
-Folders:
-  data/                     synthetic VOC (JPEGImages, Annotations, SegmentationClass, ImageSets,
-                            classes.txt: training, seeds, evaluation and report follow it)
-  superpixels/              id-encoded PNGs (colour features: no pretrained network exists here)
-  snapshot_pretrain/        classification (CAM-only) pre-training: the ImageNet stand-in
-  snapshot_cam/             the CAM-only baseline, initialised from snapshot_pretrain
-  snapshot_icd/             ICD, initialised from snapshot_pretrain
-  results_cam/{train,val}/  scores_cam, seeds/{crf,nocrf}_cam, eval/   (release layout)
-  results_icd/{train,val}/  scores_{cam,icd,icd_bu,icd_bu_sp}, seeds/..., eval/
-  snapshot_segment_{icd,cam,gt}/  DeepLab-LargeFOV trained on the ICD seeds, the CAM-baseline
-                            seeds and the ground truth of the train split (from the stand-in)
-  segmentation/{icd,cam,gt}/ its val-split predictions pred/ (index PNGs), overlay/, eval.json
-  report/                   report.md, report.json, figures/   (icd.report)
+The demo is `icd-run` (icd.pipeline.paper) on experiments/synthetic_demo.yaml: its steps
+superpixels, train_icd, train_cam, infer, seeds, evaluate and segment, with what only the demo
+has around them: `data` (the synthetic dataset), `pretrain` (the ImageNet stand-in) and `report`
+(icd.pipeline.report). Its command line, its folders and how it resumes: icd.commands.demo
+(`icd-demo --help`).
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
-import logging
 import os
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
+import mxnet as mx
 from PIL import Image
 
-from .model.pretrained import write_imagenet_part
-from .constants import PRECISIONS
-from .config import Config, load_config
-from .data.classes import read_classes
-from .data.synthetic import make_synthetic_voc
-from .data.voc import read_list
-from .evaluate import THRESHOLDS
-from .paper import PaperSettings, paper_steps, train_to_the_end, training_settings
-from .pipeline import Run, Step, select_steps
+from ..checkpoint import read_params
+from ..config import Config, load_config
+from ..data.classes import read_classes
+from ..data.synthetic import make_synthetic_voc
+from ..data.voc import read_list
+from ..evaluate import THRESHOLDS
+from ..io import atomic_path
+from ..model.backbone import BACKBONE_BN, is_imagenet_key
+from .paper import paper_steps
 from .report import SPLITS, ReportInputs, write_report
+from .settings import PaperSettings
+from .steps import Run, Step, select_steps
+from .tables import SEGMENT_LABELS
+from .train import train_to_the_end, training_settings
 
-log = logging.getLogger(__name__)
-
-EXPERIMENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                           "experiments")
+EXPERIMENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))), "experiments")
 STEPS = ("data", "superpixels", "pretrain", "train_icd", "train_cam", "infer", "seeds",
          "evaluate", "segment", "report")
-DEMO_ONLY = ("data", "pretrain", "report")   # the others are icd-run's (icd.paper)
+DEMO_ONLY = ("data", "pretrain", "report")   # the others are icd-run's (icd.pipeline.paper)
 COMPARED = ("cam", "icd")   # the CAM-only baseline and ICD, whose scores and seeds are compared
 # --quick: the reduced run of the test (about 20 s on 2 cores); numbers are meaningless
 QUICK = dict(num_train=24, num_val=8, size=56, width=0.125, crop=48, batch_size=8, epochs=2,
              pretrain_epochs=2, segment_epochs=2)
 # The report's name of each DeepLab of the segment step (synthetic_demo.yaml's segment.labels)
-SEGMENTATION_LABELS = {"icd": "ICD seeds + CRF", "cam": "CAM-baseline seeds + CRF",
-                       "gt": "ground-truth masks (upper bound)"}
+SEGMENTATION_LABELS = {**SEGMENT_LABELS, "icd": "ICD seeds + CRF"}   # its segment.seeds: crf
 RANKING = ("gt", "icd", "cam")   # the order Tables 7-8 imply, best first (the report checks it)
 # Expected seconds per step on 2 CPU cores until a finished run's markers give real times.
 # quick: measured (one --quick run). full: the step times of the README's run A
@@ -225,6 +203,43 @@ def stand_in_weights(settings: DemoSettings) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# The ImageNet stand-in: the pre-trained classifier as a `vgg16_20M.params` file
+
+BN_EPSILON = 1e-5   # Gluon BatchNorm's default
+
+
+def fold_batch_norm(values: Dict[str, mx.nd.NDArray]) -> Dict[str, mx.nd.NDArray]:
+    """A `vgg16_bn_cam` checkpoint as the plain VGG16 that computes the same in inference mode.
+
+    Each `convB_I` followed by BatchNorm `convB_I_bn` (moving statistics m, v; gamma, beta)
+    becomes one convolution: W' = W s, b' = (b - m) s + beta per output channel, with
+    s = gamma / sqrt(v + eps). The BatchNorm keys are dropped; other keys pass unchanged.
+    """
+    out = {k: v for k, v in values.items() if not BACKBONE_BN.match(k[4:])}
+    for key in values:
+        if not (key.startswith("arg:") and BACKBONE_BN.match(key[4:]) and key.endswith("_gamma")):
+            continue
+        conv = key[4:-len("_bn_gamma")]
+        bn = {part: values[f"{kind}:{conv}_bn_{part}"] for kind, part in (
+            ("arg", "gamma"), ("arg", "beta"), ("aux", "moving_mean"), ("aux", "moving_var"))}
+        scale = bn["gamma"] / mx.nd.sqrt(bn["moving_var"] + BN_EPSILON)
+        weight = values[f"arg:{conv}_weight"]
+        out[f"arg:{conv}_weight"] = weight * scale.reshape((-1,) + (1,) * (weight.ndim - 1))
+        out[f"arg:{conv}_bias"] = (values[f"arg:{conv}_bias"] - bn["moving_mean"]) * scale \
+            + bn["beta"]
+    return out
+
+
+def write_imagenet_part(source: str, path: str) -> None:
+    """Keep only the `vgg16_20M.params` part of checkpoint `source` (its backbone BatchNorms
+    folded into the convolutions, `fold_batch_norm`) and write it to `path`."""
+    values = {k: v for k, v in fold_batch_norm(read_params(source)).items()
+              if is_imagenet_key(k)}
+    with atomic_path(path) as tmp:
+        mx.nd.save(tmp, values)
+
+
+# ---------------------------------------------------------------------------------------------
 # The demo's own steps: step_<name>(settings, run) -> a JSON-able summary kept in its marker
 
 def step_data(settings: DemoSettings, run: Run) -> Dict:
@@ -263,7 +278,7 @@ def report_inputs(settings: DemoSettings, s: PaperSettings) -> ReportInputs:
         infer_size=s.icd.infer_size, workers=settings.workers,
         segmentation={SEGMENTATION_LABELS[label]: [(s.segmentation_dirs(k, label)[1],
                                                     s.segmentation(k, label)) for k in s.seeds]
-                      for label in RANKING if label in s.stage["segment"]["labels"]})
+                      for label in RANKING if label in s.pipeline.segment.labels})
 
 
 def step_report(settings: DemoSettings, s: PaperSettings, run: Run) -> Dict:
@@ -328,70 +343,3 @@ def run(settings: DemoSettings) -> Dict[str, Dict]:
         summary.update(Run(steps, settings.folder("steps"), selected=selected,
                            **options).execute())
     return summary
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line (icd-demo, tools/demo.py)
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Parse the demo's flags, run it, print the report's path."""
-    defaults = DemoSettings()
-    lines = __doc__.splitlines()
-    parser = argparse.ArgumentParser(description=lines[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n".join(lines[1:]))
-    parser.add_argument("--out", default=defaults.out, help="output folder (default %(default)s)")
-    parser.add_argument("--steps", nargs="+", default=list(STEPS), metavar="STEP",
-                        help=f"steps to run, any of: {' '.join(STEPS)} (default: all)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="rerun the selected steps from scratch even if done")
-    parser.add_argument("--quick", action="store_true",
-                        help=f"reduced sizes for a smoke test: {QUICK}")
-    parser.add_argument("--repeat", type=int, default=None, metavar="N",
-                        help="train CAM, ICD and DeepLab with N training seeds (icd-run's "
-                             "--repeat): the Tables 7-8 ranking then resamples the seeds too "
-                             f"(default {defaults.repeat})")
-    parser.add_argument("--progress-every", type=float, default=None, metavar="SECONDS",
-                        help=f"a progress line every SECONDS while a step runs "
-                             f"(default {defaults.progress_every:g}; 0: only between steps)")
-    devices = parser.add_mutually_exclusive_group()
-    devices.add_argument("--cpus", type=int, default=None,
-                         help=f"CPU contexts (default {defaults.cpus}: the multi-device path)")
-    devices.add_argument("--gpus", default=None, help="GPU ids, e.g. 0,1")
-    parser.add_argument("--workers", type=int, default=None,
-                        help=f"processes for superpixels, seeds, evaluation "
-                             f"(default {defaults.workers})")
-    parser.add_argument("--amp", choices=PRECISIONS, default=None,
-                        help="mixed precision of every training and inference: bf16 on CPUs "
-                             "with avx512_bf16 or AMX, fp16 on GPUs (default: off, float32)")
-    parser.add_argument("--loader-workers", type=int, default=None,
-                        help="training data-loader processes (default: the YAML's num_workers)")
-    sizes = parser.add_argument_group("sizes (override the defaults / --quick)")
-    for flag, kind in (("num-train", int), ("num-val", int), ("size", int), ("data-seed", int),
-                       ("width", float), ("crop", int), ("batch-size", int),
-                       ("learning-rate", float), ("epochs", int), ("pretrain-epochs", int),
-                       ("segment-epochs", int)):
-        sizes.add_argument("--" + flag, type=kind, default=None)
-    configs = parser.add_argument_group("training configs")
-    configs.add_argument("--icd-config", default=None,
-                         help=f"icd-run's config (training YAML with a pipeline: section; "
-                              f"default {defaults.icd_config})")
-    configs.add_argument("--cam-config", default=None,
-                         help="the baseline's YAML (default: the run config's pipeline: cam)")
-    configs.add_argument("--segment-config", default=None,
-                         help="DeepLab's YAML (default: the run config's segment.config)")
-    configs.add_argument("--pretrain-config", default=None,
-                         help=f"default {defaults.pretrain_config}; 'none': no pre-training "
-                              "(CAM and ICD from a random He init)")
-    args = vars(parser.parse_args(argv))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    quick = args.pop("quick")
-    if args["gpus"]:
-        args["cpus"] = 0
-    values = {k: v for k, v in args.items() if v is not None}
-    settings = quick_settings(**values) if quick else DemoSettings(**values)
-    summary = run(settings)
-    report = summary.get("report", {}).get("report")
-    if report:
-        print(f"report: {os.path.abspath(report)}")
-    return 0

@@ -41,7 +41,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
-from .io import exclusive_lock, read_json, write_json
+from ..io import exclusive_lock, read_json, write_json
 
 log = logging.getLogger(__name__)
 
