@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny synthetic VOC-format dataset with superpixels, made once per session."""
+"""Shared fixtures: a tiny synthetic VOC-format dataset with superpixels (made once per
+session), training configs on it, trained checkpoints, class-list files, three small images."""
 import os
 import signal
 import sys
@@ -9,7 +10,9 @@ from icd.config import load_config
 from icd.data.superpixels import make_superpixels
 from icd.data.synthetic import make_synthetic_voc
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import REPO
+
+
 # symbols/ (the release's graph, our test reference) is not installed: the tests read it from the
 # checkout, whatever folder pytest was started from
 sys.path.insert(0, REPO)

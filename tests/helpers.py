@@ -1,0 +1,135 @@
+"""Helpers shared by the test modules (plain functions and constants; fixtures live in
+conftest.py): the checkout's path, command-line flags and error lines, class lists, a hand-made
+results folder, icd-run configs, local multi-worker jobs, and a recorder of queued batches."""
+import contextlib
+import importlib.util
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+
+from icd.checkpoint import read_params
+from icd.data.voc import VOC_CLASSES, write_mask
+from icd.seeds import make_seeds
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def params_of(path):
+    return {k: v.asnumpy() for k, v in read_params(path).items()}
+
+
+def load_tool(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "tools", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# ---------------------------------------------------------------------------------------------
+# A tiny results folder: hand-made images, ground truth and score maps
+
+NAMES = ("img_a", "img_b", "img_c")
+LABELS = {"img_a": [0], "img_b": [0, 14], "img_c": [11]}
+H, W, S, FEAT = 20, 24, 32, 8
+
+
+def _xml(classes):
+    objects = "".join(f"<object><name>{VOC_CLASSES[c]}</name><difficult>0</difficult></object>"
+                      for c in classes)
+    return f"<annotation>{objects}</annotation>"
+
+
+def build_results(root):
+    """VOC-like tiny dataset and results folder under `root`; returns a dict of paths.
+
+    Each class owns a rectangle of the image; scores are +1 inside it and -1 outside at feature
+    resolution (FEAT×FEAT over the S×S padded canvas); the CAM is the ICD score halved.
+    """
+    paths = {k: os.path.join(root, k) for k in ("images", "annotations", "gt", "results")}
+    for p in paths.values():
+        os.makedirs(p, exist_ok=True)
+    rng = np.random.default_rng(0)
+    boxes = [(slice(0, 10), slice(0, 12)), (slice(8, 20), slice(12, 24))]
+    for name in NAMES:
+        labels = LABELS[name]
+        gt = np.zeros((H, W), np.uint8)
+        image = np.full((H, W, 3), 40, np.uint8)
+        icd = np.full((len(labels), FEAT, FEAT), -1, np.float32)
+        for i, c in enumerate(labels):
+            ys, xs = boxes[i]
+            gt[ys, xs] = c + 1
+            image[ys, xs] = (200, 60 + 60 * i, 30)
+            canvas = np.full((S, S), -1, np.float32)
+            canvas[ys, xs] = 1
+            icd[i] = cv2.resize(canvas, (FEAT, FEAT), interpolation=cv2.INTER_AREA)
+        gt[0, 0] = 255
+        image = np.clip(image + rng.integers(0, 8, image.shape), 0, 255).astype(np.uint8)
+        cv2.imwrite(os.path.join(paths["images"], name + ".jpg"), image[:, :, ::-1])
+        write_mask(os.path.join(paths["gt"], name + ".png"), gt)
+        with open(os.path.join(paths["annotations"], name + ".xml"), "w") as f:
+            f.write(_xml(labels))
+        for folder, scores in (("scores_icd", icd), ("scores_cam", icd / 2 - 0.1)):
+            os.makedirs(os.path.join(paths["results"], folder), exist_ok=True)
+            np.save(os.path.join(paths["results"], folder, name + ".npy"), scores)
+        sal = (gt > 0).astype(np.uint8) * 255
+        os.makedirs(os.path.join(root, "saliency"), exist_ok=True)
+        cv2.imwrite(os.path.join(root, "saliency", name + ".png"), sal)
+    paths["saliency"] = os.path.join(root, "saliency")
+    paths["list"] = os.path.join(root, "train.txt")
+    with open(paths["list"], "w") as f:
+        f.write("".join(f"/JPEGImages/{n}.jpg /SegmentationClassAug/{n}.png\n" for n in NAMES))
+    return paths
+
+
+def results_seeds(paths, **kwargs):
+    return make_seeds(paths["results"], paths["images"], paths["annotations"], paths["list"],
+                      infer_size=S, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Jobs on 127.0.0.1: every launched job runs in its own process group, killed in a finally
+
+LAUNCH = os.path.join(REPO, "tools", "launch.py")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def environment(**extra) -> dict:
+    env = dict(os.environ, PYTHONPATH=REPO, DMLC_PS_ROOT_URI="127.0.0.1",
+               DMLC_PS_ROOT_PORT=str(free_port()), OMP_NUM_THREADS="1")
+    env.update(extra)
+    return env
+
+
+@contextlib.contextmanager
+def started(cmd, env):
+    """A process in its own group; the whole group is killed when the block ends."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        yield proc
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+
+
+def run_job(cmd, env, timeout=300):
+    with started(cmd, env) as proc:
+        out, _ = proc.communicate(timeout=timeout)
+        return proc.returncode, out
+
+
+def launch(workers, command, env, timeout=300):
+    return run_job([sys.executable, LAUNCH, "-n", str(workers), "-s", "1", "--launcher",
+                    "local", "--"] + command, env, timeout)
