@@ -6,11 +6,14 @@ import sys
 
 import pytest
 
+from icd.commands import train as train_command
 from icd.config import load_config
+from icd.data.classes import write_classes
 from icd.data.superpixels import make_superpixels
 from icd.data.synthetic import make_synthetic_voc
+from icd.train import train
 
-from helpers import REPO
+from helpers import REORDERED, REPO, SIX, THREE, icd_flags
 
 
 # symbols/ (the release's graph, our test reference) is not installed: the tests read it from the
@@ -64,3 +67,32 @@ def tiny_config(tiny_voc, tmp_path):
         path = os.path.join(REPO, "experiments", config_file) if config_file else None
         return load_config(path, **options)
     return make
+
+
+@pytest.fixture
+def trained(tiny_config):
+    """Checkpoints of epochs 0 and 1 of a tiny ICD run; inference at 64 px."""
+    cfg = tiny_config(num_epoch=2)
+    train(cfg)
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def class_lists(tmp_path_factory):
+    """Class-list files: SIX, REORDERED and THREE."""
+    folder = tmp_path_factory.mktemp("lists")
+    files = {}
+    for name, classes in (("six", SIX), ("reordered", REORDERED), ("three", THREE)):
+        files[name] = str(folder / f"{name}.txt")
+        write_classes(files[name], classes)
+    return files
+
+
+@pytest.fixture(scope="session")
+def trained_snapshot(tiny_voc, class_lists, tmp_path_factory):
+    """A snapshot holding the checkpoint of a 1-epoch ICD run on tiny_voc with SIX (resumed by the
+    tests with --num-epoch 2, which may differ: it extends the run)."""
+    snapshot = str(tmp_path_factory.mktemp("trained") / "snapshot")
+    assert train_command.main(icd_flags(tiny_voc, snapshot, class_lists["six"])
+                              + ["--num-epoch", "1"]) == 0
+    return snapshot

@@ -4,6 +4,7 @@ results folder, icd-run configs, local multi-worker jobs, and a recorder of queu
 import contextlib
 import importlib.util
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -13,11 +14,41 @@ import cv2
 import numpy as np
 
 from icd.checkpoint import read_params
+from icd.data.synthetic import DEFAULT_CLASSES
 from icd.data.voc import VOC_CLASSES, write_mask
 from icd.seeds import make_seeds
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands: data flags, the one error line
+
+def data_flags(voc):
+    return ["--image-root", voc["image_root"], "--annotation-root", voc["annotation_root"],
+            "--superpixel-root", voc["superpixel_root"], "--data-list", voc["data_list"]]
+
+
+def tiny_train_flags(voc, snapshot):
+    """A 1/16-width, 32 px, batch-4 training of `voc` from a random init, loading in-process."""
+    return data_flags(voc) + ["--pretrained", "", "--width", "0.0625", "--image-size", "32",
+                              "--batch-size", "4", "--num-epoch", "2", "--num-workers", "0",
+                              "--snapshot", snapshot]
+
+
+def error_line(capsys, alone=True):
+    """The one line a failed command printed on stderr (and nothing on stdout); with
+    `alone=False`, the one `error: ` line among other lines (progress bars) on stderr."""
+    out, err = capsys.readouterr()
+    if not alone:
+        lines = [line for line in err.splitlines() if line.startswith("error: ")]
+        assert len(lines) == 1, lines
+        return lines[0]
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    return lines[0]
 
 
 def params_of(path):
@@ -29,6 +60,39 @@ def load_tool(name):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+# ---------------------------------------------------------------------------------------------
+# Class lists and an ICD training of tiny_voc through icd-train
+
+SIX = DEFAULT_CLASSES                            # tiny_voc's names: aeroplane, bird, car, ...
+REORDERED = (SIX[1], SIX[0]) + SIX[2:]           # the same six, two swapped
+THREE = ("kettle", "traffic light", "zebra")
+SEG_CONFIG = os.path.join(REPO, "experiments", "synthetic_deeplab.yaml")
+
+
+def shown(classes):
+    """How a message shows a class list (icd.data.classes.show_classes)."""
+    more = ", ..." if len(classes) > 8 else ""
+    return f"{len(classes)} classes [{', '.join(classes[:8])}{more}]"
+
+
+def icd_flags(voc, snapshot, classes):
+    """A 1/16-width, 32 px, batch-4 ICD training of tiny_voc with the class list `classes`."""
+    return data_flags(voc) + ["--classes", classes, "--pretrained", "", "--width", "0.0625",
+                              "--image-size", "32", "--batch-size", "4", "--num-workers", "0",
+                              "--snapshot", snapshot, "--infer-size", "64",
+                              "--infer-batch-size", "4"]
+
+
+def copy_of(trained, tmp_path):
+    snapshot = str(tmp_path / "snapshot")
+    shutil.copytree(trained, snapshot)
+    return snapshot
+
+
+def epochs(snapshot):
+    return sorted(f for f in os.listdir(snapshot) if f.endswith(".params"))
 
 
 # ---------------------------------------------------------------------------------------------
