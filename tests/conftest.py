@@ -4,6 +4,7 @@ import os
 import signal
 import sys
 
+import numpy as np
 import pytest
 
 from icd.commands import train as train_command
@@ -11,6 +12,7 @@ from icd.config import load_config
 from icd.data.classes import write_classes
 from icd.data.superpixels import make_superpixels
 from icd.data.synthetic import make_synthetic_voc
+from icd.data.voc import write_image
 from icd.train import train
 
 from helpers import REORDERED, REPO, SIX, THREE, icd_flags
@@ -96,3 +98,14 @@ def trained_snapshot(tiny_voc, class_lists, tmp_path_factory):
     assert train_command.main(icd_flags(tiny_voc, snapshot, class_lists["six"])
                               + ["--num-epoch", "1"]) == 0
     return snapshot
+
+
+@pytest.fixture
+def small_images(tmp_path):
+    rng = np.random.default_rng(2)
+    names = ["a", "b", "c"]
+    for name in names:
+        write_image(str(tmp_path / "img" / f"{name}.jpg"),
+                    (rng.random((40, 50, 3)) * 255).astype(np.uint8))
+    (tmp_path / "list.txt").write_text("".join(f"{n}\n" for n in names))
+    return tmp_path

@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import cv2
+import mxnet as mx
 import numpy as np
 
 from icd.checkpoint import read_params
@@ -20,6 +21,9 @@ from icd.seeds import make_seeds
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+DEVICES = [mx.cpu(1), mx.cpu(2)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,3 +201,37 @@ def run_job(cmd, env, timeout=300):
 def launch(workers, command, env, timeout=300):
     return run_job([sys.executable, LAUNCH, "-n", str(workers), "-s", "1", "--launcher",
                     "local", "--"] + command, env, timeout)
+
+
+# ---------------------------------------------------------------------------------------------
+# The order of queued batches and host read-backs
+
+class QueueOrder:
+    """Records, in order, each call of `module.name` (queueing batch t's forward: ("queue", t))
+    and each host read-back of an array it returned (("read", t))."""
+
+    def __init__(self, monkeypatch, module, name, arrays_of):
+        self.events, self.tags = [], {}
+        queue, read = getattr(module, name), mx.nd.NDArray.asnumpy
+
+        def queued(*args, **kwargs):
+            result = queue(*args, **kwargs)
+            t = sum(kind == "queue" for kind, _ in self.events)
+            self.events.append(("queue", t))
+            self.tags.update({id(a): (t, a) for a in arrays_of(result)})
+            return result
+
+        def asnumpy(array):
+            if id(array) in self.tags:
+                self.events.append(("read", self.tags[id(array)][0]))
+            return read(array)
+
+        monkeypatch.setattr(module, name, queued)
+        monkeypatch.setattr(mx.nd.NDArray, "asnumpy", asnumpy)
+
+    def assert_overlapped(self, batches):
+        """Batch t+1's forward was queued before anything of batch t was read back."""
+        assert [t for kind, t in self.events if kind == "queue"] == list(range(batches))
+        for t in range(batches - 1):
+            assert self.events.index(("queue", t + 1)) < self.events.index(("read", t)), \
+                self.events

@@ -12,38 +12,25 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO
-from icd.commands import bench, evaluate, infer, parity, seeds, superpixels, synthetic, train
+from icd.commands import bench
+from icd.commands import evaluate
+from icd.commands import infer
+from icd.commands import parity
+from icd.commands import seeds
+from icd.commands import superpixels
+from icd.commands import synthetic
+from icd.commands import train
 from icd.commands.runner import EXIT_USAGE
 from icd.config import FIELDS, _TYPES, _as_field_type, find_config, load_config, option
 from icd.data.classes import read_classes
 from icd.data.superpixels import make_superpixels
 from icd.data.synthetic import make_synthetic_voc
 from icd.data.voc import read_list
-from icd.devices import parse_context, parse_devices
+
+from helpers import REPO, error_line, tiny_train_flags
+
 
 COMMANDS = [train, infer, seeds, evaluate, superpixels, synthetic, parity, bench]
-
-
-def data_flags(voc):
-    return ["--image-root", voc["image_root"], "--annotation-root", voc["annotation_root"],
-            "--superpixel-root", voc["superpixel_root"], "--data-list", voc["data_list"]]
-
-
-def tiny_train_flags(voc, snapshot):
-    """A 1/16-width, 32 px, batch-4 training of `voc` from a random init, loading in-process."""
-    return data_flags(voc) + ["--pretrained", "", "--width", "0.0625", "--image-size", "32",
-                              "--batch-size", "4", "--num-epoch", "2", "--num-workers", "0",
-                              "--snapshot", snapshot]
-
-
-def error_line(capsys):
-    """The one line a failed command printed on stderr (and nothing on stdout)."""
-    out, err = capsys.readouterr()
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert "Traceback" not in err
-    return lines[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -90,32 +77,6 @@ def test_evaluate_rejects_repeated_thresholds(capsys):
 
 # ---------------------------------------------------------------------------------------------
 # Failures: status 1, `error: <file or flag>: problem`, nothing half-done
-
-def test_devices_that_do_not_exist(tiny_voc, tmp_path, capsys):
-    flags = tiny_train_flags(tiny_voc, str(tmp_path / "s"))
-    assert train.main(flags + ["--gpus", "0"]) == 1   # the test machines have no GPU
-    assert error_line(capsys).startswith("error: --gpus: no GPU 0: MXNet sees no GPU")
-    assert train.main(flags + ["--gpus", "a"]) == 1
-    assert error_line(capsys) == ("error: --gpus: not a GPU id: 'a' in 'a' "
-                                  "(expected ids like 0 or 0,1)")
-    assert train.main(flags + ["--cpus", "8"]) == 1
-    assert error_line(capsys) == ("error: --batch-size: a batch of 4 cannot be split over 8 "
-                                  "devices (each needs at least one image)")
-    assert infer.main(flags + ["--cpus", "3", "--infer-batch-size", "2"]) == 1
-    assert error_line(capsys).startswith("error: --infer-batch-size: a batch of 2 cannot be split")
-    assert not os.path.exists(tmp_path / "s")
-
-
-def test_parse_devices_and_contexts():
-    assert parse_devices(cpus=2) == [parse_context("cpu(0)"), parse_context("cpu1")]
-    assert parse_devices() == [parse_context("cpu")]
-    with pytest.raises(ValueError, match="--ctx: no GPU 1"):
-        parse_context("gpu(1)")
-    with pytest.raises(ValueError, match="--gpus: GPU ids repeat"):
-        parse_devices("0,0")
-    with pytest.raises(ValueError, match="not both"):
-        parse_devices("0", 2)
-
 
 @pytest.mark.parametrize("command, flags", [
     (synthetic, ["--out", "o"]),
