@@ -3,6 +3,7 @@ conftest.py): the checkout's path, command-line flags and error lines, class lis
 results folder, icd-run configs, local multi-worker jobs, and a recorder of queued batches."""
 import contextlib
 import importlib.util
+import json
 import os
 import shutil
 import signal
@@ -15,6 +16,7 @@ import mxnet as mx
 import numpy as np
 
 from icd.checkpoint import read_params
+from icd.commands import run as run_command
 from icd.data.synthetic import DEFAULT_CLASSES
 from icd.data.voc import VOC_CLASSES, write_mask
 from icd.seeds import make_seeds
@@ -158,6 +160,54 @@ def build_results(root):
 def results_seeds(paths, **kwargs):
     return make_seeds(paths["results"], paths["images"], paths["annotations"], paths["list"],
                       infer_size=S, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# icd-run on tiny_voc
+
+def run_config(tmp_path, voc, epochs):
+    path = tmp_path / "run.yaml"
+    path.write_text(f"""base: {os.path.join(REPO, "experiments", "synthetic_run.yaml")}
+image_root: {voc["image_root"]}
+annotation_root: {voc["annotation_root"]}
+data_list: {voc["data_list"]}
+classes: {voc["classes"]}
+width: 0.0625
+image_size: 32
+batch_size: 4
+num_epoch: {epochs}
+warmup_epochs: 1
+num_workers: 0
+num_save: 0
+infer_size: 65
+pipeline:
+  gt_root: {voc["gt_root"]}
+  splits: {{train: {voc["data_list"]}}}
+  seeds: {{rows: [nocrf, crf]}}
+  evaluate: {{thresholds: [0.0, 0.3]}}
+  segment: {{config: null}}
+""")
+    return str(path)
+
+
+def icd_run_argv(config, out, *extra):
+    return [sys.executable, "-c", "import sys; from icd.commands.run import main; "
+            "sys.exit(main(sys.argv[1:]))", "--config", config, "--out", out, "--cpus", "1",
+            "--workers", "1", "--progress-every", "0", *extra]
+
+
+def step_statuses(out):
+    return {name[:-5]: json.load(open(os.path.join(out, "steps", name)))["status"]
+            for name in os.listdir(os.path.join(out, "steps")) if name.endswith(".json")}
+
+
+def icd_run(config, out, *extra):
+    return run_command.main(["--config", config, "--out", out, "--cpus", "1", "--workers", "1",
+                             "--progress-every", "0", *extra])
+
+
+def last_error(capsys):
+    return capsys.readouterr().err.strip().splitlines()[-1]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,13 +13,16 @@ import numpy as np
 import pytest
 
 from icd.commands import bench
+from icd.commands import compare as compare_command
 from icd.commands import evaluate
 from icd.commands import infer
 from icd.commands import parity
+from icd.commands import run as run_command
 from icd.commands import seeds
 from icd.commands import superpixels
 from icd.commands import synthetic
 from icd.commands import train
+from icd.commands.options import fill_from_config
 from icd.commands.runner import EXIT_USAGE
 from icd.config import FIELDS, _TYPES, _as_field_type, find_config, load_config, option
 from icd.data.classes import read_classes
@@ -30,7 +33,8 @@ from icd.data.voc import read_list
 from helpers import REPO, error_line, tiny_train_flags
 
 
-COMMANDS = [train, infer, seeds, evaluate, superpixels, synthetic, parity, bench]
+COMMANDS = [train, infer, seeds, evaluate, superpixels, synthetic, parity, bench, run_command,
+            compare_command]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -418,3 +422,34 @@ def test_launch_reports_a_failed_worker_in_one_line(tmp_path):
     assert proc.returncode == 7, proc.stderr
     assert proc.stderr.strip() == "error: worker: exited with status 7; the job was ended", \
         proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-command flags, paths from --config
+
+def test_each_command_lists_only_the_flags_it_uses(capsys):
+    for command, absent, present in ((train, ("--crf", "--flip", "--scales", "--infer-size"),
+                                      ("--learning-rate",)),
+                                     (infer, ("--learning-rate", "--crf", "--momentum"),
+                                      ("--infer-size",))):
+        assert command.main(["--help"]) == 0
+        text = capsys.readouterr().out
+        assert all(flag not in text for flag in absent)
+        assert all(flag in text for flag in present)
+
+
+def test_seeds_eval_and_superpixels_read_their_paths_from_config(capsys):
+    args = seeds.build_parser().parse_args(["--config", "voc_vgg16"])
+    fill_from_config(args, seeds.CONFIG_PATHS, ("results",))
+    assert (args.results, args.data_list, args.image_root) == (
+        "./snapshot/icd/results", "./data/VOC2012/ImageSets/Segmentation/train_aug.txt",
+        "./data/VOC2012/JPEGImages")
+    args = evaluate.build_parser().parse_args(["--config", "voc_vgg16"])
+    fill_from_config(args, evaluate.CONFIG_PATHS)
+    assert args.gt_root == "./data/VOC2012/SegmentationClassAug"
+    assert args.data_list == "./data/VOC2012/ImageSets/Segmentation/train_aug.txt"
+    args = superpixels.build_parser().parse_args(["--config", "voc_vgg16"])
+    fill_from_config(args, superpixels.CONFIG_PATHS)
+    assert args.out == "./data/superpixels"
+    assert seeds.main(["--image-root", "x"]) == 1     # no --config: named flag
+    assert "error: --results: required (or a --config that gives it)" in capsys.readouterr().err

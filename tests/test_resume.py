@@ -1,6 +1,7 @@
 """What a run is (icd.runs, icd.checkpoint): checkpoints complete or absent, --resume auto, a
 resume with other settings refused naming each unless --allow-changes starts a run chained to
 the old one."""
+import dataclasses
 import errno
 import os
 import shutil
@@ -8,17 +9,66 @@ import shutil
 import pytest
 
 import icd.train
+from icd import runs
 from icd.checkpoint import checkpoint_path, complete_checkpoints, last_complete_epoch
 from icd.commands import train as train_command
-from icd.io import read_json
+from icd.io import read_json, write_json
 from icd.train import train
 
 from helpers import copy_of, epochs, error_line, icd_flags
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoints complete or absent
+# Auto-resume: the last complete checkpoint of the same run
 
+
+def _checkpoint(cfg, epoch, suffixes=("params", "states", "json"), **record):
+    os.makedirs(cfg.snapshot, exist_ok=True)
+    for suffix in suffixes:
+        path = checkpoint_path(cfg, epoch, suffix)
+        if suffix == "json":
+            write_json(path, dict(run="r1", epoch=epoch, seed=cfg.seed,
+                                  config=dict(dataclasses.asdict(cfg), **record)))
+        else:
+            open(path, "wb").close()
+
+
+def test_resume_auto_starts_fresh_then_continues_the_last_complete_checkpoint(tiny_config):
+    cfg = tiny_config(num_epoch=5)
+    assert runs.resume_auto(cfg).begin_epoch == 0                    # nothing there: fresh
+    _checkpoint(cfg, 0)
+    _checkpoint(cfg, 1)
+    _checkpoint(cfg, 2, ("states", "json"))                           # no .params: incomplete
+    assert runs.resume_auto(cfg).begin_epoch == 2
+    assert runs.resume_auto(dataclasses.replace(cfg, overwrite=True)).begin_epoch == 0
+    # loader processes are not the run's identity; the devices are (they split the batch)
+    assert runs.resume_auto(dataclasses.replace(cfg, num_workers=3)).begin_epoch == 2
+    with pytest.raises(FileExistsError, match="checkpoint of another run"):
+        runs.resume_auto(dataclasses.replace(cfg, cpus=2))
+    _checkpoint(cfg, 3, ("params", "states"))                         # the release's: no record
+    with pytest.raises(FileExistsError, match="without a run record.*--begin-epoch 4"):
+        runs.resume_auto(cfg)
+
+
+def test_resume_auto_refuses_another_runs_checkpoint(tiny_config):
+    cfg = tiny_config(num_epoch=5)
+    _checkpoint(cfg, 0, learning_rate=0.01)
+    with pytest.raises(FileExistsError, match=r"vgg16_icd-0000\.json: checkpoint of another "
+                                              r"run \(learning_rate 0\.01"):
+        runs.resume_auto(cfg)
+
+
+def test_icd_train_resume_auto_on_a_finished_run_trains_nothing(tiny_config, capsys):
+    cfg = tiny_config(num_epoch=2)
+    _checkpoint(cfg, 1)
+    assert train_command.checked_train(cfg, "auto") == 0
+    assert "the run is finished" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="--resume: auto finds the epoch itself"):
+        train_command.checked_train(dataclasses.replace(cfg, begin_epoch=1), "auto")
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints complete or absent
 
 def test_a_checkpoint_interrupted_before_its_params_is_not_resumable(tiny_config, monkeypatch):
     """Disk full (or SIGKILL) while checkpoint 1 is written leaves no .params of it; the fresh-run
