@@ -1,15 +1,23 @@
-"""Shared fixtures: a tiny synthetic VOC-format dataset with superpixels, made once per session."""
+"""Shared fixtures: a tiny synthetic VOC-format dataset with superpixels (made once per
+session), training configs on it, trained checkpoints, class-list files, three small images."""
 import os
 import signal
 import sys
 
+import numpy as np
 import pytest
 
+from icd.commands import train as train_command
 from icd.config import load_config
+from icd.data.classes import write_classes
 from icd.data.superpixels import make_superpixels
 from icd.data.synthetic import make_synthetic_voc
+from icd.data.voc import write_image
+from icd.tasks import train
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import REORDERED, REPO, SIX, THREE, icd_flags
+
+
 # symbols/ (the release's graph, our test reference) is not installed: the tests read it from the
 # checkout, whatever folder pytest was started from
 sys.path.insert(0, REPO)
@@ -61,3 +69,43 @@ def tiny_config(tiny_voc, tmp_path):
         path = os.path.join(REPO, "experiments", config_file) if config_file else None
         return load_config(path, **options)
     return make
+
+
+@pytest.fixture
+def trained(tiny_config):
+    """Checkpoints of epochs 0 and 1 of a tiny ICD run; inference at 64 px."""
+    cfg = tiny_config(num_epoch=2)
+    train(cfg)
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def class_lists(tmp_path_factory):
+    """Class-list files: SIX, REORDERED and THREE."""
+    folder = tmp_path_factory.mktemp("lists")
+    files = {}
+    for name, classes in (("six", SIX), ("reordered", REORDERED), ("three", THREE)):
+        files[name] = str(folder / f"{name}.txt")
+        write_classes(files[name], classes)
+    return files
+
+
+@pytest.fixture(scope="session")
+def trained_snapshot(tiny_voc, class_lists, tmp_path_factory):
+    """A snapshot holding the checkpoint of a 1-epoch ICD run on tiny_voc with SIX (resumed by the
+    tests with --num-epoch 2, which may differ: it extends the run)."""
+    snapshot = str(tmp_path_factory.mktemp("trained") / "snapshot")
+    assert train_command.main(icd_flags(tiny_voc, snapshot, class_lists["six"])
+                              + ["--num-epoch", "1"]) == 0
+    return snapshot
+
+
+@pytest.fixture
+def small_images(tmp_path):
+    rng = np.random.default_rng(2)
+    names = ["a", "b", "c"]
+    for name in names:
+        write_image(str(tmp_path / "img" / f"{name}.jpg"),
+                    (rng.random((40, 50, 3)) * 255).astype(np.uint8))
+    (tmp_path / "list.txt").write_text("".join(f"{n}\n" for n in names))
+    return tmp_path

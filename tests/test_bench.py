@@ -10,8 +10,10 @@ import mxnet as mx
 import pytest
 
 from icd import amp
-from icd.bench import build_step, config_memory, custom_and_loss_share, memory_per_image
+from icd.bench import (build_step, config_memory, custom_and_loss_share, loader_throughput,
+                       memory_per_image)
 from icd.config import find_config
+
 
 TINY = ["--width", "0.0625", "--size", "32", "--infer-size", "48", "--repeats", "1",
         "--loader-size", "64", "--loader-workers", "0", "--no-memory"]
@@ -84,3 +86,10 @@ def test_the_memory_per_image_is_measured_from_steps_of_one_and_two_images():
     assert figures["size"] == 64 and figures["width"] == 0.125
     assert 0 < figures["params_mb"] < 10 and figures["per_image_mb"] >= 0
     assert figures["fixed_mb"] >= 2 * figures["params_mb"]
+
+
+def test_bench_measures_the_loaders_throughput_in_uint8_batches():
+    figures = loader_throughput(32, 2, workers=0, batches=2, image_size=48)
+    assert figures["images"] == 4 and figures["images_per_s"] > 0 and figures["workers"] == 0
+    num_classes = 6    # labels over the synthetic set's own 6 classes (its classes.txt)
+    assert figures["bytes_per_batch"] == 2 * (3 * 32 * 32 + 32 * 32) + 2 * num_classes * 4

@@ -1,14 +1,18 @@
 """Release checkpoint format: round trip, pretrained initialisation, clear errors."""
+import os
+
 import mxnet as mx
 import numpy as np
 import pytest
+from mxnet import gluon
 
+import icd.io
+from icd.model.pretrained import PRETRAINED_COPIES, initialize
 from icd.runs import checkpoint_path
 from icd.checkpoint import gather, load_checkpoint, read_params, save_checkpoint
-from icd.model.backbone import is_imagenet_key
-from icd.model.pretrained import PRETRAINED_COPIES, initialize
 from icd.features import conv5_feature_extractor, load_backbone
 from icd.model import ICDNet, build_model
+from icd.model.backbone import is_imagenet_key
 from icd.tasks import train
 
 
@@ -172,3 +176,26 @@ def test_batch_norm_stand_in_folds_into_the_plain_vgg16(tmp_path):
     expected = net.backbone(data)[1].asnumpy()
     np.testing.assert_allclose(plain.backbone(data)[1].asnumpy(), expected,
                                rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+def test_disk_full_in_mxnet_names_the_file(tmp_path, monkeypatch):
+    """MXNet says `FileStream.Write incomplete` on a full disk: the error names the file."""
+    from icd.checkpoint import save_checkpoint
+    net = gluon.nn.Dense(2, in_units=2)
+    net.initialize()
+    path = str(tmp_path / "m-0000.params")
+    real = os.statvfs
+
+    def full(folder):
+        stat = real(folder)
+        return os.statvfs_result((stat.f_bsize, stat.f_frsize, stat.f_blocks, 0, 0) + tuple(
+            stat)[5:])
+
+    def incomplete(*args):
+        raise mx.base.MXNetError("Check failed: FileStream.Write incomplete")
+
+    monkeypatch.setattr(icd.io.os, "statvfs", full)
+    monkeypatch.setattr(mx.nd, "save", incomplete)
+    with pytest.raises(OSError, match=rf"{path}: no space left on device"):
+        save_checkpoint(net, path)
+    assert os.listdir(tmp_path) == []

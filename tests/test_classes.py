@@ -1,26 +1,37 @@
 """Class lists as data: reading them, palettes, the config's num_cls, labels, CRF, evaluation,
-the synthetic generator, and train -> infer -> seeds -> eval on a 3- and a 25-class dataset."""
+the synthetic generator, train -> infer -> seeds -> eval on a 3- and a 25-class dataset; the
+list travels with checkpoints and results (run records, provenance), and a stage whose list
+differs from what made its inputs is refused naming both lists."""
 import json
 import os
+import shutil
 
 import mxnet as mx
 import numpy as np
 import pytest
 
+from icd.commands import evaluate as evaluate_command
 from icd.commands import infer as infer_command
+from icd.commands import seeds as seeds_command
 from icd.commands import train as train_command
+from icd.commands import train_seg as train_seg_command
 from icd.config import load_config
-from icd.data.classes import VOC_CLASSES, class_palette, read_classes, segmentation_classes, \
-    voc_palette, write_classes
-from icd.data.dataset import DataPaths, train_loader
+from icd.data.classes import (VOC_CLASSES, class_palette, read_classes, segmentation_classes,
+                              voc_palette, write_classes)
+from icd.data.dataset import train_loader
 from icd.data.superpixels import make_superpixels
 from icd.data.synthetic import make_synthetic_voc
 from icd.data.voc import read_image_labels, read_list, read_mask, write_annotation, write_mask
 from icd.evaluate import evaluate, evaluate_seeds
+from icd.io import read_json
 from icd.model import model_options
+from icd.provenance import read_record
 from icd.seeds import crf_refine, make_seeds
+from icd.data.dataset import DataPaths
+from icd.seeds import SeedSettings
 
-THREE = ("kettle", "traffic light", "zebra")
+from helpers import (REORDERED, SEG_CONFIG, SIX, THREE, copy_of, data_flags, epochs, error_line,
+                     icd_flags, shown)
 
 
 def class_file(tmp_path, text, name="classes.txt"):
@@ -241,3 +252,162 @@ def test_library_functions_refuse_to_read_a_dataset_with_its_own_list_as_voc(tmp
                      str(root / "ImageSets" / "Segmentation" / "train.txt"), batch_size=2)
     os.remove(root / "classes.txt")   # now it reads as VOC data
     assert list(evaluate_seeds(gt_root, gt_root, names)["iou"])[1:] == list(VOC_CLASSES)
+
+
+# ---------------------------------------------------------------------------------------------
+# The class list travels with checkpoints and results
+
+@pytest.fixture(scope="module")
+def scores(tiny_voc, tmp_path_factory):
+    """A results folder of hand-made score maps (no provenance record, like the release's) for
+    the tiny_voc train list: random (|L|, 8, 8) CAM and ICD scores of each image's classes."""
+    results = str(tmp_path_factory.mktemp("scores") / "results")
+    rng = np.random.default_rng(0)
+    for name in read_list(tiny_voc["data_list"]):
+        labels = read_image_labels(os.path.join(tiny_voc["annotation_root"], name + ".xml"), SIX)
+        for folder in ("scores_cam", "scores_icd"):
+            os.makedirs(os.path.join(results, folder), exist_ok=True)
+            np.save(os.path.join(results, folder, name + ".npy"),
+                    rng.normal(size=(len(labels), 8, 8)).astype(np.float32))
+    return results
+
+
+def seeds_with_classes(tiny_voc, results, out, classes, capsys):
+    """Seeds (no CRF) of the hand-made scores into `out`, made with the class list `classes`."""
+    make_seeds(results, DataPaths(tiny_voc["image_root"], tiny_voc["annotation_root"],
+                                  tiny_voc["data_list"], classes),
+               SeedSettings(infer_size=64, crf=False), out_dir=out)
+    capsys.readouterr()   # its progress bar
+    return out
+
+
+@pytest.fixture(scope="module")
+def six_voc(tmp_path_factory):
+    """A 6-class synthetic dataset as icd-synthetic writes it: with its classes.txt."""
+    root = str(tmp_path_factory.mktemp("six_voc"))
+    make_synthetic_voc(root, num_train=4, num_val=0, size=40, seed=5)
+    return {"root": root, "image_root": os.path.join(root, "JPEGImages"),
+            "annotation_root": os.path.join(root, "Annotations"),
+            "superpixel_root": os.path.join(root, "superpixels"),
+            "gt_root": os.path.join(root, "SegmentationClass"),
+            "data_list": os.path.join(root, "ImageSets", "Segmentation", "train.txt"),
+            "classes": os.path.join(root, "classes.txt")}
+
+
+def test_resume_with_the_classes_in_another_order_is_refused(trained_snapshot, tiny_voc,
+                                                             class_lists, tmp_path, capsys):
+    snapshot = copy_of(trained_snapshot, tmp_path)
+    record = read_json(os.path.join(snapshot, "vgg16_icd-0000.json"))
+    assert record["classes"] == list(SIX)
+    flags = icd_flags(tiny_voc, snapshot, class_lists["reordered"])
+    assert train_command.main(flags + ["--num-epoch", "2", "--begin-epoch", "1"]) == 1
+    assert error_line(capsys) == (
+        f"error: {os.path.join(snapshot, 'vgg16_icd-0000.json')}: the run was trained on "
+        f"{shown(SIX)}, but --classes gives {shown(REORDERED)} (label 1 is 'aeroplane' / "
+        f"'bird'); resume with the run's --classes")
+    assert epochs(snapshot) == ["vgg16_icd-0000.params"]
+
+
+def test_inference_checks_the_checkpoints_classes_and_records_them(trained_snapshot, tiny_voc,
+                                                                   class_lists, tmp_path, capsys):
+    out = str(tmp_path / "results")
+    flags = icd_flags(tiny_voc, trained_snapshot, class_lists["reordered"]) + [
+        "--epoch", "0", "--out", out]
+    assert infer_command.main(flags) == 1
+    assert error_line(capsys).startswith(
+        f"error: {os.path.join(trained_snapshot, 'vgg16_icd-0000.json')}: the checkpoint was "
+        f"trained on {shown(SIX)}, but --classes gives {shown(REORDERED)} (label 1 is "
+        f"'aeroplane' / 'bird')")
+    assert not os.path.exists(out)
+    flags = icd_flags(tiny_voc, trained_snapshot, class_lists["six"]) + [
+        "--epoch", "0", "--out", out]
+    assert infer_command.main(flags) == 0
+    record = read_record(os.path.join(out, "scores_icd"))
+    assert record["state"] == "complete" and record["settings"]["classes"] == list(SIX)
+    # seeds of these scores with another list (here: none, VOC's 20) are refused
+    with pytest.raises(ValueError, match=f"{os.path.join(out, 'scores_cam')}: its infer run used "
+                                         rf"6 classes \[aeroplane, .*, but the default list \(no "
+                                         rf"--classes: PASCAL VOC's\) gives 20 classes"):
+        make_seeds(out, DataPaths(tiny_voc["image_root"], tiny_voc["annotation_root"],
+                                  tiny_voc["data_list"]), SeedSettings(crf=False))
+    assert not os.path.exists(os.path.join(out, "seeds"))
+
+
+def test_eval_with_three_names_on_six_class_data_is_refused(six_voc, class_lists, tmp_path, capsys):
+    results = str(tmp_path / "results")
+    shutil.copytree(six_voc["gt_root"], os.path.join(results, "seeds", "crf"))
+    flags = ["--results", results, "--gt-root", six_voc["gt_root"], "--data-list",
+             six_voc["data_list"], "--workers", "1"]
+    assert evaluate_command.main(flags + ["--classes", class_lists["three"]]) == 1
+    assert error_line(capsys) == (
+        f"error: {six_voc['classes']}: the data's class list has {shown(SIX)}, but --classes "
+        f"{class_lists['three']} gives {shown(THREE)} (label 1 is 'aeroplane' / 'kettle'); pass "
+        f"--classes {six_voc['classes']}")
+    assert evaluate_command.main(flags) == 1   # VOC's 20 are not this data's classes either
+    assert error_line(capsys) == (
+        f"error: --classes: not given, but the data has a class list, {six_voc['classes']} "
+        f"({shown(SIX)}); pass --classes {six_voc['classes']} (without --classes the classes "
+        f"are PASCAL VOC's 20)")
+    assert not os.path.exists(os.path.join(results, "eval"))
+    assert evaluate_command.main(flags + ["--classes", six_voc["classes"]]) == 0
+    report = read_json(os.path.join(results, "eval", "eval.json"))
+    assert report["classes"] == list(SIX)
+    assert list(report["seeds"]["seeds/crf"]["iou"]) == ["background", *SIX]
+
+
+def test_seeds_and_training_need_the_classes_of_data_with_a_class_list(six_voc, tmp_path,
+                                                                       capsys):
+    missing = (f"error: --classes: not given, but the data has a class list, "
+               f"{six_voc['classes']} ({shown(SIX)})")
+    assert seeds_command.main(["--results", str(tmp_path / "r"), "--image-root",
+                               six_voc["image_root"], "--annotation-root",
+                               six_voc["annotation_root"], "--data-list",
+                               six_voc["data_list"]]) == 1
+    assert error_line(capsys).startswith(missing)
+    snapshot = str(tmp_path / "snapshot")
+    assert train_command.main(data_flags(six_voc) + ["--snapshot", snapshot, "--width", "0.0625",
+                                                     "--image-size", "32", "--batch-size", "4",
+                                                     "--num-workers", "0"]) == 1
+    assert error_line(capsys).startswith(missing)
+    assert train_seg_command.main(["--config", SEG_CONFIG, "--image-root", six_voc["image_root"],
+                                   "--data-list", six_voc["data_list"], "--seeds",
+                                   six_voc["gt_root"], "--snapshot", snapshot,
+                                   "--num-workers", "0"]) == 1
+    assert error_line(capsys).startswith(missing)
+    assert not os.path.exists(snapshot) and not os.path.exists(tmp_path / "r")
+
+
+def test_seeds_made_without_classes_then_evaluated_with_them_are_refused(
+        tiny_voc, scores, class_lists, tmp_path, capsys):
+    seeds = seeds_with_classes(tiny_voc, scores, str(tmp_path / "seeds_voc"), VOC_CLASSES, capsys)
+    assert read_record(seeds)["settings"]["classes"] == list(VOC_CLASSES)
+    flags = ["--results", scores, "--gt-root", tiny_voc["gt_root"], "--data-list",
+             tiny_voc["data_list"], "--seeds", seeds, "--workers", "1",
+             "--out", str(tmp_path / "eval")]
+    assert evaluate_command.main(flags + ["--classes", class_lists["six"]]) == 1
+    assert error_line(capsys) == (
+        f"error: {seeds}: its seeds run used {shown(VOC_CLASSES)}, but --classes gives "
+        f"{shown(SIX)} (label 2 is 'bicycle' / 'bird'); pass the --classes file of the data it "
+        f"was made from")
+    assert not os.path.exists(tmp_path / "eval")
+    assert evaluate_command.main(flags) == 0
+
+
+def test_train_seg_on_six_class_seeds_without_classes_is_refused(tiny_voc, scores, class_lists,
+                                                                 tmp_path, capsys):
+    seeds = seeds_with_classes(tiny_voc, scores, str(tmp_path / "seeds_six"), SIX, capsys)
+    snapshot = str(tmp_path / "snapshot")
+    argv = ["--config", SEG_CONFIG, "--image-root", tiny_voc["image_root"], "--data-list",
+            tiny_voc["data_list"], "--seeds", seeds, "--width", "0.0625", "--image-size", "32",
+            "--batch-size", "4", "--num-epoch", "1", "--num-workers", "0",
+            "--snapshot", snapshot]
+    assert train_seg_command.main(argv) == 1
+    assert error_line(capsys) == (
+        f"error: {seeds}: its seeds run used {shown(SIX)}, but the default list (no --classes: "
+        f"PASCAL VOC's) gives {shown(VOC_CLASSES)} (label 2 is 'bird' / 'bicycle'); pass the "
+        f"--classes file of the data it was made from")
+    assert not os.path.exists(snapshot)
+    assert train_seg_command.main(argv + ["--classes", class_lists["reordered"]]) == 1
+    assert "(label 1 is 'aeroplane' / 'bird')" in error_line(capsys)
+    assert train_seg_command.main(argv + ["--classes", class_lists["six"]]) == 0
+    assert read_json(os.path.join(snapshot, "vgg16_largefov-0000.json"))["classes"] == list(SIX)

@@ -12,38 +12,29 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO
-from icd.commands import bench, evaluate, infer, parity, seeds, superpixels, synthetic, train
+from icd.commands import bench
+from icd.commands import compare as compare_command
+from icd.commands import evaluate
+from icd.commands import infer
+from icd.commands import parity
+from icd.commands import run as run_command
+from icd.commands import seeds
+from icd.commands import superpixels
+from icd.commands import synthetic
+from icd.commands import train
+from icd.commands.options import fill_from_config
 from icd.commands.runner import EXIT_USAGE
 from icd.config import FIELDS, _TYPES, _as_field_type, find_config, load_config, option
 from icd.data.classes import read_classes
 from icd.data.superpixels import make_superpixels
 from icd.data.synthetic import make_synthetic_voc
 from icd.data.voc import read_list
-from icd.devices import parse_context, parse_devices
 
-COMMANDS = [train, infer, seeds, evaluate, superpixels, synthetic, parity, bench]
-
-
-def data_flags(voc):
-    return ["--image-root", voc["image_root"], "--annotation-root", voc["annotation_root"],
-            "--superpixel-root", voc["superpixel_root"], "--data-list", voc["data_list"]]
+from helpers import REPO, error_line, tiny_train_flags
 
 
-def tiny_train_flags(voc, snapshot):
-    """A 1/16-width, 32 px, batch-4 training of `voc` from a random init, loading in-process."""
-    return data_flags(voc) + ["--pretrained", "", "--width", "0.0625", "--image-size", "32",
-                              "--batch-size", "4", "--num-epoch", "2", "--num-workers", "0",
-                              "--snapshot", snapshot]
-
-
-def error_line(capsys):
-    """The one line a failed command printed on stderr (and nothing on stdout)."""
-    out, err = capsys.readouterr()
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert "Traceback" not in err
-    return lines[0]
+COMMANDS = [train, infer, seeds, evaluate, superpixels, synthetic, parity, bench, run_command,
+            compare_command]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -90,32 +81,6 @@ def test_evaluate_rejects_repeated_thresholds(capsys):
 
 # ---------------------------------------------------------------------------------------------
 # Failures: status 1, `error: <file or flag>: problem`, nothing half-done
-
-def test_devices_that_do_not_exist(tiny_voc, tmp_path, capsys):
-    flags = tiny_train_flags(tiny_voc, str(tmp_path / "s"))
-    assert train.main(flags + ["--gpus", "0"]) == 1   # the test machines have no GPU
-    assert error_line(capsys).startswith("error: --gpus: no GPU 0: MXNet sees no GPU")
-    assert train.main(flags + ["--gpus", "a"]) == 1
-    assert error_line(capsys) == ("error: --gpus: not a GPU id: 'a' in 'a' "
-                                  "(expected ids like 0 or 0,1)")
-    assert train.main(flags + ["--cpus", "8"]) == 1
-    assert error_line(capsys) == ("error: --batch-size: a batch of 4 cannot be split over 8 "
-                                  "devices (each needs at least one image)")
-    assert infer.main(flags + ["--cpus", "3", "--infer-batch-size", "2"]) == 1
-    assert error_line(capsys).startswith("error: --infer-batch-size: a batch of 2 cannot be split")
-    assert not os.path.exists(tmp_path / "s")
-
-
-def test_parse_devices_and_contexts():
-    assert parse_devices(cpus=2) == [parse_context("cpu(0)"), parse_context("cpu1")]
-    assert parse_devices() == [parse_context("cpu")]
-    with pytest.raises(ValueError, match="--ctx: no GPU 1"):
-        parse_context("gpu(1)")
-    with pytest.raises(ValueError, match="--gpus: GPU ids repeat"):
-        parse_devices("0,0")
-    with pytest.raises(ValueError, match="not both"):
-        parse_devices("0", 2)
-
 
 @pytest.mark.parametrize("command, flags", [
     (synthetic, ["--out", "o"]),
@@ -457,3 +422,34 @@ def test_launch_reports_a_failed_worker_in_one_line(tmp_path):
     assert proc.returncode == 7, proc.stderr
     assert proc.stderr.strip() == "error: worker: exited with status 7; the job was ended", \
         proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-command flags, paths from --config
+
+def test_each_command_lists_only_the_flags_it_uses(capsys):
+    for command, absent, present in ((train, ("--crf", "--flip", "--scales", "--infer-size"),
+                                      ("--learning-rate",)),
+                                     (infer, ("--learning-rate", "--crf", "--momentum"),
+                                      ("--infer-size",))):
+        assert command.main(["--help"]) == 0
+        text = capsys.readouterr().out
+        assert all(flag not in text for flag in absent)
+        assert all(flag in text for flag in present)
+
+
+def test_seeds_eval_and_superpixels_read_their_paths_from_config(capsys):
+    args = seeds.build_parser().parse_args(["--config", "voc_vgg16"])
+    fill_from_config(args, seeds.CONFIG_PATHS, ("results",))
+    assert (args.results, args.data_list, args.image_root) == (
+        "./snapshot/icd/results", "./data/VOC2012/ImageSets/Segmentation/train_aug.txt",
+        "./data/VOC2012/JPEGImages")
+    args = evaluate.build_parser().parse_args(["--config", "voc_vgg16"])
+    fill_from_config(args, evaluate.CONFIG_PATHS)
+    assert args.gt_root == "./data/VOC2012/SegmentationClassAug"
+    assert args.data_list == "./data/VOC2012/ImageSets/Segmentation/train_aug.txt"
+    args = superpixels.build_parser().parse_args(["--config", "voc_vgg16"])
+    fill_from_config(args, superpixels.CONFIG_PATHS)
+    assert args.out == "./data/superpixels"
+    assert seeds.main(["--image-root", "x"]) == 1     # no --config: named flag
+    assert "error: --results: required (or a --config that gives it)" in capsys.readouterr().err

@@ -11,14 +11,13 @@ import pytest
 
 from icd.commands import compare as compare_command
 from icd.data.classes import write_classes
-from icd.data.synthetic import DEFAULT_CLASSES, make_synthetic_voc
+from icd.data.synthetic import make_synthetic_voc
 from icd.data.voc import read_list, read_mask, write_mask
 from icd.evaluate import evaluate_seeds
 from icd.io import write_json
 from icd.provenance import producing, record_path
 
-SIX = DEFAULT_CLASSES
-SWAPPED = (SIX[1], SIX[0]) + SIX[2:]          # two names swapped
+from helpers import REORDERED, SIX, error_line
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +29,7 @@ def data(tmp_path_factory):
     paths = {"gt_root": str(root / "data" / "SegmentationClass"),
              "data_list": str(root / "data" / "ImageSets" / "Segmentation" / "train.txt"),
              "classes": str(root / "data" / "classes.txt"), "swapped": str(root / "swapped.txt")}
-    write_classes(paths["swapped"], SWAPPED)
+    write_classes(paths["swapped"], REORDERED)
     rng = np.random.default_rng(0)
     for side, noise in (("good", 0.1), ("poor", 0.6)):
         paths[side] = str(root / side)
@@ -47,21 +46,15 @@ def flags(data, *extra):
             "--resamples", "50", *extra]
 
 
-def error_line(capsys):
-    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
-    assert len(err) == 1, err
-    return err[0]
-
-
 def test_the_data_class_list_is_needed_and_checked(data, tmp_path, capsys):
     assert compare_command.main([data["good"], data["poor"]] + flags(data)) == 1
-    assert error_line(capsys).startswith(
+    assert error_line(capsys, alone=False).startswith(
         f"error: --classes: not given, but the data has a class list, {data['classes']} (6 "
         f"classes [aeroplane, bird, car, cat, dog, person]); pass --classes {data['classes']}")
     # two class names swapped: every label of one class would be scored as the other's
     assert compare_command.main([data["good"], data["poor"]] +
                                 flags(data, "--classes", data["swapped"])) == 1
-    assert "(label 1 is 'aeroplane' / 'bird'); pass --classes" in error_line(capsys)
+    assert "(label 1 is 'aeroplane' / 'bird'); pass --classes" in error_line(capsys, alone=False)
     out = str(tmp_path / "c.json")
     assert compare_command.main([data["good"], data["poor"]] +
                                 flags(data, "--classes", data["classes"], "--out", out)) == 0
@@ -95,7 +88,7 @@ def test_the_claim_follows_the_order_of_a_and_b(data, tmp_path):
 def test_seeds_of_an_unfinished_run_or_another_class_order_are_refused(data, tmp_path, capsys,
                                                                        state):
     seeds = str(tmp_path / "seeds")
-    settings = {"classes": list(SWAPPED if state == "reordered" else SIX)}
+    settings = {"classes": list(REORDERED if state == "reordered" else SIX)}
     with contextlib.suppress(RuntimeError):
         with producing([seeds], "seeds", settings):
             for name in os.listdir(data["good"]):
@@ -107,7 +100,7 @@ def test_seeds_of_an_unfinished_run_or_another_class_order_are_refused(data, tmp
         write_json(record_path(seeds), dict(record, state="running"))
     assert compare_command.main([seeds, data["poor"]] +
                                 flags(data, "--classes", data["classes"])) == 1
-    line = error_line(capsys)
+    line = error_line(capsys, alone=False)
     if state == "reordered":
         assert line.startswith(f"error: {seeds}: its seeds run used 6 classes [bird, aeroplane, "
                                f"car, cat, dog, person], but --classes gives 6 classes "
@@ -124,7 +117,7 @@ def test_one_folder_given_twice_is_refused(data, tmp_path, capsys, sides):
     other = os.path.join(data["good"], "..", os.path.basename(data["good"]))   # another spelling
     argv = [s.format(good=data["good"], poor=data["poor"], other=other) for s in sides]
     assert compare_command.main(argv + flags(data, "--classes", data["classes"])) == 1
-    assert "given twice" in error_line(capsys)
+    assert "given twice" in error_line(capsys, alone=False)
 
 
 def test_labels_outside_the_class_list_are_refused_unless_ignored(data, tmp_path, capsys):
@@ -143,7 +136,7 @@ def test_labels_outside_the_class_list_are_refused_unless_ignored(data, tmp_path
     argv = [data["good"], poor, "--gt-root", gt, "--data-list", data["data_list"],
             "--classes", data["classes"], "--workers", "1", "--resamples", "50"]
     assert compare_command.main(argv) == 1
-    assert error_line(capsys) == (
+    assert error_line(capsys, alone=False) == (
         f"error: {os.path.join(gt, names[2] + '.png')}: holds labels outside the class list of "
         f"6 classes (labels 0..6, 255 = ignore): 7 (6 pixels), 40 (1 pixels); fix the file or "
         f"give the class list it was made with (icd-eval and icd-compare leave such pixels out "
@@ -173,7 +166,7 @@ def test_out_is_never_one_of_the_inputs(data, capsys, target, named):
     before = open(data["data_list"], "rb").read()
     assert compare_command.main([data["good"], data["poor"]] + flags(
         data, "--classes", data["classes"], "--out", data[target])) == 1
-    assert error_line(capsys) == (
+    assert error_line(capsys, alone=False) == (
         f"error: --out {data[target]}: the same path as {named} ({data[target]}); icd-compare "
         f"never writes over its inputs: choose another file")
     assert open(data["data_list"], "rb").read() == before
@@ -184,7 +177,7 @@ def test_out_is_never_a_file_of_a_compared_folder(data, capsys):
     before = open(label, "rb").read()
     assert compare_command.main([data["good"], data["poor"]] + flags(
         data, "--classes", data["classes"], "--out", label)) == 1
-    assert error_line(capsys) == (
+    assert error_line(capsys, alone=False) == (
         f"error: --out {label}: inside the label folder of B ({data['poor']}), whose files are "
         f"compared; icd-compare never writes over its inputs: choose another file")
     assert open(label, "rb").read() == before
@@ -195,7 +188,7 @@ def test_out_a_folder_is_an_error_naming_it(data, tmp_path, capsys):
     os.makedirs(folder)
     assert compare_command.main([data["good"], data["poor"]] + flags(
         data, "--classes", data["classes"], "--out", folder)) == 1
-    assert error_line(capsys) == (
+    assert error_line(capsys, alone=False) == (
         f"error: --out {folder}: is a folder; give the JSON file to write, e.g. --out "
         f"{os.path.join(folder, 'compare.json')}")
     assert os.listdir(folder) == []

@@ -1,6 +1,4 @@
 """DeepLab models, segmentation data and loss, inference (multi-scale, flip, CRF) and evaluation."""
-import importlib.util
-import json
 import os
 import tempfile
 
@@ -10,26 +8,19 @@ import numpy as np
 import pytest
 from mxnet import autograd, init
 
-from icd.checkpoint import load_checkpoint, read_params, \
-    release_key, release_keys, save_checkpoint
-from icd.crf import DEEPLAB_CRF, dense_crf
-from icd.model.backbone import is_imagenet_key, pool5
 from icd.model.pretrained import initialize, random_imagenet_params
-from icd.data.segmentation import SegmentationDataset, segmentation_loader, \
-    segmentation_transform
+from icd.checkpoint import load_checkpoint, read_params, release_key, release_keys, save_checkpoint
+from icd.data.segmentation import SegmentationDataset, segmentation_loader, segmentation_transform
 from icd.data.voc import read_list, write_mask
-from icd.evaluate import SEG_CLASSES, evaluate_seeds
 from icd.model import MODELS, build_model
+from icd.model.backbone import is_imagenet_key, pool5
 from icd.model.deeplab import DilatedResNet101, vgg16_largefov
 from icd.model.losses import nearest_label, segmentation_loss
-from icd.segment import markdown_table, \
-    predict_labels, predict_probabilities, upsample_scores
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # ---------------------------------------------------------------------------------------------
 # The release's graphs (docs/release.md sections 2 and 12), written with mx.sym
+
 
 def release_backbone(x, width=1.0):
     """vgg16_deeplab: x - 127, conv1_1 .. conv5_3 (+ ReLU), pool1-4, pool5 max, pool5a avg
@@ -464,165 +455,3 @@ def test_dataset_errors_name_the_label_file(tiny_voc, tmp_path):
     write_mask(missing, bad)
     with pytest.raises(ValueError, match=rf"{missing}: label 21 outside 0..20"):
         dataset[0]
-
-
-# ---------------------------------------------------------------------------------------------
-# Inference
-
-class ColourNet(mx.gluon.HybridBlock):
-    """A deterministic stand-in for a DeepLab model (forward(data RGB 0..255) -> logits at
-    stride 8, cell i centred on pixel 8i as theirs): the colour means of the 9 x 9 windows
-    around every eighth pixel as 3 class logits, so the probabilities vary with the image and
-    the tests of the averaging do not hang on a random initialisation."""
-
-    def hybrid_forward(self, F, x):
-        return F.Pooling(x - 127, kernel=(9, 9), stride=(8, 8), pad=(4, 4),
-                         pool_type="avg") / 16
-
-
-@pytest.fixture(scope="module")
-def small_net():
-    net = ColourNet()
-    net.hybridize()
-    return net
-
-
-def images(seed=0):
-    rng = np.random.default_rng(seed)
-    return [rng.integers(0, 256, size=shape, dtype=np.uint8)
-            for shape in ((40, 56, 3), (64, 30, 3), (23, 23, 3))]
-
-
-def upsample_reference(scores: np.ndarray, side: int) -> np.ndarray:
-    """NumPy: (K, h, w) -> (K, side, side), linear between the cells, cell i at pixel 8i, the
-    pixels past the last cell equal to it."""
-    def along(a, axis):
-        cells = a.shape[axis]
-        position = np.minimum(np.arange(side) / 8, cells - 1)
-        return np.apply_along_axis(lambda v: np.interp(position, np.arange(cells), v), axis, a)
-    return along(along(scores, 1), 2)
-
-
-def test_single_scale_equals_the_padded_forward_upsampled(small_net):
-    """One scale, no flip: pad to 65 with 127, softmax, upsample (cell i on pixel 8i), crop."""
-    probs = predict_probabilities(small_net, images(), [mx.cpu()], infer_size=65)
-    for image, prob in zip(images(), probs):
-        h, w = image.shape[:2]
-        padded = np.full((65, 65, 3), 127, np.float32)
-        padded[:h, :w] = image
-        logits = small_net(mx.nd.array(padded.transpose(2, 0, 1)[None]))
-        soft = mx.nd.softmax(logits, axis=1)[0].asnumpy()
-        up = upsample_reference(soft, 65)
-        np.testing.assert_allclose(prob, up[:, :h, :w], rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(prob.sum(axis=0), 1, atol=1e-5)
-
-
-@pytest.mark.parametrize("side", [64, 65, 70])
-def test_each_score_cell_lands_on_its_centre_pixel(side):
-    """A cell's score peaks at pixel (8i, 8j) of the prediction, on canvases of any side
-    (8k + 1 or not), as the training labels are read (`nearest_label`); half-pixel centres
-    put it at 8i + 3.5."""
-    cells = (side + 7) // 8
-    scores = np.zeros((1, 1, cells, cells), np.float32)
-    scores[0, 0, 3, 5] = 1
-    up = upsample_scores(mx.nd.array(scores), side).asnumpy()[0, 0]
-    assert up.shape == (side, side)
-    assert np.unravel_index(up.argmax(), up.shape) == (24, 40)
-    np.testing.assert_allclose(up, upsample_reference(scores[0], side)[0], atol=1e-6)
-
-
-def test_multi_scale_is_the_mean_of_single_scales(small_net):
-    run = lambda scales: predict_probabilities(small_net, images(), [mx.cpu()], 64, scales)
-    half, one, both = run((0.5,)), run((1.0,)), run((0.5, 1.0))
-    for h, o, b in zip(half, one, both):
-        assert h.shape == o.shape
-        np.testing.assert_allclose(b, (h + o) / 2, rtol=1e-5, atol=1e-6)
-    assert np.abs(half[0] - one[0]).max() > 0.05
-
-
-def test_flip_averaging_is_mirror_symmetric(small_net):
-    originals = images()
-    mirrored = [np.ascontiguousarray(im[:, ::-1]) for im in originals]
-    a = predict_probabilities(small_net, originals, [mx.cpu()], 64, (1.0, 1.25), flip=True)
-    b = predict_probabilities(small_net, mirrored, [mx.cpu()], 64, (1.0, 1.25), flip=True)
-    for x, y in zip(a, b):
-        np.testing.assert_allclose(x, y[:, :, ::-1], rtol=1e-5, atol=1e-6)
-
-
-def test_devices_split_the_batch(small_net):
-    one = predict_probabilities(small_net, images(), [mx.cpu(0)], 64, (0.75, 1.0), True)
-    two = predict_probabilities(small_net, images(), [mx.cpu(0), mx.cpu(1)], 64, (0.75, 1.0),
-                                True)
-    for x, y in zip(one, two):
-        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
-
-
-def test_crf_cleans_a_noisy_square():
-    """A white square on black; the network's guess marks it with 0.6 confidence but 20% of
-    the pixels flipped. DeepLab-LargeFOV's CRF restores the square exactly."""
-    size, rng = 64, np.random.default_rng(0)
-    truth = np.zeros((size, size), np.uint8)
-    truth[16:48, 20:52] = 1
-    image = np.repeat((truth * 255)[..., None], 3, axis=2).astype(np.uint8)
-    noisy = np.where(rng.random(truth.shape) < 0.2, 1 - truth, truth)
-    prob = np.stack([np.where(noisy == 0, 0.6, 0.4), np.where(noisy == 1, 0.6, 0.4)])
-    prob = prob.astype(np.float32)
-    assert (predict_labels(image, prob) != truth).mean() > 0.15
-    np.testing.assert_array_equal(predict_labels(image, prob, crf=True), truth)
-    marginals = dense_crf(image, prob, DEEPLAB_CRF)
-    np.testing.assert_allclose(marginals.sum(axis=0), 1, atol=1e-4)
-
-
-def test_crf_parameters_are_deeplab_largefovs():
-    assert DEEPLAB_CRF.bilateral == dict(sxy=121, srgb=5, compat=4)
-    assert DEEPLAB_CRF.gaussian == dict(sxy=3, compat=3) and DEEPLAB_CRF.iterations == 10
-
-
-def test_markdown_table_layout():
-    iou = {c: 0.5 for c in SEG_CLASSES}
-    text = markdown_table({"miou": 0.5, "iou": iou, "num_images": 3}, "resnet101_largefov")
-    assert "Table 8" in text and "| Ours (paper) | I.+S. | 67.8 | 68.0 |" in text
-    assert "| this run: resnet101_largefov, 3 images | I. | 50.0 | – |" in text
-    assert "Table 7" in markdown_table({"miou": 0.5, "iou": iou, "num_images": 3},
-                                       "vgg16_largefov")
-
-
-# ---------------------------------------------------------------------------------------------
-# The command-line tool
-
-def load_tool():
-    spec = importlib.util.spec_from_file_location("infer_seg",
-                                                  os.path.join(REPO, "tools", "infer_seg.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_infer_seg_writes_index_pngs_overlays_and_evaluation(tiny_voc, tmp_path, capsys):
-    net = build_model("vgg16_largefov", num_classes=20, width=1 / 16)
-    net.initialize(mx.init.Xavier(magnitude=2))
-    params = str(tmp_path / "deeplab.params")
-    save_checkpoint(net, params)
-    out = tmp_path / "seg"
-    argv = ["--config", os.path.join(REPO, "experiments", "synthetic_deeplab.yaml"),
-            "--width", "0.0625", "--image-root", tiny_voc["image_root"],
-            "--data-list", tiny_voc["val_list"], "--infer-size", "64", "--cpus", "2",
-            "--params", params, "--out", str(out), "--scales", "0.75", "1",
-            "--flip", "--crf", "--gt-root", tiny_voc["gt_root"]]
-    tool = load_tool()
-    assert tool.main(argv) == 0
-    names = read_list(tiny_voc["val_list"])
-    for name in names:
-        pred = cv2.imread(str(out / "pred" / f"{name}.png"), cv2.IMREAD_UNCHANGED)
-        image = cv2.imread(os.path.join(tiny_voc["image_root"], f"{name}.jpg"))
-        assert pred.dtype == np.uint8 and pred.shape == image.shape[:2]   # single channel
-        assert pred.max() <= 20
-        assert (out / "overlay" / f"{name}.jpg").is_file()
-    report = evaluate_seeds(str(out / "pred"), tiny_voc["gt_root"], names)
-    written = json.loads((out / "eval.json").read_text())
-    assert written["miou"] == pytest.approx(report["miou"])
-    assert written["model"] == "vgg16_largefov" and written["num_images"] == len(names)
-    assert "| Ours (paper) | I. | 61.2 | 60.9 |" in (out / "eval.md").read_text()
-
-    assert tool.main(argv[:-2] + ["--params", str(tmp_path / "missing.params")]) == 1
-    assert f"error: {tmp_path / 'missing.params'}: checkpoint not found" in capsys.readouterr().err

@@ -1,13 +1,9 @@
 """Training on several workers (MXNet's parameter server on 127.0.0.1) and sharded stages.
 
-Every launched job runs in its own process group, bounded by a timeout and killed in a finally.
-"""
-import contextlib
+Every launched job runs in its own process group, bounded by a timeout and killed in a finally."""
 import os
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import time
 
@@ -16,59 +12,24 @@ import numpy as np
 import pytest
 
 from icd.checkpoint import read_params
+from icd.commands import infer_seg
+from icd.commands import seeds
+from icd.commands import superpixels
+from icd.commands.runner import UsageError
 from icd.data.dataset import EpochShuffleSampler
 from icd.data.voc import read_list, read_mask
-from icd.commands import infer_seg, seeds, superpixels
-from icd.commands.runner import UsageError
 from icd.devices import shard_names
 from icd.distributed import ordered_moving_mean
 from icd.io import read_json, write_json
 from icd.model import ops
 from icd.parity import compare, summary
-from icd.provenance import ProvenanceError, producing, read_record, record_path, \
-    require_complete
-from test_seeds import NAMES, _make, build_results
+from icd.provenance import ProvenanceError, producing, read_record, record_path, require_complete
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LAUNCH = os.path.join(REPO, "tools", "launch.py")
+from helpers import (LAUNCH, NAMES, REPO, build_results, environment, launch, results_seeds,
+                     run_job, started)
+
+
 TRAIN = os.path.join(REPO, "tools", "train_icd.py")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def environment(**extra) -> dict:
-    env = dict(os.environ, PYTHONPATH=REPO, DMLC_PS_ROOT_URI="127.0.0.1",
-               DMLC_PS_ROOT_PORT=str(free_port()), OMP_NUM_THREADS="1")
-    env.update(extra)
-    return env
-
-
-@contextlib.contextmanager
-def started(cmd, env):
-    """A process in its own group; the whole group is killed when the block ends."""
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        yield proc
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-
-
-def run(cmd, env, timeout=300):
-    with started(cmd, env) as proc:
-        out, _ = proc.communicate(timeout=timeout)
-        return proc.returncode, out
-
-
-def launch(workers, command, env, timeout=300):
-    return run([sys.executable, LAUNCH, "-n", str(workers), "-s", "1", "--launcher", "local",
-                "--"] + command, env, timeout)
 
 
 def train_flags(tiny_voc, snapshot, **options):
@@ -140,12 +101,12 @@ def test_ordered_moving_mean_is_the_shared_store_in_that_order():
 
 def test_sharded_seeds_equal_the_unsharded_seeds_file_for_file(tmp_path):
     paths = build_results(str(tmp_path / "data"))
-    whole = _make(paths, crf=False, out_dir=str(tmp_path / "whole"))
+    whole = results_seeds(paths, crf=False, out_dir=str(tmp_path / "whole"))
     sharded = str(tmp_path / "sharded")
-    written = [_make(paths, crf=False, out_dir=sharded, shard=(0, 2))["written"]]
+    written = [results_seeds(paths, crf=False, out_dir=sharded, shard=(0, 2))["written"]]
     with pytest.raises(ProvenanceError, match="shards 1/2 not complete"):
         require_complete(sharded, "make_seeds.py")   # the first shard done is not the folder
-    written.append(_make(paths, crf=False, out_dir=sharded, shard=(1, 2))["written"])
+    written.append(results_seeds(paths, crf=False, out_dir=sharded, shard=(1, 2))["written"])
     assert written == [2, 1]
     assert require_complete(sharded, "make_seeds.py")["shards"] == {"0/2": "complete",
                                                                      "1/2": "complete"}
@@ -241,7 +202,7 @@ def test_two_workers_step_equals_one_worker_with_two_devices(tiny_voc, tmp_path)
     naive = environment(MXNET_ENGINE_TYPE="NaiveEngine")
     start = str(tmp_path / "start")
     one_machine = dict(data_list=data_list, cpus=2, batch_size=4)
-    status, out = run(train_flags(tiny_voc, start, num_epoch=1, **one_machine), naive)
+    status, out = run_job(train_flags(tiny_voc, start, num_epoch=1, **one_machine), naive)
     assert status == 0, out
     # a batch-start mean that one batch cannot overturn, so that every device reads the same
     # signs in both runs (a device of rank 1 does not see rank 0's update of the same batch)
@@ -251,8 +212,8 @@ def test_two_workers_step_equals_one_worker_with_two_devices(tiny_voc, tmp_path)
     for name in ("ref", "dist"):
         shutil.copytree(start, tmp_path / name)
     resume = dict(num_epoch=2, begin_epoch=1)
-    status, out = run(train_flags(tiny_voc, str(tmp_path / "ref"), **one_machine, **resume),
-                      naive)
+    status, out = run_job(train_flags(tiny_voc, str(tmp_path / "ref"), **one_machine, **resume),
+                          naive)
     assert status == 0, out
     status, out = launch(2, train_flags(tiny_voc, str(tmp_path / "dist"), data_list=data_list,
                                         cpus=1, batch_size=2, kvstore="dist_device_sync",
@@ -301,7 +262,7 @@ def test_two_worker_run_is_killed_resumes_and_finishes(tiny_voc, tmp_path):
     assert not os.path.exists(last), "the job ended before it could be killed"
     done = [e for e in range(12) if os.path.exists(os.path.join(snapshot,
                                                                 f"vgg16_icd-{e:04d}.params"))]
-    status, out = run(cmd + [f"--begin-epoch={done[-1] + 1}", "--overwrite"], env)
+    status, out = run_job(cmd + [f"--begin-epoch={done[-1] + 1}", "--overwrite"], env)
     assert status == 0, out
     log = read_json(os.path.join(snapshot, "vgg16_icd-log.json"))
     assert [r["epoch"] for r in log] == list(range(12))

@@ -16,11 +16,13 @@ from icd.evaluate import EvalSettings, evaluate, evaluate_seeds, pixel_ap, thres
 from icd.metrics import average_precision, class_iou, confusion_matrix, mean_iou
 from icd.provenance import producing
 from icd.seeds import SeedSettings, make_seeds
-from test_seeds import S, build_results
+
+from helpers import S, build_results
 
 
 # ---------------------------------------------------------------------------------------------
 # Seed mIoU
+
 
 def test_confusion_and_iou_by_hand():
     gt = np.array([[0, 1, 1], [255, 2, 0]], np.uint8)
@@ -126,10 +128,10 @@ def test_pixel_ap_by_hand(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# The whole evaluation on the tiny results folder of test_seeds
+# The whole evaluation on the tiny results folder of helpers.build_results
 
 @pytest.fixture
-def tiny(tmp_path):
+def seeded(tmp_path):
     paths = build_results(str(tmp_path))
     for crf in (False, True):
         make_seeds(paths["results"],
@@ -138,47 +140,47 @@ def tiny(tmp_path):
     return paths
 
 
-def test_evaluate_seeds_perfect_and_mismatched(tiny, tmp_path):
+def test_evaluate_seeds_perfect_and_mismatched(seeded, tmp_path):
     names = ["img_a", "img_b", "img_c"]
-    result = evaluate_seeds(tiny["gt"], tiny["gt"], names)
+    result = evaluate_seeds(seeded["gt"], seeded["gt"], names)
     # gt is its own seed: IoU 1 for background, aeroplane, dog, person
     assert result["miou"] == pytest.approx(4 / 21)
     assert result["iou"]["person"] == pytest.approx(1.0) and result["iou"]["cat"] == 0
     os.makedirs(tmp_path / "bad")
     write_mask(str(tmp_path / "bad" / "img_a.png"), np.zeros((3, 3), np.uint8))
     with pytest.raises(ValueError, match="img_a.png: shape"):
-        evaluate_seeds(str(tmp_path / "bad"), tiny["gt"], names)
+        evaluate_seeds(str(tmp_path / "bad"), seeded["gt"], names)
     with pytest.raises(FileNotFoundError, match="img_b.png"):
-        evaluate_seeds(str(tmp_path / "bad"), tiny["gt"], names[1:])
+        evaluate_seeds(str(tmp_path / "bad"), seeded["gt"], names[1:])
 
 
-def test_palette_and_grey_ground_truth_give_the_same_miou(tiny, tmp_path):
+def test_palette_and_grey_ground_truth_give_the_same_miou(seeded, tmp_path):
     """VOC's SegmentationClass is palette PNGs, SegmentationClassAug grey ones: same labels, same
     mIoU; a colour (RGB) ground truth is an error naming the file."""
     names = ["img_a", "img_b", "img_c"]
-    seeds = os.path.join(tiny["results"], "seeds", "nocrf")
+    seeds = os.path.join(seeded["results"], "seeds", "nocrf")
     palette_root, colour_root = tmp_path / "palette", tmp_path / "colour"
     os.makedirs(palette_root)
     os.makedirs(colour_root)
     for name in names:
-        gt = read_mask(os.path.join(tiny["gt"], name + ".png"))
+        gt = read_mask(os.path.join(seeded["gt"], name + ".png"))
         im = Image.fromarray(gt, mode="P")
         im.putpalette(voc_palette().reshape(-1).tolist())
         im.save(palette_root / f"{name}.png")
         cv2.imwrite(str(colour_root / f"{name}.png"), voc_palette()[gt][:, :, ::-1])
-        with Image.open(os.path.join(tiny["gt"], name + ".png")) as grey:
+        with Image.open(os.path.join(seeded["gt"], name + ".png")) as grey:
             assert grey.mode == "L"
-    grey_result = evaluate_seeds(seeds, tiny["gt"], names)
+    grey_result = evaluate_seeds(seeds, seeded["gt"], names)
     assert 0 < grey_result["miou"] < 1
     assert evaluate_seeds(seeds, str(palette_root), names) == grey_result
     with pytest.raises(ValueError, match="img_a.png.*palette or single-channel"):
         evaluate_seeds(seeds, str(colour_root), names)
 
 
-def test_evaluate_writes_reports(tiny):
-    out = os.path.join(tiny["results"], "eval")
-    report = evaluate(tiny["results"], tiny["gt"],
-                      DataPaths(tiny["images"], tiny["annotations"], tiny["list"]),
+def test_evaluate_writes_reports(seeded):
+    out = os.path.join(seeded["results"], "eval")
+    report = evaluate(seeded["results"], seeded["gt"],
+                      DataPaths(seeded["images"], seeded["annotations"], seeded["list"]),
                       EvalSettings(infer_size=S, num_overlays=2), workers=2)
     assert set(report["seeds"]) == {os.path.join("seeds", "crf"), os.path.join("seeds", "nocrf")}
     assert 0 < report["seeds"][os.path.join("seeds", "nocrf")]["miou"] <= 1
@@ -192,11 +194,11 @@ def test_evaluate_writes_reports(tiny):
         assert title in text
 
 
-def test_eval_seeds_tool(tiny, tmp_path, capsys):
+def test_eval_seeds_tool(seeded, tmp_path, capsys):
     out = str(tmp_path / "report")
     assert evaluate_command.main([
-        "--results", tiny["results"], "--gt-root", tiny["gt"], "--data-list", tiny["list"],
-        "--seeds", "seeds/nocrf", "--annotation-root", tiny["annotations"],
+        "--results", seeded["results"], "--gt-root", seeded["gt"], "--data-list", seeded["list"],
+        "--seeds", "seeds/nocrf", "--annotation-root", seeded["annotations"],
         "--infer-size", str(S), "--workers", "1", "--out", out]) == 0
     stdout = capsys.readouterr().out
     assert "seeds/nocrf" in stdout and "Table 2" in stdout
@@ -219,11 +221,11 @@ def _with_label(src, dst, name, value, where=(slice(0, 2), slice(0, 3))):
     return str(dst)
 
 
-def test_labels_outside_the_class_list_are_refused_or_left_out_and_counted(tiny, tmp_path):
+def test_labels_outside_the_class_list_are_refused_or_left_out_and_counted(seeded, tmp_path):
     names = ["img_a", "img_b", "img_c"]
-    seeds = os.path.join(tiny["results"], "seeds", "nocrf")
-    gt_30 = _with_label(tiny["gt"], tmp_path / "gt_30", "img_b", 30)            # VOC: 0..20
-    gt_255 = _with_label(tiny["gt"], tmp_path / "gt_255", "img_b", 255)
+    seeds = os.path.join(seeded["results"], "seeds", "nocrf")
+    gt_30 = _with_label(seeded["gt"], tmp_path / "gt_30", "img_b", 30)            # VOC: 0..20
+    gt_255 = _with_label(seeded["gt"], tmp_path / "gt_255", "img_b", 255)
     seeds_50 = _with_label(seeds, tmp_path / "seeds_50", "img_c", 50)
     with pytest.raises(ValueError, match=re.escape(
             f"{os.path.join(gt_30, 'img_b.png')}: holds labels outside the class list of 20 "
@@ -232,14 +234,14 @@ def test_labels_outside_the_class_list_are_refused_or_left_out_and_counted(tiny,
     with pytest.raises(ValueError, match=re.escape(
             f"{os.path.join(seeds_50, 'img_c.png')}: holds labels outside the class list of 20 "
             f"classes (labels 0..20, 255 = ignore): 50 (6 pixels)")):
-        evaluate_seeds(seeds_50, tiny["gt"], names)
+        evaluate_seeds(seeds_50, seeded["gt"], names)
     # ignored: left out exactly like the ignore label, and counted
     ignored = evaluate_seeds(seeds, gt_30, names, ignore_unknown=True)
     assert ignored["miou"] == evaluate_seeds(seeds, gt_255, names)["miou"]
-    assert ignored["miou"] != evaluate_seeds(seeds, tiny["gt"], names)["miou"]
+    assert ignored["miou"] != evaluate_seeds(seeds, seeded["gt"], names)["miou"]
     assert ignored["unknown_labels"] == {"ground truth": {"30": {"images": 1, "pixels": 6}},
                                          "labels": {}}
-    assert evaluate_seeds(seeds_50, tiny["gt"], names, ignore_unknown=True)["unknown_labels"] \
+    assert evaluate_seeds(seeds_50, seeded["gt"], names, ignore_unknown=True)["unknown_labels"] \
         == {"ground truth": {}, "labels": {"50": {"images": 1, "pixels": 6}}}
     assert evaluate_seeds(seeds, gt_255, names)["unknown_labels"] == {"ground truth": {},
                                                                       "labels": {}}
@@ -262,10 +264,10 @@ def test_pixel_ap_refuses_a_ground_truth_label_outside_the_list(tmp_path):
                     ignore_unknown=True) == expected
 
 
-def test_eval_tool_refuses_or_reports_labels_outside_the_list(tiny, tmp_path, capsys):
-    gt = _with_label(tiny["gt"], tmp_path / "gt_30", "img_a", 30)
+def test_eval_tool_refuses_or_reports_labels_outside_the_list(seeded, tmp_path, capsys):
+    gt = _with_label(seeded["gt"], tmp_path / "gt_30", "img_a", 30)
     out = str(tmp_path / "report")
-    flags = ["--results", tiny["results"], "--gt-root", gt, "--data-list", tiny["list"],
+    flags = ["--results", seeded["results"], "--gt-root", gt, "--data-list", seeded["list"],
              "--seeds", "seeds/nocrf", "--workers", "1", "--out", out]
     assert evaluate_command.main(flags) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
@@ -282,10 +284,10 @@ def test_eval_tool_refuses_or_reports_labels_outside_the_list(tiny, tmp_path, ca
 # ---------------------------------------------------------------------------------------------
 # Nothing to evaluate
 
-def test_eval_with_nothing_to_evaluate_is_an_error_naming_the_folder(tiny, tmp_path, capsys):
+def test_eval_with_nothing_to_evaluate_is_an_error_naming_the_folder(seeded, tmp_path, capsys):
     empty = str(tmp_path / "empty")
     os.makedirs(empty)
-    flags = ["--gt-root", tiny["gt"], "--data-list", tiny["list"], "--workers", "1"]
+    flags = ["--gt-root", seeded["gt"], "--data-list", seeded["list"], "--workers", "1"]
     assert evaluate_command.main(["--results", empty] + flags) == 1
     assert capsys.readouterr().err.strip() == (
         f"error: {empty}: nothing to evaluate: no seed folder in {os.path.join(empty, 'seeds')} "
@@ -296,7 +298,7 @@ def test_eval_with_nothing_to_evaluate_is_an_error_naming_the_folder(tiny, tmp_p
     failed = str(tmp_path / "failed")
     with pytest.raises(RuntimeError):
         with producing([os.path.join(failed, "scores_icd")], "infer", {"model": "x"}):
-            shutil.copy(os.path.join(tiny["results"], "scores_icd", "img_a.npy"),
+            shutil.copy(os.path.join(seeded["results"], "scores_icd", "img_a.npy"),
                         os.path.join(failed, "scores_icd"))
             raise RuntimeError("img_b: superpixels not found")
     assert evaluate_command.main(["--results", failed] + flags) == 1

@@ -1,9 +1,12 @@
+"""Atomic writes, stale temporaries, deferred Ctrl-C and full disks (icd.io)."""
+import errno
 import os
 import signal
 
 import pytest
 
-from icd.io import atomic_path, deferred_interrupt, remove_stale_temporaries
+import icd.io
+from icd.io import atomic_path, deferred_interrupt, remove_stale_temporaries, write_json
 
 
 def test_atomic_path_renames_on_success(tmp_path):
@@ -64,3 +67,15 @@ def test_deferred_interrupt_finishes_the_block_then_raises(tmp_path, python_sigi
             done.append("rest of the block")
     assert done == ["rest of the block"]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_disk_full_names_the_file(tmp_path, monkeypatch):
+    path = str(tmp_path / "out.json")
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(icd.io.json, "dump", full)
+    with pytest.raises(OSError, match=rf"{path}: no space left on device") as error:
+        write_json(path, {"a": 1})
+    assert error.value.errno == errno.ENOSPC and os.listdir(tmp_path) == []

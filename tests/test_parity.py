@@ -10,21 +10,20 @@ import mxnet as mx
 import numpy as np
 import pytest
 
-from icd.checkpoint import gather, read_params
+import symbols.ops
 from icd.runs import checkpoint_path
+from icd.checkpoint import gather, read_params
 from icd.devices import split_batch
 from icd.io import write_json
-from icd.parity import (NOISE_CAP, NOISE_FACTOR, build_from_params, check_bundle,
-                        load_momentum, read_bundle, replay_infer, state_before, summary,
-                        replay_step)
 from icd.model.ops import share_moving_mean, unshare_moving_mean
+from icd.parity import (NOISE_CAP, NOISE_FACTOR, build_from_params, check_bundle, load_momentum,
+                        read_bundle, replay_infer, state_before, replay_step, summary)
 from icd.engine import make_trainer
 from icd.tasks import train
-import symbols.ops
-from symbols.bundle import (make_batch, make_bundle, make_params, run_reference_infer,
-                            write_bundle)
+from symbols.bundle import make_batch, make_bundle, make_params, run_reference_infer, write_bundle
 
-from conftest import REPO
+from helpers import REPO
+
 
 TOOL = os.path.join(REPO, "tools", "check_parity.py")
 RESIGN = "icd_accum_resign_moving_mean"

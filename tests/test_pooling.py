@@ -1,5 +1,5 @@
-"""Superpixel pooling without the full-resolution one-hot where the resize only samples pixels
-(issue 25): the same memberships A and the same S' as the resized one-hot, exactly."""
+"""Superpixel pooling without the full-resolution one-hot where the resize only samples pixels:
+the same memberships A and the same S' as the resized one-hot, exactly."""
 import contextlib
 
 import mxnet as mx

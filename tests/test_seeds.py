@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 
 from icd.commands import seeds as seeds_command
-from icd.data.voc import VOC_CLASSES, read_mask, write_mask
-from icd.data.dataset import DataPaths
-from icd.seeds import SeedSettings, crf_refine, default_seed_dir, generate_seed, make_seeds, \
-    resize_scores, seed_from_scores
+from icd.data.voc import read_mask, write_mask
+from icd.seeds import crf_refine, default_seed_dir, generate_seed, resize_scores, seed_from_scores
+
+from helpers import FEAT, H, NAMES, S, W, build_results, results_seeds
+
 
 U = 255  # undefined
 
@@ -153,67 +154,7 @@ def test_generate_seed_with_and_without_crf():
 
 
 # ---------------------------------------------------------------------------------------------
-# Files: a tiny results folder
-
-NAMES = ("img_a", "img_b", "img_c")
-LABELS = {"img_a": [0], "img_b": [0, 14], "img_c": [11]}
-H, W, S, FEAT = 20, 24, 32, 8
-
-
-def _xml(classes):
-    objects = "".join(f"<object><name>{VOC_CLASSES[c]}</name><difficult>0</difficult></object>"
-                      for c in classes)
-    return f"<annotation>{objects}</annotation>"
-
-
-def build_results(root):
-    """VOC-like tiny dataset and results folder under `root`; returns a dict of paths.
-
-    Each class owns a rectangle of the image; scores are +1 inside it and -1 outside at feature
-    resolution (FEAT×FEAT over the S×S padded canvas); the CAM is the ICD score halved.
-    """
-    paths = {k: os.path.join(root, k) for k in ("images", "annotations", "gt", "results")}
-    for p in paths.values():
-        os.makedirs(p, exist_ok=True)
-    rng = np.random.default_rng(0)
-    boxes = [(slice(0, 10), slice(0, 12)), (slice(8, 20), slice(12, 24))]
-    for name in NAMES:
-        labels = LABELS[name]
-        gt = np.zeros((H, W), np.uint8)
-        image = np.full((H, W, 3), 40, np.uint8)
-        icd = np.full((len(labels), FEAT, FEAT), -1, np.float32)
-        for i, c in enumerate(labels):
-            ys, xs = boxes[i]
-            gt[ys, xs] = c + 1
-            image[ys, xs] = (200, 60 + 60 * i, 30)
-            canvas = np.full((S, S), -1, np.float32)
-            canvas[ys, xs] = 1
-            icd[i] = cv2.resize(canvas, (FEAT, FEAT), interpolation=cv2.INTER_AREA)
-        gt[0, 0] = 255
-        image = np.clip(image + rng.integers(0, 8, image.shape), 0, 255).astype(np.uint8)
-        cv2.imwrite(os.path.join(paths["images"], name + ".jpg"), image[:, :, ::-1])
-        write_mask(os.path.join(paths["gt"], name + ".png"), gt)
-        with open(os.path.join(paths["annotations"], name + ".xml"), "w") as f:
-            f.write(_xml(labels))
-        for folder, scores in (("scores_icd", icd), ("scores_cam", icd / 2 - 0.1)):
-            os.makedirs(os.path.join(paths["results"], folder), exist_ok=True)
-            np.save(os.path.join(paths["results"], folder, name + ".npy"), scores)
-        sal = (gt > 0).astype(np.uint8) * 255
-        os.makedirs(os.path.join(root, "saliency"), exist_ok=True)
-        cv2.imwrite(os.path.join(root, "saliency", name + ".png"), sal)
-    paths["saliency"] = os.path.join(root, "saliency")
-    paths["list"] = os.path.join(root, "train.txt")
-    with open(paths["list"], "w") as f:
-        f.write("".join(f"/JPEGImages/{n}.jpg /SegmentationClassAug/{n}.png\n" for n in NAMES))
-    return paths
-
-
-def _make(paths, workers=1, out_dir=None, overwrite=False, shard=(0, 1), **settings):
-    return make_seeds(paths["results"],
-                      DataPaths(paths["images"], paths["annotations"], paths["list"]),
-                      SeedSettings(infer_size=S, **settings), out_dir=out_dir, workers=workers,
-                      overwrite=overwrite, shard=shard)
-
+# Files: the tiny results folder of helpers.build_results
 
 @pytest.fixture
 def tiny(tmp_path):
@@ -221,16 +162,16 @@ def tiny(tmp_path):
 
 
 def test_make_seeds_variants_and_folders(tiny):
-    out = _make(tiny, crf=False)
+    out = results_seeds(tiny, crf=False)
     assert out == {"written": 3, "skipped": 0, "out_dir": default_seed_dir(tiny["results"], "nocrf")}
     assert out["out_dir"].endswith(os.path.join("seeds", "nocrf"))
     seed = read_mask(os.path.join(out["out_dir"], "img_b.png"))
     gt = read_mask(os.path.join(tiny["gt"], "img_b.png"))
     assert seed.shape == (H, W) and set(np.unique(seed)) <= {0, 1, 15, U}
     assert (seed == gt)[seed != U].mean() > 0.9
-    crf = _make(tiny, workers=2)                        # multi-process
+    crf = results_seeds(tiny, workers=2)                        # multi-process
     assert crf["out_dir"].endswith(os.path.join("seeds", "crf")) and crf["written"] == 3
-    sal = _make(tiny, saliency_root=tiny["saliency"])
+    sal = results_seeds(tiny, saliency_root=tiny["saliency"])
     assert sal["out_dir"].endswith(os.path.join("seeds", "sal")) and sal["written"] == 3
     for variant in (out, crf, sal):   # release: single-channel 8-bit PNGs of the labels
         path = os.path.join(variant["out_dir"], "img_b.png")
@@ -251,30 +192,30 @@ def test_seed_files_hold_the_labels_the_release_writes(tiny):
     for folder, scores in (("scores_icd", icd), ("scores_cam", cam)):
         np.save(os.path.join(tiny["results"], folder, "img_b.npy"),
                 np.repeat(scores[:, None, columns], S, axis=1))
-    out = _make(tiny, crf=False)["out_dir"]
+    out = results_seeds(tiny, crf=False)["out_dir"]
     expected = np.array([15, 1, 0, 15, U, U, U, U, 1], np.uint8)[columns[:W]]
     np.testing.assert_array_equal(cv2.imread(os.path.join(out, "img_b.png"), 0),
                                   np.tile(expected, (H, 1)))
 
 
 def test_make_seeds_workers_agree(tiny, tmp_path):
-    one = _make(tiny, crf=False, out_dir=str(tmp_path / "one"))
-    two = _make(tiny, crf=False, workers=2, out_dir=str(tmp_path / "two"))
+    one = results_seeds(tiny, crf=False, out_dir=str(tmp_path / "one"))
+    two = results_seeds(tiny, crf=False, workers=2, out_dir=str(tmp_path / "two"))
     for name in NAMES:
         np.testing.assert_array_equal(read_mask(os.path.join(one["out_dir"], name + ".png")),
                                       read_mask(os.path.join(two["out_dir"], name + ".png")))
 
 
 def test_make_seeds_is_resumable(tiny):
-    out = _make(tiny, crf=False)["out_dir"]
+    out = results_seeds(tiny, crf=False)["out_dir"]
     path = os.path.join(out, "img_a.png")
     marker = np.full((H, W), 7, np.uint8)
     write_mask(path, marker)
     os.utime(path, (1_000_000, 1_000_000))
-    assert _make(tiny, crf=False) == {"written": 0, "skipped": 3, "out_dir": out}
+    assert results_seeds(tiny, crf=False) == {"written": 0, "skipped": 3, "out_dir": out}
     assert os.path.getmtime(path) == 1_000_000
     np.testing.assert_array_equal(read_mask(path), marker)
-    assert _make(tiny, crf=False, overwrite=True)["written"] == 3
+    assert results_seeds(tiny, crf=False, overwrite=True)["written"] == 3
     assert not (read_mask(path) == 7).all()
 
 
@@ -289,7 +230,7 @@ def test_make_seeds_failure_leaves_no_partial_png(tiny, monkeypatch):
 
     monkeypatch.setattr(cv2, "imwrite", failing_imwrite)
     with pytest.raises(OSError, match="disk full"):
-        _make(tiny, crf=False)
+        results_seeds(tiny, crf=False)
     out = default_seed_dir(tiny["results"], "nocrf")
     assert sorted(os.listdir(out)) == ["img_a.png"]   # no img_b.png, no temporary file
 
@@ -307,14 +248,14 @@ def test_make_seeds_names_a_bad_score_file(tiny, damage, error, message):
         np.save(path, np.zeros((3, FEAT, FEAT) if damage == "classes" else (FEAT, FEAT),
                                np.float32))
     with pytest.raises(error, match=message) as info:
-        _make(tiny, crf=False)
+        results_seeds(tiny, crf=False)
     assert path in str(info.value)
 
 
 def test_make_seeds_names_a_missing_image(tiny):
     os.remove(os.path.join(tiny["images"], "img_c.jpg"))
     with pytest.raises(FileNotFoundError, match="img_c"):
-        _make(tiny, crf=False)
+        results_seeds(tiny, crf=False)
 
 
 def test_make_seeds_tool(tiny, capsys):
@@ -332,5 +273,5 @@ def test_make_seeds_worker_errors_reach_the_caller(tiny):
     path = os.path.join(tiny["results"], "scores_cam", "img_c.npy")
     os.remove(path)
     with pytest.raises(FileNotFoundError, match="score file not found") as info:
-        _make(tiny, crf=False, workers=2)
+        results_seeds(tiny, crf=False, workers=2)
     assert path in str(info.value)

@@ -10,9 +10,12 @@ import pytest
 from mxnet import autograd
 
 from icd.model.pretrained import initialize
-from icd.model import build_model, ops
+from icd.model import build_model
+from icd.model import ops
 
-DEVICES = [mx.cpu(1), mx.cpu(2)]
+from helpers import DEVICES
+
+
 NUM_CLASSES = 4
 
 
@@ -114,4 +117,3 @@ def test_a_forward_issued_after_another_reads_its_sign_flip_state_only_once_writ
     assert FINISHED, "device 1's state was readable before device 0's held-back write"
     np.testing.assert_array_equal(second.asnumpy(), start.asnumpy())
     assert store.last is second
-

@@ -1,6 +1,7 @@
-"""Optimizer states on resume: the run's own optimizer settings with the file's arrays only, the
-.states tied to its .params and run record (issue #30.7), the per-parameter update counts of a
-multi-device run (issue #31.6)."""
+"""Optimizer states (.states files, icd.checkpoint): saved device-free and resumed on other
+devices, read without running pickled code, named when of another content or model; on resume
+the run's own optimizer settings with the file's arrays only, the .states tied to its .params
+and run record, the per-parameter update counts of a multi-device run."""
 import json
 import os
 import pickle
@@ -12,10 +13,13 @@ import numpy as np
 import pytest
 from mxnet import autograd, gluon
 
+import icd.engine.loop
+from icd.checkpoint import (_updaters, file_digest, load_states, read_params, read_states,
+                            save_states, trainer_params, update_counts)
 from icd.runs import checkpoint_path
-from icd.checkpoint import (_updaters, file_digest, load_states, save_states,
-                            trainer_params, update_counts)
+from icd.commands.train import check_resume
 from icd.tasks import train
+
 
 FLOAT32_NOISE = 8 * np.finfo(np.float32).eps   # a few roundings of a value of size 1
 
@@ -57,7 +61,7 @@ def assert_same_step(before, after, expected, what):
 
 
 # ---------------------------------------------------------------------------------------------
-# Issue #31.6: update counts per parameter, whatever device updated it
+# Update counts per parameter, whatever device updated it
 
 def kvstore_step(net, trainer, contexts, seed, placement):
     """One step as MXNet's `kvstore('device')` makes it on GPUs with update_on_kvstore: the
@@ -124,7 +128,7 @@ def test_adam_counts_of_two_devices_survive_a_resume(tmp_path, devices):
 
 
 # ---------------------------------------------------------------------------------------------
-# Issue #30.7: the run's optimizer settings; the .states tied to its .params and run record
+# The run's optimizer settings; the .states tied to its .params and run record
 
 def sgd_trainer(net, momentum=0.9, wd=5e-4, lr=0.1):
     return gluon.Trainer(net.collect_params(), "sgd",
@@ -246,3 +250,193 @@ def test_resume_refuses_files_not_written_with_the_run_record(tiny_config, tmp_p
     json.dump(record, open(record_file, "w"))
     train(tiny_config(num_epoch=2, model="vgg16_cam", begin_epoch=1, overwrite=True))
     assert f"{record_file}: the run record holds no digests" in caplog.text
+
+
+# ---------------------------------------------------------------------------------------------
+# Device-free states, restricted loading
+
+def small_trainer(contexts, update_on_kvstore):
+    # fixed names: Gluon's Trainer indexes its parameters in the order of their sorted names, so
+    # automatic names (dense9 before dense10 in one process, not in another) would pair a .states
+    # file's arrays with other layers depending on how many networks the process built before
+    net = gluon.nn.HybridSequential(prefix="small_")
+    with net.name_scope():
+        net.add(gluon.nn.Dense(5, in_units=3, activation="relu", prefix="first_"),
+                gluon.nn.Dense(2, in_units=5, prefix="second_"))
+    net.initialize(mx.init.Xavier(), ctx=contexts)
+    trainer = gluon.Trainer(net.collect_params(), "sgd",
+                            {"learning_rate": 0.1, "momentum": 0.9, "wd": 5e-4},
+                            kvstore="device", update_on_kvstore=update_on_kvstore)
+    return net, trainer
+
+
+def sgd_step(net, trainer, contexts, seed):
+    x = mx.nd.array(np.random.default_rng(seed).standard_normal((4, 3)))
+    parts = gluon.utils.split_and_load(x, contexts)
+    with autograd.record():
+        losses = [(net(p) ** 2).sum() for p in parts]
+    autograd.backward(losses)
+    trainer.step(4)
+
+
+def weights_by_position(net, ctx):
+    """Parameter position -> value on `ctx` (Gluon's names differ between instances)."""
+    return {i: p.data(ctx).asnumpy() for i, p in enumerate(net.collect_params().values())}
+
+
+def all_arrays(state):
+    if isinstance(state, (tuple, list)):
+        return [a for s in state for a in all_arrays(s)]
+    return [] if state is None else [state]
+
+
+class _RawNDArray:
+    """Stands in for NDArray when a states file is unpickled by `saved_devices`."""
+
+    def __init__(self, *args):
+        self.raw = b""
+
+    def __setstate__(self, state):
+        self.raw = bytes(state["handle"])
+
+
+class _RawUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        return _RawNDArray if name == "NDArray" else super().find_class(module, name)
+
+
+def saved_devices(path):
+    """(device type, device id) each array of a states file was saved with: MXNet's raw bytes
+    hold magic, storage type, ndim, the int64 dims, then the context (an array loaded on a CPU
+    reports cpu(0) whatever it was saved from, so only the bytes tell)."""
+    with open(path, "rb") as f:
+        states, _ = _RawUnpickler(f).load()
+    found = []
+    for state in states.values():
+        for array in all_arrays(state):
+            ndim = int.from_bytes(array.raw[8:12], "little")
+            offset = 12 + 8 * ndim
+            found.append((int.from_bytes(array.raw[offset:offset + 4], "little"),
+                          int.from_bytes(array.raw[offset + 4:offset + 8], "little")))
+    return found
+
+
+@pytest.mark.parametrize("update_on_kvstore", [None, False])   # None: Gluon picks True here
+def test_states_saved_on_some_devices_resume_on_others(tmp_path, update_on_kvstore):
+    """Issue #25.1: states written from cpu(1), cpu(2) hold every array on mx.cpu() and resume on
+    cpu(0) alone or on cpu(3), cpu(4); one step from them equals the uninterrupted run's."""
+    saved_on = [mx.cpu(1), mx.cpu(2)]
+    net, trainer = small_trainer(saved_on, update_on_kvstore)
+    for seed in range(2):
+        sgd_step(net, trainer, saved_on, seed)
+    params, states = str(tmp_path / "m.params"), str(tmp_path / "m.states")
+    net.save_parameters(params)
+    save_states(trainer, states)
+    loaded, optimizer = read_states(states)
+    assert isinstance(optimizer, mx.optimizer.SGD) and optimizer.momentum == 0.9
+    assert saved_devices(states) == [(1, 0)] * 4          # four arrays, all on cpu(0)
+    sgd_step(net, trainer, saved_on, 2)                   # the uninterrupted run's next step
+    expected = weights_by_position(net, saved_on[0])
+    for devices in ([mx.cpu(0)], [mx.cpu(3), mx.cpu(4)]):
+        resumed, resumed_trainer = small_trainer(devices, update_on_kvstore)
+        resumed.load_parameters(params, ctx=devices)
+        load_states(resumed_trainer, states)
+        sgd_step(resumed, resumed_trainer, devices, 2)
+        for ctx in devices:
+            for name, value in weights_by_position(resumed, ctx).items():
+                # one device sums the batch in another order than two: float32 rounding only
+                np.testing.assert_allclose(value, expected[name], rtol=1e-5, atol=1e-7,
+                                           err_msg=f"{name} on {ctx}")
+
+
+def test_training_saved_on_cpu1_cpu2_resumes_on_cpu3_cpu4(tiny_config, monkeypatch):
+    """Issue #25.1 through the training loop: ICD trained on cpu(1), cpu(2) (update_on_kvstore),
+    stopped after epoch 1, resumes on cpu(3), cpu(4) to the uninterrupted run's epoch 2."""
+    import shutil
+    monkeypatch.setattr(icd.engine.loop, "parse_devices", lambda gpus, cpus: [mx.cpu(1), mx.cpu(2)])
+    straight = tiny_config(num_epoch=3, cpus=2)
+    straight.snapshot += "_straight"
+    train(straight)
+    assert set(saved_devices(checkpoint_path(straight, 1, "states"))) == {(1, 0)}
+    monkeypatch.setattr(icd.engine.loop, "parse_devices", lambda gpus, cpus: [mx.cpu(3), mx.cpu(4)])
+    resumed = tiny_config(num_epoch=3, cpus=2, begin_epoch=2)
+    os.makedirs(resumed.snapshot)
+    for suffix in ("params", "states", "json"):
+        shutil.copy(checkpoint_path(straight, 1, suffix), resumed.snapshot)
+    train(resumed)
+    a, b = (read_params(checkpoint_path(c, 2)) for c in (straight, resumed))
+    assert sorted(a) == sorted(b)
+    for key in a:
+        np.testing.assert_array_equal(b[key].asnumpy(), a[key].asnumpy(), err_msg=key)
+
+
+class Payload:
+    """A pickle that runs `touch <marker>` when loaded with pickle.load."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_states_with_a_pickle_payload_run_nothing_and_are_named(tiny_config, tmp_path, nested):
+    """Issue #21.1: a .states file carrying a __reduce__ payload (os.system) ran it on
+    --begin-epoch; now the restricted reader refuses it, naming the file, and nothing runs."""
+    marker = tmp_path / "pwned"
+    cfg = tiny_config(begin_epoch=1)
+    os.makedirs(cfg.snapshot)
+    states = checkpoint_path(cfg, 0, "states")
+    value = ({0: mx.nd.zeros(2), 1: Payload(marker)}, None) if nested else Payload(marker)
+    with open(states, "wb") as f:
+        pickle.dump(value, f)
+    open(checkpoint_path(cfg, 0), "wb").close()
+    with pytest.raises(ValueError, match=rf"{states}: not a readable optimizer-state file "
+                                         rf"\(UnpicklingError: refused to load (posix|os)\.system"):
+        check_resume(cfg)
+    _, trainer = small_trainer([mx.cpu()], None)
+    with pytest.raises(ValueError, match=rf"{states}: not a readable optimizer-state file"):
+        load_states(trainer, states)
+    assert not marker.exists()
+
+
+def test_states_of_wrong_content_are_named(tmp_path):
+    path = str(tmp_path / "x.states")
+    with open(path, "wb") as f:
+        pickle.dump({"a": [1, 2]}, f)
+    with pytest.raises(ValueError, match=rf"{path}: not an optimizer-state file \(expected a "
+                                         r"dict of parameter index"):
+        read_states(path)
+    with open(path, "wb") as f:
+        pickle.dump(({0: 3.5}, None), f)
+    with pytest.raises(ValueError, match=rf"{path}: state of parameter 0: a float, not an "):
+        read_states(path)
+
+
+def test_states_of_another_model_are_named(tmp_path):
+    net, trainer = small_trainer([mx.cpu()], None)
+    sgd_step(net, trainer, [mx.cpu()], 0)
+    path = str(tmp_path / "small.states")
+    save_states(trainer, path)
+    other = gluon.nn.Dense(5, in_units=3)   # the first layer alone
+    other.initialize()
+    with pytest.raises(ValueError, match=rf"{path}: holds a state of parameter 2, but the model "
+                                         r"trains 2 parameters"):
+        load_states(gluon.Trainer(other.collect_params(), "sgd"), path)
+    wider = gluon.nn.HybridSequential()
+    wider.add(gluon.nn.Dense(6, in_units=3), gluon.nn.Dense(2, in_units=6))
+    wider.initialize()
+    with pytest.raises(ValueError, match=rf"{path}: the state of parameter 0 \(\w+\) has shape "
+                                         r"\(5,( 3)?\), the parameter \(6,( 3)?\): the file "
+                                         r"belongs to another model"):
+        load_states(gluon.Trainer(wider.collect_params(), "sgd"), path)
+
+
+def test_release_states_only_files_are_read(tmp_path):
+    """The release's Module writes the states dict alone (no optimizer): still accepted."""
+    path = str(tmp_path / "release.states")
+    with open(path, "wb") as f:
+        pickle.dump({0: mx.nd.ones((2, 3)), 1: None}, f)
+    states, optimizer = read_states(path)
+    assert optimizer is None and states[0].shape == (2, 3) and states[1] is None

@@ -9,10 +9,11 @@ import pytest
 import skimage.data
 from skimage.segmentation import felzenszwalb
 
+from icd.commands import superpixels
 from icd.data import superpixels as sp
 from icd.data.superpixels import colour_position_features
-from icd.commands import superpixels
-from icd.data.voc import read_image, write_image
+from icd.data.voc import read_image
+
 
 F32 = np.float32
 
@@ -339,17 +340,6 @@ def test_compute_superpixels_bounds():
         sp.compute_superpixels(image, features[:10])
 
 
-@pytest.fixture
-def small_images(tmp_path):
-    rng = np.random.default_rng(2)
-    names = ["a", "b", "c"]
-    for name in names:
-        write_image(str(tmp_path / "img" / f"{name}.jpg"),
-                    (rng.random((40, 50, 3)) * 255).astype(np.uint8))
-    (tmp_path / "list.txt").write_text("".join(f"{n}\n" for n in names))
-    return tmp_path
-
-
 def test_make_superpixels_resumes_and_workers_agree(small_images):
     root = small_images
     args = (str(root / "img"), str(root / "list.txt"))
@@ -419,45 +409,3 @@ def test_an_image_above_max_pixels_is_refused_by_name_or_downscaled(small_images
                                       colour_position_features(
                                           read_image(str(root / "img" / "a.jpg"))))
     np.testing.assert_array_equal(sp.read_superpixels(str(root / "full" / "a.png")), expected)
-
-
-def _recording_colour_features(folder):
-    """A feature factory for spawned workers: records the worker's thread settings in
-    `folder`/<pid>.txt, then gives colour features."""
-    with open(os.path.join(folder, f"{os.getpid()}.txt"), "w") as f:
-        f.write(f"{os.environ.get('OMP_NUM_THREADS')} "
-                f"{os.environ.get('MXNET_CPU_WORKER_NTHREADS')}")
-    return colour_position_features
-
-
-def test_spawned_superpixel_workers_run_with_the_thread_caps(small_images, monkeypatch):
-    """worker_env reaches the spawned workers' environment (read by OpenMP and MXNet as they
-    load), not this process's."""
-    import functools
-    from icd.features import thread_env
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    root, folder = small_images, small_images / "env"
-    folder.mkdir()
-    written = sp.make_superpixels(str(root / "img"), str(root / "list.txt"), str(root / "sp"),
-                                  functools.partial(_recording_colour_features, str(folder)),
-                                  workers=2, worker_env=thread_env(3))
-    assert len(written) == 3
-    records = {name: (folder / name).read_text() for name in os.listdir(folder)}
-    assert records and set(records.values()) == {"3 1"}      # a pool worker may start late
-    assert f"{os.getpid()}.txt" not in records
-    assert "OMP_NUM_THREADS" not in os.environ
-
-
-@pytest.mark.parametrize("workers, devices, pretrained, cores, plan", [
-    (32, ["gpu(0)", "gpu(1)"], "vgg16.params", 32, (4, 8)),   # 2 network copies per GPU
-    (3, ["gpu(0)", "gpu(1)"], "vgg16.params", 32, (3, 10)),
-    (32, ["cpu(0)"], "vgg16.params", 8, (8, 1)),               # CPU: at most a process per core
-    (2, ["cpu(1)", "cpu(2)"], "vgg16.params", 8, (2, 4)),
-    (32, ["gpu(0)"], None, 16, (16, 1)),                       # colour features: no network
-    (32, ["gpu(0)", "gpu(1)"], "vgg16.params", 3, (3, 1)),     # never more than the cores
-    (0, ["cpu(0)"], None, 8, (0, 8))])                         # in this process
-def test_superpixel_workers_are_capped_per_gpu_and_threads_per_core(workers, devices,
-                                                                   pretrained, cores, plan):
-    from icd.features import worker_plan
-    assert worker_plan(workers, devices, pretrained, cores) == plan
-    assert max(plan[0], 1) * plan[1] <= cores

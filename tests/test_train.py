@@ -13,16 +13,16 @@ import mxnet as mx
 import numpy as np
 import pytest
 
-from icd.checkpoint import read_params
 from icd.runs import checkpoint_path
 from icd.data.synthetic import DEFAULT_CLASSES
 from icd.devices import parse_devices
 from icd.infer import OUTPUT_FOLDERS, infer
-from icd.model import MODELS, CAMNet, model_options, register
+from icd.model import CAMNet, MODELS, model_options, register
 from icd.engine import TrainingDiverged, TrainingInterrupted, poly_lr
 from icd.tasks import task_for, train
 
-from conftest import REPO
+from helpers import REPO, params_of
+
 
 ABLATIONS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(REPO, "experiments",
                                                                         "*.yaml"))
@@ -42,10 +42,6 @@ def test_optimizer_choice(tiny_config):
         tiny_config(optimizer="rmsprop")                        # load_config checks choices
     with pytest.raises(ValueError, match="unknown optimizer 'rmsprop'"):
         train(dataclasses.replace(tiny_config(), optimizer="rmsprop"))   # and the loop
-
-
-def params_of(path):
-    return {k: v.asnumpy() for k, v in read_params(path).items()}
 
 
 def test_resume_continues_schedules_and_state(tiny_config):

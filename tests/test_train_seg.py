@@ -1,6 +1,5 @@
 """DeepLab trained on seeds or masks through the one training loop (icd.tasks.SegmentationTask)
 and the tools/train_seg.py -> tools/infer_seg.py path."""
-import importlib.util
 import json
 import os
 import shutil
@@ -10,36 +9,29 @@ import mxnet as mx
 import numpy as np
 import pytest
 
-import icd.engine.hooks
-import icd.engine.loop
 import icd.tasks.segmentation
-from icd.checkpoint import read_params
 from icd.runs import checkpoint_path
+from icd.commands import train_seg
 from icd.config import load_config
 from icd.data.synthetic import make_synthetic_voc
-from icd.commands import train_seg
 from icd.data.voc import VOC_CLASSES, read_list, read_mask, write_mask
 from icd.evaluate import evaluate_seeds
+from icd.io import write_json
 from icd.metrics import confusion_matrix
 from icd.model import MODELS, register
-from icd.io import write_json
 from icd.provenance import record_path
 from icd.data.dataset import DataPaths
 from icd.segment import SegmentSettings, segment
 from icd.engine import TrainingDiverged, poly_lr
 from icd.tasks import train
 
-from conftest import REPO
+from helpers import REPO, load_tool, params_of
 
 
 def seg_config(tiny_config, tiny_voc, **overrides):
     """The segmentation task on the tiny set's ground-truth masks (width 1/16, 32 px crops)."""
     return tiny_config(**{"model": "vgg16_largefov", "label_root": tiny_voc["gt_root"],
                           **overrides})
-
-
-def params_of(path):
-    return {k: v.asnumpy() for k, v in read_params(path).items()}
 
 
 def test_records_figures_checkpoints_and_poly_lr_per_iteration(tiny_config, tiny_voc):
@@ -153,7 +145,7 @@ def test_short_training_on_masks_beats_chance_on_val(one_class_voc, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# A trainer that can be trusted (issue 29): it overfits a handful of images, and the labels the
+# A trainer that can be trusted: it overfits a handful of images, and the labels the
 # loss sees line up with the image
 
 def test_icd_train_seg_overfits_a_handful_of_images(tmp_path):
@@ -244,13 +236,6 @@ def test_labels_drawn_from_the_image_are_learned(stride8_net, tmp_path):
                       snapshot=str(tmp_path / "snapshot"))
     records = train(cfg)["records"]
     assert np.mean([r["pixel_accuracy"] for r in records[-20:]]) >= 0.93
-
-
-def load_tool(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "tools", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_train_seg_then_infer_seg_end_to_end(tiny_voc, tmp_path, capsys):

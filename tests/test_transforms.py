@@ -4,16 +4,16 @@ import shutil
 
 import numpy as np
 import pytest
-
-from icd.data.classes import read_classes
 from scipy import ndimage
 
-from icd.data import transforms as T
-from icd.data.dataset import InferDataset, infer_loader, train_loader
 from icd.constants import NUM_SUPERPIXEL_IDS
+from icd.data import transforms as T
+from icd.data.classes import read_classes
+from icd.data.dataset import InferDataset, infer_loader, train_loader
 from icd.data.superpixels import make_superpixels, write_superpixels
 from icd.data.synthetic import make_synthetic_voc
 from icd.data.voc import read_image
+
 
 BLOCK = 12
 # id -> colour with B = 0 and R, G on a 35-step grid: far from each other and from the grey pad
@@ -110,7 +110,7 @@ def test_infer_transform_top_left_and_centre():
 # datasets and loaders on a tiny synthetic set
 # ------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def tiny_voc(tmp_path_factory):
+def small_voc(tmp_path_factory):
     root = tmp_path_factory.mktemp("voc")
     make_synthetic_voc(str(root), num_train=10, num_val=2, size=64, seed=1)
     make_superpixels(str(root / "JPEGImages"), str(root / "ImageSets/Segmentation/train.txt"),
@@ -132,9 +132,9 @@ def collect(loader, epochs):
     return [[[x.asnumpy() for x in batch] for batch in loader] for _ in range(epochs)]
 
 
-def test_train_loader_batches_and_seeding(tiny_voc):
-    serial = train_loader(*voc_args(tiny_voc), image_size=48, batch_size=4, num_workers=0,
-                          seed=3, classes=voc_classes(tiny_voc))
+def test_train_loader_batches_and_seeding(small_voc):
+    serial = train_loader(*voc_args(small_voc), image_size=48, batch_size=4, num_workers=0,
+                          seed=3, classes=voc_classes(small_voc))
     assert len(serial) == 2  # 10 images, batch 4: the last partial batch is dropped
     epochs = collect(serial, 2)
     data, superpixels, labels = epochs[0][0]
@@ -147,8 +147,8 @@ def test_train_loader_batches_and_seeding(tiny_voc):
     assert set(np.unique(labels)) <= {0, 1} and (labels.sum(1) >= 1).all()
     assert not np.array_equal(epochs[0][0][0], epochs[1][0][0])  # reshuffled and re-augmented
 
-    parallel = train_loader(*voc_args(tiny_voc), image_size=48, batch_size=4, num_workers=2,
-                            seed=3, classes=voc_classes(tiny_voc))
+    parallel = train_loader(*voc_args(small_voc), image_size=48, batch_size=4, num_workers=2,
+                            seed=3, classes=voc_classes(small_voc))
     for serial_epoch, parallel_epoch in zip(epochs, collect(parallel, 2)):
         for a, b in zip(serial_epoch, parallel_epoch):
             for x, y in zip(a, b):
@@ -158,10 +158,11 @@ def test_train_loader_batches_and_seeding(tiny_voc):
         np.testing.assert_array_equal(a[0], b[0])
 
 
-def test_infer_loader_pads_list_with_its_head(tiny_voc):
-    dataset = InferDataset(*voc_args(tiny_voc), image_size=80, batch_size=4)
+def test_infer_loader_pads_list_with_its_head(small_voc):
+    dataset = InferDataset(*voc_args(small_voc), image_size=80, batch_size=4)
     assert len(dataset) == 12 and dataset.order == list(range(10)) + [0, 1]
-    batches = list(infer_loader(*voc_args(tiny_voc), image_size=80, batch_size=4, classes=voc_classes(tiny_voc)))
+    batches = list(infer_loader(*voc_args(small_voc), image_size=80, batch_size=4,
+                                classes=voc_classes(small_voc)))
     assert len(batches) == 3
     data, superpixels, labels, index, hw = (x.asnumpy() for x in batches[2])
     assert data.shape == (4, 3, 80, 80) and superpixels.shape == (4, 80, 80)
@@ -170,13 +171,13 @@ def test_infer_loader_pads_list_with_its_head(tiny_voc):
         h, w = hw[k]
         assert (data[k, :, h:] == 127).all() and (data[k, :, :, w:] == 127).all()
         assert (superpixels[k, h:] == superpixels[k, :h, :w].max() + 1).all()
-    tiny = InferDataset(*voc_args(tiny_voc, "ImageSets/Segmentation/val.txt"), batch_size=4)
+    tiny = InferDataset(*voc_args(small_voc, "ImageSets/Segmentation/val.txt"), batch_size=4)
     assert tiny.order == [0, 1, 0, 1]  # shorter than a batch: the head repeats cyclically
 
 
-def test_dataset_bad_input(tiny_voc, tmp_path):
+def test_dataset_bad_input(small_voc, tmp_path):
     root = tmp_path / "voc"
-    shutil.copytree(tiny_voc, root)
+    shutil.copytree(small_voc, root)
     name = "train_00000"
     os.remove(root / "Superpixels" / f"{name}.png")
     loader = train_loader(*voc_args(root), image_size=48, batch_size=10, num_workers=0, classes=voc_classes(root))
@@ -203,4 +204,5 @@ def test_dataset_bad_input(tiny_voc, tmp_path):
     with pytest.raises(ValueError, match="empty.txt.*empty"):
         train_loader(*voc_args(root, "empty.txt"), num_workers=0, classes=voc_classes(root))
     with pytest.raises(ValueError, match="train.txt.*cannot fill one batch"):
-        train_loader(*voc_args(tiny_voc), batch_size=32, num_workers=0, classes=voc_classes(tiny_voc))
+        train_loader(*voc_args(small_voc), batch_size=32, num_workers=0,
+                     classes=voc_classes(small_voc))

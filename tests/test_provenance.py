@@ -1,55 +1,35 @@
-"""Reliability: truncated images, larger-than-inference images, the provenance of result folders
-(inference -> seeds -> evaluation), all-or-nothing stages and their error messages."""
+"""Provenance records of result folders (icd.provenance): inference -> seeds -> evaluation
+refuse inputs of a failed, running or mixed run and of other settings, take the inference size
+of the scores, name images larger than it; icd-infer-seg keeps a record too."""
 import dataclasses
 import json
 import logging
 import os
 import shutil
 
-import cv2
 import mxnet as mx
 import numpy as np
 import pytest
 
-from icd.data.voc import read_image, read_list, read_mask
-from icd.data.dataset import DataPaths
-from icd.evaluate import EvalSettings, evaluate
-from icd.infer import infer
-from icd.provenance import ProvenanceError, read_record, record_path
-from icd.seeds import SeedSettings, make_seeds
 from icd.runs import checkpoint_path
-from icd.tasks import train
+from icd.checkpoint import save_checkpoint
+from icd.commands import infer_seg as infer_seg_command
+from icd.data.classes import VOC_CLASSES
+from icd.data.voc import read_image, read_list, read_mask
+from icd.evaluate import evaluate
+from icd.infer import infer
+from icd.model import build_model
+from icd.provenance import ProvenanceError, read_record, record_path
+from icd.seeds import make_seeds
+from icd.data.dataset import DataPaths
+from icd.evaluate import EvalSettings
+from icd.seeds import SeedSettings
 
-
-def encoded_image(path, **params):
-    image = (np.random.default_rng(0).random((40, 56, 3)) * 255).astype(np.uint8)
-    flags = [cv2.IMWRITE_JPEG_PROGRESSIVE, 1] if params.get("progressive") else []
-    assert cv2.imwrite(str(path), image, flags)
-    return path.read_bytes()
-
-
-@pytest.mark.parametrize("name,progressive", [("a.jpg", False), ("b.jpg", True), ("c.png", False)])
-def test_truncated_image_is_an_error_naming_the_file(tmp_path, name, progressive):
-    path = tmp_path / name
-    encoded = encoded_image(path, progressive=progressive)
-    assert read_image(str(path)).shape == (40, 56, 3)
-    path.write_bytes(encoded + b"\0" * 16)           # trailing padding is not truncation
-    assert read_image(str(path)).shape == (40, 56, 3)
-    path.write_bytes(encoded[: len(encoded) * 3 // 4])
-    with pytest.raises(ValueError, match=rf"{name}: unreadable image, truncated (JPEG|PNG)"):
-        read_image(str(path))
+from helpers import REORDERED, SEG_CONFIG, error_line, shown
 
 
 # ---------------------------------------------------------------------------------------------
-# Provenance: inference -> seeds -> evaluation
-
-@pytest.fixture
-def trained(tiny_config):
-    """Checkpoints of epochs 0 and 1 of a tiny ICD run; inference at 64 px."""
-    cfg = tiny_config(num_epoch=2)
-    train(cfg)
-    return cfg
-
+# Inference -> seeds -> evaluation
 
 def seeds_of(cfg, results, out_dir=None, **settings):
     return make_seeds(results, DataPaths(cfg.image_root, cfg.annotation_root, cfg.data_list),
@@ -163,3 +143,56 @@ def test_images_larger_than_the_inference_size_are_named(trained, tmp_path, capl
                                               rf"inference size 32.*{larger[0]} {h}x{w}.*"
                                               rf"--infer-size {max(max(s) for s in sizes.values())}"):
         seeds_of(trained, results)
+
+
+# ---------------------------------------------------------------------------------------------
+# icd-infer-seg's provenance record
+
+def deeplab_checkpoint(path, classes=None):
+    """A random 1/16-width vgg16_largefov checkpoint (20 classes) at `path`; with `classes`, a
+    run record beside it naming them, as icd-train-seg writes."""
+    net = build_model("vgg16_largefov", num_classes=20, width=1 / 16)
+    net.initialize(mx.init.Xavier(magnitude=2))
+    save_checkpoint(net, path)
+    if classes is not None:
+        with open(os.path.splitext(path)[0] + ".json", "w") as f:
+            json.dump({"run": "r", "epoch": 0, "classes": list(classes)}, f)
+    return path
+
+
+def test_infer_seg_keeps_a_record_and_refuses_other_settings(tiny_voc, tmp_path, capsys):
+    params = deeplab_checkpoint(str(tmp_path / "a.params"))
+    out = tmp_path / "seg"
+    argv = ["--config", SEG_CONFIG, "--width", "0.0625", "--image-root", tiny_voc["image_root"],
+            "--data-list", tiny_voc["val_list"], "--infer-size", "64", "--cpus", "1",
+            "--params", params, "--out", str(out), "--no-crf", "--scales", "1"]
+    assert infer_seg_command.main(argv) == 0
+    record = read_record(str(out / "pred"))
+    assert record == read_record(str(out / "overlay")) and record["state"] == "complete"
+    settings = record["settings"]
+    assert settings["checkpoint"]["path"] == params and settings["flip"] is False
+    assert settings["scales"] == [1.0] and settings["crf"] is False
+    assert settings["infer_size"] == 64 and settings["classes"] == list(VOC_CLASSES)
+    before = {p: os.path.getmtime(out / "pred" / p) for p in os.listdir(out / "pred")}
+
+    assert infer_seg_command.main(argv + ["--skip-existing", "--flip"]) == 1
+    assert error_line(capsys).startswith(
+        f"error: {out / 'pred'}: holds results of another infer-seg run (changed: flip False -> "
+        f"True)")
+    other = deeplab_checkpoint(str(tmp_path / "b.params"))
+    assert infer_seg_command.main(argv + ["--skip-existing", "--params", other]) == 1
+    assert "(changed: checkpoint {" in error_line(capsys)
+    assert {p: os.path.getmtime(out / "pred" / p) for p in os.listdir(out / "pred")} == before
+    # the same settings continue; --overwrite replaces the folders' results
+    assert infer_seg_command.main(argv + ["--skip-existing"]) == 0
+    assert infer_seg_command.main(argv + ["--skip-existing", "--flip", "--overwrite"]) == 0
+    assert read_record(str(out / "pred"))["settings"]["flip"] is True
+
+    # a checkpoint trained on another class list
+    wrong = deeplab_checkpoint(str(tmp_path / "c.params"), REORDERED)
+    assert infer_seg_command.main(argv + ["--params", wrong, "--out", str(tmp_path / "x")]) == 1
+    assert error_line(capsys).startswith(
+        f"error: {tmp_path / 'c.json'}: the checkpoint was trained on {shown(REORDERED)}, but "
+        f"the default list (no --classes: PASCAL VOC's) gives {shown(VOC_CLASSES)} (label 1 is "
+        f"'bird' / 'aeroplane')")
+    assert not os.path.exists(tmp_path / "x")

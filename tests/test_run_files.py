@@ -1,7 +1,7 @@
-"""icd-run keeps what it did not write and never presents stale results as current (issue #30,
-items 1 and 3): a step removes only the files it wrote, an --out holding the run's inputs is
-refused, inputs are fingerprinted by content, a finished step's missing outputs are remade, a
-moved run folder is the same run, steps of a larger --repeat are forgotten, one run per folder."""
+"""icd-run keeps what it did not write and never presents stale results as current: a step
+removes only the files it wrote, an --out holding the run's inputs is refused, inputs are
+fingerprinted by content, a finished step's missing outputs are remade, a moved run folder is
+the same run, steps of a larger --repeat are forgotten, one run per folder."""
 import json
 import logging
 import os
@@ -11,20 +11,12 @@ import sys
 
 import pytest
 
-from icd.pipeline import paper, settings as pipeline_settings, steps as pipeline
-from icd.commands import run as run_command
+from icd.pipeline import paper
+from icd.pipeline import steps as pipeline
 from icd.io import read_json
+from icd.pipeline import settings as pipeline_settings
 
-from test_run import _config
-
-
-def _run(config, out, *extra):
-    return run_command.main(["--config", config, "--out", out, "--cpus", "1", "--workers", "1",
-                             "--progress-every", "0", *extra])
-
-
-def _error(capsys):
-    return capsys.readouterr().err.strip().splitlines()[-1]
+from helpers import icd_run, last_error, run_config
 
 
 @pytest.fixture
@@ -43,11 +35,11 @@ def _names(path):
 
 
 # ---------------------------------------------------------------------------------------------
-# Item 1: only what the step wrote is removed
+# Only what the step wrote is removed
 
 def test_overwrite_with_out_the_data_folder_keeps_the_users_files(voc_copy, tmp_path, caplog):
     out = voc_copy["root"]
-    config = _config(tmp_path, voc_copy, 1)
+    config = run_config(tmp_path, voc_copy, 1)
     superpixels = os.path.join(out, "superpixels")
     train = _names(voc_copy["data_list"])
     for name in train:                     # the step makes the train maps; val's are the user's
@@ -59,10 +51,10 @@ def test_overwrite_with_out_the_data_folder_keeps_the_users_files(voc_copy, tmp_
     os.makedirs(os.path.join(superpixels, "extra"))
     with open(os.path.join(superpixels, "extra", "x.txt"), "w") as f:
         f.write("mine too")
-    assert _run(config, out, "--steps", "superpixels") == 0
+    assert icd_run(config, out, "--steps", "superpixels") == 0
     caplog.clear()
     with caplog.at_level(logging.INFO):
-        assert _run(config, out, "--steps", "superpixels", "--overwrite") == 0
+        assert icd_run(config, out, "--steps", "superpixels", "--overwrite") == 0
     assert open(os.path.join(superpixels, "NOTES.txt")).read() == "mine"
     assert open(os.path.join(superpixels, "extra", "x.txt")).read() == "mine too"
     assert all(os.path.isfile(os.path.join(superpixels, n)) for n in val)
@@ -74,13 +66,13 @@ def test_overwrite_with_out_the_data_folder_keeps_the_users_files(voc_copy, tmp_
 
 
 def test_a_rerun_with_out_dot_keeps_a_users_file(voc_copy, tmp_path, monkeypatch):
-    config = _config(tmp_path, voc_copy, 1)
+    config = run_config(tmp_path, voc_copy, 1)
     work = tmp_path / "work"
     (work / "superpixels").mkdir(parents=True)
     (work / "superpixels" / "mine.txt").write_text("mine")
     monkeypatch.chdir(work)
-    assert _run(config, ".", "--steps", "superpixels") == 0
-    assert _run(config, ".", "--steps", "superpixels", "--overwrite") == 0
+    assert icd_run(config, ".", "--steps", "superpixels") == 0
+    assert icd_run(config, ".", "--steps", "superpixels", "--overwrite") == 0
     assert (work / "superpixels" / "mine.txt").read_text() == "mine"
     assert len(list((work / "superpixels").glob("*.png"))) == 8
 
@@ -108,11 +100,11 @@ def test_a_changed_setting_removes_the_steps_files_and_emptied_folders_only(tmp_
 
 
 def test_an_out_that_holds_the_runs_inputs_is_refused(voc_copy, tmp_path, capsys):
-    config = _config(tmp_path, voc_copy, 1)
+    config = run_config(tmp_path, voc_copy, 1)
     before = open(voc_copy["data_list"]).read()
-    assert _run(config, voc_copy["data_list"]) == 1
-    assert _error(capsys) == f"error: --out {voc_copy['data_list']}: is a file; the run " \
-                             f"folder must be a folder of its own"
+    assert icd_run(config, voc_copy["data_list"]) == 1
+    assert last_error(capsys) == f"error: --out {voc_copy['data_list']}: is a file; the run " \
+                                 f"folder must be a folder of its own"
     assert open(voc_copy["data_list"]).read() == before
     # a class list inside a folder that a step writes (<out>/tables)
     out = tmp_path / "out"
@@ -122,17 +114,18 @@ def test_an_out_that_holds_the_runs_inputs_is_refused(voc_copy, tmp_path, capsys
     text = open(config).read().replace(f"classes: {voc_copy['classes']}", f"classes: {classes}")
     with open(config, "w") as f:
         f.write(text)
-    assert _run(config, str(out)) == 1
-    assert _error(capsys) == (f"error: --out {out}: {config}: classes {classes} lies in "
-                              f"{out / 'tables'}, which step tables writes; choose another --out")
+    assert icd_run(config, str(out)) == 1
+    assert last_error(capsys) == (f"error: --out {out}: {config}: classes {classes} lies in "
+                                  f"{out / 'tables'}, which step tables writes; choose another "
+                                  f"--out")
     assert not os.path.exists(out / "superpixels")
 
 
 # ---------------------------------------------------------------------------------------------
-# Item 3: stale results
+# Stale results
 
 def test_a_list_edited_in_place_reruns_the_step(voc_copy, tmp_path):
-    config, out = _config(tmp_path, voc_copy, 1), str(tmp_path / "out")
+    config, out = run_config(tmp_path, voc_copy, 1), str(tmp_path / "out")
     settings = pipeline_settings.PaperSettings(config, out, devices=dict(cpus=1, gpus=""))
     assert paper.run_paper(settings, ["superpixels"], progress_every=0)[
         "superpixels"]["action"] == "run"
@@ -148,7 +141,7 @@ def test_a_list_edited_in_place_reruns_the_step(voc_copy, tmp_path):
 
 
 def test_a_deleted_output_is_remade_not_skipped(voc_copy, tmp_path, caplog):
-    config, out = _config(tmp_path, voc_copy, 1), str(tmp_path / "out")
+    config, out = run_config(tmp_path, voc_copy, 1), str(tmp_path / "out")
     settings = pipeline_settings.PaperSettings(config, out, devices=dict(cpus=1, gpus=""))
     paper.run_paper(settings, ["superpixels"], progress_every=0)
     folder = os.path.join(out, "superpixels")
@@ -211,7 +204,7 @@ def _done_marker(out, name, folder, files):
 
 
 def test_a_smaller_repeat_removes_what_the_dropped_seeds_wrote(voc_copy, tmp_path, caplog):
-    config, out = _config(tmp_path, voc_copy, 1), str(tmp_path / "out")
+    config, out = run_config(tmp_path, voc_copy, 1), str(tmp_path / "out")
     # what --repeat 2 left: seed1's training and the two-seed comparison
     _done_marker(out, "train_icd.s1", os.path.join("seed1", "snapshot_icd"),
                  ["vgg16_icd-0000.params"])
@@ -233,7 +226,7 @@ def test_a_smaller_repeat_removes_what_the_dropped_seeds_wrote(voc_copy, tmp_pat
 
 
 def test_two_runs_on_one_out_are_refused(voc_copy, tmp_path, capsys):
-    config, out = _config(tmp_path, voc_copy, 1), str(tmp_path / "out")
+    config, out = run_config(tmp_path, voc_copy, 1), str(tmp_path / "out")
     lock = os.path.join(out, "steps", "run.lock")
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from icd.io import exclusive_lock\n"
@@ -241,8 +234,8 @@ def test_two_runs_on_one_out_are_refused(voc_copy, tmp_path, capsys):
          "    print('held', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        assert _run(config, out, "--steps", "superpixels") == 1
-        error = _error(capsys)
+        assert icd_run(config, out, "--steps", "superpixels") == 1
+        error = last_error(capsys)
         assert error.startswith(f"error: {os.path.abspath(out)}: in use by another run (pid "
                                 f"{holder.pid} "), error
         assert not os.path.exists(os.path.join(out, "superpixels"))
