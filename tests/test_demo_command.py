@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from helpers import REPO
 from icd.commands.demo import main
 from icd.commands.runner import EXIT_ERROR, EXIT_USAGE
 

@@ -19,7 +19,7 @@ from icd.model.pretrained import (IMAGENET_MEAN, IMAGENET_STD, RESNET101_V1B, VG
                                   describe_pretrained, imagenet_file, initialize,
                                   release_layout, store_path, zoo_vgg16_names)
 
-from conftest import REPO
+from helpers import REPO
 
 SIZE = 232   # conv5_3 cells 14 and 15 see no zero padding of conv1_1's input (radius 105 px)
 
@@ -284,4 +284,19 @@ def test_icd_run_starts_from_the_converted_file(converted, tiny_voc, tmp_path):
         f"  segment: {{config: {tmp_path / 'seg.yaml'}, list: {lists}/val.txt}}\n")
     assert run.main(["--config", str(tmp_path / "run.yaml"), "--out", str(tmp_path / "run"),
                      "--cpus", "1", "--workers", "1"]) == 0
-    assert os.path.isfile(tmp_path / "run" / "tables" / "tables.md")
+    tables = tmp_path / "run" / "tables"
+    imagenet = json.loads((tables / "tables.json").read_text())["imagenet"]
+    assert imagenet["file"] == converted["file"]
+    assert imagenet["made_from"] == describe_pretrained(converted["file"])["made_from"]
+    assert imagenet["made_from"].startswith("mxnet model zoo vgg16")
+    assert f"ImageNet weights: {imagenet['made_from']}" in (tables / "tables.md").read_text()
+
+
+def test_the_tables_name_the_imagenet_file(converted):
+    """icd-run's tables say which ImageNet file the networks started from."""
+    from icd.pipeline.tables import imagenet_source
+    assert imagenet_source(None)["made_from"] == "none (random initialisation)"
+    assert imagenet_source("modelzoo")["made_from"] == "the model store's file (modelzoo)"
+    found = imagenet_source(converted["file"])
+    assert found["made_from"] == json.load(open(converted["file"] + ".json"))["made_from"]
+    assert found["sha256"] == describe_pretrained(converted["file"])["sha256"]

@@ -179,7 +179,10 @@ def test_a_missing_gt_root_is_named_before_the_first_step(tiny_voc, tmp_path, ca
         f.write(text.replace(f"gt_root: {tiny_voc['gt_root']}", f"gt_root: {missing}"))
     out = str(tmp_path / "out")
     assert icd_run(config, out) == 1
-    assert last_error(capsys) == f"error: {config}: pipeline: gt_root: {missing}: not found"
+    assert last_error(capsys) == (
+        f"error: 1 input of the run not found (every input: docs/inputs.md): [1] {config}: "
+        f"pipeline: gt_root: {missing}; get it: label maps <name>.png (VOC: SBD's "
+        f"SegmentationClassAug; docs/inputs.md)")
     assert not os.path.exists(os.path.join(out, "superpixels"))
     # a step that does not read it runs (the superpixels read only the images and lists)
     settings = pipeline_settings.PaperSettings(config, out)
@@ -207,3 +210,26 @@ def test_a_missing_stage_config_names_the_setting(tiny_voc, tmp_path, capsys, ol
         f.write(text.replace(old, new, 1))
     assert icd_run(config, str(tmp_path / "out")) == 1
     assert last_error(capsys).startswith(f"error: {config}: pipeline: {key}: ")
+
+
+def test_every_missing_input_is_named_at_once_with_how_to_get_it(tiny_voc, tmp_path, capsys):
+    """Three inputs missing: one error before the first step names them all, each with its
+    setting and the command or source that makes it (the ImageNet file: icd-pretrained, to the
+    path the config gives)."""
+    config = run_config(tmp_path, tiny_voc, 1)
+    images, gt, weights = (str(tmp_path / n) for n in ("no_images", "no_gt", "vgg16_20M.params"))
+    with open(config) as f:
+        text = f.read().replace(f"image_root: {tiny_voc['image_root']}", f"image_root: {images}")
+    with open(config, "w") as f:
+        f.write(text.replace(f"gt_root: {tiny_voc['gt_root']}", f"gt_root: {gt}")
+                + f"pretrained: {weights}\n")
+    out = str(tmp_path / "out")
+    assert icd_run(config, out) == 1
+    error = last_error(capsys)
+    head, *items = error.split(" [")
+    assert head == "error: 3 inputs of the run not found (every input: docs/inputs.md):"
+    assert items[0].startswith(f"1] {config}: image_root: {images}; get it: the images <name>.jpg")
+    assert items[1] == (f"2] {config}: pretrained: {weights}; get it: icd-pretrained --from "
+                        f"modelzoo:vgg16 --out {weights} (or the release's file: docs/inputs.md)")
+    assert items[2].startswith(f"3] {config}: pipeline: gt_root: {gt}; get it: label maps")
+    assert not os.path.exists(os.path.join(out, "superpixels"))

@@ -86,10 +86,11 @@ def store_file(entry: Pretrained, root: Optional[str] = None) -> str:
             f"file there (or give --root its folder, or its path)") from None
 
 
-def fetch_command(entry: Pretrained) -> str:
-    """How a user gets `entry`'s file: the converter's command, or the model store."""
+def fetch_command(entry: Pretrained, out: Optional[str] = None) -> str:
+    """How a user gets `entry`'s file (at `out`, by default where the configs expect it): the
+    converter's command, or the model store."""
     if entry.convert:
-        return f"icd-pretrained --from {MODELZOO}:{entry.store_name} --out {entry.file}"
+        return f"icd-pretrained --from {MODELZOO}:{entry.store_name} --out {out or entry.file}"
     return (f"`pretrained: {MODELZOO}` (the model store downloads {entry.store_name} into "
             f"{default_root()}), or the path of a {entry.store_name} .params file")
 

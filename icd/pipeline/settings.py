@@ -8,13 +8,14 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 from ..amp import unsupported_reason
 from ..config import Config, find_config, load_config, read_config_sources
 from ..data.dataset import DataPaths
 from ..devices import parse_devices
-from ..model import MODELS
+from ..model import MODELS, model_spec
+from ..model.pretrained import MODELZOO, fetch_command
 from .sections import load_pipeline
 from .steps import Step
 from .tables import CAM_ROWS, SEED_ROWS
@@ -27,6 +28,26 @@ DEVICE_FLAGS = {"gpus": "--gpus", "cpus": "--cpus", "kvstore": "--kvstore",
 # What the CAM baseline takes from the ICD config: its data, classes and inference size
 INHERITED = ("image_root", "annotation_root", "data_list", "classes", "num_cls", "pretrained",
              "infer_size")
+# Where a user gets each input the run reads, by the setting that names it (docs/inputs.md)
+LIST = "a list of image ids (VOC: SBD's train_aug.txt, val.txt; docs/inputs.md)"
+GT = "label maps <name>.png (VOC: SBD's SegmentationClassAug; docs/inputs.md)"
+HOW_TO_GET = {
+    "image_root": "the images <name>.jpg (VOC: VOCtrainval_11-May-2012.tar; COCO: "
+                  "icd-coco-to-voc; docs/inputs.md)",
+    "annotation_root": "the image-level labels <name>.xml (VOC 2012's Annotations; COCO: "
+                       "icd-coco-to-voc)",
+    "classes": "a class list, one name per line (icd-coco-to-voc writes COCO's)",
+    "data_list": LIST, "splits": LIST, "evaluate.list": LIST, "segment.list": LIST,
+    "gt_root": GT, "segment.gt_root": GT,
+    "seeds.saliency_root": "saliency maps <name>.png (optional; docs/inputs.md)",
+}
+
+
+class Input(NamedTuple):
+    """A file or folder a run reads: the setting that names it, as said in errors (`where`),
+    and its key (`HOW_TO_GET`; "pretrained" for the ImageNet file)."""
+    where: str
+    key: str
 
 
 @dataclass
@@ -88,22 +109,22 @@ class PaperSettings:
         if reason:
             raise ValueError(f"{where('amp')}: {cfg.amp} cannot run on these devices: {reason}")
 
-    def inputs(self, steps: Sequence[str]) -> Dict[str, str]:
-        """{path: the setting that gave it} of the files and folders the `steps` (base names)
-        read."""
-        needed: Dict[str, str] = {self.config: "--config"}
+    def inputs(self, steps: Sequence[str]) -> Dict[str, Input]:
+        """{path: Input} of the files and folders the `steps` (base names) read."""
+        needed: Dict[str, Input] = {self.config: Input("--config", "config")}
         given = read_config_sources(self.config)[1]
         labels = self.labels("icd")
 
         def field(name: str) -> None:
             value = getattr(self.icd, name)
             if value:
-                needed.setdefault(value, labels.get(name) or
-                                  f"{given.get(name, self.config)}: {name}")
+                needed.setdefault(value, Input(labels.get(name) or
+                                               f"{given.get(name, self.config)}: {name}", name))
 
         def setting(name: str, value: Optional[str]) -> None:
             if value:
-                needed.setdefault(value, self.where(name))
+                needed.setdefault(value, Input(self.where(name), name.split(".")[0]
+                                               if name.startswith("splits.") else name))
 
         bases = set(steps)
         field("classes")
@@ -114,8 +135,9 @@ class PaperSettings:
                 setting(f"splits.{split}", data_list)
         if bases & {"train_icd", "train_cam", "seeds", "evaluate"}:
             field("annotation_root")
-        if bases & {"train_icd", "train_cam"} or (
-                "superpixels" in bases and self.pipeline.superpixels.features == "pretrained"):
+        if (bases & {"train_icd", "train_cam"} or (
+                "superpixels" in bases and self.pipeline.superpixels.features == "pretrained")) \
+                and not self.from_model_store():
             field("pretrained")
         if "seeds" in bases:
             setting("seeds.saliency_root", self.pipeline.seeds.saliency_root)
@@ -127,15 +149,38 @@ class PaperSettings:
                 setting(f"segment.{key}", getattr(self.pipeline.segment, key))
         return needed
 
+    def from_model_store(self) -> bool:
+        """Whether the ImageNet file is the model store's own (`pretrained: modelzoo` for a
+        network that takes the store's file as it is): the store fetches it, no path to check."""
+        entry = model_spec(self.icd.model).pretrained
+        return str(self.icd.pretrained).startswith(MODELZOO) and entry is not None and \
+            not entry.convert
+
+    def how_to_get(self, path: str, key: str) -> str:
+        """How a user makes or fetches the input `path` named by setting `key`."""
+        if key == "pretrained":
+            entry = model_spec(self.icd.model).pretrained
+            if entry is not None:
+                command = fetch_command(entry, None if path.startswith(MODELZOO) else path)
+                return f"{command} (or the release's file: docs/inputs.md)"
+        return HOW_TO_GET.get(key, "")
+
     def check_paths(self, steps: Sequence[str]) -> None:
         """The files and folders the selected `steps` (base names) read exist, before the
-        first step; a missing one is an error naming the setting that gave it."""
+        first step; FileNotFoundError naming every missing one at once, each with the setting
+        that gave it and how to make or fetch it (`how_to_get`)."""
         if set(steps) & {"evaluate", "segment", "tables", "compare"} and not self.data.gt_root:
             raise ValueError(f"{self.config}: pipeline: gt_root: the ground-truth folder is "
                              f"needed to evaluate (or leave the evaluate step out with --steps)")
-        for path, where in self.inputs(steps).items():
-            if not os.path.exists(path):
-                raise FileNotFoundError(f"{where}: {path}: not found")
+        missing = [(path, needed) for path, needed in self.inputs(steps).items()
+                   if not os.path.exists(path)]
+        if missing:
+            raise FileNotFoundError(
+                f"{len(missing)} input{'s' if len(missing) > 1 else ''} of the run not found "
+                f"(every input: docs/inputs.md): " + " ".join(
+                    f"[{k}] {needed.where}: {path}" + (f"; get it: {how}" if (
+                        how := self.how_to_get(path, needed.key)) else "")
+                    for k, (path, needed) in enumerate(missing, 1)))
 
     def check_out(self, steps: Sequence[Step]) -> None:
         """`--out` is refused where the run would write over one of its inputs: a file, or a
@@ -146,7 +191,7 @@ class PaperSettings:
                              f"its own")
         written = {st.name: st.folders for st in steps}
         written["the step runner"] = (self.folder("steps"),)
-        for path, where in self.inputs(BASE_STEPS).items():
+        for path, (where, _) in self.inputs(BASE_STEPS).items():
             real = os.path.realpath(path)
             for name, folders in written.items():
                 for folder in map(os.path.realpath, folders):

@@ -12,6 +12,7 @@ import numpy as np
 from ..data.voc import read_mask
 from ..io import atomic_path, read_json, write_json
 from ..metrics import percent
+from ..model.pretrained import MODELZOO, describe_pretrained
 from ..seeds import EPS
 from .compare import seed_comparison
 
@@ -145,7 +146,12 @@ def split_markdown(tables: Mapping, split: str, claims_split: bool) -> List[str]
 def step_tables(s: PaperSettings, seed: int, run: Run) -> Dict:
     """tables/tables.md and tables.json: the paper's Tables 1, 2, 3 and 7/8 of this run (all
     labels, the release's rule) and ICD vs the baseline's seeds + CRF with its interval."""
-    lines, numbers = [f"# Tables of `{s.config}` (training seed {seed})", ""], {}
+    imagenet = imagenet_source(s.icd.pretrained)
+    lines = [f"# Tables of `{s.config}` (training seed {seed})", "",
+             f"ImageNet weights: {imagenet['made_from']}"
+             + (f" (`{imagenet['file']}`, SHA-256 {imagenet['sha256'][:12]}...)"
+                if imagenet.get("sha256") else ""), ""]
+    numbers: Dict = {"imagenet": imagenet}
     for split in s.splits:
         icd = read_json(os.path.join(s.results(seed, "icd", split), "eval", "eval.json"))
         cam = (read_json(os.path.join(s.results(seed, "cam", split), "eval", "eval.json"))
@@ -177,6 +183,17 @@ def step_tables(s: PaperSettings, seed: int, run: Run) -> Dict:
         f.write("\n".join(lines))
     write_json(os.path.join(s.root(seed), "tables", "tables.json"), numbers)
     return {"tables": path}
+
+
+def imagenet_source(pretrained: Optional[str]) -> Dict:
+    """Which ImageNet file the run's networks started from (icd.model.pretrained's
+    `describe_pretrained`: the release's file, icd-pretrained's conversion, a model store's
+    file), or that they started from a random initialisation."""
+    if not pretrained:
+        return {"file": None, "made_from": "none (random initialisation)"}
+    if pretrained.startswith(MODELZOO):
+        return {"file": None, "made_from": f"the model store's file ({pretrained})"}
+    return describe_pretrained(pretrained)
 
 
 def run_split_lines(icd: Mapping, cam: Optional[Mapping], rows: Sequence[str]) -> List[str]:
