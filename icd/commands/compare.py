@@ -102,7 +102,7 @@ def _inputs(args: argparse.Namespace) -> Dict[str, Tuple[str, Optional[str]]]:
         for key, value in (("gt_root", (f"{config}: pipeline: gt_root", settings.data.gt_root)),
                            ("data_list", (f"{config}: the list of split {args.split}",
                                           settings.eval_list(args.split))),
-                           ("classes", (f"{config}: classes", settings.data.classes))):
+                           ("classes", (f"{config}: classes", settings.icd.classes))):
             if not inputs[key][1] and value[1]:
                 inputs[key] = value
     for key, flag in (("gt_root", "--gt-root"), ("data_list", "--data-list")):
