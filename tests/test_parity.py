@@ -230,7 +230,7 @@ import icd.commands.parity
 
 
 def test_icd_parity_sets_the_determinism_variables_before_mxnet_loads():
-    """README "Running on GPUs": deterministic kernels, no cuDNN autotune, no TF32, set by
+    """docs/gpus.md: deterministic kernels, no cuDNN autotune, no TF32, set by
     icd-parity before MXNet is imported (MXNet reads them when it loads)."""
     env = {k: v for k, v in os.environ.items() if k not in
            ("MXNET_ENFORCE_DETERMINISM", "MXNET_CUDNN_AUTOTUNE_DEFAULT", "NVIDIA_TF32_OVERRIDE")}

@@ -1,5 +1,5 @@
-"""icd-run end to end on tiny_voc (icd.paper): a killed training resumed and only what a seed
-setting changes rerun, a training on two workers, the segmentation as icd-infer-seg's."""
+"""icd-run end to end on tiny_voc (icd.pipeline.paper): a killed training resumed and only what a
+seed setting changes rerun, a training on two workers, the segmentation as icd-infer-seg's."""
 import filecmp
 import json
 import os
@@ -31,7 +31,7 @@ def test_icd_run_resumes_a_killed_training_and_reruns_only_what_a_seed_setting_c
     # killed during the ICD training, once its first checkpoint is complete
     process = subprocess.Popen(icd_run_argv(config, killed), stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
-    # the .params is written last (README: a checkpoint is complete or absent)
+    # the .params is written last (docs/troubleshooting.md: a checkpoint is complete or absent)
     record = os.path.join(killed, "snapshot_icd", "vgg16_icd-0000.params")
     deadline = time.time() + 300
     while not os.path.isfile(record) and process.poll() is None and time.time() < deadline:
