@@ -17,9 +17,9 @@ import numpy as np
 
 from icd.checkpoint import read_params
 from icd.commands import run as run_command
+from icd.data.dataset import DataPaths
 from icd.data.synthetic import DEFAULT_CLASSES
 from icd.data.voc import VOC_CLASSES, write_mask
-from icd.data.dataset import DataPaths
 from icd.seeds import SeedSettings, make_seeds
 
 

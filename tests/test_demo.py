@@ -13,14 +13,14 @@ import pytest
 from PIL import Image
 
 from icd import stats
-from icd.pipeline import claims as report_claims, demo, report, steps as pipeline, tables
 from icd.checkpoint import read_params
 from icd.data.classes import read_classes
 from icd.data.synthetic import DEFAULT_CLASSES
 from icd.data.voc import read_image_labels, read_mask
 from icd.evaluate import NUM_SEG_CLASSES, image_statistics
-from icd.metrics import average_precision, class_iou, confusion_matrix, mean_iou
 from icd.io import read_json
+from icd.metrics import average_precision, class_iou, confusion_matrix, mean_iou
+from icd.pipeline import claims as report_claims, demo, report, steps as pipeline, tables
 from icd.pipeline.paper import paper_steps
 
 

@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 
 import symbols.ops
-from icd.runs import checkpoint_path
 from icd.checkpoint import gather, read_params
 from icd.devices import split_batch
+from icd.engine import make_trainer
 from icd.io import write_json
 from icd.model.ops import share_moving_mean, unshare_moving_mean
 from icd.parity import (NOISE_CAP, NOISE_FACTOR, build_from_params, check_bundle, load_momentum,
-                        read_bundle, replay_infer, state_before, replay_step, summary)
-from icd.engine import make_trainer
+                        read_bundle, replay_infer, replay_step, state_before, summary)
+from icd.runs import checkpoint_path
 from icd.tasks import train
 from symbols.bundle import make_batch, make_bundle, make_params, run_reference_infer, write_bundle
 

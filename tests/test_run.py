@@ -10,14 +10,11 @@ import time
 
 import pytest
 
-from icd.pipeline import paper
-from icd.runs import last_complete_epoch
-from icd.commands import compare as compare_command
-from icd.commands import run as run_command
 from icd import infer as infer_module
-from icd.pipeline import sections as pipeline_sections
-from icd.pipeline import segment as segment_step
-from icd.pipeline import settings as pipeline_settings
+from icd.commands import compare as compare_command, run as run_command
+from icd.pipeline import (paper, sections as pipeline_sections, segment as segment_step,
+                          settings as pipeline_settings)
+from icd.runs import last_complete_epoch
 
 from helpers import environment, icd_run_argv, launch, run_config, step_statuses
 

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 
 from icd.checkpoint import gather
-from icd.model.pretrained import initialize
 from icd.commands import superpixels as superpixels_command
 from icd.data import superpixels as sp
 from icd.data.superpixels import colour_position_features
 from icd.data.voc import read_image, read_list
 from icd.features import cell_shares, conv5_feature_extractor, make_feature_factory
 from icd.model.icd_net import ICDNet
+from icd.model.pretrained import initialize
 
 from helpers import DEVICES, REPO
 
