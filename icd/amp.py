@@ -83,11 +83,11 @@ def unsupported_reason(precision: str, contexts: Sequence[mx.Context]) -> Option
     isa = os.environ.get("DNNL_MAX_CPU_ISA", "").upper()
     if isa in EMULATED_BF16_ISAS:
         return (f"DNNL_MAX_CPU_ISA={isa} caps oneDNN below native bfloat16: it would emulate "
-                f"bfloat16, slower than float32 (README: Mixed precision)")
+                f"bfloat16, slower than float32 (docs/mixed-precision.md)")
     if not cpu_flags() & set(NATIVE_BF16_FLAGS):
         return ("this CPU has no native bfloat16 (neither avx512_bf16 nor amx_bf16 in "
                 "/proc/cpuinfo): oneDNN would emulate it, slower than float32, or fail "
-                "(README: Mixed precision)")
+                "(docs/mixed-precision.md)")
     return None
 
 

@@ -141,19 +141,19 @@ class Config:
         range="non_negative", flag_min=1, used_by=ALL)
     amp: str = option("off",
         "mixed precision: off = float32 (the release's; parity), bf16 on CPUs with avx512_bf16 or "
-        "AMX, fp16 on GPUs (README: Mixed precision)",
+        "AMX, fp16 on GPUs (docs/mixed-precision.md)",
         choices=PRECISIONS, used_by=ALL)
     kvstore: str = option("device",
         "gradient aggregation: device (the release's) or local on one machine; dist_device_sync / "
-        "dist_sync_device (the same) or dist_sync on several, started by icd-launch (README: "
-        "Training on several machines)",
+        "dist_sync_device (the same) or dist_sync on several, started by icd-launch "
+        "(docs/machines.md)",
         choices=KVSTORES, used_by=TRAINING)
     num_workers: int = option(os.cpu_count() or 1,
         "data-loader processes, 0 = load in the main process (default: one per core)",
         range="non_negative", used_by=ALL)
     pin_memory: bool = option(False,
         "training batches in page-locked host memory (MXNet 1.9.1 allocates and frees it for "
-        "every batch: README: Running on GPUs)",
+        "every batch: docs/gpus.md)",
         used_by=TRAINING)
 
     # checkpoints and runs

@@ -74,8 +74,8 @@ class Workers:
             if missing:
                 raise ValueError(
                     f"--kvstore {kvstore} needs the job's variables ({', '.join(missing)} not "
-                    f"set); start the workers with icd-launch (README: Training on several "
-                    f"machines)")
+                    f"set); start the workers with icd-launch "
+                    f"(docs/machines.md)")
             self.kv = mx.kv.create(kvstore)
         self.rank = self.kv.rank if self.kv else 0
         self.num_workers = self.kv.num_workers if self.kv else 1

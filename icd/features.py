@@ -158,7 +158,7 @@ def make_feature_factory(pretrained: Optional[str] = None, devices: Sequence[str
 
 # Processes holding a network on one GPU (each a CUDA context and a copy of VGG16 at 513 px):
 # two, so that the host work of one (Felzenszwalb, the merge) overlaps the forward of the other
-# (README: Running on GPUs; not measured on a GPU).
+# (docs/gpus.md; not measured on a GPU).
 PROCESSES_PER_GPU = 2
 
 

@@ -1,4 +1,4 @@
-"""A training step's device memory, estimated before the first step (README: Running on GPUs).
+"""A training step's device memory, estimated before the first step (docs/gpus.md).
 
 Per registered model, two figures measured by `icd-bench` on CPU in float32 at full width and
 321 px crops (`icd.bench.memory_per_image`: the peak resident memory of a child process running
@@ -58,7 +58,7 @@ def warn_if_short(cfg, contexts: Sequence[mx.Context]) -> Optional[float]:
         if estimate > free / 2 ** 20:
             log.warning("%s: about %.0f MiB per device for %d images of %d px (--batch-size %d "
                         "over %d devices), more than the %.0f MiB free on %s: lower "
-                        "--batch-size or use more GPUs (README: Running on GPUs; a CPU-measured "
+                        "--batch-size or use more GPUs (docs/gpus.md; a CPU-measured "
                         "estimate)", cfg.model, estimate, images, cfg.image_size, cfg.batch_size,
                         len(contexts), free / 2 ** 20, ctx)
     return estimate

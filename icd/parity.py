@@ -1,6 +1,6 @@
 """Parity bundles: our Gluon ICDNet against steps recorded from the original release.
 
-A bundle folder (format in README "Parity with the release" and symbols/bundle.py) holds the
+A bundle folder (format in docs/parity.md and symbols/bundle.py) holds the
 starting checkpoint, one training batch, an inference batch and, for every step k, the release's
 outputs of step k and its state after it.
 
@@ -119,7 +119,7 @@ class Bundle:
     params: Dict[str, np.ndarray]     # 'arg:NAME' | 'aux:NAME' at the start
     batch: Dict[str, np.ndarray]      # data (N,3,H,W), superpixel (N,H,W), label (N,C)
     infer: Dict[str, np.ndarray]      # the same for inference
-    expected: Dict[str, np.ndarray]   # the reference's tensors (README)
+    expected: Dict[str, np.ndarray]   # the reference's tensors (docs/parity.md)
     paths: Dict[str, str]             # file name -> path
 
     @property

@@ -55,8 +55,8 @@ from .provenance import file_identity
 # 641, ...: all 8k + 1 like 513, so the stride-8 output grid keeps its alignment) and multi-scale
 # or COCO-sized inputs meet a few input shapes instead of one per image size (each new shape
 # re-plans the memory and, on GPUs, re-runs cuDNN autotune for every convolution). Not the
-# default: a larger canvas changes the probabilities inside the image (measured: README, Running
-# on GPUs), through the convolutions' zero padding at the canvas border and the upsampling ratio.
+# default: a larger canvas changes the probabilities inside the image (measured: docs/gpus.md),
+# through the convolutions' zero padding at the canvas border and the upsampling ratio.
 CANVAS_STEP = 64
 AUTOTUNE = "MXNET_CUDNN_AUTOTUNE_DEFAULT"
 # Paper Tables 7 (VGG16) and 8 (ResNet-101): DeepLab-LargeFOV trained on ICD seeds, VOC 2012

@@ -217,6 +217,46 @@ def read_momentum(mod):
     return momentum
 
 
+def _reference_module(params, batch, meta, contexts):
+    """The release's training graph as an mx.mod.Module on ``contexts``, bound to ``batch``'s
+    shapes, started from ``params``, with its SGD (run_reference_steps' section 4)."""
+    sym = get_symbol(meta["num_cls"], meta["width"], "train", dropout=meta.get("dropout", 0.0),
+                     warmup_iters=meta["warmup_iters"])
+    batch_size = batch["data"].shape[0]
+    mod = mx.mod.Module(sym, data_names=DATA_NAMES, label_names=None, context=contexts)
+    mod.bind(data_shapes=[(name, batch[name].shape) for name in DATA_NAMES], for_training=True)
+    arg_params, aux_params = _split_params(params)
+    mod.init_params(arg_params=arg_params, aux_params=aux_params)
+    # Section 4: MXNet's Optimizer (1.9.1, verified by tests/test_symbols.py) gives wd_mult 0 to every
+    # parameter whose name does not end in _weight or _gamma: biases and feat_bn_beta get no decay,
+    # feat_bn_gamma is decayed. Module passes the parameter names (param_idx2name), so the default
+    # applies unchanged; lr_mult 10 comes from the __lr_mult__ attrs of get_symbol.
+    mod.init_optimizer(kvstore="device", optimizer="sgd", optimizer_params={
+        "learning_rate": meta["lr"], "momentum": meta["momentum"], "wd": meta["wd"],
+        "rescale_grad": 1.0 / batch_size})
+    return mod
+
+
+def _reference_step(mod, data_batch, order, several):
+    """One training step of ``mod``: {key: float32 array} for the outputs before the update, the
+    checkpoint and momentum after it and, on several devices, the shared store and each device's
+    moving mean (run_reference_steps' keys without the step prefix)."""
+    if several:
+        _forward_in_device_order(mod, data_batch, order)
+    else:
+        mod.forward(data_batch, is_train=True)
+    result = {name: out.asnumpy() for name, out in zip(TRAIN_OUTPUTS, mod.get_outputs())}
+    mod.backward()
+    mod.update()
+    result.update(read_state(mod))
+    result.update(read_momentum(mod))
+    if several:
+        result[STORE_KEY] = shared_moving_mean(RESIGN_KEY)
+        result[DEVICES_KEY] = np.stack([exe.aux_dict[DEVICES_KEY.split(":")[1]].asnumpy()
+                                        for exe in mod._exec_group.execs])
+    return result
+
+
 def run_reference_steps(params, batch, meta, contexts=None, order=None):
     """Train the release's graph ``meta['steps']`` steps on ``batch`` (the same batch every step).
 
@@ -244,39 +284,14 @@ def run_reference_steps(params, batch, meta, contexts=None, order=None):
     order = list(range(len(contexts))) if order is None else list(order)
     if sorted(order) != list(range(len(contexts))):
         raise ValueError("order %r is not a permutation of the %d devices" % (order, len(contexts)))
-    sym = get_symbol(meta["num_cls"], meta["width"], "train", dropout=meta.get("dropout", 0.0),
-                     warmup_iters=meta["warmup_iters"])
-    batch_size = batch["data"].shape[0]
-    mod = mx.mod.Module(sym, data_names=DATA_NAMES, label_names=None, context=contexts)
-    mod.bind(data_shapes=[(name, batch[name].shape) for name in DATA_NAMES], for_training=True)
-    arg_params, aux_params = _split_params(params)
-    mod.init_params(arg_params=arg_params, aux_params=aux_params)
-    # Section 4: MXNet's Optimizer (1.9.1, verified by tests/test_symbols.py) gives wd_mult 0 to every
-    # parameter whose name does not end in _weight or _gamma: biases and feat_bn_beta get no decay,
-    # feat_bn_gamma is decayed. Module passes the parameter names (param_idx2name), so the default
-    # applies unchanged; lr_mult 10 comes from the __lr_mult__ attrs of get_symbol.
-    mod.init_optimizer(kvstore="device", optimizer="sgd", optimizer_params={
-        "learning_rate": meta["lr"], "momentum": meta["momentum"], "wd": meta["wd"],
-        "rescale_grad": 1.0 / batch_size})
+    mod = _reference_module(params, batch, meta, contexts)
     reset_shared_store(RESIGN_KEY)
     data_batch = _data_batch(batch)
     result = {}
     for step in range(meta["steps"]):
         prefix = "train/step%d/" % step
-        if len(contexts) > 1:
-            _forward_in_device_order(mod, data_batch, order)
-        else:
-            mod.forward(data_batch, is_train=True)
-        for name, out in zip(TRAIN_OUTPUTS, mod.get_outputs()):
-            result[prefix + name] = out.asnumpy()
-        mod.backward()
-        mod.update()
-        for key, value in list(read_state(mod).items()) + list(read_momentum(mod).items()):
-            result[prefix + key] = value
-        if len(contexts) > 1:
-            result[prefix + STORE_KEY] = shared_moving_mean(RESIGN_KEY)
-            result[prefix + DEVICES_KEY] = np.stack([exe.aux_dict[DEVICES_KEY.split(":")[1]].asnumpy()
-                                                     for exe in mod._exec_group.execs])
+        step_result = _reference_step(mod, data_batch, order, several=len(contexts) > 1)
+        result.update((prefix + key, value) for key, value in step_result.items())
     return result
 
 

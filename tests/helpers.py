@@ -17,9 +17,9 @@ import numpy as np
 
 from icd.checkpoint import read_params
 from icd.commands import run as run_command
+from icd.data.dataset import DataPaths
 from icd.data.synthetic import DEFAULT_CLASSES
 from icd.data.voc import VOC_CLASSES, write_mask
-from icd.data.dataset import DataPaths
 from icd.seeds import SeedSettings, make_seeds
 
 
@@ -168,28 +168,21 @@ def results_seeds(paths, workers=1, out_dir=None, overwrite=False, shard=(0, 1),
 # ---------------------------------------------------------------------------------------------
 # icd-run on tiny_voc
 
-def run_config(tmp_path, voc, epochs):
+def run_config(tmp_path, voc, epochs, pipeline=None, **keys):
+    """`run.yaml` in `tmp_path`: experiments/synthetic_run.yaml on `voc`, CPU-sized. `keys` (YAML
+    text values) replace top-level keys or add them, `pipeline` the pipeline: section's."""
+    top = dict(base=os.path.join(REPO, "experiments", "synthetic_run.yaml"),
+               image_root=voc["image_root"], annotation_root=voc["annotation_root"],
+               data_list=voc["data_list"], classes=voc["classes"], width=0.0625, image_size=32,
+               batch_size=4, num_epoch=epochs, warmup_epochs=1, num_workers=0, num_save=0,
+               infer_size=65)
+    top.update(keys)
+    sections = {"gt_root": voc["gt_root"], "splits": f"{{train: {voc['data_list']}}}",
+                "seeds": "{rows: [nocrf, crf]}", "evaluate": "{thresholds: [0.0, 0.3]}",
+                "segment": "{config: null}", **(pipeline or {})}
     path = tmp_path / "run.yaml"
-    path.write_text(f"""base: {os.path.join(REPO, "experiments", "synthetic_run.yaml")}
-image_root: {voc["image_root"]}
-annotation_root: {voc["annotation_root"]}
-data_list: {voc["data_list"]}
-classes: {voc["classes"]}
-width: 0.0625
-image_size: 32
-batch_size: 4
-num_epoch: {epochs}
-warmup_epochs: 1
-num_workers: 0
-num_save: 0
-infer_size: 65
-pipeline:
-  gt_root: {voc["gt_root"]}
-  splits: {{train: {voc["data_list"]}}}
-  seeds: {{rows: [nocrf, crf]}}
-  evaluate: {{thresholds: [0.0, 0.3]}}
-  segment: {{config: null}}
-""")
+    path.write_text("".join(f"{key}: {value}\n" for key, value in top.items()) + "pipeline:\n"
+                    + "".join(f"  {key}: {value}\n" for key, value in sections.items()))
     return str(path)
 
 

@@ -7,12 +7,12 @@ import pytest
 from mxnet import gluon
 
 import icd.io
-from icd.model.pretrained import PRETRAINED_COPIES, initialize
-from icd.runs import checkpoint_path
 from icd.checkpoint import gather, load_checkpoint, read_params, save_checkpoint
 from icd.features import conv5_feature_extractor, load_backbone
 from icd.model import ICDNet, build_model
 from icd.model.backbone import is_imagenet_key
+from icd.model.pretrained import PRETRAINED_COPIES, initialize
+from icd.runs import checkpoint_path
 from icd.tasks import train
 
 

@@ -10,15 +10,13 @@ import mxnet as mx
 import numpy as np
 import pytest
 
-from icd.commands import evaluate as evaluate_command
-from icd.commands import infer as infer_command
-from icd.commands import seeds as seeds_command
-from icd.commands import train as train_command
-from icd.commands import train_seg as train_seg_command
+from icd.commands import (evaluate as evaluate_command, infer as infer_command,
+                          seeds as seeds_command, train as train_command,
+                          train_seg as train_seg_command)
 from icd.config import load_config
 from icd.data.classes import (VOC_CLASSES, class_palette, read_classes, segmentation_classes,
                               voc_palette, write_classes)
-from icd.data.dataset import train_loader
+from icd.data.dataset import DataPaths, train_loader
 from icd.data.superpixels import make_superpixels
 from icd.data.synthetic import make_synthetic_voc
 from icd.data.voc import read_image_labels, read_list, read_mask, write_annotation, write_mask
@@ -26,9 +24,7 @@ from icd.evaluate import evaluate, evaluate_seeds
 from icd.io import read_json
 from icd.model import model_options
 from icd.provenance import read_record
-from icd.seeds import crf_refine, make_seeds
-from icd.data.dataset import DataPaths
-from icd.seeds import SeedSettings
+from icd.seeds import SeedSettings, crf_refine, make_seeds
 
 from helpers import (REORDERED, SEG_CONFIG, SIX, THREE, copy_of, data_flags, epochs, error_line,
                      icd_flags, shown)
@@ -91,7 +87,7 @@ def test_config_num_cls_follows_the_class_list(tmp_path):
         load_config(classes=path, num_cls=5)
     yaml = tmp_path / "c.yaml"
     yaml.write_text(f"classes: {path}\nnum_cls: 80\n")
-    with pytest.raises(ValueError, match=f"c.yaml: num_cls: 80 contradicts the 3 classes"):
+    with pytest.raises(ValueError, match="c.yaml: num_cls: 80 contradicts the 3 classes"):
         load_config(str(yaml))
     with pytest.raises(ValueError, match="--num-cls: 6 contradicts PASCAL VOC's 20 classes"):
         load_config(num_cls=6)

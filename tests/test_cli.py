@@ -12,16 +12,8 @@ import sys
 import numpy as np
 import pytest
 
-from icd.commands import bench
-from icd.commands import compare as compare_command
-from icd.commands import evaluate
-from icd.commands import infer
-from icd.commands import parity
-from icd.commands import run as run_command
-from icd.commands import seeds
-from icd.commands import superpixels
-from icd.commands import synthetic
-from icd.commands import train
+from icd.commands import (bench, compare as compare_command, evaluate, infer, parity,
+                          run as run_command, seeds, superpixels, synthetic, train)
 from icd.commands.options import fill_from_config
 from icd.commands.runner import EXIT_USAGE
 from icd.config import FIELDS, _TYPES, _as_field_type, find_config, load_config, option

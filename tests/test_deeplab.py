@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 from mxnet import autograd, init
 
-from icd.model.pretrained import initialize, random_imagenet_params
 from icd.checkpoint import load_checkpoint, read_params, release_key, release_keys, save_checkpoint
 from icd.data.segmentation import SegmentationDataset, segmentation_loader, segmentation_transform
 from icd.data.voc import read_list, write_mask
@@ -16,6 +15,7 @@ from icd.model import MODELS, build_model
 from icd.model.backbone import is_imagenet_key, pool5
 from icd.model.deeplab import DilatedResNet101, vgg16_largefov
 from icd.model.losses import nearest_label, segmentation_loss
+from icd.model.pretrained import initialize, random_imagenet_params
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
-"""The demo (icd.demo), its step runner (icd.pipeline) and its report (icd.report): step
-skipping / rerunning / resuming and the ETA, the claims' bootstrap rule, mIoU over present
-classes, and one reduced end-to-end run (slow)."""
+"""The demo (icd.pipeline.demo), its step runner (icd.pipeline.steps) and its report
+(icd.pipeline.report): step skipping / rerunning / resuming and the ETA, the claims' bootstrap
+rule, mIoU over present classes, and one reduced end-to-end run (slow)."""
 import dataclasses
 import glob
 import logging
@@ -13,14 +13,14 @@ import pytest
 from PIL import Image
 
 from icd import stats
-from icd.pipeline import claims as report_claims, demo, report, steps as pipeline, tables
 from icd.checkpoint import read_params
 from icd.data.classes import read_classes
 from icd.data.synthetic import DEFAULT_CLASSES
 from icd.data.voc import read_image_labels, read_mask
 from icd.evaluate import NUM_SEG_CLASSES, image_statistics
-from icd.metrics import average_precision, class_iou, confusion_matrix, mean_iou
 from icd.io import read_json
+from icd.metrics import average_precision, class_iou, confusion_matrix, mean_iou
+from icd.pipeline import claims as report_claims, demo, report, steps as pipeline, tables
 from icd.pipeline.paper import paper_steps
 
 
@@ -93,7 +93,7 @@ def test_runner_skips_reruns_and_runs_subsets(tmp_path):
     summary = execute()                                            # c reads b, which reran
     assert calls[4:] == ["c"] and summary["c"]["action"] == "rerun"
     # a changed setting reruns the step (the files it wrote removed; a file it did not write
-    # is kept: tests/test_run_reliability.py) and what reads it
+    # is kept: tests/test_run_files.py) and what reads it
     mine = os.path.join(root, "a", "mine.txt")
     open(mine, "w").close()
     summary = execute(settings={"a": {"n": 2}})
@@ -225,7 +225,7 @@ def test_demo_steps_are_icd_runs_around_the_demos_own_and_rerun_on_changed_data(
     assert list(demo.run(demo.quick_settings(out=settings.out, steps=["data"]))) == ["data"]
     steps = {s.name: s for s in demo.demo_steps(settings)}
     assert list(steps) == list(demo.STEPS) and [s.always for s in steps.values()].count(True) == 1
-    # icd-run's steps (icd.paper) on the demo's config, the demo's own around them
+    # icd-run's steps (icd.pipeline.paper) on the demo's config, the demo's own around them
     paper = {s.name: s for s in paper_steps(demo.paper_settings(settings))}
     for name in set(demo.STEPS) - set(demo.DEMO_ONLY):
         assert steps[name].settings == paper[name].settings, name

@@ -11,19 +11,16 @@ import numpy as np
 import pytest
 from mxnet import autograd
 
-from icd import amp
-from icd import devices as devices_module
-from icd import distributed as dist
-from icd.model.pretrained import initialize
-from icd.commands import infer
-from icd.commands import train
+from icd import amp, devices as devices_module, distributed as dist
+from icd.commands import infer, train
 from icd.config import Config, load_config
 from icd.data.dataset import InferDataset, infer_loader, train_loader
 from icd.data.segmentation import segmentation_loader
 from icd.devices import parse_context, parse_devices
-from icd.model import build_model, model_from_config
-from icd.tasks import ICDTask, RunningMetrics
 from icd.engine import make_trainer
+from icd.model import build_model, model_from_config
+from icd.model.pretrained import initialize
+from icd.tasks import ICDTask, RunningMetrics
 
 from helpers import DEVICES, error_line, tiny_train_flags
 

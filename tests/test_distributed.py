@@ -12,9 +12,7 @@ import numpy as np
 import pytest
 
 from icd.checkpoint import read_params
-from icd.commands import infer_seg
-from icd.commands import seeds
-from icd.commands import superpixels
+from icd.commands import infer_seg, seeds, superpixels
 from icd.commands.runner import UsageError
 from icd.data.dataset import EpochShuffleSampler
 from icd.data.voc import read_list, read_mask

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from icd import bench, parity
-from icd.model.pretrained import initialize
 from icd.engine import (EpochRecordHook, Hook, LogHook, NanStopHook, TrainingDiverged,
                         default_hooks, loop, make_trainer)
 from icd.model import build_model
+from icd.model.pretrained import initialize
 from icd.runs import checkpoint_path
 from icd.tasks import ICDTask, train
 

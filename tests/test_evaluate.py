@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from icd.commands import evaluate as evaluate_command
-from icd.data.voc import VOC_CLASSES, read_mask, voc_palette, write_mask
 from icd.data.dataset import DataPaths
+from icd.data.voc import VOC_CLASSES, read_mask, voc_palette, write_mask
 from icd.evaluate import EvalSettings, evaluate, evaluate_seeds, pixel_ap, threshold_study
 from icd.metrics import average_precision, class_iou, confusion_matrix, mean_iou
 from icd.provenance import producing

@@ -8,19 +8,16 @@ import mxnet as mx
 import numpy as np
 import pytest
 
-from icd import devices as devices_module
-from icd import infer as infer_module
-from icd.runs import checkpoint_path
-from icd.model.pretrained import initialize
+from icd import devices as devices_module, infer as infer_module
 from icd.checkpoint import load_checkpoint, read_params, save_checkpoint
-from icd.data.dataset import infer_loader
+from icd.config import load_config
+from icd.data.dataset import DataPaths, infer_loader
 from icd.data.voc import read_list
 from icd.infer import OUTPUT_FOLDERS, infer
-from icd.config import load_config
 from icd.model import build_model, model_from_config
-from icd.seeds import make_seeds
-from icd.data.dataset import DataPaths
-from icd.seeds import SeedSettings
+from icd.model.pretrained import initialize
+from icd.runs import checkpoint_path
+from icd.seeds import SeedSettings, make_seeds
 
 from helpers import DEVICES, QueueOrder
 

@@ -6,9 +6,9 @@ import mxnet as mx
 import pytest
 
 from icd import memory
+from icd.config import Config
 from icd.engine import loop as train_module
 from icd.tasks import train
-from icd.config import Config
 
 FIGURES = {"vgg16_icd": {"fixed_mb": 1000.0, "per_image_mb": 500.0}}
 

@@ -7,8 +7,7 @@ import pytest
 from mxnet import autograd
 
 from icd.checkpoint import release_keys
-from icd.model import CAMNet, ICDNet, named_losses
-from icd.model import ops
+from icd.model import CAMNet, ICDNet, named_losses, ops
 from icd.model.losses import top_down_warmup
 
 RELEASE_KEYS = {  # docs/release.md section 2, full width, 20 classes

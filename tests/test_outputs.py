@@ -12,15 +12,12 @@ import sys
 import mxnet as mx
 import pytest
 
-from icd.runs import checkpoint_path, complete_checkpoints
-from icd.commands import infer_seg
-from icd.commands import seeds
-from icd.commands import superpixels
+from icd.commands import infer_seg, seeds, superpixels
 from icd.data.voc import read_list, read_mask
 from icd.infer import infer
 from icd.io import FolderInUse, exclusive_lock
 from icd.provenance import ProvenanceError, lock_path, producing
-from icd.runs import snapshot_lock
+from icd.runs import checkpoint_path, complete_checkpoints, snapshot_lock
 from icd.tasks import train
 
 

@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 
 import symbols.ops
-from icd.runs import checkpoint_path
 from icd.checkpoint import gather, read_params
 from icd.devices import split_batch
+from icd.engine import make_trainer
 from icd.io import write_json
 from icd.model.ops import share_moving_mean, unshare_moving_mean
 from icd.parity import (NOISE_CAP, NOISE_FACTOR, build_from_params, check_bundle, load_momentum,
-                        read_bundle, replay_infer, state_before, replay_step, summary)
-from icd.engine import make_trainer
+                        read_bundle, replay_infer, replay_step, state_before, summary)
+from icd.runs import checkpoint_path
 from icd.tasks import train
 from symbols.bundle import make_batch, make_bundle, make_params, run_reference_infer, write_bundle
 
@@ -230,7 +230,7 @@ import icd.commands.parity
 
 
 def test_icd_parity_sets_the_determinism_variables_before_mxnet_loads():
-    """README "Running on GPUs": deterministic kernels, no cuDNN autotune, no TF32, set by
+    """docs/gpus.md: deterministic kernels, no cuDNN autotune, no TF32, set by
     icd-parity before MXNet is imported (MXNet reads them when it loads)."""
     env = {k: v for k, v in os.environ.items() if k not in
            ("MXNET_ENFORCE_DETERMINISM", "MXNET_CUDNN_AUTOTUNE_DEFAULT", "NVIDIA_TF32_OVERRIDE")}

@@ -16,8 +16,8 @@ from icd.commands import pretrained as pretrained_command, superpixels, train
 from icd.model import build_model, model_spec
 from icd.model.backbone import VGG16DeepLab
 from icd.model.pretrained import (IMAGENET_MEAN, IMAGENET_STD, RESNET101_V1B, VGG16_RELEASE,
-                                  describe_pretrained, imagenet_file, initialize,
-                                  release_layout, store_path, zoo_vgg16_names)
+                                  describe_pretrained, imagenet_file, initialize, release_layout,
+                                  store_path, zoo_vgg16_names)
 
 from helpers import REPO
 

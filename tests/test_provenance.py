@@ -11,19 +11,17 @@ import mxnet as mx
 import numpy as np
 import pytest
 
-from icd.runs import checkpoint_path
 from icd.checkpoint import save_checkpoint
 from icd.commands import infer_seg as infer_seg_command
 from icd.data.classes import VOC_CLASSES
+from icd.data.dataset import DataPaths
 from icd.data.voc import read_image, read_list, read_mask
-from icd.evaluate import evaluate
+from icd.evaluate import EvalSettings, evaluate
 from icd.infer import infer
 from icd.model import build_model
 from icd.provenance import ProvenanceError, read_record, record_path
-from icd.seeds import make_seeds
-from icd.data.dataset import DataPaths
-from icd.evaluate import EvalSettings
-from icd.seeds import SeedSettings
+from icd.runs import checkpoint_path
+from icd.seeds import SeedSettings, make_seeds
 
 from helpers import REORDERED, SEG_CONFIG, error_line, shown
 

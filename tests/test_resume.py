@@ -10,9 +10,9 @@ import pytest
 
 import icd.engine.hooks
 from icd import runs
-from icd.runs import checkpoint_path, complete_checkpoints, last_complete_epoch
 from icd.commands import train as train_command
 from icd.io import read_json, write_json
+from icd.runs import checkpoint_path, complete_checkpoints, last_complete_epoch
 from icd.tasks import train
 
 from helpers import copy_of, epochs, error_line, icd_flags

@@ -1,5 +1,5 @@
-"""icd-run end to end on tiny_voc (icd.paper): a killed training resumed and only what a seed
-setting changes rerun, a training on two workers, the segmentation as icd-infer-seg's."""
+"""icd-run end to end on tiny_voc (icd.pipeline.paper): a killed training resumed and only what a
+seed setting changes rerun, a training on two workers, the segmentation as icd-infer-seg's."""
 import filecmp
 import json
 import os
@@ -10,14 +10,11 @@ import time
 
 import pytest
 
-from icd.pipeline import paper
-from icd.runs import last_complete_epoch
-from icd.commands import compare as compare_command
-from icd.commands import run as run_command
 from icd import infer as infer_module
-from icd.pipeline import sections as pipeline_sections
-from icd.pipeline import segment as segment_step
-from icd.pipeline import settings as pipeline_settings
+from icd.commands import compare as compare_command, run as run_command
+from icd.pipeline import (paper, sections as pipeline_sections, segment as segment_step,
+                          settings as pipeline_settings)
+from icd.runs import last_complete_epoch
 
 from helpers import environment, icd_run_argv, launch, run_config, step_statuses
 
@@ -31,7 +28,7 @@ def test_icd_run_resumes_a_killed_training_and_reruns_only_what_a_seed_setting_c
     # killed during the ICD training, once its first checkpoint is complete
     process = subprocess.Popen(icd_run_argv(config, killed), stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
-    # the .params is written last (README: a checkpoint is complete or absent)
+    # the .params is written last (docs/troubleshooting.md: a checkpoint is complete or absent)
     record = os.path.join(killed, "snapshot_icd", "vgg16_icd-0000.params")
     deadline = time.time() + 300
     while not os.path.isfile(record) and process.poll() is None and time.time() < deadline:

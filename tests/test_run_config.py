@@ -6,12 +6,9 @@ import os
 
 import pytest
 
-from icd.pipeline import paper
-from icd.config import load_config
-from icd.config import read_config_file
-from icd.pipeline import sections as pipeline_sections
-from icd.pipeline import settings as pipeline_settings
-from icd.pipeline import superpixels as superpixel_step
+from icd.config import load_config, read_config_file
+from icd.pipeline import (paper, sections as pipeline_sections, settings as pipeline_settings,
+                          superpixels as superpixel_step)
 
 from helpers import icd_run, last_error, run_config
 

@@ -11,10 +11,8 @@ import sys
 
 import pytest
 
-from icd.pipeline import paper
-from icd.pipeline import steps as pipeline
 from icd.io import read_json
-from icd.pipeline import settings as pipeline_settings
+from icd.pipeline import paper, settings as pipeline_settings, steps as pipeline
 
 from helpers import icd_run, last_error, run_config
 

@@ -10,18 +10,16 @@ import numpy as np
 import pytest
 
 from icd import segment as segment_module
-from icd.model.pretrained import initialize
 from icd.checkpoint import save_checkpoint
-from icd.crf import dense_crf
+from icd.crf import DEEPLAB_CRF, dense_crf
+from icd.data.dataset import DataPaths
 from icd.data.voc import read_image, read_list, write_image
 from icd.evaluate import SEG_CLASSES, evaluate_seeds
 from icd.model import build_model
-from icd.segment import (canvas_side, markdown_table, predict_labels, predict_probabilities,
-                         segment, upsample_scores, write_label_map)
+from icd.model.pretrained import initialize
+from icd.segment import (SegmentSettings, canvas_side, markdown_table, predict_labels,
+                         predict_probabilities, segment, upsample_scores, write_label_map)
 from icd.visualize import overlay
-from icd.crf import DEEPLAB_CRF
-from icd.data.dataset import DataPaths
-from icd.segment import SegmentSettings
 
 from helpers import QueueOrder, REPO, load_tool
 

@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 from mxnet import autograd
 
+from icd.model import build_model, ops
 from icd.model.pretrained import initialize
-from icd.model import build_model
-from icd.model import ops
 
 from helpers import DEVICES
 

@@ -16,8 +16,8 @@ from mxnet import autograd, gluon
 import icd.engine.loop
 from icd.checkpoint import (_updaters, file_digest, load_states, read_params, read_states,
                             save_states, trainer_params, update_counts)
-from icd.runs import checkpoint_path
 from icd.commands.train import check_resume
+from icd.runs import checkpoint_path
 from icd.tasks import train
 
 

@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 
 from icd.checkpoint import gather
-from icd.model.pretrained import initialize
 from icd.commands import superpixels as superpixels_command
 from icd.data import superpixels as sp
 from icd.data.superpixels import colour_position_features
 from icd.data.voc import read_image, read_list
 from icd.features import cell_shares, conv5_feature_extractor, make_feature_factory
 from icd.model.icd_net import ICDNet
+from icd.model.pretrained import initialize
 
-from helpers import DEVICES, REPO
+from helpers import DEVICES, run_config
 
 
 @pytest.fixture(scope="module")
@@ -95,20 +95,8 @@ def test_icd_run_builds_the_superpixel_features_on_the_runs_devices(backbone_fil
     import multiprocessing
     from icd import features
     from icd.pipeline import settings as pipeline_settings, superpixels as superpixel_step
-    config = tmp_path / "run.yaml"
-    config.write_text(f"""base: {os.path.join(REPO, "experiments", "synthetic_run.yaml")}
-image_root: {tiny_voc["image_root"]}
-annotation_root: {tiny_voc["annotation_root"]}
-data_list: {tiny_voc["data_list"]}
-classes: {tiny_voc["classes"]}
-pretrained: {backbone_file}
-width: 0.0625
-pipeline:
-  cam: null
-  splits: {{train: {tiny_voc["data_list"]}}}
-  superpixels: {{features: pretrained}}
-  segment: {{config: null}}
-""")
+    config = run_config(tmp_path, tiny_voc, 1, pretrained=backbone_file,
+                        pipeline=dict(cam="null", superpixels="{features: pretrained}"))
     monkeypatch.setattr(superpixel_step, "parse_devices", lambda gpus="", cpus=0: list(DEVICES))
     monkeypatch.setattr(os, "cpu_count", lambda: 6)
     built, pools = [], []
@@ -126,8 +114,8 @@ pipeline:
         monkeypatch.setattr(process, "_identity", ())
         return iter([])
     monkeypatch.setattr(sp, "map_images", pool)
-    settings = pipeline_settings.PaperSettings(str(config), str(tmp_path / "run"),
-                                   devices=dict(cpus=2, gpus=""), workers=4)
+    settings = pipeline_settings.PaperSettings(config, str(tmp_path / "run"),
+                                               devices=dict(cpus=2, gpus=""), workers=4)
     superpixel_step.step_superpixels(settings, settings.seeds[0], None)
     assert pools == [(4, {"OMP_NUM_THREADS": "1", "MXNET_CPU_WORKER_NTHREADS": "1"})]
     assert [extractor.ctx for extractor in built] == DEVICES * 2

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from symbols import ops
-from symbols.bundle import main as bundle_main
-from symbols.bundle import make_batch, make_bundle, make_params, run_reference_steps
+from symbols.bundle import (main as bundle_main, make_batch, make_bundle, make_params,
+                            run_reference_steps)
 from symbols.icd_symbol import DATA_NAMES, get_symbol
 
 

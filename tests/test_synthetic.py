@@ -6,13 +6,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from icd.commands import superpixels as superpixels_command
-from icd.commands import synthetic as synthetic_command
+from icd.commands import superpixels as superpixels_command, synthetic as synthetic_command
+from icd.constants import NUM_SUPERPIXEL_IDS
 from icd.data.classes import read_classes
 from icd.data.dataset import train_loader
-from icd.constants import NUM_SUPERPIXEL_IDS
-from icd.data.synthetic import DEFAULT_CLASSES, OBJECT_AREA, _place_objects, make_synthetic_voc, \
-    synthesize
+from icd.data.synthetic import (DEFAULT_CLASSES, OBJECT_AREA, _place_objects, make_synthetic_voc,
+                                synthesize)
 from icd.data.voc import read_image, read_image_labels, read_list
 
 

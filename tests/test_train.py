@@ -13,12 +13,12 @@ import mxnet as mx
 import numpy as np
 import pytest
 
-from icd.runs import checkpoint_path
 from icd.data.synthetic import DEFAULT_CLASSES
 from icd.devices import parse_devices
-from icd.infer import OUTPUT_FOLDERS, infer
-from icd.model import CAMNet, MODELS, model_options, register
 from icd.engine import TrainingDiverged, TrainingInterrupted, poly_lr
+from icd.infer import OUTPUT_FOLDERS, infer
+from icd.model import MODELS, CAMNet, model_options, register
+from icd.runs import checkpoint_path
 from icd.tasks import task_for, train
 
 from helpers import REPO, params_of

@@ -10,19 +10,19 @@ import numpy as np
 import pytest
 
 import icd.tasks.segmentation
-from icd.runs import checkpoint_path
 from icd.commands import train_seg
 from icd.config import load_config
+from icd.data.dataset import DataPaths
 from icd.data.synthetic import make_synthetic_voc
 from icd.data.voc import VOC_CLASSES, read_list, read_mask, write_mask
+from icd.engine import TrainingDiverged, poly_lr
 from icd.evaluate import evaluate_seeds
 from icd.io import write_json
 from icd.metrics import confusion_matrix
 from icd.model import MODELS, register
 from icd.provenance import record_path
-from icd.data.dataset import DataPaths
+from icd.runs import checkpoint_path
 from icd.segment import SegmentSettings, segment
-from icd.engine import TrainingDiverged, poly_lr
 from icd.tasks import train
 
 from helpers import REPO, load_tool, params_of

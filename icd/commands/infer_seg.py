@@ -51,7 +51,7 @@ def build_parser() -> Parser:
                         help=f"canvases larger than --infer-size grow in steps of this many "
                              f"pixels (e.g. {CANVAS_STEP}), so that multi-scale and COCO runs "
                              f"meet a few input shapes on GPUs; changes the probabilities "
-                             f"slightly (README: Running on GPUs). 0 = DeepLab's max(513, "
+                             f"slightly (docs/gpus.md). 0 = DeepLab's max(513, "
                              f"sides), exact; cuDNN autotune is then off unless "
                              f"MXNET_CUDNN_AUTOTUNE_DEFAULT is set (default: 0)")
     add_shard_argument(parser)

@@ -24,7 +24,7 @@ import argparse
 import os
 from typing import Optional, Sequence
 
-# README "Running on GPUs": deterministic kernels, no cuDNN autotune (timing-dependent choice of
+# docs/gpus.md: deterministic kernels, no cuDNN autotune (timing-dependent choice of
 # algorithms), no TF32 convolutions on Ampere and newer; read by MXNet when it loads, so set
 # here, before ..devices and ..parity import mxnet (no effect on a process that already has it)
 DETERMINISM = {"MXNET_ENFORCE_DETERMINISM": "1", "MXNET_CUDNN_AUTOTUNE_DEFAULT": "0",

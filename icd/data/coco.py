@@ -291,6 +291,62 @@ def _claimed_elsewhere(out: str, split: str, sources: Mapping[str, str]) -> None
                                  f"convert into another --out")
 
 
+def _locate(coco_root: str, annotations: str, split: Optional[str],
+            image_dir: Optional[str]) -> Tuple[str, str, str]:
+    """The instances file, the split and the image folder: given, or told by the file name."""
+    if not os.path.isfile(annotations) and not os.path.dirname(annotations):
+        annotations = os.path.join(coco_root, "annotations", annotations)
+    match = ANNOTATION_NAME.match(os.path.basename(annotations))
+    if (split is None or image_dir is None) and match is None:
+        raise ValueError(f"{annotations}: cannot tell the split and image folder from the file "
+                         f"name (expected instances_<split><year>.json); give --split and "
+                         f"--image-dir")
+    split = split or match.group("split")
+    image_dir = image_dir or os.path.join(coco_root, match.group("folder"))
+    if not os.path.isdir(image_dir):
+        raise FileNotFoundError(f"{image_dir}: COCO image folder not found")
+    return annotations, split, image_dir
+
+
+def _images_by_id(instances: Mapping[str, list], path: str) -> Dict[int, Dict[str, object]]:
+    """Each checked image under its id; an id given twice is an error."""
+    image_ids: Dict[int, Dict[str, object]] = {}
+    for image in instances["images"]:
+        check_image(image, path)
+        if image["id"] in image_ids:
+            raise ValueError(f"{path}: image {image['id']}: the id is given twice")
+        image_ids[image["id"]] = image
+    return image_ids
+
+
+def _instances_by_image(instances: Mapping[str, list], path: str, class_of: Mapping[int, int],
+                        image_ids: Mapping[int, Mapping[str, object]]
+                        ) -> Tuple[Dict[int, List[Dict[str, object]]], Dict[str, int]]:
+    """The kept instances of each image, and how many were left out of each kind
+    (`instance_problem`), each left out with a warning."""
+    by_image: Dict[int, List[Dict[str, object]]] = {}
+    left_out = dict.fromkeys(LEFT_OUT, 0)
+    for ann in instances["annotations"]:
+        check_annotation(ann, path, class_of, image_ids)
+        kind, problem = instance_problem(ann, image_ids[ann["image_id"]])
+        if kind:
+            log.warning("%s: annotation %s: %s; the instance is left out", path, ann["id"],
+                        problem)
+            left_out[kind] += 1
+            continue
+        by_image.setdefault(ann["image_id"], []).append(ann)
+    return by_image, left_out
+
+
+def _write_list(out: str, split: str, names: Sequence[str]) -> str:
+    """`ImageSets/Segmentation/<split>.txt`, one name a line; returns its path."""
+    list_file = os.path.join(out, "ImageSets", "Segmentation", f"{split}.txt")
+    with atomic_path(list_file) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write("".join(f"{name}\n" for name in names))
+    return list_file
+
+
 def coco_to_voc(coco_root: str, annotations: str, out: str, split: Optional[str] = None,
                 image_dir: Optional[str] = None, images: str = "symlink", workers: int = 1,
                 overwrite: bool = False) -> Dict[str, object]:
@@ -310,17 +366,7 @@ def coco_to_voc(coco_root: str, annotations: str, out: str, split: Optional[str]
     """
     if images not in IMAGE_MODES:
         raise ValueError(f"images must be one of {', '.join(IMAGE_MODES)}, got {images!r}")
-    if not os.path.isfile(annotations) and not os.path.dirname(annotations):
-        annotations = os.path.join(coco_root, "annotations", annotations)
-    match = ANNOTATION_NAME.match(os.path.basename(annotations))
-    if (split is None or image_dir is None) and match is None:
-        raise ValueError(f"{annotations}: cannot tell the split and image folder from the file "
-                         f"name (expected instances_<split><year>.json); give --split and "
-                         f"--image-dir")
-    split = split or match.group("split")
-    image_dir = image_dir or os.path.join(coco_root, match.group("folder"))
-    if not os.path.isdir(image_dir):
-        raise FileNotFoundError(f"{image_dir}: COCO image folder not found")
+    annotations, split, image_dir = _locate(coco_root, annotations, split, image_dir)
     instances = read_instances(annotations)
     classes = coco_classes(instances, annotations)
     class_file = os.path.join(out, "classes.txt")
@@ -329,23 +375,8 @@ def coco_to_voc(coco_root: str, annotations: str, out: str, split: Optional[str]
                          f"{annotations}; convert into another --out")
     class_of = {int(c["id"]): i for i, c in enumerate(
         sorted(instances["categories"], key=lambda c: c["id"]))}
-    image_ids: Dict[int, Dict[str, object]] = {}
-    for image in instances["images"]:
-        check_image(image, annotations)
-        if image["id"] in image_ids:
-            raise ValueError(f"{annotations}: image {image['id']}: the id is given twice")
-        image_ids[image["id"]] = image
-    by_image: Dict[int, List[Dict[str, object]]] = {}
-    left_out = dict.fromkeys(LEFT_OUT, 0)
-    for ann in instances["annotations"]:
-        check_annotation(ann, annotations, class_of, image_ids)
-        kind, problem = instance_problem(ann, image_ids[ann["image_id"]])
-        if kind:
-            log.warning("%s: annotation %s: %s; the instance is left out", annotations,
-                        ann["id"], problem)
-            left_out[kind] += 1
-            continue
-        by_image.setdefault(ann["image_id"], []).append(ann)
+    image_ids = _images_by_id(instances, annotations)
+    by_image, left_out = _instances_by_image(instances, annotations, class_of, image_ids)
     annotated = [image for image in instances["images"] if image["id"] in by_image]
     names = image_names(annotated)
     records = [(name, image_source(image_dir, image, annotations), image["height"],
@@ -362,10 +393,7 @@ def coco_to_voc(coco_root: str, annotations: str, out: str, split: Optional[str]
                             images=images)
     for _ in map_images(job, todo, workers, f"COCO {split} -> {out}"):
         pass
-    list_file = os.path.join(out, "ImageSets", "Segmentation", f"{split}.txt")
-    with atomic_path(list_file) as tmp:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write("".join(f"{name}\n" for name in names))
+    list_file = _write_list(out, split, names)
     return {"split": split, "list": list_file, "written": len(todo),
             "kept": len(records) - len(todo),
             "without_instances": len(instances["images"]) - len(records),

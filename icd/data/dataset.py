@@ -11,7 +11,7 @@ the worker pipes and the host-to-device copy); `icd.devices.split_batch` casts t
 the device, which is exact for 0..255, so the network sees the release's float RGB 0..255.
 Defaults: one worker process per core; batches in ordinary host memory. `pin_memory` (opt-in)
 puts them in page-locked memory, whose copy to a GPU can run asynchronously, but MXNet 1.9.1 does
-not pool it: every batch is a cudaHostAlloc / cudaFreeHost pair (README: Running on GPUs).
+not pool it: every batch is a cudaHostAlloc / cudaFreeHost pair (docs/gpus.md).
 """
 from __future__ import annotations
 

@@ -48,7 +48,7 @@ QUICK = dict(num_train=24, num_val=8, size=56, width=0.125, crop=48, batch_size=
 SEGMENTATION_LABELS = {**SEGMENT_LABELS, "icd": "ICD seeds + CRF"}   # its segment.seeds: crf
 RANKING = ("gt", "icd", "cam")   # the order Tables 7-8 imply, best first (the report checks it)
 # Expected seconds per step on 2 CPU cores until a finished run's markers give real times.
-# quick: measured (one --quick run). full: the step times of the README's run A
+# quick: measured (one --quick run). full: the step times of docs/demo.md's run A
 # (DNNL_MAX_CPU_ISA=AVX2 on this 2-core machine, otherwise idle).
 ESTIMATES = {
     "quick": dict(data=0.5, superpixels=0.5, pretrain=2.1, train_cam=0.5, train_icd=0.7,
