@@ -184,8 +184,7 @@ class PaperSettings:
 
     def check_out(self, steps: Sequence[Step]) -> None:
         """`--out` is refused where the run would write over one of its inputs: a file, or a
-        folder holding an input in a folder that a step writes (docs: README, When something
-        goes wrong)."""
+        folder holding an input in a folder that a step writes (docs/troubleshooting.md)."""
         if os.path.isfile(self.out):
             raise ValueError(f"--out {self.out}: is a file; the run folder must be a folder of "
                              f"its own")
