@@ -81,13 +81,9 @@ def test_training_refuses_fp16_on_cpus_before_writing_anything(tiny_config, caps
     assert amp.enabled() == "off"
 
 
-def test_fp16_loss_scaling_on_two_devices_skips_an_overflow_of_either_and_resumes_its_scale():
-    """The fp16 path's own logic on cpu(1), cpu(2) (a Trainer on several devices: Gluon would
-    update inside the kvstore): AMP initialised for float16 around a network of float32-only
-    operators (CPUs have no float16 dense/convolution kernels). Only the second device's
-    gradient overflows: the step changes no weight on either device and no momentum (the next
-    step equals float32's second step), and counts one skip."""
-    out = run_python("""
+# fp16 loss scaling on cpu(1), cpu(2): each run's steps (gradients, weights, their change and
+# the scaler's state) as JSON, fp16 with an overflow on the second device at step 2, fp32
+TWO_DEVICE_SCALING = """
         import json
         import mxnet as mx
         from mxnet import autograd, gluon
@@ -127,7 +123,16 @@ def test_fp16_loss_scaling_on_two_devices_skips_an_overflow_of_either_and_resume
 
         print(json.dumps(dict(fp16=run("fp16", [(1, 1), (1, 1e38), (1, 1)]),
                               fp32=run("off", [(1, 1), (1, 1)]))))
-    """)
+    """
+
+
+def test_fp16_loss_scaling_on_two_devices_skips_an_overflow_of_either_and_resumes_its_scale():
+    """The fp16 path's own logic on cpu(1), cpu(2) (a Trainer on several devices: Gluon would
+    update inside the kvstore): AMP initialised for float16 around a network of float32-only
+    operators (CPUs have no float16 dense/convolution kernels). Only the second device's
+    gradient overflows: the step changes no weight on either device and no momentum (the next
+    step equals float32's second step), and counts one skip."""
+    out = run_python(TWO_DEVICE_SCALING)
     found = json.loads(out.strip().splitlines()[-1])
     (clean, overflow, after), reference = found["fp16"], found["fp32"]
     # each device's gradient is scaled by the resumed scale 8 (1 image x 1 x 8); the step sums

@@ -433,13 +433,22 @@ def test_prior_recall_ranks_classes_by_frequency():
 # ---------------------------------------------------------------------------------------------
 # End to end
 
-@pytest.mark.slow
-def test_quick_demo_end_to_end(tmp_path):
-    settings = demo.quick_settings(out=str(tmp_path / "demo"), cpus=2, epochs=3,
-                                   learning_rate=2e-4)
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    """The quick demo, run once for the end-to-end tests below: its settings, summary, report
+    text and report.json."""
+    settings = demo.quick_settings(out=str(tmp_path_factory.mktemp("quick") / "demo"), cpus=2,
+                                   epochs=3, learning_rate=2e-4)
     summary = demo.run(settings)
-    assert list(summary) == list(demo.STEPS)
     text = open(summary["report"]["report"], encoding="utf-8").read()
+    numbers = read_json(os.path.join(settings.out, "report", "report.json"))
+    return {"settings": settings, "summary": summary, "text": text, "numbers": numbers}
+
+
+@pytest.mark.slow
+def test_quick_demo_reports_the_settings_it_ran(quick):
+    settings, text = quick["settings"], quick["text"]
+    assert list(quick["summary"]) == list(demo.STEPS)
     for heading in ("## What was run", "## Claims (train split", "Table 1. Pixel-level mAP",
                     "Table 2. Seeds by threshold", "Table 3. Components of ICD",
                     "mIoU (present)", "## Train split", "## Val split", "## Training",
@@ -457,6 +466,14 @@ def test_quick_demo_end_to_end(tmp_path):
     assert "20 epochs" not in text and "1e-4" not in text and "3e-4" not in text
     assert "1000 resamples" in text and "→ epoch 3 L_cam" in text
     assert "| bottom-up S |" in text and "| top-down S'' |" in text
+    claims = quick["numbers"]["claims"]["train"]
+    assert len(claims) == 8 and all(c["verdict"] in report.VERDICTS for c in claims)
+    assert sum(text.count(f"**{v}**") for v in report.VERDICTS) == 8 + 3   # + the rule's words
+
+
+@pytest.mark.slow
+def test_quick_demo_writes_every_figure_score_map_and_seed(quick):
+    settings = quick["settings"]
     figures = os.path.join(settings.out, "report", "figures")
     for name in ("threshold_study_train.png", "threshold_study_val.png", "class_ap_train.png",
                  "class_ap_val.png", "seed_overlays_train.png", "seed_overlays_val.png",
@@ -475,20 +492,20 @@ def test_quick_demo_end_to_end(tmp_path):
             assert len(glob.glob(os.path.join(icd, "seeds", folder, "*.png"))) == count, folder
         for _, folder, _ in tables.CAM_ROWS.values():
             assert len(glob.glob(os.path.join(cam, "seeds", folder, "*.png"))) == count, folder
-    numbers = read_json(os.path.join(settings.out, "report", "report.json"))
-    claims = numbers["claims"]["train"]
-    assert len(claims) == 8 and all(c["verdict"] in report.VERDICTS for c in claims)
-    assert sum(text.count(f"**{v}**") for v in report.VERDICTS) == 8 + 3   # + the rule's words
-    # the data's class list throughout: labels 0..6, seeds in the masks' ids
+
+
+@pytest.mark.slow
+def test_quick_demo_seeds_use_the_data_class_list(quick):
+    """Labels 0..6 throughout; a seed names only its own image's classes (+ 1), background 0
+    and undefined 255."""
+    settings = quick["settings"]
     classes = read_classes(demo.class_list(settings))
-    assert classes == DEFAULT_CLASSES and numbers["tables"]["train"]["num_labels"] == 7
+    assert classes == DEFAULT_CLASSES and quick["numbers"]["tables"]["train"]["num_labels"] == 7
     icd_dir = demo.results_dir(settings, "icd", "train")
-    evaluation = read_json(os.path.join(icd_dir, "eval", "eval.json"))
-    assert evaluation["classes"] == list(classes)
+    assert read_json(os.path.join(icd_dir, "eval", "eval.json"))["classes"] == list(classes)
     seed_ids = {int(v) for p in glob.glob(os.path.join(icd_dir, "seeds", "*", "*.png"))
                 for v in np.unique(np.array(Image.open(p)))}
     assert seed_ids <= set(range(7)) | {255} and seed_ids & set(range(1, 7))
-    # a seed names only its own image's classes (+ 1), background 0 and undefined 255
     data = settings.folder("data")
     for split in ("train", "val"):
         for model in ("icd", "cam"):
@@ -500,11 +517,21 @@ def test_quick_demo_end_to_end(tmp_path):
                 for seed_dir in seed_dirs:
                     ids = set(np.unique(read_mask(os.path.join(seed_dir, name + ".png"))).tolist())
                     assert ids <= allowed, (seed_dir, name, ids)
-    # quality: every ICD seed of Table 3 beats the trivial seed that calls every pixel background,
-    # scored here by the same rule (train: 0.106; the quick demo measured 0.159-0.262 on
-    # 2026-12-03). The quick demo trains for seconds, so where its seeds put the foreground is
-    # near chance; this catches a broken pipeline (seeds all background or undefined, shifted
-    # class ids, misread ground truth), not a weak model.
+
+
+@pytest.mark.slow
+def test_quick_demo_seeds_beat_all_background_and_the_statistics_add_up(quick):
+    """Every ICD seed of Table 3 beats the trivial seed that calls every pixel background,
+    scored by the same rule (train: 0.106; the quick demo measured 0.159-0.262 on 2026-12-03).
+    The quick demo trains for seconds, so where its seeds put the foreground is near chance;
+    this catches a broken pipeline (seeds all background or undefined, shifted class ids,
+    misread ground truth), not a weak model. The per-image statistics add up to the
+    evaluation's numbers, and the sign table counts Table 1's pixels."""
+    settings, numbers = quick["settings"], quick["numbers"]
+    classes = read_classes(demo.class_list(settings))
+    data = settings.folder("data")
+    icd_dir = demo.results_dir(settings, "icd", "train")
+    evaluation = read_json(os.path.join(icd_dir, "eval", "eval.json"))
     names = open(demo._list(settings, "train")).read().split()
     background = mean_iou(sum(
         confusion_matrix(gt, np.zeros_like(gt), len(classes) + 1) for gt in
@@ -512,7 +539,6 @@ def test_quick_demo_end_to_end(tmp_path):
     for _, folder, _, _ in tables.SEED_ROWS.values():
         assert evaluation["seeds"][os.path.join("seeds", folder)]["miou"] > background + 0.02, \
             (folder, background)
-    # the per-image statistics add up to the evaluation's numbers
     seed_dir = os.path.join(icd_dir, "seeds", "nocrf")
     stats = image_statistics(icd_dir, os.path.join(data, "SegmentationClass"),
                              os.path.join(data, "Annotations"), names, seed_dirs=[seed_dir],
@@ -527,14 +553,19 @@ def test_quick_demo_end_to_end(tmp_path):
            for v in stats["pixel_scores"]["scores_icd"].values()]
     assert np.nanmean(aps) == pytest.approx(evaluation["pixel_ap"]["icd"]["map"], abs=1e-12)
     assert numbers["bootstrap"]["ap_binning_error"] < 0.005
-    # the sign table counts the same pixels as Table 1's AP (object = gt == class)
     shares = report_claims.positive_share(stats["pixel_scores"]["scores_icd"])
     assert numbers["positive_share"]["train"]["scores_icd"] == pytest.approx(shares)
-    # a second run skips every finished step and only rewrites the report
+
+
+@pytest.mark.slow
+def test_quick_demo_rerun_skips_every_finished_step(quick):
+    """A second run skips every finished step and only rewrites the report, to the same claims
+    and the same prose (seeded: deterministic). Last of the tests on `quick`: it rewrites it."""
+    settings, text = quick["settings"], quick["text"]
     again = demo.run(settings)
     assert [again[s]["action"] for s in demo.STEPS[:-1]] == ["skip"] * (len(demo.STEPS) - 1)
     assert again["report"]["action"] == "rerun"
     rewritten = read_json(os.path.join(settings.out, "report", "report.json"))
-    assert rewritten["claims"] == numbers["claims"]                  # seeded: deterministic
+    assert rewritten["claims"] == quick["numbers"]["claims"]
     assert open(again["report"]["report"], encoding="utf-8").read().split("## What was run")[1] \
         .split("Time per step")[0] == text.split("## What was run")[1].split("Time per step")[0]
