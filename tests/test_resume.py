@@ -93,6 +93,27 @@ def test_a_checkpoint_interrupted_before_its_params_is_not_resumable(tiny_config
     assert complete_checkpoints(cfg) == [0, 1, 2]
 
 
+def test_a_job_killed_once_its_checkpoint_is_complete_has_logged_the_epoch(tiny_config,
+                                                                          monkeypatch):
+    """A kill right after checkpoint 0's .params (here: the rotation that follows fails) leaves
+    epoch 0 in the JSON log, so a resume from it logs every epoch once (the two-worker kill
+    test's race: the log was written after the .params)."""
+    cfg = tiny_config(num_epoch=2, model="vgg16_cam")
+
+    def killed(*args):
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(icd.engine.hooks, "rotate_checkpoints", killed)
+    with pytest.raises(RuntimeError, match="killed"):
+        train(cfg)
+    monkeypatch.undo()
+    assert complete_checkpoints(cfg) == [0]
+    assert [r["epoch"] for r in read_json(runs.log_path(cfg))] == [0]
+    train(tiny_config(num_epoch=2, model="vgg16_cam", begin_epoch=1))
+    log = read_json(runs.log_path(cfg))
+    assert [r["epoch"] for r in log] == [0, 1] and len({r["run"] for r in log}) == 1
+
+
 def test_params_without_states_advise_no_resume(tiny_config):
     """A .params alone (e.g. copied for inference) cannot be resumed: the errors say so."""
     cfg = tiny_config(model="vgg16_cam", num_epoch=1)

@@ -143,9 +143,9 @@ class EpochRecordHook(Hook):
 
 class CheckpointHook(Hook):
     """At the end of an epoch, together or not at all under Ctrl-C: the epoch image, the
-    checkpoint (.states and run record first, .params last: a checkpoint is complete or not
-    resumable, icd.runs.complete_checkpoints; the record holds the digests of the .params and
-    .states, which a resume checks), the rotation and the JSON log. Rank 0 writes; the
+    checkpoint (.states, run record and the JSON log first, .params last: a checkpoint is
+    complete or not resumable, icd.runs.complete_checkpoints; the record holds the digests of
+    the .params and .states, which a resume checks), then the rotation. Rank 0 writes; the
     collectives (device states, a dist checkpoint's values) run on every worker in the same
     order."""
 
@@ -165,8 +165,10 @@ class CheckpointHook(Hook):
                     digests = {"params": params, "states": file_digest(states_file)}
                     write_json(checkpoint_path(cfg, epoch, "json"),
                                self.run_record(loop, states, digests))
+                    # the log before the .params: a job killed once the checkpoint is complete
+                    # has logged its epoch (a resume keeps the records before its begin_epoch)
+                    write_json(log_path(cfg), loop.records)
                 rotate_checkpoints(cfg, loop.run["run"])
-                write_json(log_path(cfg), loop.records)
             loop.saved_epoch = epoch
 
     @staticmethod
